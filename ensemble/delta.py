@@ -1,0 +1,234 @@
+"""The Backpack side of the ensemble: β·E·δ_t from the cached α (DESIGN §1).
+
+    δ_t = Σ_{j≤t} Σ_{ℓ: (x_j,ℓ)∈S} α[ℓ,t,j] · Δ(x_j,ℓ)        (Δ already β-scaled)
+
+Only α, E and the pack's Δ are needed: the sense network never runs here, and
+a sequence none of whose tokens carries an edited sense never touches the
+Backpack at all (exact skip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import torch
+
+from .backpack import BackpackLM
+from .edits import SenseEdits
+from .incremental import BackpackCache, decode_step, prefill, slide_windows, window_for
+from .vocab import SHARED_VOCAB
+
+
+class EditTable:
+    """A (combined, β-scaled) edit set laid out for lookup: token -> (senses, d) block."""
+
+    def __init__(self, edits: SenseEdits, num_senses: int, vocab_size: int):
+        tokens, row_of = torch.unique(edits.token_ids, return_inverse=True)
+        self.table = torch.zeros(len(tokens), num_senses, edits.d, dtype=edits.deltas.dtype)
+        self.table[row_of, edits.sense_ids] = edits.deltas
+        self.token_row = torch.full((vocab_size,), -1, dtype=torch.long)
+        self.token_row[tokens] = torch.arange(len(tokens))
+        self.edited_tokens = frozenset(tokens.tolist())
+
+    def touches(self, token_ids) -> bool:
+        return any(t in self.edited_tokens for t in token_ids)
+
+
+def edited_positions(input_ids: torch.Tensor, edits: SenseEdits) -> torch.Tensor:
+    """(b, s) bool: which positions hold a token with at least one edited sense."""
+    return torch.isin(input_ids, edits.token_ids.to(input_ids.device))
+
+
+def sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits: SenseEdits) -> torch.Tensor:
+    """δ_t for every position of full sequences, from a full α (b, k, s, s): (b, s, d).
+
+    Only the edited source positions are gathered, so the cost grows with their
+    count, not with s·k·d per position.
+    """
+    b, k, s, _ = alpha.shape
+    d = edits.d
+    table = EditTable(edits.to("cpu"), k, int(max(int(input_ids.max()) + 1, int(edits.token_ids.max(initial=0)) + 1)))
+    rows = table.token_row.to(input_ids.device)[input_ids]  # (b, s), -1 where not edited
+    n_edit = (rows >= 0).sum(-1)
+    p = int(n_edit.max()) if b else 0
+    if p == 0:
+        return torch.zeros(b, s, d, dtype=alpha.dtype, device=alpha.device)
+    # Edited source positions first in each row (stable), then take p of them.
+    order = torch.argsort((rows < 0).to(torch.int8), dim=-1, stable=True)[:, :p]  # (b, p)
+    valid = torch.gather(rows, 1, order) >= 0  # (b, p)
+    blocks = table.table.to(device=alpha.device, dtype=alpha.dtype)[torch.gather(rows, 1, order).clamp(min=0)]
+    blocks = blocks * valid[..., None, None]  # (b, p, k, d)
+    alpha_src = torch.gather(alpha, 3, order[:, None, None, :].expand(b, k, s, p))  # (b, k, s, p)
+    return torch.einsum("bktp,bpkd->btd", alpha_src, blocks)
+
+
+@dataclass
+class DeltaStats:
+    backpack_calls: int = 0  # prefill or decode_step invocations
+    exact_skip_rows: int = 0  # rows served with δ = 0 and no Backpack work
+    window_reprefills: int = 0  # rows whose window slid past n_positions
+    backpack_seconds: float = 0.0
+
+
+@dataclass
+class _Seq:
+    tokens: list[int]
+    table_key: Hashable
+    touched: bool  # some token carries an edited sense
+    consumed: int = 0  # tokens the Backpack has processed (window slides included)
+    active: bool = False  # has a row in the cache
+
+
+@dataclass
+class DeltaTracker:
+    """Per-sequence incremental Backpack state with exact skip, batched over sequences."""
+
+    backpack: BackpackLM
+    window_keep: int | None = None
+    stats: DeltaStats = field(default_factory=DeltaStats)
+
+    def __post_init__(self) -> None:
+        cfg = self.backpack.config
+        self.keep = self.window_keep or (3 * cfg.n_positions) // 4
+        if not 0 < self.keep < cfg.n_positions:
+            raise ValueError(f"window_keep must be in (0, {cfg.n_positions}), got {self.keep}")
+        self.device = self.backpack.embedding.device
+        self.dtype = self.backpack.embedding.dtype
+        self._seqs: dict[Hashable, _Seq] = {}
+        self._tables: dict[Hashable, EditTable] = {}
+        self._slots: list[Hashable] = []  # cache row -> seq id
+        self._cache: BackpackCache | None = None
+        self._lookup: tuple[torch.Tensor, torch.Tensor, dict] | None = None  # (blocks, maps, key->index)
+
+    # ------------------------------------------------------------------ membership
+
+    def add(self, seq_id: Hashable, prompt_ids: list[int], edits: SenseEdits, key: Hashable | None = None) -> None:
+        """Register a sequence with its (β-scaled, combined) edits; `key` shares tables between sequences."""
+        if seq_id in self._seqs:
+            raise KeyError(f"sequence {seq_id!r} is already tracked")
+        if not prompt_ids:
+            raise ValueError("prompt_ids: empty")
+        key = key if key is not None else ("edits", id(edits))
+        if key not in self._tables:
+            cfg = self.backpack.config
+            edits.validate(cfg.vocab_size, cfg.num_senses, cfg.n_embd)
+            self._tables[key] = EditTable(edits.to("cpu", self.dtype), cfg.num_senses, cfg.vocab_size)
+            self._lookup = None
+        table = self._tables[key]
+        self._seqs[seq_id] = _Seq(list(prompt_ids), key, table.touches(prompt_ids))
+
+    def append(self, seq_id: Hashable, token_id: int) -> None:
+        seq = self._seqs[seq_id]
+        seq.tokens.append(int(token_id))
+        if not seq.touched and int(token_id) in self._tables[seq.table_key].edited_tokens:
+            seq.touched = True
+
+    def remove(self, seq_id: Hashable) -> None:
+        seq = self._seqs.pop(seq_id)
+        if seq.active:
+            keep = [i for i, s in enumerate(self._slots) if s != seq_id]
+            self._slots = [self._slots[i] for i in keep]
+            self._cache = self._cache.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+        if not any(s.table_key == seq.table_key for s in self._seqs.values()):
+            del self._tables[seq.table_key]
+            self._lookup = None
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
+
+    def is_active(self, seq_id: Hashable) -> bool:
+        return self._seqs[seq_id].active
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def logit_deltas(self, seq_ids: list[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
+        """E·δ_t over the shared vocabulary for the next token of each sequence.
+
+        Returns (deltas (n, 50257), active (n,) bool); inactive rows are exact
+        zeros and cost nothing on the Backpack side.
+        """
+        import time
+
+        seqs = [self._seqs[s] for s in seq_ids]
+        active = torch.tensor([s.touched for s in seqs], dtype=torch.bool)
+        self.stats.exact_skip_rows += int((~active).sum())
+        out = torch.zeros(len(seq_ids), SHARED_VOCAB, dtype=self.dtype, device=self.device)
+        if not bool(active.any()):
+            return out, active.to(self.device)
+        t0 = time.perf_counter()
+        self._activate([s for s in seq_ids if self._seqs[s].touched and not self._seqs[s].active])
+        self._catch_up()
+        slot_of = {sid: i for i, sid in enumerate(self._slots)}
+        wanted = [s for s, a in zip(seq_ids, active.tolist()) if a]
+        slots = torch.tensor([slot_of[s] for s in wanted], dtype=torch.long, device=self.device)
+        delta = self._deltas_for(slots)  # (n_active, d)
+        out[active.to(self.device)] = delta @ self.backpack.embedding[:SHARED_VOCAB].T
+        self.stats.backpack_seconds += time.perf_counter() - t0
+        return out, active.to(self.device)
+
+    def _activate(self, seq_ids: list[Hashable]) -> None:
+        """First edited token seen: prefill the sequence's window once and give it a cache row."""
+        if not seq_ids:
+            return
+        n_pos = self.backpack.config.n_positions
+        windows = [window_for(self._seqs[s].tokens, n_pos, self.keep) for s in seq_ids]
+        fresh = prefill(self.backpack, windows)
+        self.stats.backpack_calls += 1
+        self._cache = fresh if self._cache is None else BackpackCache.concat([self._cache, fresh])
+        for s in seq_ids:
+            seq = self._seqs[s]
+            seq.active, seq.consumed = True, len(seq.tokens)
+            self._slots.append(s)
+
+    def _catch_up(self) -> None:
+        """Feed every active row the tokens appended since its last step (one decode step each)."""
+        while True:
+            pending = [self._seqs[s] for s in self._slots]
+            need = torch.tensor([len(s.tokens) > s.consumed for s in pending], dtype=torch.bool, device=self.device)
+            if not bool(need.any()):
+                return
+            self.stats.window_reprefills += slide_windows(self.backpack, self._cache, need, self.keep)
+            nxt = torch.tensor(
+                [s.tokens[s.consumed] if len(s.tokens) > s.consumed else 0 for s in pending],
+                dtype=torch.long, device=self.device,
+            )
+            decode_step(self.backpack, self._cache, nxt, advance=need)
+            self.stats.backpack_calls += 1
+            for s, n in zip(pending, need.tolist()):
+                s.consumed += int(n)
+
+    def _deltas_for(self, slots: torch.Tensor) -> torch.Tensor:
+        """δ (n, d) for cache rows `slots`, gathering only the edited window positions."""
+        blocks, maps, index_of = self._lookup_tables()
+        cache = self._cache
+        table_idx = torch.tensor([index_of[self._seqs[self._slots[i]].table_key] for i in slots.tolist()],
+                                 dtype=torch.long, device=self.device)
+        tokens = cache.tokens[slots]  # (n, cap)
+        rows = maps[table_idx[:, None], tokens]  # (n, cap) global block row or -1
+        cap = cache.capacity
+        rows = torch.where(torch.arange(cap, device=self.device)[None, :] < cache.lengths[slots, None], rows, -1)
+        bi, ji = (rows >= 0).nonzero(as_tuple=True)
+        delta = torch.zeros(len(slots), self.backpack.config.n_embd, dtype=self.dtype, device=self.device)
+        if bi.numel():
+            alpha = cache.last_alpha[slots]  # (n, k, cap)
+            contrib = torch.einsum("nk,nkd->nd", alpha[bi, :, ji], blocks[rows[bi, ji]])
+            delta.index_add_(0, bi, contrib)
+        return delta
+
+    def _lookup_tables(self):
+        if self._lookup is None:
+            keys = list(self._tables)
+            offsets, blocks, maps = 0, [], []
+            for k in keys:
+                t = self._tables[k]
+                blocks.append(t.table)
+                maps.append(torch.where(t.token_row >= 0, t.token_row + offsets, -1))
+                offsets += t.table.shape[0]
+            self._lookup = (
+                torch.cat(blocks).to(self.device, self.dtype),
+                torch.stack(maps).to(self.device),
+                {k: i for i, k in enumerate(keys)},
+            )
+        return self._lookup

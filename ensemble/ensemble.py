@@ -1,0 +1,202 @@
+"""The logit-difference ensemble: the large model's logits plus the Backpack's β·E·δ.
+
+    log p_ens(·|x≤t) = log_softmax_U( z_t[U] + Σ_p β_p·(E δ_{t,p})[U] ),  U = [0, 50257)
+
+`EnsembleBatch` is what an engine drives: sequences join (`add`) and leave
+(`remove`) between steps, `logprobs()` gives every row's next-token
+distribution, `append()` feeds the chosen tokens. `generate_greedy` and
+`score` are the reference decode and teacher-forced scoring built on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+
+from .backpack import BackpackLM
+from .delta import DeltaStats, DeltaTracker, sequence_deltas
+from .edits import PackRef, SenseEdits, combine_packs
+from .large_model import LargeModelBatch, full_logits, model_context_limit, model_fingerprint
+from .vocab import SHARED_VOCAB, check_vocab_covers
+
+
+def pack_key(packs: list[PackRef]) -> tuple:
+    """Sequences with the same pinned packs and βs share one edit table."""
+    return tuple(sorted(p.key for p in packs))
+
+
+class Ensemble:
+    def __init__(self, large_model, backpack: BackpackLM, tokenizer=None, window_keep: int | None = None):
+        check_vocab_covers("large model", large_model.get_output_embeddings().weight.shape[0])
+        check_vocab_covers("backpack", backpack.config.vocab_size)
+        self.large = large_model.eval()
+        self.backpack = backpack.eval()
+        self.tokenizer = tokenizer
+        self.window_keep = window_keep
+        self.stats = DeltaStats()
+        self._combined: dict[tuple, SenseEdits] = {}
+
+    @property
+    def context_limit(self) -> int:
+        return model_context_limit(self.large)
+
+    def large_fingerprint(self) -> str:
+        return model_fingerprint(self.large)
+
+    def new_batch(self) -> "EnsembleBatch":
+        return EnsembleBatch(self)
+
+    def combined_edits(self, packs: list[PackRef]) -> tuple[tuple, SenseEdits]:
+        key = pack_key(packs)
+        if key not in self._combined:
+            if len(self._combined) > 256:  # bounded: pack sets come and go with hot swaps
+                self._combined.clear()
+            self._combined[key] = combine_packs(packs, self.backpack.config.n_embd)
+        return key, self._combined[key]
+
+    # ------------------------------------------------------------------ reference paths
+
+    def generate_greedy(
+        self, prompts: list[list[int]], packs: list[list[PackRef]], max_new_tokens: int
+    ) -> list[list[int]]:
+        batch = self.new_batch()
+        for i, (p, pk) in enumerate(zip(prompts, packs)):
+            batch.add(i, p, pk)
+        out: list[list[int]] = [[] for _ in prompts]
+        for _ in range(max_new_tokens):
+            nxt = batch.logprobs().argmax(dim=-1).tolist()
+            for i, t in zip(batch.seq_ids, nxt):
+                out[i].append(t)
+            batch.append(dict(zip(batch.seq_ids, nxt)))
+        return out
+
+    @torch.no_grad()
+    def score(
+        self, prefixes: list[list[int]], continuations: list[list[int]], packs: list[list[PackRef]]
+    ) -> list[torch.Tensor]:
+        """Teacher-forced log-probs (float32) of each continuation token given prefix (+ earlier continuation)."""
+        for i, (p, c) in enumerate(zip(prefixes, continuations)):
+            if not p or not c:
+                raise ValueError(f"score: row {i} needs a non-empty prefix and continuation")
+        rows = [p + c for p, c in zip(prefixes, continuations)]
+        z_rows = full_logits(self.large, rows)
+        n_pos = self.backpack.config.n_positions
+        results = []
+        for row, z, p, c, pk in zip(rows, z_rows, prefixes, continuations, packs):
+            z = z[:, :SHARED_VOCAB]
+            key, edits = self.combined_edits(pk)
+            ids = torch.tensor([row], device=self.backpack.embedding.device)
+            if len(edits) and torch.isin(ids, edits.token_ids.to(ids.device)).any():
+                if len(row) <= n_pos:
+                    alpha = self.backpack.contextualize(ids)
+                    delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0]
+                    z = z + (delta @ self.backpack.embedding[:SHARED_VOCAB].T).float().to(z.device)
+                    self.stats.backpack_calls += 1
+                else:  # past the Backpack's window: the serving path's sliding window, step by step
+                    results.append(self._score_incremental(p, c, pk))
+                    continue
+            logp = torch.log_softmax(z, dim=-1)
+            targets = torch.tensor(c, device=logp.device)
+            results.append(logp[len(p) - 1 : len(row) - 1].gather(1, targets[:, None]).squeeze(1))
+        return results
+
+    def _score_incremental(self, prefix: list[int], cont: list[int], packs: list[PackRef]) -> torch.Tensor:
+        batch = self.new_batch()
+        batch.add(0, prefix, packs)
+        out = []
+        for t in cont:
+            out.append(batch.logprobs()[0, t])
+            batch.append({0: t})
+        return torch.stack(out)
+
+
+@dataclass
+class _Row:
+    packs: list[PackRef]
+    pending: list[int]  # tokens appended but not yet fed to the large model
+    new: bool  # not yet prefilled
+    prompt: list[int]
+
+
+class EnsembleBatch:
+    """One decode batch with iteration-level membership (continuous batching)."""
+
+    def __init__(self, ensemble: Ensemble):
+        self.ens = ensemble
+        self.large = LargeModelBatch(ensemble.large)
+        self.deltas = DeltaTracker(ensemble.backpack, window_keep=ensemble.window_keep, stats=ensemble.stats)
+        self._rows: dict[Hashable, _Row] = {}
+        self._order: list[Hashable] = []  # large-model cache row order
+        self._last_logits: torch.Tensor | None = None  # (b, V) aligned with _order
+
+    @property
+    def seq_ids(self) -> list[Hashable]:
+        """Row order of `logprobs()`: sequences already in the cache, then new ones in join order."""
+        return self._order + [s for s, r in self._rows.items() if r.new]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, seq_id: Hashable, prompt_ids: list[int], packs: list[PackRef] = ()) -> None:
+        if seq_id in self._rows:
+            raise KeyError(f"sequence {seq_id!r} is already in the batch")
+        if not prompt_ids:
+            raise ValueError("prompt_ids: empty")
+        if any(t < 0 or t >= SHARED_VOCAB for t in prompt_ids):
+            raise ValueError(f"prompt_ids: ids must lie in [0, {SHARED_VOCAB})")
+        packs = list(packs)
+        key, edits = self.ens.combined_edits(packs)
+        self.deltas.add(seq_id, prompt_ids, edits, key=key)
+        self._rows[seq_id] = _Row(packs, [], True, list(prompt_ids))
+
+    def remove(self, seq_id: Hashable) -> None:
+        row = self._rows.pop(seq_id)
+        self.deltas.remove(seq_id)
+        if not row.new:
+            keep = [i for i, s in enumerate(self._order) if s != seq_id]
+            self._order = [self._order[i] for i in keep]
+            self.large.select(keep)
+            self._last_logits = self._last_logits[keep] if keep else None
+
+    def append(self, tokens: dict[Hashable, int]) -> None:
+        for seq_id, t in tokens.items():
+            t = int(t)
+            if not 0 <= t < SHARED_VOCAB:
+                raise ValueError(f"token {t} for sequence {seq_id!r} is outside [0, {SHARED_VOCAB})")
+            self._rows[seq_id].pending.append(t)
+            self.deltas.append(seq_id, t)
+
+    @torch.no_grad()
+    def logprobs(self) -> torch.Tensor:
+        """Next-token log-probs over the shared vocabulary for every row, in `seq_ids` order: (b, 50257) float32."""
+        self._feed_pending()
+        new = [s for s, r in self._rows.items() if r.new]
+        if new:
+            logits = self.large.prefill([self._rows[s].prompt + self._rows[s].pending for s in new])
+            for s in new:
+                self._rows[s].new, self._rows[s].pending = False, []
+            self._order += new
+            self._last_logits = logits if self._last_logits is None else torch.cat([self._last_logits, logits])
+        if not self._order:
+            return torch.zeros(0, SHARED_VOCAB)
+        z = self._last_logits[:, :SHARED_VOCAB]
+        logp = torch.log_softmax(z, dim=-1)
+        delta, active = self.deltas.logit_deltas(self._order)
+        if bool(active.any()):
+            idx = active.nonzero().flatten()
+            logp[idx] = torch.log_softmax(z[idx] + delta[idx].float().to(z.device), dim=-1)
+        return logp
+
+    def _feed_pending(self) -> None:
+        """Step the large model until every cached row has consumed its appended tokens."""
+        rows = [self._rows[s] for s in self._order]
+        while any(r.pending for r in rows):
+            advance = torch.tensor([bool(r.pending) for r in rows], device=self.large.model.device)
+            tokens = torch.tensor([r.pending[0] if r.pending else 0 for r in rows], device=self.large.model.device)
+            logits = self.large.step(tokens, advance)
+            self._last_logits = torch.where(advance[:, None], logits, self._last_logits)
+            for r in rows:
+                if r.pending:
+                    r.pending.pop(0)

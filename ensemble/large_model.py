@@ -1,0 +1,180 @@
+"""The large model: any transformers causal LM sharing the GPT-2 vocabulary (GPT-J-6B by default).
+
+`LargeModelBatch` is the large model's half of a decode batch: a left-padded
+KV cache that sequences join (prefilled alone, then padded in) and leave
+(rows dropped) between steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, DynamicCache, GPTJConfig, GPTJForCausalLM, PreTrainedModel
+
+from .vocab import check_vocab_covers
+
+DEFAULT_LARGE_MODEL = "EleutherAI/gpt-j-6b"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_large_model(
+    name_or_path: str = DEFAULT_LARGE_MODEL, dtype: str | torch.dtype | None = None, device: str = "cpu"
+) -> PreTrainedModel:
+    """Load a causal LM by hub id or folder, in eval mode, and check it covers the shared vocabulary."""
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype) or "auto")
+    model = model.to(device).eval()
+    check_vocab_covers(name_or_path, model.get_output_embeddings().weight.shape[0])
+    return model
+
+
+def tiny_gptj(seed: int = 0, **overrides) -> GPTJForCausalLM:
+    """GPT-J's real architecture at test size (vocab 50400 as the real one), random weights."""
+    cfg = dict(vocab_size=50400, n_positions=2048, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+               bos_token_id=50256, eos_token_id=50256, attn_implementation="eager")
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = GPTJForCausalLM(GPTJConfig(**cfg)).eval()
+    return model
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """sha256 of the config and weights, cached on the model (β is calibrated per target fingerprint)."""
+    cached = getattr(model, "_sensepack_fingerprint", None)
+    if cached:
+        return cached
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    model._sensepack_fingerprint = "sha256:" + h.hexdigest()
+    return model._sensepack_fingerprint
+
+
+def model_context_limit(model: PreTrainedModel) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 2048))
+
+
+@dataclass
+class LargeModelBatch:
+    """Left-padded KV cache: row b's real tokens are the columns where mask[b] == 1."""
+
+    model: PreTrainedModel
+    cache: DynamicCache | None = None
+    mask: torch.Tensor | None = None  # (b, L) long
+    n_real: torch.Tensor | None = None  # (b,) tokens processed per row = next position id
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[0])
+
+    @torch.no_grad()
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        """Run each new row alone (no padding inside a prompt), then pad it into the batch.
+
+        Returns the new rows' next-token logits (n, V), float32.
+        """
+        device = self.model.device
+        logits, kvs = [], []
+        for ids in rows:
+            out = self.model(torch.tensor([ids], device=device), use_cache=True)
+            logits.append(out.logits[0, -1].float())
+            kvs.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+        lengths = [len(r) for r in rows]
+        self._join(kvs, lengths)
+        return torch.stack(logits)
+
+    def _join(self, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> None:
+        device = self.model.device
+        old_len = 0 if self.mask is None else self.mask.shape[1]
+        width = max([old_len] + lengths)
+        n_layer = len(kvs[0])
+        layers = []
+        for i in range(n_layer):
+            ks, vs = [], []
+            if self.cache is not None:
+                ks.append(_left_pad(self.cache.layers[i].keys, width))
+                vs.append(_left_pad(self.cache.layers[i].values, width))
+            ks += [_left_pad(kv[i][0], width) for kv in kvs]
+            vs += [_left_pad(kv[i][1], width) for kv in kvs]
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        new_mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+        for r, n in enumerate(lengths):
+            new_mask[r, width - n:] = 1
+        masks = [new_mask] if self.mask is None else [_left_pad(self.mask, width), new_mask]
+        self.mask = torch.cat(masks)
+        n_new = torch.tensor(lengths, dtype=torch.long, device=device)
+        self.n_real = n_new if self.n_real is None else torch.cat([self.n_real, n_new])
+        self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, advance: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed one token per row; rows with advance=False get a masked placeholder column.
+
+        Returns next-token logits (b, V), float32 (placeholder rows' logits are meaningless).
+        """
+        b = self.batch_size
+        device = self.model.device
+        if advance is None:
+            advance = torch.ones(b, dtype=torch.bool, device=device)
+        self.mask = torch.cat([self.mask, advance.long()[:, None]], dim=1)
+        out = self.model(
+            input_ids=tokens.view(b, 1).to(device),
+            attention_mask=self.mask,
+            position_ids=self.n_real.view(b, 1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.n_real = self.n_real + advance.long()
+        return out.logits[:, -1].float()
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only `rows`, then drop leading columns that are padding in every remaining row."""
+        if not rows:
+            self.cache, self.mask, self.n_real = None, None, None
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self.model.device)
+        mask = self.mask[idx]
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        layers = [(layer.keys[idx, :, start:], layer.values[idx, :, start:]) for layer in self.cache.layers]
+        self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        self.mask = mask[:, start:]
+        self.n_real = self.n_real[idx]
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad the sequence dimension (-2 for K/V, -1 for masks) on the left with zeros."""
+    if t.dim() == 2:
+        return F.pad(t, (width - t.shape[-1], 0))
+    return F.pad(t, (0, 0, width - t.shape[-2], 0))
+
+
+@torch.no_grad()
+def full_logits(model: PreTrainedModel, rows: list[list[int]]) -> list[torch.Tensor]:
+    """Teacher-forced logits (len, V) of each row, right-padded in one batch (scoring, calibration)."""
+    device = model.device
+    b, s = len(rows), max(len(r) for r in rows)
+    ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    mask = torch.zeros(b, s, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, device=device)
+        mask[i, : len(r)] = 1
+    pos = torch.arange(s, device=device).expand(b, s)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+    return [logits[i, : len(r)] for i, r in enumerate(rows)]

@@ -1,0 +1,46 @@
+"""The GPT-2 tokenizer shared by the Backpack and the large model.
+
+The package carries the GPT-2 BPE files (MIT, see data/gpt2-tokenizer/LICENSE) so
+that everything works offline; a model folder or hub id with its own tokenizer
+files uses those instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
+
+PACKAGED_TOKENIZER_DIR = Path(__file__).parent / "data" / "gpt2-tokenizer"
+
+
+def load_tokenizer(name_or_path: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """Load the packaged GPT-2 tokenizer (None) or the tokenizer of a folder / hub id."""
+    if name_or_path is None:
+        # transformers 5 ignores vocab_file= / merges_file= kwargs: load the folder.
+        tok = GPT2TokenizerFast.from_pretrained(str(PACKAGED_TOKENIZER_DIR))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Stable hash of the vocabulary (token -> id) and the BPE merges.
+
+    Two tokenizers with the same fingerprint split every text the same way, so a
+    pack trained under one is valid under the other.
+    """
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        merges = model.get("merges", [])
+        merges = [" ".join(m) if isinstance(m, list) else m for m in merges]
+        h.update("\n".join(merges).encode())
+    return "sha256:" + h.hexdigest()
