@@ -48,7 +48,10 @@ def sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits: SenseEd
     """
     b, k, s, _ = alpha.shape
     d = edits.d
-    table = EditTable(edits.to("cpu"), k, int(max(int(input_ids.max()) + 1, int(edits.token_ids.max(initial=0)) + 1)))
+    if len(edits) == 0:
+        return torch.zeros(b, s, d, dtype=alpha.dtype, device=alpha.device)
+    vocab = max(int(input_ids.max()), int(edits.token_ids.max())) + 1
+    table = EditTable(edits.to("cpu"), k, vocab)
     rows = table.token_row.to(input_ids.device)[input_ids]  # (b, s), -1 where not edited
     n_edit = (rows >= 0).sum(-1)
     p = int(n_edit.max()) if b else 0

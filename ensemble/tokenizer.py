@@ -22,7 +22,16 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> PreTrainedTokenize
         # transformers 5 ignores vocab_file= / merges_file= kwargs: load the folder.
         tok = GPT2TokenizerFast.from_pretrained(str(PACKAGED_TOKENIZER_DIR))
     else:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+        folder = Path(name_or_path)
+        bare_bpe = (
+            folder.is_dir()
+            and (folder / "vocab.json").exists()
+            and (folder / "merges.txt").exists()
+            and not (folder / "tokenizer_config.json").exists()
+            and not (folder / "tokenizer.json").exists()
+        )
+        # A folder with only the two BPE files has no class to auto-detect: it is GPT-2's format.
+        tok = GPT2TokenizerFast.from_pretrained(str(folder)) if bare_bpe else AutoTokenizer.from_pretrained(str(name_or_path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
