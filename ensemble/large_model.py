@@ -51,15 +51,33 @@ def tiny_gptj(seed: int = 0, **overrides) -> GPTJForCausalLM:
     return model
 
 
-def model_fingerprint(model: PreTrainedModel) -> str:
-    """sha256 of the config and weights, cached on the model (β is calibrated per target fingerprint)."""
+# Config keys that do not change the function the model computes.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
+    "attn_implementation", "_attn_implementation_internal", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "_commit_hash",
+}
+
+
+def model_fingerprint(model: PreTrainedModel, sample: int = 4096) -> str:
+    """Identity of the large model a β was calibrated for: class, config, every weight's name,
+    shape and dtype, and an evenly strided sample of each weight's values.
+
+    Sampling keeps this to milliseconds for a 6B model on GPU (hashing 12 GB would take
+    tens of seconds at every start); any retrain or different checkpoint changes the
+    sampled values. A different dtype is a different target: calibrate β for the dtype served.
+    """
     cached = getattr(model, "_sensepack_fingerprint", None)
     if cached:
         return cached
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h = hashlib.sha256(type(model).__name__.encode())
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for key, tensor in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(flat[::step][:sample].to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     model._sensepack_fingerprint = "sha256:" + h.hexdigest()
     return model._sensepack_fingerprint
 
