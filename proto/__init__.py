@@ -18,7 +18,6 @@ import fcntl
 import hashlib
 import importlib
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -84,6 +83,13 @@ def _generate(out_dir: Path, digest: str) -> None:
 
 def ensure_stubs(force: bool = False) -> Path:
     """Generate the stubs if missing or stale; return the folder holding them."""
+    try:
+        import grpc_tools  # noqa: F401
+    except ImportError:      # runtime-only install: use the stubs the build generated
+        if all((PROTO_DIR / out).is_file() for n in PROTO_FILES for out in _outputs(Path(n).stem)):
+            return PROTO_DIR
+        raise ImportError("sensepack's gRPC stubs are missing and grpcio-tools is not installed to generate "
+                          "them (pip install grpcio-tools, or run `python -m proto` at build time)") from None
     digest = sources_hash()
     if not force and _fresh(PROTO_DIR, digest):
         return PROTO_DIR

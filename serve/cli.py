@@ -35,5 +35,11 @@ def generate(prompt: str, demo: bool, max_new_tokens: int, seed: int, as_json: b
     click.echo(f"edited : {result['edited']!r}")
 
 
+# `serve`, `client ...` (serve/serve_cli.py) and the store's `packs` group (edits_store.cli, when present).
+from serve.serve_cli import register as _register_serving  # noqa: E402
+
+_register_serving(main)
+
+
 if __name__ == "__main__":
     sys.exit(main())

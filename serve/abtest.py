@@ -1,0 +1,273 @@
+"""Ball checks through the serving path (DESIGN §4): the activation gate and
+the live A/B monitor.
+
+Both measure paired losses: the same token rows scored under the base model
+(β = 0) and under the pack, with the same batching, in the engine thread, so
+kernel non-determinism can neither fake nor hide a breach.
+
+**Gate.** Before a pack version becomes routable, its ball ratio
+``Σ NLL_pack / Σ NLL_base`` (micro-averaged per token, first token of each text
+not scored) on the configured general corpus G, at its calibrated β for the
+served model, must be ≤ 1+ε (ε: ``gate.epsilon`` or the pack's calibration).
+
+**Live.** A configurable share of traffic (``ab.traffic_share``) is split into
+arms by a sticky hash of the request's ``ab_key``: the control arm is served by
+the base model, the treatment arm with the pack. Sampled finished requests
+(``ab.sample_rate``) are re-scored under both arms in the engine's
+low-priority lane. The scored text is the prompt, plus the completion for
+control-arm requests (a treatment completion was sampled from the pack and
+would bias the ratio toward it). The running ratio B/A = Σ NLL_pack / Σ NLL_base
+and its confidence interval (delta method for a ratio of means) are exported
+per pack; when the whole interval lies above 1+ε (after ``ab.min_samples``)
+the pack is flagged and, with ``ab.auto_disable``, disabled (its routes fall
+back to the previous version or to the base model).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+
+from serve.packs import GateResult, Resident, sticky_fraction
+
+log = logging.getLogger("sensepack.abtest")
+
+BUILTIN_CORPUS = Path(__file__).resolve().parent / "data" / "gate_corpus.txt"
+
+
+def read_corpus(path: Path | None, text_field: str = "text", max_texts: int = 64) -> list[str]:
+    """Texts from a .jsonl (field `text_field`), or a .txt with one text per non-empty line."""
+    path = Path(path) if path is not None else BUILTIN_CORPUS
+    texts: list[str] = []
+    if not path.is_file():
+        raise ValueError(f"gate.corpus: no such file: {path}")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".jsonl":
+                obj = json.loads(line)
+                t = obj.get(text_field) if isinstance(obj, dict) else None
+                if not isinstance(t, str):
+                    raise ValueError(f"gate.corpus {path}: a line has no string field {text_field!r}")
+                line = t
+            texts.append(line)
+            if len(texts) >= max_texts:
+                break
+    if not texts:
+        raise ValueError(f"gate.corpus {path}: no texts")
+    return texts
+
+
+def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], list[float]]:
+    """Per-row summed NLL (nats) of tokens 1.. under base and under the pack (engine thread only).
+
+    Paired in one pass: the large model's teacher-forced logits z are computed
+    once per batch; the base scores log_softmax(z) and the pack scores
+    log_softmax(z + β·E·δ) on the same z (rows without an edited token are
+    exact skips: identical to the base). Rows longer than the Backpack's window
+    use the core's sliding-window scoring for the pack side.
+    """
+    rows = [r for r in rows if len(r) >= 2]
+    if not rows:
+        return [], []
+    try:
+        from ensemble.delta import sequence_deltas
+        from ensemble.large_model import full_logits
+        from ensemble.vocab import SHARED_VOCAB
+    except ImportError:  # pragma: no cover - core without the low-level scoring helpers
+        return _paired_nll_two_passes(ensemble, rows, pack_ref)
+    import torch
+
+    with torch.no_grad():
+        _, edits = ensemble.combined_edits([pack_ref])
+        bp = ensemble.backpack
+        n_pos = bp.config.n_positions
+        z_rows = full_logits(ensemble.large, rows)
+        base_out, pack_out = [], []
+        for row, z in zip(rows, z_rows):
+            z = z[:-1, :SHARED_VOCAB].float()
+            targets = torch.tensor(row[1:], device=z.device)[:, None]
+            base_nll = -float(torch.log_softmax(z, -1).gather(1, targets).double().sum())
+            ids = torch.tensor([row], device=bp.embedding.device)
+            if not len(edits) or not bool(torch.isin(ids, edits.token_ids.to(ids.device)).any()):
+                pack_nll = base_nll
+            elif len(row) <= n_pos:
+                alpha = bp.contextualize(ids)
+                delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0][:-1]
+                zz = z + (delta @ bp.embedding[:SHARED_VOCAB].T).float().to(z.device)
+                pack_nll = -float(torch.log_softmax(zz, -1).gather(1, targets).double().sum())
+            else:
+                pack_nll = -float(ensemble.score([row[:1]], [row[1:]], [[pack_ref]])[0].double().sum())
+            base_out.append(base_nll)
+            pack_out.append(pack_nll)
+    return base_out, pack_out
+
+
+def _paired_nll_two_passes(ensemble, rows, pack_ref):
+    prefixes = [r[:1] for r in rows]
+    conts = [r[1:] for r in rows]
+    base = ensemble.score(prefixes, conts, [[] for _ in rows])
+    packed = ensemble.score(prefixes, conts, [[pack_ref] for _ in rows])
+    return [-float(x.double().sum()) for x in base], [-float(x.double().sum()) for x in packed]
+
+
+class Gate:
+    def __init__(self, engine, ensemble, tokenizer, gate_cfg):
+        self.engine = engine
+        self.ensemble = ensemble
+        self.cfg = gate_cfg
+        texts = read_corpus(gate_cfg.corpus, gate_cfg.text_field, gate_cfg.max_texts)
+        rows = []
+        for t in texts:
+            ids = tokenizer(t, add_special_tokens=False)["input_ids"][: gate_cfg.max_tokens_per_text]
+            if len(ids) >= 2:
+                rows.append(list(ids))
+        if not rows:
+            raise ValueError("gate.corpus: no text has 2 or more tokens")
+        self.rows = rows
+        self.tokens = sum(len(r) - 1 for r in rows)
+
+    def __call__(self, r: Resident) -> GateResult:
+        beta = r.calibrated_beta
+        pack_ref = r.pack_ref(beta)
+        base_sum = packed_sum = 0.0
+        bs = self.cfg.batch_size
+        for i in range(0, len(self.rows), bs):
+            batch = self.rows[i:i + bs]
+            a, b = self.engine.run_job(lambda batch=batch: paired_nll(self.ensemble, batch, pack_ref), high=True).result()
+            base_sum += sum(a)
+            packed_sum += sum(b)
+        ratio = packed_sum / base_sum if base_sum > 0 else float("inf")
+        passed = ratio <= 1.0 + r.epsilon
+        log.info("gate measured", extra={"event": "gate", "pack": r.ref, "ratio": ratio, "epsilon": r.epsilon,
+                                         "beta": beta, "tokens": self.tokens, "passed": passed})
+        return GateResult(passed, ratio, r.epsilon, beta, self.tokens)
+
+
+@dataclass
+class ArmStats:
+    version: str
+    epsilon: float
+    a: list[float] = field(default_factory=list)   # base NLL per sample
+    b: list[float] = field(default_factory=list)   # pack NLL per sample
+    tokens: int = 0
+    breached: bool = False
+    disabled: bool = False
+    ratio: float = float("nan")
+    lower: float = float("nan")
+    upper: float = float("nan")
+
+
+def ratio_ci(a: list[float], b: list[float], confidence: float) -> tuple[float, float, float]:
+    """Ratio of means Σb/Σa and its delta-method confidence interval."""
+    n = len(a)
+    sa, sb = sum(a), sum(b)
+    if n == 0 or sa <= 0:
+        return float("nan"), float("nan"), float("nan")
+    r = sb / sa
+    if n < 2:
+        return r, float("-inf"), float("inf")
+    mean_a = sa / n
+    d = [bi - r * ai for ai, bi in zip(a, b)]
+    mean_d = sum(d) / n
+    var = sum((x - mean_d) ** 2 for x in d) / (n - 1)
+    se = math.sqrt(var / n) / mean_a
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    return r, r - z * se, r + z * se
+
+
+class LiveMonitor:
+    def __init__(self, ab_cfg, metrics, engine, ensemble, seed: int | None = None):
+        self.cfg = ab_cfg
+        self.metrics = metrics
+        self.engine = engine
+        self.ensemble = ensemble
+        self.manager = None          # set by the server (PackManager)
+        self._lock = threading.Lock()
+        self._stats: dict[str, ArmStats] = {}
+        self._rng = random.Random(seed)
+        self._pending = 0
+
+    # ---- traffic split (called at admission)
+    def assign(self, pack: str, key: str) -> tuple[str, bool]:
+        if not self.cfg.enabled or self.cfg.traffic_share <= 0 or not key:
+            return "pack", False
+        if sticky_fraction(self.cfg.salt, "share", pack, key) >= self.cfg.traffic_share:
+            return "pack", False
+        arm = "base" if sticky_fraction(self.cfg.salt, "arm", pack, key) < self.cfg.control_share else "pack"
+        return arm, True
+
+    # ---- sampling (called when a request finishes, in the engine thread)
+    def on_finished(self, pins, prompt_ids: list[int], output_ids: list[int]) -> None:
+        if not self.cfg.enabled:
+            return
+        for pin in pins:
+            if not pin.in_experiment or pin.resident is None:
+                continue
+            with self._lock:
+                if self._pending >= self.cfg.max_pending or self._rng.random() >= self.cfg.sample_rate:
+                    continue
+                self._pending += 1
+            row = list(prompt_ids) + (list(output_ids) if pin.arm == "base" else [])
+            r = pin.resident
+            self.engine.run_job(lambda r=r, row=row: self._score(r, row), high=False)
+
+    def _score(self, r: Resident, row: list[int]) -> None:
+        try:
+            if len(row) < 2 or r.state in ("freed", "disabled"):
+                return          # a disabled version's verdict is final; queued samples are dropped
+            a, b = paired_nll(self.ensemble, [row], r.pack_ref(r.calibrated_beta))
+            self.record(r, a[0], b[0], len(row) - 1)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def record(self, r: Resident, nll_base: float, nll_pack: float, tokens: int) -> None:
+        eps = self.cfg.epsilon if self.cfg.epsilon is not None else r.epsilon
+        with self._lock:
+            st = self._stats.get(r.name)
+            if st is None or st.version != r.version:
+                st = self._stats[r.name] = ArmStats(r.version, eps)
+            st.a.append(nll_base)
+            st.b.append(nll_pack)
+            st.tokens += tokens
+            st.ratio, st.lower, st.upper = ratio_ci(st.a, st.b, self.cfg.confidence)
+            n = len(st.a)
+            breach = (not st.breached and n >= self.cfg.min_samples and st.lower > 1.0 + eps)
+            if breach:
+                st.breached = True
+        m = self.metrics
+        m.ab_samples.labels(r.name).inc()
+        if math.isfinite(st.ratio):
+            m.ab_ratio.labels(r.name).set(st.ratio)
+        if math.isfinite(st.lower) and math.isfinite(st.upper):
+            m.ab_ci_lower.labels(r.name).set(st.lower)
+            m.ab_ci_upper.labels(r.name).set(st.upper)
+        if breach:
+            m.ab_breaches.labels(r.name).inc()
+            log.error("live ball breach", extra={"event": "ab_breach", "pack": r.ref, "ratio": st.ratio,
+                                                 "ci_lower": st.lower, "ci_upper": st.upper, "epsilon": eps,
+                                                 "samples": n})
+            if self.cfg.auto_disable and self.manager is not None:
+                moved = self.manager.disable(r.name, r.version, f"live ball breach: ratio {st.ratio:.6f}, "
+                                                                f"CI [{st.lower:.6f}, {st.upper:.6f}] > 1+{eps:g}")
+                st.disabled = True
+                m.auto_disables.labels(r.name).inc()
+                log.error("pack auto-disabled", extra={"event": "pack_auto_disabled", "pack": r.ref,
+                                                       "routes": moved})
+
+    def reset(self, pack: str) -> None:
+        with self._lock:
+            self._stats.pop(pack, None)
+
+    def report(self) -> dict[str, ArmStats]:
+        with self._lock:
+            return {k: ArmStats(v.version, v.epsilon, list(v.a), list(v.b), v.tokens, v.breached, v.disabled,
+                                v.ratio, v.lower, v.upper) for k, v in self._stats.items()}

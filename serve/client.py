@@ -1,0 +1,128 @@
+"""A tiny Python client for the sensepack gRPC API (and the `sensepack client` CLI).
+
+    from serve.client import Client
+    c = Client("127.0.0.1:50051")
+    r = c.generate("The capital of Mauritius is", packs=["demo-capitals@prod"], max_new_tokens=8)
+    print(r.text, [(p.name, p.version) for p in r.packs])
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+
+from proto import admin_pb, admin_pb_grpc, pb, pb_grpc
+
+PackLike = str | tuple[str, float]
+
+
+def _packs(packs: Iterable[PackLike]) -> list:
+    out = []
+    for p in packs or ():
+        if isinstance(p, tuple):
+            out.append(pb.PackSpec(ref=p[0], beta=p[1]))
+        else:
+            out.append(pb.PackSpec(ref=p))
+    return out
+
+
+def build_generate_request(prompt: str | Sequence[int], *, packs: Iterable[PackLike] = (), base_only: bool = False,
+                           max_new_tokens: int = 0, min_new_tokens: int = 0, greedy: bool = True,
+                           temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
+                           stop: Sequence[str] = (), ignore_eos: bool = False, tokens: bool = False,
+                           logprobs: bool = False, top_n: int = 0, request_id: str = "",
+                           ab_key: str = "") -> pb.GenerateRequest:
+    req = pb.GenerateRequest(request_id=request_id, packs=_packs(packs), base_only=base_only, ab_key=ab_key)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(int(t) for t in prompt)
+    req.sampling.method = pb.GREEDY if greedy else pb.SAMPLE
+    req.sampling.temperature = temperature
+    req.sampling.top_k = top_k
+    req.sampling.top_p = top_p
+    if seed is not None:
+        req.sampling.seed = seed
+    req.stopping.max_new_tokens = max_new_tokens
+    req.stopping.min_new_tokens = min_new_tokens
+    req.stopping.stop_sequences.extend(stop)
+    req.stopping.ignore_eos = ignore_eos
+    req.response.generated_tokens = tokens
+    req.response.token_logprobs = logprobs
+    req.response.top_n_tokens = top_n
+    return req
+
+
+class Client:
+    def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, ca_file: str | None = None,
+                 timeout: float | None = None):
+        if ca_file:
+            creds = grpc.ssl_channel_credentials(open(ca_file, "rb").read())
+            self.channel = grpc.secure_channel(target, creds)
+        else:
+            self.channel = grpc.insecure_channel(target)
+        self.gen = pb_grpc.GenerationServiceStub(self.channel)
+        self.admin = admin_pb_grpc.PackAdminStub(self.channel)
+        self.token = token if token is not None else os.environ.get("SENSEPACK_ADMIN_TOKEN")
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _auth(self):
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    # ---- generation
+    def generate(self, prompt, **kw) -> pb.GenerateResponse:
+        timeout = kw.pop("timeout", self.timeout)
+        return self.gen.Generate(build_generate_request(prompt, **kw), timeout=timeout)
+
+    def stream(self, prompt, **kw) -> Iterator[pb.GenerateResponse]:
+        timeout = kw.pop("timeout", self.timeout)
+        return self.gen.GenerateStream(build_generate_request(prompt, **kw), timeout=timeout)
+
+    def score(self, prefix: str | Sequence[int], continuations: Sequence[str | Sequence[int]],
+              packs: Iterable[PackLike] = (), include_base: bool = True) -> pb.ScoreResponse:
+        req = pb.ScoreRequest(packs=_packs(packs), include_base=include_base)
+        if isinstance(prefix, str):
+            req.prefix_text = prefix
+        else:
+            req.prefix_token_ids.ids.extend(prefix)
+        for c in continuations:
+            if isinstance(c, str):
+                req.continuations.add(text=c)
+            else:
+                req.continuations.add(token_ids=pb.TokenIds(ids=list(c)))
+        return self.gen.Score(req, timeout=self.timeout)
+
+    def tokenize(self, text: str, return_tokens: bool = True) -> pb.TokenizeResponse:
+        return self.gen.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens), timeout=self.timeout)
+
+    def model_info(self) -> pb.ModelInfoResponse:
+        return self.gen.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+
+    # ---- admin (bearer token)
+    def list_packs(self, include_store: bool = True) -> admin_pb.ListPacksResponse:
+        return self.admin.ListPacks(admin_pb.ListPacksRequest(include_store=include_store), metadata=self._auth(),
+                                    timeout=self.timeout)
+
+    def load_pack(self, ref: str, activate: bool = True) -> admin_pb.LoadPackResponse:
+        return self.admin.LoadPack(admin_pb.LoadPackRequest(ref=ref, activate=activate), metadata=self._auth(),
+                                   timeout=self.timeout)
+
+    def set_alias(self, name: str, alias: str, version: str) -> admin_pb.LoadPackResponse:
+        return self.admin.SetAlias(admin_pb.SetAliasRequest(name=name, alias=alias, version=version),
+                                   metadata=self._auth(), timeout=self.timeout)
+
+    def unload_pack(self, ref: str) -> admin_pb.UnloadPackResponse:
+        return self.admin.UnloadPack(admin_pb.UnloadPackRequest(ref=ref), metadata=self._auth(), timeout=self.timeout)
+
+    def ab_report(self, name: str = "") -> admin_pb.ABReportResponse:
+        return self.admin.ABReport(admin_pb.ABReportRequest(name=name), metadata=self._auth(), timeout=self.timeout)

@@ -1,0 +1,198 @@
+"""Server configuration: one validated pydantic model, every field defaulted.
+
+`load_config(path)` reads YAML; unknown keys are refused and every error names
+the dotted key (``limits.max_new_tokens: ...``). With no file the demo profile
+is used, so ``sensepack serve`` works offline on tiny random models with the
+real tokenizer and a demo pack. ``serve/configs/example.yaml`` documents every
+field; ``demo.yaml`` and ``gptj.yaml`` are the two shipped profiles.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    profile: Literal["demo", "pretrained"] = "demo"
+    large_model: str = "EleutherAI/gpt-j-6b"
+    backpack: str = "stanfordnlp/backpack-gpt2"
+    tokenizer: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    demo_seed: int = 0
+    torch_threads: Optional[int] = Field(None, ge=1)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int = Field(9464, ge=-1, le=65535)   # -1: no /metrics endpoint; 0: any free port
+    metrics_host: str = "127.0.0.1"
+    max_workers: int = Field(64, ge=4, le=4096)
+    grace_period_s: float = Field(30.0, ge=0)
+    reflection: bool = True
+    warmup: bool = True
+
+
+class TLSConfig(_Section):
+    cert_file: Optional[Path] = None
+    key_file: Optional[Path] = None
+    client_ca_file: Optional[Path] = None
+
+    @model_validator(mode="after")
+    def _pair(self):
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file must be set together")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise ValueError(f"tls.{name}: no such file: {p}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class AdminConfig(_Section):
+    token: Optional[str] = None
+    token_env: str = "SENSEPACK_ADMIN_TOKEN"
+
+    def resolved_token(self) -> Optional[str]:
+        return os.environ.get(self.token_env) or self.token
+
+
+class LimitsConfig(_Section):
+    max_prompt_tokens: int = Field(1536, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    default_max_new_tokens: int = Field(32, ge=1)
+    max_running: int = Field(32, ge=1, le=4096)
+    max_waiting: int = Field(128, ge=0)
+    max_top_n_tokens: int = Field(20, ge=0, le=100)
+    max_stop_sequences: int = Field(8, ge=0)
+    max_stop_sequence_chars: int = Field(256, ge=1)
+    max_packs_per_request: int = Field(4, ge=1)
+    max_continuations: int = Field(64, ge=1)
+    max_temperature: float = Field(100.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("limits.default_max_new_tokens must not exceed limits.max_new_tokens")
+        return self
+
+
+class StoreConfig(_Section):
+    uri: Optional[str] = None          # None: demo profile publishes its pack into a temporary store
+    subscribe: bool = True
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class PacksConfig(_Section):
+    preload: list[str] = Field(default_factory=list)
+    load_on_request: bool = True
+    max_resident: int = Field(16, ge=1)
+    allow_beta_above_calibrated: bool = False
+    max_beta: Optional[float] = Field(None, ge=0)
+
+
+class GateConfig(_Section):
+    enabled: bool = True
+    corpus: Optional[Path] = None      # None: the small built-in corpus (demo only)
+    text_field: str = "text"
+    max_texts: int = Field(64, ge=1)
+    max_tokens_per_text: int = Field(256, ge=2)
+    batch_size: int = Field(8, ge=1)
+    epsilon: Optional[float] = Field(None, ge=0)
+
+
+class ABConfig(_Section):
+    enabled: bool = True
+    traffic_share: float = Field(0.0, ge=0, le=1)
+    control_share: float = Field(0.5, ge=0, le=1)
+    sample_rate: float = Field(1.0, ge=0, le=1)
+    salt: str = "sensepack-ab"
+    confidence: float = Field(0.95, gt=0, lt=1)
+    min_samples: int = Field(20, ge=2)
+    max_pending: int = Field(256, ge=1)
+    lane_every_steps: int = Field(8, ge=1)
+    auto_disable: bool = False
+    epsilon: Optional[float] = Field(None, ge=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_logs: bool = Field(True, alias="json")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    packs: PacksConfig = Field(default_factory=PacksConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    ab: ABConfig = Field(default_factory=ABConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.model.profile == "pretrained" and self.store.uri is None:
+            raise ValueError("store.uri is required with model.profile: pretrained")
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict | None, source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load a YAML config (None: the demo profile), then apply dotted overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path}: top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return parse_config(data, source)

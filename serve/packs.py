@@ -1,0 +1,522 @@
+"""Pack manager: resident pack versions, routes, pinning and hot swaps.
+
+* A **resident** version is loaded from the store, validated against the served
+  Backpack / tokenizer / large model (edits_store `Expectations`), and has
+  passed the activation gate (serve.abtest). Refused versions are remembered
+  with the reason; the previously routed version keeps serving.
+* A **route** maps what requests name to a version: ``name`` (the active
+  version) and ``name@alias`` (a store alias). Explicit ``name@version`` needs
+  no route. Activation (admin LoadPack/SetAlias, or a store notification that
+  an alias moved) swaps routes atomically under one lock.
+* Every admitted request **pins** the versions it resolved (a reference count);
+  swaps never touch running requests, and an unloaded version is freed only
+  when its count drops to 0.
+* A disabled version (live A/B breach) leaves its routes; each route falls back
+  to its previous target, or to the base model when there is none.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from ensemble.edits import PackRef, SenseEdits
+from serve.params import PackRequest, RequestError, invalid
+
+log = logging.getLogger("sensepack.packs")
+
+BASE = None  # a route target meaning "the base model takes over"
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    ratio: float
+    epsilon: float
+    beta: float
+    tokens: int
+    skipped: bool = False
+
+
+@dataclass
+class Resident:
+    name: str
+    version: str
+    edits: SenseEdits
+    calibrated_beta: float
+    epsilon: float
+    manifest: object = None
+    gate: GateResult | None = None
+    refcount: int = 0
+    state: str = "resident"        # resident | unloading | disabled | freed
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def pack_ref(self, beta: float | None = None) -> PackRef:
+        return PackRef(self.name, self.version, self.edits, self.calibrated_beta if beta is None else beta)
+
+
+@dataclass
+class Pin:
+    """One pack as one request uses it (arm 'base': A/B control or disabled pack)."""
+    request: PackRequest
+    resident: Resident | None
+    beta: float
+    arm: str
+    in_experiment: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.request.name
+
+    @property
+    def version(self) -> str:
+        return self.resident.version if self.resident is not None else ""
+
+
+class Admission:
+    """The pinned packs of one request; `release()` exactly once when it ends."""
+
+    def __init__(self, manager: "PackManager", pins: list[Pin]):
+        self._manager = manager
+        self.pins = pins
+        self._released = False
+
+    @property
+    def pack_refs(self) -> list[PackRef]:
+        return [p.resident.pack_ref(p.beta) for p in self.pins if p.arm == "pack" and p.resident is not None]
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._manager._release(self.pins)
+
+
+def _status(err) -> grpc.StatusCode:
+    name = getattr(err, "status", "INVALID_ARGUMENT")
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class PackLoadError(RequestError):
+    pass
+
+
+class PackManager:
+    """`source` is a serve.store_source.Source; `gate(resident) -> GateResult`."""
+
+    def __init__(self, source, expectations, target_fingerprint: str, config, metrics,
+                 gate: Callable[[Resident], GateResult] | None = None, ab=None):
+        self.source = source
+        self.expect = expectations
+        self.target_fingerprint = target_fingerprint
+        self.cfg = config            # the full Config (packs, gate, ab sections)
+        self.metrics = metrics
+        self.gate = gate
+        self.ab = ab                 # serve.abtest.LiveMonitor or None
+        self._lock = threading.RLock()
+        self._resident: dict[tuple[str, str], Resident] = {}
+        self._routes: dict[str, Resident | None] = {}
+        self._history: dict[str, list[Resident]] = {}
+        self._refused: dict[str, tuple[grpc.StatusCode, str]] = {}
+        self._loading: dict[tuple[str, str], Future] = {}
+        self._activation_lock = threading.Lock()
+        self._subscription = None
+        self.swaps = 0
+
+    # ------------------------------------------------------------ loading
+    def _load(self, name: str, version: str) -> Resident:
+        """Load + validate + gate one version (deduplicated); raises PackLoadError."""
+        key = (name, version)
+        with self._lock:
+            r = self._resident.get(key)
+            if r is not None and r.state in ("resident", "disabled"):
+                return r
+            if r is not None and r.state == "unloading":   # revived before it was freed
+                r.state = "resident"
+                return r
+            refused = self._refused.get(f"{name}@{version}")
+            if refused is not None:
+                raise PackLoadError(refused[0], "", refused[1])
+            fut = self._loading.get(key)
+            owner = fut is None
+            if owner:
+                fut = self._loading[key] = Future()
+        if not owner:
+            return fut.result()
+        try:
+            r = self._load_uncached(name, version)
+            with self._lock:
+                self._resident[key] = r
+                self._evict()
+            fut.set_result(r)
+            return r
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+
+    def _refuse(self, ref: str, code: grpc.StatusCode, message: str, result: str) -> PackLoadError:
+        with self._lock:
+            self._refused[ref] = (code, message)
+        self.metrics.pack_loads.labels(result).inc()
+        log.warning("pack refused", extra={"event": "pack_refused", "pack": ref, "result": result, "reason": message})
+        return PackLoadError(code, "", message)
+
+    def _load_uncached(self, name: str, version: str) -> Resident:
+        from edits_store.errors import IncompatiblePackError, MissingBetaError, PackError, PackNotFoundError
+
+        ref = f"{name}@{version}"
+        t0 = time.perf_counter()
+        try:
+            contents = self.source.load(ref, self.expect)
+            entry = contents.manifest.beta_for(self.target_fingerprint)
+        except PackNotFoundError as e:
+            self.metrics.pack_loads.labels("not_found").inc()
+            raise PackLoadError(grpc.StatusCode.NOT_FOUND, "", f"pack {ref}: {e}") from None
+        except (IncompatiblePackError, MissingBetaError) as e:
+            raise self._refuse(ref, grpc.StatusCode.FAILED_PRECONDITION, f"pack {ref} refused: {e}",
+                               "incompatible") from None
+        except PackError as e:
+            raise self._refuse(ref, grpc.StatusCode.FAILED_PRECONDITION, f"pack {ref} refused (invalid): {e}",
+                               "invalid") from None
+        edits = SenseEdits(contents.token_ids.clone(), contents.sense_ids.clone(), contents.deltas.clone())
+        eps = self.cfg.gate.epsilon
+        if eps is None:
+            eps = float(getattr(entry, "epsilon", contents.manifest.epsilon))
+        r = Resident(name, version, edits, float(entry.beta), float(eps), manifest=contents.manifest)
+        if self.gate is not None and self.cfg.gate.enabled:
+            g = self.gate(r)
+            r.gate = g
+            self.metrics.gate_ratio.labels(name, version).set(g.ratio)
+            if not g.passed:
+                raise self._refuse(ref, grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"pack {ref} refused by the ball gate: ratio {g.ratio:.6f} > 1+epsilon "
+                                   f"({1 + g.epsilon:.6f}) at beta {g.beta:g} over {g.tokens} tokens",
+                                   "refused_gate")
+        self.metrics.pack_loads.labels("ok").inc()
+        log.info("pack loaded", extra={"event": "pack_loaded", "pack": ref, "beta": r.calibrated_beta,
+                                        "gate_ratio": r.gate.ratio if r.gate else None,
+                                        "seconds": round(time.perf_counter() - t0, 4)})
+        return r
+
+    def _evict(self) -> None:
+        """Keep at most packs.max_resident versions: drop unrouted, unused ones, least recently used first."""
+        routed = {id(r) for r in self._routes.values() if r is not None}
+        over = len(self._resident) - self.cfg.packs.max_resident
+        if over <= 0:
+            return
+        victims = sorted((r for r in self._resident.values() if id(r) not in routed and r.refcount == 0),
+                         key=lambda r: r.last_used)
+        for r in victims[:over]:
+            r.state = "freed"
+            del self._resident[(r.name, r.version)]
+
+    # ------------------------------------------------------------ resolving
+    def _resolve_route(self, name: str, tag: str | None) -> tuple[bool, Resident | None, str | None]:
+        """(found, resident-or-base, alias) for a route, without loading."""
+        route = name if tag is None else f"{name}@{tag}"
+        with self._lock:
+            if route in self._routes:
+                return True, self._routes[route], tag
+            if tag is not None:
+                r = self._resident.get((name, tag))
+                if r is not None and r.state != "freed":
+                    return True, r, None
+        return False, None, tag
+
+    def resolve(self, pr: PackRequest, field_name: str | None = None) -> Resident | None:
+        """Resident for a request's pack (None: base takes over); loads on demand when configured.
+
+        On-demand loading routes only what was named: ``name`` gets the store's
+        default version as its route, ``name@alias`` its alias route,
+        ``name@version`` stays resident without a route.
+        """
+        f = (field_name or pr.field) + ".ref"
+        found, r, _ = self._resolve_route(pr.name, pr.tag)
+        if found:
+            return r
+        if not self.cfg.packs.load_on_request:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f,
+                               f"pack {pr.ref!r} is not loaded (packs.load_on_request is off)")
+        try:
+            name, version, r = self._load_ref(pr.ref)
+        except RequestError as e:
+            raise RequestError(e.code, f, e.args[0].split(": ", 1)[-1] if e.field else e.message) from None
+        if pr.tag is None:
+            self._set_routes([pr.name], r, only_if_absent=True)
+        elif pr.tag != version:
+            self._set_routes([f"{pr.name}@{pr.tag}"], r, only_if_absent=True)
+        found, r2, _ = self._resolve_route(pr.name, pr.tag)
+        return r2 if found else r
+
+    def admit(self, packs: list[PackRequest], ab_key: str = "") -> Admission:
+        """Resolve, check β, assign A/B arms and pin; raises RequestError naming the field."""
+        pins: list[Pin] = []
+        try:
+            for pr in packs:
+                for _attempt in range(3):
+                    r = self.resolve(pr)
+                    with self._lock:
+                        if r is not None and r.state == "freed":
+                            continue          # evicted between resolve and pin: resolve again
+                        if r is None or r.state == "disabled":
+                            pin = Pin(pr, None, 0.0, "base")
+                        else:
+                            beta = self._check_beta(pr, r)
+                            r.refcount += 1
+                            r.last_used = time.monotonic()
+                            pin = Pin(pr, r, beta, "pack")
+                    break
+                else:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, pr.field + ".ref",
+                                       f"pack {pr.ref!r} was unloaded while admitting the request; retry")
+                if pin.resident is not None and self.ab is not None:
+                    pin.arm, pin.in_experiment = self.ab.assign(pr.name, ab_key)
+                pins.append(pin)
+        except BaseException:
+            self._release(pins)
+            raise
+        for p in pins:
+            self.metrics.requests_by_pack.labels(p.name, p.arm).inc()
+        return Admission(self, pins)
+
+    def _check_beta(self, pr: PackRequest, r: Resident) -> float:
+        if pr.beta is None:
+            return r.calibrated_beta
+        cap = r.calibrated_beta
+        if self.cfg.packs.allow_beta_above_calibrated:
+            cap = self.cfg.packs.max_beta if self.cfg.packs.max_beta is not None else float("inf")
+        if pr.beta > cap:
+            raise invalid(pr.field + ".beta",
+                          f"{pr.beta:g} above the calibrated beta {r.calibrated_beta:g} of {r.ref} for the served model"
+                          if not self.cfg.packs.allow_beta_above_calibrated else
+                          f"{pr.beta:g} above packs.max_beta {cap:g}")
+        return float(pr.beta)
+
+    def _release(self, pins: list[Pin]) -> None:
+        with self._lock:
+            for p in pins:
+                r = p.resident
+                if r is None:
+                    continue
+                r.refcount -= 1
+                if r.refcount == 0 and r.state == "unloading":
+                    self._free(r)
+
+    def _free(self, r: Resident) -> None:
+        r.state = "freed"
+        self._resident.pop((r.name, r.version), None)
+        log.info("pack freed", extra={"event": "pack_freed", "pack": r.ref})
+
+    # ------------------------------------------------------------ activation / hot swap
+    def _load_ref(self, ref: str) -> tuple[str, str, Resident]:
+        from edits_store.errors import PackError, PackNotFoundError
+
+        try:
+            name, version = self.source.resolve(ref)
+        except PackNotFoundError as e:
+            self.metrics.pack_loads.labels("not_found").inc()
+            raise RequestError(grpc.StatusCode.NOT_FOUND, "", f"unknown pack {ref!r}: {e}") from None
+        except PackError as e:
+            raise RequestError(_status(e), "", f"pack {ref!r}: {e}") from None
+        return name, version, self._load(name, version)
+
+    def activate(self, ref: str, activate: bool = True) -> tuple[Resident, list[str]]:
+        """Load (and gate) `ref`; with activate, route ``name`` (and ``name@alias``) to it."""
+        from serve.params import parse_pack_ref
+        name, tag = parse_pack_ref(ref, "ref")
+        try:
+            _, version, r = self._load_ref(ref)
+        except RequestError as e:
+            raise RequestError(e.code, "ref", e.message) from None
+        routes: list[str] = []
+        if activate:
+            alias = tag if tag is not None and tag != version else None
+            routes = [name] + ([f"{name}@{alias}"] if alias else [])
+            self._set_routes(routes, r)
+        return r, routes
+
+    def _set_routes(self, routes: list[str], r: Resident | None, only_if_absent: bool = False) -> None:
+        with self._lock:
+            if only_if_absent:
+                routes = [x for x in routes if x not in self._routes]
+                if not routes:
+                    return
+            if r is not None and r.state in ("unloading", "disabled"):
+                if r.state == "disabled" and self.ab is not None:
+                    self.ab.reset(r.name)   # a re-enabled version starts a fresh live record
+                r.state = "resident"        # an explicit activation re-enables a version
+            for route in routes:
+                old = self._routes.get(route)
+                if old is r and route in self._routes:
+                    continue
+                if old is not None:
+                    hist = self._history.setdefault(route, [])
+                    hist.append(old)
+                    del hist[:-8]
+                self._routes[route] = r
+            self.swaps += 1
+            self._publish_routes()
+        log.info("routes updated", extra={"event": "pack_activated", "routes": routes,
+                                          "pack": r.ref if r else "base"})
+
+    def set_alias(self, name: str, alias: str, version: str) -> tuple[Resident, list[str]]:
+        """Admin hot swap: load + gate the version first, then move the store alias and the routes.
+
+        Serialized with store notifications so that the routes end equal to the store's alias.
+        """
+        r, _ = self.activate(f"{name}@{version}", activate=False)
+        with self._activation_lock:
+            self.source.set_alias(name, alias, version)
+            routes = [name, f"{name}@{alias}"]
+            self._set_routes(routes, r)
+        return r, routes
+
+    def unload(self, ref: str) -> tuple[str, str, bool]:
+        from serve.params import parse_pack_ref
+        name, tag = parse_pack_ref(ref, "ref")
+        with self._lock:
+            if tag is None:
+                r = self._routes.get(name)
+            else:
+                r = self._routes.get(f"{name}@{tag}") or self._resident.get((name, tag))
+            if r is None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, "ref", f"pack {ref!r} is not resident")
+            for route in [k for k, v in self._routes.items() if v is r]:
+                del self._routes[route]
+            for hist in self._history.values():
+                hist[:] = [h for h in hist if h is not r]
+            r.state = "unloading"
+            freed = r.refcount == 0
+            if freed:
+                self._free(r)
+            self._publish_routes()
+        log.info("pack unloaded", extra={"event": "pack_unloaded", "pack": r.ref, "freed": freed})
+        return r.name, r.version, freed
+
+    def disable(self, name: str, version: str, reason: str) -> list[str]:
+        """Take a version out of service: its routes fall back to their previous target or to base."""
+        with self._lock:
+            r = self._resident.get((name, version))
+            if r is None:
+                return []
+            r.state = "disabled"
+            moved = []
+            for route, target in list(self._routes.items()):
+                if target is not r:
+                    continue
+                hist = self._history.get(route, [])
+                fallback = BASE
+                while hist:
+                    cand = hist.pop()
+                    if cand is not r and cand.state == "resident":
+                        fallback = cand
+                        break
+                self._routes[route] = fallback
+                moved.append(f"{route}->{fallback.ref if fallback else 'base'}")
+            self._publish_routes()
+        log.error("pack disabled", extra={"event": "pack_disabled", "pack": f"{name}@{version}",
+                                           "reason": reason, "routes": moved})
+        return moved
+
+    def _publish_routes(self) -> None:
+        labels = []
+        for route, r in self._routes.items():
+            if r is None:
+                continue
+            alias = route.split("@", 1)[1] if "@" in route else ""
+            labels.append((r.name, r.version, alias))
+        self.metrics.set_active_packs(labels)
+
+    # ------------------------------------------------------------ store notifications
+    def on_store_event(self, event) -> None:
+        """An alias moved in the store: hot-swap the routes that follow it (gate first).
+
+        The alias is re-read at handling time (events can be stale when admin
+        calls move it too); a refused version leaves the routes as they are.
+        """
+        kind = getattr(event, "kind", "alias_moved")
+        name, alias = getattr(event, "name", None), getattr(event, "alias", None)
+        if kind not in ("alias_moved", "alias_removed") or not (name and alias):
+            return
+        route = f"{name}@{alias}"
+        if kind == "alias_removed":       # requests naming it get NOT_FOUND (or a fresh resolve) from now on
+            with self._lock:
+                if self._routes.pop(route, None) is not None or route in self._history:
+                    self._history.pop(route, None)
+                    self._publish_routes()
+                    log.info("route removed", extra={"event": "route_removed", "route": route})
+            return
+        with self._lock:
+            if route not in self._routes:
+                return
+        with self._activation_lock:
+            try:
+                _, version = self.source.resolve(route)
+            except Exception as e:  # alias removed meanwhile
+                log.warning("alias vanished", extra={"event": "alias_move_ignored", "route": route, "reason": str(e)})
+                return
+            with self._lock:
+                current = self._routes.get(route)
+                if current is not None and current.version == version:
+                    return
+            try:
+                r = self._load(name, version)
+            except RequestError as e:
+                log.warning("alias move refused", extra={"event": "alias_move_refused", "route": route,
+                                                         "version": version, "reason": e.message})
+                return
+            self._set_routes([name, route], r)
+
+    def subscribe(self, interval_s: float) -> None:
+        sub = getattr(self.source, "subscribe", None)
+        if sub is not None:
+            self._subscription = sub(self.on_store_event, interval_s)
+
+    def close(self) -> None:
+        if self._subscription is not None:
+            try:
+                self._subscription.close()
+            except Exception:
+                pass
+            self._subscription = None
+
+    # ------------------------------------------------------------ views
+    def routes(self) -> dict[str, Resident | None]:
+        with self._lock:
+            return dict(self._routes)
+
+    def residents(self) -> list[Resident]:
+        with self._lock:
+            return list(self._resident.values())
+
+    def refused(self) -> dict[str, str]:
+        with self._lock:
+            return {k: v[1] for k, v in self._refused.items()}
+
+    def state_of(self, r: Resident) -> str:
+        with self._lock:
+            if r.state != "resident":
+                return r.state
+            return "active" if any(v is r for v in self._routes.values()) else "resident"
+
+    def routes_of(self, r: Resident) -> list[str]:
+        with self._lock:
+            return sorted(k for k, v in self._routes.items() if v is r)
+
+
+def sticky_fraction(*parts: str) -> float:
+    h = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0 ** 64

@@ -1,0 +1,250 @@
+"""Request validation at the boundary: proto message -> one validated dataclass.
+
+Every problem raises `RequestError` with a gRPC status code and a message that
+starts with the offending field (``sampling.top_p: must lie in [0, 1], got 1.5``).
+Pack references are checked for syntax here; resolving them (NOT_FOUND,
+FAILED_PRECONDITION, β range) is the pack manager's job.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import grpc
+
+from ensemble.vocab import EOS_TOKEN_ID, SHARED_VOCAB
+from proto import pb
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_TAG = r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}"
+PACK_REF_RE = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<tag>{_TAG}))?$")
+MAX_REQUEST_ID = 256
+MAX_TEXT_CHARS = 1_000_000
+
+
+class RequestError(Exception):
+    """A request the server refuses; `code` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}" if field_name else message)
+        self.code = code
+        self.field = field_name
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+def invalid(field_name: str, message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, field_name, message)
+
+
+@dataclass(frozen=True)
+class PackRequest:
+    ref: str
+    name: str
+    tag: str | None          # version or alias; None: the active version
+    beta: float | None
+    field: str               # "packs[0]" for error messages
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    packs: list[PackRequest]
+    base_only: bool = False
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    stop_sequences: list[str] = field(default_factory=list)
+    include_stop_sequence: bool = False
+    ignore_eos: bool = False
+    want_tokens: bool = False
+    want_logprobs: bool = False
+    top_n: int = 0
+    want_input_tokens: bool = False
+    ab_key: str = ""
+    input_field: str = "text"
+
+
+@dataclass
+class ScoreRequest:
+    request_id: str
+    prefix_ids: list[int]
+    continuations: list[list[int]]
+    packs: list[PackRequest]
+    include_base: bool
+
+
+def _finite(field_name: str, x: float) -> float:
+    if not math.isfinite(x):
+        raise invalid(field_name, f"must be a finite number, got {x}")
+    return float(x)
+
+
+def parse_pack_ref(ref: str, field_name: str = "ref") -> tuple[str, str | None]:
+    if not ref:
+        raise invalid(field_name, "empty pack reference (expected name, name@version or name@alias)")
+    m = PACK_REF_RE.match(ref)
+    if not m:
+        raise invalid(field_name, f"malformed pack reference {ref!r} (expected name, name@version or name@alias)")
+    return m.group("name"), m.group("tag")
+
+
+def parse_packs(specs, limits, base_only: bool = False, prefix: str = "packs") -> list[PackRequest]:
+    specs = list(specs)
+    if base_only and specs:
+        raise invalid("base_only", f"base_only excludes packs, but {len(specs)} pack(s) are named")
+    if len(specs) > limits.max_packs_per_request:
+        raise invalid(prefix, f"{len(specs)} packs named, limit {limits.max_packs_per_request}")
+    out, seen = [], set()
+    for i, spec in enumerate(specs):
+        f = f"{prefix}[{i}]"
+        name, tag = parse_pack_ref(spec.ref, f + ".ref")
+        if name in seen:
+            raise invalid(f + ".ref", f"pack {name!r} is named twice")
+        seen.add(name)
+        beta = None
+        if spec.HasField("beta"):
+            beta = _finite(f + ".beta", spec.beta)
+            if beta < 0:
+                raise invalid(f + ".beta", f"must be >= 0, got {beta}")
+        out.append(PackRequest(spec.ref, name, tag, beta, f))
+    return out
+
+
+def _check_ids(ids, field_name: str, max_len: int, what: str) -> list[int]:
+    ids = list(ids)
+    if not ids:
+        raise invalid(field_name, f"empty {what}")
+    if len(ids) > max_len:
+        raise invalid(field_name, f"{what} has {len(ids)} tokens, limit {max_len}")
+    for i, t in enumerate(ids):
+        if t < 0 or t >= SHARED_VOCAB:
+            raise invalid(f"{field_name}[{i}]", f"token id {t} outside the shared vocabulary [0, {SHARED_VOCAB})")
+    return ids
+
+
+def _tokenize_text(tokenizer, text: str, field_name: str, max_len: int, what: str) -> list[int]:
+    if not text:
+        raise invalid(field_name, f"empty {what}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise invalid(field_name, f"{what} has {len(text)} characters, limit {MAX_TEXT_CHARS}")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise invalid(field_name, f"{what} tokenizes to no tokens")
+    if len(ids) > max_len:
+        raise invalid(field_name, f"{what} has {len(ids)} tokens, limit {max_len}")
+    return list(ids)
+
+
+def _request_id(rid: str) -> str:
+    if len(rid) > MAX_REQUEST_ID:
+        raise invalid("request_id", f"longer than {MAX_REQUEST_ID} characters")
+    return rid
+
+
+def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int) -> GenerationRequest:
+    rid = _request_id(req.request_id)
+    which = req.WhichOneof("input")
+    if which is None:
+        raise invalid("input", "a prompt is required: set text or token_ids")
+    if which == "text":
+        prompt = _tokenize_text(tokenizer, req.text, "text", limits.max_prompt_tokens, "prompt")
+    else:
+        prompt = _check_ids(req.token_ids.ids, "token_ids.ids", limits.max_prompt_tokens, "prompt")
+
+    s, st, ro = req.sampling, req.stopping, req.response
+    if s.method not in (pb.GREEDY, pb.SAMPLE):
+        raise invalid("sampling.method", f"unknown decoding method {s.method}")
+    greedy = s.method == pb.GREEDY
+    temperature = _finite("sampling.temperature", s.temperature)
+    if temperature < 0 or temperature > limits.max_temperature:
+        raise invalid("sampling.temperature", f"must lie in [0, {limits.max_temperature}], got {temperature}")
+    if not greedy and temperature == 0:
+        temperature = 1.0
+    if s.top_k < 0 or s.top_k > SHARED_VOCAB:
+        raise invalid("sampling.top_k", f"must lie in [0, {SHARED_VOCAB}], got {s.top_k}")
+    top_p = _finite("sampling.top_p", s.top_p)
+    if top_p < 0 or top_p > 1:
+        raise invalid("sampling.top_p", f"must lie in [0, 1], got {top_p}")
+    seed = None
+    if s.HasField("seed"):
+        if s.seed < 0:
+            raise invalid("sampling.seed", f"must be >= 0, got {s.seed}")
+        seed = int(s.seed)
+
+    if st.max_new_tokens < 0:
+        raise invalid("stopping.max_new_tokens", f"must be >= 0, got {st.max_new_tokens}")
+    max_new = st.max_new_tokens or limits.default_max_new_tokens
+    if max_new > limits.max_new_tokens:
+        raise invalid("stopping.max_new_tokens", f"{max_new} above the limit {limits.max_new_tokens}")
+    if len(prompt) + max_new > context_len:
+        raise invalid("stopping.max_new_tokens",
+                      f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the model context ({context_len})")
+    if st.min_new_tokens < 0 or st.min_new_tokens > max_new:
+        raise invalid("stopping.min_new_tokens", f"must lie in [0, max_new_tokens={max_new}], got {st.min_new_tokens}")
+    stops = list(st.stop_sequences)
+    if len(stops) > limits.max_stop_sequences:
+        raise invalid("stopping.stop_sequences", f"{len(stops)} given, limit {limits.max_stop_sequences}")
+    for i, seq in enumerate(stops):
+        if not seq:
+            raise invalid(f"stopping.stop_sequences[{i}]", "empty stop sequence")
+        if len(seq) > limits.max_stop_sequence_chars:
+            raise invalid(f"stopping.stop_sequences[{i}]", f"longer than {limits.max_stop_sequence_chars} characters")
+    if ro.top_n_tokens < 0 or ro.top_n_tokens > limits.max_top_n_tokens:
+        raise invalid("response.top_n_tokens", f"must lie in [0, {limits.max_top_n_tokens}], got {ro.top_n_tokens}")
+
+    packs = parse_packs(req.packs, limits, req.base_only)
+    if len(req.ab_key) > MAX_REQUEST_ID:
+        raise invalid("ab_key", f"longer than {MAX_REQUEST_ID} characters")
+    return GenerationRequest(
+        request_id=rid, prompt_ids=prompt, packs=packs, base_only=req.base_only,
+        greedy=greedy, temperature=temperature if not greedy else 1.0, top_k=int(s.top_k),
+        top_p=top_p if top_p > 0 else 1.0, seed=seed,
+        max_new_tokens=max_new, min_new_tokens=st.min_new_tokens, stop_sequences=stops,
+        include_stop_sequence=st.include_stop_sequence, ignore_eos=st.ignore_eos,
+        want_tokens=ro.generated_tokens or ro.token_logprobs or ro.top_n_tokens > 0,
+        want_logprobs=ro.token_logprobs, top_n=ro.top_n_tokens, want_input_tokens=ro.input_tokens,
+        ab_key=req.ab_key or rid, input_field=which,
+    )
+
+
+def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int) -> ScoreRequest:
+    rid = _request_id(req.request_id)
+    which = req.WhichOneof("prefix")
+    if which is None:
+        raise invalid("prefix", "a prefix is required: set prefix_text or prefix_token_ids")
+    if which == "prefix_text":
+        prefix = _tokenize_text(tokenizer, req.prefix_text, "prefix_text", limits.max_prompt_tokens, "prefix")
+    else:
+        prefix = _check_ids(req.prefix_token_ids.ids, "prefix_token_ids.ids", limits.max_prompt_tokens, "prefix")
+    if not req.continuations:
+        raise invalid("continuations", "at least one continuation is required")
+    if len(req.continuations) > limits.max_continuations:
+        raise invalid("continuations", f"{len(req.continuations)} given, limit {limits.max_continuations}")
+    conts = []
+    room = context_len - len(prefix)
+    for i, c in enumerate(req.continuations):
+        kind = c.WhichOneof("value")
+        f = f"continuations[{i}]"
+        if kind is None:
+            raise invalid(f, "set text or token_ids")
+        if kind == "text":
+            ids = _tokenize_text(tokenizer, c.text, f + ".text", max(room, 1), "continuation")
+        else:
+            ids = _check_ids(c.token_ids.ids, f + ".token_ids.ids", max(room, 1), "continuation")
+        if len(prefix) + len(ids) > context_len:
+            raise invalid(f, f"prefix + continuation ({len(prefix) + len(ids)} tokens) exceeds the model context ({context_len})")
+        conts.append(ids)
+    packs = parse_packs(req.packs, limits)
+    return ScoreRequest(rid, prefix, conts, packs, include_base=req.include_base or not packs)
+
+
+EOS = EOS_TOKEN_ID
