@@ -7,6 +7,8 @@ FAILED_PRECONDITION, β range) is the pack manager's job.
 """
 from __future__ import annotations
 
+import uuid
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -145,9 +147,10 @@ def _tokenize_text(tokenizer, text: str, field_name: str, max_len: int, what: st
 
 
 def _request_id(rid: str) -> str:
+    """The client's id, or a fresh one: every request needs a key for logs and the A/B split."""
     if len(rid) > MAX_REQUEST_ID:
         raise invalid("request_id", f"longer than {MAX_REQUEST_ID} characters")
-    return rid
+    return rid or uuid.uuid4().hex
 
 
 def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int) -> GenerationRequest:

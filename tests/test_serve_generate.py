@@ -225,3 +225,17 @@ def test_health_and_reflection(env):
     resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in resp.list_services_response.service}
     assert {"sensepack.v1.GenerationService", "sensepack.v1.PackAdmin", "grpc.health.v1.Health"} <= names
+
+
+def test_requests_without_an_id_get_a_fresh_one(env):
+    """The id keys logs and the sticky A/B split: an empty client id must not put every request in one arm."""
+    stub = env["stub"]
+    ids = set()
+    for _ in range(3):
+        req = build_generate_request("The capital of France is", packs=["capitals@prod"], max_new_tokens=1)
+        resp = stub.Generate(req, timeout=60)
+        assert resp.request_id
+        ids.add(resp.request_id)
+    assert len(ids) == 3
+    req = build_generate_request("Hi", max_new_tokens=1, request_id="mine-1")
+    assert stub.Generate(req, timeout=60).request_id == "mine-1"
