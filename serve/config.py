@@ -137,7 +137,24 @@ class LoggingConfig(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class VLLMSection(_Section):
+    """engine: vllm (docs/vllm.md). Fields map to vllm.EngineArgs (serve.vllm.engine.engine_args_from_config)."""
+    model: Optional[str] = None            # what vLLM loads; None: model.large_model
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: Optional[int] = Field(None, ge=1)
+    max_num_seqs: Optional[int] = Field(None, ge=1)   # None: limits.max_running
+    enforce_eager: bool = False
+    seed: int = 0
+    multiprocessing: bool = True           # False: vLLM's engine core in the server process (one rank)
+    model_runner: Literal["auto", "v1", "v2"] = "auto"
+    engine_args: Optional[dict] = None     # any other vllm.EngineArgs fields
+
+
 class Config(_Section):
+    engine: Literal["embedded", "vllm"] = "embedded"
+    vllm: VLLMSection = Field(default_factory=VLLMSection)
     model: ModelConfig = Field(default_factory=ModelConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     tls: TLSConfig = Field(default_factory=TLSConfig)
@@ -153,6 +170,10 @@ class Config(_Section):
     def _cross(self):
         if self.model.profile == "pretrained" and self.store.uri is None:
             raise ValueError("store.uri is required with model.profile: pretrained")
+        if self.engine == "vllm" and self.model.profile == "demo" and (
+                self.vllm.model is None or self.vllm.multiprocessing or self.vllm.tensor_parallel_size > 1):
+            raise ValueError("engine: vllm with model.profile: demo needs vllm.model (a folder vLLM can load), "
+                             "vllm.multiprocessing: false and vllm.tensor_parallel_size: 1")
         return self
 
 

@@ -387,17 +387,34 @@ class SensepackServer:
         self.tokenizer = self.served.tokenizer
         self.context_len = int(self.ensemble.context_limit)
         self.metrics = Metrics()
-        self.engine = eng.Engine(self.ensemble, self.tokenizer, config.limits, self.metrics,
-                                 lane_every_steps=config.ab.lane_every_steps)
+        if config.engine == "vllm":
+            from serve.vllm.engine import VLLMEngine
+
+            self.engine = VLLMEngine({}, self.tokenizer, config.limits, self.metrics,
+                                     backpack=self.ensemble.backpack, ensemble=self.ensemble,
+                                     lane_every_steps=config.ab.lane_every_steps,
+                                     v2_model_runner={"auto": None, "v1": False, "v2": True}[config.vllm.model_runner],
+                                     in_process=not config.vllm.multiprocessing)
+        else:
+            self.engine = eng.Engine(self.ensemble, self.tokenizer, config.limits, self.metrics,
+                                     lane_every_steps=config.ab.lane_every_steps)
         if config.store.uri is None and self.served.demo_pack is None:
             raise ValueError("store.uri is required unless the demo profile provides its pack")
         self.store, self.store_uri, self._temp_store = open_pack_store(config.store, self.served)
+        if config.engine == "vllm":
+            from serve.vllm.engine import engine_args_from_config
+
+            self.engine.engine_args = engine_args_from_config(config, self.store_uri)
         self.gate = Gate(self.engine, self.ensemble, self.tokenizer, config.gate) if config.gate.enabled else None
         self.monitor = LiveMonitor(config.ab, self.metrics, self.engine, self.ensemble) if config.ab.enabled else None
         self.packs = PackManager(self.store, expectations(self.served), self.ensemble.large_fingerprint(), config,
                                  self.metrics, gate=self.gate, ab=self.monitor)
         if self.monitor is not None:
             self.monitor.manager = self.packs
+        if config.engine == "vllm":
+            from serve.vllm.resolver import PackManagerSource
+
+            self.engine.pack_source = PackManagerSource(self.packs)   # pinned versions reach the processor
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._grpc: grpc.Server | None = None
         self._http = None
@@ -414,7 +431,7 @@ class SensepackServer:
         large, bp = ens.large, ens.backpack
         p0 = next(large.parameters())
         resp = pb.ModelInfoResponse(tokenizer_fingerprint=self._tok_fp, shared_vocab_size=SHARED_VOCAB,
-                                    eos_token_id=EOS_TOKEN_ID, engine="embedded-transformers",
+                                    eos_token_id=EOS_TOKEN_ID, engine="vllm" if self.cfg.engine == "vllm" else "embedded-transformers",
                                     server_version=SERVER_VERSION)
         resp.models.add(role="large", name=self.served.large_name, fingerprint=ens.large_fingerprint(),
                         architecture=type(large).__name__,

@@ -1,0 +1,123 @@
+"""The per-request arguments the processor reads from ``SamplingParams.extra_args``.
+
+    extra_args = {"sensepack": {"packs": [{"name": "capitals", "version": "3f2a...", "beta": 1.0}, ...],
+                                "base_only": False}}
+
+The server resolves each request's pack refs to pinned (name, version, β) at admission (pack
+manager, same pinning rules as the embedded engine) and sends only these plain values: extra_args
+crosses a msgpack boundary (frontend -> engine core), so no tensors. A request without the
+"sensepack" key, or with ``base_only: true`` or no packs, is served by the large model alone
+(exact skip). Validation raises ``ArgsError`` (a ValueError) naming the offending field; the
+shims re-raise it as vLLM's validation error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+KEY = "sensepack"
+_TOP_FIELDS = {"packs", "base_only", "request_id"}
+_PACK_FIELDS = {"name", "version", "beta"}
+
+
+class ArgsError(ValueError):
+    def __init__(self, field: str, message: str, value=None):
+        super().__init__(f"extra_args.{field}: {message}")
+        self.field = f"extra_args.{field}"
+        self.value = value
+
+
+@dataclass(frozen=True)
+class PinnedPack:
+    name: str
+    version: str
+    beta: float
+
+    @property
+    def key(self) -> tuple[str, str, float]:
+        return (self.name, self.version, float(self.beta))   # == ensemble.edits.PackRef.key
+
+
+@dataclass(frozen=True)
+class RequestPacks:
+    packs: tuple[PinnedPack, ...]
+    request_id: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        """== ensemble.ensemble.pack_key: requests with the same pinned packs share one edit table."""
+        return tuple(sorted(p.key for p in self.packs))
+
+    @property
+    def edits_anything(self) -> bool:
+        return any(p.beta != 0.0 for p in self.packs)
+
+
+def build_extra_args(packs, base_only: bool = False, request_id: str | None = None) -> dict:
+    """extra_args for a request: `packs` are PackRef-like (name, version, beta) objects or dicts."""
+    out = []
+    for p in packs:
+        if isinstance(p, dict):
+            out.append({"name": str(p["name"]), "version": str(p["version"]), "beta": float(p["beta"])})
+        else:
+            out.append({"name": str(p.name), "version": str(p.version), "beta": float(p.beta)})
+    body = {"packs": out, "base_only": bool(base_only)}
+    if request_id is not None:
+        body["request_id"] = str(request_id)
+    return {KEY: body}
+
+
+def parse_extra_args(extra_args) -> RequestPacks | None:
+    """Validate and parse; None when the request carries no edits (base model alone)."""
+    if extra_args is None:
+        return None
+    if not isinstance(extra_args, dict):
+        raise ArgsError("", f"must be a mapping, got {type(extra_args).__name__}", extra_args)
+    if KEY not in extra_args:
+        return None
+    body = extra_args[KEY]
+    if body is None:
+        return None
+    if not isinstance(body, dict):
+        raise ArgsError(KEY, f"must be a mapping, got {type(body).__name__}", body)
+    unknown = sorted(set(body) - _TOP_FIELDS)
+    if unknown:
+        raise ArgsError(f"{KEY}.{unknown[0]}", f"unknown field (allowed: {sorted(_TOP_FIELDS)})", body[unknown[0]])
+    base_only = body.get("base_only", False)
+    if not isinstance(base_only, bool):
+        raise ArgsError(f"{KEY}.base_only", f"must be a bool, got {base_only!r}", base_only)
+    rid = body.get("request_id")
+    if rid is not None and not isinstance(rid, str):
+        raise ArgsError(f"{KEY}.request_id", f"must be a string, got {rid!r}", rid)
+    packs = body.get("packs", [])
+    if not isinstance(packs, (list, tuple)):
+        raise ArgsError(f"{KEY}.packs", f"must be a list, got {type(packs).__name__}", packs)
+    if base_only and packs:
+        raise ArgsError(f"{KEY}.base_only", "true together with a non-empty packs list", base_only)
+    parsed: list[PinnedPack] = []
+    seen = set()
+    for i, p in enumerate(packs):
+        f = f"{KEY}.packs[{i}]"
+        if not isinstance(p, dict):
+            raise ArgsError(f, f"must be a mapping with name, version, beta; got {type(p).__name__}", p)
+        unknown = sorted(set(p) - _PACK_FIELDS)
+        if unknown:
+            raise ArgsError(f"{f}.{unknown[0]}", "unknown field (allowed: beta, name, version)", p[unknown[0]])
+        for name in ("name", "version"):
+            v = p.get(name)
+            if not isinstance(v, str) or not v or "@" in v or v != v.strip():
+                raise ArgsError(f"{f}.{name}", f"must be a non-empty string without '@' or surrounding spaces, "
+                                             f"got {v!r}", v)
+        beta = p.get("beta")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise ArgsError(f"{f}.beta", f"must be a number, got {beta!r}", beta)
+        beta = float(beta)
+        if not math.isfinite(beta) or beta < 0:
+            raise ArgsError(f"{f}.beta", f"must be finite and >= 0, got {beta!r}", beta)
+        if (p["name"], p["version"]) in seen:
+            raise ArgsError(f"{f}.name", f"pack {p['name']}@{p['version']} named twice", p["name"])
+        seen.add((p["name"], p["version"]))
+        parsed.append(PinnedPack(p["name"], p["version"], beta))
+    if base_only or not parsed:
+        return None
+    return RequestPacks(tuple(parsed), rid)

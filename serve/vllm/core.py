@@ -1,0 +1,226 @@
+"""EnsembleLogitsCore: the one piece of ensemble logic both vLLM shims share.
+
+It maps vLLM's batch rows (V1: persistent-batch indices; V2: request slots) to sequences of an
+``ensemble.delta.DeltaTracker`` (per-sequence incremental Backpack state with exact skip) and
+adds β·E·δ to the logits in place:
+
+    logits[rows, :50257] += deltas        (one batched op on the logits' device)
+    logits[:, 50257:]     = -inf          (never sample a padding id, base rows included)
+
+Rows whose request carries no edited token get exact zeros (the tracker's exact skip), and when
+*no* tracked row is active the logits are not touched at all beyond the padding mask, so base
+rows are bit-identical to the large model restricted to the shared vocabulary.
+
+Bookkeeping (V1 ``BatchUpdate`` semantics, processed in the order removed, added, moved):
+  removed i         -> the row's sequence leaves the tracker
+  added (i, ...)    -> a previous occupant of row i leaves; a fresh tracker sequence is created from
+                       the prompt ids (a re-added / preempted request arrives with a non-empty output
+                       list: its tokens are synced at the next apply, like any other new tokens)
+  moved a->b (UNI)  -> b's occupant (if any) leaves (implied finish), a's state moves to b
+  moved a<->b SWAP  -> the two states swap
+No tracker work happens on a move or swap. Output tokens are read from vLLM's live lists in
+``sync`` (called from ``apply``: under async scheduling the lists hold -1 placeholders during
+``update_state`` and are only final when the sampler runs).
+
+This module imports no vLLM: the bookkeeping is unit-tested in the main CI against a stand-in of
+``BatchUpdate`` (and against vLLM's own types where vLLM is installed).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ensemble.delta import DeltaTracker
+from ensemble.edits import PackRef, SenseEdits, combine_packs
+from ensemble.vocab import SHARED_VOCAB
+
+from .args import RequestPacks
+
+log = logging.getLogger("sensepack.vllm")
+
+
+@dataclass
+class _Row:
+    sid: int                   # tracker sequence id (unique per add; rows are recycled)
+    output_ids: list | None    # vLLM's live output-token list (V1), None for V2 (tokens pushed)
+    seen: int = 0              # output tokens already fed to the tracker
+    key: tuple = ()
+
+
+@dataclass
+class CoreStats:
+    applies: int = 0           # apply() calls
+    skipped: int = 0           # apply() calls that left the shared-vocab logits untouched
+    delta_applies: int = 0     # apply() calls that added a delta
+    rows_added: int = 0
+    prompt_missing: int = 0    # requests with prompt embeddings (no ids): served by the base model
+    pack_unavailable: int = 0  # pinned pack not found by the resolver (must stay 0)
+
+
+@dataclass
+class EnsembleLogitsCore:
+    backpack: object
+    source: object                       # resolver.PackSource
+    window_keep: int | None = None
+    mask_padding: bool = True
+    max_combined: int = 256
+    stats: CoreStats = field(default_factory=CoreStats)
+
+    def __post_init__(self) -> None:
+        self.tracker = DeltaTracker(self.backpack, window_keep=self.window_keep)
+        self.d = self.backpack.config.n_embd
+        self.rows: dict[int, _Row] = {}
+        self._sids = itertools.count()
+        self._combined: dict[tuple, SenseEdits] = {}
+        self._layout = None              # cached (rows, sids, index tensor or None, dense count)
+
+    # ------------------------------------------------------------ packs
+    def edits_for(self, req: RequestPacks) -> tuple[tuple, SenseEdits]:
+        key = req.key
+        if key not in self._combined:
+            if len(self._combined) >= self.max_combined:
+                self._combined.clear()
+            refs = [PackRef(p.name, p.version, self.source.edits(p.name, p.version), p.beta) for p in req.packs]
+            self._combined[key] = combine_packs(refs, self.d)
+        return key, self._combined[key]
+
+    # ------------------------------------------------------------ bookkeeping
+    def add(self, row: int, req: RequestPacks | None, prompt_ids, output_ids: list | None) -> bool:
+        """A request enters `row` (replacing any previous occupant); True when it may edit logits."""
+        self.drop(row)
+        if req is None:
+            return False
+        if prompt_ids is None:
+            self.stats.prompt_missing += 1
+            log.warning("sensepack: request without prompt token ids (prompt embeddings) is served by the "
+                        "base model", extra={"event": "vllm_prompt_embeds"})
+            return False
+        try:
+            key, edits = self.edits_for(req)
+        except KeyError as e:          # resolver.PackUnavailable: the server pins before submitting
+            self.stats.pack_unavailable += 1
+            log.error("sensepack: pinned pack unavailable in the processor; row served by the base model: %s", e,
+                      extra={"event": "vllm_pack_unavailable"})
+            return False
+        if len(edits) == 0:
+            return False
+        sid = next(self._sids)
+        self.tracker.add(sid, list(prompt_ids), edits, key=key)
+        self.rows[row] = _Row(sid, output_ids, 0, key)
+        self.stats.rows_added += 1
+        self._layout = None
+        return True
+
+    def drop(self, row: int) -> None:
+        r = self.rows.pop(row, None)
+        if r is not None:
+            self.tracker.remove(r.sid)
+            self._layout = None
+
+    def move(self, a: int, b: int) -> None:
+        """One-way a -> b: b's previous occupant is gone (implied finish)."""
+        self.drop(b)
+        r = self.rows.pop(a, None)
+        if r is not None:
+            self.rows[b] = r
+            self._layout = None
+
+    def swap(self, a: int, b: int) -> None:
+        ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+        if ra is not None:
+            self.rows[b] = ra
+        if rb is not None:
+            self.rows[a] = rb
+        if ra is not None or rb is not None:
+            self._layout = None
+
+    def update(self, batch_update, parse) -> None:
+        """Apply a V1 ``BatchUpdate`` (or a stand-in with .removed/.added/.moved); `parse(params)`
+        gives the request's RequestPacks or None."""
+        if not batch_update:
+            return
+        for i in batch_update.removed:
+            self.drop(i)
+        for i, params, prompt_ids, output_ids in batch_update.added:
+            self.add(i, parse(params), prompt_ids, output_ids)
+        for a, b, direction in batch_update.moved:
+            if getattr(direction, "name", direction) == "SWAP":
+                self.swap(a, b)
+            else:
+                self.move(a, b)
+
+    def push_tokens(self, row: int, tokens) -> None:
+        """V2: feed tokens read from the runner's history (no live list to read)."""
+        r = self.rows[row]
+        for t in tokens:
+            self.tracker.append(r.sid, int(t))
+            r.seen += 1
+
+    def sync(self) -> None:
+        """V1: feed the tokens appended to each live output list since the last apply.
+
+        This loop is the only per-row Python in apply and it is unavoidable: vLLM hands the
+        processor Python lists. A negative id is an async-scheduling placeholder: stop there.
+        """
+        append = self.tracker.append
+        for r in self.rows.values():
+            out = r.output_ids
+            if out is None:
+                continue
+            n = len(out)
+            while r.seen < n:
+                t = out[r.seen]
+                if t < 0:
+                    break
+                append(r.sid, t)
+                r.seen += 1
+
+    # ------------------------------------------------------------ the step
+    def _rows_layout(self, device):
+        if self._layout is None or self._layout[3] != device:
+            rows = sorted(self.rows)
+            sids = [self.rows[i].sid for i in rows]
+            dense = rows == list(range(len(rows)))
+            index = None if dense else torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+            self._layout = (rows, sids, index, device)
+        return self._layout
+
+    @torch.no_grad()
+    def add_deltas(self, logits: torch.Tensor, rows: list[int] | None = None,
+                   sids: list[int] | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """logits[rows, :50257] += E·δ (in place, one op); logits[:, 50257:] = -inf.
+
+        Default rows: every tracked row (V1, rows are logits rows). V2 passes its own
+        (logits rows, tracker ids, index tensor) for this step's order.
+        """
+        self.stats.applies += 1
+        if self.mask_padding and logits.shape[-1] > SHARED_VOCAB:
+            logits[:, SHARED_VOCAB:] = float("-inf")
+        if rows is None:
+            if not self.rows:
+                self.stats.skipped += 1
+                return logits
+            rows, sids, index, _ = self._rows_layout(logits.device)
+            if rows[-1] >= logits.shape[0]:    # defensive: a tracked row beyond this step's logits
+                keep = [k for k, r in enumerate(rows) if r < logits.shape[0]]
+                rows, sids = [rows[k] for k in keep], [sids[k] for k in keep]
+                index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+        if not sids:
+            self.stats.skipped += 1
+            return logits
+        st = self.tracker.stats
+        before = st.exact_skip_rows
+        deltas, _active = self.tracker.logit_deltas(sids)
+        if st.exact_skip_rows - before == len(sids):   # no row carries an edited token: exact skip
+            self.stats.skipped += 1
+            return logits
+        deltas = deltas.to(device=logits.device, dtype=logits.dtype, non_blocking=True)
+        if index is None:                      # rows are 0..n-1
+            logits[: len(sids), :SHARED_VOCAB] += deltas
+        else:
+            logits[:, :SHARED_VOCAB].index_add_(0, index, deltas)
+        self.stats.delta_applies += 1
+        return logits

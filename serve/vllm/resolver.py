@@ -1,0 +1,142 @@
+"""Where the processor (which may live in vLLM's engine-core / worker process) finds the
+Backpack and the pinned packs' edits.
+
+* **In-process** (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the uni executor): the server fills
+  ``REGISTRY`` before the engine starts: the Backpack object and a pack source, normally
+  ``PackManagerSource(pack_manager)`` (the manager's resident versions keyed by (name, version)).
+  A request pins its versions at admission, so they stay resident while its row lives.
+* **Multi-process / multi-node** (mp executor, tensor parallelism): every worker loads the
+  Backpack folder and reads ``name@version`` from the same edits store, both named in
+  ``LLM(additional_config={"sensepack": {"backpack": PATH, "store": URL, "dtype": "float32"}})``
+  or the env vars ``SENSEPACK_VLLM_BACKPACK`` / ``SENSEPACK_VLLM_STORE`` / ``SENSEPACK_VLLM_DTYPE``.
+  Pack versions are immutable (content-hashed), so a worker reading the store sees exactly
+  what the server pinned.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from collections import OrderedDict
+from typing import Protocol
+
+import torch
+
+from ensemble.edits import SenseEdits
+
+
+class PackSource(Protocol):
+    def edits(self, name: str, version: str) -> SenseEdits: ...
+
+
+class PackUnavailable(KeyError):
+    pass
+
+
+class DictSource:
+    """A plain {(name, version): SenseEdits} table (tests, scripts)."""
+
+    def __init__(self, table: dict | None = None):
+        self.table = dict(table or {})
+
+    def put(self, name: str, version: str, edits: SenseEdits) -> None:
+        self.table[(name, version)] = edits
+
+    def edits(self, name: str, version: str) -> SenseEdits:
+        try:
+            return self.table[(name, version)]
+        except KeyError:
+            raise PackUnavailable(f"pack {name}@{version} is not in the registry") from None
+
+
+class PackManagerSource:
+    """The embedded engine's pack manager (serve.packs.PackManager): resident versions by (name, version)."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def edits(self, name: str, version: str) -> SenseEdits:
+        for r in self.manager.residents():
+            if r.name == name and r.version == version and r.state != "freed":
+                return r.edits
+        raise PackUnavailable(f"pack {name}@{version} is not resident in the pack manager")
+
+
+class StoreSource:
+    """Reads immutable pack versions from an edits store URL (LRU-cached)."""
+
+    def __init__(self, url: str, max_cached: int = 64):
+        from edits_store import open_store
+
+        self.store = open_store(url)
+        self.max_cached = max_cached
+        self._cache: OrderedDict[tuple[str, str], SenseEdits] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def edits(self, name: str, version: str) -> SenseEdits:
+        key = (name, version)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        try:
+            c = self.store.load(f"{name}@{version}")
+        except Exception as e:  # PackNotFoundError, validation errors
+            raise PackUnavailable(f"pack {name}@{version}: {e}") from None
+        edits = SenseEdits(c.token_ids, c.sense_ids, c.deltas)
+        with self._lock:
+            self._cache[key] = edits
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        return edits
+
+
+class Registry:
+    """Process-global: what an in-process server hands to the processors vLLM builds."""
+
+    def __init__(self):
+        self.backpack = None
+        self.source: PackSource | None = None
+        self.window_keep: int | None = None
+        self.processors: list = []     # live shim instances (hot-path stats, tests)
+
+    def configure(self, backpack, source: PackSource, window_keep: int | None = None) -> None:
+        self.backpack, self.source, self.window_keep = backpack, source, window_keep
+
+    def clear(self) -> None:
+        self.backpack, self.source, self.window_keep = None, None, None
+        self.processors = []
+
+
+REGISTRY = Registry()
+
+
+def _sensepack_config(vllm_config) -> dict:
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    cfg = dict(extra.get("sensepack", {}) if isinstance(extra, dict) else {})
+    for key, env in (("backpack", "SENSEPACK_VLLM_BACKPACK"), ("store", "SENSEPACK_VLLM_STORE"),
+                     ("dtype", "SENSEPACK_VLLM_DTYPE")):
+        if not cfg.get(key) and os.environ.get(env):
+            cfg[key] = os.environ[env]
+    return cfg
+
+
+def resolve_components(vllm_config, device) -> tuple[object, PackSource, int | None]:
+    """(backpack on `device`, pack source, window_keep) for a processor instance."""
+    device = torch.device(device)
+    if REGISTRY.backpack is not None and REGISTRY.source is not None:
+        bp = REGISTRY.backpack
+        if bp.embedding.device != device:
+            bp = copy.deepcopy(bp).to(device)     # e.g. one copy per rank under TP in one process
+        return bp.eval(), REGISTRY.source, REGISTRY.window_keep
+    cfg = _sensepack_config(vllm_config)
+    if not cfg.get("backpack") or not cfg.get("store"):
+        raise RuntimeError(
+            "sensepack processor: no Backpack/pack source. In-process, fill serve.vllm.resolver.REGISTRY "
+            "before starting vLLM; otherwise pass additional_config={'sensepack': {'backpack': PATH, "
+            "'store': URL}} (or SENSEPACK_VLLM_BACKPACK / SENSEPACK_VLLM_STORE)")
+    from ensemble.backpack import BackpackLM
+    from ensemble.large_model import parse_dtype
+
+    bp = BackpackLM.from_pretrained(cfg["backpack"], dtype=parse_dtype(cfg.get("dtype") or "float32"))
+    return bp.to(device).eval(), StoreSource(cfg["store"]), cfg.get("window_keep")

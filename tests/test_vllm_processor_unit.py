@@ -1,0 +1,305 @@
+"""Batch bookkeeping of the sensepack vLLM processor core (adds, removes, moves, swaps, re-adds).
+
+Runs in every venv: against vLLM's own `BatchUpdate` / `MoveDirectionality` when vLLM imports,
+against a stand-in of the same shape otherwise. After every step the logits the core produces are
+checked against an independent expectation: the teacher-forced delta of each row's full token
+sequence (`ensemble.delta.sequence_deltas` on a full-sequence α), and exact equality for rows
+that carry no edited token.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import pytest
+import torch
+
+from ensemble.delta import sequence_deltas
+from ensemble.demo import tiny_backpack
+from ensemble.edits import PackRef, combine_packs
+from ensemble.vocab import SHARED_VOCAB
+from serve.vllm.args import ArgsError, build_extra_args, parse_extra_args
+from serve.vllm.core import EnsembleLogitsCore
+from serve.vllm.resolver import DictSource
+from serve.vllm.testing import random_pack
+
+try:
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+    USING_VLLM = True
+except Exception:  # main CI: a stand-in of the same shape
+    USING_VLLM = False
+
+    class MoveDirectionality(enum.Enum):
+        UNIDIRECTIONAL = enum.auto()
+        SWAP = enum.auto()
+
+    @dataclass(frozen=True)
+    class BatchUpdate:
+        batch_size: int
+        removed: Sequence[int]
+        added: Sequence[tuple]
+        moved: Sequence[tuple]
+
+UNI, SWAP = MoveDirectionality.UNIDIRECTIONAL, MoveDirectionality.SWAP
+VOCAB = 50400
+
+
+@dataclass
+class Params:            # what the core reads from vllm.SamplingParams
+    extra_args: dict | None = None
+
+
+def _params(packs):
+    if USING_VLLM:
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=8, extra_args=build_extra_args(packs) if packs else None)
+    return Params(build_extra_args(packs) if packs else None)
+
+
+@pytest.fixture(scope="module")
+def world():
+    bp = tiny_backpack(0)
+    a = random_pack(bp, [11, 12, 13], name="a", version="1", beta=1.0, seed=1)
+    b = random_pack(bp, [20, 21, 12], name="b", version="2", beta=0.5, seed=2)
+    return bp, a, b, DictSource({(a.name, a.version): a.edits, (b.name, b.version): b.edits})
+
+
+def _parse(params):
+    return parse_extra_args(params.extra_args)
+
+
+class Sim:
+    """Drives the core like vLLM's persistent batch and keeps the expected state independently."""
+
+    def __init__(self, world):
+        self.bp, self.a, self.b, source = world
+        self.core = EnsembleLogitsCore(self.bp, source)
+        self.batch: dict[int, dict] = {}       # row -> {"prompt", "out" (live list), "packs"}
+
+    def update(self, removed=(), added=(), moved=()):
+        ups = []
+        for row, prompt, packs, out in added:
+            ups.append((row, _params(packs), prompt, out))
+        for r in removed:
+            self.batch.pop(r, None)
+        for row, prompt, packs, out in added:
+            self.batch[row] = {"prompt": prompt, "out": out, "packs": packs}
+        for a, b, d in moved:
+            ea, eb = self.batch.pop(a, None), self.batch.pop(b, None)
+            if ea is not None:
+                self.batch[b] = ea
+            if eb is not None and d == SWAP:
+                self.batch[a] = eb
+        self.core.update(BatchUpdate(len(self.batch), list(removed), ups, list(moved)), _parse)
+
+    def expected_delta(self, row) -> torch.Tensor | None:
+        e = self.batch[row]
+        if not e["packs"]:
+            return None
+        edits = combine_packs(e["packs"], self.bp.config.n_embd)
+        ids = torch.tensor([e["prompt"] + [t for t in e["out"] if t >= 0]])
+        if not torch.isin(ids, edits.token_ids).any():
+            return None
+        alpha = self.bp.contextualize(ids)
+        delta = sequence_deltas(alpha, ids, edits)[0, -1]
+        return (delta @ self.bp.embedding[:SHARED_VOCAB].T).detach()
+
+    def step(self, seed=0):
+        n = max(self.batch) + 1 if self.batch else 0
+        assert sorted(self.batch) == list(range(n)), "test bug: vLLM keeps the batch dense"
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, VOCAB, generator=g)
+        logits = z.clone()
+        self.core.sync()
+        out = self.core.add_deltas(logits)
+        assert out.data_ptr() == logits.data_ptr()          # in place
+        assert torch.isinf(out[:, SHARED_VOCAB:]).all() and (out[:, SHARED_VOCAB:] < 0).all()
+        for row in range(n):
+            exp = self.expected_delta(row)
+            if exp is None:
+                assert torch.equal(out[row, :SHARED_VOCAB], z[row, :SHARED_VOCAB]), row   # exact skip
+            else:
+                torch.testing.assert_close(out[row, :SHARED_VOCAB] - z[row, :SHARED_VOCAB], exp,
+                                           atol=2e-4, rtol=1e-4)
+        # no leaked tracker sequences: exactly the rows carrying edits are tracked
+        tracked = {r for r in self.batch if self.batch[r]["packs"]}
+        assert set(self.core.rows) == tracked
+        assert all(self.core.rows[r].sid in self.core.tracker for r in tracked)
+        return out
+
+
+def test_adds_outputs_removes_moves_swaps(world):
+    s = Sim(world)
+    a, b = s.a, s.b
+    outs = [[], [], [], []]
+    s.update(added=[(0, [5, 11, 7], [a], outs[0]),         # edited token in the prompt
+                    (1, [5, 6, 7], [], outs[1]),           # base request
+                    (2, [30, 31], [a, b], outs[2]),        # packs, no edited token yet
+                    (3, [20, 9], [b], outs[3])])
+    s.step(0)
+    for o, t in zip(outs, [40, 41, 12, 42]):               # row 2 now sees token 12 (edited in a and b)
+        o.append(t)
+    s.step(1)
+    gone = s.core.rows[1].sid if 1 in s.core.rows else None
+    assert gone is None                                     # base rows are never tracked
+    # row 1 finishes; vLLM compacts: 3 -> 1 (one-way move)
+    sid3 = s.core.rows[3].sid
+    s.update(removed=[1], moved=[(3, 1, UNI)])
+    assert s.core.rows[1].sid == sid3                        # moved, not rebuilt
+    for o in (outs[0], outs[2], outs[3]):
+        o.append(43)
+    s.step(2)
+    # swap rows 0 and 2 (vLLM reorders the persistent batch)
+    sid0, sid2 = s.core.rows[0].sid, s.core.rows[2].sid
+    s.update(moved=[(0, 2, SWAP)])
+    assert (s.core.rows[0].sid, s.core.rows[2].sid) == (sid2, sid0)
+    s.step(3)
+    # row 0 finishes with no removal event: the move 2 -> 0 overwrites it (implied finish)
+    old0 = s.core.rows[0].sid
+    s.update(moved=[(2, 0, UNI)])
+    assert old0 not in s.core.tracker
+    s.step(4)
+
+
+def test_readd_after_preemption_rebuilds_from_prompt_and_outputs(world):
+    s = Sim(world)
+    out = [12, 40, 41]                                      # the request had produced 3 tokens
+    s.update(added=[(0, [5, 6], [s.a], out)])
+    s.step(0)
+    sid = s.core.rows[0].sid
+    s.update(removed=[0])
+    assert sid not in s.core.tracker
+    out.append(44)
+    s.update(added=[(0, [5, 6], [s.a], out)])               # re-added later with all its outputs
+    s.step(1)
+
+
+def test_readd_on_occupied_row_replaces_the_occupant(world):
+    s = Sim(world)
+    s.update(added=[(0, [11], [s.a], [])])
+    old = s.core.rows[0].sid
+    s.update(added=[(0, [21, 3], [s.b], [])])               # added onto the same index, no removal event
+    assert old not in s.core.tracker
+    s.step(0)
+
+
+def test_async_placeholders_are_not_fed(world):
+    s = Sim(world)
+    out = []
+    s.update(added=[(0, [11, 5], [s.a], out)])
+    s.step(0)
+    out.append(-1)                                         # async scheduling placeholder
+    s.step(1)
+    assert s.core.rows[0].seen == 0
+    out[-1] = 40                                           # filled in before the sampler runs
+    s.step(2)
+    assert s.core.rows[0].seen == 1
+
+
+def test_base_only_batches_touch_nothing_but_padding(world):
+    s = Sim(world)
+    s.update(added=[(0, [1, 2, 3], [], []), (1, [4, 5], [s.a], [])])    # a's tokens absent
+    before = s.core.tracker.stats.backpack_calls
+    s.step(0)
+    assert s.core.tracker.stats.backpack_calls == before
+    assert s.core.stats.delta_applies == 0 and s.core.stats.skipped == 1
+
+
+def test_many_rows_sparse_index_add(world):
+    """Tracked rows that are not 0..k-1 go through one index_add over the batch."""
+    s = Sim(world)
+    outs = [[] for _ in range(6)]
+    s.update(added=[(i, [3 + i, 11 if i % 2 else 4], [s.a] if i % 2 else [], outs[i]) for i in range(6)])
+    s.step(0)
+    for i, o in enumerate(outs):
+        o.append(12 if i == 4 else 50 + i)
+    s.step(1)
+
+
+# ---------------------------------------------------------------- extra_args validation
+
+@pytest.mark.parametrize("extra,field", [
+    ({"sensepack": []}, "extra_args.sensepack"),
+    ({"sensepack": {"packs": "a"}}, "extra_args.sensepack.packs"),
+    ({"sensepack": {"packs": [{"name": "a", "version": "1"}]}}, "extra_args.sensepack.packs[0].beta"),
+    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": -1.0}]}}, "extra_args.sensepack.packs[0].beta"),
+    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": math.inf}]}},
+     "extra_args.sensepack.packs[0].beta"),
+    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": True}]}}, "extra_args.sensepack.packs[0].beta"),
+    ({"sensepack": {"packs": [{"name": "", "version": "1", "beta": 1}]}}, "extra_args.sensepack.packs[0].name"),
+    ({"sensepack": {"packs": [{"name": "a", "version": "x@y", "beta": 1}]}},
+     "extra_args.sensepack.packs[0].version"),
+    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": 1, "x": 2}]}},
+     "extra_args.sensepack.packs[0].x"),
+    ({"sensepack": {"packs": [], "base_only": "yes"}}, "extra_args.sensepack.base_only"),
+    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": 1}], "base_only": True}},
+     "extra_args.sensepack.base_only"),
+    ({"sensepack": {"pack": []}}, "extra_args.sensepack.pack"),
+    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": 1}, {"name": "a", "version": "1", "beta": 2}]}},
+     "extra_args.sensepack.packs[1].name"),
+])
+def test_invalid_args_name_the_field(extra, field):
+    with pytest.raises(ArgsError) as ei:
+        parse_extra_args(extra)
+    assert ei.value.field == field
+    assert str(ei.value).startswith(field)
+
+
+def test_valid_args_roundtrip():
+    p = PackRef("cap", "v3", None, 0.25)
+    parsed = parse_extra_args(build_extra_args([p], request_id="r1"))
+    assert parsed.key == (("cap", "v3", 0.25),) and parsed.request_id == "r1"
+    assert parse_extra_args(None) is None
+    assert parse_extra_args({"other": 1}) is None
+    assert parse_extra_args(build_extra_args([], base_only=True)) is None
+
+
+@pytest.mark.skipif(not USING_VLLM, reason="vLLM is not installed: its validation-error type is not available")
+def test_vllm_validate_params_raises_vllm_validation_error():
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from serve.vllm.processor import SensepackLogitsProcessor
+
+    bad = SamplingParams(extra_args={"sensepack": {"packs": [{"name": "a", "version": "1", "beta": -2}]}})
+    with pytest.raises(VLLMValidationError) as ei:
+        SensepackLogitsProcessor.validate_params(bad)
+    assert ei.value.parameter == "extra_args.sensepack.packs[0].beta"
+    SensepackLogitsProcessor.validate_params(SamplingParams(extra_args=build_extra_args([PackRef("a", "1", None, 1)])))
+
+
+def test_engine_args_from_config():
+    """Server config -> vllm.EngineArgs fields (no vLLM needed)."""
+    from types import SimpleNamespace
+
+    from serve.config import Config
+    from serve.vllm.engine import engine_args_from_config
+
+    cfg = Config()
+    with pytest.raises(ValueError, match="profile: demo"):      # demo Backpack: in-process only
+        engine_args_from_config(cfg, store_uri="/tmp/store")
+    cfg.model.profile = "pretrained"
+    cfg.model.large_model = "/models/gpt-j-6b"
+    args = engine_args_from_config(cfg, store_uri="s3://packs")
+    assert args["model"] == "/models/gpt-j-6b" and args["dtype"] == "float32"
+    assert args["max_num_seqs"] == cfg.limits.max_running
+    assert args["additional_config"]["sensepack"] == {"backpack": cfg.model.backpack, "store": "s3://packs",
+                                                      "dtype": "float32"}
+    with pytest.raises(ValueError, match="store.uri"):
+        engine_args_from_config(cfg, store_uri=None)
+    shaped = SimpleNamespace(model=cfg.model, limits=cfg.limits,
+                             vllm=SimpleNamespace(tensor_parallel_size=4, multiprocessing=True, model="/m",
+                                                  gpu_memory_utilization=0.8, engine_args={"enforce_eager": True}))
+    args = engine_args_from_config(shaped, store_uri="/store")
+    assert (args["tensor_parallel_size"], args["model"], args["gpu_memory_utilization"], args["enforce_eager"]) == \
+        (4, "/m", 0.8, True)
+
+
+def test_supported_version_range():
+    from serve.vllm import check_vllm_version
+
+    assert check_vllm_version("0.32.0") and check_vllm_version("0.32.3+cpu")
+    assert not check_vllm_version("0.31.9") and not check_vllm_version("0.33.0") and not check_vllm_version("1.0")

@@ -1,0 +1,155 @@
+"""Model Runner V2 adapter logic with stand-ins of vLLM's LogitsProcRequestState / LogitsContext.
+
+MRV2 cannot run on the CPU dev box (needs Triton), so this checks the adapter's slot bookkeeping
+(recycled slots, rows reordered every step, tokens read from the on-device history, partial
+prefill chunks) against the teacher-forced delta of each request's visible tokens. Where vLLM is
+installed it also checks that vLLM's loaders accept each shim and reject the other one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble.delta import sequence_deltas
+from ensemble.demo import tiny_backpack
+from ensemble.edits import combine_packs
+from ensemble.vocab import SHARED_VOCAB
+from serve.vllm.args import build_extra_args
+from serve.vllm.core import EnsembleLogitsCore
+from serve.vllm.resolver import DictSource
+from serve.vllm.testing import random_pack
+from serve.vllm.v2_adapter import V2Adapter
+
+VOCAB, MAX_REQS, MAX_LEN = 50400, 6, 64
+
+
+@dataclass
+class Params:
+    extra_args: dict | None = None
+
+
+class Runner:
+    """The parts of MRV2's request state the adapter reads, plus an independent expectation."""
+
+    def __init__(self):
+        self.bp = tiny_backpack(0)
+        self.a = random_pack(self.bp, [11, 12], name="a", version="1", seed=1)
+        self.b = random_pack(self.bp, [20, 12], name="b", version="2", beta=0.5, seed=2)
+        source = DictSource({("a", "1"): self.a.edits, ("b", "2"): self.b.edits})
+        self.req_states = SimpleNamespace(
+            device=torch.device("cpu"), max_num_reqs=MAX_REQS, vocab_size=VOCAB,
+            all_token_ids=SimpleNamespace(gpu=torch.zeros(MAX_REQS, MAX_LEN, dtype=torch.int32)))
+        self.ad = V2Adapter(EnsembleLogitsCore(self.bp, source), self.req_states)
+        self.reqs: dict[int, dict] = {}     # slot -> {"tokens", "packs"}
+
+    def add(self, slot, prompt, packs):
+        self.reqs[slot] = {"tokens": list(prompt), "packs": packs}
+        self.req_states.all_token_ids.gpu[slot].zero_()
+        self.req_states.all_token_ids.gpu[slot, : len(prompt)] = torch.tensor(prompt)
+        assert self.ad.add_request(slot, Params(build_extra_args(packs) if packs else None)) is True
+
+    def sample(self, slot, tok):
+        r = self.reqs[slot]
+        self.req_states.all_token_ids.gpu[slot, len(r["tokens"])] = tok
+        r["tokens"].append(tok)
+
+    def expected(self, tokens, packs):
+        if not packs:
+            return None
+        edits = combine_packs(packs, self.bp.config.n_embd)
+        ids = torch.tensor([tokens])
+        if not torch.isin(ids, edits.token_ids).any():
+            return None
+        return (sequence_deltas(self.bp.contextualize(ids), ids, edits)[0, -1] @ self.bp.embedding[:SHARED_VOCAB].T).detach()
+
+    def step(self, order, visible=None, seed=0):
+        """One apply over `order` (slots, in this step's row order); visible[slot] = tokens seen (chunking)."""
+        visible = visible or {}
+        lens = [visible.get(s, len(self.reqs[s]["tokens"])) for s in order]
+        ctx = SimpleNamespace(
+            idx_mapping_np=np.array(order, dtype=np.int32),
+            idx_mapping=torch.tensor(order, dtype=torch.int32),
+            expanded_idx_mapping=torch.tensor(order, dtype=torch.int32),
+            seq_lens_upper_bound_np=np.array(lens, dtype=np.int32),
+            pos=torch.tensor([n - 1 for n in lens]),
+            input_ids=torch.tensor([self.reqs[s]["tokens"][n - 1] for s, n in zip(order, lens)]),
+        )
+        z = torch.randn(len(order), VOCAB, generator=torch.Generator().manual_seed(seed))
+        logits = z.clone()
+        out = self.ad.apply(logits, ctx)
+        assert (out[:, SHARED_VOCAB:] == float("-inf")).all()
+        for i, s in enumerate(order):
+            exp = self.expected(self.reqs[s]["tokens"][: lens[i]], self.reqs[s]["packs"])
+            if exp is None:
+                assert torch.equal(out[i, :SHARED_VOCAB], z[i, :SHARED_VOCAB])
+            else:
+                torch.testing.assert_close(out[i, :SHARED_VOCAB] - z[i, :SHARED_VOCAB], exp, atol=2e-4, rtol=1e-4)
+        return out
+
+
+def test_reordered_rows_recycled_slots_and_history():
+    r = Runner()
+    r.add(0, [5, 11, 7], [r.a])
+    r.add(3, [1, 2], [])
+    r.add(4, [30, 31, 32], [r.a, r.b])
+    r.step([0, 3, 4])
+    for s, t in ((0, 40), (3, 12), (4, 12)):
+        r.sample(s, t)
+    r.step([4, 0, 3], seed=1)                    # rows reordered
+    r.sample(4, 41)
+    r.step([4], seed=2)                          # only slot 4 scheduled this step
+    r.sample(0, 42)
+    r.step([3, 0], seed=3)                       # slot 0 catches up on its own history
+    old = r.ad.core.rows[0].sid
+    r.add(0, [20, 21], [r.b])                    # slot 0 recycled for a new request
+    assert old not in r.ad.core.tracker
+    r.step([0, 4], seed=4)
+
+
+def test_partial_prefill_chunks_then_decode():
+    r = Runner()
+    prompt = [3, 4, 11, 6, 7, 8, 9, 10]
+    r.add(2, prompt, [r.a])
+    r.step([2], visible={2: 2})                  # first chunk: no edited token yet (exact zero)
+    r.step([2], visible={2: 5})                  # second chunk reaches token 11
+    r.step([2])                                  # last chunk
+    r.sample(2, 44)
+    r.step([2])
+
+
+def test_base_requests_only_padding_masked():
+    r = Runner()
+    r.add(1, [1, 2, 3], [])
+    r.add(5, [7, 8], [r.a])                      # a's tokens absent
+    r.step([1, 5])
+    assert r.ad.core.tracker.stats.backpack_calls == 0
+
+
+def test_speculative_rows_refused():
+    r = Runner()
+    r.add(0, [11, 2], [r.a])
+    ctx = SimpleNamespace(idx_mapping_np=np.array([0], dtype=np.int32), seq_lens_upper_bound_np=np.array([2]),
+                          input_ids=torch.tensor([2, 3]))
+    with pytest.raises(NotImplementedError, match="speculative"):
+        r.ad.apply(torch.zeros(2, VOCAB), ctx)
+
+
+def test_vllm_loaders_accept_each_shim_and_reject_the_other():
+    pytest.importorskip("vllm", reason="vLLM is not installed: its processor loaders are not available")
+    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns
+
+    from serve.vllm import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN
+    from serve.vllm.processor import SensepackLogitsProcessor
+    from serve.vllm.processor_v2 import SensepackLogitsProcessorV2
+
+    assert _load_logitsprocs_by_fqcns([V1_PROCESSOR_FQCN]) == [SensepackLogitsProcessor]
+    assert _load_v2_logitsprocs_by_fqcns([V2_PROCESSOR_FQCN]) == [SensepackLogitsProcessorV2]
+    with pytest.raises(Exception):
+        _load_logitsprocs_by_fqcns([V2_PROCESSOR_FQCN])
+    with pytest.raises(Exception):
+        _load_v2_logitsprocs_by_fqcns([V1_PROCESSOR_FQCN])

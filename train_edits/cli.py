@@ -1,0 +1,268 @@
+"""The ``train_edits`` command line.
+
+    train_edits prepare-corpora val100-val.jsonl --out runs/corpora --chunk-len 500
+    train_edits run --task country_capital --g runs/corpora/G.jsonl --r runs/corpora/R.jsonl \\
+        --backpack stanfordnlp/backpack-gpt2 --large EleutherAI/gpt-j-6b --run-dir runs/country
+    train_edits select|train|calibrate|eval|pack --run-dir runs/country   (one step; reuses config.json)
+    train_edits sweep --task company_ceo --trials 10 ... --run-dir runs/company-sweep
+
+Exit codes: 0 success, 1 failure (bad data, missing files, runtime errors), 2 usage (bad options or config).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, load_config_file, set_path, validate
+from .tasks import TASKS, DataError, LossType
+
+_OVERRIDES = [
+    # (option, dest path, type, help)
+    ("--task", "task.builtin", click.Choice(sorted(TASKS)), "one of the paper's six tasks"),
+    ("--task-name", "task.name", str, "name of a custom task (default: the train file's stem)"),
+    ("--data-dir", "task.data_dir", str, "folder of the canonical-examples data (builtin tasks)"),
+    ("--split", "task.split", str, "split of the builtin task files (val, test)"),
+    ("--train", "task.train", str, "JSONL of canonical examples (custom task)"),
+    ("--eval", "task.eval", str, "JSONL evaluation set"),
+    ("--hard-neg", "task.hard_neg", str, "JSONL hard negatives (single-suffix records)"),
+    ("--unconditional", "task.unconditional", str, "JSONL {text} records for the rest-of-prompt loss"),
+    ("--loss-type", "task.loss_type", click.Choice([t.value for t in LossType]), "loss type of a custom task"),
+    ("--threshold", "task.threshold", float, "failure threshold of a custom task (fail if score > threshold)"),
+    ("--max-eval", "task.max_eval", int, "use only the first N eval / hard-negative / unconditional records"),
+    ("--max-train", "task.max_train", int, "use only the first N canonical examples"),
+    ("--backpack", "models.backpack", str, "Backpack checkpoint folder or hub id; 'tiny[:SEED]' for a random tiny one"),
+    ("--large", "models.large", str, "large model for calibration/ensemble eval; 'tiny-gptj[:SEED]'; 'none'"),
+    ("--large-dtype", "models.large_dtype", str, "dtype of the large model (float32, bfloat16, float16)"),
+    ("--device", "models.device", str, "torch device"),
+    ("--g", "corpora.g", str, "general corpus G (JSONL chunks from prepare-corpora)"),
+    ("--r", "corpora.r", str, "regularisation corpus R (disjoint from G)"),
+    ("--g-limit", "corpora.g_limit", int, "use only the first N chunks of G"),
+    ("--r-limit", "corpora.r_limit", int, "use only the first N chunks of R"),
+    ("-k", "select.k", int, "senses kept per example (Eq. 9)"),
+    ("--lam", "select.lam", float, "λ: weight of the R background in sense selection"),
+    ("--lr", "train.lr", float, "learning rate"),
+    ("--kl-weight", "train.kl_weight", float, "weight of the KL regulariser"),
+    ("--epochs", "train.epochs", int, "training epochs"),
+    ("--grad-accum", "train.grad_accum", int, "examples per optimizer step"),
+    ("--optimizer", "train.optimizer", click.Choice(["adamw", "adam8bit"]), "optimizer"),
+    ("--seed", "train.seed", int, "random seed"),
+    ("--store", "store", str, "edit-pack store to publish packs to"),
+    ("--name", "name", str, "run / pack name"),
+]
+
+
+def _common(f):
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML or JSON config file")
+    @click.option("--run-dir", type=click.Path(file_okay=False), required=True, help="run directory")
+    @click.option("--epsilon", "epsilons", type=float, multiple=True, help="degradation ball ε (repeatable)")
+    @click.option("--beta-grid", type=str, help="comma-separated β grid (default 1.0,0.9,...,0.0)")
+    @click.option("--upstream-grad-bug/--no-upstream-grad-bug", default=None,
+                  help="reproduce the upstream accumulation bug (gradients zeroed every example)")
+    @click.option("--eval-every-epoch/--no-eval-every-epoch", default=None, help="success rate after every epoch")
+    @click.option("--no-progress", is_flag=True, help="no progress bars")
+    @click.option("-v", "--verbose", is_flag=True, help="log to stderr too")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    for opt, dest, typ, hlp in reversed(_OVERRIDES):
+        wrapper = click.option(opt, dest.replace(".", "__"), type=typ, default=None, help=hlp)(wrapper)
+    return wrapper
+
+
+def _resolve(kwargs: dict):
+    """Config: run_dir/config.json (if any) < --config file < command-line options."""
+    run_dir = Path(kwargs.pop("run_dir"))
+    data: dict = {}
+    existing = run_dir / "config.input.json"
+    if existing.is_file():
+        data = json.loads(existing.read_text())
+    if kwargs.get("config_file"):
+        file_data = load_config_file(kwargs["config_file"])
+        for section, val in file_data.items():
+            if isinstance(val, dict) and isinstance(data.get(section), dict):
+                data[section].update(val)
+            else:
+                data[section] = val
+    kwargs.pop("config_file", None)
+    for opt, dest, _, _ in _OVERRIDES:
+        v = kwargs.pop(dest.replace(".", "__"), None)
+        if v is not None:
+            if dest == "models.large" and v == "none":
+                v = None
+            if dest == "task.builtin" and isinstance(data.get("task"), dict) and data["task"].get("builtin") != v:
+                data["task"] = {k: data["task"][k] for k in ("data_dir", "split", "max_eval") if k in data["task"]}
+            set_path(data, dest, v)
+    if kwargs.get("epsilons"):
+        set_path(data, "train.epsilons", list(kwargs["epsilons"]))
+    if kwargs.get("beta_grid"):
+        try:
+            grid = [float(x) for x in kwargs["beta_grid"].split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--beta-grid: not a comma-separated list of numbers: {kwargs['beta_grid']!r}") from None
+        set_path(data, "calibrate.grid", grid)
+    if kwargs.get("upstream_grad_bug") is not None:
+        set_path(data, "train.upstream_grad_bug", kwargs["upstream_grad_bug"])
+    if kwargs.get("eval_every_epoch") is not None:
+        set_path(data, "train.eval_every_epoch", kwargs["eval_every_epoch"])
+    data.setdefault("task", {})
+    cfg = validate(data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.input.json").write_text(json.dumps(data, indent=1))
+    return run_dir, cfg, not kwargs.get("no_progress"), kwargs.get("verbose", False)
+
+
+def _guard(fn):
+    """Map errors to exit codes: usage (config) -> 2, data/runtime -> 1."""
+
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except (DataError, FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return inner
+
+
+def _make_run(kwargs):
+    from .pipeline import Run, setup_logging
+
+    run_dir, cfg, progress, verbose = _resolve(kwargs)
+    setup_logging(run_dir, verbose)
+    return Run(run_dir, cfg, progress)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Sense-finetune a Backpack on canonical examples and write calibrated, evaluated edit packs."""
+
+
+@main.command("prepare-corpora")
+@click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="output folder (G.jsonl, R.jsonl)")
+@click.option("--chunk-len", type=click.IntRange(min=2), default=500, show_default=True, help="tokens per chunk")
+@click.option("--g-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="fraction of documents that go to G (the rest to R)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--text-field", default="text", show_default=True, help="JSONL field holding the document text")
+@click.option("--hf-dataset", help="a Hugging Face dataset name instead of files (needs network + datasets)")
+@click.option("--hf-config", help="dataset config name")
+@click.option("--hf-split", default="train", show_default=True)
+@click.option("--hf-limit", type=int, help="read only the first N documents")
+@_guard
+def prepare_corpora(inputs, out, chunk_len, g_fraction, seed, text_field, hf_dataset, hf_config, hf_split, hf_limit):
+    """Split documents into disjoint corpora G and R of fixed-length token chunks."""
+    from ensemble.tokenizer import load_tokenizer
+
+    from .corpora import corpus_fingerprint, read_documents, read_hf_documents, split_corpora, write_chunks
+
+    if not inputs and not hf_dataset:
+        raise click.UsageError("give input files or --hf-dataset")
+    tok = load_tokenizer()
+    docs = read_hf_documents(hf_dataset, hf_split, text_field, hf_config, hf_limit) if hf_dataset \
+        else read_documents(inputs, text_field)
+    sp = split_corpora(tok, docs, chunk_len, g_fraction, seed)
+    out = Path(out)
+    write_chunks(tok, sp.g, out / "G.jsonl")
+    write_chunks(tok, sp.r, out / "R.jsonl")
+    import torch
+
+    meta = {"inputs": list(inputs) or [hf_dataset], "chunk_len": chunk_len, "g_fraction": g_fraction, "seed": seed,
+            "documents": len(docs), "g_documents": sp.g_docs, "r_documents": sp.r_docs,
+            "g_chunks": len(sp.g), "r_chunks": len(sp.r),
+            "g_fingerprint": corpus_fingerprint([torch.tensor(c) for c in sp.g]),
+            "r_fingerprint": corpus_fingerprint([torch.tensor(c) for c in sp.r])}
+    (out / "corpora.json").write_text(json.dumps(meta, indent=1))
+    click.echo(json.dumps(meta))
+
+
+def _step(name, doc):
+    def decorator(fn):
+        @main.command(name, help=doc)
+        @_common
+        @_guard
+        def cmd(**kwargs):
+            run = _make_run(kwargs)
+            result = fn(run)
+            click.echo(json.dumps(result, default=str)[:2000] if result is not None else "{}")
+
+        return cmd
+
+    return decorator
+
+
+@_step("select", "Choose the senses to finetune (Eq. 9): top k per example, union over examples.")
+def _select(run):
+    from .pipeline import step_select
+
+    s = step_select(run)
+    return {"pairs": len(s["pairs"]), "run_dir": str(run.dir)}
+
+
+@_step("train", "Sense-finetune the selected senses; keep the last in-ball epoch per ε.")
+def _train(run):
+    from .pipeline import step_train
+
+    t = step_train(run)
+    return {"chosen_epoch": t["chosen_epoch"], "g_ratio": t["g_ratio"], "seconds_per_epoch": t["seconds_per_epoch"]}
+
+
+@_step("calibrate", "Calibrate β per ε against the large model (one pass over G for the whole grid).")
+def _calibrate(run):
+    from .pipeline import step_calibrate
+
+    c = step_calibrate(run)
+    if c is None:
+        raise ConfigError("calibrate: no large model configured (--large)")
+    return {k: {"beta": v["beta"], "ratio": v["ratio"]} for k, v in c["per_epsilon"].items()}
+
+
+@_step("eval", "Evaluate before/after for the Backpack and the ensemble; write report.json and report.md.")
+def _eval(run):
+    from .pipeline import step_eval
+
+    step_eval(run)
+    return {"report": str(run.dir / "report.md")}
+
+
+@_step("pack", "Write one edit pack per ε (and publish to --store).")
+def _pack(run):
+    from .pipeline import step_pack
+
+    return {"packs": [str(p) for p in step_pack(run)]}
+
+
+@_step("run", "select → train → calibrate → eval → pack, in one run directory.")
+def _run(run):
+    from .pipeline import run_all, step_pack
+
+    run_all(run)
+    return {"report": str(run.dir / "report.md"), "packs": sorted(str(p) for p in (run.dir / "packs").iterdir())}
+
+
+@main.command("sweep")
+@_common
+@click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True, help="random-search trials")
+@click.option("--report-split", default=None, help="split for the report runs (default: the selection split)")
+@_guard
+def sweep_cmd(trials, report_split, **kwargs):
+    """Random search (appendix C): select hyperparameters on one split, report on another."""
+    from .sweep import sweep
+
+    run = _make_run(kwargs)
+    out = sweep(run, trials, report_split)
+    click.echo(json.dumps({"best": out["best"], "report": str(run.dir / "report.md")}, default=str))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

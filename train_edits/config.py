@@ -1,0 +1,184 @@
+"""Run configuration, validated at the boundary (pydantic).
+
+A config file (YAML or JSON) has the sections below; command-line options
+override single keys. The resolved config is saved as ``config.json`` in the
+run directory so later steps (``calibrate``, ``eval``, ...) reuse it.
+
+.. code-block:: yaml
+
+    name: country
+    task: {builtin: country_capital, data_dir: ../shared/data/canonical-examples, split: val}
+    # or a custom task: {name: mine, train: my.jsonl, eval: my_eval.jsonl, loss_type: good, threshold: 1.6}
+    models: {backpack: stanfordnlp/backpack-gpt2, large: EleutherAI/gpt-j-6b}
+    corpora: {g: runs/corpora/G.jsonl, r: runs/corpora/R.jsonl}
+    select: {k: 8, lam: 1000}
+    train: {lr: 0.001, kl_weight: 0.3, epochs: 10, grad_accum: 5, epsilons: [0.001, 0.0001, 0.00001]}
+    calibrate: {grid: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .calibrate import DEFAULT_GRID
+from .tasks import TASKS, LossType
+
+DEFAULT_DATA_DIR = os.environ.get("SENSEPACK_CANONICAL_DATA", "../shared/data/canonical-examples")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskConfig(_Strict):
+    builtin: str | None = None
+    name: str | None = None
+    data_dir: str = DEFAULT_DATA_DIR
+    split: str = "val"
+    train: str | None = None
+    eval: str | None = None
+    hard_neg: str | None = None
+    unconditional: str | None = None
+    loss_type: LossType | None = None
+    threshold: float | None = None
+    max_eval: int | None = Field(default=None, ge=1)
+    max_train: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TaskConfig":
+        if self.builtin is not None:
+            if self.builtin not in TASKS:
+                raise ValueError(f"builtin: unknown task '{self.builtin}' (known: {', '.join(TASKS)})")
+            spec = TASKS[self.builtin]
+            self.name = self.name or spec.name
+            self.loss_type = self.loss_type or spec.loss_type
+            if self.threshold is None:
+                self.threshold = spec.threshold
+            paths = spec.paths(self.data_dir, self.split)
+            for key in ("train", "eval", "hard_neg", "unconditional"):
+                if getattr(self, key) is None and paths[key] is not None:
+                    setattr(self, key, str(paths[key]))
+        else:
+            missing = [k for k in ("train", "loss_type", "threshold") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a custom task needs {', '.join(missing)} (or builtin: one of {', '.join(TASKS)})")
+            self.name = self.name or Path(self.train).stem
+        return self
+
+
+class ModelsConfig(_Strict):
+    backpack: str = "stanfordnlp/backpack-gpt2"
+    large: str | None = None  # e.g. EleutherAI/gpt-j-6b, tiny-gptj, tiny-gptj:SEED; None: no ensemble steps
+    large_dtype: str | None = None
+    device: str = "cpu"
+
+
+class CorporaConfig(_Strict):
+    g: str | None = None
+    r: str | None = None
+    g_limit: int | None = Field(default=None, ge=1)
+    r_limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+
+
+class SelectConfig(_Strict):
+    k: int = Field(default=8, ge=1)
+    lam: float = Field(default=1000.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    lr: float = Field(default=1e-3, gt=0)
+    kl_weight: float = Field(default=0.3, ge=0)
+    epochs: int = Field(default=10, ge=0)
+    grad_accum: int = Field(default=5, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    optimizer: Literal["adamw", "adam8bit"] = "adamw"
+    upstream_grad_bug: bool = False
+    seed: int = 0
+    epsilons: list[float] = Field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
+    eval_every_epoch: bool = True
+    epoch_cap: dict[str, int] | None = None
+
+    @field_validator("epsilons")
+    @classmethod
+    def _eps(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("at least one ε")
+        if any(not (e > 0) for e in v):
+            raise ValueError("every ε must be > 0")
+        return sorted(set(float(e) for e in v), reverse=True)
+
+
+class CalibrateConfig(_Strict):
+    grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not v or any(not (b >= 0) for b in v):
+            raise ValueError("grid: non-empty list of β >= 0")
+        return sorted(set(float(b) for b in v), reverse=True)
+
+
+class RunConfig(_Strict):
+    name: str | None = None
+    task: TaskConfig
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    corpora: CorporaConfig = Field(default_factory=CorporaConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    store: str | None = None
+
+    @property
+    def pack_name(self) -> str:
+        return (self.name or self.task.name or "pack").replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A config that fails validation; the message names each bad key."""
+
+
+def load_config_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml / json syntax
+        raise ConfigError(f"{p}: cannot parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def set_path(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"{dotted}: '{k}' is not a section")
+    cur[keys[-1]] = value
+
+
+def validate(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "<config>"
+            msgs.append(f"{loc}: {err['msg']}")
+        raise ConfigError("invalid config: " + "; ".join(msgs)) from None

@@ -1,0 +1,218 @@
+"""Sense finetuning with ball tracking (paper §6–7, appendix C).
+
+Only the selected (token, sense) deltas train: an ``nn.Parameter`` of shape
+(n, d), zero-initialised. Each step: the example's training loss plus
+``kl_weight`` × KL(p_orig ‖ p_new) summed over the positions of one random R
+chunk. AdamW (or bitsandbytes 8-bit Adam), cosine LR decay stepped once per
+epoch. After each epoch the Backpack's G ratio is measured; for each ε the
+deltas of the **last** epoch with ratio strictly below 1+ε are kept (epoch 0,
+no edit, ratio exactly 1, is always valid).
+
+Gradient accumulation: gradients of ``grad_accum`` consecutive examples are
+summed (each loss divided by ``grad_accum``, so the step sees their mean)
+before one optimizer step; a short remainder at the end of an epoch is
+stepped too. **Upstream bug** (``trainer.py`` of the paper's release): it
+calls ``optimizer.zero_grad()`` before *every* example but steps only every
+``grad_acc_steps`` examples, so only every fifth example (with the default 5)
+ever reaches the optimizer and the epoch's last ``len % 5`` examples are lost.
+``upstream_grad_bug=True`` reproduces that for comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .compute import CachedSeq, EditIndex, GLoss, KLRegularizer, cache_sequences
+from .encoding import EncodedExample
+from .losses import training_loss
+from .tasks import LossType, example_score, is_failure
+
+log = logging.getLogger("train_edits.finetune")
+
+
+def in_ball(ratio: float, eps: float) -> bool:
+    """The ball test used everywhere in train_edits: strictly below 1+ε."""
+    return ratio < 1.0 + eps
+
+
+@dataclass
+class FinetuneParams:
+    lr: float = 1e-3
+    kl_weight: float = 0.3
+    epochs: int = 10
+    grad_accum: int = 5
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.995)
+    optimizer: str = "adamw"  # or "adam8bit"
+    upstream_grad_bug: bool = False
+    seed: int = 0
+    epsilons: tuple[float, ...] = (1e-3, 1e-4, 1e-5)
+    eval_every_epoch: bool = True
+    epoch_cap: dict[float, int] | None = None  # sweeps: per ε, the last epoch allowed
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float | None
+    g_loss: float
+    g_ratio: float
+    lr: float | None
+    success: float | None = None
+
+
+@dataclass
+class FinetuneResult:
+    pairs: list[tuple[int, int]]
+    history: list[EpochRecord]
+    chosen_epoch: dict[float, int]
+    deltas: dict[float, torch.Tensor]  # per ε: (n, d) of the chosen epoch
+    optimizer_steps: int = 0
+    examples_counted: int = 0
+    epoch_deltas: list[torch.Tensor] = field(default_factory=list)
+
+
+class _EvalCache:
+    """Eval examples with α cached at scored rows: success rate for any deltas, cheaply."""
+
+    def __init__(self, model, examples: Sequence[EncodedExample], index: EditIndex, loss_type: LossType, threshold: float):
+        self.loss_type = LossType(loss_type)
+        self.threshold = threshold
+        flat = [s for ex in examples for s in ex.seqs]
+        cached = cache_sequences(model, flat, index)
+        self.groups: list[list[CachedSeq]] = []
+        i = 0
+        for ex in examples:
+            self.groups.append(cached[i:i + len(ex.seqs)])
+            i += len(ex.seqs)
+
+    @torch.no_grad()
+    def success(self, embedding: torch.Tensor, deltas: torch.Tensor) -> float:
+        flat = [c for g in self.groups for c in g]
+        if not flat:
+            return 0.0
+        hidden = torch.cat([c.edited_hidden(deltas) for c in flat])
+        targets = torch.cat([c.targets for c in flat])
+        nll = F.cross_entropy(F.linear(hidden, embedding).float(), targets, reduction="none")
+        sums = torch.split(nll, [len(c.targets) for c in flat])
+        ok, i = 0, 0
+        for g in self.groups:
+            nlls = [float(sums[i + j].double().sum()) for j in range(len(g))]
+            i += len(g)
+            ok += not is_failure(example_score(self.loss_type, *nlls), self.threshold)
+        return ok / len(self.groups)
+
+
+def _make_optimizer(params, p: FinetuneParams):
+    if p.optimizer == "adam8bit":
+        try:
+            import bitsandbytes as bnb  # type: ignore
+        except ImportError as exc:  # pragma: no cover - optional dependency
+            raise RuntimeError("optimizer 'adam8bit' needs the bitsandbytes package") from exc
+        return bnb.optim.Adam(params, lr=p.lr, betas=p.adam_betas, optim_bits=8)
+    if p.optimizer != "adamw":
+        raise ValueError(f"optimizer: unknown '{p.optimizer}' (adamw, adam8bit)")
+    return torch.optim.AdamW(params, lr=p.lr, betas=p.adam_betas, weight_decay=p.weight_decay)
+
+
+def finetune(model, train: Sequence[EncodedExample], loss_type: LossType, pairs: Sequence[tuple[int, int]],
+             g_chunks: Sequence[torch.Tensor], r_chunks: Sequence[torch.Tensor], params: FinetuneParams,
+             eval_examples: Sequence[EncodedExample] | None = None, threshold: float | None = None,
+             progress: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> FinetuneResult:
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    lt = LossType(loss_type)
+    index = EditIndex(pairs, model.config.num_senses)
+    d = model.config.n_embd
+    E = model.embedding.detach()
+    rng = random.Random(params.seed)
+    torch.manual_seed(params.seed)
+
+    deltas = torch.nn.Parameter(torch.zeros(len(index), d, device=E.device))
+    opt = _make_optimizer([deltas], params) if len(index) else None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(params.epochs, 1)) if opt else None
+
+    train_cache = [cache_sequences(model, list(ex.seqs), index) for ex in train]
+    gl = GLoss(model, g_chunks, index)
+    kl = KLRegularizer(model, r_chunks, index)
+    ev = _EvalCache(model, eval_examples, index, lt, threshold) if (eval_examples and params.eval_every_epoch
+                                                                    and threshold is not None) else None
+
+    caps = params.epoch_cap or {}
+    with torch.no_grad():
+        loss0 = sum(float(training_loss(lt, [c.nll_sum(E, deltas) for c in seqs], [c.scored.n for c in seqs]))
+                    for seqs in train_cache) / max(len(train_cache), 1)
+    history = [EpochRecord(0, loss0, gl.base_mean, 1.0, None, ev.success(E, deltas.detach()) if ev else None)]
+    chosen = {eps: 0 for eps in params.epsilons}
+    kept = {eps: deltas.detach().float().cpu().clone() for eps in params.epsilons}
+    if on_epoch:
+        on_epoch(history[0])
+    steps = counted = 0
+    acc = max(1, params.grad_accum)
+    # with a cap for every ε (sweep reports) training stops at the largest cap; the cosine
+    # schedule keeps its full length so the capped epochs match the selection run's
+    last_epoch = params.epochs
+    if caps and all(eps in caps for eps in params.epsilons):
+        last_epoch = min(params.epochs, max(caps[eps] for eps in params.epsilons))
+    bar = tqdm(range(1, last_epoch + 1), desc="epochs", disable=not progress or not len(index))
+    for epoch in bar:
+        if not len(index):
+            break
+        order = list(range(len(train_cache)))
+        rng.shuffle(order)
+        loss_sum = 0.0
+        pending = 0
+        opt.zero_grad(set_to_none=True)
+        for n_seen, i in enumerate(order, start=1):
+            if params.upstream_grad_bug:
+                opt.zero_grad(set_to_none=True)
+            seqs = train_cache[i]
+            sums = [c.nll_sum(E, deltas) for c in seqs]
+            loss = training_loss(lt, sums, [c.scored.n for c in seqs])
+            total = loss
+            if r_chunks and params.kl_weight:
+                reg = kl.loss(rng.randrange(len(r_chunks)), E, deltas)
+                if reg is not None:
+                    total = total + params.kl_weight * reg
+            scale = 1.0 if params.upstream_grad_bug else 1.0 / acc
+            if total.requires_grad:  # an example none of whose sources carries a selected sense: no gradient
+                (total * scale).backward()
+            loss_sum += float(loss.detach())
+            pending += 1
+            last = n_seen == len(order)
+            if pending == acc or (last and not params.upstream_grad_bug):
+                if params.upstream_grad_bug:
+                    counted += 1
+                else:
+                    counted += pending
+                    if pending < acc and deltas.grad is not None:  # remainder: the mean of what was accumulated
+                        deltas.grad.mul_(acc / pending)
+                if deltas.grad is not None:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
+                pending = 0
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        ratio = gl.ratio(deltas.detach())
+        rec = EpochRecord(epoch, loss_sum / max(len(order), 1), gl.base_mean * ratio, ratio, lr,
+                          ev.success(E, deltas.detach()) if ev else None)
+        history.append(rec)
+        for eps in params.epsilons:
+            if in_ball(ratio, eps) and epoch <= caps.get(eps, math.inf):
+                chosen[eps] = epoch
+                kept[eps] = deltas.detach().float().cpu().clone()
+        log.info("epoch", extra={"fields": {k: v for k, v in rec.__dict__.items()}})
+        bar.set_postfix(loss=f"{rec.train_loss:.4f}", g_ratio=f"{ratio:.6f}")
+        if on_epoch:
+            on_epoch(rec)
+    return FinetuneResult(list(index.pairs), history, chosen, kept, steps, counted)

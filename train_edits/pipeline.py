@@ -1,0 +1,405 @@
+"""The steps of a run, each reading and writing files in the run directory.
+
+    run_dir/
+      config.json            resolved, validated config
+      log.jsonl              structured log (one JSON object per line)
+      selection.json         chosen (token, sense) pairs, per-example top-k with scores
+      training.json          epoch history (train loss, G ratio, success), chosen epoch per ε
+      edits/eps-<ε>.safetensors   token_ids, sense_ids, deltas of the chosen epoch
+      calibration.json       β grid ratios and chosen β per ε (when a large model is configured)
+      report.json, report.md evaluation before/after, Backpack and ensemble
+      packs/<name>-eps<ε>/   edit packs (edits_store format), one per ε
+      plots/*.png            g_ratio.png, success.png, calibration.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .calibrate import calibrate
+from .compute import chunk_batches
+from .config import RunConfig
+from .corpora import corpus_fingerprint, read_chunks
+from .encoding import EncodedExample
+from .evaluate import BackpackScorer, EncodedTask, EnsembleScorer, task_metrics
+from .finetune import FinetuneParams, finetune
+from .report import eps_key, write_reports
+from .selection import background_table, select_senses
+from .tasks import TaskData
+
+log = logging.getLogger("train_edits")
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class JsonLines(logging.Handler):
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        obj = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "event": record.getMessage()}
+        obj.update(getattr(record, "fields", {}) or {})
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(obj, default=str) + "\n")
+
+
+def setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
+    root = logging.getLogger("train_edits")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_train_edits", False):
+            root.removeHandler(h)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        jh = JsonLines(run_dir / "log.jsonl")
+        jh._train_edits = True
+        root.addHandler(jh)
+    sh = logging.StreamHandler()
+    sh.setLevel(logging.INFO if verbose else logging.WARNING)
+    sh.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    sh._train_edits = True
+    root.addHandler(sh)
+    root.propagate = False
+
+
+def event(name: str, **fields) -> None:
+    log.info(name, extra={"fields": fields})
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_backpack(spec: str, device: str = "cpu"):
+    from ensemble.backpack import BackpackConfig, BackpackLM
+
+    if spec == "tiny" or spec.startswith("tiny:"):
+        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        torch.manual_seed(seed)
+        model = BackpackLM(BackpackConfig.tiny())
+        model.name_or_path = spec
+    else:
+        model = BackpackLM.from_pretrained(spec)
+        model.name_or_path = spec
+    return model.to(device).eval()
+
+
+def load_large(spec: str | None, dtype: str | None = None, device: str = "cpu"):
+    if spec is None or spec == "none":
+        return None
+    from ensemble import large_model as lm
+
+    if spec == "tiny-gptj" or spec.startswith("tiny-gptj:"):
+        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        return lm.tiny_gptj(seed=seed).to(device)
+    return lm.load_large_model(spec, dtype=dtype, device=device)
+
+
+class Run:
+    """A run directory with its config, lazily loaded models, data and corpora."""
+
+    def __init__(self, run_dir: str | Path, cfg: RunConfig, progress: bool = True):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.progress = progress
+        (self.dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+        self._backpack = self._large = self._tok = self._task = None
+        self._g = self._r = None
+
+    @property
+    def backpack(self):
+        if self._backpack is None:
+            self._backpack = load_backpack(self.cfg.models.backpack, self.cfg.models.device)
+        return self._backpack
+
+    @property
+    def large(self):
+        if self._large is None and self.cfg.models.large:
+            self._large = load_large(self.cfg.models.large, self.cfg.models.large_dtype, self.cfg.models.device)
+        return self._large
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from ensemble.tokenizer import load_tokenizer
+
+            self._tok = load_tokenizer()
+        return self._tok
+
+    @property
+    def max_len(self) -> int:
+        return int(self.backpack.config.n_positions)
+
+    @property
+    def task(self) -> EncodedTask:
+        if self._task is None:
+            t = self.cfg.task
+            data = TaskData.load(t.name, t.loss_type, t.threshold, t.train, t.eval, t.hard_neg, t.unconditional)
+            self._task = EncodedTask.encode(self.tokenizer, data, self.max_len, t.max_eval, t.max_train)
+            if self._task.truncated:
+                event("truncated", count=self._task.truncated, max_len=self.max_len)
+        return self._task
+
+    def _corpus(self, which: str) -> list[torch.Tensor]:
+        path = getattr(self.cfg.corpora, which)
+        if path is None:
+            raise FileNotFoundError(f"corpora.{which}: no {which.upper()} corpus configured (--{which} FILE); "
+                                    f"build one with `train_edits prepare-corpora`")
+        return read_chunks(path, self.tokenizer, getattr(self.cfg.corpora, f"{which}_limit"), self.max_len)
+
+    @property
+    def g(self) -> list[torch.Tensor]:
+        if self._g is None:
+            self._g = self._corpus("g")
+        return self._g
+
+    @property
+    def r(self) -> list[torch.Tensor]:
+        if self._r is None:
+            self._r = self._corpus("r")
+        return self._r
+
+    def read_json(self, name: str) -> dict:
+        p = self.dir / name
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing; run the earlier step first")
+        return json.loads(p.read_text())
+
+    def write_json(self, name: str, obj) -> Path:
+        p = self.dir / name
+        p.write_text(json.dumps(obj, indent=1, default=str))
+        return p
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def step_select(run: Run) -> dict:
+    seed_everything(run.cfg.train.seed)
+    t0 = time.time()
+    task = run.task
+    bg = background_table(run.backpack, run.r, run.cfg.corpora.batch_size, progress=run.progress)
+    sel = select_senses(run.backpack, task.train, bg, task.loss_type, run.cfg.select.k, run.cfg.select.lam,
+                        progress=run.progress)
+    out = sel.to_json(run.tokenizer)
+    out.update(k=run.cfg.select.k, lam=run.cfg.select.lam, n_examples=len(task.train), r_chunks=len(run.r))
+    run.write_json("selection.json", out)
+    event("selected", pairs=len(sel.pairs), examples=len(task.train), seconds=round(time.time() - t0, 2))
+    return out
+
+
+def finetune_params(cfg: RunConfig) -> FinetuneParams:
+    t = cfg.train
+    return FinetuneParams(lr=t.lr, kl_weight=t.kl_weight, epochs=t.epochs, grad_accum=t.grad_accum,
+                          weight_decay=t.weight_decay, optimizer=t.optimizer, upstream_grad_bug=t.upstream_grad_bug,
+                          seed=t.seed, epsilons=tuple(t.epsilons), eval_every_epoch=t.eval_every_epoch,
+                          epoch_cap={float(k): v for k, v in t.epoch_cap.items()} if t.epoch_cap else None)
+
+
+def edits_path(run: Run, eps: float) -> Path:
+    return run.dir / "edits" / f"eps-{eps_key(eps)}.safetensors"
+
+
+def step_train(run: Run) -> dict:
+    if not (run.dir / "selection.json").is_file():
+        step_select(run)
+    sel = run.read_json("selection.json")
+    pairs = [tuple(p) for p in sel["pairs"]]
+    task = run.task
+    params = finetune_params(run.cfg)
+    seed_everything(params.seed)
+    t0 = time.time()
+    res = finetune(run.backpack, task.train, task.loss_type, pairs, run.g, run.r, params,
+                   eval_examples=task.eval, threshold=task.threshold, progress=run.progress)
+    seconds = time.time() - t0
+    (run.dir / "edits").mkdir(exist_ok=True)
+    tok = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+    sen = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    for eps, d in res.deltas.items():
+        save_file({"token_ids": tok, "sense_ids": sen, "deltas": d.float().contiguous()}, str(edits_path(run, eps)))
+    history = [asdict(h) for h in res.history]
+    out = {
+        "history": history,
+        "chosen_epoch": {eps_key(e): c for e, c in res.chosen_epoch.items()},
+        "g_ratio": {eps_key(e): res.history[c].g_ratio for e, c in res.chosen_epoch.items()},
+        "n_senses": len(pairs), "optimizer_steps": res.optimizer_steps, "examples_counted": res.examples_counted,
+        "seconds": seconds, "seconds_per_epoch": seconds / max(len(history) - 1, 1),
+        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()
+                   if k != "epoch_cap"},
+        "g_chunks": len(run.g), "r_chunks": len(run.r), "g_fingerprint": corpus_fingerprint(run.g),
+    }
+    run.write_json("training.json", out)
+    event("trained", seconds=round(seconds, 2), chosen=out["chosen_epoch"])
+    _plot_training(run, out)
+    return out
+
+
+def _plot_training(run: Run, tr: dict) -> None:
+    from .plots import plot_g_ratio, plot_success
+
+    (run.dir / "plots").mkdir(exist_ok=True)
+    eps = [float(e) for e in tr["chosen_epoch"]]
+    plot_g_ratio(tr["history"], eps, tr["chosen_epoch"], run.dir / "plots" / "g_ratio.png")
+    plot_success(tr["history"], run.dir / "plots" / "success.png")
+
+
+def load_edits(run: Run) -> dict[float, object]:
+    from ensemble.edits import SenseEdits
+
+    tr = run.read_json("training.json")
+    out = {}
+    for e in tr["chosen_epoch"]:
+        t = load_file(str(edits_path(run, float(e))))
+        out[float(e)] = SenseEdits(t["token_ids"], t["sense_ids"], t["deltas"])
+    return out
+
+
+def nonzero_edits(edits):
+    """Drop rows whose Δ is exactly zero (they change nothing); epoch 0 gives an empty edit set."""
+    from ensemble.edits import SenseEdits
+
+    keep = edits.deltas.abs().sum(-1) > 0
+    return SenseEdits(edits.token_ids[keep], edits.sense_ids[keep], edits.deltas[keep])
+
+
+def step_calibrate(run: Run) -> dict | None:
+    if run.large is None:
+        event("calibrate_skipped", reason="no large model configured")
+        return None
+    edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
+    bs = run.cfg.corpora.batch_size
+
+    def batches():
+        for _, ids, mask in chunk_batches(run.g, bs):
+            yield ids, mask
+
+    t0 = time.time()
+    res = calibrate(run.large, run.backpack, batches(), edits, run.cfg.calibrate.grid, progress=run.progress,
+                    total=math.ceil(len(run.g) / bs))
+    from ensemble.large_model import model_fingerprint
+
+    out = res.to_json()
+    out.update(target_model=run.cfg.models.large, target_fingerprint=model_fingerprint(run.large),
+               g_fingerprint=corpus_fingerprint(run.g), seconds=time.time() - t0)
+    run.write_json("calibration.json", out)
+    from .plots import plot_calibration
+
+    (run.dir / "plots").mkdir(exist_ok=True)
+    plot_calibration(out["per_epsilon"], run.dir / "plots" / "calibration.png", run.cfg.models.large or "")
+    event("calibrated", betas={k: v["beta"] for k, v in out["per_epsilon"].items()})
+    return out
+
+
+def step_eval(run: Run) -> dict:
+    task = run.task
+    tr = run.read_json("training.json")
+    edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
+    bp_before = task_metrics(BackpackScorer(run.backpack), task)
+    bp_before["g_ratio"] = 1.0
+    bp_after = {}
+    for e, ed in edits.items():
+        m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None), task)
+        m.update(epoch=tr["chosen_epoch"][eps_key(e)], g_ratio=tr["g_ratio"][eps_key(e)], n_senses=len(ed))
+        bp_after[eps_key(e)] = m
+    report = {"task": task.name, "loss_type": task.loss_type.value, "threshold": task.threshold,
+              "backpack": {"name": run.cfg.models.backpack, "before": bp_before, "after": bp_after},
+              "ensemble": None}
+    cal_path = run.dir / "calibration.json"
+    if run.large is not None and cal_path.is_file():
+        cal = json.loads(cal_path.read_text())
+        before = task_metrics(EnsembleScorer(run.large, run.backpack), task)
+        before["g_ratio"] = 1.0
+        after = {}
+        for e, ed in edits.items():
+            info = cal["per_epsilon"][eps_key(e)]
+            m = task_metrics(EnsembleScorer(run.large, run.backpack, ed, info["beta"]), task)
+            m.update(beta=info["beta"], g_ratio=info["ratio"])
+            after[eps_key(e)] = m
+        report["ensemble"] = {"target": run.cfg.models.large, "before": before, "after": after}
+    write_reports([report], run.dir)
+    event("evaluated", success_before=bp_before["success"],
+          success_after={k: v["success"] for k, v in bp_after.items()})
+    return report
+
+
+def step_pack(run: Run) -> list[Path]:
+    from edits_store.format import CalibrationEntry, build_pack, with_calibration, write_pack
+    from ensemble.tokenizer import tokenizer_fingerprint
+
+    tr = run.read_json("training.json")
+    edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
+    cal = json.loads((run.dir / "calibration.json").read_text()) if (run.dir / "calibration.json").is_file() else None
+    rep = json.loads((run.dir / "report.json").read_text()) if (run.dir / "report.json").is_file() else None
+    bp = run.backpack
+    out = []
+    store = None
+    if run.cfg.store:
+        from edits_store.store import open_store
+
+        store = open_store(run.cfg.store)
+    for e, ed in edits.items():
+        k = eps_key(e)
+        training = {"task": run.cfg.task.name, "loss_type": run.cfg.task.loss_type.value,
+                    "hyperparameters": tr["params"] | {"k": run.cfg.select.k, "lam": run.cfg.select.lam},
+                    "selected_senses": tr["n_senses"], "epochs": len(tr["history"]) - 1,
+                    "last_in_ball_epoch": tr["chosen_epoch"][k], "backpack_ball_ratio": tr["g_ratio"][k],
+                    "g_fingerprint": tr["g_fingerprint"]}
+        evaluation = {}
+        if rep:
+            evaluation = {"backpack": {"before": rep["backpack"]["before"], "after": rep["backpack"]["after"][k]}}
+            if rep.get("ensemble"):
+                evaluation["ensemble"] = {"target": rep["ensemble"]["target"], "before": rep["ensemble"]["before"],
+                                          "after": rep["ensemble"]["after"][k]}
+        pack = build_pack(f"{run.cfg.pack_name}-eps{k}", ed.token_ids.long(), ed.sense_ids.long(),
+                          ed.deltas.float(), backpack_name=run.cfg.models.backpack,
+                          backpack_fingerprint=bp.fingerprint(), tokenizer_fingerprint=tokenizer_fingerprint(run.tokenizer),
+                          vocab_size=int(bp.config.vocab_size), num_senses=int(bp.config.num_senses), epsilon=float(e),
+                          training=_json_safe(training), evaluation=_json_safe(evaluation))
+        if cal:
+            info = cal["per_epsilon"][k]
+            pack = with_calibration(pack, [CalibrationEntry(
+                target_model=str(cal["target_model"]), target_fingerprint=cal["target_fingerprint"],
+                beta=float(info["beta"]), ball_ratio=float(info["ratio"]), g_fingerprint=cal["g_fingerprint"],
+                g_tokens=int(cal["tokens"]), epsilon=float(e))])
+        folder = run.dir / "packs" / pack.name
+        write_pack(pack, folder)
+        out.append(folder)
+        if store is not None:
+            version = store.publish(pack)
+            event("published", pack=pack.name, version=version)
+        event("pack_written", pack=pack.name, folder=str(folder), n=len(ed))
+    return out
+
+
+def _json_safe(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_all(run: Run) -> dict:
+    step_select(run)
+    step_train(run)
+    step_calibrate(run)
+    rep = step_eval(run)
+    step_pack(run)
+    return rep
+
+
+__all__ = ["Run", "setup_logging", "step_select", "step_train", "step_calibrate", "step_eval", "step_pack",
+           "run_all", "load_backpack", "load_large", "EncodedExample"]
