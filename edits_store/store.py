@@ -1,0 +1,457 @@
+"""The versioned pack store: immutable content-named versions, mutable aliases, change notifications.
+
+Guarantees (both backends):
+- a version is named by its content, so ``name@version`` always means the same bytes; re-publishing is a
+  no-op and a "same-name reload" can never serve stale weights: the server compares versions, not names;
+- publishing is atomic (see ``backends``): readers see no version or the complete one, also when the
+  publisher is killed mid-write;
+- every ``load`` fully validates the version (hashes, tensors, compatibility), so a bad pack cannot be served;
+- ``load`` returns tensors in memory: deleting a version never disturbs requests already using it;
+- a version an alias points to cannot be deleted without ``force``.
+
+References: ``name`` (alias ``prod`` if set, else the latest published version), ``name@<16-hex version>``,
+``name@<alias>``, ``name@latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from .backends import DEFAULT_GC_AGE_S, Backend, FsspecBackend, LocalBackend, NameScan
+from .errors import (
+    AliasError,
+    InvalidReferenceError,
+    MissingFileError,
+    PackError,
+    PackNotFoundError,
+    RetentionError,
+    SchemaError,
+)
+from .format import (
+    MANIFEST_FILE,
+    NAME_RE,
+    VERSION_RE,
+    Expectations,
+    PackContents,
+    compute_version,
+    load_from_source,
+    pack_files,
+    utc_now_iso,
+    validate_tensors,
+)
+
+log = logging.getLogger("edits_store.store")
+
+DEFAULT_ALIAS = "prod"
+LATEST = "latest"
+ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One committed version as listed by the store."""
+
+    name: str
+    version: str
+    published_at: str  # ISO 8601 UTC, from the storage's modification time of the manifest
+    aliases: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "published_at": self.published_at,
+                "aliases": list(self.aliases)}
+
+
+@dataclass(frozen=True)
+class StoreEvent:
+    """A change seen by a subscriber.
+
+    kind: ``version_published``, ``version_deleted``, ``alias_moved`` (``previous`` is None when the alias is new)
+    or ``alias_removed`` (``version`` is None, ``previous`` the old target).
+    """
+
+    kind: str
+    name: str
+    alias: str | None = None
+    version: str | None = None
+    previous: str | None = None
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``name`` → (name, None); ``name@x`` → (name, x). InvalidReferenceError on malformed input."""
+    if not isinstance(ref, str) or ref.count("@") > 1:
+        raise InvalidReferenceError(f"malformed pack reference {ref!r}; use name, name@version or name@alias",
+                                    pack=str(ref), check="ref_syntax")
+    name, _, selector = ref.partition("@")
+    if not NAME_RE.match(name):
+        raise InvalidReferenceError(f"pack name {name!r} must match {NAME_RE.pattern}", pack=ref, check="ref_syntax")
+    if _ and not selector:
+        raise InvalidReferenceError(f"empty version/alias after '@' in {ref!r}", pack=ref, check="ref_syntax")
+    return name, (selector or None)
+
+
+def check_alias_name(name: str, alias: str) -> None:
+    if not isinstance(alias, str) or not ALIAS_RE.match(alias) or alias == LATEST or VERSION_RE.match(alias):
+        raise AliasError(f"alias {alias!r} must match {ALIAS_RE.pattern} and be neither 'latest' nor version-like",
+                         pack=name, check="alias_name")
+
+
+class PackStore:
+    """Pack versions and aliases on one backend."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def __repr__(self) -> str:
+        return f"PackStore({self.url!r})"
+
+    # ----------------------------------------------------------------- publish
+
+    def publish(self, pack: PackContents) -> str:
+        """Store ``pack`` as ``<name>/<version>``; returns the version. Idempotent; atomic; re-validates first."""
+        m = pack.manifest
+        if compute_version(m) != m.version:
+            raise SchemaError(f"manifest version {m.version} is not its content hash {compute_version(m)}; "
+                              "build packs with build_pack", pack=m.ref, file=MANIFEST_FILE, check="version")
+        validate_tensors(pack.token_ids, pack.sense_ids, pack.deltas, n=m.n_senses_edited, d_model=m.d_model,
+                         vocab_size=m.vocab_size, num_senses=m.num_senses, pack=m.ref, file=None)
+        if self.backend.version_committed(m.name, m.version):
+            log.info("event=publish_noop pack=%s store=%s", m.ref, self.url)
+            return m.version
+        files = pack_files(pack)
+        created = self.backend.commit_version(m.name, m.version, files)
+        log.info("event=%s pack=%s store=%s bytes=%d", "publish" if created else "publish_noop", m.ref, self.url,
+                 sum(map(len, files.values())))
+        return m.version
+
+    # ----------------------------------------------------------------- resolve / load
+
+    def resolve(self, ref: str) -> tuple[str, str]:
+        """Reference → (name, version) of a committed version; PackNotFoundError if there is none."""
+        name, selector = parse_ref(ref)
+        if selector is None:
+            if self._read_alias(name, DEFAULT_ALIAS) is not None:
+                selector = DEFAULT_ALIAS
+            else:
+                return name, self._latest(name)
+        if VERSION_RE.match(selector):
+            if not self.backend.version_committed(name, selector):
+                raise PackNotFoundError(f"version {selector} does not exist", pack=f"{name}@{selector}",
+                                        check="exists")
+            return name, selector
+        if selector == LATEST:
+            return name, self._latest(name)
+        check_alias_name(name, selector)
+        target = self._read_alias(name, selector)
+        if target is None:
+            raise PackNotFoundError(f"alias {selector!r} is not set", pack=f"{name}@{selector}", check="alias")
+        if not self.backend.version_committed(name, target):
+            raise PackNotFoundError(f"alias {selector!r} points to version {target}, which no longer exists",
+                                    pack=f"{name}@{selector}", check="alias_target")
+        return name, target
+
+    def _latest(self, name: str) -> str:
+        ordered = self._ordered_versions(name)
+        if not ordered:
+            raise PackNotFoundError("no published version", pack=name, check="exists")
+        return ordered[-1][0]
+
+    def _ordered_versions(self, name: str) -> list[tuple[str, float]]:
+        """Committed versions oldest → newest published.
+
+        Object stores list modification times to the second, so versions published within the same second
+        are ordered by their manifests' ``created_at`` (read only for such ties), then by version.
+        """
+        versions = self.backend.list_versions(name)
+        ties = Counter(versions.values())
+
+        def key(item: tuple[str, float]) -> tuple[float, str, str]:
+            version, published = item
+            return published, self._created_at(name, version) if ties[published] > 1 else "", version
+
+        return sorted(versions.items(), key=key)
+
+    def _created_at(self, name: str, version: str) -> str:
+        try:
+            return str(json.loads(self.backend.source(name, version).read(MANIFEST_FILE)).get("created_at", ""))
+        except (OSError, ValueError, AttributeError):
+            return ""
+
+    def load(self, ref: str, expect: Expectations | None = None) -> PackContents:
+        """Resolve and read one version with full validation (hashes, tensors, fingerprints, β)."""
+        name, version = self.resolve(ref)
+        src = self.backend.source(name, version)
+        try:
+            pack = load_from_source(src, expect=expect, expect_name=name, expect_version=version)
+        except (MissingFileError, PackNotFoundError):
+            if not self.backend.version_committed(name, version):
+                raise PackNotFoundError("version was deleted while being read", pack=f"{name}@{version}",
+                                        check="exists") from None
+            raise
+        except PackError as exc:
+            log.warning("event=load_refused pack=%s@%s store=%s error=%s check=%s", name, version, self.url,
+                        type(exc).__name__, exc.check)
+            raise
+        log.info("event=load pack=%s store=%s n=%d", pack.ref, self.url, pack.manifest.n_senses_edited)
+        return pack
+
+    # ----------------------------------------------------------------- listing
+
+    def list_packs(self) -> list[str]:
+        """Names with at least one committed version or alias."""
+        return sorted(self.backend.scan())
+
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        """Committed versions, oldest published first, each with the aliases pointing to it."""
+        by_version: dict[str, list[str]] = {}
+        for alias, version in self.aliases(name).items():
+            by_version.setdefault(version, []).append(alias)
+        return [VersionInfo(name, v, _iso(t), tuple(sorted(by_version.get(v, ()))))
+                for v, t in self._ordered_versions(name)]
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """alias → version for ``name`` (dangling aliases included; ``resolve`` refuses them)."""
+        out = {}
+        for alias, data in self.backend.list_aliases(name).items():
+            out[alias] = self._parse_alias(name, alias, data)
+        return dict(sorted(out.items()))
+
+    def _read_alias(self, name: str, alias: str) -> str | None:
+        data = self.backend.read_alias(name, alias)
+        return None if data is None else self._parse_alias(name, alias, data)
+
+    @staticmethod
+    def _parse_alias(name: str, alias: str, data: bytes) -> str:
+        try:
+            doc = json.loads(data)
+            version = doc["version"]
+        except (ValueError, KeyError, TypeError):
+            raise AliasError("alias document is not valid JSON with a 'version'", pack=f"{name}@{alias}",
+                             file=f"_aliases/{alias}.json", check="alias_json") from None
+        if not isinstance(version, str) or not VERSION_RE.match(version):
+            raise AliasError(f"alias points to malformed version {version!r}", pack=f"{name}@{alias}",
+                             file=f"_aliases/{alias}.json", check="alias_json")
+        return version
+
+    # ----------------------------------------------------------------- aliases
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point ``name@alias`` at a committed ``version`` (atomic flip). PackNotFoundError if it does not exist."""
+        check_alias_name(name, alias)
+        if not isinstance(version, str) or not VERSION_RE.match(version):
+            raise InvalidReferenceError(f"{version!r} is not a version (16 hex chars); resolve references first",
+                                        pack=name, check="ref_syntax")
+        with self.backend.lock(name):
+            if not self.backend.version_committed(name, version):
+                raise PackNotFoundError(f"cannot point alias {alias!r} at missing version {version}",
+                                        pack=f"{name}@{version}", check="exists")
+            previous = self._read_alias_lenient(name, alias)
+            doc = {"name": name, "alias": alias, "version": version, "previous": previous, "updated_at": utc_now_iso()}
+            self.backend.write_alias(name, alias, json.dumps(doc, sort_keys=True).encode("utf-8"))
+        log.info("event=alias_set pack=%s alias=%s version=%s previous=%s store=%s", name, alias, version, previous,
+                 self.url)
+
+    def _read_alias_lenient(self, name: str, alias: str) -> str | None:
+        try:
+            return self._read_alias(name, alias)
+        except AliasError:
+            return None  # a corrupt alias is being overwritten: that is the repair
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        check_alias_name(name, alias)
+        with self.backend.lock(name):
+            if not self.backend.remove_alias(name, alias):
+                raise PackNotFoundError(f"alias {alias!r} is not set", pack=f"{name}@{alias}", check="alias")
+        log.info("event=alias_removed pack=%s alias=%s store=%s", name, alias, self.url)
+
+    # ----------------------------------------------------------------- deletion / retention
+
+    def delete_version(self, name: str, version: str, force: bool = False) -> None:
+        """Delete a version. RetentionError if an alias points to it, unless ``force`` (which drops those aliases)."""
+        if not VERSION_RE.match(version or ""):
+            raise InvalidReferenceError(f"{version!r} is not a version", pack=name, check="ref_syntax")
+        with self.backend.lock(name):
+            if not self.backend.version_committed(name, version):
+                raise PackNotFoundError("no such version", pack=f"{name}@{version}", check="exists")
+            holders = sorted(a for a, v in self.aliases(name).items() if v == version)
+            if holders and not force:
+                raise RetentionError(f"aliases {holders} point to this version; move them or use force",
+                                     pack=f"{name}@{version}", check="retention")
+            for alias in holders:
+                self.backend.remove_alias(name, alias)
+            self.backend.remove_version(name, version)
+        log.info("event=version_deleted pack=%s@%s force=%s dropped_aliases=%s store=%s", name, version, force,
+                 ",".join(holders) or "-", self.url)
+
+    def prune(self, name: str, keep: int) -> list[str]:
+        """Delete all but the ``keep`` most recently published versions, never one an alias points to."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        infos = self.list_versions(name)  # oldest first
+        older = infos[: len(infos) - keep] if keep else infos
+        doomed = [i for i in older if not i.aliases]
+        deleted = []
+        for info in doomed:
+            try:
+                self.delete_version(name, info.version)
+                deleted.append(info.version)
+            except (RetentionError, PackNotFoundError):
+                continue  # an alias moved onto it meanwhile, or someone else deleted it
+        return deleted
+
+    def gc(self, older_than_s: float = DEFAULT_GC_AGE_S) -> list[str]:
+        """Remove invisible leftovers of killed publishers older than ``older_than_s`` seconds."""
+        return self.backend.gc(older_than_s)
+
+    # ----------------------------------------------------------------- notifications
+
+    def subscribe(self, callback: Callable[[StoreEvent], Any], interval_s: float = 1.0,
+                  names: Iterable[str] | None = None) -> "Subscription":
+        """Poll the store every ``interval_s`` and call ``callback`` for each change (in a background thread).
+
+        The state at subscription time is the baseline (no events for it). Works identically on every backend;
+        callback exceptions are logged and do not stop the subscription.
+        """
+        return Subscription(self, callback, interval_s, None if names is None else set(names))
+
+
+class Subscription:
+    """A polling watcher; ``close()`` stops it. Also usable as a context manager."""
+
+    def __init__(self, store: PackStore, callback: Callable[[StoreEvent], Any], interval_s: float,
+                 names: set[str] | None):
+        if interval_s <= 0:
+            raise ValueError("interval_s must be > 0")
+        self.store = store
+        self.callback = callback
+        self.interval_s = interval_s
+        self.names = names
+        self._stop = threading.Event()
+        self._alias_cache: dict[tuple[str, str], tuple[Any, str | None]] = {}
+        self._state = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="pack-store-subscription", daemon=True)
+        self._thread.start()
+
+    def _snapshot(self) -> dict[str, tuple[set[str], dict[str, str | None]]]:
+        """name → (versions, alias → version); alias files are re-read only when their token changed."""
+        scan: dict[str, NameScan] = self.store.backend.scan()
+        state = {}
+        for name, ns in scan.items():
+            if self.names is not None and name not in self.names:
+                continue
+            aliases = {}
+            for alias, token in ns.alias_tokens.items():
+                cached = self._alias_cache.get((name, alias))
+                if cached is None or cached[0] != token:
+                    try:
+                        version = self.store._read_alias(name, alias)
+                    except AliasError:
+                        version = None
+                    cached = (token, version)
+                    self._alias_cache[(name, alias)] = cached
+                if cached[1] is not None:
+                    aliases[alias] = cached[1]
+            state[name] = (set(ns.versions), aliases)
+        return state
+
+    @staticmethod
+    def diff(old: dict, new: dict) -> list[StoreEvent]:
+        events = []
+        for name in sorted(set(old) | set(new)):
+            old_versions, old_aliases = old.get(name, (set(), {}))
+            new_versions, new_aliases = new.get(name, (set(), {}))
+            events += [StoreEvent("version_published", name, version=v) for v in sorted(new_versions - old_versions)]
+            for alias in sorted(set(old_aliases) | set(new_aliases)):
+                before, after = old_aliases.get(alias), new_aliases.get(alias)
+                if after is not None and after != before:
+                    events.append(StoreEvent("alias_moved", name, alias=alias, version=after, previous=before))
+                elif after is None and before is not None:
+                    events.append(StoreEvent("alias_removed", name, alias=alias, previous=before))
+            events += [StoreEvent("version_deleted", name, version=v) for v in sorted(old_versions - new_versions)]
+        return events
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                new_state = self._snapshot()
+            except Exception:  # storage hiccup: keep the old baseline and try again
+                log.exception("event=subscription_poll_failed store=%s", self.store.url)
+                continue
+            events = self.diff(self._state, new_state)
+            self._state = new_state
+            for event in events:
+                if self._stop.is_set():
+                    return
+                log.info("event=store_change kind=%s pack=%s alias=%s version=%s previous=%s", event.kind,
+                         event.name, event.alias, event.version, event.previous)
+                try:
+                    self.callback(event)
+                except Exception:
+                    log.exception("event=subscriber_callback_failed kind=%s pack=%s", event.kind, event.name)
+
+    def close(self) -> None:
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- open_store
+
+
+def _s3_filesystem(storage_options: dict[str, Any]) -> Any:
+    import fsspec
+
+    opts = dict(storage_options)
+    endpoint = opts.pop("endpoint_url", None) or os.environ.get("SENSEPACK_S3_ENDPOINT_URL") \
+        or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    opts.setdefault("use_listings_cache", False)  # a cached listing would hide new versions and aliases
+    opts.setdefault("skip_instance_cache", True)
+    return fsspec.filesystem("s3", **opts)
+
+
+def open_store(url: str | os.PathLike, **storage_options: Any) -> PackStore:
+    """``/path``, ``relative/path`` or ``file:///path`` → local directory; ``s3://bucket/prefix`` → S3 via fsspec
+    (``endpoint_url`` from kwargs, ``SENSEPACK_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``;
+    credentials the usual AWS way); any other ``proto://`` → that fsspec filesystem."""
+    url = os.fspath(url)
+    if "://" not in url:
+        return PackStore(LocalBackend(url))
+    protocol, _, rest = url.partition("://")
+    if protocol == "file":
+        return PackStore(LocalBackend("/" + rest.lstrip("/")))
+    if protocol in ("s3", "s3a"):
+        if not rest.strip("/"):
+            raise InvalidReferenceError(f"store url {url!r} names no bucket", check="store_url")
+        return PackStore(FsspecBackend(_s3_filesystem(storage_options), rest.strip("/"), url))
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    return PackStore(FsspecBackend(fs, root, url))
+
+
+__all__ = ["PackStore", "Subscription", "StoreEvent", "VersionInfo", "open_store", "parse_ref", "DEFAULT_ALIAS",
+           "LATEST"]
