@@ -15,7 +15,7 @@ inside the processor is the median):
 
 Model sizes follow bench/bench_core.py's end-to-end case: a GPT-J with n_embd 1024, 16 layers,
 head_dim 64 (random weights, float32), and a Backpack of n_embd 256, 4 layers, 8 senses.
-Results: bench/RESULTS-vllm.md.
+Results: bench/RESULTS.md (vLLM section).
 """
 from __future__ import annotations
 
