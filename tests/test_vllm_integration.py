@@ -16,21 +16,9 @@ import os
 
 import pytest
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from tests.vllm_gate import require_vllm  # noqa: E402
 
-try:
-    import vllm  # noqa: F401
-    _VLLM_ERROR = None
-except Exception as e:  # not installed (main venv) or a broken install
-    _VLLM_ERROR = f"{type(e).__name__}: {e}"
-
-if _VLLM_ERROR is not None:
-    if os.environ.get("SENSEPACK_REQUIRE_VLLM"):
-        raise RuntimeError(f"SENSEPACK_REQUIRE_VLLM is set but vllm does not import: {_VLLM_ERROR}")
-    pytest.skip(f"vLLM is not installed here ({_VLLM_ERROR.splitlines()[0][:120]}); "
-                "run `make test-vllm` (scripts/test-vllm.sh builds .venv-vllm)", allow_module_level=True)
+require_vllm()
 
 
 from ensemble.demo import demo_pack, tiny_backpack  # noqa: E402

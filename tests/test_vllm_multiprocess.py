@@ -15,17 +15,9 @@ import textwrap
 
 import pytest
 
-try:
-    import vllm  # noqa: F401
-    _VLLM_ERROR = None
-except Exception as e:
-    _VLLM_ERROR = f"{type(e).__name__}: {e}"
+from tests.vllm_gate import require_vllm  # noqa: E402
 
-if _VLLM_ERROR is not None:
-    if os.environ.get("SENSEPACK_REQUIRE_VLLM"):
-        raise RuntimeError(f"SENSEPACK_REQUIRE_VLLM is set but vllm does not import: {_VLLM_ERROR}")
-    pytest.skip(f"vLLM is not installed here ({_VLLM_ERROR.splitlines()[0][:120]}); "
-                "run `make test-vllm` (scripts/test-vllm.sh builds .venv-vllm)", allow_module_level=True)
+require_vllm(in_process=False)
 
 SCRIPT = textwrap.dedent('''
     import json, sys
