@@ -167,3 +167,41 @@ def test_paired_nll_equals_core_scoring():
         assert a[i] == pytest.approx(-float(base[i].double().sum()), rel=1e-5)
         assert b[i] == pytest.approx(-float(packed[i].double().sum()), rel=1e-5)
     assert a[1] == b[1] and b[0] != a[0] and b[2] != a[2]      # exact skip without an edited token
+
+
+def test_gate_refuses_a_pack_trained_out_of_the_ball(tmp_path):
+    """A pack from train_edits' sense finetuning, trained hard (no KL, high lr) on common tokens and
+    published as if calibrated for a tight ball: the gate measures it through the serving path and refuses it."""
+    from train_edits.encoding import encode_example
+    from train_edits.finetune import FinetuneParams, finetune
+    from train_edits.tasks import LossType, SingleExample
+
+    served = demo_served()
+    tok, bp = served.tokenizer, served.ensemble.backpack
+    ids = sorted({i for w in [" the", ",", ".", " and", " of"] for i in tok(w).input_ids})
+    pairs = [(t, s) for t in ids for s in range(bp.config.num_senses)]
+    examples = [encode_example(tok, SingleExample("The cat, the dog and the bird.", " zebra zebra zebra", i))
+                for i in range(4)]
+    text = "The history of the city, and of the people. The end of the story, and the start of the next one. " * 3
+    chunk = torch.tensor(tok(text).input_ids[:64])
+    # ε = 1.0 keeps the last epoch, whatever its ratio: the pack is out of any tight ball.
+    res = finetune(bp, examples, LossType("good"), pairs, [chunk], [chunk],
+                   FinetuneParams(lr=5.0, kl_weight=0.0, epochs=4, epsilons=(1.0,)), progress=False)
+    assert res.chosen_epoch[1.0] == 4 and res.history[-1].g_ratio > 1 + EPS  # the Backpack itself left the ball
+    trained = SenseEdits(torch.tensor([p[0] for p in res.pairs]), torch.tensor([p[1] for p in res.pairs]),
+                         res.deltas[1.0])
+    store = open_store(str(tmp_path))
+    good = publish_edits(store, served, "capitals", demo_variant(served, " Paris"), beta=1.0, epsilon=EPS, alias="prod")
+    bad = publish_edits(store, served, "capitals", trained, beta=1.0, epsilon=EPS,
+                        training={"note": "trained without KL at lr 5; calibrated for a tight ball by mistake"})
+    with running_server(tmp_path, served, **{"packs.preload": ["capitals@prod"]}) as server:
+        adm = admin_pb_grpc.PackAdminStub(channel(server))
+        with pytest.raises(grpc.RpcError) as ei:
+            adm.SetAlias(admin_pb.SetAliasRequest(name="capitals", alias="prod", version=bad), metadata=auth())
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        m = re.search(r"ratio ([0-9.]+) > 1\+epsilon", ei.value.details())
+        assert m and float(m.group(1)) > 1 + EPS, ei.value.details()
+        assert store.resolve("capitals@prod") == ("capitals", good)
+        r = Client(f"127.0.0.1:{server.port}").generate("The capital of Mauritius is", packs=["capitals@prod"],
+                                                         max_new_tokens=2)
+        assert r.packs[0].version == good

@@ -77,7 +77,6 @@ class FinetuneResult:
     deltas: dict[float, torch.Tensor]  # per ε: (n, d) of the chosen epoch
     optimizer_steps: int = 0
     examples_counted: int = 0
-    epoch_deltas: list[torch.Tensor] = field(default_factory=list)
 
 
 class _EvalCache:
