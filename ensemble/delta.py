@@ -9,6 +9,7 @@ Backpack at all (exact skip).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -152,8 +153,6 @@ class DeltaTracker:
         Returns (deltas (n, 50257), active (n,) bool); inactive rows are exact
         zeros and cost nothing on the Backpack side.
         """
-        import time
-
         seqs = [self._seqs[s] for s in seq_ids]
         active = torch.tensor([s.touched for s in seqs], dtype=torch.bool)
         self.stats.exact_skip_rows += int((~active).sum())

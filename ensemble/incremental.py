@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backpack import BackpackLM, causal_allowed
+from .backpack import BackpackLM, add_sense_edits, causal_allowed
 
 
 @dataclass
@@ -143,11 +143,10 @@ def decode_step(model: BackpackLM, cache: BackpackCache, next_tokens: torch.Tens
     """Append one token per row and return α of that token over the row's window, (b, k, capacity).
 
     `advance` (bool, b) marks the rows that really take a token this step; the
-    others compute on a placeholder that is written past their length (never
-    visible, overwritten by their next real token) and keep their `last_alpha`.
+    others compute on a placeholder that is never written to the cache, and keep
+    their `last_alpha`.
     Rows must have room (lengths < capacity): `slide_windows` first.
     """
-    cfg = model.config
     b = cache.batch_size
     device = next_tokens.device
     if advance is None:
@@ -192,8 +191,6 @@ def slide_windows(model: BackpackLM, cache: BackpackCache, rows_needing_room: to
 def backpack_logits(model: BackpackLM, cache: BackpackCache, alpha: torch.Tensor, sense_edits=None) -> torch.Tensor:
     """Full Backpack next-token logits from an α row: runs the sense network (checks and demos only;
     serving never needs it)."""
-    from .backpack import add_sense_edits
-
     senses = model.sense_vectors(cache.tokens)  # (b, k, cap, d)
     if sense_edits is not None:
         senses = add_sense_edits(senses, cache.tokens, sense_edits)

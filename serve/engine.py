@@ -93,6 +93,8 @@ class EngineStopped(RequestError):
 
 
 class Engine:
+    log_name = "engine"
+
     def __init__(self, ensemble, tokenizer, limits, metrics, lane_every_steps: int = 8):
         self.ensemble = ensemble
         self.tokenizer = tokenizer
@@ -225,10 +227,14 @@ class Engine:
                     self._step()
                 self._run_jobs()
             except Exception as e:  # the engine must survive one bad step
-                log.exception("engine step failed", extra={"event": "engine_error"})
+                log.exception(f"{self.log_name} step failed", extra={"event": "engine_error"})
                 for seq in list(self._running.values()):
                     self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}")
-                self._session = self.ensemble.new_batch()
+                self._recover()
+
+    def _recover(self) -> None:
+        """After a failed step every running request has been finished: start from an empty batch."""
+        self._session = self.ensemble.new_batch()
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -267,13 +273,8 @@ class Engine:
         self.metrics.running.set(len(self._running))
 
     def _core_stats(self) -> tuple[int, int, float]:
-        st = getattr(self.ensemble, "stats", None)
-        if st is None:
-            return 0, 0, 0.0
-        skip = getattr(st, "exact_skip_steps", None)
-        if skip is None:
-            skip = getattr(st, "exact_skip_rows", 0)
-        return int(skip), int(getattr(st, "window_reprefills", 0)), float(getattr(st, "backpack_seconds", 0.0))
+        st = self.ensemble.stats
+        return st.exact_skip_rows, st.window_reprefills, st.backpack_seconds
 
     def _sync_core_stats(self, before: tuple[int, int, float]) -> None:
         """Export the core's counters for this step (row-steps skipped, window re-prefills, Backpack time)."""

@@ -153,15 +153,19 @@ def _request_id(rid: str) -> str:
     return rid or uuid.uuid4().hex
 
 
+def _input_ids(req, oneof: str, text_field: str, ids_field: str, what: str, tokenizer, limit: int):
+    """The request's text (tokenized) or token ids, whichever the `oneof` holds: (field set, ids)."""
+    which = req.WhichOneof(oneof)
+    if which is None:
+        raise invalid(oneof, f"a {what} is required: set {text_field} or {ids_field}")
+    if which == text_field:
+        return which, _tokenize_text(tokenizer, getattr(req, text_field), text_field, limit, what)
+    return which, _check_ids(getattr(req, ids_field).ids, f"{ids_field}.ids", limit, what)
+
+
 def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int) -> GenerationRequest:
     rid = _request_id(req.request_id)
-    which = req.WhichOneof("input")
-    if which is None:
-        raise invalid("input", "a prompt is required: set text or token_ids")
-    if which == "text":
-        prompt = _tokenize_text(tokenizer, req.text, "text", limits.max_prompt_tokens, "prompt")
-    else:
-        prompt = _check_ids(req.token_ids.ids, "token_ids.ids", limits.max_prompt_tokens, "prompt")
+    which, prompt = _input_ids(req, "input", "text", "token_ids", "prompt", tokenizer, limits.max_prompt_tokens)
 
     s, st, ro = req.sampling, req.stopping, req.response
     if s.method not in (pb.GREEDY, pb.SAMPLE):
@@ -221,13 +225,8 @@ def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int)
 
 def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int) -> ScoreRequest:
     rid = _request_id(req.request_id)
-    which = req.WhichOneof("prefix")
-    if which is None:
-        raise invalid("prefix", "a prefix is required: set prefix_text or prefix_token_ids")
-    if which == "prefix_text":
-        prefix = _tokenize_text(tokenizer, req.prefix_text, "prefix_text", limits.max_prompt_tokens, "prefix")
-    else:
-        prefix = _check_ids(req.prefix_token_ids.ids, "prefix_token_ids.ids", limits.max_prompt_tokens, "prefix")
+    _, prefix = _input_ids(req, "prefix", "prefix_text", "prefix_token_ids", "prefix", tokenizer,
+                           limits.max_prompt_tokens)
     if not req.continuations:
         raise invalid("continuations", "at least one continuation is required")
     if len(req.continuations) > limits.max_continuations:

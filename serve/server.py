@@ -128,29 +128,37 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
 
     # ---- RPCs
-    def Generate(self, request, context):
-        tracked = _Tracked(self.srv.metrics, "Generate")
+    def _start(self, request, context, tracked):
+        """Admit the request; the response head every Generate / GenerateStream reply starts with."""
         try:
             req, admission, seq = self._admit(request, context, tracked)
         except RequestError as e:
             self._fail(context, tracked, e)
         except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
             self._internal(context, tracked, e)
-        resp = pb.GenerateResponse(request_id=req.request_id, input_token_count=len(req.prompt_ids))
+        head = pb.GenerateResponse(request_id=req.request_id, input_token_count=len(req.prompt_ids))
         if req.want_input_tokens:
-            resp.input_token_ids.extend(req.prompt_ids)
-        resp.packs.extend(self._pack_used(admission))
+            head.input_token_ids.extend(req.prompt_ids)
+        head.packs.extend(self._pack_used(admission))
         if seq.seed is not None:
-            resp.seed = seq.seed
+            head.seed = seq.seed
+        return req, seq, head
+
+    def _abort_if_failed(self, context, tracked, ev: eng.FinishEvent) -> None:
+        if ev.reason in _FAIL:
+            tracked.record(_FAIL[ev.reason])
+            context.abort(_FAIL[ev.reason], f"generation {ev.reason.lower()}"
+                          + (f": {ev.error}" if ev.error else "") + f" after {len(ev.output_ids)} tokens")
+
+    def Generate(self, request, context):
+        tracked = _Tracked(self.srv.metrics, "Generate")
+        req, seq, resp = self._start(request, context, tracked)
         for ev in self._events(seq, context):
             if isinstance(ev, eng.TokenEvent):
                 if req.want_tokens:
                     resp.tokens.append(self._token_info(ev, req))
                 continue
-            if ev.reason in _FAIL:
-                tracked.record(_FAIL[ev.reason])
-                context.abort(_FAIL[ev.reason], f"generation {ev.reason.lower()}"
-                              + (f": {ev.error}" if ev.error else "") + f" after {len(ev.output_ids)} tokens")
+            self._abort_if_failed(context, tracked, ev)
             if ev.last is not None and req.want_tokens:
                 resp.tokens.append(self._token_info(ev.last, req))
             resp.text = ev.text
@@ -162,18 +170,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def GenerateStream(self, request, context):
         tracked = _Tracked(self.srv.metrics, "GenerateStream")
-        try:
-            req, admission, seq = self._admit(request, context, tracked)
-        except RequestError as e:
-            self._fail(context, tracked, e)
-        except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
-            self._internal(context, tracked, e)
-        first = pb.GenerateResponse(request_id=req.request_id, input_token_count=len(req.prompt_ids))
-        if req.want_input_tokens:
-            first.input_token_ids.extend(req.prompt_ids)
-        first.packs.extend(self._pack_used(admission))
-        if seq.seed is not None:
-            first.seed = seq.seed
+        req, seq, first = self._start(request, context, tracked)
         yield first
         try:
             for ev in self._events(seq, context):
@@ -184,10 +181,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         msg.tokens.append(self._token_info(ev, req))
                     yield msg
                     continue
-                if ev.reason in _FAIL:
-                    tracked.record(_FAIL[ev.reason])
-                    context.abort(_FAIL[ev.reason], f"generation {ev.reason.lower()}"
-                                  + (f": {ev.error}" if ev.error else "") + f" after {len(ev.output_ids)} tokens")
+                self._abort_if_failed(context, tracked, ev)
                 tracked.record(grpc.StatusCode.OK)
                 msg = pb.GenerateResponse(request_id=req.request_id, text=ev.text_delta,
                                           generated_token_count=len(ev.output_ids), stop_reason=_STOP[ev.reason],
@@ -425,8 +419,6 @@ class SensepackServer:
 
     # ---- info
     def model_info(self) -> pb.ModelInfoResponse:
-        from ensemble.tokenizer import tokenizer_fingerprint
-
         ens, lim = self.ensemble, self.cfg.limits
         large, bp = ens.large, ens.backpack
         p0 = next(large.parameters())

@@ -244,7 +244,7 @@ def _pack(run):
 
 @_step("run", "select → train → calibrate → eval → pack, in one run directory.")
 def _run(run):
-    from .pipeline import run_all, step_pack
+    from .pipeline import run_all
 
     run_all(run)
     return {"report": str(run.dir / "report.md"), "packs": sorted(str(p) for p in (run.dir / "packs").iterdir())}

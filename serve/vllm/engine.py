@@ -29,7 +29,7 @@ import os
 import time
 
 from ensemble.vocab import EOS_TOKEN_ID
-from serve.engine import CANCELLED, ERROR, Engine, Sequence
+from serve.engine import Engine, Sequence
 
 from . import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN
 from .args import build_extra_args
@@ -91,6 +91,7 @@ class _Aborter:
 
 
 class VLLMEngine(Engine):
+    log_name = "vllm engine"
     def __init__(self, engine_args: dict, tokenizer, limits, metrics, backpack=None, pack_source=None,
                  ensemble=None, lane_every_steps: int = 8, v2_model_runner: bool | None = None,
                  in_process: bool | None = None):
@@ -133,31 +134,8 @@ class VLLMEngine(Engine):
         self._thread = threading.Thread(target=self._loop, name="sensepack-vllm-engine", daemon=True)
         self._thread.start()
 
-    # ------------------------------------------------------------ loop
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._stop or self._waiting or self._running or self._high or self._low):
-                    self._cond.wait()
-                if self._stop:
-                    leftovers = list(self._waiting) + list(self._running.values())
-                    self._waiting.clear()
-                else:
-                    leftovers = None
-            if leftovers is not None:
-                for seq in leftovers:
-                    self._finish(seq, seq.cancel_reason or CANCELLED)
-                return
-            try:
-                self._reap()
-                self._admit()
-                if self._running:
-                    self._step()
-                self._run_jobs()
-            except Exception as e:  # the engine must survive one bad step
-                log.exception("vllm engine step failed", extra={"event": "engine_error"})
-                for seq in list(self._running.values()):
-                    self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}")
+    def _recover(self) -> None:
+        """The vLLM engine keeps its own batch; the finished requests were aborted there."""
 
     def _sampling_params(self, seq: Sequence):
         from vllm import SamplingParams
