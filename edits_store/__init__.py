@@ -1,11 +1,13 @@
 """sensepack edit-pack store: pack format, validation, fingerprints, versioned store, aliases, notifications.
 
-Imports only the stdlib, torch (tensors), safetensors, fsspec, pydantic (and click for ``edits_store.cli``);
+Imports only the stdlib, torch (tensors), safetensors, fsspec, pydantic (click for ``edits_store.cli``,
+cryptography for ``edits_store.signing``);
 never ``ensemble``, ``train_edits`` or ``serve`` (DESIGN §2).
 """
 
 from .errors import (
     AliasError,
+    ConcurrentUpdateError,
     DuplicatePairError,
     HashMismatchError,
     IncompatiblePackError,
@@ -18,9 +20,12 @@ from .errors import (
     RetentionError,
     SchemaError,
     SenseIdRangeError,
+    SignatureError,
+    StoreIOError,
     TensorFormatError,
     TokenIdRangeError,
     TruncatedFileError,
+    UnsafeFileError,
 )
 from .format import (
     SCHEMA_VERSION,
@@ -41,4 +46,5 @@ __all__ = [
     "PackError", "SchemaError", "MissingFileError", "HashMismatchError", "TruncatedFileError", "TensorFormatError",
     "DuplicatePairError", "TokenIdRangeError", "SenseIdRangeError", "NonFiniteError", "IncompatiblePackError",
     "MissingBetaError", "PackNotFoundError", "InvalidReferenceError", "AliasError", "RetentionError",
+    "UnsafeFileError", "SignatureError", "ConcurrentUpdateError", "StoreIOError",
 ]

@@ -113,8 +113,32 @@ class RetentionError(PackError):
     status = "FAILED_PRECONDITION"
 
 
+class UnsafeFileError(PackError):
+    """A pack file or folder is not a regular file/directory inside the store (a FIFO, a device, a symlink), or is
+    larger than the schema allows; refused before it is read, so it can neither hang nor exhaust memory."""
+
+
+class SignatureError(PackError):
+    """The pack is unsigned, signed by a key that is not trusted, or its signature does not verify."""
+
+    status = "PERMISSION_DENIED"
+
+
+class ConcurrentUpdateError(PackError):
+    """Another writer changed the same object first (a conditional write failed) or held it too long; retry."""
+
+    status = "ABORTED"
+
+
+class StoreIOError(PackError):
+    """The storage refused an operation (disk full, read-only store, permission denied, I/O error)."""
+
+    status = "UNAVAILABLE"
+
+
 __all__ = [
     "PackError", "SchemaError", "MissingFileError", "HashMismatchError", "TruncatedFileError", "TensorFormatError",
     "DuplicatePairError", "TokenIdRangeError", "SenseIdRangeError", "NonFiniteError", "IncompatiblePackError",
     "MissingBetaError", "PackNotFoundError", "InvalidReferenceError", "AliasError", "RetentionError",
+    "UnsafeFileError", "SignatureError", "ConcurrentUpdateError", "StoreIOError",
 ]

@@ -1,29 +1,28 @@
 """Edit-pack format (DESIGN §3): ``senses.safetensors`` + ``manifest.json``.
 
-A pack version is named by its content: ``version`` is the first 16 hex chars
-of the sha256 of the canonical manifest JSON *without* ``version`` and
-``created_at``. The manifest records the sha256 of ``senses.safetensors``, so the
-version transitively covers the tensors, the Backpack/tokenizer fingerprints,
-the calibration entries and the training/evaluation records: identical content
-gives an identical version, any change gives a new one.
+A pack version is named by its content: ``version`` is the first 32 hex chars (128 bits) of the sha256 of the
+canonical JSON (sorted keys, no whitespace, RFC 8785-style) of the manifest *as written on disk*, minus
+``version`` and ``created_at``. The manifest records the sha256 of ``senses.safetensors``, so the version
+covers the tensors, the Backpack/tokenizer fingerprints, the calibration entries and the training/evaluation
+records byte for byte: the hash is taken over the parsed file, not over a model's re-serialisation, so NaN,
+Infinity, 1e400 (→ inf) and duplicate keys are refused instead of silently collapsing to one value.
 
-Reading validates everything, in this order (first failure wins):
-manifest JSON → schema version → manifest fields → version = content hash →
-each file present, sha256 (truncation diagnosed separately) → tensor names,
-dtypes, shapes → NaN/Inf → token/sense id ranges → unique pairs → the
-expectations of the caller (Backpack/tokenizer fingerprints, width, β for the
-served target model).
+Reading is one pipeline; every failure is a typed ``PackError`` naming the check (first failure wins):
+bounded read of manifest.json (regular file, no symlink, ≤ 1 MiB) → strict JSON (depth, duplicates,
+non-finite numbers) → schema version → fields → version = content hash → for each listed file: bounded read
+(regular file, no symlink, size ≤ the cap implied by the declared n × d) hashed while it is read → sha256
+(truncation diagnosed separately) → only then parse: safetensors header, tensor names, dtypes, shapes →
+NaN/Inf → token/sense id ranges → unique pairs → signature (when the caller trusts keys) → the expectations of
+the caller (Backpack/tokenizer fingerprints, width, β for the served target model).
 
-Reading is tuned for the serving hot path: the tensor file is read once into
-one buffer while a second thread hashes it chunk by chunk (hashlib releases
-the GIL), and the tensors are zero-copy views of that buffer. Structural
-checks run while the hash finishes; a hash mismatch always takes precedence
-over any structural error (a flipped byte must be reported as corruption, not
-as, say, a NaN).
+Reading is tuned for the serving hot path: the tensor file is read once into one buffer while a second thread
+hashes the chunks already read (hashlib releases the GIL); that thread is joined before the read returns, on
+every path. The tensors are zero-copy views of that buffer.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ import math
 import os
 import queue
 import re
+import stat
 import struct
 import threading
 from collections.abc import Iterable, Mapping
@@ -53,9 +53,12 @@ from .errors import (
     PackNotFoundError,
     SchemaError,
     SenseIdRangeError,
+    SignatureError,
+    StoreIOError,
     TensorFormatError,
     TokenIdRangeError,
     TruncatedFileError,
+    UnsafeFileError,
 )
 
 log = logging.getLogger("edits_store.format")
@@ -63,12 +66,20 @@ log = logging.getLogger("edits_store.format")
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSOR_FILE = "senses.safetensors"
+SIGNATURE_FILE = "signature.json"  # beside the manifest, not listed in it: a signature is about the content
 TENSOR_NAMES = ("token_ids", "sense_ids", "deltas")
-VERSION_LENGTH = 16
+VERSION_LENGTH = 32  # hex chars: 128 bits of sha256
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
-SHA256_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+# \A...\Z, not ^...$: "$" also matches before a trailing newline, which let "demo\n" through.
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+VERSION_RE = re.compile(r"\A[0-9a-f]{32}\Z")
+SHA256_HEX_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+
+# Read caps: a file larger than its cap is refused before a byte of it is read.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SAFETENSORS_HEADER_BYTES = 1 << 16  # three tensor entries and a small __metadata__ fit in far less
+MAX_SIGNATURE_BYTES = 4096
+MAX_JSON_DEPTH = 32
 
 _HASH_CHUNK = 1 << 21  # 2 MiB: small enough to overlap reading and hashing, large enough to amortise queue costs
 _ST_DTYPES = {"I64": torch.int64, "F32": torch.float32}
@@ -213,12 +224,12 @@ class Manifest(BaseModel):
     @field_validator("files")
     @classmethod
     def _files(cls, v: dict[str, str]) -> dict[str, str]:
-        if TENSOR_FILE not in v:
-            raise ValueError(f"files must list {TENSOR_FILE}")
+        # Exactly the tensor file: the store writes what a pack holds, so a manifest listing anything else
+        # would publish a version that can never load.
+        if set(v) != {TENSOR_FILE}:
+            raise ValueError(f"files must list exactly {TENSOR_FILE!r}, got {sorted(v)!r}")
         for fname, digest in v.items():
-            if fname == MANIFEST_FILE or "/" in fname or fname.startswith("."):
-                raise ValueError(f"files lists an invalid file name {fname!r}")
-            if not SHA256_HEX_RE.match(digest):
+            if not isinstance(digest, str) or not SHA256_HEX_RE.match(digest):
                 raise ValueError(f"files[{fname!r}] must be a 64-char lowercase sha256 hex digest")
         return v
 
@@ -251,12 +262,75 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def compute_version(manifest: Manifest | Mapping[str, Any]) -> str:
-    """Content version: sha256 of the canonical manifest minus ``version`` and ``created_at``, first 16 hex chars."""
+def content_digest(manifest: Manifest | Mapping[str, Any]) -> str:
+    """Full sha256 hex of the canonical manifest minus ``version`` and ``created_at`` (what a signature signs).
+
+    A ``Mapping`` is the manifest as parsed from its file (byte-exact); a ``Manifest`` is re-dumped, which is the
+    same thing for manifests this package wrote (``pack_files`` checks it).
+    """
     body = manifest.model_dump(mode="json") if isinstance(manifest, Manifest) else dict(manifest)
     body.pop("version", None)
     body.pop("created_at", None)
-    return hashlib.sha256(canonical_json(body)).hexdigest()[:VERSION_LENGTH]
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def compute_version(manifest: Manifest | Mapping[str, Any]) -> str:
+    """Content version: the first 32 hex chars (128 bits) of ``content_digest``."""
+    return content_digest(manifest)[:VERSION_LENGTH]
+
+
+class _JSONRefusal(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _JSONRefusal(f"non-finite number {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JSONRefusal(f"number {text} overflows to {value}")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _JSONRefusal(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _json_depth(obj: Any) -> int:
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            depth = max(depth, level)
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+def strict_json_loads(data: bytes | bytearray | memoryview) -> Any:
+    """json.loads that refuses what would make two different files mean one value: NaN/Infinity, numbers that
+    overflow to inf, duplicate keys; and nesting deeper than MAX_JSON_DEPTH. Raises ValueError with the reason."""
+    try:
+        text = bytes(data).decode("utf-8")
+        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                         object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc})") from None
+    except _JSONRefusal as exc:
+        raise ValueError(str(exc)) from None
+    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if _json_depth(obj) > MAX_JSON_DEPTH:
+        raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}")
+    return obj
 
 
 def manifest_to_bytes(manifest: Manifest) -> bytes:
@@ -282,25 +356,36 @@ def _schema_error_detail(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_manifest(data: bytes, *, source: str) -> Manifest:
-    """Parse and schema-check manifest.json bytes; SchemaError names the field that is missing or wrong."""
+def parse_manifest_raw(data: bytes, *, source: str) -> tuple[Manifest, dict[str, Any]]:
+    """Parse and schema-check manifest.json bytes: (Manifest, the parsed JSON object the version is hashed from).
+
+    SchemaError names the field that is missing or wrong (check ``size``, ``json``, ``schema_version``, ``schema``).
+    """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise SchemaError(f"manifest has {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} allowed",
+                          pack=source, file=MANIFEST_FILE, check="size")
     try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SchemaError(f"manifest is not valid JSON ({exc}); the file may be truncated",
+        raw = strict_json_loads(data)
+    except ValueError as exc:
+        raise SchemaError(f"manifest is refused as JSON: {exc}; the file may be truncated or tampered with",
                           pack=source, file=MANIFEST_FILE, check="json") from None
     if not isinstance(raw, dict):
         raise SchemaError("manifest must be a JSON object", pack=source, file=MANIFEST_FILE, check="json")
     if "schema_version" not in raw:
         raise SchemaError("missing field 'schema_version'", pack=source, file=MANIFEST_FILE, check="schema_version")
-    if raw["schema_version"] != SCHEMA_VERSION:
+    if type(raw["schema_version"]) is not int or raw["schema_version"] != SCHEMA_VERSION:
         raise SchemaError(f"unsupported schema_version {raw['schema_version']!r}; this reader understands "
                           f"{SCHEMA_VERSION} (a newer sensepack may have written it)",
                           pack=source, file=MANIFEST_FILE, check="schema_version")
     try:
-        return Manifest.model_validate_json(data)
+        return Manifest.model_validate(raw), raw
     except ValidationError as exc:
         raise SchemaError(_schema_error_detail(exc), pack=source, file=MANIFEST_FILE, check="schema") from None
+
+
+def parse_manifest(data: bytes, *, source: str) -> Manifest:
+    """Parse and schema-check manifest.json bytes; SchemaError names the field that is missing or wrong."""
+    return parse_manifest_raw(data, source=source)[0]
 
 
 # --------------------------------------------------------------------------- contents
@@ -314,6 +399,7 @@ class PackContents:
     token_ids: torch.Tensor  # int64 [n]
     sense_ids: torch.Tensor  # int64 [n]
     deltas: torch.Tensor  # float32 [n, d]
+    signature: bytes | None = None  # signature.json bytes, when the version is signed
 
     @property
     def name(self) -> str:
@@ -343,6 +429,7 @@ class Expectations:
     d_model: int | None = None
     target_fingerprint: str | None = None
     allow_incompatible: bool = False
+    trusted_keys: tuple[bytes, ...] | None = None  # raw ed25519 public keys; set: only packs signed by one load
 
 
 def _as_ids(x: Any, field: str, pack: str) -> torch.Tensor:
@@ -523,7 +610,17 @@ def pack_files(pack: PackContents) -> dict[str, bytes]:
     if pack.manifest.files.get(TENSOR_FILE) != digest:
         raise HashMismatchError("tensors were modified after the pack was built; rebuild it",
                                 pack=pack.ref, file=TENSOR_FILE, check="sha256")
-    return {TENSOR_FILE: blob, MANIFEST_FILE: manifest_to_bytes(pack.manifest)}
+    manifest_bytes = manifest_to_bytes(pack.manifest)
+    written = compute_version(strict_json_loads(manifest_bytes))  # what a reader will hash
+    if written != pack.manifest.version:
+        raise SchemaError(f"manifest version {pack.manifest.version} is not the content hash {written} of the "
+                          "manifest that would be written; build packs with build_pack", pack=pack.ref,
+                          file=MANIFEST_FILE, check="version")
+    files = {TENSOR_FILE: blob}
+    if pack.signature is not None:
+        files[SIGNATURE_FILE] = pack.signature
+    files[MANIFEST_FILE] = manifest_bytes  # last: the commit marker
+    return files
 
 
 def _fsync_write(path: str, data: bytes) -> None:
@@ -560,7 +657,7 @@ def write_pack(pack: PackContents, folder: str | os.PathLike) -> None:
 
 
 class _PendingHash:
-    """A sha256 being computed in a background thread over a buffer that is still being filled."""
+    """A sha256 computed in a background thread over a buffer that is still being filled."""
 
     def __init__(self, buf: bytearray):
         self._view = memoryview(buf)
@@ -576,50 +673,83 @@ class _PendingHash:
     def feed(self, start: int, end: int) -> None:
         self._queue.put((start, end))
 
-    def hexdigest(self) -> str:
-        self._queue.put(None)
-        self._thread.join()
+    def finish(self) -> str:
+        """Stop and join the thread (idempotent); the digest of everything fed."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._view.release()
         return self._hasher.hexdigest()
 
 
-def _read_local_hashing(path: str) -> tuple[bytearray, _PendingHash]:
-    """Read a whole file into one buffer while another thread hashes the chunks already read."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        view = memoryview(buf)
-        pending = _PendingHash(buf)
-        pos = 0
-        try:
-            while pos < size:
-                got = f.readinto(view[pos:min(size, pos + _HASH_CHUNK)])
-                if not got:
-                    break
+def _open_regular(path: str, *, cap: int, source: str, fname: str) -> tuple[int, int]:
+    """(fd, size) of a regular file that is no symlink and no larger than ``cap``; refuses anything else unread.
+
+    O_NONBLOCK makes opening a FIFO return at once (it would otherwise wait for a writer forever); O_NOFOLLOW
+    refuses a symlink, which could point anywhere outside the store.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError("is a symlink; pack files must be regular files inside the pack folder",
+                                  pack=source, file=fname, check="symlink") from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise FileNotFoundError(path) from None
+        raise StoreIOError(f"cannot open: {exc.strerror or exc}", pack=source, file=fname, check="read") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError("is not a regular file (a FIFO, device or directory is never read)",
+                                  pack=source, file=fname, check="regular_file")
+        if st.st_size > cap:
+            raise UnsafeFileError(f"has {st.st_size} bytes, more than the {cap} its manifest allows",
+                                  pack=source, file=fname, check="size")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _fill(fd: int, buf: bytearray, pending: _PendingHash | None) -> int:
+    """Read into ``buf`` chunk by chunk, feeding each chunk to ``pending``; bytes read (less if the file shrank)."""
+    size = len(buf)
+    view = memoryview(buf)
+    pos = 0
+    try:
+        while pos < size:
+            got = os.readv(fd, [view[pos:min(size, pos + _HASH_CHUNK)]])
+            if not got:
+                break
+            if pending is not None:
                 pending.feed(pos, pos + got)
-                pos += got
-        except BaseException:
-            pending.hexdigest()  # stop the hashing thread before propagating
-            raise
-    if pos < size:  # the file shrank while being read: return what was read; its hash will not match
-        return bytearray(view[:pos]), pending
-    return buf, pending
+            pos += got
+    finally:
+        view.release()
+    return pos
 
 
-class _DoneHash:
-    def __init__(self, data: bytes | bytearray):
-        self._digest = hashlib.sha256(data).hexdigest()
-
-    def hexdigest(self) -> str:
-        return self._digest
+def _read_fd(fd: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    got = _fill(fd, buf, None)
+    if got < size:
+        del buf[got:]
+    return buf
 
 
 class PackSource:
-    """Where a pack's files come from: a local folder, or a folder on an fsspec filesystem."""
+    """Where a pack's files come from: a local folder, or a folder on an fsspec filesystem.
 
-    def __init__(self, location: str, *, fs: Any = None, label: str | None = None):
+    ``root`` (local): the store root the folder must lie in; the folder and its parents up to ``root`` may not be
+    symlinks. Reads are bounded and return only after any hashing thread has been joined.
+    """
+
+    def __init__(self, location: str, *, fs: Any = None, label: str | None = None, root: str | None = None):
         self.location = location.rstrip("/") if fs is not None else os.fspath(location)
         self.fs = fs
         self.label = label or self.location
+        self.root = root
 
     def _path(self, fname: str) -> str:
         return f"{self.location}/{fname}" if self.fs is not None else os.path.join(self.location, fname)
@@ -629,19 +759,75 @@ class PackSource:
             return os.path.isdir(self.location)
         return bool(self.fs.exists(self.location))
 
-    def read(self, fname: str) -> bytes:
-        """Whole file; FileNotFoundError if absent."""
-        if self.fs is None:
-            with open(self._path(fname), "rb") as f:
-                return f.read()
-        return self.fs.cat_file(self._path(fname))
+    def check_confined(self) -> None:
+        """Local store folders: no symlinked folder between the store root and the files."""
+        if self.fs is not None or self.root is None:
+            return
+        path = os.path.abspath(self.location)
+        while path != self.root and path.startswith(self.root + os.sep):
+            if os.path.islink(path):
+                raise UnsafeFileError(f"folder {path} is a symlink; a store never follows links out of itself",
+                                      pack=self.label, check="symlink")
+            path = os.path.dirname(path)
 
-    def read_hashing(self, fname: str) -> tuple[bytearray | bytes, Any]:
-        """Whole file plus an object whose ``hexdigest()`` gives its sha256 (possibly still being computed)."""
-        if self.fs is None:
-            return _read_local_hashing(self._path(fname))
-        data = bytearray(self.fs.cat_file(self._path(fname)))
-        return data, _DoneHash(data)
+    def read(self, fname: str, cap: int) -> bytes:
+        """Whole file, at most ``cap`` bytes (UnsafeFileError beyond); FileNotFoundError if absent."""
+        return bytes(self.read_hashing(fname, cap, hashing=False)[0])
+
+    def read_hashing(self, fname: str, cap: int, hashing: bool = True) -> tuple[bytearray, str]:
+        """(whole file, its sha256 hex); the hash is computed while the file is read."""
+        if self.fs is not None:
+            return self._read_fs(fname, cap, hashing)
+        fd, size = _open_regular(self._path(fname), cap=cap, source=self.label, fname=fname)
+        try:
+            if not hashing:
+                return _read_fd(fd, size), ""
+            buf = bytearray(size)
+            pending = _PendingHash(buf)
+            got = 0
+            try:
+                got = _fill(fd, buf, pending)
+            finally:
+                digest = pending.finish()  # joined on every path: no thread outlives the call
+            if got < size:  # the file shrank while being read: what was read will not match its hash
+                del buf[got:]
+            return buf, digest
+        except OSError as exc:
+            raise StoreIOError(f"read failed: {exc.strerror or exc}", pack=self.label, file=fname,
+                               check="read") from None
+        finally:
+            os.close(fd)
+
+    def _read_fs(self, fname: str, cap: int, hashing: bool) -> tuple[bytearray, str]:
+        path = self._path(fname)
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreIOError(f"cannot stat: {exc}", pack=self.label, file=fname, check="read") from None
+        if info.get("type", "file") != "file":
+            raise UnsafeFileError("is not a file object", pack=self.label, file=fname, check="regular_file")
+        size = info.get("size") or 0
+        if size > cap:
+            raise UnsafeFileError(f"has {size} bytes, more than the {cap} its manifest allows", pack=self.label,
+                                  file=fname, check="size")
+        try:
+            data = bytearray(self.fs.cat_file(path, start=0, end=cap + 1) if size else self.fs.cat_file(path))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreIOError(f"read failed: {exc}", pack=self.label, file=fname, check="read") from None
+        if len(data) > cap:  # replaced by a larger object between the stat and the read
+            raise UnsafeFileError(f"has more than the {cap} bytes its manifest allows", pack=self.label,
+                                  file=fname, check="size")
+        return data, (hashlib.sha256(data).hexdigest() if hashing else "")
+
+
+def tensor_file_cap(manifest: Manifest) -> int:
+    """The largest senses.safetensors a manifest can justify: header cap + 8 + n × (8 + 8 + 4 d) bytes."""
+    n, d = manifest.n_senses_edited, manifest.d_model
+    return 8 + MAX_SAFETENSORS_HEADER_BYTES + n * (16 + 4 * d)
 
 
 def _declared_safetensors_size(data: bytes | bytearray) -> int | None:
@@ -651,11 +837,15 @@ def _declared_safetensors_size(data: bytes | bytearray) -> int | None:
     (header_len,) = struct.unpack("<Q", bytes(data[:8]))
     if header_len > len(data) - 8:
         return 8 + header_len  # at least this much was declared
+    if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+        return None
     try:
-        header = json.loads(bytes(data[8:8 + header_len]))
+        header = strict_json_loads(data[8:8 + header_len])
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        return 8 + header_len + int(end)
-    except (ValueError, KeyError, TypeError, IndexError):
+        if type(end) is not int:
+            return None
+        return 8 + header_len + end
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
 
 
@@ -669,6 +859,10 @@ def _hash_failure(fname: str, data: bytes | bytearray, expected: str, actual: st
                              pack=source, file=fname, check="sha256")
 
 
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # not bool, not float: 1.0 as an offset is malformed, not "1"
+
+
 def parse_safetensors(data: bytearray | bytes, *, source: str) -> dict[str, torch.Tensor]:
     """Strict zero-copy parse of a safetensors buffer: well-formed header, contiguous offsets, known dtypes."""
     def fail(detail: str, check: str = "safetensors_header") -> TensorFormatError:
@@ -677,15 +871,19 @@ def parse_safetensors(data: bytearray | bytes, *, source: str) -> dict[str, torc
     if len(data) < 8:
         raise fail(f"file has {len(data)} bytes, too short for a safetensors header")
     (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+        raise fail(f"header length {header_len} exceeds the {MAX_SAFETENSORS_HEADER_BYTES}-byte cap")
     if header_len > len(data) - 8:
         raise fail(f"header length {header_len} exceeds file size {len(data)}")
     try:
-        header = json.loads(bytes(data[8:8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise fail(f"header is not JSON: {exc}") from None
+        header = strict_json_loads(data[8:8 + header_len])
+    except ValueError as exc:
+        raise fail(f"header is refused as JSON: {exc}") from None
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise fail("__metadata__ must map strings to strings")
     names = sorted(header)
     if names != sorted(TENSOR_NAMES):
         raise fail(f"tensors are {names}, expected exactly {sorted(TENSOR_NAMES)}", check="tensor_names")
@@ -695,15 +893,19 @@ def parse_safetensors(data: bytearray | bytes, *, source: str) -> dict[str, torc
     tensors: dict[str, torch.Tensor] = {}
     for tname in TENSOR_NAMES:
         info = header[tname]
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise fail(f"tensor '{tname}' has a malformed header entry {info!r}") from None
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise fail(f"tensor '{tname}' header entry must have exactly dtype, shape, data_offsets: {info!r:.200}")
+        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and len(shape) <= 2 and all(_is_int(s) and s >= 0 for s in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise fail(f"tensor '{tname}' has a malformed shape or data_offsets: {info!r:.200}")
         if dtype_name != _EXPECTED_DTYPES[tname]:
-            raise fail(f"tensor '{tname}' has dtype {dtype_name}, expected {_EXPECTED_DTYPES[tname]}", check="dtype")
+            raise fail(f"tensor '{tname}' has dtype {dtype_name!r:.40}, expected {_EXPECTED_DTYPES[tname]}",
+                       check="dtype")
+        begin, end = offsets
         dtype = _ST_DTYPES[dtype_name]
         count = math.prod(shape)
-        if any(s < 0 for s in shape) or not (0 <= begin <= end <= body_len) or end - begin != count * dtype.itemsize:
+        if not (0 <= begin <= end <= body_len) or end - begin != count * dtype.itemsize:
             raise fail(f"tensor '{tname}' offsets [{begin}, {end}) do not fit shape {shape} {dtype_name} "
                        f"in a {body_len}-byte body")
         spans.append((begin, end))
@@ -753,18 +955,26 @@ def _effective_limits(manifest: Manifest, expect: Expectations | None) -> tuple[
 
 
 def load_from_source(src: PackSource, *, expect: Expectations | None = None,
-                     expect_name: str | None = None, expect_version: str | None = None) -> PackContents:
-    """Read and fully validate a pack from ``src``. ``expect_name``/``expect_version`` pin where it was found."""
+                     expect_name: str | None = None, expect_version: str | None = None,
+                     manifest_bytes: bytes | None = None) -> PackContents:
+    """Read and fully validate a pack from ``src``. ``expect_name``/``expect_version`` pin where it was found.
+
+    ``manifest_bytes``: validate these instead of reading manifest.json (a publisher checking its files before
+    the manifest commits them). Every failure is a ``PackError``; no thread or buffer outlives the call.
+    """
     label = src.label
-    try:
-        manifest_bytes = src.read(MANIFEST_FILE)
-    except FileNotFoundError:
-        if not src.folder_exists():
-            raise PackNotFoundError(f"no pack folder at {src.location}", pack=label, check="exists") from None
-        raise MissingFileError("manifest.json is missing", pack=label, file=MANIFEST_FILE,
-                               check="file_present") from None
-    manifest = parse_manifest(manifest_bytes, source=label)
-    computed = compute_version(manifest)
+    src.check_confined()
+    if manifest_bytes is None:
+        try:
+            manifest_bytes = src.read(MANIFEST_FILE, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            if not src.folder_exists():
+                raise PackNotFoundError(f"no pack folder at {src.location}", pack=label, check="exists") from None
+            raise MissingFileError("manifest.json is missing", pack=label, file=MANIFEST_FILE,
+                                   check="file_present") from None
+    manifest, raw = parse_manifest_raw(manifest_bytes, source=label)
+    digest = content_digest(raw)
+    computed = digest[:VERSION_LENGTH]
     if computed != manifest.version:
         raise HashMismatchError(f"manifest says version {manifest.version} but its content hashes to {computed}",
                                 pack=label, file=MANIFEST_FILE, check="version")
@@ -776,32 +986,32 @@ def load_from_source(src: PackSource, *, expect: Expectations | None = None,
                           pack=label, file=MANIFEST_FILE, check="location")
     label = f"{manifest.ref} ({src.location})" if label == src.location else label
 
-    tensors: dict[str, torch.Tensor] | None = None
-    for fname, expected_sha in manifest.files.items():
+    # Hash first: nothing in the tensor file is parsed before its bytes are known to be the published ones.
+    expected_sha = manifest.files[TENSOR_FILE]
+    try:
+        data, actual = src.read_hashing(TENSOR_FILE, tensor_file_cap(manifest))
+    except FileNotFoundError:
+        raise MissingFileError(f"{TENSOR_FILE} is listed in the manifest but absent", pack=label,
+                               file=TENSOR_FILE, check="file_present") from None
+    if actual != expected_sha:
+        raise _hash_failure(TENSOR_FILE, data, expected_sha, actual, label)
+    tensors = parse_safetensors(data, source=label)
+    vocab, senses = _effective_limits(manifest, expect)
+    validate_tensors(tensors["token_ids"], tensors["sense_ids"], tensors["deltas"], n=manifest.n_senses_edited,
+                     d_model=manifest.d_model, vocab_size=vocab, num_senses=senses, pack=label)
+    signature = None
+    if expect is not None and expect.trusted_keys is not None:
+        from .signing import verify_signature  # cryptography is needed only where signatures are required
+
         try:
-            data, pending = src.read_hashing(fname)
+            signature = src.read(SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
         except FileNotFoundError:
-            raise MissingFileError(f"{fname} is listed in the manifest but absent", pack=label, file=fname,
-                                   check="file_present") from None
-        structural: PackError | None = None
-        if fname == TENSOR_FILE:
-            try:  # runs while the hash thread finishes; reported only if the hash matches
-                tensors = parse_safetensors(data, source=label)
-                vocab, senses = _effective_limits(manifest, expect)
-                validate_tensors(tensors["token_ids"], tensors["sense_ids"], tensors["deltas"],
-                                 n=manifest.n_senses_edited, d_model=manifest.d_model, vocab_size=vocab,
-                                 num_senses=senses, pack=label)
-            except PackError as exc:
-                structural = exc
-        actual = pending.hexdigest()
-        if actual != expected_sha:
-            raise _hash_failure(fname, data, expected_sha, actual, label)
-        if structural is not None:
-            raise structural
-    assert tensors is not None  # the schema requires TENSOR_FILE in files
+            raise SignatureError("the version is unsigned and only signed packs are accepted", pack=label,
+                                 file=SIGNATURE_FILE, check="signature_present") from None
+        verify_signature(signature, name=manifest.name, digest=digest, trusted=expect.trusted_keys, pack=label)
     check_expectations(manifest, expect, source=label)
     return PackContents(manifest=manifest, token_ids=tensors["token_ids"], sense_ids=tensors["sense_ids"],
-                        deltas=tensors["deltas"])
+                        deltas=tensors["deltas"], signature=signature)
 
 
 def read_pack(folder_or_fs_path: str | os.PathLike, *, expect: Expectations | None = None,

@@ -7,20 +7,26 @@ Guarantees (both backends):
   publisher is killed mid-write;
 - every ``load`` fully validates the version (hashes, tensors, compatibility), so a bad pack cannot be served;
 - ``load`` returns tensors in memory: deleting a version never disturbs requests already using it;
-- a version an alias points to cannot be deleted without ``force``.
+- a version an alias points to cannot be deleted without ``force``;
+- publish reads the written version back through the loader before it becomes visible, so every visible
+  version loads (unless tampered with afterwards);
+- order is a per-name sequence number claimed at publish (not a file time); every alias move increments the
+  alias's own counter and appends to its history (who, when, from, to), and notifications carry that counter
+  so a watcher can tell how many moves it missed.
 
-References: ``name`` (alias ``prod`` if set, else the latest published version), ``name@<16-hex version>``,
+References: ``name`` (alias ``prod`` if set, else the latest published version), ``name@<32-hex version>``,
 ``name@<alias>``, ``name@latest``.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
 import re
+import socket
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +35,7 @@ from typing import Any
 from .backends import DEFAULT_GC_AGE_S, Backend, FsspecBackend, LocalBackend, NameScan
 from .errors import (
     AliasError,
+    ConcurrentUpdateError,
     InvalidReferenceError,
     MissingFileError,
     PackError,
@@ -42,7 +49,10 @@ from .format import (
     VERSION_RE,
     Expectations,
     PackContents,
+    SIGNATURE_FILE,
+    PackSource,
     compute_version,
+    content_digest,
     load_from_source,
     pack_files,
     utc_now_iso,
@@ -53,7 +63,8 @@ log = logging.getLogger("edits_store.store")
 
 DEFAULT_ALIAS = "prod"
 LATEST = "latest"
-ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
+ALIAS_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9._-]{0,63}\Z")
+ALIAS_RETRIES = 20
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,11 @@ class VersionInfo:
     version: str
     published_at: str  # ISO 8601 UTC, from the storage's modification time of the manifest
     aliases: tuple[str, ...] = ()
+    seq: int = 0  # publish order within the name (0: published before sequence numbers existed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "published_at": self.published_at,
-                "aliases": list(self.aliases)}
+                "aliases": list(self.aliases), "seq": self.seq}
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,9 @@ class StoreEvent:
     """A change seen by a subscriber.
 
     kind: ``version_published``, ``version_deleted``, ``alias_moved`` (``previous`` is None when the alias is new)
-    or ``alias_removed`` (``version`` is None, ``previous`` the old target).
+    or ``alias_removed`` (``version`` is None, ``previous`` the old target). For alias events ``seq`` is the
+    alias's move counter and ``missed`` how many moves happened between two polls without being seen (an
+    A→B→A flip inside one interval arrives as one ``alias_moved`` A→A with ``missed=1``).
     """
 
     kind: str
@@ -83,6 +97,16 @@ class StoreEvent:
     alias: str | None = None
     version: str | None = None
     previous: str | None = None
+    seq: int | None = None
+    missed: int = 0
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
 def _iso(epoch_s: float) -> str:
@@ -99,6 +123,9 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
         raise InvalidReferenceError(f"pack name {name!r} must match {NAME_RE.pattern}", pack=ref, check="ref_syntax")
     if _ and not selector:
         raise InvalidReferenceError(f"empty version/alias after '@' in {ref!r}", pack=ref, check="ref_syntax")
+    if selector and not (VERSION_RE.match(selector) or selector == LATEST or ALIAS_RE.match(selector)):
+        raise InvalidReferenceError(f"{selector!r} is neither a version ({VERSION_RE.pattern}), 'latest', nor an "
+                                    f"alias ({ALIAS_RE.pattern})", pack=ref, check="ref_syntax")
     return name, (selector or None)
 
 
@@ -123,21 +150,41 @@ class PackStore:
 
     # ----------------------------------------------------------------- publish
 
-    def publish(self, pack: PackContents) -> str:
-        """Store ``pack`` as ``<name>/<version>``; returns the version. Idempotent; atomic; re-validates first."""
+    def publish(self, pack: PackContents, signing_key: Any = None) -> str:
+        """Store ``pack`` as ``<name>/<version>``; returns the version. Idempotent; atomic; re-validates first.
+
+        Every file is read back through the loader before the version becomes visible; an already published
+        version is read back too, so success always means "this ref loads". ``signing_key``: an ed25519 private
+        key (``edits_store.signing.load_private_key``) to sign the version with (ignored if it already exists).
+        """
         m = pack.manifest
         if compute_version(m) != m.version:
             raise SchemaError(f"manifest version {m.version} is not its content hash {compute_version(m)}; "
                               "build packs with build_pack", pack=m.ref, file=MANIFEST_FILE, check="version")
         validate_tensors(pack.token_ids, pack.sense_ids, pack.deltas, n=m.n_senses_edited, d_model=m.d_model,
                          vocab_size=m.vocab_size, num_senses=m.num_senses, pack=m.ref, file=None)
-        if self.backend.version_committed(m.name, m.version):
-            log.info("event=publish_noop pack=%s store=%s", m.ref, self.url)
-            return m.version
         files = pack_files(pack)
-        created = self.backend.commit_version(m.name, m.version, files)
-        log.info("event=%s pack=%s store=%s bytes=%d", "publish" if created else "publish_noop", m.ref, self.url,
-                 sum(map(len, files.values())))
+        trusted = None
+        if signing_key is not None:
+            from .signing import public_raw_of, sign
+
+            manifest_bytes = files.pop(MANIFEST_FILE)
+            files[SIGNATURE_FILE] = sign(signing_key, name=m.name, digest=content_digest(m))
+            files[MANIFEST_FILE] = manifest_bytes  # still last: the commit marker
+            trusted = (public_raw_of(signing_key),)
+
+        def verify(src: PackSource, manifest_bytes: bytes) -> None:
+            expect = Expectations(trusted_keys=trusted) if trusted else None
+            load_from_source(src, expect=expect, expect_name=m.name, expect_version=m.version,
+                             manifest_bytes=manifest_bytes)
+
+        created = False
+        if not self.backend.version_committed(m.name, m.version):
+            created = self.backend.commit_version(m.name, m.version, files, verify)
+        if not created:
+            self.load(f"{m.name}@{m.version}")  # already there: it must load too
+        log.info("event=%s pack=%s store=%s bytes=%d signed=%s", "publish" if created else "publish_noop", m.ref,
+                 self.url, sum(map(len, files.values())), trusted is not None)
         return m.version
 
     # ----------------------------------------------------------------- resolve / load
@@ -172,26 +219,16 @@ class PackStore:
             raise PackNotFoundError("no published version", pack=name, check="exists")
         return ordered[-1][0]
 
-    def _ordered_versions(self, name: str) -> list[tuple[str, float]]:
-        """Committed versions oldest → newest published.
+    def _ordered_versions(self, name: str) -> list[tuple[str, float, int]]:
+        """Committed versions oldest → newest published: (version, manifest mtime, seq).
 
-        Object stores list modification times to the second, so versions published within the same second
-        are ordered by their manifests' ``created_at`` (read only for such ties), then by version.
+        Ordered by the sequence number claimed at publish (one listing, no per-version reads); versions from
+        before sequence numbers (seq 0) come first, by mtime. A touched manifest does not change the order.
         """
         versions = self.backend.list_versions(name)
-        ties = Counter(versions.values())
-
-        def key(item: tuple[str, float]) -> tuple[float, str, str]:
-            version, published = item
-            return published, self._created_at(name, version) if ties[published] > 1 else "", version
-
-        return sorted(versions.items(), key=key)
-
-    def _created_at(self, name: str, version: str) -> str:
-        try:
-            return str(json.loads(self.backend.source(name, version).read(MANIFEST_FILE)).get("created_at", ""))
-        except (OSError, ValueError, AttributeError):
-            return ""
+        seqs = self.backend.list_seqs(name)
+        rows = [(v, t, seqs.get(v, 0)) for v, t in versions.items()]
+        return sorted(rows, key=lambda r: (r[2], r[1] if r[2] == 0 else 0.0, r[0]))
 
     def load(self, ref: str, expect: Expectations | None = None) -> PackContents:
         """Resolve and read one version with full validation (hashes, tensors, fingerprints, β)."""
@@ -222,8 +259,8 @@ class PackStore:
         by_version: dict[str, list[str]] = {}
         for alias, version in self.aliases(name).items():
             by_version.setdefault(version, []).append(alias)
-        return [VersionInfo(name, v, _iso(t), tuple(sorted(by_version.get(v, ()))))
-                for v, t in self._ordered_versions(name)]
+        return [VersionInfo(name, v, _iso(t), tuple(sorted(by_version.get(v, ()))), seq)
+                for v, t, seq in self._ordered_versions(name)]
 
     def aliases(self, name: str) -> dict[str, str]:
         """alias → version for ``name`` (dangling aliases included; ``resolve`` refuses them)."""
@@ -237,48 +274,104 @@ class PackStore:
         return None if data is None else self._parse_alias(name, alias, data)
 
     @staticmethod
-    def _parse_alias(name: str, alias: str, data: bytes) -> str:
+    def _alias_doc(name: str, alias: str, data: bytes) -> dict[str, Any]:
         try:
             doc = json.loads(data)
             version = doc["version"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise AliasError("alias document is not valid JSON with a 'version'", pack=f"{name}@{alias}",
                              file=f"_aliases/{alias}.json", check="alias_json") from None
         if not isinstance(version, str) or not VERSION_RE.match(version):
-            raise AliasError(f"alias points to malformed version {version!r}", pack=f"{name}@{alias}",
+            raise AliasError(f"alias points to malformed version {version!r:.80}", pack=f"{name}@{alias}",
                              file=f"_aliases/{alias}.json", check="alias_json")
-        return version
+        return doc
+
+    @classmethod
+    def _parse_alias(cls, name: str, alias: str, data: bytes) -> str:
+        return cls._alias_doc(name, alias, data)["version"]
+
+    @classmethod
+    def _alias_seq(cls, name: str, alias: str, data: bytes | None) -> int:
+        try:
+            seq = cls._alias_doc(name, alias, data).get("seq", 0) if data is not None else 0
+        except AliasError:
+            return 0
+        return seq if type(seq) is int and seq >= 0 else 0
 
     # ----------------------------------------------------------------- aliases
 
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        """Point ``name@alias`` at a committed ``version`` (atomic flip). PackNotFoundError if it does not exist."""
+    def set_alias(self, name: str, alias: str, version: str) -> dict[str, Any]:
+        """Point ``name@alias`` at a committed ``version`` (atomic flip; PackNotFoundError if it does not exist).
+
+        The alias document carries a move counter ``seq``; the move is also appended to the alias history.
+        Concurrent movers on S3 are serialised by conditional writes (a loser retries on the new state).
+        """
         check_alias_name(name, alias)
         if not isinstance(version, str) or not VERSION_RE.match(version):
-            raise InvalidReferenceError(f"{version!r} is not a version (16 hex chars); resolve references first",
+            raise InvalidReferenceError(f"{version!r} is not a version (32 hex chars); resolve references first",
                                         pack=name, check="ref_syntax")
-        with self.backend.lock(name):
-            if not self.backend.version_committed(name, version):
-                raise PackNotFoundError(f"cannot point alias {alias!r} at missing version {version}",
-                                        pack=f"{name}@{version}", check="exists")
-            previous = self._read_alias_lenient(name, alias)
-            doc = {"name": name, "alias": alias, "version": version, "previous": previous, "updated_at": utc_now_iso()}
-            self.backend.write_alias(name, alias, json.dumps(doc, sort_keys=True).encode("utf-8"))
-        log.info("event=alias_set pack=%s alias=%s version=%s previous=%s store=%s", name, alias, version, previous,
-                 self.url)
+        doc = self._move_alias(name, alias, version)
+        log.info("event=alias_set pack=%s alias=%s version=%s previous=%s seq=%d store=%s", name, alias, version,
+                 doc["previous"], doc["seq"], self.url)
+        return doc
 
-    def _read_alias_lenient(self, name: str, alias: str) -> str | None:
+    def _move_alias(self, name: str, alias: str, version: str | None) -> dict[str, Any]:
+        """Set (``version``) or remove (None) an alias with compare-and-swap, then record it in the history."""
+        for _ in range(ALIAS_RETRIES):
+            with self.backend.lock(name):
+                if version is not None and not self.backend.version_committed(name, version):
+                    raise PackNotFoundError(f"cannot point alias {alias!r} at missing version {version}",
+                                            pack=f"{name}@{version}", check="exists")
+                current = self.backend.read_alias(name, alias)
+                if version is None and current is None:
+                    raise PackNotFoundError(f"alias {alias!r} is not set", pack=f"{name}@{alias}", check="alias")
+                previous = self._read_alias_lenient(name, alias, current)
+                last_logged = max((self._alias_seq(name, alias, d) for d in
+                                   self.backend.list_history(name).get(alias, [])), default=0)
+                seq = max(self._alias_seq(name, alias, current), last_logged) + 1
+                doc = {"name": name, "alias": alias, "version": version, "previous": previous, "seq": seq,
+                       "updated_at": utc_now_iso(), "by": _who()}
+                try:
+                    if version is None:
+                        if not self.backend.remove_alias(name, alias):
+                            raise ConcurrentUpdateError("alias vanished", pack=f"{name}@{alias}", check="alias_cas")
+                    else:
+                        self.backend.write_alias(name, alias, json.dumps(doc, sort_keys=True).encode("utf-8"),
+                                                 expect=current)
+                    self.backend.append_history(name, alias, seq, json.dumps(doc, sort_keys=True).encode("utf-8"))
+                except (ConcurrentUpdateError, FileExistsError):
+                    continue  # another mover won this round: retry on the state it left
+                return doc
+        raise ConcurrentUpdateError(f"alias kept changing during {ALIAS_RETRIES} attempts", pack=f"{name}@{alias}",
+                                    check="alias_cas")
+
+    def _read_alias_lenient(self, name: str, alias: str, data: bytes | None = None) -> str | None:
         try:
-            return self._read_alias(name, alias)
+            return None if data is None else self._parse_alias(name, alias, data)
         except AliasError:
             return None  # a corrupt alias is being overwritten: that is the repair
 
     def remove_alias(self, name: str, alias: str) -> None:
         check_alias_name(name, alias)
-        with self.backend.lock(name):
-            if not self.backend.remove_alias(name, alias):
-                raise PackNotFoundError(f"alias {alias!r} is not set", pack=f"{name}@{alias}", check="alias")
+        self._move_alias(name, alias, None)
         log.info("event=alias_removed pack=%s alias=%s store=%s", name, alias, self.url)
+
+    def history(self, name: str, alias: str | None = None) -> list[dict[str, Any]]:
+        """Alias moves of ``name`` (every alias, or one), oldest first per alias: who/when/from/to and ``seq``.
+
+        Append-only; a mover killed between its alias write and its history append leaves a gap in ``seq``."""
+        out = []
+        for a, docs in sorted(self.backend.list_history(name).items()):
+            if alias is not None and a != alias:
+                continue
+            for data in docs:
+                try:
+                    doc = json.loads(data)
+                except ValueError:
+                    continue
+                out.append({"alias": a, "seq": doc.get("seq"), "from": doc.get("previous"),
+                            "to": doc.get("version"), "at": doc.get("updated_at"), "by": doc.get("by")})
+        return out
 
     # ----------------------------------------------------------------- deletion / retention
 
@@ -300,12 +393,11 @@ class PackStore:
                  ",".join(holders) or "-", self.url)
 
     def prune(self, name: str, keep: int) -> list[str]:
-        """Delete all but the ``keep`` most recently published versions, never one an alias points to."""
+        """Delete all but the ``keep`` most recently published un-aliased versions (aliased ones always stay)."""
         if keep < 0:
             raise ValueError("keep must be >= 0")
-        infos = self.list_versions(name)  # oldest first
-        older = infos[: len(infos) - keep] if keep else infos
-        doomed = [i for i in older if not i.aliases]
+        free = [i for i in self.list_versions(name) if not i.aliases]  # oldest first
+        doomed = free[: len(free) - keep] if keep else free
         deleted = []
         for info in doomed:
             try:
@@ -343,13 +435,13 @@ class Subscription:
         self.interval_s = interval_s
         self.names = names
         self._stop = threading.Event()
-        self._alias_cache: dict[tuple[str, str], tuple[Any, str | None]] = {}
+        self._alias_cache: dict[tuple[str, str], tuple[Any, tuple[str, int] | None]] = {}
         self._state = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="pack-store-subscription", daemon=True)
         self._thread.start()
 
-    def _snapshot(self) -> dict[str, tuple[set[str], dict[str, str | None]]]:
-        """name → (versions, alias → version); alias files are re-read only when their token changed."""
+    def _snapshot(self) -> dict[str, tuple[set[str], dict[str, tuple[str, int]]]]:
+        """name → (versions, alias → (version, move seq)); alias files are re-read only when their token changed."""
         scan: dict[str, NameScan] = self.store.backend.scan()
         state = {}
         for name, ns in scan.items():
@@ -359,11 +451,13 @@ class Subscription:
             for alias, token in ns.alias_tokens.items():
                 cached = self._alias_cache.get((name, alias))
                 if cached is None or cached[0] != token:
+                    data = self.store.backend.read_alias(name, alias)
                     try:
-                        version = self.store._read_alias(name, alias)
+                        target = None if data is None else (self.store._parse_alias(name, alias, data),
+                                                            self.store._alias_seq(name, alias, data))
                     except AliasError:
-                        version = None
-                    cached = (token, version)
+                        target = None
+                    cached = (token, target)
                     self._alias_cache[(name, alias)] = cached
                 if cached[1] is not None:
                     aliases[alias] = cached[1]
@@ -379,10 +473,15 @@ class Subscription:
             events += [StoreEvent("version_published", name, version=v) for v in sorted(new_versions - old_versions)]
             for alias in sorted(set(old_aliases) | set(new_aliases)):
                 before, after = old_aliases.get(alias), new_aliases.get(alias)
+                before_seq = before[1] if before is not None else 0
                 if after is not None and after != before:
-                    events.append(StoreEvent("alias_moved", name, alias=alias, version=after, previous=before))
+                    # seq counts every move (removals too): a jump > 1 means moves this poll did not see
+                    missed = max(0, after[1] - before_seq - 1) if after[1] else 0
+                    events.append(StoreEvent("alias_moved", name, alias=alias, version=after[0],
+                                             previous=before[0] if before else None, seq=after[1] or None,
+                                             missed=missed))
                 elif after is None and before is not None:
-                    events.append(StoreEvent("alias_removed", name, alias=alias, previous=before))
+                    events.append(StoreEvent("alias_removed", name, alias=alias, previous=before[0]))
             events += [StoreEvent("version_deleted", name, version=v) for v in sorted(old_versions - new_versions)]
         return events
 
@@ -433,16 +532,17 @@ def _s3_filesystem(storage_options: dict[str, Any]) -> Any:
     return fsspec.filesystem("s3", **opts)
 
 
-def open_store(url: str | os.PathLike, **storage_options: Any) -> PackStore:
+def open_store(url: str | os.PathLike, *, create: bool = True, **storage_options: Any) -> PackStore:
     """``/path``, ``relative/path`` or ``file:///path`` → local directory; ``s3://bucket/prefix`` → S3 via fsspec
     (``endpoint_url`` from kwargs, ``SENSEPACK_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``;
-    credentials the usual AWS way); any other ``proto://`` → that fsspec filesystem."""
+    credentials the usual AWS way); any other ``proto://`` → that fsspec filesystem. ``create=False``: a local
+    directory that does not exist is a PackNotFoundError (check ``store_exists``), not a new empty store."""
     url = os.fspath(url)
     if "://" not in url:
-        return PackStore(LocalBackend(url))
+        return PackStore(LocalBackend(url, create=create))
     protocol, _, rest = url.partition("://")
     if protocol == "file":
-        return PackStore(LocalBackend("/" + rest.lstrip("/")))
+        return PackStore(LocalBackend("/" + rest.lstrip("/"), create=create))
     if protocol in ("s3", "s3a"):
         if not rest.strip("/"):
             raise InvalidReferenceError(f"store url {url!r} names no bucket", check="store_url")

@@ -44,7 +44,7 @@ def publisher_loop(spec: StoreSpec, start: int, ready, phase) -> None:
 
     torch.set_num_threads(1)
     store = spec.open()
-    store.backend.version_committed("demo", "0" * 16)  # connect before signalling ready
+    store.backend.version_committed("demo", "0" * 32)  # connect before signalling ready
     ready.set()
     for seed in range(start, start + 1000):
         pack = make_pack(seed, n=N_ROWS, d=D)

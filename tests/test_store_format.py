@@ -95,7 +95,7 @@ def test_same_content_gives_same_version_whatever_the_row_order_or_build_time():
                    calibration=[CALIBRATION], training={"seed": 5, "task": "country-capital", "epochs": 3},
                    evaluation={"success_rate": 0.9})
     assert a.version == b.version
-    assert len(a.version) == 16 and int(a.version, 16) >= 0
+    assert len(a.version) == 32 and int(a.version, 16) >= 0
 
 
 @pytest.mark.parametrize("change", ["delta", "epsilon", "name", "training", "backpack"])

@@ -20,6 +20,7 @@ from edits_store import (
     PackNotFoundError,
     RetentionError,
     StoreEvent,
+    UnsafeFileError,
     open_store,
 )
 from edits_store.backends import FsspecBackend
@@ -95,7 +96,7 @@ def test_unknown_and_malformed_references(store):
     with pytest.raises(PackNotFoundError):
         store.resolve("other")
     with pytest.raises(PackNotFoundError):
-        store.resolve("demo@" + "0" * 16)
+        store.resolve("demo@" + "0" * 32)
     with pytest.raises(PackNotFoundError) as info:
         store.resolve("demo@staging")
     assert info.value.check == "alias"
@@ -107,8 +108,8 @@ def test_unknown_and_malformed_references(store):
 def test_alias_must_name_an_existing_version_and_a_valid_alias(store):
     version = store.publish(make_pack(1))
     with pytest.raises(PackNotFoundError):
-        store.set_alias("demo", "prod", "f" * 16)
-    for bad in ["latest", "a" * 16, "has space", "../x", ""]:
+        store.set_alias("demo", "prod", "f" * 32)
+    for bad in ["latest", "a" * 32, "has space", "../x", "", "prod\n"]:
         with pytest.raises(AliasError):
             store.set_alias("demo", bad, version)
     assert store.aliases("demo") == {}
@@ -311,9 +312,11 @@ def test_subscribers_hear_versions_and_alias_moves(store):
         v2 = store.publish(make_pack(2))
         assert next_event(events) == StoreEvent("version_published", "demo", version=v2)
         store.set_alias("demo", "prod", v1)
-        assert next_event(events) == StoreEvent("alias_moved", "demo", alias="prod", version=v1, previous=None)
+        assert next_event(events) == StoreEvent("alias_moved", "demo", alias="prod", version=v1, previous=None,
+                                                  seq=1)
         store.set_alias("demo", "prod", v2)
-        assert next_event(events) == StoreEvent("alias_moved", "demo", alias="prod", version=v2, previous=v1)
+        assert next_event(events) == StoreEvent("alias_moved", "demo", alias="prod", version=v2, previous=v1,
+                                                  seq=2)
         store.remove_alias("demo", "prod")
         assert next_event(events) == StoreEvent("alias_removed", "demo", alias="prod", previous=v2)
         store.delete_version("demo", v1)
@@ -392,13 +395,18 @@ def test_a_loaded_pack_can_be_promoted_to_another_store_unchanged(store, tmp_pat
     assert_content(other.load(f"demo@{version}"), seed=1)
 
 
-def test_publish_repairs_a_stray_uncommitted_version_directory(tmp_path):
+def test_a_stray_uncommitted_version_directory_is_refused_never_moved_and_gc_removes_it(tmp_path):
     store = open_store(tmp_path / "store")
     pack = make_pack(1)
     stray = tmp_path / "store" / "demo" / pack.version
     stray.mkdir(parents=True)
     (stray / "senses.safetensors").write_bytes(b"garbage")
     assert store.list_versions("demo") == []
+    with pytest.raises(UnsafeFileError) as err:  # publish never moves a folder it did not write
+        store.publish(pack)
+    assert err.value.check == "version_folder"
+    assert (stray / "senses.safetensors").read_bytes() == b"garbage"
+    assert store.gc() == [str(stray)]
     assert store.publish(pack) == pack.version
     assert_content(store.load("demo"), seed=1)
 
