@@ -57,7 +57,7 @@ def packed_folder(tmp_path: Path, seed: int, **kwargs) -> tuple[Path, str]:
 def test_publish_list_show_verify(store_spec, tmp_path):
     folder, version = packed_folder(tmp_path, 1)
     code, out = run(store_spec, "publish", str(folder), "--alias", "prod", "--json")
-    assert code == 0 and out == {"ok": True, "name": "demo", "version": version, "aliases": ["prod"]}
+    assert code == 0 and out == {"ok": True, "name": "demo", "version": version, "aliases": ["prod"], "signed": False}
     code, out = run(store_spec, "publish", str(folder), "--json")  # idempotent
     assert code == 0 and out["version"] == version
     code, out = run(store_spec, "list", "--json")
