@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .errors import ConcurrentUpdateError, PackNotFoundError, StoreIOError, UnsafeFileError
+from .errors import ConcurrentUpdateError, MissingFileError, PackNotFoundError, StoreIOError, UnsafeFileError
 from .format import MANIFEST_FILE, NAME_RE, VERSION_RE, PackSource, fsync_dir
 
 log = logging.getLogger("edits_store.backends")
@@ -256,41 +256,52 @@ class LocalBackend(Backend):
         staging_root = self._makedirs(STAGING_DIR)
         staging = os.path.join(staging_root, uuid.uuid4().hex)
         try:
-            with _io_errors("writing the version", f"{name}@{version}"):
-                os.mkdir(staging)
-                for fname, data in files.items():
-                    if fname != MANIFEST_FILE:
-                        _write_fsync(os.path.join(staging, fname), data)
-            self._hook("local_files_written")
-            # Read back what is on disk, through the loader, before the version can become visible.
-            verify(PackSource(staging, label=f"{name}@{version} (staging)"), files[MANIFEST_FILE])
-            with _io_errors("writing the version", f"{name}@{version}"):
-                _write_fsync(os.path.join(staging, MANIFEST_FILE), files[MANIFEST_FILE])
-                fsync_dir(staging)
-            self._makedirs(name)
-            with self.lock(name):
-                if self.version_committed(name, version):
-                    return False
-                self.claim_seq(name, version)
-                self._hook("local_before_rename")
-                try:
-                    os.rename(staging, self._dir(name, version))  # an empty folder there is replaced atomically
-                except FileNotFoundError:
-                    raise ConcurrentUpdateError("the staging folder was removed (by gc?) before the commit; retry",
-                                                pack=f"{name}@{version}", check="staging") from None
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                        raise UnsafeFileError("an uncommitted folder (or file) occupies the version's place; "
-                                              "`packs gc` removes it", pack=f"{name}@{version}",
-                                              check="version_folder") from None
-                    raise StoreIOError(f"commit failed: {exc.strerror or exc}", pack=f"{name}@{version}",
-                                       check="io") from None
-                with _io_errors("syncing the pack folder", f"{name}@{version}"):
-                    fsync_dir(self._dir(name))
-            return True
+            return self._commit_staged(name, version, files, verify, staging)
+        except FileNotFoundError:  # gc moved the staging folder away (it was older than gc's cutoff)
+            raise ConcurrentUpdateError("the staging folder was removed (by gc?) before the commit; retry",
+                                        pack=f"{name}@{version}", check="staging") from None
         finally:
             if os.path.lexists(staging):
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _commit_staged(self, name: str, version: str, files: dict[str, bytes], verify: Verifier,
+                       staging: str) -> bool:
+        with _io_errors("writing the version", f"{name}@{version}"):
+            os.mkdir(staging)
+            for fname, data in files.items():
+                if fname != MANIFEST_FILE:
+                    _write_fsync(os.path.join(staging, fname), data)
+        self._hook("local_files_written")
+        # Read back what is on disk, through the loader, before the version can become visible.
+        try:
+            verify(PackSource(staging, label=f"{name}@{version} (staging)"), files[MANIFEST_FILE])
+        except (MissingFileError, PackNotFoundError):
+            if not os.path.isdir(staging):
+                raise FileNotFoundError(staging) from None  # gc took it: reported as ConcurrentUpdateError
+            raise
+        with _io_errors("writing the version", f"{name}@{version}"):
+            _write_fsync(os.path.join(staging, MANIFEST_FILE), files[MANIFEST_FILE])
+            fsync_dir(staging)
+        self._makedirs(name)
+        with self.lock(name):
+            if self.version_committed(name, version):
+                return False
+            self.claim_seq(name, version)
+            self._hook("local_before_rename")
+            try:
+                os.rename(staging, self._dir(name, version))  # an empty folder there is replaced atomically
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise UnsafeFileError("an uncommitted folder (or file) occupies the version's place; "
+                                          "`packs gc` removes it", pack=f"{name}@{version}",
+                                          check="version_folder") from None
+                raise StoreIOError(f"commit failed: {exc.strerror or exc}", pack=f"{name}@{version}",
+                                   check="io") from None
+            with _io_errors("syncing the pack folder", f"{name}@{version}"):
+                fsync_dir(self._dir(name))
+        return True
 
     def claim_seq(self, name: str, version: str) -> int:
         """Under the pack's lock: the next sequence number, recorded as an exclusive-create file."""
@@ -473,6 +484,11 @@ class FsspecBackend(Backend):
     """Any fsspec filesystem (S3 through s3fs); the manifest object is the commit marker."""
 
     poll_s = 0.05
+    # A lease younger than this is a live publisher whatever gc's cutoff; a fence older than fence_ttl_s
+    # belongs to a killed gc/deleter and is ignored. Per instance so an operator (or a test) can state
+    # "the killed writers are long gone".
+    lease_ttl_s = 60.0
+    fence_ttl_s = FENCE_TTL_S
 
     def __init__(self, fs: Any, root: str, url: str):
         self.fs = fs
@@ -574,8 +590,8 @@ class FsspecBackend(Backend):
         return [p for p, info in self._find(sub, name, version).items() if now - _mtime(info) < max_age_s]
 
     def _wait_for_fences(self, name: str, version: str) -> None:
-        deadline = time.monotonic() + FENCE_TTL_S
-        while self._live(FENCES_DIR, name, version, FENCE_TTL_S):
+        deadline = time.monotonic() + self.fence_ttl_s
+        while self._live(FENCES_DIR, name, version, self.fence_ttl_s):
             if time.monotonic() > deadline:
                 raise ConcurrentUpdateError("a gc or deletion of this version is still running; retry",
                                             pack=f"{name}@{version}", check="fence")
@@ -639,7 +655,7 @@ class FsspecBackend(Backend):
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(manifest)  # uncommit first: from here on readers treat the version as absent
                 self._hook("s3_delete_uncommitted")
-                if self._live(LEASES_DIR, name, version, LEASE_TTL_S):
+                if self._live(LEASES_DIR, name, version, max(self.lease_ttl_s, LEASE_TTL_S)):
                     return  # a publisher is re-creating this content: its files are its own now
                 for path in self._find(name, version):
                     with contextlib.suppress(FileNotFoundError):
@@ -721,7 +737,8 @@ class FsspecBackend(Backend):
                 else:
                     candidates.setdefault((rel[0], rel[1]), []).append((path, _mtime(info)))
             elif len(rel) == 4 and rel[0] in (LEASES_DIR, FENCES_DIR) and _mtime(info) <= cutoff \
-                    and now - _mtime(info) >= (FENCE_TTL_S if rel[0] == FENCES_DIR else older_than_s):
+                    and now - _mtime(info) >= (self.fence_ttl_s if rel[0] == FENCES_DIR
+                                               else max(older_than_s, self.lease_ttl_s)):
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(path)
                 removed.append(path)
@@ -734,7 +751,8 @@ class FsspecBackend(Backend):
                 self._hook("s3_gc_fenced")
                 # fence, then look for leases: a publisher that leased before now is seen and left alone; one
                 # that leases after sees the fence and waits until it is gone (after the deletes below).
-                if self._live(LEASES_DIR, name, version, older_than_s) or self.version_committed(name, version):
+                live = max(older_than_s, self.lease_ttl_s)
+                if self._live(LEASES_DIR, name, version, live) or self.version_committed(name, version):
                     continue
                 for path, mtime in objs:
                     if mtime <= cutoff:

@@ -178,9 +178,9 @@ class PackStore:
             load_from_source(src, expect=expect, expect_name=m.name, expect_version=m.version,
                              manifest_bytes=manifest_bytes)
 
-        created = False
-        if not self.backend.version_committed(m.name, m.version):
-            created = self.backend.commit_version(m.name, m.version, files, verify)
+        # Always through the backend's writer: on S3 it waits out a deletion in progress before deciding that
+        # the version "already exists", so a no-op never reports a version that is being deleted.
+        created = self.backend.commit_version(m.name, m.version, files, verify)
         if not created:
             self.load(f"{m.name}@{m.version}")  # already there: it must load too
         log.info("event=%s pack=%s store=%s bytes=%d signed=%s", "publish" if created else "publish_noop", m.ref,

@@ -104,6 +104,8 @@ class PacksConfig(_Section):
     max_resident: int = Field(16, ge=1)
     allow_beta_above_calibrated: bool = False
     max_beta: Optional[float] = Field(None, ge=0)
+    # non-empty: serve only packs signed by one of these ed25519 public keys (PEM file or "ed25519:<64 hex>")
+    trusted_keys: list[str] = Field(default_factory=list)
 
 
 class GateConfig(_Section):

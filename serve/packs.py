@@ -111,13 +111,25 @@ class PackLoadError(RequestError):
     pass
 
 
+def _with_trusted_keys(expect, keys):
+    """packs.trusted_keys set: only packs signed by one of these ed25519 keys load (edits_store SignatureError,
+    whose message names the failed check: signature_present, signature_key, signature)."""
+    if not keys:
+        return expect
+    import dataclasses
+
+    from edits_store.signing import public_raw
+
+    return dataclasses.replace(expect, trusted_keys=tuple(public_raw(k) for k in keys))
+
+
 class PackManager:
     """`source` is a serve.store_source.Source; `gate(resident) -> GateResult`."""
 
     def __init__(self, source, expectations, target_fingerprint: str, config, metrics,
                  gate: Callable[[Resident], GateResult] | None = None, ab=None):
         self.source = source
-        self.expect = expectations
+        self.expect = _with_trusted_keys(expectations, config.packs.trusted_keys)
         self.target_fingerprint = target_fingerprint
         self.cfg = config            # the full Config (packs, gate, ab sections)
         self.metrics = metrics
