@@ -1,7 +1,8 @@
 """Benchmark: load and fully validate a 10,000-sense edit pack (d = 768) from a local store.
 
 Measures, over repeated runs (median / p90 / min, milliseconds):
-  store.load       resolve ``name@prod`` + read + sha256 + every validation check + compatibility/β checks
+  store.load       resolve ``name@prod`` + bounded read + sha256 + every validation check + compatibility/β checks
+  store.load signed  the same with ``Expectations.trusted_keys`` set: the ed25519 signature is verified too
   read_pack        the same without the store (a folder path)
   resident         store.load and wrapping the tensors as the ensemble core's SenseEdits (float32, CPU),
                    i.e. ready to hand to ``Ensemble``/``DeltaTracker``
@@ -103,7 +104,10 @@ def main() -> None:
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="bench-packs-"))
     store = open_store(workdir)
     pack = make_pack(args.senses, args.d)
-    version = store.publish(pack)
+    from edits_store.signing import generate_key, load_private_key, public_raw
+
+    private_pem, public_pem = generate_key()
+    version = store.publish(pack, signing_key=load_private_key(private_pem))
     store.set_alias("bench", "prod", version)
     folder = workdir / "bench" / version
     tensor_file = folder / "senses.safetensors"
@@ -111,8 +115,13 @@ def main() -> None:
     expect = Expectations(backpack_fingerprint=BACKPACK_FP, tokenizer_fingerprint=TOKENIZER_FP, vocab_size=VOCAB,
                           num_senses=SENSES, d_model=args.d, target_fingerprint=TARGET_FP)
 
+    signed_expect = Expectations(**{**expect.__dict__, "trusted_keys": (public_raw(public_pem),)})
+
     def load():
         return store.load("bench@prod", expect)
+
+    def load_signed():
+        return store.load("bench@prod", signed_expect)
 
     def resident():
         p = store.load("bench@prod", expect)
@@ -138,7 +147,8 @@ def main() -> None:
         tensors = load_file(str(tensor_file))
         return digest, bool(torch.isfinite(tensors["deltas"]).all())
 
-    cases = [("store.load (full validation)", load), ("read_pack (folder)", lambda: read_pack(folder, expect=expect)),
+    cases = [("store.load (full validation)", load), ("store.load signed (+ ed25519 verify)", load_signed),
+             ("read_pack (folder)", lambda: read_pack(folder, expect=expect)),
              ("resident (load + SenseEdits)", resident), ("  read file bytes", read_bytes),
              ("  sha256 alone (in memory)", sha_only), ("  naive: load_file + sha256 + isfinite", naive)]
 
@@ -157,9 +167,10 @@ def main() -> None:
             med, p90, best = summary(wall)
             results[(mode, label)] = med
             print(f"  {label:<42s} {med:8.2f} {p90:8.2f} {best:8.2f} | {statistics.median(cpu):8.2f}")
-    full = results[("warm", "store.load (full validation)")]
+    full = max(results[("warm", "store.load (full validation)")],
+               results[("warm", "store.load signed (+ ed25519 verify)")])
     warm = {label: ms for (mode, label), ms in results.items() if mode == "warm"}
-    ratios = [(f"store.load / {TARGET_MS:.0f} ms target", full / TARGET_MS),
+    ratios = [(f"slower of store.load, signed / {TARGET_MS:.0f} ms target", full / TARGET_MS),
               ("store.load / naive sequential baseline", full / warm["  naive: load_file + sha256 + isfinite"]),
               ("store.load / sha256 alone", full / warm["  sha256 alone (in memory)"]),
               ("resident / store.load", warm["resident (load + SenseEdits)"] / full),

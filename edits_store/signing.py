@@ -134,4 +134,5 @@ def public_raw_of(private_key) -> bytes:
     return private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-__all__ = ["SIGNATURE_FILE", "public_raw_of", "generate_key", "load_private_key", "public_raw", "sign", "verify_signature", "key_id"]
+__all__ = ["SIGNATURE_FILE", "public_raw_of", "generate_key", "load_private_key", "public_raw", "sign",
+           "verify_signature", "key_id"]

@@ -40,11 +40,9 @@ from edits_store.cli import packs
 from edits_store.format import MANIFEST_FILE, TENSOR_FILE, compute_version, pack_files
 from edits_store.store import parse_ref
 from tests.test_store_fixtures import (  # noqa: F401  (fixtures)
-    S3_CREDENTIALS,
     assert_content,
     make_pack,
     make_store_spec,
-    moto_endpoint,
     store,
     store_spec,
 )
