@@ -322,28 +322,32 @@ class PackStore:
                 if version is not None and not self.backend.version_committed(name, version):
                     raise PackNotFoundError(f"cannot point alias {alias!r} at missing version {version}",
                                             pack=f"{name}@{version}", check="exists")
-                current = self.backend.read_alias(name, alias)
-                if version is None and current is None:
-                    raise PackNotFoundError(f"alias {alias!r} is not set", pack=f"{name}@{alias}", check="alias")
-                previous = self._read_alias_lenient(name, alias, current)
-                last_logged = max((self._alias_seq(name, alias, d) for d in
-                                   self.backend.list_history(name).get(alias, [])), default=0)
-                seq = max(self._alias_seq(name, alias, current), last_logged) + 1
-                doc = {"name": name, "alias": alias, "version": version, "previous": previous, "seq": seq,
-                       "updated_at": utc_now_iso(), "by": _who()}
                 try:
-                    if version is None:
-                        if not self.backend.remove_alias(name, alias):
-                            raise ConcurrentUpdateError("alias vanished", pack=f"{name}@{alias}", check="alias_cas")
-                    else:
-                        self.backend.write_alias(name, alias, json.dumps(doc, sort_keys=True).encode("utf-8"),
-                                                 expect=current)
-                    self.backend.append_history(name, alias, seq, json.dumps(doc, sort_keys=True).encode("utf-8"))
+                    return self._move_alias_locked(name, alias, version)
                 except (ConcurrentUpdateError, FileExistsError):
                     continue  # another mover won this round: retry on the state it left
-                return doc
         raise ConcurrentUpdateError(f"alias kept changing during {ALIAS_RETRIES} attempts", pack=f"{name}@{alias}",
                                     check="alias_cas")
+
+    def _move_alias_locked(self, name: str, alias: str, version: str | None) -> dict[str, Any]:
+        """One attempt, under ``backend.lock(name)`` where the backend has one (CAS on S3 otherwise)."""
+        current = self.backend.read_alias(name, alias)
+        if version is None and current is None:
+            raise PackNotFoundError(f"alias {alias!r} is not set", pack=f"{name}@{alias}", check="alias")
+        previous = self._read_alias_lenient(name, alias, current)
+        last_logged = max((self._alias_seq(name, alias, d) for d in
+                           self.backend.list_history(name).get(alias, [])), default=0)
+        seq = max(self._alias_seq(name, alias, current), last_logged) + 1
+        doc = {"name": name, "alias": alias, "version": version, "previous": previous, "seq": seq,
+               "updated_at": utc_now_iso(), "by": _who()}
+        data = json.dumps(doc, sort_keys=True).encode("utf-8")
+        if version is None:
+            if not self.backend.remove_alias(name, alias):
+                raise ConcurrentUpdateError("alias vanished", pack=f"{name}@{alias}", check="alias_cas")
+        else:
+            self.backend.write_alias(name, alias, data, expect=current)
+        self.backend.append_history(name, alias, seq, data)
+        return doc
 
     def _read_alias_lenient(self, name: str, alias: str, data: bytes | None = None) -> str | None:
         try:
@@ -387,7 +391,7 @@ class PackStore:
                 raise RetentionError(f"aliases {holders} point to this version; move them or use force",
                                      pack=f"{name}@{version}", check="retention")
             for alias in holders:
-                self.backend.remove_alias(name, alias)
+                self._move_alias_locked(name, alias, None)  # logged in the alias history like any removal
             self.backend.remove_version(name, version)
         log.info("event=version_deleted pack=%s@%s force=%s dropped_aliases=%s store=%s", name, version, force,
                  ",".join(holders) or "-", self.url)

@@ -186,6 +186,7 @@ def test_delete_with_retention(store):
     store.delete_version("demo", v1, force=True)
     assert store.list_versions("demo") == []
     assert store.aliases("demo") == {}  # force drops the aliases that pointed there
+    assert [(h["from"], h["to"]) for h in store.history("demo")] == [(None, v1), (v1, None)]  # and logs it
     with pytest.raises(PackNotFoundError):
         store.load("demo")
 
