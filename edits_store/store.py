@@ -550,7 +550,12 @@ def open_store(url: str | os.PathLike, *, create: bool = True, **storage_options
     if protocol in ("s3", "s3a"):
         if not rest.strip("/"):
             raise InvalidReferenceError(f"store url {url!r} names no bucket", check="store_url")
-        return PackStore(FsspecBackend(_s3_filesystem(storage_options), rest.strip("/"), url))
+        fs = _s3_filesystem(storage_options)
+        bucket = rest.strip("/").split("/", 1)[0]
+        if not create and not fs.exists(bucket):  # a prefix cannot be checked: an empty one is a new store
+            raise PackNotFoundError(f"no bucket {bucket!r} at this endpoint (a typo?)", pack=url,
+                                    check="store_exists")
+        return PackStore(FsspecBackend(fs, rest.strip("/"), url))
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url, **storage_options)

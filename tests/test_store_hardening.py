@@ -598,3 +598,9 @@ def test_s3_gc_removes_stale_leases_and_fences(s3_spec):
     b.lease_ttl_s = b.fence_ttl_s = 0.0
     removed = store.gc(older_than_s=0)
     assert sorted(p.rsplit("/", 4)[-4] for p in removed if p.endswith("/dead")) == sorted([LEASES_DIR, FENCES_DIR])
+
+
+def test_s3_store_with_a_missing_bucket_is_refused_by_read_commands(s3_spec):
+    env = dict(s3_spec.env(), SENSEPACK_STORE="s3://no-such-bucket-" + "x" * 8 + "/packs")
+    code, out = cli(env, "list", "--json")
+    assert code == 1 and out["check"] == "store_exists"
