@@ -813,7 +813,9 @@ class PackSource:
             raise UnsafeFileError(f"has {size} bytes, more than the {cap} its manifest allows", pack=self.label,
                                   file=fname, check="size")
         try:
-            data = bytearray(self.fs.cat_file(path, start=0, end=cap + 1) if size else self.fs.cat_file(path))
+            # bounded by a range read; an object that was empty when listed is taken as empty (a range on an
+            # empty object is an error on S3)
+            data = bytearray(self.fs.cat_file(path, start=0, end=cap + 1) if size else b"")
         except FileNotFoundError:
             raise
         except OSError as exc:

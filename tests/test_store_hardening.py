@@ -604,3 +604,14 @@ def test_s3_store_with_a_missing_bucket_is_refused_by_read_commands(s3_spec):
     env = dict(s3_spec.env(), SENSEPACK_STORE="s3://no-such-bucket-" + "x" * 8 + "/packs")
     code, out = cli(env, "list", "--json")
     assert code == 1 and out["check"] == "store_exists"
+
+
+def test_s3_an_oversized_object_is_refused_before_it_is_read(s3_spec):
+    store = s3_spec.open()
+    version = store.publish(make_pack(1))
+    b = store.backend
+    b.fs.pipe_file(b._path("demo", version, TENSOR_FILE), b"\0" * (1 << 17))
+    b.fs.pipe_file(b._path("demo", version, MANIFEST_FILE) + ".big", b"")  # unrelated object: ignored
+    with pytest.raises(UnsafeFileError) as err:
+        store.load(f"demo@{version}")
+    assert err.value.check == "size" and err.value.file == TENSOR_FILE
