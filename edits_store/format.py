@@ -1,7 +1,7 @@
 """Edit-pack format (DESIGN §3): ``senses.safetensors`` + ``manifest.json``.
 
 A pack version is named by its content: ``version`` is the first 32 hex chars (128 bits) of the sha256 of the
-canonical JSON (sorted keys, no whitespace, RFC 8785-style) of the manifest *as written on disk*, minus
+canonical JSON (sorted keys, no whitespace, RFC 8785-style) of the manifest *as parsed from its file*, minus
 ``version`` and ``created_at``. The manifest records the sha256 of ``senses.safetensors``, so the version
 covers the tensors, the Backpack/tokenizer fingerprints, the calibration entries and the training/evaluation
 records byte for byte: the hash is taken over the parsed file, not over a model's re-serialisation, so NaN,
@@ -9,8 +9,9 @@ Infinity, 1e400 (→ inf) and duplicate keys are refused instead of silently col
 
 Reading is one pipeline; every failure is a typed ``PackError`` naming the check (first failure wins):
 bounded read of manifest.json (regular file, no symlink, ≤ 1 MiB) → strict JSON (depth, duplicates,
-non-finite numbers) → schema version → fields → version = content hash → for each listed file: bounded read
-(regular file, no symlink, size ≤ the cap implied by the declared n × d) hashed while it is read → sha256
+non-finite numbers) → schema version → fields → version = content hash → the tensor file (the only file a
+manifest may list): bounded read (regular file, no symlink, size ≤ the cap implied by the declared n × d)
+hashed while it is read → sha256
 (truncation diagnosed separately) → only then parse: safetensors header, tensor names, dtypes, shapes →
 NaN/Inf → token/sense id ranges → unique pairs → signature (when the caller trusts keys) → the expectations of
 the caller (Backpack/tokenizer fingerprints, width, β for the served target model).

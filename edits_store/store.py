@@ -46,10 +46,10 @@ from .errors import (
 from .format import (
     MANIFEST_FILE,
     NAME_RE,
+    SIGNATURE_FILE,
     VERSION_RE,
     Expectations,
     PackContents,
-    SIGNATURE_FILE,
     PackSource,
     compute_version,
     content_digest,
