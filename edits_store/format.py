@@ -11,10 +11,10 @@ Reading is one pipeline; every failure is a typed ``PackError`` naming the check
 bounded read of manifest.json (regular file, no symlink, ≤ 1 MiB) → strict JSON (depth, duplicates,
 non-finite numbers) → schema version → fields → version = content hash → the tensor file (the only file a
 manifest may list): bounded read (regular file, no symlink, size ≤ the cap implied by the declared n × d)
-hashed while it is read → sha256
-(truncation diagnosed separately) → only then parse: safetensors header, tensor names, dtypes, shapes →
-NaN/Inf → token/sense id ranges → unique pairs → signature (when the caller trusts keys) → the expectations of
-the caller (Backpack/tokenizer fingerprints, width, β for the served target model).
+hashed while it is read → sha256 (truncation diagnosed separately) → only then parse: safetensors header,
+tensor names, dtypes, shapes → NaN/Inf → token/sense id ranges → unique pairs → signature (when the caller
+trusts keys) → the expectations of the caller (Backpack/tokenizer fingerprints, width, β for the served target
+model).
 
 Reading is tuned for the serving hot path: the tensor file is read once into one buffer while a second thread
 hashes the chunks already read (hashlib releases the GIL); that thread is joined before the read returns, on
