@@ -94,7 +94,7 @@ CASES = [
     ("empty stop sequence", lambda r: r.stopping.stop_sequences.append(""), C.INVALID_ARGUMENT,
      "stopping.stop_sequences[0]"),
     ("unknown pack", _packs({"ref": "nosuchpack"}), C.NOT_FOUND, "packs[0].ref"),
-    ("unknown version", _packs({"ref": "capitals@0123456789abcdef"}), C.NOT_FOUND, "packs[0].ref"),
+    ("unknown version", _packs({"ref": "capitals@" + "0123456789abcdef" * 2}), C.NOT_FOUND, "packs[0].ref"),
     ("unknown alias", _packs({"ref": "capitals@canary"}), C.NOT_FOUND, "packs[0].ref"),
     ("malformed pack reference", _packs({"ref": "capitals@@prod"}), C.INVALID_ARGUMENT, "packs[0].ref"),
     ("empty pack reference", _packs({"ref": ""}), C.INVALID_ARGUMENT, "packs[0].ref"),
