@@ -691,7 +691,19 @@ class FsspecBackend(Backend):
                 if expect is None:
                     self._put(key, data, create=True)
                 elif self.conditional:
-                    self._put(key, data, if_match=_etag(expect))
+                    try:
+                        self._put(key, data, if_match=_etag(expect))
+                    except ConcurrentUpdateError:
+                        # Where an ETag is not the md5 of the bytes (SSE-KMS), retry with the stored ETag if
+                        # the document is still the one this move was computed from.
+                        try:
+                            stored = str(self.fs.info(key).get("ETag", "")).strip('"')
+                        except FileNotFoundError:
+                            raise ConcurrentUpdateError("the alias was removed concurrently; retry",
+                                                        pack=f"{name}@{alias}", check="alias_cas") from None
+                        if not stored or stored == _etag(expect) or self.read_alias(name, alias) != expect:
+                            raise
+                        self._put(key, data, if_match=stored)
                 else:
                     if self.read_alias(name, alias) != expect:
                         raise ConcurrentUpdateError("alias changed", pack=f"{name}@{alias}", check="alias_cas")
