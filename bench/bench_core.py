@@ -26,6 +26,7 @@ from ensemble.edits import PackRef, SenseEdits
 from ensemble.ensemble import Ensemble
 from ensemble.incremental import decode_step, prefill
 from ensemble.large_model import LargeModelBatch, tiny_gptj
+from ensemble.vocab import Vocabulary
 
 
 def n_params(m) -> int:
@@ -66,7 +67,7 @@ def bench_backpack(prefix: int, batch: int, steps: int) -> None:
           f"incremental step {t_step*1e3:.2f} ms, full recompute {t_full*1e3:.2f} ms, ratio {t_full/t_step:.1f}x")
 
     # 2. Cached-α delta (one query row + sparse gather + E·δ) vs naive pre/ft Backpacks over the full prefix.
-    tracker = DeltaTracker(bp)
+    tracker = DeltaTracker(bp, vocab_size=Vocabulary.gpt2().size)
     for i in range(batch):
         tracker.add(i, rows[i].tolist(), edits, key="pack")
     tracker.logit_deltas(list(range(batch)))
@@ -102,7 +103,7 @@ def bench_e2e(batch: int, prompt_len: int, new_tokens: int, rounds: int = 3) -> 
     with_trig = [[trig] + p[1:] for p in prompts]
     k = bp.config.num_senses
     pack = PackRef("bench", "v1", SenseEdits(torch.full((k,), trig), torch.arange(k), torch.randn(k, 256) * 0.1), 1.0)
-    ens = Ensemble(large, bp)
+    ens = Ensemble(large, bp, vocab=Vocabulary.gpt2())
 
     def run(ps, packs):
         t0 = time.perf_counter()

@@ -8,7 +8,7 @@ never entered from two threads. Each loop iteration:
 2. admits waiting requests while running slots are free (they join the batch
    at this step: `session.add` prefills them inside the next `logprobs()`),
 3. runs one decode step for every running row: `session.logprobs()` gives the
-   next-token log-probs over the 50257 shared ids (ensemble rows with the
+   next-token log-probs over the shared ids U (the tokenizer's) (ensemble rows with the
    Backpack delta, exact-skip rows bit-identical to the base), each request
    samples its token (greedy / temperature / top-k / top-p with a per-request
    `torch.Generator`), `session.append` feeds the tokens, finished requests
@@ -33,7 +33,7 @@ from typing import Callable
 import grpc
 import torch
 
-from ensemble.vocab import EOS_TOKEN_ID, SHARED_VOCAB
+from ensemble.vocab import Vocabulary
 from serve.params import GenerationRequest, RequestError
 
 log = logging.getLogger("sensepack.engine")
@@ -98,6 +98,8 @@ class Engine:
     def __init__(self, ensemble, tokenizer, limits, metrics, lane_every_steps: int = 8):
         self.ensemble = ensemble
         self.tokenizer = tokenizer
+        # EOS and the sampling range come from the served pairing (vLLM without an ensemble: its tokenizer).
+        self.vocab: Vocabulary = ensemble.vocab if ensemble is not None else Vocabulary.from_tokenizer(tokenizer)
         self.limits = limits
         self.metrics = metrics
         self.lane_every_steps = lane_every_steps
@@ -312,8 +314,8 @@ class Engine:
         masked = len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos
         if masked:
             scores = row.clone()
-            scores[EOS_TOKEN_ID] = float("-inf")
-        if req.greedy and not (masked and argmax == EOS_TOKEN_ID):
+            scores[self.vocab.eos_id] = float("-inf")
+        if req.greedy and not (masked and argmax == self.vocab.eos_id):
             tok = argmax
         elif req.greedy:
             tok = int(torch.argmax(scores))
@@ -331,7 +333,7 @@ class Engine:
                 logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_l)
             probs = torch.softmax(logits, -1)
             tok = int(torch.multinomial(probs, 1, generator=seq.generator))
-        assert 0 <= tok < SHARED_VOCAB
+        assert 0 <= tok < self.vocab.size
         logprob = float(row[tok]) if req.want_logprobs else None
         top = []
         if req.top_n:
@@ -363,7 +365,7 @@ class Engine:
 
         reason, stop_seq, final_text = None, "", None
         text = self.tokenizer.decode(seq.output_ids)
-        if tok == EOS_TOKEN_ID and not req.ignore_eos and n > req.min_new_tokens - 1:
+        if tok == self.vocab.eos_id and not req.ignore_eos and n > req.min_new_tokens - 1:
             reason = EOS_TOKEN
         if req.stop_sequences and n >= req.min_new_tokens:
             best = None
