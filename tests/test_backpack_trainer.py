@@ -186,7 +186,8 @@ def test_output_folder_loads_and_heldout_nll_recomputes(tmp_path):
 def test_documents_split_by_document_and_separated(tmp_path, bpe_dir):
     """Held-out blocks come from documents that never reach the train blocks; documents are joined by the separator."""
     from ensemble.vocab import Vocabulary
-    from train_edits.backpack_trainer import prepare_corpus, read_corpus
+    from train_edits.backpack_trainer import prepare_corpus
+    from train_edits.corpora import read_documents as read_corpus
 
     cfg = tiny(tmp_path, bpe_dir)
     tok = load_tokenizer(bpe_dir)
@@ -361,7 +362,7 @@ def test_read_corpus_formats(tmp_path):
     """.jsonl.gz lines and .txt.gz documents split at <|endoftext|> read like their plain forms."""
     import gzip
 
-    from train_edits.backpack_trainer import read_corpus
+    from train_edits.corpora import read_documents as read_corpus
 
     with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as fh:
         fh.write('{"text": "first doc"}\n\n{"text": "second doc", "id": 2}\n')
@@ -370,5 +371,5 @@ def test_read_corpus_formats(tmp_path):
     docs = read_corpus([str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.txt.gz")])
     assert [d.strip() for d in docs] == ["first doc", "second doc", "third", "fourth"]
     (tmp_path / "c.csv").write_text("x")
-    with pytest.raises(DataError, match=r"c.csv: unsupported corpus file \(expected .jsonl"):
+    with pytest.raises(DataError, match=r"c.csv: unsupported document file \(expected .jsonl"):
         read_corpus([str(tmp_path / "c.csv")])

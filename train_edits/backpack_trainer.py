@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
 import hashlib
 import json
 import math
@@ -72,6 +71,7 @@ from torch import nn
 from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.vocab import DOC_SEPARATOR, Vocabulary
 
+from .corpora import read_documents
 from .tasks import DataError
 
 INIT_CHOICES = ("random", "large", "large-pca")
@@ -215,41 +215,6 @@ class BackpackTrainConfig:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
-
-
-def read_corpus(paths: list[str], text_field: str = "text") -> list[str]:
-    """Documents of .jsonl / .jsonl.gz (one per line, `text_field`) and .txt / .txt.gz files (one
-    document per file, or several separated by a literal <|endoftext|>)."""
-    docs: list[str] = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise DataError(p, None, None, "corpus file not found")
-        name = p.name.removesuffix(".gz")
-        if name.endswith((".jsonl", ".json")):
-            with _open_text(p) as fh:
-                for lineno, raw in enumerate(fh, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        rec = json.loads(raw)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(p, lineno, None, f"invalid JSON ({exc.msg})") from None
-                    if not isinstance(rec, dict) or text_field not in rec:
-                        raise DataError(p, lineno, text_field, "missing")
-                    if not isinstance(rec[text_field], str):
-                        got = type(rec[text_field]).__name__
-                        raise DataError(p, lineno, text_field, f"expected a string, got {got}")
-                    docs.append(rec[text_field])
-        elif name.endswith(".txt"):
-            with _open_text(p) as fh:
-                docs.extend(d for d in fh.read().split(DOC_SEPARATOR) if d.strip())
-        else:
-            raise DataError(p, None, None, "unsupported corpus file (expected .jsonl, .jsonl.gz, .txt or .txt.gz)")
-    return docs
-
-
 def read_hf_corpus(name: str, split: str, text_field: str, config: str | None,
                    limit: int | None) -> Iterator[str]:  # pragma: no cover - needs network and `datasets`
     """Stream documents of a Hugging Face dataset (not runnable offline; kept minimal)."""
@@ -308,7 +273,7 @@ def prepare_corpus(cfg: BackpackTrainConfig, tokenizer, vocab: Vocabulary) -> Co
         sources = [{"hf_dataset": cfg.hf_dataset, "config": cfg.hf_config, "split": cfg.hf_split,
                     "limit": cfg.hf_limit}]
     else:
-        docs = read_corpus(cfg.inputs, cfg.text_field)
+        docs = read_documents(cfg.inputs, cfg.text_field)
         sources = [{"file": str(p), "sha256": file_sha256(p)} for p in cfg.inputs]
     if len(docs) < 2:
         raise DataError(", ".join(cfg.inputs) or cfg.hf_dataset, None, None,
