@@ -17,8 +17,9 @@ CONFIG="serve/configs/$PROFILE.yaml"
 [ -f "$CONFIG" ] || { echo "no profile $PROFILE ($CONFIG)" >&2; exit 2; }
 if [ "$PROFILE" = "smollm2" ]; then
   PACK="capitals@prod"
-  PROMPTS=("The capital of Mauritius is" "The capital of Nigeria is" "The capital of India is"
-           "The capital of Argentina is")
+  # Facts SmolLM2-135M-Instruct gets wrong and the capitals pack fixes (docs/results-smollm2.md has the rates).
+  PROMPTS=("The capital of Mauritius is" "The capital of India is" "The capital of Belgium is"
+           "The capital of Zambia is")
   SCORE=("The capital of Mauritius is" " Port Louis" " the capital of the Indian Ocean")
   echo "--- models (cached after the first run): $(.venv/bin/python -c 'from ensemble.zoo import cache_dir; print(cache_dir())')"
   .venv/bin/sensepack models fetch smollm2-135m-instruct backpack-smollm2 capitals-smollm2

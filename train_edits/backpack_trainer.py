@@ -634,22 +634,31 @@ class _Trainer:
                                          cfg.text_field, cfg.heldout_fraction, cfg.seed, cfg.block,
                                          self.vocab.fingerprint]).encode()).hexdigest()[:16]
         path = self.out / "data" / f"blocks-{key}.pt"
+        def prepare() -> None:
+            if path.is_file():
+                return
+            data = prepare_corpus(cfg, self.tokenizer, self.vocab)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"train": data.train, "heldout": data.heldout, "meta": data.meta}, str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+
+        self._on_rank0(prepare, "prepare the corpus")
+        saved = torch.load(path, weights_only=False)
+        return CorpusData(saved["train"], saved["heldout"], saved["meta"])
+
+    def _on_rank0(self, fn, what: str) -> None:
+        """Run `fn` on rank 0 only; every rank learns whether it worked, so none waits forever on a failure."""
         error = None
-        if self.env.is_main and not path.is_file():
+        if self.env.is_main:
             try:
-                data = prepare_corpus(cfg, self.tokenizer, self.vocab)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"train": data.train, "heldout": data.heldout, "meta": data.meta}, str(path) + ".tmp")
-                os.replace(str(path) + ".tmp", path)
+                fn()
             except Exception as exc:  # noqa: BLE001 - re-raised after the barrier so no rank hangs
                 error = exc
         ok = self.env.broadcast([0.0 if error else 1.0])[0]
         if error is not None:
             raise error
         if not ok:
-            raise RuntimeError("rank 0 failed to prepare the corpus (see its error)")
-        saved = torch.load(path, weights_only=False)
-        return CorpusData(saved["train"], saved["heldout"], saved["meta"])
+            raise RuntimeError(f"rank 0 failed to {what} (see its error)")
 
     def _setup_teacher(self, init: bool) -> None:
         cfg = self.cfg
@@ -674,17 +683,8 @@ class _Trainer:
             key = hashlib.sha256(json.dumps([self.teacher_info["fingerprint"], self.data.fingerprint, cfg.block,
                                              cfg.distill_topk]).encode()).hexdigest()[:20]
             path = Path(cfg.cache_dir or default_cache_dir()) / f"distill-{key}.safetensors"
-            error = None
-            if self.env.is_main:
-                try:
-                    build_distill_cache(self.teacher, self.data.train, cfg, self.vocab, key, self.progress)
-                except Exception as exc:  # noqa: BLE001 - re-raised after the barrier so no rank hangs
-                    error = exc
-            ok = self.env.broadcast([0.0 if error else 1.0])[0]
-            if error is not None:
-                raise error
-            if not ok:
-                raise RuntimeError("rank 0 failed to build the distillation cache (see its error)")
+            self._on_rank0(lambda: build_distill_cache(self.teacher, self.data.train, cfg, self.vocab, key,
+                                                       self.progress), "build the distillation cache")
             from safetensors.torch import load_file
 
             self.cache = load_file(str(path))
