@@ -9,14 +9,19 @@ never entered from two threads. Each loop iteration:
    at this step: `session.add` prefills them inside the next `logprobs()`),
 3. runs one decode step for every running row: `session.logprobs()` gives the
    next-token log-probs over the 50257 shared ids (ensemble rows with the
-   Backpack delta, exact-skip rows bit-identical to the base), each request
-   samples its token (greedy / temperature / top-k / top-p with a per-request
+   Backpack delta, exact-skip rows bit-identical to the base), the batched
+   sampler (serve.sampler) picks every row's token at once (greedy /
+   temperature / top-k / top-p, each row drawing from its own
    `torch.Generator`), `session.append` feeds the tokens, finished requests
    leave the batch,
 4. runs queued jobs: high priority (Score RPCs) every iteration, low priority
    (A/B re-scoring, gate batches) when idle or every `lane_every_steps` steps.
 
 Requests talk to the servicer through a per-request `queue.Queue` of events.
+
+Fault isolation: a failure that belongs to one request (refused by the core at
+admission, sampling its row, detokenising its text) ends that request alone
+with ERROR; only a failure of the shared model step ends the whole batch.
 """
 from __future__ import annotations
 
@@ -33,14 +38,18 @@ from typing import Callable
 import grpc
 import torch
 
-from ensemble.vocab import EOS_TOKEN_ID, SHARED_VOCAB
+from ensemble.vocab import EOS_TOKEN_ID
 from serve.params import GenerationRequest, RequestError
+from serve.sampler import RowParams, Sampled, sample
 
 log = logging.getLogger("sensepack.engine")
 
 # finish reasons (mirror proto StopReason names)
 MAX_TOKENS, EOS_TOKEN, STOP_SEQUENCE, CANCELLED, TIME_LIMIT, ERROR = (
     "MAX_TOKENS", "EOS_TOKEN", "STOP_SEQUENCE", "CANCELLED", "TIME_LIMIT", "ERROR")
+REFUSED = "REFUSED"          # the engine refused the request at admission (INVALID_ARGUMENT; proto ERROR)
+SHUTDOWN = "SHUTDOWN"        # cut by a shutdown that outlived the grace period (UNAVAILABLE; proto CANCELLED)
+_NO_TEXT = (CANCELLED, TIME_LIMIT, ERROR, REFUSED, SHUTDOWN)
 
 
 @dataclass
@@ -85,6 +94,10 @@ class Sequence:
     def cancel(self, reason: str = CANCELLED) -> None:
         if self.cancel_reason is None:
             self.cancel_reason = reason
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 class EngineStopped(RequestError):
@@ -286,6 +299,29 @@ class Engine:
         if secs > before[2]:      # observed only for steps where the Backpack ran (others are exact skips)
             self.metrics.backpack_step.observe(secs - before[2])
 
+    def _row_params(self, seq: Sequence) -> RowParams:
+        req = seq.req
+        return RowParams(greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                         mask_eos=len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos,
+                         generator=seq.generator, want_logprob=req.want_logprobs, top_n=req.top_n)
+
+    def _sample(self, lp: torch.Tensor, seqs: list[Sequence]) -> dict[int, Sampled]:
+        """Sample every row together; when that fails, row by row, ending only the rows that fail."""
+        params = [self._row_params(s) for s in seqs]
+        try:
+            return {s.seq_id: out for s, out in zip(seqs, sample(lp, params))}
+        except Exception:   # find the faulty row(s): the batch must not pay for one request
+            log.warning("batched sampling failed; sampling row by row", extra={"event": "sampler_fallback"})
+        chosen = {}
+        for r, (seq, p) in enumerate(zip(seqs, params)):
+            try:
+                chosen[seq.seq_id] = sample(lp[r:r + 1], [p])[0]
+            except Exception as e:  # noqa: BLE001 - this request alone ends
+                log.exception("sampling failed for one request", extra={"event": "request_error",
+                                                                         "request_id": seq.req.request_id})
+                self._finish(seq, ERROR, error=f"sampling failed: {_describe(e)}")
+        return chosen
+
     def _step(self) -> None:
         before = self._core_stats()
         lp = self._session.logprobs()
@@ -293,51 +329,20 @@ class Engine:
         self._sync_core_stats(before)
         self.decode_steps += 1
         self._steps += 1
-        lp = lp.float()
-        greedy = lp.argmax(dim=-1).tolist()          # one batched argmax for every greedy row
-        chosen: dict = {}
-        for r, sid in enumerate(rows):
-            seq = self._running.get(sid)
-            if seq is None:
-                continue
-            chosen[sid] = self._choose(seq, lp[r], greedy[r])
-        self._session.append({sid: tok for sid, (tok, _, _) in chosen.items()})
+        live = [(r, self._running[sid]) for r, sid in enumerate(rows) if sid in self._running]
+        if not live:
+            return
+        chosen = self._sample(lp[[r for r, _ in live]], [s for _, s in live])
+        self._session.append({sid: out.token for sid, out in chosen.items()})
         now = time.monotonic()
-        for sid, (tok, logprob, top) in chosen.items():
-            self._accept(self._running[sid], tok, logprob, top, now)
-
-    def _choose(self, seq: Sequence, row: torch.Tensor, argmax: int):
-        req = seq.req
-        scores = row
-        masked = len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos
-        if masked:
-            scores = row.clone()
-            scores[EOS_TOKEN_ID] = float("-inf")
-        if req.greedy and not (masked and argmax == EOS_TOKEN_ID):
-            tok = argmax
-        elif req.greedy:
-            tok = int(torch.argmax(scores))
-        else:
-            logits = scores / req.temperature
-            if req.top_k and req.top_k < logits.numel():
-                kth = torch.topk(logits, req.top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if req.top_p < 1.0:
-                sorted_l, idx = torch.sort(logits, descending=True)
-                probs = torch.softmax(sorted_l, -1)
-                cum = torch.cumsum(probs, -1)
-                drop = (cum - probs) >= req.top_p     # keep the smallest prefix reaching top_p
-                sorted_l = sorted_l.masked_fill(drop, float("-inf"))
-                logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_l)
-            probs = torch.softmax(logits, -1)
-            tok = int(torch.multinomial(probs, 1, generator=seq.generator))
-        assert 0 <= tok < SHARED_VOCAB
-        logprob = float(row[tok]) if req.want_logprobs else None
-        top = []
-        if req.top_n:
-            v, i = torch.topk(row, req.top_n)
-            top = list(zip(i.tolist(), v.tolist()))
-        return tok, logprob, top
+        for sid, out in chosen.items():
+            seq = self._running[sid]
+            try:
+                self._accept(seq, out.token, out.logprob, out.top, now)
+            except Exception as e:  # noqa: BLE001 - e.g. detokenising: this request alone ends
+                log.exception("accepting a token failed", extra={"event": "request_error",
+                                                                  "request_id": seq.req.request_id})
+                self._finish(seq, ERROR, error=f"{_describe(e)}")
 
     def _holdback(self, text: str, stops: list[str]) -> int:
         keep = 0
@@ -399,8 +404,12 @@ class Engine:
                 log.exception("session.remove failed", extra={"event": "engine_error"})
             self.metrics.running.set(len(self._running))
         if text is None:
-            text = self.tokenizer.decode(seq.output_ids) if seq.output_ids else ""
-        if reason in (CANCELLED, TIME_LIMIT, ERROR):
+            try:
+                text = self.tokenizer.decode(seq.output_ids) if seq.output_ids else ""
+            except Exception:   # noqa: BLE001 - the request ends either way; its text is lost
+                log.exception("decode failed", extra={"event": "request_error"})
+                text, reason = "", ERROR if reason not in (CANCELLED, TIME_LIMIT) else reason
+        if reason in _NO_TEXT:
             delta = ""
         else:
             delta = text[seq.sent_chars:] if len(text) > seq.sent_chars else ""

@@ -35,9 +35,11 @@ log = logging.getLogger("sensepack.server")
 
 SERVER_VERSION = "0.1.0"
 _STOP = {eng.MAX_TOKENS: pb.MAX_TOKENS, eng.EOS_TOKEN: pb.EOS_TOKEN, eng.STOP_SEQUENCE: pb.STOP_SEQUENCE,
-         eng.CANCELLED: pb.CANCELLED, eng.TIME_LIMIT: pb.TIME_LIMIT, eng.ERROR: pb.ERROR}
+         eng.CANCELLED: pb.CANCELLED, eng.TIME_LIMIT: pb.TIME_LIMIT, eng.ERROR: pb.ERROR,
+         eng.REFUSED: pb.ERROR, eng.SHUTDOWN: pb.CANCELLED}
 _FAIL = {eng.CANCELLED: grpc.StatusCode.CANCELLED, eng.TIME_LIMIT: grpc.StatusCode.DEADLINE_EXCEEDED,
-         eng.ERROR: grpc.StatusCode.INTERNAL}
+         eng.ERROR: grpc.StatusCode.INTERNAL, eng.REFUSED: grpc.StatusCode.INVALID_ARGUMENT,
+         eng.SHUTDOWN: grpc.StatusCode.UNAVAILABLE}
 
 
 def _time_left(context) -> float | None:
@@ -145,10 +147,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return req, seq, head
 
     def _abort_if_failed(self, context, tracked, ev: eng.FinishEvent) -> None:
-        if ev.reason in _FAIL:
-            tracked.record(_FAIL[ev.reason])
-            context.abort(_FAIL[ev.reason], f"generation {ev.reason.lower()}"
-                          + (f": {ev.error}" if ev.error else "") + f" after {len(ev.output_ids)} tokens")
+        if ev.reason not in _FAIL:
+            return
+        tracked.record(_FAIL[ev.reason])
+        if ev.reason == eng.REFUSED:        # the error names the refused field
+            msg = ev.error
+        elif ev.reason == eng.SHUTDOWN:
+            msg = f"server shutting down: the request was cut after {len(ev.output_ids)} tokens; retry"
+        else:
+            msg = (f"generation {ev.reason.lower()}" + (f": {ev.error}" if ev.error else "")
+                   + f" after {len(ev.output_ids)} tokens")
+        context.abort(_FAIL[ev.reason], msg)
 
     def Generate(self, request, context):
         tracked = _Tracked(self.srv.metrics, "Generate")

@@ -29,7 +29,7 @@ import os
 import time
 
 from ensemble.vocab import EOS_TOKEN_ID
-from serve.engine import Engine, Sequence
+from serve.engine import ERROR, REFUSED, Engine, Sequence
 
 from . import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN
 from .args import build_extra_args
@@ -162,8 +162,17 @@ class VLLMEngine(Engine):
         now = time.monotonic()
         for seq in new:
             rid = f"sp-{seq.seq_id}"
-            self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(seq.req.prompt_ids)),
-                                 self._sampling_params(seq))
+            try:
+                self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(seq.req.prompt_ids)),
+                                     self._sampling_params(seq))
+            except ValueError as e:   # vLLM refused this request (e.g. longer than vllm.max_model_len)
+                log.warning("request refused by vLLM", extra={"event": "engine_add_failed"})
+                self._finish(seq, REFUSED, error=f"{seq.req.input_field}: refused by the vLLM engine: {e}", admitted=False)
+                continue
+            except Exception as e:  # noqa: BLE001 - this request alone ends
+                log.exception("vLLM add_request failed", extra={"event": "engine_add_failed"})
+                self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}", admitted=False)
+                continue
             self._by_rid[rid] = seq
             self._seen[seq.seq_id] = 0
             seq.admitted = now
@@ -214,7 +223,11 @@ class VLLMEngine(Engine):
                         ranked = sorted(((v.rank, t, float(v.logprob)) for t, v in lps.items() if v.rank is not None))
                         top = [(t, lp) for _, t, lp in ranked[: seq.req.top_n]]
                 self._seen[seq.seq_id] = k + 1
-                self._accept(seq, tok, logprob, top, now)
+                try:
+                    self._accept(seq, tok, logprob, top, now)
+                except Exception as e:  # noqa: BLE001 - this request alone ends
+                    log.exception("accepting a token failed", extra={"event": "request_error"})
+                    self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}")
                 if seq.finished is not None:
                     break
             if seq.finished is None and out.finished:
