@@ -50,6 +50,8 @@ class Metrics:
         self.ab_breaches = Counter("sensepack_ab_breaches", "Confirmed live ball breaches", ["pack"], registry=r)
         self.auto_disables = Counter("sensepack_pack_auto_disables", "Packs disabled after a breach",
                                      ["pack"], registry=r)
+        self.gate_runs = Counter("sensepack_gate_runs", "Activation gate measurements (cached per version, "
+                                 "target model and G)", registry=r)
         self.gate_ratio = Gauge("sensepack_gate_ball_ratio", "Ball ratio measured by the activation gate",
                                 ["pack", "version"], registry=r)
         self._active_labels: set[tuple[str, str, str]] = set()

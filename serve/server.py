@@ -92,7 +92,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def _admit(self, request, context, tracked):
         s = self.srv
         req = parse_generate(request, s.tokenizer, s.cfg.limits, s.context_len)
-        admission = s.packs.admit(req.packs, req.ab_key)
+        admission = s.packs.admit(req.packs, req.ab_key, deadline=_deadline(context))
         monitor = s.monitor
 
         def on_finish(seq, reason):
@@ -209,7 +209,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         tracked = _Tracked(s.metrics, "Score")
         try:
             req = parse_score(request, s.tokenizer, s.cfg.limits, s.context_len)
-            admission = s.packs.admit(req.packs, ab_key="")
+            admission = s.packs.admit(req.packs, ab_key="", deadline=_deadline(context))
         except RequestError as e:
             self._fail(context, tracked, e)
         except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
@@ -359,21 +359,19 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
             gates = {}
             for r in s.packs.residents():
                 if r.gate is not None:
-                    gates.setdefault(r.name, {})[r.version] = r.gate.ratio
-            names = sorted(set(stats) | set(gates))
-            for name in names:
+                    gates[(r.name, r.version)] = r.gate.ratio
+            for name, version in sorted(set(stats) | set(gates)):
                 if request.name and name != request.name:
                     continue
-                st = stats.get(name)
+                st = stats.get((name, version))
                 if st is None:
-                    for version, ratio in sorted(gates[name].items()):
-                        resp.packs.add(name=name, version=version, gate_ratio=ratio)
+                    resp.packs.add(name=name, version=version, gate_ratio=gates[(name, version)])
                     continue
-                p = resp.packs.add(name=name, version=st.version, samples=len(st.a), ratio=st.ratio,
+                p = resp.packs.add(name=name, version=version, samples=st.samples, ratio=st.ratio,
                                    ci_lower=st.lower, ci_upper=st.upper, epsilon=st.epsilon, breached=st.breached,
                                    disabled=st.disabled, tokens=st.tokens)
-                if st.version in gates.get(name, {}):
-                    p.gate_ratio = gates[name][st.version]
+                if (name, version) in gates:
+                    p.gate_ratio = gates[(name, version)]
             return resp
         return self._call("ABReport", context, fn)
 

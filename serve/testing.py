@@ -33,7 +33,7 @@ def demo_served(seed: int = 0) -> Served:
 def make_config(store_dir: str | Path, **overrides):
     base = {"server.port": 0, "server.metrics_port": 0, "server.grace_period_s": 5.0, "admin.token": TOKEN,
             "store.uri": str(store_dir), "store.poll_interval_s": 0.2, "ab.enabled": True,
-            "logging.json": True}
+            "logging.json": True, "packs.load_on_request": True}
     base.update(overrides)
     return load_config(None, base)
 
