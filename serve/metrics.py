@@ -9,6 +9,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# the `method` label's closed set: anything else a client sends (e.g. a made-up admin method) is "unknown"
+METHODS = frozenset({"Generate", "GenerateStream", "Score", "Tokenize", "ModelInfo",
+                     "ListPacks", "LoadPack", "SetAlias", "UnloadPack", "ABReport"})
+UNKNOWN_METHOD = "unknown"
+
+
+def method_label(name: str) -> str:
+    """A request's method as a metrics label: one of METHODS or "unknown" (bounded series)."""
+    return name if name in METHODS else UNKNOWN_METHOD
+
+
 _STEP = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -60,6 +71,12 @@ class Metrics:
             self.requests.labels(method, "OK")
         for result in ("ok", "refused_gate", "incompatible", "invalid", "not_found"):
             self.pack_loads.labels(result)
+
+    def touch_pack(self, pack: str) -> None:
+        """Create a resident pack's counters at 0, so that increase() sees its first breach."""
+        self.ab_samples.labels(pack)
+        self.ab_breaches.labels(pack)
+        self.auto_disables.labels(pack)
 
     def set_active_packs(self, routes: list[tuple[str, str, str]]) -> None:
         """routes: (pack, version, alias) with alias "" for the plain name route."""

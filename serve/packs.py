@@ -230,6 +230,7 @@ class PackManager:
                                    f"({1 + g.epsilon:.6f}) at beta {g.beta:g} over {g.tokens} tokens",
                                    "refused_gate")
         self.metrics.pack_loads.labels("ok").inc()
+        self.metrics.touch_pack(name)
         log.info("pack loaded", extra={"event": "pack_loaded", "pack": ref, "beta": r.calibrated_beta,
                                         "gate_ratio": r.gate.ratio if r.gate else None,
                                         "seconds": round(time.perf_counter() - t0, 4)})

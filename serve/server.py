@@ -26,7 +26,7 @@ from serve import engine as eng
 from serve.abtest import Gate, LiveMonitor
 from serve.auth import AdminAuthInterceptor
 from serve.config import Config
-from serve.metrics import Metrics
+from serve.metrics import Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
 from serve.packs import PackManager
 from serve.params import RequestError, parse_generate, parse_pack_ref, parse_score
@@ -462,8 +462,8 @@ class SensepackServer:
         self.engine.start()
         workers = max(cfg.server.max_workers, cfg.limits.max_running + cfg.limits.max_waiting + 16)
         auth = AdminAuthInterceptor(cfg.admin.resolved_token(), ADMIN_SERVICE,
-                                    on_denied=lambda m, c: self.metrics.requests.labels(m.rsplit("/", 1)[-1],
-                                                                                        c.name).inc())
+                                    on_denied=lambda m, c: self.metrics.requests.labels(
+                                        method_label(m.rsplit("/", 1)[-1]), c.name).inc())
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sensepack-rpc"),
                                  interceptors=[auth], options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), self._grpc)
