@@ -117,6 +117,8 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: list[Sequence] = []
         self._running: dict[int, Sequence] = {}
+        self._admitting = 0          # taken off _waiting, not yet in _running (counted as running)
+        self._scoring = 0            # Score RPCs in progress (they share the request cap)
         self._high: list[tuple[Callable, Future]] = []
         self._low: list[tuple[Callable, Future]] = []
         self._ids = itertools.count(1)
@@ -176,6 +178,10 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def scoring(self) -> int:
+        return self._scoring
+
     def submit(self, req: GenerationRequest, packs: list, deadline: float | None = None,
                on_finish=None, user=None) -> Sequence:
         seed = req.seed
@@ -187,18 +193,34 @@ class Engine:
         seq = Sequence(next(self._ids), req, packs, queue.Queue(), on_finish, deadline,
                        generator=gen, seed=seed, user=user)
         with self._cond:
-            if not self._accepting:
-                raise EngineStopped()
-            cap = self.limits.max_running + self.limits.max_waiting
-            if len(self._waiting) + len(self._running) >= cap:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "",
-                                   f"queue full: {len(self._running)} running, {len(self._waiting)} waiting "
-                                   f"(limits.max_running={self.limits.max_running}, "
-                                   f"limits.max_waiting={self.limits.max_waiting})")
+            self._check_room()
             self._waiting.append(seq)
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify_all()
         return seq
+
+    def _check_room(self) -> None:
+        """Refuse a new request when the queue is full (caller holds _cond)."""
+        if not self._accepting:
+            raise EngineStopped()
+        running = len(self._running) + self._admitting
+        cap = self.limits.max_running + self.limits.max_waiting
+        if running + len(self._waiting) + self._scoring >= cap:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "",
+                               f"queue full: {running} running, {len(self._waiting)} waiting, "
+                               f"{self._scoring} scoring (limits.max_running={self.limits.max_running}, "
+                               f"limits.max_waiting={self.limits.max_waiting})")
+
+    def begin_score(self) -> None:
+        """Count a Score RPC against the request cap until `end_score()` (RESOURCE_EXHAUSTED when full)."""
+        with self._cond:
+            self._check_room()
+            self._scoring += 1
+
+    def end_score(self) -> None:
+        with self._cond:
+            self._scoring -= 1
+            self._cond.notify_all()
 
     def cancel(self, seq: Sequence, reason: str = CANCELLED) -> None:
         with self._cond:
@@ -270,7 +292,15 @@ class Engine:
             room = self.limits.max_running - len(self._running)
             new = self._waiting[:max(room, 0)]
             del self._waiting[:len(new)]
+            self._admitting = len(new)
             self.metrics.waiting.set(len(self._waiting))
+        try:
+            self._admit_new(new)
+        finally:
+            with self._cond:
+                self._admitting = 0
+
+    def _admit_new(self, new: list[Sequence]) -> None:
         now = time.monotonic()
         for seq in new:
             try:

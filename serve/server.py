@@ -30,6 +30,7 @@ from serve.metrics import Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
 from serve.packs import PackManager
 from serve.params import RequestError, parse_generate, parse_pack_ref, parse_score
+from serve.scoring import ScoreAbandoned, score_row
 
 log = logging.getLogger("sensepack.server")
 
@@ -215,44 +216,65 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
             self._internal(context, tracked, e)
         try:
-            refs = [p.resident.pack_ref(p.beta) for p in admission.pins if p.resident is not None]
-            n = len(req.continuations)
-            prefixes = [req.prefix_ids] * n
-
-            def job():
-                base = s.ensemble.score(prefixes, req.continuations, [[] for _ in range(n)]) if req.include_base else None
-                packed = s.ensemble.score(prefixes, req.continuations, [refs for _ in range(n)]) if req.packs else None
-                return base, packed
-
-            fut = s.engine.run_job(job, high=True)
-            left = _time_left(context)
-            try:
-                base, packed = fut.result(timeout=left)
-            except futures.TimeoutError:
-                fut.cancel()
-                tracked.record(grpc.StatusCode.DEADLINE_EXCEEDED)
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "score: deadline exceeded")
-            except RequestError as e:
-                self._fail(context, tracked, e)
-            except Exception as e:  # noqa: BLE001
-                self._internal(context, tracked, e)
+            base, packed = self._score_rows(req, admission, context, tracked)
         finally:
             admission.release()
         resp = pb.ScoreResponse(request_id=req.request_id, prefix_token_count=len(req.prefix_ids))
         resp.packs.extend(self._pack_used(admission))
         for i, ids in enumerate(req.continuations):
             c = resp.continuations.add(token_ids=ids, tokens=[s.tokenizer.decode([t]) for t in ids])
-            if base is not None:
+            if req.include_base:
                 v = base[i].double()
                 c.base.token_logprobs.extend(v.tolist())
                 c.base.total_logprob = float(v.sum())
-            if packed is not None:
+            if req.packs:
                 v = packed[i].double()
                 c.packed.token_logprobs.extend(v.tolist())
                 c.packed.total_logprob = float(v.sum())
         s.metrics.prompt_tokens.inc(len(req.prefix_ids) + sum(map(len, req.continuations)))
         tracked.record(grpc.StatusCode.OK)
         return resp
+
+    def _score_rows(self, req, admission, context, tracked):
+        """One engine job per continuation (decode steps run in between), in bounded memory
+        (serve.scoring); a cancel or the deadline stops it between chunks. Counted by admission."""
+        s = self.srv
+        refs = [p.resident.pack_ref(p.beta) for p in admission.pins if p.resident is not None]
+        deadline = _deadline(context)
+        abandoned = threading.Event()
+        context.add_callback(abandoned.set)
+
+        def should_stop():
+            if abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                raise ScoreAbandoned()
+
+        try:
+            s.engine.begin_score()
+        except RequestError as e:
+            self._fail(context, tracked, e)
+        base, packed = [], []
+        try:
+            for cont in req.continuations:
+                fut = s.engine.run_job(lambda cont=cont: score_row(
+                    s.ensemble, req.prefix_ids, cont, refs, req.include_base, bool(req.packs), should_stop))
+                try:
+                    b, p = fut.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+                except (futures.TimeoutError, ScoreAbandoned):
+                    abandoned.set()
+                    fut.cancel()
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if context.is_active() else grpc.StatusCode.CANCELLED
+                    tracked.record(code)
+                    context.abort(code, f"score: {'deadline exceeded' if context.is_active() else 'cancelled'} "
+                                        f"after {len(base) or len(packed)} of {len(req.continuations)} continuations")
+                except RequestError as e:
+                    self._fail(context, tracked, e)
+                except Exception as e:  # noqa: BLE001
+                    self._internal(context, tracked, e)
+                base.append(b)
+                packed.append(p)
+        finally:
+            s.engine.end_score()
+        return base, packed
 
     def Tokenize(self, request, context):
         s = self.srv

@@ -151,14 +151,10 @@ class VLLMEngine(Engine):
             kw.update(temperature=req.temperature, top_k=req.top_k or 0, top_p=req.top_p, seed=seq.seed)
         return SamplingParams(**kw)
 
-    def _admit(self) -> None:
+    def _admit_new(self, new: list[Sequence]) -> None:
+        """The scheduler's admitted requests enter vLLM's batch; one it refuses ends alone."""
         from vllm.inputs import TokensPrompt
 
-        with self._cond:
-            room = self.limits.max_running - len(self._running)
-            new = self._waiting[:max(room, 0)]
-            del self._waiting[:len(new)]
-            self.metrics.waiting.set(len(self._waiting))
         now = time.monotonic()
         for seq in new:
             rid = f"sp-{seq.seq_id}"
