@@ -222,6 +222,13 @@ class Engine:
             self._scoring -= 1
             self._cond.notify_all()
 
+    def cut(self, reason: str = SHUTDOWN) -> None:
+        """End every waiting and running request with `reason` (at the next loop iteration)."""
+        with self._cond:
+            for seq in list(self._waiting) + list(self._running.values()):
+                seq.cancel(reason)
+            self._cond.notify_all()
+
     def cancel(self, seq: Sequence, reason: str = CANCELLED) -> None:
         with self._cond:
             seq.cancel(reason)

@@ -93,7 +93,7 @@ def _finite(field_name: str, x: float) -> float:
 def parse_pack_ref(ref: str, field_name: str = "ref") -> tuple[str, str | None]:
     if not ref:
         raise invalid(field_name, "empty pack reference (expected name, name@version or name@alias)")
-    m = PACK_REF_RE.match(ref)
+    m = PACK_REF_RE.fullmatch(ref)     # fullmatch: `$` alone would accept a trailing newline
     if not m:
         raise invalid(field_name, f"malformed pack reference {ref!r} (expected name, name@version or name@alias)")
     return m.group("name"), m.group("tag")
@@ -133,11 +133,27 @@ def _check_ids(ids, field_name: str, max_len: int, what: str) -> list[int]:
     return ids
 
 
+_MAX_TOKEN_CHARS: dict[int, int] = {}
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token can decode to (byte-level BPE: at most its byte count)."""
+    key = id(tokenizer)
+    if key not in _MAX_TOKEN_CHARS:
+        _MAX_TOKEN_CHARS[key] = max(len(t) for t in tokenizer.get_vocab())
+    return _MAX_TOKEN_CHARS[key]
+
+
 def _tokenize_text(tokenizer, text: str, field_name: str, max_len: int, what: str) -> list[int]:
     if not text:
         raise invalid(field_name, f"empty {what}")
     if len(text) > MAX_TEXT_CHARS:
         raise invalid(field_name, f"{what} has {len(text)} characters, limit {MAX_TEXT_CHARS}")
+    # refused before tokenizing (which costs the engine's CPU): a text longer than this cannot fit max_len
+    cap = max_len * max_token_chars(tokenizer)
+    if len(text) > cap:
+        raise invalid(field_name, f"{what} has {len(text)} characters: more than {max_len} tokens "
+                                  f"(limit {max_len}; a token spans at most {cap // max_len} characters)")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise invalid(field_name, f"{what} tokenizes to no tokens")

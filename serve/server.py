@@ -72,6 +72,42 @@ class _Tracked:
             self.metrics.requests.labels(self.method, code.name).inc()
 
 
+class Undecodable:
+    """What the decode guard hands a servicer for request bytes that are not a valid message."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _check_decoded(request, context, tracked: _Tracked) -> None:
+    if isinstance(request, Undecodable):
+        tracked.record(grpc.StatusCode.INVALID_ARGUMENT)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({request.error})")
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """Undecodable request bytes (e.g. invalid UTF-8 in a string field) reach the servicer as
+    `Undecodable`, which answers INVALID_ARGUMENT and counts it, instead of grpc's uncounted INTERNAL."""
+
+    def __init__(self, services: tuple[str, ...]):
+        self._prefixes = tuple(f"/{s}/" for s in services)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if (handler is None or not handler_call_details.method.startswith(self._prefixes)
+                or handler.request_deserializer is None or not hasattr(handler, "_replace")):
+            return handler
+        decode = handler.request_deserializer
+
+        def guarded(data: bytes):
+            try:
+                return decode(data)
+            except Exception as e:  # noqa: BLE001 - any decode failure is the client's
+                return Undecodable(f"{type(e).__name__}: {e}")
+
+        return handler._replace(request_deserializer=guarded)
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, srv: "SensepackServer"):
         self.srv = srv
@@ -162,6 +198,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def Generate(self, request, context):
         tracked = _Tracked(self.srv.metrics, "Generate")
+        _check_decoded(request, context, tracked)
         req, seq, resp = self._start(request, context, tracked)
         for ev in self._events(seq, context):
             if isinstance(ev, eng.TokenEvent):
@@ -180,6 +217,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def GenerateStream(self, request, context):
         tracked = _Tracked(self.srv.metrics, "GenerateStream")
+        _check_decoded(request, context, tracked)
         req, seq, first = self._start(request, context, tracked)
         yield first
         try:
@@ -208,6 +246,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def Score(self, request, context):
         s = self.srv
         tracked = _Tracked(s.metrics, "Score")
+        _check_decoded(request, context, tracked)
         try:
             req = parse_score(request, s.tokenizer, s.cfg.limits, s.context_len)
             admission = s.packs.admit(req.packs, ab_key="", deadline=_deadline(context))
@@ -279,6 +318,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def Tokenize(self, request, context):
         s = self.srv
         tracked = _Tracked(s.metrics, "Tokenize")
+        _check_decoded(request, context, tracked)
         if len(request.text) > 1_000_000:
             self._fail(context, tracked, RequestError(grpc.StatusCode.INVALID_ARGUMENT, "text",
                                                       "longer than 1000000 characters"))
@@ -292,6 +332,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def ModelInfo(self, request, context):
         s = self.srv
         tracked = _Tracked(s.metrics, "ModelInfo")
+        _check_decoded(request, context, tracked)
         resp = s.model_info()
         tracked.record(grpc.StatusCode.OK)
         return resp
@@ -316,8 +357,9 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
             return admin_pb.GateResult(passed=True, skipped=True, beta=r.calibrated_beta, epsilon=r.epsilon)
         return admin_pb.GateResult(passed=g.passed, ratio=g.ratio, epsilon=g.epsilon, beta=g.beta, tokens=g.tokens)
 
-    def _call(self, method, context, fn):
+    def _call(self, method, request, context, fn):
         tracked = _Tracked(self.srv.metrics, method)
+        _check_decoded(request, context, tracked)
         try:
             out = fn()
         except RequestError as e:
@@ -345,14 +387,14 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
                     resp.store.add(name=name, versions=[v.version for v in store.list_versions(name)],
                                    aliases=store.aliases(name))
             return resp
-        return self._call("ListPacks", context, fn)
+        return self._call("ListPacks", request, context, fn)
 
     def LoadPack(self, request, context):
         def fn():
             parse_pack_ref(request.ref, "ref")
             r, routes = self.srv.packs.activate(request.ref, activate=request.activate)
             return admin_pb.LoadPackResponse(pack=self._resident(r), gate=self._gate(r), routes=routes)
-        return self._call("LoadPack", context, fn)
+        return self._call("LoadPack", request, context, fn)
 
     def SetAlias(self, request, context):
         def fn():
@@ -364,13 +406,13 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
                 raise invalid("version", "empty version")
             r, routes = self.srv.packs.set_alias(request.name, request.alias, request.version)
             return admin_pb.LoadPackResponse(pack=self._resident(r), gate=self._gate(r), routes=routes)
-        return self._call("SetAlias", context, fn)
+        return self._call("SetAlias", request, context, fn)
 
     def UnloadPack(self, request, context):
         def fn():
             name, version, freed = self.srv.packs.unload(request.ref)
             return admin_pb.UnloadPackResponse(name=name, version=version, freed=freed)
-        return self._call("UnloadPack", context, fn)
+        return self._call("UnloadPack", request, context, fn)
 
     def ABReport(self, request, context):
         def fn():
@@ -395,12 +437,46 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
                 if (name, version) in gates:
                     p.gate_ratio = gates[(name, version)]
             return resp
-        return self._call("ABReport", context, fn)
+        return self._call("ABReport", request, context, fn)
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+DEMO_ADMIN_TOKEN = "demo-admin-token"     # serve/configs/demo.yaml's; valid on loopback binds only
+
+
+def _enable_reflection(services: tuple[str, ...], server: grpc.Server) -> None:
+    """Server reflection under both names clients use: v1 (grpcurl, Postman, current grpc tools) and
+    v1alpha. grpcio-reflection ships only v1alpha; the v1 messages are the same on the wire, so one
+    servicer answers both."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    names = tuple(services) + (reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class SensepackServer:
     def __init__(self, config: Config, served: Served | None = None):
         self.cfg = config
+        if config.admin.resolved_token() == DEMO_ADMIN_TOKEN and not _loopback(config.server.host):
+            raise ValueError(f"admin.token: the demo token is for loopback binds only, and server.host is "
+                             f"{config.server.host!r}; set ${config.admin.token_env} or admin.token")
         if config.model.torch_threads:
             import torch
 
@@ -487,7 +563,8 @@ class SensepackServer:
                                     on_denied=lambda m, c: self.metrics.requests.labels(
                                         method_label(m.rsplit("/", 1)[-1]), c.name).inc())
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sensepack-rpc"),
-                                 interceptors=[auth], options=[("grpc.so_reuseport", 0)])
+                                 interceptors=[auth, DecodeGuard((GENERATION_SERVICE, ADMIN_SERVICE))],
+                                 options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), self._grpc)
         admin_pb_grpc.add_PackAdminServicer_to_server(AdminServicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -495,8 +572,7 @@ class SensepackServer:
         for name in services:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if cfg.server.reflection:
-            reflection.enable_server_reflection(
-                (GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+            _enable_reflection((GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME), self._grpc)
         addr = f"{cfg.server.host}:{cfg.server.port}"
         if cfg.tls.enabled:
             key = open(cfg.tls.key_file, "rb").read()
@@ -552,8 +628,11 @@ class SensepackServer:
             self.engine.stop_accepting()
             drained = self.engine.drain(grace)
             log.info("shutting down", extra={"event": "shutdown", "drained": drained})
+            if not drained:     # cut what is left with its own status (UNAVAILABLE, "retry"), then stop
+                self.engine.cut(eng.SHUTDOWN)
+                self.engine.drain(5.0)
             if self._grpc is not None:
-                self._grpc.stop(grace=1.0 if drained else 0).wait()
+                self._grpc.stop(grace=1.0).wait()
             self.engine.stop(0)
             self.packs.close()
             if self._http is not None:

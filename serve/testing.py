@@ -131,8 +131,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(config: dict, timeout: float = 300.0, log_path: str | None = None):
-    """`sensepack serve` in a separate process (benchmarks); yields the gRPC port once SERVING."""
+def server_process(config: dict, timeout: float = 300.0, log_path: str | None = None, with_pid: bool = False):
+    """`sensepack serve` in a separate process (benchmarks); yields the gRPC port once SERVING
+    ((port, pid) with with_pid, e.g. to read the server's peak RSS)."""
     import os
     import subprocess
     import sys
@@ -167,7 +168,7 @@ def server_process(config: dict, timeout: float = 300.0, log_path: str | None = 
                     raise TimeoutError("server did not become SERVING")
                 time.sleep(0.2)
             ch.close()
-            yield port
+            yield (port, proc.pid) if with_pid else port
         finally:
             proc.terminate()
             try:
