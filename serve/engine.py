@@ -39,6 +39,7 @@ import grpc
 import torch
 
 from ensemble.vocab import EOS_TOKEN_ID
+from serve.detok import IncrementalDetokenizer
 from serve.params import GenerationRequest, RequestError
 from serve.sampler import RowParams, Sampled, sample
 
@@ -85,6 +86,8 @@ class Sequence:
     seed: int | None = None
     output_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    detok: IncrementalDetokenizer | None = None
+    stop_scan: int = 0            # stop sequences were searched (without a match) before this character
     admitted: float | None = None
     last_token: float | None = None
     cancel_reason: str | None = None
@@ -404,20 +407,26 @@ class Engine:
         self.metrics.generation_tokens.inc()
 
         reason, stop_seq, final_text = None, "", None
-        text = self.tokenizer.decode(seq.output_ids)
+        if seq.detok is None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer)
+        seq.detok.add(tok)
+        text = seq.detok.text           # complete characters only; an unfinished one is held back
         if tok == EOS_TOKEN_ID and not req.ignore_eos and n > req.min_new_tokens - 1:
             reason = EOS_TOKEN
         if req.stop_sequences and n >= req.min_new_tokens:
             best = None
-            for s in req.stop_sequences:
-                p = text.find(s)
+            for s in req.stop_sequences:    # only the text not searched yet (plus a stop's length of overlap)
+                p = text.find(s, max(0, seq.stop_scan - len(s) + 1))
                 if p >= 0 and (best is None or p < best[0]):
                     best = (p, s)
+            seq.stop_scan = len(text)
             if best is not None:
                 reason, stop_seq = STOP_SEQUENCE, best[1]
                 final_text = text[:best[0] + (len(best[1]) if req.include_stop_sequence else 0)]
         if reason is None and n >= req.max_new_tokens:
             reason = MAX_TOKENS
+        if reason is not None and final_text is None:
+            text = seq.detok.flush()
         if reason is None:
             upto = len(text) - self._holdback(text, req.stop_sequences)
             delta = text[seq.sent_chars:upto] if upto > seq.sent_chars else ""
