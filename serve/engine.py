@@ -48,6 +48,7 @@ log = logging.getLogger("sensepack.engine")
 # finish reasons (mirror proto StopReason names)
 MAX_TOKENS, EOS_TOKEN, STOP_SEQUENCE, CANCELLED, TIME_LIMIT, ERROR = (
     "MAX_TOKENS", "EOS_TOKEN", "STOP_SEQUENCE", "CANCELLED", "TIME_LIMIT", "ERROR")
+STOP_TOKEN = "STOP_TOKEN"     # a token of stopping.stop_token_ids
 REFUSED = "REFUSED"          # the engine refused the request at admission (INVALID_ARGUMENT; proto ERROR)
 SHUTDOWN = "SHUTDOWN"        # cut by a shutdown that outlived the grace period (UNAVAILABLE; proto CANCELLED)
 _NO_TEXT = (CANCELLED, TIME_LIMIT, ERROR, REFUSED, SHUTDOWN)
@@ -343,7 +344,12 @@ class Engine:
         req = seq.req
         return RowParams(greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                          mask_eos=len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos,
-                         generator=seq.generator, want_logprob=req.want_logprobs, top_n=req.top_n)
+                         generator=seq.generator, want_logprob=req.want_logprobs, top_n=req.top_n,
+                         min_p=req.min_p, logit_bias=req.logit_bias, repetition_penalty=req.repetition_penalty,
+                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                         prompt_ids=req.prompt_ids if req.penalized else None,
+                         output_ids=seq.output_ids if req.penalized else None, stop_token_ids=req.stop_token_ids,
+                         mask_stop_ids=len(seq.output_ids) < req.min_new_tokens)
 
     def _sample(self, lp: torch.Tensor, seqs: list[Sequence]) -> dict[int, Sampled]:
         """Sample every row together; when that fails, row by row, ending only the rows that fail."""
@@ -413,6 +419,8 @@ class Engine:
         text = seq.detok.text           # complete characters only; an unfinished one is held back
         if tok == EOS_TOKEN_ID and not req.ignore_eos and n > req.min_new_tokens - 1:
             reason = EOS_TOKEN
+        elif tok in req.stop_token_ids and n >= req.min_new_tokens:
+            reason = STOP_TOKEN
         if req.stop_sequences and n >= req.min_new_tokens:
             best = None
             for s in req.stop_sequences:    # only the text not searched yet (plus a stop's length of overlap)

@@ -73,6 +73,17 @@ class GenerationRequest:
     want_input_tokens: bool = False
     ab_key: str = ""
     input_field: str = "text"
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
+    stop_token_ids: frozenset[int] = frozenset()
+    want_prompt_logprobs: bool = False
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass
@@ -224,6 +235,35 @@ def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int)
     if ro.top_n_tokens < 0 or ro.top_n_tokens > limits.max_top_n_tokens:
         raise invalid("response.top_n_tokens", f"must lie in [0, {limits.max_top_n_tokens}], got {ro.top_n_tokens}")
 
+    rep_pen = _finite("sampling.repetition_penalty", s.repetition_penalty) or 1.0
+    if not 0 < rep_pen <= 10:
+        raise invalid("sampling.repetition_penalty", f"must lie in (0, 10] (0: off), got {rep_pen}")
+    pres = _finite("sampling.presence_penalty", s.presence_penalty)
+    freq = _finite("sampling.frequency_penalty", s.frequency_penalty)
+    for name, v in (("presence_penalty", pres), ("frequency_penalty", freq)):
+        if not -2 <= v <= 2:
+            raise invalid(f"sampling.{name}", f"must lie in [-2, 2], got {v}")
+    min_p = _finite("sampling.min_p", s.min_p)
+    if not 0 <= min_p <= 1:
+        raise invalid("sampling.min_p", f"must lie in [0, 1], got {min_p}")
+    if len(s.logit_bias) > limits.max_logit_bias:
+        raise invalid("sampling.logit_bias", f"{len(s.logit_bias)} entries, limit {limits.max_logit_bias}")
+    bias = {}
+    for t, v in sorted(s.logit_bias.items()):
+        f = f"sampling.logit_bias[{t}]"
+        if not 0 <= t < SHARED_VOCAB:
+            raise invalid(f, f"token id {t} outside the shared vocabulary [0, {SHARED_VOCAB})")
+        v = _finite(f, v)
+        if not -100 <= v <= 100:
+            raise invalid(f, f"must lie in [-100, 100], got {v}")
+        bias[int(t)] = v
+    if len(st.stop_token_ids) > limits.max_stop_token_ids:
+        raise invalid("stopping.stop_token_ids", f"{len(st.stop_token_ids)} given, limit {limits.max_stop_token_ids}")
+    for i, t in enumerate(st.stop_token_ids):
+        if not 0 <= t < SHARED_VOCAB:
+            raise invalid(f"stopping.stop_token_ids[{i}]",
+                          f"token id {t} outside the shared vocabulary [0, {SHARED_VOCAB})")
+
     packs = parse_packs(req.packs, limits, req.base_only)
     if len(req.ab_key) > MAX_REQUEST_ID:
         raise invalid("ab_key", f"longer than {MAX_REQUEST_ID} characters")
@@ -236,6 +276,8 @@ def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int)
         want_tokens=ro.generated_tokens or ro.token_logprobs or ro.top_n_tokens > 0,
         want_logprobs=ro.token_logprobs, top_n=ro.top_n_tokens, want_input_tokens=ro.input_tokens,
         ab_key=req.ab_key or rid, input_field=which,
+        repetition_penalty=rep_pen, presence_penalty=pres, frequency_penalty=freq, logit_bias=bias, min_p=min_p,
+        stop_token_ids=frozenset(int(t) for t in st.stop_token_ids), want_prompt_logprobs=ro.prompt_logprobs,
     )
 
 

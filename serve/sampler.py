@@ -1,9 +1,18 @@
 """The batched sampler: one decode step's next tokens for every running row.
 
 Given the step's log-probs ``lp`` (B, V) and each row's parameters, the rows
-are sampled together on batched tensors (no Python loop over the vocabulary):
+are sampled together on batched tensors (no Python loop over the vocabulary).
+First the scores s = lp are adjusted (vLLM's order and semantics, on log-probs):
 
-    x      = (lp - max_v lp) / T                 # shifted first: x <= 0, so no T overflows it
+    s[v] += logit_bias[v]
+    s[v]  = s[v] / rep if s[v] > 0 else s[v] * rep     for v in the prompt or the output
+    s[v] -= frequency · count_out(v) + presence · [count_out(v) > 0]
+    s[v]  = -inf    for EOS and the stop token ids while min_new_tokens is not reached
+
+then greedy rows take ``argmax s`` and sampled rows
+
+    x      = (s - max_v s) / T                   # shifted first: x <= 0, so no T overflows it
+    x[v]   = -inf  where x[v] < log(min_p)       # min_p: p(v) < min_p · max p
     x[v]   = -inf  where x[v] < k-th largest x   # top-k (k = 0: off)
     keep the smallest prefix of the sorted x whose probability mass reaches top_p
     token  = inverse CDF of softmax(x) at u ~ U[0, 1) drawn from the row's own generator
@@ -44,6 +53,19 @@ class RowParams:
     generator: torch.Generator | None = None
     want_logprob: bool = False
     top_n: int = 0
+    min_p: float = 0.0
+    logit_bias: dict | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    prompt_ids: list[int] | None = None      # for the repetition penalty
+    output_ids: list[int] | None = None      # for all three penalties
+    stop_token_ids: frozenset = frozenset()
+    mask_stop_ids: bool = False              # min_new_tokens not reached: stop_token_ids masked too
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass
@@ -60,6 +82,26 @@ def _check_finite(lp: torch.Tensor) -> None:
         raise RowError(r, f"row {r}: the model's scores are not finite")
 
 
+def _penalize(scores: torch.Tensor, params: list[RowParams], rows: list[int]) -> None:
+    """Repetition / presence / frequency penalties of `rows`, in place, on one (len(rows), V) batch."""
+    n, v = len(rows), scores.shape[1]
+    counts = torch.zeros(n * v, dtype=scores.dtype)
+    seen = torch.zeros(n * v, dtype=torch.bool)
+    for j, i in enumerate(rows):
+        out = torch.tensor(params[i].output_ids or [], dtype=torch.long)
+        counts.index_add_(0, out + j * v, torch.ones(len(out), dtype=scores.dtype))
+        seen[torch.tensor(params[i].prompt_ids or [], dtype=torch.long) + j * v] = True
+    counts = counts.view(n, v)
+    seen = seen.view(n, v) | (counts > 0)
+    idx = torch.tensor(rows)
+    sub = scores[idx]
+    rep = torch.tensor([params[i].repetition_penalty for i in rows], dtype=sub.dtype)[:, None]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([params[i].frequency_penalty for i in rows], dtype=sub.dtype)[:, None]
+    pres = torch.tensor([params[i].presence_penalty for i in rows], dtype=sub.dtype)[:, None]
+    scores[idx] = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+
+
 def sample(lp: torch.Tensor, params: list[RowParams]) -> list[Sampled]:
     """Next token (and requested log-probs) of every row of `lp` (B, V); float32 or wider."""
     lp = lp.float()
@@ -67,10 +109,19 @@ def sample(lp: torch.Tensor, params: list[RowParams]) -> list[Sampled]:
     assert b == len(params)
     _check_finite(lp)
     scores = lp
-    eos_rows = [i for i, p in enumerate(params) if p.mask_eos]
-    if eos_rows:
+    bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+    pen_rows = [i for i, p in enumerate(params) if p.penalized]
+    eos_rows = [i for i, p in enumerate(params) if p.mask_eos or (p.mask_stop_ids and p.stop_token_ids)]
+    if bias_rows or pen_rows or eos_rows:
         scores = lp.clone()
-        scores[eos_rows, EOS_TOKEN_ID] = float("-inf")
+    for i in bias_rows:
+        ids = torch.tensor(list(params[i].logit_bias), dtype=torch.long)
+        scores[i, ids] += torch.tensor(list(params[i].logit_bias.values()), dtype=scores.dtype)
+    if pen_rows:
+        _penalize(scores, params, pen_rows)
+    for i in eos_rows:
+        p = params[i]
+        scores[i, [EOS_TOKEN_ID] * p.mask_eos + list(p.stop_token_ids) * p.mask_stop_ids] = float("-inf")
     tokens = scores.argmax(dim=-1)            # greedy rows (and the fallback of every row)
 
     samp = [i for i, p in enumerate(params) if not p.greedy]
@@ -80,6 +131,8 @@ def sample(lp: torch.Tensor, params: list[RowParams]) -> list[Sampled]:
         x = x - x.max(dim=-1, keepdim=True).values               # <= 0, max exactly 0
         temp = torch.tensor([params[i].temperature for i in samp], dtype=x.dtype)[:, None]
         x = x / temp                                             # 0 / T = 0; negatives may reach -inf
+        min_p = torch.tensor([params[i].min_p for i in samp], dtype=torch.float64)
+        x = x.masked_fill(x < torch.log(min_p).to(x.dtype)[:, None], float("-inf"))   # min_p 0: log 0 = -inf
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         k = torch.tensor([params[i].top_k if 0 < params[i].top_k < v else v for i in samp])
         kth = sorted_x.gather(1, (k - 1)[:, None])

@@ -37,7 +37,7 @@ log = logging.getLogger("sensepack.server")
 SERVER_VERSION = "0.1.0"
 _STOP = {eng.MAX_TOKENS: pb.MAX_TOKENS, eng.EOS_TOKEN: pb.EOS_TOKEN, eng.STOP_SEQUENCE: pb.STOP_SEQUENCE,
          eng.CANCELLED: pb.CANCELLED, eng.TIME_LIMIT: pb.TIME_LIMIT, eng.ERROR: pb.ERROR,
-         eng.REFUSED: pb.ERROR, eng.SHUTDOWN: pb.CANCELLED}
+         eng.REFUSED: pb.ERROR, eng.SHUTDOWN: pb.CANCELLED, eng.STOP_TOKEN: pb.STOP_TOKEN}
 _FAIL = {eng.CANCELLED: grpc.StatusCode.CANCELLED, eng.TIME_LIMIT: grpc.StatusCode.DEADLINE_EXCEEDED,
          eng.ERROR: grpc.StatusCode.INTERNAL, eng.REFUSED: grpc.StatusCode.INVALID_ARGUMENT,
          eng.SHUTDOWN: grpc.StatusCode.UNAVAILABLE}
@@ -178,10 +178,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         head = pb.GenerateResponse(request_id=req.request_id, input_token_count=len(req.prompt_ids))
         if req.want_input_tokens:
             head.input_token_ids.extend(req.prompt_ids)
+        if req.want_prompt_logprobs and len(req.prompt_ids) > 1:
+            head.prompt_logprobs.extend(self._prompt_logprobs(req, admission, seq, context, tracked))
         head.packs.extend(self._pack_used(admission))
         if seq.seed is not None:
             head.seed = seq.seed
         return req, seq, head
+
+    def _prompt_logprobs(self, req, admission, seq, context, tracked) -> list[float]:
+        """log p(prompt[i] | prompt[<i]), i >= 1, under the served distribution (the pinned packs)."""
+        s = self.srv
+        refs = admission.pack_refs
+        fut = s.engine.run_job(lambda: score_row(s.ensemble, req.prompt_ids[:1], req.prompt_ids[1:], refs,
+                                                 want_base=not refs, want_packed=bool(refs)))
+        try:
+            base, packed = fut.result(timeout=_time_left(context))
+        except futures.TimeoutError:
+            fut.cancel()
+            s.engine.cancel(seq, eng.TIME_LIMIT)
+            tracked.record(grpc.StatusCode.DEADLINE_EXCEEDED)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "response.prompt_logprobs: deadline exceeded")
+        return (packed if refs else base).double().tolist()
 
     def _abort_if_failed(self, context, tracked, ev: eng.FinishEvent) -> None:
         if ev.reason not in _FAIL:

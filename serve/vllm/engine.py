@@ -144,7 +144,9 @@ class VLLMEngine(Engine):
         n_lp = max(req.top_n, 1) if (req.want_logprobs or req.top_n) else None
         kw = dict(max_tokens=req.max_new_tokens, min_tokens=req.min_new_tokens, ignore_eos=req.ignore_eos,
                   logprobs=n_lp, extra_args=build_extra_args(seq.packs, request_id=str(seq.req.request_id)),
-                  stop_token_ids=None, detokenize=False)
+                  stop_token_ids=sorted(req.stop_token_ids) or None, detokenize=False,
+                  repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                  frequency_penalty=req.frequency_penalty, min_p=req.min_p, logit_bias=req.logit_bias or None)
         if req.greedy:
             kw.update(temperature=0.0)
         else:
