@@ -84,6 +84,7 @@ class LimitsConfig(_Section):
     max_packs_per_request: int = Field(4, ge=1)
     max_continuations: int = Field(64, ge=1)
     max_temperature: float = Field(100.0, gt=0)
+    max_batched_tokens: Optional[int] = Field(None, ge=1)   # None: requests are admitted by count only
     max_logit_bias: int = Field(300, ge=0)
     max_stop_token_ids: int = Field(64, ge=0)
 

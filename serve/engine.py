@@ -298,10 +298,25 @@ class Engine:
             if seq.cancel_reason:
                 self._finish(seq, seq.cancel_reason)
 
+    @staticmethod
+    def _budget(seq: Sequence) -> int:
+        """Tokens a request may hold in the batch: its prompt and every token it may generate."""
+        return len(seq.req.prompt_ids) + seq.req.max_new_tokens
+
     def _admit(self) -> None:
+        """FIFO admission while a running slot is free and, with limits.max_batched_tokens, the running
+        requests' token budgets (prompt + max_new_tokens) leave room for the next one."""
+        budget = self.limits.max_batched_tokens
         with self._cond:
             room = self.limits.max_running - len(self._running)
             new = self._waiting[:max(room, 0)]
+            if budget is not None:
+                used = sum(self._budget(s) for s in self._running.values())
+                for k, seq in enumerate(new):
+                    used += self._budget(seq)
+                    if used > budget and (k or self._running):   # one alone always fits (checked at parse)
+                        new = new[:k]
+                        break
             del self._waiting[:len(new)]
             self._admitting = len(new)
             self.metrics.waiting.set(len(self._waiting))

@@ -222,6 +222,11 @@ def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int)
     if len(prompt) + max_new > context_len:
         raise invalid("stopping.max_new_tokens",
                       f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the model context ({context_len})")
+    budget = limits.max_batched_tokens
+    if budget is not None and len(prompt) + max_new > budget:
+        raise invalid("stopping.max_new_tokens",
+                      f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds limits.max_batched_tokens "
+                      f"({budget})")
     if st.min_new_tokens < 0 or st.min_new_tokens > max_new:
         raise invalid("stopping.min_new_tokens", f"must lie in [0, max_new_tokens={max_new}], got {st.min_new_tokens}")
     stops = list(st.stop_sequences)

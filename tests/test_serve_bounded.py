@@ -46,3 +46,33 @@ def test_alert_counters_exist_at_zero(server):
     samples = parse_metrics(scrape(server))
     for name in ("sensepack_ab_breaches_total", "sensepack_pack_auto_disables_total", "sensepack_ab_samples_total"):
         assert samples[f'{name}{{pack="capitals"}}'] == 0.0
+
+
+def test_admission_by_token_budget(tmp_path):
+    """limits.max_batched_tokens: a request holds prompt + max_new_tokens; the third of three 1506-token
+    requests waits under a 3100-token budget until one leaves; one that can never fit is refused."""
+    from proto import pb_grpc
+    from serve.client import build_generate_request
+    from serve.testing import wait_until
+
+    with running_server(tmp_path, demo_served(), **{"limits.max_batched_tokens": 3100, "limits.max_running": 4,
+                                                    "limits.max_new_tokens": 2000}) as srv:
+        stub = pb_grpc.GenerationServiceStub(channel(srv))
+        prompt = list(range(300, 306))                       # 6 tokens + 1500 new
+        calls = [stub.GenerateStream(build_generate_request(prompt, base_only=True, max_new_tokens=1500,
+                                                            ignore_eos=True)) for _ in range(3)]
+        for c in calls:
+            next(c)                                          # accepted (the head is sent at submission)
+        assert wait_until(lambda: srv.engine.running == 2 and srv.engine.waiting == 1)
+        calls[0].cancel()                                    # its tokens free up: the third joins
+        assert wait_until(lambda: srv.engine.running == 2 and srv.engine.waiting == 0)
+        for c in calls[1:]:
+            c.cancel()
+        assert wait_until(lambda: srv.engine.running == 0)
+    with running_server(tmp_path, demo_served(), **{"limits.max_batched_tokens": 100}) as srv:
+        stub = pb_grpc.GenerationServiceStub(channel(srv))
+        with pytest.raises(grpc.RpcError) as ei:             # 6 + 95 tokens can never fit a 100-token budget
+            stub.Generate(build_generate_request(prompt, base_only=True, max_new_tokens=95))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ei.value.details().startswith("stopping.max_new_tokens:") and "max_batched_tokens" in ei.value.details()
+        assert stub.Generate(build_generate_request(prompt, base_only=True, max_new_tokens=94)).generated_token_count
