@@ -180,6 +180,18 @@ class Config(_Section):
         return self
 
 
+def served_context(config: Config, model_context: int) -> int:
+    """The longest prompt + max_new_tokens a request may ask for: the large model's context, and with
+    engine: vllm also vLLM's max_model_len (what serve.vllm.engine passes it), so that requests vLLM
+    would refuse are refused at validation, naming their field."""
+    if config.engine != "vllm":
+        return model_context
+    extra = config.vllm.engine_args or {}
+    mml = (extra.get("max_model_len") or config.vllm.max_model_len
+           or config.limits.max_prompt_tokens + config.limits.max_new_tokens)
+    return min(model_context, int(mml))
+
+
 class ConfigError(ValueError):
     pass
 

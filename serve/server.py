@@ -25,7 +25,7 @@ from proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb
 from serve import engine as eng
 from serve.abtest import Gate, LiveMonitor
 from serve.auth import AdminAuthInterceptor
-from serve.config import Config
+from serve.config import Config, served_context
 from serve.metrics import Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
 from serve.packs import PackManager
@@ -501,7 +501,7 @@ class SensepackServer:
         self.served = served or build_served(config.model)
         self.ensemble = self.served.ensemble
         self.tokenizer = self.served.tokenizer
-        self.context_len = int(self.ensemble.context_limit)
+        self.context_len = served_context(config, int(self.ensemble.context_limit))
         self.metrics = Metrics()
         if config.engine == "vllm":
             from serve.vllm.engine import VLLMEngine

@@ -58,6 +58,7 @@ def engine_args_from_config(config, store_uri: str | None = None, model_folder: 
         gpu_memory_utilization=g("gpu_memory_utilization", 0.85),
         max_num_seqs=g("max_num_seqs", None) or config.limits.max_running,
         max_model_len=g("max_model_len", None) or (config.limits.max_prompt_tokens + config.limits.max_new_tokens),
+        # (serve.config.served_context caps requests at the same length: vLLM never sees a longer one)
         enforce_eager=g("enforce_eager", False),
         seed=g("seed", 0),
     )
