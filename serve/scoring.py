@@ -1,5 +1,5 @@
-"""Score in bounded memory: one continuation per engine job, the vocabulary
-projection in chunks of positions.
+"""Score in bounded memory, interleaved with decoding: the vocabulary
+projection in chunks of positions, each chunk its own engine job.
 
 For the row r = prefix + continuation, the large model runs once to its last
 hidden states h (L, d) (no logits); then, for each chunk of positions t,
@@ -37,10 +37,35 @@ def _hidden_and_head(large, row: list[int]) -> tuple[torch.Tensor, Callable[[tor
     return out.last_hidden_state[0], large.get_output_embeddings()
 
 
-@torch.no_grad()
 def score_row(ensemble, prefix: list[int], cont: list[int], packs: list, want_base: bool, want_packed: bool,
               should_stop: Callable[[], None] | None = None, chunk: int = SCORE_CHUNK):
-    """(base, packed) float32 log-probs of each continuation token (None where not wanted)."""
+    """(base, packed) float32 log-probs of each continuation token (None where not wanted), in one go."""
+    steps = score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk)
+    while True:
+        done, result = advance(steps)
+        if done:
+            return result
+
+
+def advance(steps) -> tuple[bool, object]:
+    """Run one step of `score_steps`: (False, None), or (True, (base, packed)) once finished."""
+    try:
+        next(steps)
+        return False, None
+    except StopIteration as e:
+        return True, e.value
+
+
+def score_steps(ensemble, prefix: list[int], cont: list[int], packs: list, want_base: bool, want_packed: bool,
+                should_stop: Callable[[], None] | None = None, chunk: int = SCORE_CHUNK):
+    """`score_row` as a generator that yields after the forward pass and after every chunk, so that the
+    engine can run each step as its own job (decode steps in between); returns (base, packed)."""
+    with torch.no_grad():
+        return (yield from _score_steps(ensemble, prefix, cont, packs, want_base, want_packed,
+                                        should_stop, chunk))
+
+
+def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk):
     row = prefix + cont
     large, bp = ensemble.large, ensemble.backpack
     stop = should_stop or (lambda: None)
@@ -57,6 +82,7 @@ def score_row(ensemble, prefix: list[int], cont: list[int], packs: list, want_ba
                 long_packed = True
     stop()
     hidden, head = _hidden_and_head(large, row)
+    yield
     targets = torch.tensor(cont, device=hidden.device)
     emb = bp.embedding[:SHARED_VOCAB]
     base_parts, packed_parts = [], []
@@ -76,6 +102,7 @@ def score_row(ensemble, prefix: list[int], cont: list[int], packs: list, want_ba
             z = z + (delta[s:e] @ emb.T).float().to(z.device)
             packed_parts.append((z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(1))
         del z
+        yield
     base = torch.cat(base_parts) if want_base else None
     packed = torch.cat(packed_parts) if want_packed and not long_packed else None
     if long_packed:

@@ -30,7 +30,7 @@ from serve.metrics import Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
 from serve.packs import PackManager
 from serve.params import RequestError, parse_generate, parse_pack_ref, parse_score
-from serve.scoring import ScoreAbandoned, score_row
+from serve.scoring import ScoreAbandoned, advance, score_row, score_steps
 
 log = logging.getLogger("sensepack.server")
 
@@ -292,8 +292,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return resp
 
     def _score_rows(self, req, admission, context, tracked):
-        """One engine job per continuation (decode steps run in between), in bounded memory
-        (serve.scoring); a cancel or the deadline stops it between chunks. Counted by admission."""
+        """One engine job per step of serve.scoring (a continuation's forward pass, then each chunk of
+        positions; decode steps run in between), in bounded memory; a cancel or the deadline stops it
+        between chunks. Counted by admission."""
         s = self.srv
         refs = [p.resident.pack_ref(p.beta) for p in admission.pins if p.resident is not None]
         deadline = _deadline(context)
@@ -311,10 +312,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         base, packed = [], []
         try:
             for cont in req.continuations:
-                fut = s.engine.run_job(lambda cont=cont: score_row(
-                    s.ensemble, req.prefix_ids, cont, refs, req.include_base, bool(req.packs), should_stop))
+                steps = score_steps(s.ensemble, req.prefix_ids, cont, refs, req.include_base, bool(req.packs),
+                                    should_stop)
                 try:
-                    b, p = fut.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+                    done = False
+                    while not done:     # one engine job per step: decode steps run between the chunks
+                        fut = s.engine.run_job(lambda: advance(steps))
+                        done, out = fut.result(timeout=None if deadline is None
+                                               else max(deadline - time.monotonic(), 0))
+                    b, p = out
                 except (futures.TimeoutError, ScoreAbandoned):
                     abandoned.set()
                     fut.cancel()
