@@ -278,7 +278,7 @@ class PackManager:
                 return True, self._routes[route], tag
             if tag is not None:
                 r = self._resident.get((name, tag))
-                if r is not None and r.state != "freed":
+                if r is not None and r.state not in ("freed", "unloading"):   # unloaded: no new pins
                     return True, r, None
         return False, None, tag
 
