@@ -11,7 +11,7 @@ hidden states h (L, d) (no logits); then, for each chunk of positions t,
 so no (L, V) tensor exists: the peak is one chunk (``chunk · V · 4`` bytes,
 ~25 MB at 128 positions) besides the model's own activations. Rows past the
 Backpack's window take the core's sliding-window path, one position at a time
-(also bounded). `should_stop()` is called between chunks and raises to abandon
+(also bounded), WINDOW_STEP positions per engine job. `should_stop()` is called between chunks and raises to abandon
 a cancelled or expired Score.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ensemble.delta import sequence_deltas
 from ensemble.vocab import SHARED_VOCAB
 
 SCORE_CHUNK = 128
+WINDOW_STEP = 16          # tokens per step past the Backpack's window (each is a decode step of its own)
 
 
 class ScoreAbandoned(Exception):
@@ -105,7 +106,15 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
         yield
     base = torch.cat(base_parts) if want_base else None
     packed = torch.cat(packed_parts) if want_packed and not long_packed else None
-    if long_packed:
-        stop()
-        packed = ensemble._score_incremental(prefix, cont, packs)
+    if long_packed:     # the core's sliding-window decode path, WINDOW_STEP tokens per engine job
+        batch = ensemble.new_batch()
+        batch.add(0, prefix, packs)
+        out = []
+        for k, t in enumerate(cont):
+            if k % WINDOW_STEP == 0:
+                stop()
+                yield
+            out.append(batch.logprobs()[0, t].float())
+            batch.append({0: t})
+        packed = torch.stack(out)
     return base, packed
