@@ -123,6 +123,7 @@ class Engine:
         self._running: dict[int, Sequence] = {}
         self._admitting = 0          # taken off _waiting, not yet in _running (counted as running)
         self._scoring = 0            # Score RPCs in progress (they share the request cap)
+        self._score_tokens = 0       # their token budgets (prefix + longest continuation each)
         self._high: list[tuple[Callable, Future]] = []
         self._low: list[tuple[Callable, Future]] = []
         self._ids = itertools.count(1)
@@ -215,15 +216,18 @@ class Engine:
                                f"{self._scoring} scoring (limits.max_running={self.limits.max_running}, "
                                f"limits.max_waiting={self.limits.max_waiting})")
 
-    def begin_score(self) -> None:
-        """Count a Score RPC against the request cap until `end_score()` (RESOURCE_EXHAUSTED when full)."""
+    def begin_score(self, tokens: int = 0) -> None:
+        """Count a Score RPC against the request cap, and its `tokens` (the most it holds at once)
+        against limits.max_batched_tokens, until `end_score(tokens)` (RESOURCE_EXHAUSTED when full)."""
         with self._cond:
             self._check_room()
             self._scoring += 1
+            self._score_tokens += tokens
 
-    def end_score(self) -> None:
+    def end_score(self, tokens: int = 0) -> None:
         with self._cond:
             self._scoring -= 1
+            self._score_tokens -= tokens
             self._cond.notify_all()
 
     def cut(self, reason: str = SHUTDOWN) -> None:
@@ -311,10 +315,10 @@ class Engine:
             room = self.limits.max_running - len(self._running)
             new = self._waiting[:max(room, 0)]
             if budget is not None:
-                used = sum(self._budget(s) for s in self._running.values())
+                used = self._score_tokens + sum(self._budget(s) for s in self._running.values())
                 for k, seq in enumerate(new):
                     used += self._budget(seq)
-                    if used > budget and (k or self._running):   # one alone always fits (checked at parse)
+                    if used > budget and (k or self._running or self._score_tokens):   # alone it fits (parse)
                         new = new[:k]
                         break
             del self._waiting[:len(new)]

@@ -307,6 +307,9 @@ def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int) -> Sc
             ids = _check_ids(c.token_ids.ids, f + ".token_ids.ids", max(room, 1), "continuation")
         if len(prefix) + len(ids) > context_len:
             raise invalid(f, f"prefix + continuation ({len(prefix) + len(ids)} tokens) exceeds the model context ({context_len})")
+        if limits.max_batched_tokens is not None and len(prefix) + len(ids) > limits.max_batched_tokens:
+            raise invalid(f, f"prefix + continuation ({len(prefix) + len(ids)} tokens) exceeds "
+                             f"limits.max_batched_tokens ({limits.max_batched_tokens})")
         conts.append(ids)
     packs = parse_packs(req.packs, limits)
     return ScoreRequest(rid, prefix, conts, packs, include_base=req.include_base or not packs)

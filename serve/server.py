@@ -305,8 +305,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline):
                 raise ScoreAbandoned()
 
+        tokens = len(req.prefix_ids) + max(map(len, req.continuations))    # one continuation at a time
         try:
-            s.engine.begin_score()
+            s.engine.begin_score(tokens)
         except RequestError as e:
             self._fail(context, tracked, e)
         base, packed = [], []
@@ -335,7 +336,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 base.append(b)
                 packed.append(p)
         finally:
-            s.engine.end_score()
+            s.engine.end_score(tokens)
         return base, packed
 
     def Tokenize(self, request, context):

@@ -51,7 +51,7 @@ def test_alert_counters_exist_at_zero(server):
 def test_admission_by_token_budget(tmp_path):
     """limits.max_batched_tokens: a request holds prompt + max_new_tokens; the third of three 1506-token
     requests waits under a 3100-token budget until one leaves; one that can never fit is refused."""
-    from proto import pb_grpc
+    from proto import pb, pb_grpc
     from serve.client import build_generate_request
     from serve.testing import wait_until
 
@@ -69,6 +69,16 @@ def test_admission_by_token_budget(tmp_path):
         for c in calls[1:]:
             c.cancel()
         assert wait_until(lambda: srv.engine.running == 0)
+        # a Score in progress holds its tokens too: with 2000 of them reserved, a 1506-token request waits
+        srv.engine.begin_score(2000)
+        late = stub.GenerateStream(build_generate_request(prompt, base_only=True, max_new_tokens=1500,
+                                                          ignore_eos=True))
+        next(late)
+        assert wait_until(lambda: srv.engine.waiting == 1) and srv.engine.running == 0
+        srv.engine.end_score(2000)
+        assert wait_until(lambda: srv.engine.running == 1 and srv.engine.waiting == 0)
+        late.cancel()
+        assert wait_until(lambda: srv.engine.running == 0)
     with running_server(tmp_path, demo_served(), **{"limits.max_batched_tokens": 100}) as srv:
         stub = pb_grpc.GenerationServiceStub(channel(srv))
         with pytest.raises(grpc.RpcError) as ei:             # 6 + 95 tokens can never fit a 100-token budget
@@ -76,3 +86,9 @@ def test_admission_by_token_budget(tmp_path):
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert ei.value.details().startswith("stopping.max_new_tokens:") and "max_batched_tokens" in ei.value.details()
         assert stub.Generate(build_generate_request(prompt, base_only=True, max_new_tokens=94)).generated_token_count
+        req = pb.ScoreRequest(prefix_token_ids=pb.TokenIds(ids=prompt))
+        req.continuations.add(token_ids=pb.TokenIds(ids=list(range(95))))
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Score(req)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ei.value.details().startswith("continuations[0]:") and "max_batched_tokens" in ei.value.details()
