@@ -104,6 +104,7 @@ class StoreConfig(_Section):
 class PacksConfig(_Section):
     preload: list[str] = Field(default_factory=list)
     load_on_request: bool = False      # requests may load (and gate) packs; off: only admin / store aliases change packs
+    request_load_timeout_s: float = Field(30.0, gt=0)   # bound of a request-triggered load (and gate) without a deadline
     max_resident: int = Field(16, ge=1)
     allow_beta_above_calibrated: bool = False
     max_beta: Optional[float] = Field(None, ge=0)

@@ -298,6 +298,8 @@ class PackManager:
         if not self.cfg.packs.load_on_request:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f,
                                f"pack {pr.ref!r} is not loaded (packs.load_on_request is off)")
+        bound = time.monotonic() + self.cfg.packs.request_load_timeout_s
+        deadline = bound if deadline is None else min(deadline, bound)
         try:
             name, version, r = self._load_ref(pr.ref, by_request=True, deadline=deadline)
         except RequestError as e:

@@ -140,3 +140,16 @@ def test_gate_in_a_request_stops_at_its_deadline(tmp_path):
         adm = admin_pb_grpc.PackAdminStub(channel(server))      # without a deadline it loads
         r = adm.LoadPack(admin_pb.LoadPackRequest(ref=f"capitals@{v}", activate=False), metadata=auth())
         assert r.gate.passed and metric(parse_metrics(scrape(server)), "sensepack_gate_runs_total") == gates0 + 1
+
+
+def test_request_load_without_deadline_is_bounded(tmp_path):
+    """A request with no deadline of its own: the load and gate it triggers stop at packs.request_load_timeout_s."""
+    store, (v,) = _store(tmp_path)
+    with running_server(tmp_path, demo_served(), **{"packs.request_load_timeout_s": 1e-9}) as server:
+        c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
+        with pytest.raises(grpc.RpcError) as ei:
+            c.generate(PROMPT, packs=[f"capitals@{v}"], max_new_tokens=1, timeout=None)
+        assert ei.value.code() == C.DEADLINE_EXCEEDED and ei.value.details().startswith("packs[0].ref:")
+        assert _capitals(server) == []
+        c.load_pack(f"capitals@{v}", activate=False)         # the admin path has no such bound
+        assert c.generate(PROMPT, packs=[f"capitals@{v}"], max_new_tokens=1).packs[0].version == v
