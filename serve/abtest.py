@@ -82,7 +82,6 @@ def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], 
     try:
         from ensemble.delta import sequence_deltas
         from ensemble.large_model import full_logits
-        from ensemble.vocab import SHARED_VOCAB
     except ImportError:  # pragma: no cover - core without the low-level scoring helpers
         return _paired_nll_two_passes(ensemble, rows, pack_ref)
     import torch
@@ -90,11 +89,12 @@ def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], 
     with torch.no_grad():
         _, edits = ensemble.combined_edits([pack_ref])
         bp = ensemble.backpack
+        n_vocab = ensemble.vocab.size
         n_pos = bp.config.n_positions
         z_rows = full_logits(ensemble.large, rows)
         base_out, pack_out = [], []
         for row, z in zip(rows, z_rows):
-            z = z[:-1, :SHARED_VOCAB].float()
+            z = z[:-1, :n_vocab].float()
             targets = torch.tensor(row[1:], device=z.device)[:, None]
             base_nll = -float(torch.log_softmax(z, -1).gather(1, targets).double().sum())
             ids = torch.tensor([row], device=bp.embedding.device)
@@ -103,7 +103,7 @@ def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], 
             elif len(row) <= n_pos:
                 alpha = bp.contextualize(ids)
                 delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0][:-1]
-                zz = z + (delta @ bp.embedding[:SHARED_VOCAB].T).float().to(z.device)
+                zz = z + (delta @ bp.embedding[:n_vocab].T).float().to(z.device)
                 pack_nll = -float(torch.log_softmax(zz, -1).gather(1, targets).double().sum())
             else:
                 pack_nll = -float(ensemble.score([row[:1]], [row[1:]], [[pack_ref]])[0].double().sum())

@@ -8,7 +8,7 @@ never entered from two threads. Each loop iteration:
 2. admits waiting requests while running slots are free (they join the batch
    at this step: `session.add` prefills them inside the next `logprobs()`),
 3. runs one decode step for every running row: `session.logprobs()` gives the
-   next-token log-probs over the 50257 shared ids (ensemble rows with the
+   next-token log-probs over the shared ids U (the tokenizer's; ensemble rows with the
    Backpack delta, exact-skip rows bit-identical to the base), the batched
    sampler (serve.sampler) picks every row's token at once (greedy /
    temperature / top-k / top-p, each row drawing from its own
@@ -38,7 +38,7 @@ from typing import Callable
 import grpc
 import torch
 
-from ensemble.vocab import EOS_TOKEN_ID
+from ensemble.vocab import Vocabulary
 from serve.detok import IncrementalDetokenizer
 from serve.params import GenerationRequest, RequestError
 from serve.sampler import RowParams, Sampled, sample
@@ -115,6 +115,8 @@ class Engine:
     def __init__(self, ensemble, tokenizer, limits, metrics, lane_every_steps: int = 8):
         self.ensemble = ensemble
         self.tokenizer = tokenizer
+        # EOS and the sampling range come from the served pairing (vLLM without an ensemble: its tokenizer).
+        self.vocab: Vocabulary = ensemble.vocab if ensemble is not None else Vocabulary.from_tokenizer(tokenizer)
         self.limits = limits
         self.metrics = metrics
         self.lane_every_steps = lane_every_steps
@@ -374,13 +376,13 @@ class Engine:
         """Sample every row together; when that fails, row by row, ending only the rows that fail."""
         params = [self._row_params(s) for s in seqs]
         try:
-            return {s.seq_id: out for s, out in zip(seqs, sample(lp, params))}
+            return {s.seq_id: out for s, out in zip(seqs, sample(lp, params, self.vocab.eos_id))}
         except Exception:   # find the faulty row(s): the batch must not pay for one request
             log.warning("batched sampling failed; sampling row by row", extra={"event": "sampler_fallback"})
         chosen = {}
         for r, (seq, p) in enumerate(zip(seqs, params)):
             try:
-                chosen[seq.seq_id] = sample(lp[r:r + 1], [p])[0]
+                chosen[seq.seq_id] = sample(lp[r:r + 1], [p], self.vocab.eos_id)[0]
             except Exception as e:  # noqa: BLE001 - this request alone ends
                 log.exception("sampling failed for one request", extra={"event": "request_error",
                                                                          "request_id": seq.req.request_id})
@@ -436,7 +438,7 @@ class Engine:
             seq.detok = IncrementalDetokenizer(self.tokenizer)
         seq.detok.add(tok)
         text = seq.detok.text           # complete characters only; an unfinished one is held back
-        if tok == EOS_TOKEN_ID and not req.ignore_eos and n > req.min_new_tokens - 1:
+        if tok == self.vocab.eos_id and not req.ignore_eos and n > req.min_new_tokens - 1:
             reason = EOS_TOKEN
         elif tok in req.stop_token_ids and n >= req.min_new_tokens:
             reason = STOP_TOKEN

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ensemble.vocab import EOS_TOKEN_ID, SHARED_VOCAB
+from ensemble.vocab import Vocabulary
 from proto import pb
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -132,15 +132,15 @@ def parse_packs(specs, limits, base_only: bool = False, prefix: str = "packs") -
     return out
 
 
-def _check_ids(ids, field_name: str, max_len: int, what: str) -> list[int]:
+def _check_ids(ids, field_name: str, max_len: int, what: str, vocab: Vocabulary) -> list[int]:
     ids = list(ids)
     if not ids:
         raise invalid(field_name, f"empty {what}")
     if len(ids) > max_len:
         raise invalid(field_name, f"{what} has {len(ids)} tokens, limit {max_len}")
     for i, t in enumerate(ids):
-        if t < 0 or t >= SHARED_VOCAB:
-            raise invalid(f"{field_name}[{i}]", f"token id {t} outside the shared vocabulary [0, {SHARED_VOCAB})")
+        if not vocab.contains(t):
+            raise invalid(f"{field_name}[{i}]", f"token id {t} outside the shared vocabulary [0, {vocab.size})")
     return ids
 
 
@@ -180,19 +180,21 @@ def _request_id(rid: str) -> str:
     return rid or uuid.uuid4().hex
 
 
-def _input_ids(req, oneof: str, text_field: str, ids_field: str, what: str, tokenizer, limit: int):
+def _input_ids(req, oneof: str, text_field: str, ids_field: str, what: str, tokenizer, limit: int, vocab: Vocabulary):
     """The request's text (tokenized) or token ids, whichever the `oneof` holds: (field set, ids)."""
     which = req.WhichOneof(oneof)
     if which is None:
         raise invalid(oneof, f"a {what} is required: set {text_field} or {ids_field}")
     if which == text_field:
         return which, _tokenize_text(tokenizer, getattr(req, text_field), text_field, limit, what)
-    return which, _check_ids(getattr(req, ids_field).ids, f"{ids_field}.ids", limit, what)
+    return which, _check_ids(getattr(req, ids_field).ids, f"{ids_field}.ids", limit, what, vocab)
 
 
-def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int) -> GenerationRequest:
+def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int,
+                   vocab: Vocabulary) -> GenerationRequest:
+    """`vocab`: the served pairing's (token ids and top_k are bounded by its size)."""
     rid = _request_id(req.request_id)
-    which, prompt = _input_ids(req, "input", "text", "token_ids", "prompt", tokenizer, limits.max_prompt_tokens)
+    which, prompt = _input_ids(req, "input", "text", "token_ids", "prompt", tokenizer, limits.max_prompt_tokens, vocab)
 
     s, st, ro = req.sampling, req.stopping, req.response
     if s.method not in (pb.GREEDY, pb.SAMPLE):
@@ -203,8 +205,8 @@ def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int)
         raise invalid("sampling.temperature", f"must lie in [0, {limits.max_temperature}], got {temperature}")
     if not greedy and temperature == 0:
         temperature = 1.0
-    if s.top_k < 0 or s.top_k > SHARED_VOCAB:
-        raise invalid("sampling.top_k", f"must lie in [0, {SHARED_VOCAB}], got {s.top_k}")
+    if s.top_k < 0 or s.top_k > vocab.size:
+        raise invalid("sampling.top_k", f"must lie in [0, {vocab.size}], got {s.top_k}")
     top_p = _finite("sampling.top_p", s.top_p)
     if top_p < 0 or top_p > 1:
         raise invalid("sampling.top_p", f"must lie in [0, 1], got {top_p}")
@@ -256,8 +258,8 @@ def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int)
     bias = {}
     for t, v in sorted(s.logit_bias.items()):
         f = f"sampling.logit_bias[{t}]"
-        if not 0 <= t < SHARED_VOCAB:
-            raise invalid(f, f"token id {t} outside the shared vocabulary [0, {SHARED_VOCAB})")
+        if not vocab.contains(t):
+            raise invalid(f, f"token id {t} outside the shared vocabulary [0, {vocab.size})")
         v = _finite(f, v)
         if not -100 <= v <= 100:
             raise invalid(f, f"must lie in [-100, 100], got {v}")
@@ -265,9 +267,9 @@ def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int)
     if len(st.stop_token_ids) > limits.max_stop_token_ids:
         raise invalid("stopping.stop_token_ids", f"{len(st.stop_token_ids)} given, limit {limits.max_stop_token_ids}")
     for i, t in enumerate(st.stop_token_ids):
-        if not 0 <= t < SHARED_VOCAB:
+        if not vocab.contains(t):
             raise invalid(f"stopping.stop_token_ids[{i}]",
-                          f"token id {t} outside the shared vocabulary [0, {SHARED_VOCAB})")
+                          f"token id {t} outside the shared vocabulary [0, {vocab.size})")
 
     packs = parse_packs(req.packs, limits, req.base_only)
     if len(req.ab_key) > MAX_REQUEST_ID:
@@ -286,10 +288,10 @@ def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int)
     )
 
 
-def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int) -> ScoreRequest:
+def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int, vocab: Vocabulary) -> ScoreRequest:
     rid = _request_id(req.request_id)
     _, prefix = _input_ids(req, "prefix", "prefix_text", "prefix_token_ids", "prefix", tokenizer,
-                           limits.max_prompt_tokens)
+                           limits.max_prompt_tokens, vocab)
     if not req.continuations:
         raise invalid("continuations", "at least one continuation is required")
     if len(req.continuations) > limits.max_continuations:
@@ -304,7 +306,7 @@ def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int) -> Sc
         if kind == "text":
             ids = _tokenize_text(tokenizer, c.text, f + ".text", max(room, 1), "continuation")
         else:
-            ids = _check_ids(c.token_ids.ids, f + ".token_ids.ids", max(room, 1), "continuation")
+            ids = _check_ids(c.token_ids.ids, f + ".token_ids.ids", max(room, 1), "continuation", vocab)
         if len(prefix) + len(ids) > context_len:
             raise invalid(f, f"prefix + continuation ({len(prefix) + len(ids)} tokens) exceeds the model context ({context_len})")
         if limits.max_batched_tokens is not None and len(prefix) + len(ids) > limits.max_batched_tokens:
@@ -314,5 +316,3 @@ def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int) -> Sc
     packs = parse_packs(req.packs, limits)
     return ScoreRequest(rid, prefix, conts, packs, include_base=req.include_base or not packs)
 
-
-EOS = EOS_TOKEN_ID

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ensemble.vocab import EOS_TOKEN_ID
-
 
 class RowError(Exception):
     """Sampling failed for one row (index `row`); the others are unaffected."""
@@ -102,8 +100,9 @@ def _penalize(scores: torch.Tensor, params: list[RowParams], rows: list[int]) ->
     scores[idx] = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
 
 
-def sample(lp: torch.Tensor, params: list[RowParams]) -> list[Sampled]:
-    """Next token (and requested log-probs) of every row of `lp` (B, V); float32 or wider."""
+def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampled]:
+    """Next token (and requested log-probs) of every row of `lp` (B, V); float32 or wider.
+    `eos_id`: the served vocabulary's EOS (masked while a row's min_new_tokens is not reached)."""
     lp = lp.float()
     b, v = lp.shape
     assert b == len(params)
@@ -121,7 +120,7 @@ def sample(lp: torch.Tensor, params: list[RowParams]) -> list[Sampled]:
         _penalize(scores, params, pen_rows)
     for i in eos_rows:
         p = params[i]
-        scores[i, [EOS_TOKEN_ID] * p.mask_eos + list(p.stop_token_ids) * p.mask_stop_ids] = float("-inf")
+        scores[i, [eos_id] * p.mask_eos + list(p.stop_token_ids) * p.mask_stop_ids] = float("-inf")
     tokens = scores.argmax(dim=-1)            # greedy rows (and the fallback of every row)
 
     samp = [i for i, p in enumerate(params) if not p.greedy]

@@ -4,7 +4,7 @@ projection in chunks of positions, each chunk its own engine job.
 For the row r = prefix + continuation, the large model runs once to its last
 hidden states h (L, d) (no logits); then, for each chunk of positions t,
 
-    z_t        = lm_head(h_t)[:V]                     # (chunk, V) float32, V = 50257
+    z_t        = lm_head(h_t)[:V]                     # (chunk, V) float32, V = |U| (50257 for GPT-2)
     z_t^pack   = z_t + δ_t · E[:V]ᵀ                   # the Backpack delta (rows with an edited token)
     log p(r_{t+1} | r_≤t) = z_t[r_{t+1}] - logsumexp(z_t)
 
@@ -21,7 +21,6 @@ from typing import Callable
 import torch
 
 from ensemble.delta import sequence_deltas
-from ensemble.vocab import SHARED_VOCAB
 
 SCORE_CHUNK = 128
 WINDOW_STEP = 16          # tokens per step past the Backpack's window (each is a decode step of its own)
@@ -85,13 +84,14 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
     hidden, head = _hidden_and_head(large, row)
     yield
     targets = torch.tensor(cont, device=hidden.device)
-    emb = bp.embedding[:SHARED_VOCAB]
+    n_vocab = ensemble.vocab.size
+    emb = bp.embedding[:n_vocab]
     base_parts, packed_parts = [], []
     first = len(prefix) - 1                       # position predicting cont[0]
     for s in range(first, len(row) - 1, chunk):
         stop()
         e = min(s + chunk, len(row) - 1)
-        z = head(hidden[s:e]).float()[:, :SHARED_VOCAB]
+        z = head(hidden[s:e]).float()[:, :n_vocab]
         tgt = targets[s - first:e - first, None]
         if want_base or (want_packed and delta is None and not long_packed):
             lp = (z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(1)

@@ -20,7 +20,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ensemble.vocab import EOS_TOKEN_ID, SHARED_VOCAB
 from proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 from serve import engine as eng
 from serve.abtest import Gate, LiveMonitor
@@ -128,7 +127,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def _admit(self, request, context, tracked):
         s = self.srv
-        req = parse_generate(request, s.tokenizer, s.cfg.limits, s.context_len)
+        req = parse_generate(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
         admission = s.packs.admit(req.packs, req.ab_key, deadline=_deadline(context))
         monitor = s.monitor
 
@@ -265,7 +264,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         tracked = _Tracked(s.metrics, "Score")
         _check_decoded(request, context, tracked)
         try:
-            req = parse_score(request, s.tokenizer, s.cfg.limits, s.context_len)
+            req = parse_score(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
             admission = s.packs.admit(req.packs, ab_key="", deadline=_deadline(context))
         except RequestError as e:
             self._fail(context, tracked, e)
@@ -508,6 +507,7 @@ class SensepackServer:
         self.served = served or build_served(config.model)
         self.ensemble = self.served.ensemble
         self.tokenizer = self.served.tokenizer
+        self.vocab = self.served.vocab
         self.context_len = served_context(config, int(self.ensemble.context_limit))
         self.metrics = Metrics()
         if config.engine == "vllm":
@@ -527,7 +527,7 @@ class SensepackServer:
         if config.engine == "vllm":
             from serve.vllm.engine import engine_args_from_config
 
-            self.engine.engine_args = engine_args_from_config(config, self.store_uri)
+            self.engine.engine_args = engine_args_from_config(config, self.store_uri, vocab=self.vocab)
         self.gate = Gate(self.engine, self.ensemble, self.tokenizer, config.gate) if config.gate.enabled else None
         self.monitor = LiveMonitor(config.ab, self.metrics, self.engine, self.ensemble) if config.ab.enabled else None
         self.packs = PackManager(self.store, expectations(self.served), self.ensemble.large_fingerprint(), config,
@@ -551,8 +551,9 @@ class SensepackServer:
         ens, lim = self.ensemble, self.cfg.limits
         large, bp = ens.large, ens.backpack
         p0 = next(large.parameters())
-        resp = pb.ModelInfoResponse(tokenizer_fingerprint=self._tok_fp, shared_vocab_size=SHARED_VOCAB,
-                                    eos_token_id=EOS_TOKEN_ID, engine="vllm" if self.cfg.engine == "vllm" else "embedded-transformers",
+        resp = pb.ModelInfoResponse(tokenizer_fingerprint=self._tok_fp, shared_vocab_size=self.vocab.size,
+                                    eos_token_id=self.vocab.eos_id,
+                                    engine="vllm" if self.cfg.engine == "vllm" else "embedded-transformers",
                                     server_version=SERVER_VERSION)
         resp.models.add(role="large", name=self.served.large_name, fingerprint=ens.large_fingerprint(),
                         architecture=type(large).__name__,
@@ -635,7 +636,7 @@ class SensepackServer:
     def _warmup(self) -> None:
         from serve.params import GenerationRequest
 
-        req = GenerationRequest(request_id="warmup", prompt_ids=[EOS_TOKEN_ID], packs=[], max_new_tokens=2,
+        req = GenerationRequest(request_id="warmup", prompt_ids=[self.vocab.eos_id], packs=[], max_new_tokens=2,
                                 ignore_eos=True)
         seq = self.engine.submit(req, [])
         while not isinstance(seq.events.get(timeout=120), eng.FinishEvent):

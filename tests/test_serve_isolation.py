@@ -12,10 +12,12 @@ import torch
 
 from proto import pb, pb_grpc
 from serve.client import build_generate_request
+from ensemble.vocab import Vocabulary
 from serve.sampler import RowError, RowParams, sample
 from serve.testing import channel, demo_served, running_server
 
 PROMPT = "The capital of Mauritius is"
+EOS = Vocabulary.gpt2().eos_id       # the sampler masks it only for rows below min_new_tokens
 
 
 def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
@@ -59,7 +61,7 @@ def test_batched_sampler_matches_naive_formula(temperature, top_k, top_p):
     for seed in range(30):
         params = [RowParams(greedy=(r == 2), temperature=temperature, top_k=top_k, top_p=top_p,
                             generator=torch.Generator().manual_seed(seed * 10 + r)) for r in range(6)]
-        got = [s.token for s in sample(lp, params)]
+        got = [s.token for s in sample(lp, params, EOS)]
         want = []
         for r in range(6):
             u = float(torch.rand((), generator=torch.Generator().manual_seed(seed * 10 + r), dtype=torch.float64))
@@ -72,14 +74,14 @@ def test_tiny_temperature_is_the_argmax(temperature):
     lp = torch.log_softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(1)), dim=-1)
     params = [RowParams(greedy=False, temperature=temperature, generator=torch.Generator().manual_seed(r))
               for r in range(3)]
-    assert [s.token for s in sample(lp, params)] == lp.argmax(-1).tolist()
+    assert [s.token for s in sample(lp, params, EOS)] == lp.argmax(-1).tolist()
 
 
 def test_non_finite_row_names_its_row():
     lp = torch.log_softmax(torch.randn(3, 20), dim=-1)
     lp[1, 4] = float("nan")
     with pytest.raises(RowError) as ei:
-        sample(lp, [RowParams(greedy=True)] * 3)
+        sample(lp, [RowParams(greedy=True)] * 3, EOS)
     assert ei.value.row == 1
 
 

@@ -13,10 +13,12 @@ import torch
 from edits_store.store import open_store
 from proto import pb, pb_grpc
 from serve.client import build_generate_request
+from ensemble.vocab import Vocabulary
 from serve.sampler import RowParams, sample
 from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server
 
 PROMPT = "The capital of Mauritius is"
+EOS = Vocabulary.gpt2().eos_id       # the sampler masks it only for rows below min_new_tokens
 
 
 def _adjust(lp: list[float], p: RowParams) -> list[float]:
@@ -74,7 +76,7 @@ def test_adjusted_sampling_matches_naive_formula(kw, greedy):
                 for _ in range(5)]
         params = [RowParams(greedy=greedy, generator=torch.Generator().manual_seed(seed * 10 + r),
                             prompt_ids=prompts[r], output_ids=outs[r], **kw) for r in range(5)]
-        got = [x.token for x in sample(lp, params)]
+        got = [x.token for x in sample(lp, params, EOS)]
         want = [_naive(lp[r], params[r], float(torch.rand((), dtype=torch.float64,
                                                            generator=torch.Generator().manual_seed(seed * 10 + r))))
                 for r in range(5)]

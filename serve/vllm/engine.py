@@ -28,7 +28,6 @@ import logging
 import os
 import time
 
-from ensemble.vocab import EOS_TOKEN_ID
 from serve.engine import ERROR, REFUSED, Engine, Sequence
 
 from . import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN
@@ -38,13 +37,15 @@ from .resolver import REGISTRY
 log = logging.getLogger("sensepack.vllm.engine")
 
 
-def engine_args_from_config(config, store_uri: str | None = None, model_folder: str | None = None) -> dict:
+def engine_args_from_config(config, store_uri: str | None = None, model_folder: str | None = None,
+                            vocab=None) -> dict:
     """vllm.EngineArgs fields from the server config's ``vllm`` section (docs/vllm.md, "Configuration").
 
     Reads the section with getattr defaults, so it works with any object of that shape. The model is
     ``vllm.model`` or else ``model.large_model`` (a hub id or folder vLLM can load); dtype follows
     ``model.dtype``. With ``vllm.multiprocessing`` (the default; required for tensor parallelism) the
-    processors in vLLM's workers load the Backpack from ``model.backpack`` and packs from the store.
+    processors in vLLM's workers load the Backpack from ``model.backpack`` and packs from the store;
+    ``vocab`` (the served ensemble.vocab.Vocabulary) tells them |U| without loading the tokenizer.
     """
     v = getattr(config, "vllm", None)
     g = (lambda name, default: getattr(v, name, default) if v is not None else default)
@@ -74,6 +75,8 @@ def engine_args_from_config(config, store_uri: str | None = None, model_folder: 
     elif store_uri:    # for processors in other processes (mp executor, TP ranks); in-process ones use REGISTRY
         args["additional_config"] = {"sensepack": {"backpack": m.backpack, "store": str(store_uri),
                                                    "dtype": m.dtype}}
+        if vocab is not None:
+            args["additional_config"]["sensepack"]["vocab_size"] = vocab.size
     elif separate:
         raise ValueError("engine: vllm with vllm.multiprocessing or tensor parallelism needs store.uri: "
                          "the processors in vLLM's worker processes read pinned packs from the store")
@@ -119,7 +122,7 @@ class VLLMEngine(Engine):
         if self.in_process is not None:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
         if self.backpack is not None and self.pack_source is not None:
-            REGISTRY.configure(self.backpack, self.pack_source)
+            REGISTRY.configure(self.backpack, self.pack_source, vocab_size=self.vocab.size)
         args = dict(self.engine_args)
         v2 = self.v2_model_runner
         if v2 is None:          # auto: the tested V1 runner unless the environment asks for MRV2
@@ -232,7 +235,8 @@ class VLLMEngine(Engine):
             if seq.finished is None and out.finished:
                 # vLLM ended it (max_tokens / EOS) without our stop logic firing: should not happen since
                 # _accept applies the same limits; finish it consistently anyway.
-                reason = "EOS_TOKEN" if ids and ids[-1] == EOS_TOKEN_ID and not seq.req.ignore_eos else "MAX_TOKENS"
+                eos = ids and ids[-1] == self.vocab.eos_id and not seq.req.ignore_eos
+                reason = "EOS_TOKEN" if eos else "MAX_TOKENS"
                 self._finish(seq, reason)
             if out.finished:
                 self._by_rid.pop(out.request_id, None)
