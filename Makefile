@@ -1,4 +1,4 @@
-.PHONY: setup test demo serve generate-demo bench test-vllm
+.PHONY: setup test demo demo-tiny serve generate-demo bench test-vllm results-smollm2
 
 setup:
 	bash scripts/setup.sh
@@ -7,9 +7,18 @@ setup:
 test: setup
 	.venv/bin/python -m pytest -q tests
 
-# The main job: the gRPC server on its embedded default answering real requests, offline.
+# The main job: the gRPC server on its embedded default (SmolLM2-135M-Instruct + a Backpack trained on its
+# tokenizer, fetched/built on first run and cached) answering real requests.
 demo: setup
 	bash scripts/demo.sh
+
+# The same on tiny random models (real architectures, GPT-2 tokenizer): offline, seconds.
+demo-tiny: setup
+	PROFILE=demo bash scripts/demo.sh
+
+# Edit quality on the SmolLM2 pairing, six tasks (docs/results-smollm2.md); about an hour on 2 cores.
+results-smollm2: setup
+	bash scripts/results-smollm2.sh
 
 # The server in the foreground (demo profile unless CONFIG=path/to/config.yaml).
 serve: setup
@@ -17,7 +26,7 @@ serve: setup
 
 # The ensemble core alone, no server: base vs edited greedy continuations.
 generate-demo: setup
-	.venv/bin/sensepack generate --demo "The capital of Mauritius is"
+	.venv/bin/sensepack generate --profile smollm2 "The capital of Mauritius is"
 
 bench: setup
 	.venv/bin/python bench/bench_core.py

@@ -9,6 +9,9 @@
 3. End-to-end greedy decoding throughput, ensemble vs large model alone, with a
    Backpack of about 1/35 of the large model's parameters; pack tokens in the
    prompt vs absent.
+4. (--only e2e-smollm2) the same on the real SmolLM2 pairing: smollm2-135m-instruct,
+   backpack-smollm2 and the `capitals` pack of the capitals-smollm2 store (built and cached
+   on first use), real prompts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ensemble.edits import PackRef, SenseEdits
 from ensemble.ensemble import Ensemble
 from ensemble.incremental import decode_step, prefill
 from ensemble.large_model import LargeModelBatch, tiny_gptj
+from ensemble.vocab import Vocabulary
 
 
 def n_params(m) -> int:
@@ -66,7 +70,7 @@ def bench_backpack(prefix: int, batch: int, steps: int) -> None:
           f"incremental step {t_step*1e3:.2f} ms, full recompute {t_full*1e3:.2f} ms, ratio {t_full/t_step:.1f}x")
 
     # 2. Cached-α delta (one query row + sparse gather + E·δ) vs naive pre/ft Backpacks over the full prefix.
-    tracker = DeltaTracker(bp)
+    tracker = DeltaTracker(bp, vocab_size=Vocabulary.gpt2().size)
     for i in range(batch):
         tracker.add(i, rows[i].tolist(), edits, key="pack")
     tracker.logit_deltas(list(range(batch)))
@@ -102,7 +106,7 @@ def bench_e2e(batch: int, prompt_len: int, new_tokens: int, rounds: int = 3) -> 
     with_trig = [[trig] + p[1:] for p in prompts]
     k = bp.config.num_senses
     pack = PackRef("bench", "v1", SenseEdits(torch.full((k,), trig), torch.arange(k), torch.randn(k, 256) * 0.1), 1.0)
-    ens = Ensemble(large, bp)
+    ens = Ensemble(large, bp, vocab=Vocabulary.gpt2())
 
     def run(ps, packs):
         t0 = time.perf_counter()
@@ -126,9 +130,51 @@ def bench_e2e(batch: int, prompt_len: int, new_tokens: int, rounds: int = 3) -> 
           f"{med['pack in prompt']/med['base']:.3f}, pack-absent {med['pack absent']/med['base']:.3f}")
 
 
+def bench_e2e_smollm2(new_tokens: int, rounds: int = 3) -> None:
+    from edits_store.store import open_store
+    from ensemble import zoo
+    from ensemble.large_model import load_large_model
+    from ensemble.tokenizer import load_tokenizer
+
+    large = load_large_model("smollm2-135m-instruct")
+    bp = BackpackLM.from_pretrained("backpack-smollm2").eval()
+    tok = load_tokenizer("smollm2-135m-instruct")
+    ens = Ensemble(large, bp, tok)
+    c = open_store(str(zoo.resolve("capitals-smollm2"))).load("capitals@prod")
+    beta = c.manifest.beta_for(ens.large_fingerprint()).beta
+    pack = PackRef("capitals", c.manifest.version, SenseEdits(c.token_ids, c.sense_ids, c.deltas), beta)
+    edited = set(c.token_ids.tolist())
+    countries = ["Mauritius", "Nigeria", "India", "Argentina", "Belgium", "Peru", "Nepal", "Zambia"]
+    with_pack = [tok(f"The capital of {x} is", add_special_tokens=False).input_ids for x in countries]
+    others = ["The weather today is", "My favourite food is", "The best way to learn is", "Our team won the",
+              "She opened the door and", "The book was written by", "In the morning we", "The price of bread"]
+    without = [tok(x, add_special_tokens=False).input_ids for x in others]
+    assert all(set(p) & edited for p in with_pack) and not any(set(p) & edited for p in without)
+
+    def run(ps, packs):
+        t0 = time.perf_counter()
+        ens.generate_greedy(ps, [packs] * len(ps), new_tokens)
+        return len(ps) * new_tokens / (time.perf_counter() - t0)
+
+    run(with_pack[:2], [pack])  # warm-up
+    results: dict[str, list[float]] = {"base": [], "pack absent": [], "pack in prompt": []}
+    for _ in range(rounds):
+        for label, ps, packs in [("base", with_pack, []), ("pack absent", without, [pack]),
+                                 ("pack in prompt", with_pack, [pack])]:
+            calls = ens.stats.backpack_calls
+            results[label].append(run(ps, packs))
+            print(f"    {label:15s} {results[label][-1]:7.2f} tok/s  (backpack calls {ens.stats.backpack_calls - calls})")
+    base_absent = statistics.median(results["base"])
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"[4] e2e greedy, SmolLM2-135M-Instruct ({n_params(large)/1e6:.0f}M) + backpack-smollm2 "
+          f"({n_params(bp)/1e6:.1f}M, 1/{n_params(large)/n_params(bp):.1f}), batch {len(with_pack)}, "
+          f"{new_tokens} new tokens, median of {rounds} interleaved rounds: throughput ratio pack-in-prompt "
+          f"{med['pack in prompt']/base_absent:.3f}, pack-absent {med['pack absent']/base_absent:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["backpack", "e2e"])
+    ap.add_argument("--only", choices=["backpack", "e2e", "e2e-smollm2"])
     ap.add_argument("--prefix", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=32)
@@ -142,6 +188,8 @@ def main() -> None:
         bench_backpack(args.prefix, args.batch, args.steps)
     if args.only in (None, "e2e"):
         bench_e2e(args.batch, 64, args.new_tokens, args.rounds)
+    if args.only == "e2e-smollm2":
+        bench_e2e_smollm2(args.new_tokens, args.rounds)
 
 
 if __name__ == "__main__":

@@ -24,18 +24,19 @@ from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.edits import SenseEdits
 from ensemble.large_model import tiny_gptj
 from ensemble.tokenizer import load_tokenizer
-from train_edits.calibrate import DEFAULT_GRID, SHARED_VOCAB, calibrate, large_logits
+from train_edits.calibrate import DEFAULT_GRID, calibrate, large_logits
 from train_edits.compute import chunk_batches
 from train_edits.corpora import read_documents, split_corpora
 
 DATA = "/work/shared/data/canonical-examples"
+U = len(load_tokenizer())  # the tiny pairing shares GPT-2's tokenizer
 
 
 @torch.no_grad()
 def plain_pass(large, g, bs):
     tot = cnt = 0.0
     for _, ids, mask in chunk_batches(g, bs):
-        z = large_logits(large, ids)[:, :-1]
+        z = large_logits(large, ids, U)[:, :-1]
         nll = torch.logsumexp(z, -1) - z.gather(-1, ids[:, 1:, None]).squeeze(-1)
         m = mask[:, :-1].bool()
         tot += float(nll[m].double().sum())
@@ -93,7 +94,7 @@ def main():
     def run(edits, n_eps):
         eps_list = (1e-3, 1e-4, 1e-5)[:n_eps]
         return calibrate(large, bp, ((ids, m) for _, ids, m in chunk_batches(g, args.batch_size)),
-                         {e: edits for e in eps_list}, DEFAULT_GRID)
+                         {e: edits for e in eps_list}, DEFAULT_GRID, vocab_size=U)
 
     plain_pass(large, g, args.batch_size)  # warm-up
     results = {i: run(edits, n) for i, (_, edits, n) in enumerate(configs)}

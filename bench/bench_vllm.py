@@ -51,6 +51,7 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     from ensemble.backpack import BackpackConfig, BackpackLM
+    from ensemble.vocab import Vocabulary
     from serve.vllm import V1_PROCESSOR_FQCN
     from serve.vllm.args import build_extra_args
     from serve.vllm.resolver import REGISTRY, DictSource
@@ -73,7 +74,7 @@ def main() -> None:
     prompts = [torch.randint(1000, 50000, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
     edited_prompts = [[100 + (i % 8)] + p[1:] for i, p in enumerate(prompts)]
     pack = random_pack(bp, list(range(100, 108)), name="bench", version="v1", beta=1.0, seed=0)
-    REGISTRY.configure(bp, DictSource({(pack.name, pack.version): pack.edits}))
+    REGISTRY.configure(bp, DictSource({(pack.name, pack.version): pack.edits}), vocab_size=Vocabulary.gpt2().size)
 
     def params(with_pack: bool):
         return SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True,

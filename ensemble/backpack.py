@@ -428,6 +428,10 @@ def map_checkpoint(raw: dict[str, torch.Tensor], model: BackpackLM, source: str 
 
 
 def _resolve_checkpoint_folder(name_or_path: str) -> Path:
+    from .zoo import is_named, resolve
+
+    if is_named(name_or_path):  # e.g. "backpack-smollm2": built by its recipe on first use, then cached
+        return resolve(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
         return path

@@ -18,7 +18,6 @@ import torch
 from .backpack import BackpackLM
 from .edits import SenseEdits
 from .incremental import BackpackCache, decode_step, prefill, slide_windows, window_for
-from .vocab import SHARED_VOCAB
 
 
 class EditTable:
@@ -91,9 +90,13 @@ class DeltaTracker:
     backpack: BackpackLM
     window_keep: int | None = None
     stats: DeltaStats = field(default_factory=DeltaStats)
+    vocab_size: int = field(kw_only=True)  # |U| (Ensemble.vocab.size): deltas cover ids [0, vocab_size)
 
     def __post_init__(self) -> None:
         cfg = self.backpack.config
+        if not 0 < self.vocab_size <= cfg.vocab_size:
+            raise ValueError(f"vocab_size: the Backpack has {cfg.vocab_size} rows, fewer than the tokenizer's "
+                             f"{self.vocab_size} ids")
         self.keep = self.window_keep or (3 * cfg.n_positions) // 4
         if not 0 < self.keep < cfg.n_positions:
             raise ValueError(f"window_keep must be in (0, {cfg.n_positions}), got {self.keep}")
@@ -150,13 +153,13 @@ class DeltaTracker:
     def logit_deltas(self, seq_ids: list[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
         """E·δ_t over the shared vocabulary for the next token of each sequence.
 
-        Returns (deltas (n, 50257), active (n,) bool); inactive rows are exact
+        Returns (deltas (n, vocab_size), active (n,) bool); inactive rows are exact
         zeros and cost nothing on the Backpack side.
         """
         seqs = [self._seqs[s] for s in seq_ids]
         active = torch.tensor([s.touched for s in seqs], dtype=torch.bool)
         self.stats.exact_skip_rows += int((~active).sum())
-        out = torch.zeros(len(seq_ids), SHARED_VOCAB, dtype=self.dtype, device=self.device)
+        out = torch.zeros(len(seq_ids), self.vocab_size, dtype=self.dtype, device=self.device)
         if not bool(active.any()):
             return out, active.to(self.device)
         t0 = time.perf_counter()
@@ -166,7 +169,7 @@ class DeltaTracker:
         wanted = [s for s, a in zip(seq_ids, active.tolist()) if a]
         slots = torch.tensor([slot_of[s] for s in wanted], dtype=torch.long, device=self.device)
         delta = self._deltas_for(slots)  # (n_active, d)
-        out[active.to(self.device)] = delta @ self.backpack.embedding[:SHARED_VOCAB].T
+        out[active.to(self.device)] = delta @ self.backpack.embedding[: self.vocab_size].T
         self.stats.backpack_seconds += time.perf_counter() - t0
         return out, active.to(self.device)
 

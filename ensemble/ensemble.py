@@ -1,6 +1,6 @@
 """The logit-difference ensemble: the large model's logits plus the Backpack's β·E·δ.
 
-    log p_ens(·|x≤t) = log_softmax_U( z_t[U] + Σ_p β_p·(E δ_{t,p})[U] ),  U = [0, 50257)
+    log p_ens(·|x≤t) = log_softmax_U( z_t[U] + Σ_p β_p·(E δ_{t,p})[U] ),  U = [0, |tokenizer|)
 
 `EnsembleBatch` is what an engine drives: sequences join (`add`) and leave
 (`remove`) between steps, `logprobs()` gives every row's next-token
@@ -19,7 +19,7 @@ from .backpack import BackpackLM
 from .delta import DeltaStats, DeltaTracker, sequence_deltas
 from .edits import PackRef, SenseEdits, combine_packs
 from .large_model import LargeModelBatch, full_logits, model_context_limit, model_fingerprint
-from .vocab import SHARED_VOCAB, check_vocab_covers
+from .vocab import Vocabulary
 
 
 def pack_key(packs: list[PackRef]) -> tuple:
@@ -28,9 +28,23 @@ def pack_key(packs: list[PackRef]) -> tuple:
 
 
 class Ensemble:
-    def __init__(self, large_model, backpack: BackpackLM, tokenizer=None, window_keep: int | None = None):
-        check_vocab_covers("large model", large_model.get_output_embeddings().weight.shape[0])
-        check_vocab_covers("backpack", backpack.config.vocab_size)
+    """A pairing (tokenizer, Backpack, large model) on the shared vocabulary U = [0, vocab.size).
+
+    `vocab` is derived from `tokenizer` unless given; both models' output rows must cover it
+    (rows past U are padding: never scored, never sampled).
+    """
+
+    def __init__(self, large_model, backpack: BackpackLM, tokenizer=None, window_keep: int | None = None,
+                 vocab: Vocabulary | None = None):
+        if vocab is None:
+            if tokenizer is None:
+                raise ValueError("Ensemble: pass the pairing's tokenizer (or its Vocabulary as vocab=)")
+            vocab = Vocabulary.from_tokenizer(tokenizer)
+        elif tokenizer is not None and len(tokenizer) != vocab.size:
+            raise ValueError(f"Ensemble: vocab has {vocab.size} ids but the tokenizer has {len(tokenizer)}")
+        vocab.check_covers("large model", large_model.get_output_embeddings().weight.shape[0])
+        vocab.check_covers("backpack", backpack.config.vocab_size)
+        self.vocab = vocab
         self.large = large_model.eval()
         self.backpack = backpack.eval()
         self.tokenizer = tokenizer
@@ -80,19 +94,22 @@ class Ensemble:
         for i, (p, c) in enumerate(zip(prefixes, continuations)):
             if not p or not c:
                 raise ValueError(f"score: row {i} needs a non-empty prefix and continuation")
+            if any(not 0 <= t < self.vocab.size for t in p + c):
+                raise ValueError(f"score: row {i} has a token id outside the tokenizer's vocabulary "
+                                 f"[0, {self.vocab.size})")
         rows = [p + c for p, c in zip(prefixes, continuations)]
         z_rows = full_logits(self.large, rows)
         n_pos = self.backpack.config.n_positions
         results = []
         for row, z, p, c, pk in zip(rows, z_rows, prefixes, continuations, packs):
-            z = z[:, :SHARED_VOCAB]
+            z = z[:, : self.vocab.size]
             key, edits = self.combined_edits(pk)
             ids = torch.tensor([row], device=self.backpack.embedding.device)
             if len(edits) and torch.isin(ids, edits.token_ids.to(ids.device)).any():
                 if len(row) <= n_pos:
                     alpha = self.backpack.contextualize(ids)
                     delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0]
-                    z = z + (delta @ self.backpack.embedding[:SHARED_VOCAB].T).float().to(z.device)
+                    z = z + (delta @ self.backpack.embedding[: self.vocab.size].T).float().to(z.device)
                     self.stats.backpack_calls += 1
                 else:  # past the Backpack's window: the serving path's sliding window, step by step
                     results.append(self._score_incremental(p, c, pk))
@@ -126,7 +143,8 @@ class EnsembleBatch:
     def __init__(self, ensemble: Ensemble):
         self.ens = ensemble
         self.large = LargeModelBatch(ensemble.large)
-        self.deltas = DeltaTracker(ensemble.backpack, window_keep=ensemble.window_keep, stats=ensemble.stats)
+        self.deltas = DeltaTracker(ensemble.backpack, window_keep=ensemble.window_keep, stats=ensemble.stats,
+                                   vocab_size=ensemble.vocab.size)
         self._rows: dict[Hashable, _Row] = {}
         self._order: list[Hashable] = []  # large-model cache row order
         self._last_logits: torch.Tensor | None = None  # (b, V) aligned with _order
@@ -144,8 +162,11 @@ class EnsembleBatch:
             raise KeyError(f"sequence {seq_id!r} is already in the batch")
         if not prompt_ids:
             raise ValueError("prompt_ids: empty")
-        if any(t < 0 or t >= SHARED_VOCAB for t in prompt_ids):
-            raise ValueError(f"prompt_ids: ids must lie in [0, {SHARED_VOCAB})")
+        n = self.ens.vocab.size
+        bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < n), None)
+        if bad is not None:
+            raise ValueError(f"prompt_ids[{bad}]: token id {prompt_ids[bad]} outside the tokenizer's vocabulary "
+                             f"[0, {n})")
         packs = list(packs)
         key, edits = self.ens.combined_edits(packs)
         self.deltas.add(seq_id, prompt_ids, edits, key=key)
@@ -163,14 +184,14 @@ class EnsembleBatch:
     def append(self, tokens: dict[Hashable, int]) -> None:
         for seq_id, t in tokens.items():
             t = int(t)
-            if not 0 <= t < SHARED_VOCAB:
-                raise ValueError(f"token {t} for sequence {seq_id!r} is outside [0, {SHARED_VOCAB})")
+            if not 0 <= t < self.ens.vocab.size:
+                raise ValueError(f"token {t} for sequence {seq_id!r} is outside [0, {self.ens.vocab.size})")
             self._rows[seq_id].pending.append(t)
             self.deltas.append(seq_id, t)
 
     @torch.no_grad()
     def logprobs(self) -> torch.Tensor:
-        """Next-token log-probs over the shared vocabulary for every row, in `seq_ids` order: (b, 50257) float32."""
+        """Next-token log-probs over the shared vocabulary for every row, in `seq_ids` order: (b, |U|) float32."""
         self._feed_pending()
         new = [s for s, r in self._rows.items() if r.new]
         if new:
@@ -180,8 +201,8 @@ class EnsembleBatch:
             self._order += new
             self._last_logits = logits if self._last_logits is None else torch.cat([self._last_logits, logits])
         if not self._order:
-            return torch.zeros(0, SHARED_VOCAB)
-        z = self._last_logits[:, :SHARED_VOCAB]
+            return torch.zeros(0, self.ens.vocab.size)
+        z = self._last_logits[:, : self.ens.vocab.size]
         logp = torch.log_softmax(z, dim=-1)
         delta, active = self.deltas.logit_deltas(self._order)
         if bool(active.any()):

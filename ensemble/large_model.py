@@ -1,4 +1,5 @@
-"""The large model: any transformers causal LM sharing the GPT-2 vocabulary (GPT-J-6B by default).
+"""The large model: any transformers causal LM (GPT-J-6B by default); the pairing check that its
+output rows cover the tokenizer's ids is `Ensemble`'s (ensemble.vocab).
 
 `LargeModelBatch` is the large model's half of a decode batch: a left-padded
 KV cache that sequences join (prefilled alone, then padded in) and leave
@@ -14,8 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache, GPTJConfig, GPTJForCausalLM, PreTrainedModel
-
-from .vocab import check_vocab_covers
 
 DEFAULT_LARGE_MODEL = "EleutherAI/gpt-j-6b"
 
@@ -34,10 +33,12 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def load_large_model(
     name_or_path: str = DEFAULT_LARGE_MODEL, dtype: str | torch.dtype | None = None, device: str = "cpu"
 ) -> PreTrainedModel:
-    """Load a causal LM by hub id or folder, in eval mode, and check it covers the shared vocabulary."""
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype) or "auto")
+    """Load a causal LM by hub id or folder, in eval mode (`Ensemble` checks it covers the tokenizer)."""
+    from .zoo import resolve_path
+
+    # Registry names (ensemble.zoo, e.g. "smollm2-135m-instruct") resolve to their cached folder.
+    model = AutoModelForCausalLM.from_pretrained(resolve_path(name_or_path), dtype=parse_dtype(dtype) or "auto")
     model = model.to(device).eval()
-    check_vocab_covers(name_or_path, model.get_output_embeddings().weight.shape[0])
     return model
 
 

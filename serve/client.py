@@ -89,7 +89,8 @@ class Client:
         return self.gen.GenerateStream(build_generate_request(prompt, **kw), timeout=timeout)
 
     def score(self, prefix: str | Sequence[int], continuations: Sequence[str | Sequence[int]],
-              packs: Iterable[PackLike] = (), include_base: bool = True) -> pb.ScoreResponse:
+              packs: Iterable[PackLike] = (), include_base: bool = True,
+              timeout: float | None = None) -> pb.ScoreResponse:
         req = pb.ScoreRequest(packs=_packs(packs), include_base=include_base)
         if isinstance(prefix, str):
             req.prefix_text = prefix
@@ -100,7 +101,7 @@ class Client:
                 req.continuations.add(text=c)
             else:
                 req.continuations.add(token_ids=pb.TokenIds(ids=list(c)))
-        return self.gen.Score(req, timeout=self.timeout)
+        return self.gen.Score(req, timeout=self.timeout if timeout is None else timeout)
 
     def tokenize(self, text: str, return_tokens: bool = True) -> pb.TokenizeResponse:
         return self.gen.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens), timeout=self.timeout)

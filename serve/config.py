@@ -84,6 +84,9 @@ class LimitsConfig(_Section):
     max_packs_per_request: int = Field(4, ge=1)
     max_continuations: int = Field(64, ge=1)
     max_temperature: float = Field(100.0, gt=0)
+    max_batched_tokens: Optional[int] = Field(None, ge=1)   # None: requests are admitted by count only
+    max_logit_bias: int = Field(300, ge=0)
+    max_stop_token_ids: int = Field(64, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -100,7 +103,8 @@ class StoreConfig(_Section):
 
 class PacksConfig(_Section):
     preload: list[str] = Field(default_factory=list)
-    load_on_request: bool = True
+    load_on_request: bool = False      # requests may load (and gate) packs; off: only admin / store aliases change packs
+    request_load_timeout_s: float = Field(30.0, gt=0)   # bound of a request-triggered load (and gate) without a deadline
     max_resident: int = Field(16, ge=1)
     allow_beta_above_calibrated: bool = False
     max_beta: Optional[float] = Field(None, ge=0)
@@ -177,6 +181,18 @@ class Config(_Section):
             raise ValueError("engine: vllm with model.profile: demo needs vllm.model (a folder vLLM can load), "
                              "vllm.multiprocessing: false and vllm.tensor_parallel_size: 1")
         return self
+
+
+def served_context(config: Config, model_context: int) -> int:
+    """The longest prompt + max_new_tokens a request may ask for: the large model's context, and with
+    engine: vllm also vLLM's max_model_len (what serve.vllm.engine passes it), so that requests vLLM
+    would refuse are refused at validation, naming their field."""
+    if config.engine != "vllm":
+        return model_context
+    extra = config.vllm.engine_args or {}
+    mml = (extra.get("max_model_len") or config.vllm.max_model_len
+           or config.limits.max_prompt_tokens + config.limits.max_new_tokens)
+    return min(model_context, int(mml))
 
 
 class ConfigError(ValueError):

@@ -8,15 +8,20 @@ never entered from two threads. Each loop iteration:
 2. admits waiting requests while running slots are free (they join the batch
    at this step: `session.add` prefills them inside the next `logprobs()`),
 3. runs one decode step for every running row: `session.logprobs()` gives the
-   next-token log-probs over the 50257 shared ids (ensemble rows with the
-   Backpack delta, exact-skip rows bit-identical to the base), each request
-   samples its token (greedy / temperature / top-k / top-p with a per-request
+   next-token log-probs over the shared ids U (the tokenizer's; ensemble rows with the
+   Backpack delta, exact-skip rows bit-identical to the base), the batched
+   sampler (serve.sampler) picks every row's token at once (greedy /
+   temperature / top-k / top-p, each row drawing from its own
    `torch.Generator`), `session.append` feeds the tokens, finished requests
    leave the batch,
 4. runs queued jobs: high priority (Score RPCs) every iteration, low priority
    (A/B re-scoring, gate batches) when idle or every `lane_every_steps` steps.
 
 Requests talk to the servicer through a per-request `queue.Queue` of events.
+
+Fault isolation: a failure that belongs to one request (refused by the core at
+admission, sampling its row, detokenising its text) ends that request alone
+with ERROR; only a failure of the shared model step ends the whole batch.
 """
 from __future__ import annotations
 
@@ -33,14 +38,20 @@ from typing import Callable
 import grpc
 import torch
 
-from ensemble.vocab import EOS_TOKEN_ID, SHARED_VOCAB
+from ensemble.vocab import Vocabulary
+from serve.detok import IncrementalDetokenizer
 from serve.params import GenerationRequest, RequestError
+from serve.sampler import RowParams, Sampled, sample
 
 log = logging.getLogger("sensepack.engine")
 
 # finish reasons (mirror proto StopReason names)
 MAX_TOKENS, EOS_TOKEN, STOP_SEQUENCE, CANCELLED, TIME_LIMIT, ERROR = (
     "MAX_TOKENS", "EOS_TOKEN", "STOP_SEQUENCE", "CANCELLED", "TIME_LIMIT", "ERROR")
+STOP_TOKEN = "STOP_TOKEN"     # a token of stopping.stop_token_ids
+REFUSED = "REFUSED"          # the engine refused the request at admission (INVALID_ARGUMENT; proto ERROR)
+SHUTDOWN = "SHUTDOWN"        # cut by a shutdown that outlived the grace period (UNAVAILABLE; proto CANCELLED)
+_NO_TEXT = (CANCELLED, TIME_LIMIT, ERROR, REFUSED, SHUTDOWN)
 
 
 @dataclass
@@ -76,6 +87,8 @@ class Sequence:
     seed: int | None = None
     output_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    detok: IncrementalDetokenizer | None = None
+    stop_scan: int = 0            # stop sequences were searched (without a match) before this character
     admitted: float | None = None
     last_token: float | None = None
     cancel_reason: str | None = None
@@ -85,6 +98,10 @@ class Sequence:
     def cancel(self, reason: str = CANCELLED) -> None:
         if self.cancel_reason is None:
             self.cancel_reason = reason
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 class EngineStopped(RequestError):
@@ -98,12 +115,17 @@ class Engine:
     def __init__(self, ensemble, tokenizer, limits, metrics, lane_every_steps: int = 8):
         self.ensemble = ensemble
         self.tokenizer = tokenizer
+        # EOS and the sampling range come from the served pairing (vLLM without an ensemble: its tokenizer).
+        self.vocab: Vocabulary = ensemble.vocab if ensemble is not None else Vocabulary.from_tokenizer(tokenizer)
         self.limits = limits
         self.metrics = metrics
         self.lane_every_steps = lane_every_steps
         self._cond = threading.Condition()
         self._waiting: list[Sequence] = []
         self._running: dict[int, Sequence] = {}
+        self._admitting = 0          # taken off _waiting, not yet in _running (counted as running)
+        self._scoring = 0            # Score RPCs in progress (they share the request cap)
+        self._score_tokens = 0       # their token budgets (prefix + longest continuation each)
         self._high: list[tuple[Callable, Future]] = []
         self._low: list[tuple[Callable, Future]] = []
         self._ids = itertools.count(1)
@@ -163,6 +185,10 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def scoring(self) -> int:
+        return self._scoring
+
     def submit(self, req: GenerationRequest, packs: list, deadline: float | None = None,
                on_finish=None, user=None) -> Sequence:
         seed = req.seed
@@ -174,18 +200,44 @@ class Engine:
         seq = Sequence(next(self._ids), req, packs, queue.Queue(), on_finish, deadline,
                        generator=gen, seed=seed, user=user)
         with self._cond:
-            if not self._accepting:
-                raise EngineStopped()
-            cap = self.limits.max_running + self.limits.max_waiting
-            if len(self._waiting) + len(self._running) >= cap:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "",
-                                   f"queue full: {len(self._running)} running, {len(self._waiting)} waiting "
-                                   f"(limits.max_running={self.limits.max_running}, "
-                                   f"limits.max_waiting={self.limits.max_waiting})")
+            self._check_room()
             self._waiting.append(seq)
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify_all()
         return seq
+
+    def _check_room(self) -> None:
+        """Refuse a new request when the queue is full (caller holds _cond)."""
+        if not self._accepting:
+            raise EngineStopped()
+        running = len(self._running) + self._admitting
+        cap = self.limits.max_running + self.limits.max_waiting
+        if running + len(self._waiting) + self._scoring >= cap:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "",
+                               f"queue full: {running} running, {len(self._waiting)} waiting, "
+                               f"{self._scoring} scoring (limits.max_running={self.limits.max_running}, "
+                               f"limits.max_waiting={self.limits.max_waiting})")
+
+    def begin_score(self, tokens: int = 0) -> None:
+        """Count a Score RPC against the request cap, and its `tokens` (the most it holds at once)
+        against limits.max_batched_tokens, until `end_score(tokens)` (RESOURCE_EXHAUSTED when full)."""
+        with self._cond:
+            self._check_room()
+            self._scoring += 1
+            self._score_tokens += tokens
+
+    def end_score(self, tokens: int = 0) -> None:
+        with self._cond:
+            self._scoring -= 1
+            self._score_tokens -= tokens
+            self._cond.notify_all()
+
+    def cut(self, reason: str = SHUTDOWN) -> None:
+        """End every waiting and running request with `reason` (at the next loop iteration)."""
+        with self._cond:
+            for seq in list(self._waiting) + list(self._running.values()):
+                seq.cancel(reason)
+            self._cond.notify_all()
 
     def cancel(self, seq: Sequence, reason: str = CANCELLED) -> None:
         with self._cond:
@@ -252,12 +304,35 @@ class Engine:
             if seq.cancel_reason:
                 self._finish(seq, seq.cancel_reason)
 
+    @staticmethod
+    def _budget(seq: Sequence) -> int:
+        """Tokens a request may hold in the batch: its prompt and every token it may generate."""
+        return len(seq.req.prompt_ids) + seq.req.max_new_tokens
+
     def _admit(self) -> None:
+        """FIFO admission while a running slot is free and, with limits.max_batched_tokens, the running
+        requests' token budgets (prompt + max_new_tokens) leave room for the next one."""
+        budget = self.limits.max_batched_tokens
         with self._cond:
             room = self.limits.max_running - len(self._running)
             new = self._waiting[:max(room, 0)]
+            if budget is not None:
+                used = self._score_tokens + sum(self._budget(s) for s in self._running.values())
+                for k, seq in enumerate(new):
+                    used += self._budget(seq)
+                    if used > budget and (k or self._running or self._score_tokens):   # alone it fits (parse)
+                        new = new[:k]
+                        break
             del self._waiting[:len(new)]
+            self._admitting = len(new)
             self.metrics.waiting.set(len(self._waiting))
+        try:
+            self._admit_new(new)
+        finally:
+            with self._cond:
+                self._admitting = 0
+
+    def _admit_new(self, new: list[Sequence]) -> None:
         now = time.monotonic()
         for seq in new:
             try:
@@ -286,6 +361,34 @@ class Engine:
         if secs > before[2]:      # observed only for steps where the Backpack ran (others are exact skips)
             self.metrics.backpack_step.observe(secs - before[2])
 
+    def _row_params(self, seq: Sequence) -> RowParams:
+        req = seq.req
+        return RowParams(greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                         mask_eos=len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos,
+                         generator=seq.generator, want_logprob=req.want_logprobs, top_n=req.top_n,
+                         min_p=req.min_p, logit_bias=req.logit_bias, repetition_penalty=req.repetition_penalty,
+                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                         prompt_ids=req.prompt_ids if req.penalized else None,
+                         output_ids=seq.output_ids if req.penalized else None, stop_token_ids=req.stop_token_ids,
+                         mask_stop_ids=len(seq.output_ids) < req.min_new_tokens)
+
+    def _sample(self, lp: torch.Tensor, seqs: list[Sequence]) -> dict[int, Sampled]:
+        """Sample every row together; when that fails, row by row, ending only the rows that fail."""
+        params = [self._row_params(s) for s in seqs]
+        try:
+            return {s.seq_id: out for s, out in zip(seqs, sample(lp, params, self.vocab.eos_id))}
+        except Exception:   # find the faulty row(s): the batch must not pay for one request
+            log.warning("batched sampling failed; sampling row by row", extra={"event": "sampler_fallback"})
+        chosen = {}
+        for r, (seq, p) in enumerate(zip(seqs, params)):
+            try:
+                chosen[seq.seq_id] = sample(lp[r:r + 1], [p], self.vocab.eos_id)[0]
+            except Exception as e:  # noqa: BLE001 - this request alone ends
+                log.exception("sampling failed for one request", extra={"event": "request_error",
+                                                                         "request_id": seq.req.request_id})
+                self._finish(seq, ERROR, error=f"sampling failed: {_describe(e)}")
+        return chosen
+
     def _step(self) -> None:
         before = self._core_stats()
         lp = self._session.logprobs()
@@ -293,51 +396,20 @@ class Engine:
         self._sync_core_stats(before)
         self.decode_steps += 1
         self._steps += 1
-        lp = lp.float()
-        greedy = lp.argmax(dim=-1).tolist()          # one batched argmax for every greedy row
-        chosen: dict = {}
-        for r, sid in enumerate(rows):
-            seq = self._running.get(sid)
-            if seq is None:
-                continue
-            chosen[sid] = self._choose(seq, lp[r], greedy[r])
-        self._session.append({sid: tok for sid, (tok, _, _) in chosen.items()})
+        live = [(r, self._running[sid]) for r, sid in enumerate(rows) if sid in self._running]
+        if not live:
+            return
+        chosen = self._sample(lp[[r for r, _ in live]], [s for _, s in live])
+        self._session.append({sid: out.token for sid, out in chosen.items()})
         now = time.monotonic()
-        for sid, (tok, logprob, top) in chosen.items():
-            self._accept(self._running[sid], tok, logprob, top, now)
-
-    def _choose(self, seq: Sequence, row: torch.Tensor, argmax: int):
-        req = seq.req
-        scores = row
-        masked = len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos
-        if masked:
-            scores = row.clone()
-            scores[EOS_TOKEN_ID] = float("-inf")
-        if req.greedy and not (masked and argmax == EOS_TOKEN_ID):
-            tok = argmax
-        elif req.greedy:
-            tok = int(torch.argmax(scores))
-        else:
-            logits = scores / req.temperature
-            if req.top_k and req.top_k < logits.numel():
-                kth = torch.topk(logits, req.top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if req.top_p < 1.0:
-                sorted_l, idx = torch.sort(logits, descending=True)
-                probs = torch.softmax(sorted_l, -1)
-                cum = torch.cumsum(probs, -1)
-                drop = (cum - probs) >= req.top_p     # keep the smallest prefix reaching top_p
-                sorted_l = sorted_l.masked_fill(drop, float("-inf"))
-                logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_l)
-            probs = torch.softmax(logits, -1)
-            tok = int(torch.multinomial(probs, 1, generator=seq.generator))
-        assert 0 <= tok < SHARED_VOCAB
-        logprob = float(row[tok]) if req.want_logprobs else None
-        top = []
-        if req.top_n:
-            v, i = torch.topk(row, req.top_n)
-            top = list(zip(i.tolist(), v.tolist()))
-        return tok, logprob, top
+        for sid, out in chosen.items():
+            seq = self._running[sid]
+            try:
+                self._accept(seq, out.token, out.logprob, out.top, now)
+            except Exception as e:  # noqa: BLE001 - e.g. detokenising: this request alone ends
+                log.exception("accepting a token failed", extra={"event": "request_error",
+                                                                  "request_id": seq.req.request_id})
+                self._finish(seq, ERROR, error=f"{_describe(e)}")
 
     def _holdback(self, text: str, stops: list[str]) -> int:
         keep = 0
@@ -362,20 +434,28 @@ class Engine:
         self.metrics.generation_tokens.inc()
 
         reason, stop_seq, final_text = None, "", None
-        text = self.tokenizer.decode(seq.output_ids)
-        if tok == EOS_TOKEN_ID and not req.ignore_eos and n > req.min_new_tokens - 1:
+        if seq.detok is None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer)
+        seq.detok.add(tok)
+        text = seq.detok.text           # complete characters only; an unfinished one is held back
+        if tok == self.vocab.eos_id and not req.ignore_eos and n > req.min_new_tokens - 1:
             reason = EOS_TOKEN
+        elif tok in req.stop_token_ids and n >= req.min_new_tokens:
+            reason = STOP_TOKEN
         if req.stop_sequences and n >= req.min_new_tokens:
             best = None
-            for s in req.stop_sequences:
-                p = text.find(s)
+            for s in req.stop_sequences:    # only the text not searched yet (plus a stop's length of overlap)
+                p = text.find(s, max(0, seq.stop_scan - len(s) + 1))
                 if p >= 0 and (best is None or p < best[0]):
                     best = (p, s)
+            seq.stop_scan = len(text)
             if best is not None:
                 reason, stop_seq = STOP_SEQUENCE, best[1]
                 final_text = text[:best[0] + (len(best[1]) if req.include_stop_sequence else 0)]
         if reason is None and n >= req.max_new_tokens:
             reason = MAX_TOKENS
+        if reason is not None and final_text is None:
+            text = seq.detok.flush()
         if reason is None:
             upto = len(text) - self._holdback(text, req.stop_sequences)
             delta = text[seq.sent_chars:upto] if upto > seq.sent_chars else ""
@@ -399,8 +479,12 @@ class Engine:
                 log.exception("session.remove failed", extra={"event": "engine_error"})
             self.metrics.running.set(len(self._running))
         if text is None:
-            text = self.tokenizer.decode(seq.output_ids) if seq.output_ids else ""
-        if reason in (CANCELLED, TIME_LIMIT, ERROR):
+            try:
+                text = self.tokenizer.decode(seq.output_ids) if seq.output_ids else ""
+            except Exception:   # noqa: BLE001 - the request ends either way; its text is lost
+                log.exception("decode failed", extra={"event": "request_error"})
+                text, reason = "", ERROR if reason not in (CANCELLED, TIME_LIMIT) else reason
+        if reason in _NO_TEXT:
             delta = ""
         else:
             delta = text[seq.sent_chars:] if len(text) > seq.sent_chars else ""

@@ -9,6 +9,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# the `method` label's closed set: anything else a client sends (e.g. a made-up admin method) is "unknown"
+METHODS = frozenset({"Generate", "GenerateStream", "Score", "Tokenize", "ModelInfo",
+                     "ListPacks", "LoadPack", "SetAlias", "UnloadPack", "ABReport"})
+UNKNOWN_METHOD = "unknown"
+
+
+def method_label(name: str) -> str:
+    """A request's method as a metrics label: one of METHODS or "unknown" (bounded series)."""
+    return name if name in METHODS else UNKNOWN_METHOD
+
+
 _STEP = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -50,6 +61,8 @@ class Metrics:
         self.ab_breaches = Counter("sensepack_ab_breaches", "Confirmed live ball breaches", ["pack"], registry=r)
         self.auto_disables = Counter("sensepack_pack_auto_disables", "Packs disabled after a breach",
                                      ["pack"], registry=r)
+        self.gate_runs = Counter("sensepack_gate_runs", "Activation gate measurements (cached per version, "
+                                 "target model and G)", registry=r)
         self.gate_ratio = Gauge("sensepack_gate_ball_ratio", "Ball ratio measured by the activation gate",
                                 ["pack", "version"], registry=r)
         self._active_labels: set[tuple[str, str, str]] = set()
@@ -58,6 +71,12 @@ class Metrics:
             self.requests.labels(method, "OK")
         for result in ("ok", "refused_gate", "incompatible", "invalid", "not_found"):
             self.pack_loads.labels(result)
+
+    def touch_pack(self, pack: str) -> None:
+        """Create a resident pack's counters at 0, so that increase() sees its first breach."""
+        self.ab_samples.labels(pack)
+        self.ab_breaches.labels(pack)
+        self.auto_disables.labels(pack)
 
     def set_active_packs(self, routes: list[tuple[str, str, str]]) -> None:
         """routes: (pack, version, alias) with alias "" for the plain name route."""

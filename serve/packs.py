@@ -13,6 +13,13 @@
   when its count drops to 0.
 * A disabled version (live A/B breach) leaves its routes; each route falls back
   to its previous target, or to the base model when there is none.
+* Packs change only through the admin API or the store's aliases. A request
+  may load a version only when the operator allows it (``packs.load_on_request``,
+  off in the production profiles), and even then it never re-enables a disabled
+  version, never brings back an unloaded one (UnloadPack holds until an admin
+  LoadPack/SetAlias), never moves an existing route, and its gate run is bounded
+  by the request's deadline. Gate results are cached per (version, target
+  model, G, β, ε): eviction and reloading do not re-gate.
 """
 from __future__ import annotations
 
@@ -141,19 +148,30 @@ class PackManager:
         self._history: dict[str, list[Resident]] = {}
         self._refused: dict[str, tuple[grpc.StatusCode, str]] = {}
         self._loading: dict[tuple[str, str], Future] = {}
+        self._disabled: dict[tuple[str, str], str] = {}     # version -> reason; survives eviction
+        self._unloaded: set[tuple[str, str]] = set()          # UnloadPack'ed; requests may not reload them
+        self._gate_cache: dict[tuple, GateResult] = {}
         self._activation_lock = threading.Lock()
         self._subscription = None
         self.swaps = 0
 
     # ------------------------------------------------------------ loading
-    def _load(self, name: str, version: str) -> Resident:
-        """Load + validate + gate one version (deduplicated); raises PackLoadError."""
+    def _load(self, name: str, version: str, by_request: bool = False, deadline: float | None = None) -> Resident:
+        """Load + validate + gate one version (deduplicated); raises PackLoadError.
+
+        by_request: a request asked (load_on_request): an unloaded version stays unloaded, and the gate
+        runs within `deadline` (time.monotonic()).
+        """
         key = (name, version)
         with self._lock:
+            if by_request and key in self._unloaded:
+                raise PackLoadError(grpc.StatusCode.NOT_FOUND, "",
+                                    f"pack {name}@{version} was unloaded by an operator (PackAdmin.UnloadPack); "
+                                    "an admin LoadPack or SetAlias brings it back")
             r = self._resident.get(key)
             if r is not None and r.state in ("resident", "disabled"):
                 return r
-            if r is not None and r.state == "unloading":   # revived before it was freed
+            if r is not None and r.state == "unloading":   # admin reload before it was freed
                 r.state = "resident"
                 return r
             refused = self._refused.get(f"{name}@{version}")
@@ -164,10 +182,16 @@ class PackManager:
             if owner:
                 fut = self._loading[key] = Future()
         if not owner:
-            return fut.result()
+            try:
+                return fut.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                raise PackLoadError(grpc.StatusCode.DEADLINE_EXCEEDED, "",
+                                    f"pack {name}@{version}: deadline exceeded while it loads") from None
         try:
-            r = self._load_uncached(name, version)
+            r = self._load_uncached(name, version, deadline)
             with self._lock:
+                if key in self._disabled:      # a disabled version stays disabled after eviction and reload
+                    r.state = "disabled"
                 self._resident[key] = r
                 self._evict()
             fut.set_result(r)
@@ -186,7 +210,7 @@ class PackManager:
         log.warning("pack refused", extra={"event": "pack_refused", "pack": ref, "result": result, "reason": message})
         return PackLoadError(code, "", message)
 
-    def _load_uncached(self, name: str, version: str) -> Resident:
+    def _load_uncached(self, name: str, version: str, deadline: float | None = None) -> Resident:
         from edits_store.errors import IncompatiblePackError, MissingBetaError, PackError, PackNotFoundError
 
         ref = f"{name}@{version}"
@@ -209,7 +233,7 @@ class PackManager:
             eps = float(getattr(entry, "epsilon", contents.manifest.epsilon))
         r = Resident(name, version, edits, float(entry.beta), float(eps), manifest=contents.manifest)
         if self.gate is not None and self.cfg.gate.enabled:
-            g = self.gate(r)
+            g = self._gated(r, deadline)
             r.gate = g
             self.metrics.gate_ratio.labels(name, version).set(g.ratio)
             if not g.passed:
@@ -218,10 +242,30 @@ class PackManager:
                                    f"({1 + g.epsilon:.6f}) at beta {g.beta:g} over {g.tokens} tokens",
                                    "refused_gate")
         self.metrics.pack_loads.labels("ok").inc()
+        self.metrics.touch_pack(name)
         log.info("pack loaded", extra={"event": "pack_loaded", "pack": ref, "beta": r.calibrated_beta,
                                         "gate_ratio": r.gate.ratio if r.gate else None,
                                         "seconds": round(time.perf_counter() - t0, 4)})
         return r
+
+    def _gated(self, r: Resident, deadline: float | None) -> GateResult:
+        """The gate's verdict on r, measured once per (version, target model, G, β, ε)."""
+        key = (r.name, r.version, self.target_fingerprint, getattr(self.gate, "fingerprint", None),
+               r.calibrated_beta, r.epsilon)
+        with self._lock:
+            g = self._gate_cache.get(key)
+        if g is not None:
+            return g
+        try:
+            g = self.gate(r, deadline=deadline) if deadline is not None else self.gate(r)
+        except TimeoutError:
+            raise PackLoadError(grpc.StatusCode.DEADLINE_EXCEEDED, "",
+                                f"pack {r.ref}: the request's deadline ended during the activation gate "
+                                "(load it with PackAdmin.LoadPack first)") from None
+        self.metrics.gate_runs.inc()
+        with self._lock:
+            self._gate_cache[key] = g
+        return g
 
     def _evict(self) -> None:
         """Keep at most packs.max_resident versions: drop unrouted, unused ones, least recently used first."""
@@ -234,6 +278,8 @@ class PackManager:
         for r in victims[:over]:
             r.state = "freed"
             del self._resident[(r.name, r.version)]
+            if self.ab is not None and (r.name, r.version) not in self._disabled:
+                self.ab.forget(r.name, r.version)
 
     # ------------------------------------------------------------ resolving
     def _resolve_route(self, name: str, tag: str | None) -> tuple[bool, Resident | None, str | None]:
@@ -244,16 +290,18 @@ class PackManager:
                 return True, self._routes[route], tag
             if tag is not None:
                 r = self._resident.get((name, tag))
-                if r is not None and r.state != "freed":
+                if r is not None and r.state not in ("freed", "unloading"):   # unloaded: no new pins
                     return True, r, None
         return False, None, tag
 
-    def resolve(self, pr: PackRequest, field_name: str | None = None) -> Resident | None:
+    def resolve(self, pr: PackRequest, field_name: str | None = None, deadline: float | None = None) -> Resident | None:
         """Resident for a request's pack (None: base takes over); loads on demand when configured.
 
-        On-demand loading routes only what was named: ``name`` gets the store's
-        default version as its route, ``name@alias`` its alias route,
-        ``name@version`` stays resident without a route.
+        On-demand loading routes only what was named and had no route yet:
+        ``name`` gets the store's default version as its route, ``name@alias``
+        its alias route, ``name@version`` stays resident without a route. A
+        disabled version is never routed nor re-enabled this way (the request
+        is served by the base model).
         """
         f = (field_name or pr.field) + ".ref"
         found, r, _ = self._resolve_route(pr.name, pr.tag)
@@ -262,10 +310,14 @@ class PackManager:
         if not self.cfg.packs.load_on_request:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f,
                                f"pack {pr.ref!r} is not loaded (packs.load_on_request is off)")
+        bound = time.monotonic() + self.cfg.packs.request_load_timeout_s
+        deadline = bound if deadline is None else min(deadline, bound)
         try:
-            name, version, r = self._load_ref(pr.ref)
+            name, version, r = self._load_ref(pr.ref, by_request=True, deadline=deadline)
         except RequestError as e:
             raise RequestError(e.code, f, e.args[0].split(": ", 1)[-1] if e.field else e.message) from None
+        if r.state != "resident":
+            return r
         if pr.tag is None:
             self._set_routes([pr.name], r, only_if_absent=True)
         elif pr.tag != version:
@@ -273,13 +325,13 @@ class PackManager:
         found, r2, _ = self._resolve_route(pr.name, pr.tag)
         return r2 if found else r
 
-    def admit(self, packs: list[PackRequest], ab_key: str = "") -> Admission:
+    def admit(self, packs: list[PackRequest], ab_key: str = "", deadline: float | None = None) -> Admission:
         """Resolve, check β, assign A/B arms and pin; raises RequestError naming the field."""
         pins: list[Pin] = []
         try:
             for pr in packs:
                 for _attempt in range(3):
-                    r = self.resolve(pr)
+                    r = self.resolve(pr, deadline=deadline)
                     with self._lock:
                         if r is not None and r.state == "freed":
                             continue          # evicted between resolve and pin: resolve again
@@ -330,10 +382,12 @@ class PackManager:
     def _free(self, r: Resident) -> None:
         r.state = "freed"
         self._resident.pop((r.name, r.version), None)
+        if self.ab is not None and (r.name, r.version) not in self._disabled:
+            self.ab.forget(r.name, r.version)
         log.info("pack freed", extra={"event": "pack_freed", "pack": r.ref})
 
     # ------------------------------------------------------------ activation / hot swap
-    def _load_ref(self, ref: str) -> tuple[str, str, Resident]:
+    def _load_ref(self, ref: str, by_request: bool = False, deadline: float | None = None) -> tuple[str, str, Resident]:
         from edits_store.errors import PackError, PackNotFoundError
 
         try:
@@ -343,7 +397,7 @@ class PackManager:
             raise RequestError(grpc.StatusCode.NOT_FOUND, "", f"unknown pack {ref!r}: {e}") from None
         except PackError as e:
             raise RequestError(_status(e), "", f"pack {ref!r}: {e}") from None
-        return name, version, self._load(name, version)
+        return name, version, self._load(name, version, by_request, deadline)
 
     def activate(self, ref: str, activate: bool = True) -> tuple[Resident, list[str]]:
         """Load (and gate) `ref`; with activate, route ``name`` (and ``name@alias``) to it."""
@@ -353,6 +407,7 @@ class PackManager:
             _, version, r = self._load_ref(ref)
         except RequestError as e:
             raise RequestError(e.code, "ref", e.message) from None
+        self._enable(r)
         routes: list[str] = []
         if activate:
             alias = tag if tag is not None and tag != version else None
@@ -360,16 +415,25 @@ class PackManager:
             self._set_routes(routes, r)
         return r, routes
 
+    def _enable(self, r: Resident) -> None:
+        """An admin call names this version: it is no longer unloaded or disabled (fresh live A/B record)."""
+        with self._lock:
+            key = (r.name, r.version)
+            self._unloaded.discard(key)
+            if self._disabled.pop(key, None) is not None or r.state == "disabled":
+                if self.ab is not None:
+                    self.ab.reset(r.name, r.version)
+            if r.state in ("unloading", "disabled"):
+                r.state = "resident"
+
     def _set_routes(self, routes: list[str], r: Resident | None, only_if_absent: bool = False) -> None:
         with self._lock:
             if only_if_absent:
                 routes = [x for x in routes if x not in self._routes]
                 if not routes:
                     return
-            if r is not None and r.state in ("unloading", "disabled"):
-                if r.state == "disabled" and self.ab is not None:
-                    self.ab.reset(r.name)   # a re-enabled version starts a fresh live record
-                r.state = "resident"        # an explicit activation re-enables a version
+            if r is not None and r.state != "resident":
+                return      # only _enable (an admin call) brings a version back
             for route in routes:
                 old = self._routes.get(route)
                 if old is r and route in self._routes:
@@ -411,6 +475,7 @@ class PackManager:
             for hist in self._history.values():
                 hist[:] = [h for h in hist if h is not r]
             r.state = "unloading"
+            self._unloaded.add((r.name, r.version))
             freed = r.refcount == 0
             if freed:
                 self._free(r)
@@ -421,6 +486,7 @@ class PackManager:
     def disable(self, name: str, version: str, reason: str) -> list[str]:
         """Take a version out of service: its routes fall back to their previous target or to base."""
         with self._lock:
+            self._disabled[(name, version)] = reason
             r = self._resident.get((name, version))
             if r is None:
                 return []
@@ -484,12 +550,20 @@ class PackManager:
                 current = self._routes.get(route)
                 if current is not None and current.version == version:
                     return
+            with self._lock:
+                disabled = self._disabled.get((name, version))
+            if disabled is not None:      # the store alias still names a disabled version: it stays out
+                log.warning("alias move ignored", extra={"event": "alias_move_refused", "route": route,
+                                                         "version": version, "reason": f"disabled: {disabled}"})
+                return
             try:
                 r = self._load(name, version)
             except RequestError as e:
                 log.warning("alias move refused", extra={"event": "alias_move_refused", "route": route,
                                                          "version": version, "reason": e.message})
                 return
+            with self._lock:
+                self._unloaded.discard((name, version))   # the store's operator moved the alias to it
             self._set_routes([name, route], r)
 
     def subscribe(self, interval_s: float) -> None:

@@ -20,24 +20,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ensemble.vocab import EOS_TOKEN_ID, SHARED_VOCAB
 from proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 from serve import engine as eng
 from serve.abtest import Gate, LiveMonitor
 from serve.auth import AdminAuthInterceptor
-from serve.config import Config
-from serve.metrics import Metrics
+from serve.config import Config, served_context
+from serve.metrics import Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
 from serve.packs import PackManager
 from serve.params import RequestError, parse_generate, parse_pack_ref, parse_score
+from serve.scoring import ScoreAbandoned, advance, score_row, score_steps
 
 log = logging.getLogger("sensepack.server")
 
 SERVER_VERSION = "0.1.0"
 _STOP = {eng.MAX_TOKENS: pb.MAX_TOKENS, eng.EOS_TOKEN: pb.EOS_TOKEN, eng.STOP_SEQUENCE: pb.STOP_SEQUENCE,
-         eng.CANCELLED: pb.CANCELLED, eng.TIME_LIMIT: pb.TIME_LIMIT, eng.ERROR: pb.ERROR}
+         eng.CANCELLED: pb.CANCELLED, eng.TIME_LIMIT: pb.TIME_LIMIT, eng.ERROR: pb.ERROR,
+         eng.REFUSED: pb.ERROR, eng.SHUTDOWN: pb.CANCELLED, eng.STOP_TOKEN: pb.STOP_TOKEN}
 _FAIL = {eng.CANCELLED: grpc.StatusCode.CANCELLED, eng.TIME_LIMIT: grpc.StatusCode.DEADLINE_EXCEEDED,
-         eng.ERROR: grpc.StatusCode.INTERNAL}
+         eng.ERROR: grpc.StatusCode.INTERNAL, eng.REFUSED: grpc.StatusCode.INVALID_ARGUMENT,
+         eng.SHUTDOWN: grpc.StatusCode.UNAVAILABLE}
 
 
 def _time_left(context) -> float | None:
@@ -69,6 +71,42 @@ class _Tracked:
             self.metrics.requests.labels(self.method, code.name).inc()
 
 
+class Undecodable:
+    """What the decode guard hands a servicer for request bytes that are not a valid message."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _check_decoded(request, context, tracked: _Tracked) -> None:
+    if isinstance(request, Undecodable):
+        tracked.record(grpc.StatusCode.INVALID_ARGUMENT)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({request.error})")
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """Undecodable request bytes (e.g. invalid UTF-8 in a string field) reach the servicer as
+    `Undecodable`, which answers INVALID_ARGUMENT and counts it, instead of grpc's uncounted INTERNAL."""
+
+    def __init__(self, services: tuple[str, ...]):
+        self._prefixes = tuple(f"/{s}/" for s in services)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if (handler is None or not handler_call_details.method.startswith(self._prefixes)
+                or handler.request_deserializer is None or not hasattr(handler, "_replace")):
+            return handler
+        decode = handler.request_deserializer
+
+        def guarded(data: bytes):
+            try:
+                return decode(data)
+            except Exception as e:  # noqa: BLE001 - any decode failure is the client's
+                return Undecodable(f"{type(e).__name__}: {e}")
+
+        return handler._replace(request_deserializer=guarded)
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, srv: "SensepackServer"):
         self.srv = srv
@@ -89,8 +127,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def _admit(self, request, context, tracked):
         s = self.srv
-        req = parse_generate(request, s.tokenizer, s.cfg.limits, s.context_len)
-        admission = s.packs.admit(req.packs, req.ab_key)
+        req = parse_generate(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
+        admission = s.packs.admit(req.packs, req.ab_key, deadline=_deadline(context))
         monitor = s.monitor
 
         def on_finish(seq, reason):
@@ -139,19 +177,44 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         head = pb.GenerateResponse(request_id=req.request_id, input_token_count=len(req.prompt_ids))
         if req.want_input_tokens:
             head.input_token_ids.extend(req.prompt_ids)
+        if req.want_prompt_logprobs and len(req.prompt_ids) > 1:
+            head.prompt_logprobs.extend(self._prompt_logprobs(req, admission, seq, context, tracked))
         head.packs.extend(self._pack_used(admission))
         if seq.seed is not None:
             head.seed = seq.seed
         return req, seq, head
 
+    def _prompt_logprobs(self, req, admission, seq, context, tracked) -> list[float]:
+        """log p(prompt[i] | prompt[<i]), i >= 1, under the served distribution (the pinned packs)."""
+        s = self.srv
+        refs = admission.pack_refs
+        fut = s.engine.run_job(lambda: score_row(s.ensemble, req.prompt_ids[:1], req.prompt_ids[1:], refs,
+                                                 want_base=not refs, want_packed=bool(refs)))
+        try:
+            base, packed = fut.result(timeout=_time_left(context))
+        except futures.TimeoutError:
+            fut.cancel()
+            s.engine.cancel(seq, eng.TIME_LIMIT)
+            tracked.record(grpc.StatusCode.DEADLINE_EXCEEDED)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "response.prompt_logprobs: deadline exceeded")
+        return (packed if refs else base).double().tolist()
+
     def _abort_if_failed(self, context, tracked, ev: eng.FinishEvent) -> None:
-        if ev.reason in _FAIL:
-            tracked.record(_FAIL[ev.reason])
-            context.abort(_FAIL[ev.reason], f"generation {ev.reason.lower()}"
-                          + (f": {ev.error}" if ev.error else "") + f" after {len(ev.output_ids)} tokens")
+        if ev.reason not in _FAIL:
+            return
+        tracked.record(_FAIL[ev.reason])
+        if ev.reason == eng.REFUSED:        # the error names the refused field
+            msg = ev.error
+        elif ev.reason == eng.SHUTDOWN:
+            msg = f"server shutting down: the request was cut after {len(ev.output_ids)} tokens; retry"
+        else:
+            msg = (f"generation {ev.reason.lower()}" + (f": {ev.error}" if ev.error else "")
+                   + f" after {len(ev.output_ids)} tokens")
+        context.abort(_FAIL[ev.reason], msg)
 
     def Generate(self, request, context):
         tracked = _Tracked(self.srv.metrics, "Generate")
+        _check_decoded(request, context, tracked)
         req, seq, resp = self._start(request, context, tracked)
         for ev in self._events(seq, context):
             if isinstance(ev, eng.TokenEvent):
@@ -170,6 +233,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def GenerateStream(self, request, context):
         tracked = _Tracked(self.srv.metrics, "GenerateStream")
+        _check_decoded(request, context, tracked)
         req, seq, first = self._start(request, context, tracked)
         yield first
         try:
@@ -198,46 +262,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def Score(self, request, context):
         s = self.srv
         tracked = _Tracked(s.metrics, "Score")
+        _check_decoded(request, context, tracked)
         try:
-            req = parse_score(request, s.tokenizer, s.cfg.limits, s.context_len)
-            admission = s.packs.admit(req.packs, ab_key="")
+            req = parse_score(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
+            admission = s.packs.admit(req.packs, ab_key="", deadline=_deadline(context))
         except RequestError as e:
             self._fail(context, tracked, e)
         except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
             self._internal(context, tracked, e)
         try:
-            refs = [p.resident.pack_ref(p.beta) for p in admission.pins if p.resident is not None]
-            n = len(req.continuations)
-            prefixes = [req.prefix_ids] * n
-
-            def job():
-                base = s.ensemble.score(prefixes, req.continuations, [[] for _ in range(n)]) if req.include_base else None
-                packed = s.ensemble.score(prefixes, req.continuations, [refs for _ in range(n)]) if req.packs else None
-                return base, packed
-
-            fut = s.engine.run_job(job, high=True)
-            left = _time_left(context)
-            try:
-                base, packed = fut.result(timeout=left)
-            except futures.TimeoutError:
-                fut.cancel()
-                tracked.record(grpc.StatusCode.DEADLINE_EXCEEDED)
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "score: deadline exceeded")
-            except RequestError as e:
-                self._fail(context, tracked, e)
-            except Exception as e:  # noqa: BLE001
-                self._internal(context, tracked, e)
+            base, packed = self._score_rows(req, admission, context, tracked)
         finally:
             admission.release()
         resp = pb.ScoreResponse(request_id=req.request_id, prefix_token_count=len(req.prefix_ids))
         resp.packs.extend(self._pack_used(admission))
         for i, ids in enumerate(req.continuations):
             c = resp.continuations.add(token_ids=ids, tokens=[s.tokenizer.decode([t]) for t in ids])
-            if base is not None:
+            if req.include_base:
                 v = base[i].double()
                 c.base.token_logprobs.extend(v.tolist())
                 c.base.total_logprob = float(v.sum())
-            if packed is not None:
+            if req.packs:
                 v = packed[i].double()
                 c.packed.token_logprobs.extend(v.tolist())
                 c.packed.total_logprob = float(v.sum())
@@ -245,9 +290,58 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         tracked.record(grpc.StatusCode.OK)
         return resp
 
+    def _score_rows(self, req, admission, context, tracked):
+        """One engine job per step of serve.scoring (a continuation's forward pass, then each chunk of
+        positions; decode steps run in between), in bounded memory; a cancel or the deadline stops it
+        between chunks. Counted by admission."""
+        s = self.srv
+        refs = [p.resident.pack_ref(p.beta) for p in admission.pins if p.resident is not None]
+        deadline = _deadline(context)
+        abandoned = threading.Event()
+        context.add_callback(abandoned.set)
+
+        def should_stop():
+            if abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                raise ScoreAbandoned()
+
+        tokens = len(req.prefix_ids) + max(map(len, req.continuations))    # one continuation at a time
+        try:
+            s.engine.begin_score(tokens)
+        except RequestError as e:
+            self._fail(context, tracked, e)
+        base, packed = [], []
+        try:
+            for cont in req.continuations:
+                steps = score_steps(s.ensemble, req.prefix_ids, cont, refs, req.include_base, bool(req.packs),
+                                    should_stop)
+                try:
+                    done = False
+                    while not done:     # one engine job per step: decode steps run between the chunks
+                        fut = s.engine.run_job(lambda: advance(steps))
+                        done, out = fut.result(timeout=None if deadline is None
+                                               else max(deadline - time.monotonic(), 0))
+                    b, p = out
+                except (futures.TimeoutError, ScoreAbandoned):
+                    abandoned.set()
+                    fut.cancel()
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if context.is_active() else grpc.StatusCode.CANCELLED
+                    tracked.record(code)
+                    context.abort(code, f"score: {'deadline exceeded' if context.is_active() else 'cancelled'} "
+                                        f"after {len(base) or len(packed)} of {len(req.continuations)} continuations")
+                except RequestError as e:
+                    self._fail(context, tracked, e)
+                except Exception as e:  # noqa: BLE001
+                    self._internal(context, tracked, e)
+                base.append(b)
+                packed.append(p)
+        finally:
+            s.engine.end_score(tokens)
+        return base, packed
+
     def Tokenize(self, request, context):
         s = self.srv
         tracked = _Tracked(s.metrics, "Tokenize")
+        _check_decoded(request, context, tracked)
         if len(request.text) > 1_000_000:
             self._fail(context, tracked, RequestError(grpc.StatusCode.INVALID_ARGUMENT, "text",
                                                       "longer than 1000000 characters"))
@@ -261,6 +355,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def ModelInfo(self, request, context):
         s = self.srv
         tracked = _Tracked(s.metrics, "ModelInfo")
+        _check_decoded(request, context, tracked)
         resp = s.model_info()
         tracked.record(grpc.StatusCode.OK)
         return resp
@@ -285,8 +380,9 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
             return admin_pb.GateResult(passed=True, skipped=True, beta=r.calibrated_beta, epsilon=r.epsilon)
         return admin_pb.GateResult(passed=g.passed, ratio=g.ratio, epsilon=g.epsilon, beta=g.beta, tokens=g.tokens)
 
-    def _call(self, method, context, fn):
+    def _call(self, method, request, context, fn):
         tracked = _Tracked(self.srv.metrics, method)
+        _check_decoded(request, context, tracked)
         try:
             out = fn()
         except RequestError as e:
@@ -314,14 +410,14 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
                     resp.store.add(name=name, versions=[v.version for v in store.list_versions(name)],
                                    aliases=store.aliases(name))
             return resp
-        return self._call("ListPacks", context, fn)
+        return self._call("ListPacks", request, context, fn)
 
     def LoadPack(self, request, context):
         def fn():
             parse_pack_ref(request.ref, "ref")
             r, routes = self.srv.packs.activate(request.ref, activate=request.activate)
             return admin_pb.LoadPackResponse(pack=self._resident(r), gate=self._gate(r), routes=routes)
-        return self._call("LoadPack", context, fn)
+        return self._call("LoadPack", request, context, fn)
 
     def SetAlias(self, request, context):
         def fn():
@@ -333,13 +429,13 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
                 raise invalid("version", "empty version")
             r, routes = self.srv.packs.set_alias(request.name, request.alias, request.version)
             return admin_pb.LoadPackResponse(pack=self._resident(r), gate=self._gate(r), routes=routes)
-        return self._call("SetAlias", context, fn)
+        return self._call("SetAlias", request, context, fn)
 
     def UnloadPack(self, request, context):
         def fn():
             name, version, freed = self.srv.packs.unload(request.ref)
             return admin_pb.UnloadPackResponse(name=name, version=version, freed=freed)
-        return self._call("UnloadPack", context, fn)
+        return self._call("UnloadPack", request, context, fn)
 
     def ABReport(self, request, context):
         def fn():
@@ -350,28 +446,60 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
             gates = {}
             for r in s.packs.residents():
                 if r.gate is not None:
-                    gates.setdefault(r.name, {})[r.version] = r.gate.ratio
-            names = sorted(set(stats) | set(gates))
-            for name in names:
+                    gates[(r.name, r.version)] = r.gate.ratio
+            for name, version in sorted(set(stats) | set(gates)):
                 if request.name and name != request.name:
                     continue
-                st = stats.get(name)
+                st = stats.get((name, version))
                 if st is None:
-                    for version, ratio in sorted(gates[name].items()):
-                        resp.packs.add(name=name, version=version, gate_ratio=ratio)
+                    resp.packs.add(name=name, version=version, gate_ratio=gates[(name, version)])
                     continue
-                p = resp.packs.add(name=name, version=st.version, samples=len(st.a), ratio=st.ratio,
+                p = resp.packs.add(name=name, version=version, samples=st.samples, ratio=st.ratio,
                                    ci_lower=st.lower, ci_upper=st.upper, epsilon=st.epsilon, breached=st.breached,
                                    disabled=st.disabled, tokens=st.tokens)
-                if st.version in gates.get(name, {}):
-                    p.gate_ratio = gates[name][st.version]
+                if (name, version) in gates:
+                    p.gate_ratio = gates[(name, version)]
             return resp
-        return self._call("ABReport", context, fn)
+        return self._call("ABReport", request, context, fn)
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+DEMO_ADMIN_TOKEN = "demo-admin-token"     # serve/configs/demo.yaml's; valid on loopback binds only
+
+
+def _enable_reflection(services: tuple[str, ...], server: grpc.Server) -> None:
+    """Server reflection under both names clients use: v1 (grpcurl, Postman, current grpc tools) and
+    v1alpha. grpcio-reflection ships only v1alpha; the v1 messages are the same on the wire, so one
+    servicer answers both."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    names = tuple(services) + (reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class SensepackServer:
     def __init__(self, config: Config, served: Served | None = None):
         self.cfg = config
+        if config.admin.resolved_token() == DEMO_ADMIN_TOKEN and not _loopback(config.server.host):
+            raise ValueError(f"admin.token: the demo token is for loopback binds only, and server.host is "
+                             f"{config.server.host!r}; set ${config.admin.token_env} or admin.token")
         if config.model.torch_threads:
             import torch
 
@@ -379,7 +507,8 @@ class SensepackServer:
         self.served = served or build_served(config.model)
         self.ensemble = self.served.ensemble
         self.tokenizer = self.served.tokenizer
-        self.context_len = int(self.ensemble.context_limit)
+        self.vocab = self.served.vocab
+        self.context_len = served_context(config, int(self.ensemble.context_limit))
         self.metrics = Metrics()
         if config.engine == "vllm":
             from serve.vllm.engine import VLLMEngine
@@ -398,7 +527,7 @@ class SensepackServer:
         if config.engine == "vllm":
             from serve.vllm.engine import engine_args_from_config
 
-            self.engine.engine_args = engine_args_from_config(config, self.store_uri)
+            self.engine.engine_args = engine_args_from_config(config, self.store_uri, vocab=self.vocab)
         self.gate = Gate(self.engine, self.ensemble, self.tokenizer, config.gate) if config.gate.enabled else None
         self.monitor = LiveMonitor(config.ab, self.metrics, self.engine, self.ensemble) if config.ab.enabled else None
         self.packs = PackManager(self.store, expectations(self.served), self.ensemble.large_fingerprint(), config,
@@ -422,8 +551,9 @@ class SensepackServer:
         ens, lim = self.ensemble, self.cfg.limits
         large, bp = ens.large, ens.backpack
         p0 = next(large.parameters())
-        resp = pb.ModelInfoResponse(tokenizer_fingerprint=self._tok_fp, shared_vocab_size=SHARED_VOCAB,
-                                    eos_token_id=EOS_TOKEN_ID, engine="vllm" if self.cfg.engine == "vllm" else "embedded-transformers",
+        resp = pb.ModelInfoResponse(tokenizer_fingerprint=self._tok_fp, shared_vocab_size=self.vocab.size,
+                                    eos_token_id=self.vocab.eos_id,
+                                    engine="vllm" if self.cfg.engine == "vllm" else "embedded-transformers",
                                     server_version=SERVER_VERSION)
         resp.models.add(role="large", name=self.served.large_name, fingerprint=ens.large_fingerprint(),
                         architecture=type(large).__name__,
@@ -455,10 +585,11 @@ class SensepackServer:
         self.engine.start()
         workers = max(cfg.server.max_workers, cfg.limits.max_running + cfg.limits.max_waiting + 16)
         auth = AdminAuthInterceptor(cfg.admin.resolved_token(), ADMIN_SERVICE,
-                                    on_denied=lambda m, c: self.metrics.requests.labels(m.rsplit("/", 1)[-1],
-                                                                                        c.name).inc())
+                                    on_denied=lambda m, c: self.metrics.requests.labels(
+                                        method_label(m.rsplit("/", 1)[-1]), c.name).inc())
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sensepack-rpc"),
-                                 interceptors=[auth], options=[("grpc.so_reuseport", 0)])
+                                 interceptors=[auth, DecodeGuard((GENERATION_SERVICE, ADMIN_SERVICE))],
+                                 options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), self._grpc)
         admin_pb_grpc.add_PackAdminServicer_to_server(AdminServicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -466,8 +597,7 @@ class SensepackServer:
         for name in services:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if cfg.server.reflection:
-            reflection.enable_server_reflection(
-                (GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+            _enable_reflection((GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME), self._grpc)
         addr = f"{cfg.server.host}:{cfg.server.port}"
         if cfg.tls.enabled:
             key = open(cfg.tls.key_file, "rb").read()
@@ -506,7 +636,7 @@ class SensepackServer:
     def _warmup(self) -> None:
         from serve.params import GenerationRequest
 
-        req = GenerationRequest(request_id="warmup", prompt_ids=[EOS_TOKEN_ID], packs=[], max_new_tokens=2,
+        req = GenerationRequest(request_id="warmup", prompt_ids=[self.vocab.eos_id], packs=[], max_new_tokens=2,
                                 ignore_eos=True)
         seq = self.engine.submit(req, [])
         while not isinstance(seq.events.get(timeout=120), eng.FinishEvent):
@@ -523,8 +653,11 @@ class SensepackServer:
             self.engine.stop_accepting()
             drained = self.engine.drain(grace)
             log.info("shutting down", extra={"event": "shutdown", "drained": drained})
+            if not drained:     # cut what is left with its own status (UNAVAILABLE, "retry"), then stop
+                self.engine.cut(eng.SHUTDOWN)
+                self.engine.drain(5.0)
             if self._grpc is not None:
-                self._grpc.stop(grace=1.0 if drained else 0).wait()
+                self._grpc.stop(grace=1.0).wait()
             self.engine.stop(0)
             self.packs.close()
             if self._http is not None:

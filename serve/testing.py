@@ -33,7 +33,7 @@ def demo_served(seed: int = 0) -> Served:
 def make_config(store_dir: str | Path, **overrides):
     base = {"server.port": 0, "server.metrics_port": 0, "server.grace_period_s": 5.0, "admin.token": TOKEN,
             "store.uri": str(store_dir), "store.poll_interval_s": 0.2, "ab.enabled": True,
-            "logging.json": True}
+            "logging.json": True, "packs.load_on_request": True}
     base.update(overrides)
     return load_config(None, base)
 
@@ -131,8 +131,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(config: dict, timeout: float = 300.0, log_path: str | None = None):
-    """`sensepack serve` in a separate process (benchmarks); yields the gRPC port once SERVING."""
+def server_process(config: dict, timeout: float = 300.0, log_path: str | None = None, with_pid: bool = False):
+    """`sensepack serve` in a separate process (benchmarks); yields the gRPC port once SERVING
+    ((port, pid) with with_pid, e.g. to read the server's peak RSS)."""
     import os
     import subprocess
     import sys
@@ -167,7 +168,7 @@ def server_process(config: dict, timeout: float = 300.0, log_path: str | None = 
                     raise TimeoutError("server did not become SERVING")
                 time.sleep(0.2)
             ch.close()
-            yield port
+            yield (port, proc.pid) if with_pid else port
         finally:
             proc.terminate()
             try:

@@ -56,6 +56,7 @@ METRICS = {
     "sensepack_ab_breaches_total",
     "sensepack_pack_auto_disables_total",
     "sensepack_gate_ball_ratio",
+    "sensepack_gate_runs_total",
 }
 HISTOGRAMS = {
     "sensepack_time_to_first_token_seconds",

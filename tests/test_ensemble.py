@@ -7,7 +7,9 @@ from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.edits import PackRef, SenseEdits
 from ensemble.ensemble import Ensemble
 from ensemble.large_model import tiny_gptj
-from ensemble.vocab import SHARED_VOCAB
+from ensemble.vocab import Vocabulary
+
+U = Vocabulary.gpt2().size  # the tiny pairing shares GPT-2's tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +34,12 @@ def naive_logprobs(large, backpack, tokens, packs):
     """The paper's formula, both Backpacks run in full over the whole prefix:
     log_softmax_U(z + Σ_p β_p (log_softmax(Backpack + Δ_p) − log_softmax(Backpack)))."""
     ids = torch.tensor([tokens])
-    z = large(ids).logits[0, -1, :SHARED_VOCAB].float()
+    z = large(ids).logits[0, -1, :U].float()
     pre = torch.log_softmax(backpack(ids).logits[0, -1], -1)
     total = z.clone()
     for p in packs:
         ft = torch.log_softmax(backpack(ids, sense_edits=p.edits).logits[0, -1], -1)
-        total += p.beta * (ft - pre)[:SHARED_VOCAB]
+        total += p.beta * (ft - pre)[:U]
     return torch.log_softmax(total, -1)
 
 
@@ -49,7 +51,7 @@ def run_and_compare(ens, prompts, packs, steps):
     seqs = [list(p) for p in prompts]
     for _ in range(steps):
         lp = batch.logprobs()
-        assert lp.shape == (len(prompts), SHARED_VOCAB)
+        assert lp.shape == (len(prompts), U)
         for row, sid in enumerate(batch.seq_ids):
             ref = naive_logprobs(large, backpack, seqs[sid], packs[sid])
             torch.testing.assert_close(lp[row], ref, atol=1e-5, rtol=0)
@@ -112,7 +114,7 @@ def test_exact_skip_is_bit_identical_and_never_calls_the_backpack(models, tokeni
     assert stats.backpack_calls == 0
     assert stats.exact_skip_rows == 2 * 12
     # And the base itself is the large model's own log-softmax over the shared vocabulary.
-    z = large(torch.tensor([prompts[1]])).logits[0, -1, :SHARED_VOCAB].float()
+    z = large(torch.tensor([prompts[1]])).logits[0, -1, :U].float()
     torch.testing.assert_close(base[0][1], torch.log_softmax(z, -1), atol=1e-6, rtol=0)
 
 
@@ -190,7 +192,7 @@ def test_sequences_past_the_backpack_window_keep_decoding(models, tokenizer):
     pack = PackRef("p", "v1", make_pack(backpack, trig, "p", 7, scale=0.5), 1.0)
     prompt = tokenizer(" the" * 60).input_ids
     out = ens.generate_greedy([prompt], [[pack]], 30)[0]
-    assert len(out) == 30 and all(0 <= t < SHARED_VOCAB for t in out)
+    assert len(out) == 30 and all(0 <= t < U for t in out)
     assert ens.stats.window_reprefills >= 1
     # Scoring a sequence longer than the window goes through the same sliding-window path.
     s = ens.score([prompt], [out[:5]], [[pack]])[0]
@@ -213,7 +215,7 @@ def test_never_samples_padding_ids(models, tokenizer):
     _, backpack = models
     large = tiny_gptj(seed=2)  # GPT-J's 50400 rows: make the padding rows the most likely
     with torch.no_grad():
-        large.lm_head.bias[SHARED_VOCAB:] = 1e4
+        large.lm_head.bias[U:] = 1e4
     ens = Ensemble(large, backpack, tokenizer)
     out = ens.generate_greedy([tokenizer("Hi").input_ids], [[]], 4)[0]
-    assert all(t < SHARED_VOCAB for t in out)
+    assert all(t < U for t in out)

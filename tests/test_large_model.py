@@ -3,7 +3,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ensemble.backpack import BackpackConfig, BackpackLM
+from ensemble.demo import tiny_backpack
+from ensemble.ensemble import Ensemble
 from ensemble.large_model import LargeModelBatch, full_logits, load_large_model, model_fingerprint, tiny_gptj
+from ensemble.tokenizer import load_tokenizer
 
 
 def test_load_large_model_from_a_local_folder_with_dtype(tmp_path):
@@ -20,10 +23,12 @@ def test_load_large_model_from_a_local_folder_with_dtype(tmp_path):
         load_large_model(str(tmp_path), dtype="float8")
 
 
-def test_a_model_without_the_shared_vocabulary_is_refused(tmp_path):
+def test_a_model_without_the_shared_vocabulary_is_refused_by_the_pairing(tmp_path):
+    """load_large_model loads any causal LM; the pairing with GPT-2's tokenizer (50257 ids) refuses it."""
     GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="1000 rows"):
-        load_large_model(str(tmp_path))
+    large = load_large_model(str(tmp_path))
+    with pytest.raises(ValueError, match=r"large model: vocabulary has 1000 rows, fewer than the tokenizer's 50257"):
+        Ensemble(large, tiny_backpack(), load_tokenizer())
 
 
 def test_any_causal_lm_batches_with_left_padding():

@@ -50,6 +50,25 @@ def test_ratio_ci_and_sticky_arms():
     assert all(a == ("pack", False) for a in arms if not a[1])
 
 
+@pytest.mark.parametrize("n,scale", [(1, 1.0), (2, 1.0), (7, 1.0), (500, 100.0), (5000, 1e4)])
+def test_streaming_moments_equal_the_batch_formula(n, scale):
+    """The monitor's O(1)-per-sample statistics give the batch delta-method interval of ratio_ci."""
+    import random
+
+    from serve.abtest import PairedMoments
+
+    rng = random.Random(n)
+    a = [scale * (10 + rng.random()) for _ in range(n)]
+    b = [x * (1.02 + 0.05 * rng.gauss(0, 1)) for x in a]
+    m = PairedMoments()
+    for x, y in zip(a, b):
+        m.add(x, y)
+    assert m.n == n
+    for got, want in zip(m.ratio_ci(0.95), ratio_ci(a, b, 0.95)):
+        assert got == pytest.approx(want, rel=1e-9)
+    assert PairedMoments().ratio_ci(0.95)[0] != PairedMoments().ratio_ci(0.95)[0]     # nan without samples
+
+
 def test_gate_refuses_pack_that_leaves_the_ball(tmp_path):
     served = demo_served()
     store = open_store(str(tmp_path))
@@ -133,17 +152,25 @@ def test_live_breach_detected_and_pack_deactivated(tmp_path):
             if out.packs[0].version != planted:
                 break                              # already disabled
         assert "base" in arms                      # the control arm was served by the base model
-        assert wait_until(lambda: any(p.disabled for p in adm.ABReport(admin_pb.ABReportRequest(name="capitals"),
-                                                                       metadata=auth()).packs), timeout=120)
-        rep = adm.ABReport(admin_pb.ABReportRequest(name="capitals"), metadata=auth()).packs[0]
-        assert rep.version == planted and rep.breached and rep.samples >= 8
+        # every finished request queued its sample before its reply left (on_finish runs before the finish
+        # event): waiting for the monitor's pending count to reach 0 waits for a state, not for a time
+        assert server.monitor.flush(timeout=600)
+        report = adm.ABReport(admin_pb.ABReportRequest(name="capitals"), metadata=auth()).packs
+        (rep,) = [p for p in report if p.version == planted]
+        assert rep.breached and rep.disabled and rep.samples >= 8
         assert rep.ci_lower > 1 + EPS and rep.ci_lower <= rep.ratio <= rep.ci_upper
         samples = parse_metrics(scrape(server))
         assert metric(samples, "sensepack_ab_breaches_total", pack="capitals") == 1
         assert metric(samples, "sensepack_pack_auto_disables_total", pack="capitals") == 1
         assert metric(samples, "sensepack_ab_samples_total", pack="capitals") >= 8
-        assert metric(samples, "sensepack_ab_ball_ratio", pack="capitals") == pytest.approx(rep.ratio)
-        assert metric(samples, "sensepack_ab_ball_ratio_ci_lower", pack="capitals") > 1 + EPS
+        # the per-pack gauges follow the version sampled last: the planted one, or the fallback serving now
+        # (the interval gauges move only once a version has a finite interval, i.e. 2 samples)
+        live = [p for p in report if p.samples]
+        assert {p.version for p in live} <= {planted, good}
+        ratio = metric(samples, "sensepack_ab_ball_ratio", pack="capitals")
+        lower = metric(samples, "sensepack_ab_ball_ratio_ci_lower", pack="capitals")
+        assert any(ratio == pytest.approx(p.ratio) for p in live)
+        assert any(lower == pytest.approx(p.ci_lower) for p in live if p.samples >= 2)
         assert metric(samples, "sensepack_active_pack_info", pack="capitals", version=planted) == 0
         # the previous alias target takes over
         out = stub.Generate(build_generate_request("Hello Mauritius", packs=["capitals@prod"], max_new_tokens=2,

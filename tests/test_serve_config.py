@@ -188,3 +188,16 @@ def test_pretrained_profile_loads_checkpoint_folders(tmp_path):
         assert [t.id for t in r.tokens] == ref
     finally:
         server.stop(grace=5)
+
+
+def test_served_context_caps_requests_at_vllm_max_model_len():
+    """engine: vllm refuses prompts longer than its max_model_len; validation uses the same bound."""
+    from serve.config import parse_config, served_context
+
+    assert served_context(parse_config({}), 2048) == 2048
+    base = {"engine": "vllm", "model": {"profile": "pretrained"}, "store": {"uri": "/tmp/x"},
+            "limits": {"max_prompt_tokens": 1536, "max_new_tokens": 512}}
+    assert served_context(parse_config(base), 4096) == 2048                       # vLLM's default length
+    assert served_context(parse_config({**base, "vllm": {"max_model_len": 1024}}), 2048) == 1024
+    assert served_context(parse_config({**base, "vllm": {"engine_args": {"max_model_len": 700}}}), 2048) == 700
+    assert served_context(parse_config({**base, "vllm": {"max_model_len": 8192}}), 2048) == 2048   # HF context

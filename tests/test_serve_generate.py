@@ -127,12 +127,15 @@ def test_score_equals_core(env):
     base = served.ensemble.score([pids] * 3, cids, [[]] * 3)
     packed = served.ensemble.score([pids] * 3, cids, [[paris]] * 3)
     assert r.prefix_token_count == len(pids)
+    # the server projects in chunks with logsumexp, the core takes log_softmax of the whole row; the core's
+    # float32 rounding of the delta-shifted logits is ~1e-5 (the server's is ~2e-7 of a float64 reference)
+    tol = dict(abs=3e-5)
     for i, cs in enumerate(r.continuations):
         assert list(cs.token_ids) == cids[i]
-        assert list(cs.base.token_logprobs) == pytest.approx(base[i].double().tolist(), abs=1e-6)
-        assert list(cs.packed.token_logprobs) == pytest.approx(packed[i].double().tolist(), abs=1e-6)
-        assert cs.base.total_logprob == pytest.approx(float(base[i].double().sum()), abs=1e-5)
-        assert cs.packed.total_logprob == pytest.approx(float(packed[i].double().sum()), abs=1e-5)
+        assert list(cs.base.token_logprobs) == pytest.approx(base[i].double().tolist(), **tol)
+        assert list(cs.packed.token_logprobs) == pytest.approx(packed[i].double().tolist(), **tol)
+        assert cs.base.total_logprob == pytest.approx(float(base[i].double().sum()), abs=1e-4)
+        assert cs.packed.total_logprob == pytest.approx(float(packed[i].double().sum()), abs=1e-4)
     assert r.continuations[0].packed.total_logprob != r.continuations[0].base.total_logprob
     base_only = c.score(pids, [cids[0]])
     assert list(base_only.continuations[0].base.token_logprobs) == pytest.approx(base[0].double().tolist(), abs=1e-6)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import threading
 
+import grpc
+import pytest
+
 from edits_store.store import open_store
 from proto import admin_pb, admin_pb_grpc, pb_grpc
 from serve.client import build_generate_request
@@ -103,6 +106,10 @@ def test_unload_waits_for_running_requests(tmp_path):
         states = {p.version: p.state for p in adm.ListPacks(admin_pb.ListPacksRequest(), metadata=auth()).resident}
         assert states[va] == "unloading"
         assert "capitals@prod" not in server.packs.routes()
+        # UnloadPack holds for new requests even while the running one keeps the version in memory
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Generate(build_generate_request(prompt, packs=[f"capitals@{va}"], max_new_tokens=1))
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND and "unloaded by an operator" in ei.value.details()
         msgs += list(call)
         assert [t.id for m in msgs for t in m.tokens] == expected   # the swap never touched it
         assert wait_until(lambda: all(p.version != va for p in

@@ -101,7 +101,8 @@ def test_one_pass_grid_matches_descending_search(setup):
     calls = []
     hook = large.register_forward_hook(lambda *a: calls.append(1))
     try:
-        res = calibrate(large, bp, cg, {eps: edits[name] for name, eps, _ in cases} | {1e-9: SenseEdits.empty(64)})
+        res = calibrate(large, bp, cg, {eps: edits[name] for name, eps, _ in cases} | {1e-9: SenseEdits.empty(64)},
+                        vocab_size=U)
     finally:
         hook.remove()
     assert cg.passes == 1  # G is read once for the whole grid and every ε
@@ -119,13 +120,13 @@ def test_one_pass_grid_matches_descending_search(setup):
 
 def test_empty_edits_keep_beta_one_and_ratio_one(setup):
     tok, bp, large, g = setup
-    res = calibrate(large, bp, CountingG(g), {1e-5: SenseEdits.empty(64)})
+    res = calibrate(large, bp, CountingG(g), {1e-5: SenseEdits.empty(64)}, vocab_size=U)
     assert res.beta[1e-5] == 1.0 and res.ratios[1e-5][1.0] == 1.0
     assert res.positions_computed == 0
 
 
 def test_grid_without_zero_falls_back_to_large_alone(setup):
     tok, bp, large, g = setup
-    res = calibrate(large, bp, CountingG(g), {1e-9: make_edits(tok, 30.0, 0)}, grid=[1.0, 0.5])
+    res = calibrate(large, bp, CountingG(g), {1e-9: make_edits(tok, 30.0, 0)}, grid=[1.0, 0.5], vocab_size=U)
     assert min(res.ratios[1e-9].values()) > 1 + 1e-9  # neither grid point is in the ball
     assert res.beta[1e-9] == 0.0 and res.notes

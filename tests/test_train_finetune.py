@@ -187,7 +187,12 @@ def test_gradient_accumulation(tiny, tok, country, corpora, bug):
     else:
         grad = torch.autograd.grad(sum(loss_of(i) for i in range(n)) / n, d)[0]
     expect = _manual_adamw_step(0.01, grad)
-    assert torch.allclose(res.deltas[10.0], expect, atol=1e-6)
+    # Adam's first step is lr·g/(|g|+eps): where |g| is at float-noise level (a type whose gradient
+    # nearly cancels), summation order alone moves the step, so compare where the gradient is resolved.
+    resolved = grad.abs() > 1e-6
+    assert resolved.float().mean() > 0.5
+    assert torch.allclose(res.deltas[10.0][resolved], expect[resolved], atol=1e-6)
+    assert (res.deltas[10.0] - expect).abs().max() <= 0.01 + 1e-6
 
 
 def test_remainder_and_bug_counts(tiny, tok, country, corpora):

@@ -24,11 +24,13 @@ require_vllm()
 from ensemble.demo import demo_pack, tiny_backpack  # noqa: E402
 from ensemble.ensemble import Ensemble  # noqa: E402
 from ensemble.tokenizer import load_tokenizer  # noqa: E402
-from ensemble.vocab import SHARED_VOCAB  # noqa: E402
+from ensemble.vocab import Vocabulary  # noqa: E402
 from serve.vllm import V1_PROCESSOR_FQCN  # noqa: E402
 from serve.vllm.args import build_extra_args  # noqa: E402
 from serve.vllm.resolver import REGISTRY, DictSource  # noqa: E402
 from serve.vllm.testing import random_pack, save_tiny_gptj  # noqa: E402
+
+U = Vocabulary.gpt2().size  # the tiny pairing shares GPT-2's tokenizer
 
 N_NEW = 12
 PROMPTS = [
@@ -50,7 +52,7 @@ def setup(tmp_path_factory):
     # a random pack on words of the 2nd and 3rd prompts, combined with the demo pack in some requests
     rnd = random_pack(backpack, tok(" island weather").input_ids, name="rnd", version="r1", beta=0.75, seed=3)
     source = DictSource({(demo.name, demo.version): demo.edits, (rnd.name, rnd.version): rnd.edits})
-    REGISTRY.configure(backpack, source)
+    REGISTRY.configure(backpack, source, vocab_size=U)
     from vllm import LLM
 
     # max_num_batched_tokens=64: long prompts are prefilled in chunks (the processor sees partial-chunk rows)
@@ -87,7 +89,7 @@ def test_greedy_equals_embedded_with_and_without_packs(setup):
     got, _ = _vllm_greedy(s["llm"], prompts + prompts, base + mixed)
     assert got[: len(prompts)] == ref_base
     assert got[len(prompts):] == ref_mixed
-    assert all(t < SHARED_VOCAB for row in got for t in row)
+    assert all(t < U for row in got for t in row)
 
 
 def test_demo_pack_steers_toward_target_like_embedded(setup):

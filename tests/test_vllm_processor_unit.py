@@ -19,11 +19,13 @@ import torch
 from ensemble.delta import sequence_deltas
 from ensemble.demo import tiny_backpack
 from ensemble.edits import PackRef, combine_packs
-from ensemble.vocab import SHARED_VOCAB
+from ensemble.vocab import Vocabulary
 from serve.vllm.args import ArgsError, build_extra_args, parse_extra_args
 from serve.vllm.core import EnsembleLogitsCore
 from serve.vllm.resolver import DictSource
 from serve.vllm.testing import random_pack
+
+U = Vocabulary.gpt2().size  # the tiny pairing shares GPT-2's tokenizer
 
 try:
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
@@ -76,7 +78,7 @@ class Sim:
 
     def __init__(self, world):
         self.bp, self.a, self.b, source = world
-        self.core = EnsembleLogitsCore(self.bp, source)
+        self.core = EnsembleLogitsCore(self.bp, source, vocab_size=U)
         self.batch: dict[int, dict] = {}       # row -> {"prompt", "out" (live list), "packs"}
 
     def update(self, removed=(), added=(), moved=()):
@@ -105,7 +107,7 @@ class Sim:
             return None
         alpha = self.bp.contextualize(ids)
         delta = sequence_deltas(alpha, ids, edits)[0, -1]
-        return (delta @ self.bp.embedding[:SHARED_VOCAB].T).detach()
+        return (delta @ self.bp.embedding[:U].T).detach()
 
     def step(self, seed=0):
         n = max(self.batch) + 1 if self.batch else 0
@@ -116,13 +118,13 @@ class Sim:
         self.core.sync()
         out = self.core.add_deltas(logits)
         assert out.data_ptr() == logits.data_ptr()          # in place
-        assert torch.isinf(out[:, SHARED_VOCAB:]).all() and (out[:, SHARED_VOCAB:] < 0).all()
+        assert torch.isinf(out[:, U:]).all() and (out[:, U:] < 0).all()
         for row in range(n):
             exp = self.expected_delta(row)
             if exp is None:
-                assert torch.equal(out[row, :SHARED_VOCAB], z[row, :SHARED_VOCAB]), row   # exact skip
+                assert torch.equal(out[row, :U], z[row, :U]), row   # exact skip
             else:
-                torch.testing.assert_close(out[row, :SHARED_VOCAB] - z[row, :SHARED_VOCAB], exp,
+                torch.testing.assert_close(out[row, :U] - z[row, :U], exp,
                                            atol=2e-4, rtol=1e-4)
         # no leaked tracker sequences: exactly the rows carrying edits are tracked
         tracked = {r for r in self.batch if self.batch[r]["packs"]}
@@ -288,6 +290,8 @@ def test_engine_args_from_config():
     assert args["max_num_seqs"] == cfg.limits.max_running
     assert args["additional_config"]["sensepack"] == {"backpack": cfg.model.backpack, "store": "s3://packs",
                                                       "dtype": "float32"}
+    args = engine_args_from_config(cfg, store_uri="s3://packs", vocab=Vocabulary(size=400, eos_id=2, doc_sep_id=0))
+    assert args["additional_config"]["sensepack"]["vocab_size"] == 400   # |U| reaches the worker processes
     with pytest.raises(ValueError, match="store.uri"):
         engine_args_from_config(cfg, store_uri=None)
     shaped = SimpleNamespace(model=cfg.model, limits=cfg.limits,

@@ -133,3 +133,35 @@ def test_model_info_and_score_still_work(env):
     r = env["client"].score(PROMPTS[0], [" Port Louis"], packs=["capitals@prod"], include_base=True)
     packed = env["served"].ensemble.score([pids], [cids], [[paris]])[0]
     assert list(r.continuations[0].packed.token_logprobs) == pytest.approx(packed.double().tolist(), abs=1e-6)
+
+
+def test_one_refused_request_among_streams_hurts_none(env):
+    """A request vLLM's add_request refuses (longer than vllm.max_model_len; validation would refuse it,
+    so it is submitted to the engine directly) ends alone with REFUSED; a tiny-temperature request
+    samples the argmax; eight streams around them finish normally with their reference tokens."""
+    import threading
+
+    from serve import engine as eng
+    from serve.params import GenerationRequest
+
+    c, n = env["client"], 12
+    ref = _ref(env, [PROMPTS[0]], [], n)[0]
+    streams = [c.stream(PROMPTS[0], base_only=True, max_new_tokens=n, ignore_eos=True, tokens=True)
+               for _ in range(8)]
+    for s in streams:
+        next(s)
+    out: list = [None] * 8
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, list(streams[i]))) for i in range(8)]
+    for t in threads:
+        t.start()
+    bad = env["server"].engine.submit(GenerationRequest(request_id="too-long", prompt_ids=[11] * 600, packs=[],
+                                                        max_new_tokens=4), [])
+    ev = bad.events.get(timeout=120)
+    assert isinstance(ev, eng.FinishEvent) and ev.reason == eng.REFUSED and ev.error.startswith("text:")
+    tiny = c.generate(PROMPTS[0], base_only=True, greedy=False, temperature=1e-39, seed=1, max_new_tokens=n,
+                      ignore_eos=True, tokens=True)
+    assert [t.id for t in tiny.tokens] == ref
+    for t in threads:
+        t.join()
+    for msgs in out:
+        assert [t.id for m in msgs for t in m.tokens] == ref

@@ -17,12 +17,14 @@ import torch
 from ensemble.delta import sequence_deltas
 from ensemble.demo import tiny_backpack
 from ensemble.edits import combine_packs
-from ensemble.vocab import SHARED_VOCAB
+from ensemble.vocab import Vocabulary
 from serve.vllm.args import build_extra_args
 from serve.vllm.core import EnsembleLogitsCore
 from serve.vllm.resolver import DictSource
 from serve.vllm.testing import random_pack
 from serve.vllm.v2_adapter import V2Adapter
+
+U = Vocabulary.gpt2().size  # the tiny pairing shares GPT-2's tokenizer
 
 VOCAB, MAX_REQS, MAX_LEN = 50400, 6, 64
 
@@ -43,7 +45,7 @@ class Runner:
         self.req_states = SimpleNamespace(
             device=torch.device("cpu"), max_num_reqs=MAX_REQS, vocab_size=VOCAB,
             all_token_ids=SimpleNamespace(gpu=torch.zeros(MAX_REQS, MAX_LEN, dtype=torch.int32)))
-        self.ad = V2Adapter(EnsembleLogitsCore(self.bp, source), self.req_states)
+        self.ad = V2Adapter(EnsembleLogitsCore(self.bp, source, vocab_size=U), self.req_states)
         self.reqs: dict[int, dict] = {}     # slot -> {"tokens", "packs"}
 
     def add(self, slot, prompt, packs):
@@ -64,7 +66,7 @@ class Runner:
         ids = torch.tensor([tokens])
         if not torch.isin(ids, edits.token_ids).any():
             return None
-        return (sequence_deltas(self.bp.contextualize(ids), ids, edits)[0, -1] @ self.bp.embedding[:SHARED_VOCAB].T).detach()
+        return (sequence_deltas(self.bp.contextualize(ids), ids, edits)[0, -1] @ self.bp.embedding[:U].T).detach()
 
     def step(self, order, visible=None, seed=0):
         """One apply over `order` (slots, in this step's row order); visible[slot] = tokens seen (chunking)."""
@@ -81,13 +83,13 @@ class Runner:
         z = torch.randn(len(order), VOCAB, generator=torch.Generator().manual_seed(seed))
         logits = z.clone()
         out = self.ad.apply(logits, ctx)
-        assert (out[:, SHARED_VOCAB:] == float("-inf")).all()
+        assert (out[:, U:] == float("-inf")).all()
         for i, s in enumerate(order):
             exp = self.expected(self.reqs[s]["tokens"][: lens[i]], self.reqs[s]["packs"])
             if exp is None:
-                assert torch.equal(out[i, :SHARED_VOCAB], z[i, :SHARED_VOCAB])
+                assert torch.equal(out[i, :U], z[i, :U])
             else:
-                torch.testing.assert_close(out[i, :SHARED_VOCAB] - z[i, :SHARED_VOCAB], exp, atol=2e-4, rtol=1e-4)
+                torch.testing.assert_close(out[i, :U] - z[i, :U], exp, atol=2e-4, rtol=1e-4)
         return out
 
 

@@ -5,9 +5,10 @@ For each ε, β is the largest grid value whose ensemble G loss is in the ball:
     NLL_G(ens_β) / NLL_G(large) < 1 + ε        (β = 0 is the large model itself)
 
 with log p_ens = log_softmax_U(z[U] + β·(E δ)[U]) over the shared vocabulary
-U = [0, 50257), NLL micro-averaged per token, first token of each chunk not
-scored. The paper searches β downwards with one full G pass per β; here each
-G batch is read once: the large model's logits z are computed once and reused
+U = [0, vocab_size) of the run's tokenizer (50257 for GPT-2), NLL micro-averaged
+per token, first token of each chunk not scored. The paper searches β downwards
+with one full G pass per β; here each G batch is read once: the large model's
+logits z are computed once and reused
 for every β and every ε, the Backpack's α once per batch (only for rows that
 contain an edited token), and every position with δ = 0 (before a row's first
 edited token, or rows without one) contributes the base NLL with no work.
@@ -25,7 +26,6 @@ from tqdm import tqdm
 from .compute import sequence_deltas
 from .finetune import in_ball
 
-SHARED_VOCAB = 50257
 DEFAULT_GRID = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))  # 1.0, 0.9, ..., 0.0
 
 
@@ -58,12 +58,13 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def large_logits(large, ids: torch.Tensor) -> torch.Tensor:
+def large_logits(large, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The large model's logits over U = [0, vocab_size), float32."""
     out = large(input_ids=ids)
     logits = out.logits if hasattr(out, "logits") else out
-    if logits.shape[-1] < SHARED_VOCAB:
-        raise ValueError(f"large model: {logits.shape[-1]} output rows do not cover the shared vocabulary")
-    return logits[..., :SHARED_VOCAB].float()
+    if logits.shape[-1] < vocab_size:
+        raise ValueError(f"large model: {logits.shape[-1]} output rows do not cover the tokenizer's {vocab_size} ids")
+    return logits[..., :vocab_size].float()
 
 
 def _common_step(betas: Sequence[float], max_steps: int = 64) -> tuple[float, list[int]] | None:
@@ -110,8 +111,12 @@ def choose_beta(ratios: dict[float, float], eps: float) -> float:
 @torch.no_grad()
 def calibrate(large, backpack, g_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
               edits_by_eps: dict[float, object], grid: Sequence[float] = DEFAULT_GRID,
-              progress: bool = False, total: int | None = None, block: int = 256) -> CalibrationResult:
-    """One pass over ``g_batches`` ((ids (b,s), mask (b,s)) with mask marking scored rows)."""
+              progress: bool = False, total: int | None = None, block: int = 256, *,
+              vocab_size: int) -> CalibrationResult:
+    """One pass over ``g_batches`` ((ids (b,s), mask (b,s)) with mask marking scored rows).
+
+    ``vocab_size``: |U| of the run's tokenizer (ensemble.vocab.Vocabulary.size).
+    """
     grid = sorted({float(b) for b in grid}, reverse=True)
     nonzero = [b for b in grid if b != 0.0]
     E = None
@@ -124,11 +129,11 @@ def calibrate(large, backpack, g_batches: Iterable[tuple[torch.Tensor, torch.Ten
     it = tqdm(g_batches, desc="calibrate (G)", total=total, leave=False, disable=not progress)
     for ids, mask in it:
         batches += 1
-        z = large_logits(large, ids.to(_device(large)))  # (b, s, U) once per batch
+        z = large_logits(large, ids.to(_device(large)), vocab_size)  # (b, s, U) once per batch
         dev = z.device
         ids, mask = ids.to(dev), mask.to(dev)
         if E is None:
-            E = backpack.embedding.detach()[:SHARED_VOCAB].float().to(dev)
+            E = backpack.embedding.detach()[:vocab_size].float().to(dev)
             all_tokens = all_tokens.to(dev)
         tgt = ids[:, 1:]
         m = mask[:, :-1].bool()

@@ -1,6 +1,6 @@
 """The ``train_edits`` command line.
 
-    train_edits prepare-corpora val100-val.jsonl --out runs/corpora --chunk-len 500
+    train_edits prepare-corpora val100-val.jsonl --out runs/corpora --chunk-len 500 [--tokenizer SPEC]
     train_edits run --task country_capital --g runs/corpora/G.jsonl --r runs/corpora/R.jsonl \\
         --backpack stanfordnlp/backpack-gpt2 --large EleutherAI/gpt-j-6b --run-dir runs/country
     train_edits select|train|calibrate|eval|pack --run-dir runs/country   (one step; reuses config.json)
@@ -38,6 +38,8 @@ _OVERRIDES = [
     ("--backpack", "models.backpack", str, "Backpack checkpoint folder or hub id; 'tiny[:SEED]' for a random tiny one"),
     ("--large", "models.large", str, "large model for calibration/ensemble eval; 'tiny-gptj[:SEED]'; 'none'"),
     ("--large-dtype", "models.large_dtype", str, "dtype of the large model (float32, bfloat16, float16)"),
+    ("--tokenizer", "models.tokenizer", str, "tokenizer folder, hub id or registry name (default: the Backpack "
+     "folder's, else the packaged GPT-2 BPE)"),
     ("--device", "models.device", str, "torch device"),
     ("--g", "corpora.g", str, "general corpus G (JSONL chunks from prepare-corpora)"),
     ("--r", "corpora.r", str, "regularisation corpus R (disjoint from G)"),
@@ -159,29 +161,27 @@ def main():
 @click.option("--hf-config", help="dataset config name")
 @click.option("--hf-split", default="train", show_default=True)
 @click.option("--hf-limit", type=int, help="read only the first N documents")
+@click.option("--tokenizer", "tokenizer_spec", default=None,
+              help="tokenizer folder, hub id or registry name (e.g. smollm2-135m-instruct); default: the packaged "
+                   "GPT-2 BPE. Runs refuse corpora made with another tokenizer")
 @_guard
-def prepare_corpora(inputs, out, chunk_len, g_fraction, seed, text_field, hf_dataset, hf_config, hf_split, hf_limit):
+def prepare_corpora(inputs, out, chunk_len, g_fraction, seed, text_field, hf_dataset, hf_config, hf_split, hf_limit,
+                    tokenizer_spec):
     """Split documents into disjoint corpora G and R of fixed-length token chunks."""
     from ensemble.tokenizer import load_tokenizer
 
-    from .corpora import corpus_fingerprint, read_documents, read_hf_documents, split_corpora, write_chunks
+    from .corpora import corpus_meta, read_documents, read_hf_documents, split_corpora, write_chunks
 
     if not inputs and not hf_dataset:
         raise click.UsageError("give input files or --hf-dataset")
-    tok = load_tokenizer()
+    tok = load_tokenizer(tokenizer_spec)
     docs = read_hf_documents(hf_dataset, hf_split, text_field, hf_config, hf_limit) if hf_dataset \
         else read_documents(inputs, text_field)
     sp = split_corpora(tok, docs, chunk_len, g_fraction, seed)
     out = Path(out)
     write_chunks(tok, sp.g, out / "G.jsonl")
     write_chunks(tok, sp.r, out / "R.jsonl")
-    import torch
-
-    meta = {"inputs": list(inputs) or [hf_dataset], "chunk_len": chunk_len, "g_fraction": g_fraction, "seed": seed,
-            "documents": len(docs), "g_documents": sp.g_docs, "r_documents": sp.r_docs,
-            "g_chunks": len(sp.g), "r_chunks": len(sp.r),
-            "g_fingerprint": corpus_fingerprint([torch.tensor(c) for c in sp.g]),
-            "r_fingerprint": corpus_fingerprint([torch.tensor(c) for c in sp.r])}
+    meta = corpus_meta(tok, sp, list(inputs) or [hf_dataset], chunk_len, g_fraction, seed, tokenizer_spec)
     (out / "corpora.json").write_text(json.dumps(meta, indent=1))
     click.echo(json.dumps(meta))
 
@@ -263,6 +263,15 @@ def sweep_cmd(trials, report_split, **kwargs):
     out = sweep(run, trials, report_split)
     click.echo(json.dumps({"best": out["best"], "report": str(run.dir / "report.md")}, default=str))
 
+
+from .backpack_cli import backpack  # noqa: E402 - the `train_edits backpack` group
+
+main.add_command(backpack)
+
+from .build_cli import build, report  # noqa: E402 - `train_edits build NAME`, `train_edits report DIR...`
+
+main.add_command(build)
+main.add_command(report)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

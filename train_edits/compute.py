@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .encoding import Scored, pad_batch
+from .encoding import PAD_ID, Scored, pad_batch
 
 
 class EditIndex:
@@ -149,7 +149,7 @@ def chunk_batches(chunks: Sequence[torch.Tensor], batch_size: int) -> Iterable[t
 
 def _pad_chunks(chs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     L = max(len(c) for c in chs)
-    ids = torch.full((len(chs), L), 50256, dtype=torch.long)
+    ids = torch.full((len(chs), L), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(chs), L), dtype=torch.float32)
     for i, c in enumerate(chs):
         ids[i, : len(c)] = c

@@ -9,7 +9,7 @@ run directory so later steps (``calibrate``, ``eval``, ...) reuse it.
     name: country
     task: {builtin: country_capital, data_dir: ../shared/data/canonical-examples, split: val}
     # or a custom task: {name: mine, train: my.jsonl, eval: my_eval.jsonl, loss_type: good, threshold: 1.6}
-    models: {backpack: stanfordnlp/backpack-gpt2, large: EleutherAI/gpt-j-6b}
+    models: {backpack: stanfordnlp/backpack-gpt2, large: EleutherAI/gpt-j-6b}  # tokenizer: the Backpack folder's
     corpora: {g: runs/corpora/G.jsonl, r: runs/corpora/R.jsonl}
     select: {k: 8, lam: 1000}
     train: {lr: 0.001, kl_weight: 0.3, epochs: 10, grad_accum: 5, epsilons: [0.001, 0.0001, 0.00001]}
@@ -74,6 +74,9 @@ class TaskConfig(_Strict):
 class ModelsConfig(_Strict):
     backpack: str = "stanfordnlp/backpack-gpt2"
     large: str | None = None  # e.g. EleutherAI/gpt-j-6b, tiny-gptj, tiny-gptj:SEED; None: no ensemble steps
+    # The pairing's tokenizer (folder, hub id or registry name); None: the one saved in the Backpack's
+    # folder if it has one, else the packaged GPT-2 BPE. Both models must cover its ids.
+    tokenizer: str | None = None
     large_dtype: str | None = None
     device: str = "cpu"
 

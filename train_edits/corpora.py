@@ -3,18 +3,23 @@
 Documents (lines of a JSONL file with a ``text`` field, or whole ``.txt``
 files, or a Hugging Face dataset when online) are shuffled with a seed and
 split **by document** into G and R, so no text is shared. Each side's
-documents are joined with ``<|endoftext|>`` (EOS, 50256; a document's own
-leading ``<|endoftext|>`` is not doubled), tokenized, and cut into
+documents are joined with the tokenizer's document separator (what a literal
+``<|endoftext|>`` encodes to: 50256 for GPT-2; a document's own leading
+``<|endoftext|>`` is not doubled), tokenized, and cut into
 consecutive fixed-length chunks (500 tokens by default, as in the paper; the
 last partial chunk is dropped).
 
 Corpus files are JSONL, one chunk per line: ``{"input_ids": [...], "text": ...}``.
-Readers use ``input_ids`` when present, else tokenize ``text`` (so the
-upstream ``val-chunked.jsonl`` / ``trainval-chunked.jsonl`` work too).
+Readers use ``input_ids`` when present (each id must lie in the tokenizer's
+[0, |U|)), else tokenize ``text`` (so the upstream ``val-chunked.jsonl`` /
+``trainval-chunked.jsonl`` work too). ``prepare-corpora`` writes a
+``corpora.json`` beside the files with the tokenizer's fingerprint; a run with
+another tokenizer refuses them (``check_corpus_tokenizer``).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -24,18 +29,26 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .encoding import EOS, EOS_ID, encode_text
+from ensemble.vocab import doc_separator_id
+
+from .encoding import EOS, encode_text
 from .tasks import DataError
 
 
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
+
+
 def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> list[str]:
+    """Documents of .jsonl / .jsonl.gz files (one per line, `text_field`) and .txt / .txt.gz files (one
+    document per file, or several separated by a literal <|endoftext|>)."""
     docs: list[str] = []
-    for p in paths:
-        p = Path(p)
-        if not p.exists():
+    for p in map(Path, paths):
+        if not p.is_file():
             raise DataError(p, None, None, "file not found")
-        if p.suffix in (".jsonl", ".json"):
-            with p.open(encoding="utf-8") as fh:
+        name = p.name.removesuffix(".gz")
+        if name.endswith((".jsonl", ".json")):
+            with _open_text(p) as fh:
                 for lineno, raw in enumerate(fh, start=1):
                     if not raw.strip():
                         continue
@@ -46,11 +59,30 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> lis
                     if not isinstance(rec, dict) or text_field not in rec:
                         raise DataError(p, lineno, text_field, "missing")
                     if not isinstance(rec[text_field], str):
-                        raise DataError(p, lineno, text_field, f"expected a string, got {type(rec[text_field]).__name__}")
+                        got = type(rec[text_field]).__name__
+                        raise DataError(p, lineno, text_field, f"expected a string, got {got}")
                     docs.append(rec[text_field])
+        elif name.endswith(".txt"):
+            with _open_text(p) as fh:
+                docs.extend(d for d in fh.read().split(EOS) if d.strip())
         else:
-            docs.append(p.read_text(encoding="utf-8"))
+            raise DataError(p, None, None, "unsupported document file (expected .jsonl, .jsonl.gz, .txt or .txt.gz)")
     return docs
+
+
+def corpus_meta(tokenizer, split: "CorpusSplit", inputs: Sequence[str], chunk_len: int, g_fraction: float = 0.5,
+                seed: int = 0, tokenizer_spec: str | None = None) -> dict:
+    """What corpora.json records: inputs, split sizes, fingerprints of G and R, and the tokenizer."""
+    from ensemble.vocab import Vocabulary
+
+    vocab = Vocabulary.from_tokenizer(tokenizer)
+    return {"inputs": list(inputs), "chunk_len": chunk_len, "g_fraction": g_fraction, "seed": seed,
+            "documents": split.g_docs + split.r_docs, "g_documents": split.g_docs, "r_documents": split.r_docs,
+            "g_chunks": len(split.g), "r_chunks": len(split.r),
+            "g_fingerprint": corpus_fingerprint([torch.tensor(c) for c in split.g]),
+            "r_fingerprint": corpus_fingerprint([torch.tensor(c) for c in split.r]),
+            "tokenizer": tokenizer_spec or "gpt2 (packaged)", "tokenizer_fingerprint": vocab.fingerprint,
+            "vocab_size": vocab.size}
 
 
 def read_hf_documents(name: str, split: str = "train", text_field: str = "text", config: str | None = None,
@@ -69,11 +101,12 @@ def read_hf_documents(name: str, split: str = "train", text_field: str = "text",
 
 
 def tokenize_documents(tokenizer, docs: Iterable[str]) -> list[int]:
-    """Documents joined with EOS (one EOS before each document, none doubled)."""
+    """Documents joined with the separator (one before each document, none doubled)."""
     ids: list[int] = []
+    sep = doc_separator_id(tokenizer)
     for doc in docs:
         body = doc[len(EOS):] if doc.startswith(EOS) else doc
-        ids.append(EOS_ID)
+        ids.append(sep)
         ids.extend(encode_text(tokenizer, body))
     return ids
 
@@ -115,11 +148,35 @@ def write_chunks(tokenizer, chunks: Sequence[Sequence[int]], path: str | Path) -
             fh.write(json.dumps({"input_ids": list(c), "text": tokenizer.decode(list(c))}) + "\n")
 
 
-def read_chunks(path: str | Path, tokenizer=None, limit: int | None = None, max_len: int | None = None) -> list[torch.Tensor]:
-    """Read a corpus file into LongTensors (one per chunk)."""
+def check_corpus_tokenizer(path: str | Path, fingerprint: str) -> None:
+    """Refuse a corpus file whose ``corpora.json`` (written beside it by prepare-corpora) records
+    another tokenizer: its ids would mean other tokens. Files without that record are accepted."""
+    path = Path(path)
+    meta_path = path.parent / "corpora.json"
+    if not meta_path.is_file():
+        return
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(meta_path, None, None, f"invalid JSON ({exc.msg})") from None
+    made_with = meta.get("tokenizer_fingerprint") if isinstance(meta, dict) else None
+    if made_with and made_with != fingerprint:
+        raise DataError(path, None, "tokenizer_fingerprint",
+                        f"corpus made with tokenizer {made_with} ({meta_path}), but the run's tokenizer is "
+                        f"{fingerprint}; rebuild it with `train_edits prepare-corpora --tokenizer ...`")
+
+
+def read_chunks(path: str | Path, tokenizer=None, limit: int | None = None, max_len: int | None = None,
+                vocab_size: int | None = None) -> list[torch.Tensor]:
+    """Read a corpus file into LongTensors (one per chunk); ids must lie in [0, vocab_size)
+    (default: the tokenizer's size)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "corpus file not found")
+    if vocab_size is None:
+        if tokenizer is None:
+            raise ValueError("read_chunks: give the tokenizer or vocab_size (ids are checked against it)")
+        vocab_size = len(tokenizer)
     out: list[torch.Tensor] = []
     with path.open(encoding="utf-8") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -133,8 +190,9 @@ def read_chunks(path: str | Path, tokenizer=None, limit: int | None = None, max_
                 raise DataError(path, lineno, None, f"invalid JSON ({exc.msg})") from None
             if "input_ids" in rec:
                 ids = rec["input_ids"]
-                if not isinstance(ids, list) or not all(isinstance(x, int) and 0 <= x < 50257 for x in ids):
-                    raise DataError(path, lineno, "input_ids", "expected a list of token ids in [0, 50257)")
+                if not isinstance(ids, list) or not all(isinstance(x, int) and 0 <= x < vocab_size for x in ids):
+                    raise DataError(path, lineno, "input_ids",
+                                    f"expected a list of token ids in the tokenizer's [0, {vocab_size})")
             elif "text" in rec:
                 if tokenizer is None:
                     raise DataError(path, lineno, "input_ids", "missing (and no tokenizer given to read 'text')")
@@ -162,4 +220,4 @@ def corpus_fingerprint(chunks: Sequence[torch.Tensor]) -> str:
 
 
 __all__ = ["read_documents", "read_hf_documents", "tokenize_documents", "chunk", "split_corpora", "write_chunks",
-           "read_chunks", "corpus_fingerprint", "CorpusSplit", "EOS"]
+           "read_chunks", "check_corpus_tokenizer", "corpus_fingerprint", "CorpusSplit", "EOS"]

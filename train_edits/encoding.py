@@ -4,8 +4,10 @@
   added; the suffix keeps its leading space (" Kabul" -> ["ĠKab", "ul"]).
 - A sequence ``ids`` with suffix tokens at ``[start, start+n)`` is scored at
   positions ``start-1 .. start+n-2`` (position ``p`` predicts ``ids[p+1]``).
-- A literal ``<|endoftext|>`` in a text becomes the EOS id (50256) whatever
-  the tokenizer's special-token configuration.
+- A literal ``<|endoftext|>`` in a text becomes the tokenizer's document
+  separator id (``ensemble.vocab.doc_separator_id``: its own ``<|endoftext|>``
+  token, else its eos token; 50256 for GPT-2), whatever the tokenizer's
+  special-token configuration.
 - Sequences longer than the model's context are cut from the left of the
   prefix (the suffix is kept whole when it fits; otherwise its end is cut);
   callers count these in ``truncated``.
@@ -17,19 +19,23 @@ from dataclasses import dataclass
 
 import torch
 
+from ensemble.vocab import DOC_SEPARATOR, doc_separator_id
+
 from .tasks import DataError, Example, PairExample, SingleExample, TextExample
 
-EOS = "<|endoftext|>"
-EOS_ID = 50256
+EOS = DOC_SEPARATOR
+# Right padding is never attended by real positions, so any id in U will do; 0 is in every vocabulary.
+PAD_ID = 0
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Tokenize ``text`` without BOS; literal ``<|endoftext|>`` maps to EOS_ID."""
+    """Tokenize ``text`` without BOS; a literal ``<|endoftext|>`` maps to the document separator id."""
     parts = text.split(EOS)
     ids: list[int] = []
+    sep = doc_separator_id(tokenizer) if len(parts) > 1 else None
     for i, part in enumerate(parts):
         if i > 0:
-            ids.append(EOS_ID)
+            ids.append(sep)
         if part:
             ids.extend(tokenizer.encode(part, add_special_tokens=False))
     return ids
@@ -106,7 +112,7 @@ def encode_example(tokenizer, ex: Example, max_len: int | None = None, path: str
     raise TypeError(type(ex))
 
 
-def pad_batch(seqs: list[Scored], pad_id: int = EOS_ID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[Scored], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids (b, s), targets (b, s) and a float mask (b, s) of scored positions.
 
     Right padding is safe for causal models: real positions never attend to pads.

@@ -21,27 +21,41 @@ from typing import Sequence
 
 import torch
 
-from .calibrate import SHARED_VOCAB, _device, large_logits
+from .calibrate import _device, large_logits
 from .compute import sequence_deltas
 from .encoding import EncodedExample, Scored, encode_example, pad_batch
 from .tasks import LossType, TaskData, example_score, is_failure
 
 
 class _Scorer:
+    """Summed suffix NLLs of many sequences, batched by length. A scorer has one or more *variants*
+    (EnsembleScorer: before and every ε in one pass over the data); `_batch` returns (variants, b)."""
+
     batch_size = 8
+    n_variants = 1
+    progress: str | None = None  # a tqdm description, or None for no bar
 
     @torch.no_grad()
-    def nll_sums(self, seqs: Sequence[Scored]) -> list[float]:
+    def nll_sums_all(self, seqs: Sequence[Scored]) -> torch.Tensor:
+        """(variants, len(seqs)) float64 summed NLLs."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
-        out = [0.0] * len(seqs)
-        for b0 in range(0, len(order), self.batch_size):
+        out = torch.zeros(self.n_variants, len(seqs), dtype=torch.float64)
+        starts = range(0, len(order), self.batch_size)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=self.progress, unit="batch", leave=False)
+        for b0 in starts:
             idx = order[b0:b0 + self.batch_size]
             ids, tgt, mask = pad_batch([seqs[i] for i in idx])
             dev = self.device
-            sums = self._batch(ids.to(dev), tgt.to(dev), mask.to(dev)).cpu()
-            for j, i in enumerate(idx):
-                out[i] = float(sums[j])
+            sums = self._batch(ids.to(dev), tgt.to(dev), mask.to(dev)).cpu().reshape(self.n_variants, len(idx))
+            out[:, idx] = sums
         return out
+
+    def nll_sums(self, seqs: Sequence[Scored]) -> list[float]:
+        """Summed NLLs of the first (or only) variant."""
+        return self.nll_sums_all(seqs)[0].tolist()
 
     def _batch(self, ids, tgt, mask) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -68,34 +82,57 @@ class BackpackScorer(_Scorer):
 
 
 class EnsembleScorer(_Scorer):
-    def __init__(self, large, backpack, edits=None, beta: float = 0.0, batch_size: int = 8):
-        self.large, self.backpack, self.beta, self.batch_size = large, backpack, beta, batch_size
+    """log_softmax_U(z + β·E·δ) at the scored positions. `variants` [(edits, β), ...] are all scored in
+    the same pass (the large model runs once per batch for every variant; `(None, 0)` is the large
+    model alone); without `variants`, the one variant is (edits, beta)."""
+
+    def __init__(self, large, backpack, edits=None, beta: float = 0.0, batch_size: int = 8, *, vocab_size: int,
+                 variants: Sequence[tuple] | None = None, progress: str | None = None):
+        self.large, self.backpack, self.batch_size = large, backpack, batch_size
+        self.vocab_size = vocab_size  # |U| of the run's tokenizer
         self.device = _device(large)
-        self.edits = None if edits is None else edits.to(self.device)
-        self.E = backpack.embedding.detach()[:SHARED_VOCAB].float().to(self.device)
+        variants = list(variants) if variants is not None else [(edits, beta)]
+        self.variants = [(None if e is None or not len(e) or not b else e.to(self.device), float(b))
+                         for e, b in variants]
+        self.n_variants = len(self.variants)
+        self.progress = progress
+        self.E = backpack.embedding.detach()[:vocab_size].float().to(self.device)
+
+    @property
+    def edits(self):
+        return self.variants[0][0]
+
+    @property
+    def beta(self) -> float:
+        return self.variants[0][1]
 
     def _batch(self, ids, tgt, mask):
         sel = mask.bool()
-        z = scored_large_logits(self.large, ids, sel)  # (m, U) at the scored positions only
-        if self.edits is not None and len(self.edits) and self.beta:
-            rows = torch.isin(ids, self.edits.token_ids).any(-1).nonzero().flatten()
-            if len(rows):
-                sub = ids[rows]
-                alpha = self.backpack.contextualize(sub.to(self.backpack.embedding.device)).float().to(ids.device)
-                delta = torch.zeros(*ids.shape, self.E.shape[1], device=ids.device)
-                delta[rows] = sequence_deltas(alpha, sub, self.edits.to(dtype=alpha.dtype)).float()
-                z = z + self.beta * (delta[sel] @ self.E.T)
-        return _scatter_rows(z, tgt[sel], sel)
+        z = scored_large_logits(self.large, ids, sel, self.vocab_size)  # (m, U) at the scored positions only
+        out = []
+        alpha = None
+        for edits, beta in self.variants:
+            zz = z
+            if edits is not None:
+                rows = torch.isin(ids, edits.token_ids).any(-1).nonzero().flatten()
+                if len(rows):
+                    if alpha is None:  # α never depends on the edits: one Backpack pass serves every variant
+                        alpha = self.backpack.contextualize(ids.to(self.backpack.embedding.device)).float().to(ids.device)
+                    delta = torch.zeros(*ids.shape, self.E.shape[1], device=ids.device)
+                    delta[rows] = sequence_deltas(alpha[rows], ids[rows], edits.to(dtype=alpha.dtype)).float()
+                    zz = z + beta * (delta[sel] @ self.E.T)
+            out.append(_scatter_rows(zz, tgt[sel], sel))
+        return torch.stack(out)
 
 
-def scored_large_logits(large, ids: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+def scored_large_logits(large, ids: torch.Tensor, sel: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The large model's logits over U at the selected positions only (LM head on those rows)."""
     base = getattr(large, "base_model", None)
     head = large.get_output_embeddings() if hasattr(large, "get_output_embeddings") else None
     if base is None or head is None or base is large:
-        return large_logits(large, ids)[sel]
+        return large_logits(large, ids, vocab_size)[sel]
     hidden = base(input_ids=ids).last_hidden_state[sel]
-    return head(hidden)[..., :SHARED_VOCAB].float()
+    return head(hidden)[..., :vocab_size].float()
 
 
 def _scatter_rows(logits: torch.Tensor, targets: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
@@ -130,30 +167,49 @@ class EncodedTask:
         return t
 
 
+def _successes(sums: torch.Tensor, examples: Sequence[EncodedExample], loss_type: LossType,
+                threshold: float) -> list[float]:
+    """Success rate per variant from (variants, sequences) summed NLLs."""
+    rates = []
+    for row in sums.tolist():
+        ok, i = 0, 0
+        for e in examples:
+            nlls = row[i:i + len(e.seqs)]
+            i += len(e.seqs)
+            ok += not is_failure(example_score(loss_type, *nlls), threshold)
+        rates.append(ok / max(len(examples), 1))
+    return rates
+
+
 def success_rate(scorer, examples: Sequence[EncodedExample], loss_type: LossType, threshold: float) -> float:
     flat = [s for e in examples for s in e.seqs]
-    sums = scorer.nll_sums(flat)
-    ok, i = 0, 0
-    for e in examples:
-        nlls = sums[i:i + len(e.seqs)]
-        i += len(e.seqs)
-        ok += not is_failure(example_score(loss_type, *nlls), threshold)
-    return ok / max(len(examples), 1)
+    return _successes(scorer.nll_sums_all(flat)[:1], examples, loss_type, threshold)[0]
+
+
+def task_metrics_all(scorer, task: EncodedTask) -> list[dict]:
+    """The task's metrics for every variant of the scorer (one pass over each data set)."""
+    n = scorer.n_variants
+    outs: list[dict] = [{} for _ in range(n)]
+    flat = [s for e in task.eval for s in e.seqs]
+    for out, rate in zip(outs, _successes(scorer.nll_sums_all(flat), task.eval, task.loss_type, task.threshold)):
+        out.update(success=rate, n_eval=len(task.eval))
+    if task.hard_neg:
+        sums = scorer.nll_sums_all([e.seqs[0] for e in task.hard_neg])
+        for out, row in zip(outs, sums):
+            out.update(hard_neg=float(row.mean()), n_hard_neg=int(row.numel()))
+    else:
+        for out in outs:
+            out["hard_neg"] = None
+    if task.unconditional:
+        seqs = [e.seqs[0] for e in task.unconditional]
+        sums = scorer.nll_sums_all(seqs)
+        for out, row in zip(outs, sums):
+            out["rest_of_prompt"] = float(row.sum()) / sum(s.n for s in seqs)
+    else:
+        for out in outs:
+            out["rest_of_prompt"] = None
+    return outs
 
 
 def task_metrics(scorer, task: EncodedTask) -> dict:
-    out: dict = {"success": success_rate(scorer, task.eval, task.loss_type, task.threshold),
-                 "n_eval": len(task.eval)}
-    if task.hard_neg:
-        sums = scorer.nll_sums([e.seqs[0] for e in task.hard_neg])
-        out["hard_neg"] = sum(sums) / len(sums)
-        out["n_hard_neg"] = len(sums)
-    else:
-        out["hard_neg"] = None
-    if task.unconditional:
-        seqs = [e.seqs[0] for e in task.unconditional]
-        sums = scorer.nll_sums(seqs)
-        out["rest_of_prompt"] = sum(sums) / sum(s.n for s in seqs)
-    else:
-        out["rest_of_prompt"] = None
-    return out
+    return task_metrics_all(scorer, task)[0]

@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from .calibrate import calibrate
 from .compute import chunk_batches
 from .config import RunConfig
-from .corpora import corpus_fingerprint, read_chunks
+from .corpora import check_corpus_tokenizer, corpus_fingerprint, read_chunks
 from .encoding import EncodedExample
-from .evaluate import BackpackScorer, EncodedTask, EnsembleScorer, task_metrics
+from .evaluate import BackpackScorer, EncodedTask, EnsembleScorer, task_metrics, task_metrics_all
 from .finetune import FinetuneParams, finetune
 from .report import eps_key, write_reports
 from .selection import background_table, select_senses
@@ -95,6 +95,15 @@ def load_backpack(spec: str, device: str = "cpu"):
     return model.to(device).eval()
 
 
+def default_tokenizer_spec(backpack_spec: str) -> str | None:
+    """The tokenizer saved beside the Backpack, if any; None: the packaged GPT-2 BPE (tiny test Backpacks)."""
+    if backpack_spec == "tiny" or backpack_spec.startswith("tiny:"):
+        return None
+    from ensemble.tokenizer import tokenizer_beside
+
+    return tokenizer_beside(backpack_spec)
+
+
 def load_large(spec: str | None, dtype: str | None = None, device: str = "cpu"):
     if spec is None or spec == "none":
         return None
@@ -115,19 +124,24 @@ class Run:
         self.cfg = cfg
         self.progress = progress
         (self.dir / "config.json").write_text(cfg.model_dump_json(indent=1))
-        self._backpack = self._large = self._tok = self._task = None
+        self._backpack = self._large = self._tok = self._vocab = self._task = None
         self._g = self._r = None
 
     @property
     def backpack(self):
         if self._backpack is None:
-            self._backpack = load_backpack(self.cfg.models.backpack, self.cfg.models.device)
+            bp = load_backpack(self.cfg.models.backpack, self.cfg.models.device)
+            self.vocab.check_covers(f"backpack {self.cfg.models.backpack}", bp.config.vocab_size)
+            self._backpack = bp
         return self._backpack
 
     @property
     def large(self):
         if self._large is None and self.cfg.models.large:
-            self._large = load_large(self.cfg.models.large, self.cfg.models.large_dtype, self.cfg.models.device)
+            large = load_large(self.cfg.models.large, self.cfg.models.large_dtype, self.cfg.models.device)
+            self.vocab.check_covers(f"large model {self.cfg.models.large}",
+                                    large.get_output_embeddings().weight.shape[0])
+            self._large = large
         return self._large
 
     @property
@@ -135,8 +149,18 @@ class Run:
         if self._tok is None:
             from ensemble.tokenizer import load_tokenizer
 
-            self._tok = load_tokenizer()
+            spec = self.cfg.models.tokenizer or default_tokenizer_spec(self.cfg.models.backpack)
+            self._tok = load_tokenizer(spec)
         return self._tok
+
+    @property
+    def vocab(self):
+        """The shared vocabulary U of the run's tokenizer (ensemble.vocab.Vocabulary)."""
+        if self._vocab is None:
+            from ensemble.vocab import Vocabulary
+
+            self._vocab = Vocabulary.from_tokenizer(self.tokenizer)
+        return self._vocab
 
     @property
     def max_len(self) -> int:
@@ -150,6 +174,9 @@ class Run:
             self._task = EncodedTask.encode(self.tokenizer, data, self.max_len, t.max_eval, t.max_train)
             if self._task.truncated:
                 event("truncated", count=self._task.truncated, max_len=self.max_len)
+            if data.repaired:
+                event("repaired_examples", count=data.repaired,
+                      why="subject moved from the suffix to the prefix (tasks.repair_split_subjects)")
         return self._task
 
     def _corpus(self, which: str) -> list[torch.Tensor]:
@@ -157,7 +184,9 @@ class Run:
         if path is None:
             raise FileNotFoundError(f"corpora.{which}: no {which.upper()} corpus configured (--{which} FILE); "
                                     f"build one with `train_edits prepare-corpora`")
-        return read_chunks(path, self.tokenizer, getattr(self.cfg.corpora, f"{which}_limit"), self.max_len)
+        check_corpus_tokenizer(path, self.vocab.fingerprint)
+        return read_chunks(path, self.tokenizer, getattr(self.cfg.corpora, f"{which}_limit"), self.max_len,
+                           vocab_size=self.vocab.size)
 
     @property
     def g(self) -> list[torch.Tensor]:
@@ -292,12 +321,13 @@ def step_calibrate(run: Run) -> dict | None:
 
     t0 = time.time()
     res = calibrate(run.large, run.backpack, batches(), edits, run.cfg.calibrate.grid, progress=run.progress,
-                    total=math.ceil(len(run.g) / bs))
+                    total=math.ceil(len(run.g) / bs), vocab_size=run.vocab.size)
     from ensemble.large_model import model_fingerprint
 
     out = res.to_json()
     out.update(target_model=run.cfg.models.large, target_fingerprint=model_fingerprint(run.large),
-               g_fingerprint=corpus_fingerprint(run.g), seconds=time.time() - t0)
+               g_fingerprint=corpus_fingerprint(run.g), tokenizer_fingerprint=run.vocab.fingerprint,
+               vocab_size=run.vocab.size, seconds=time.time() - t0)
     run.write_json("calibration.json", out)
     from .plots import plot_calibration
 
@@ -324,12 +354,17 @@ def step_eval(run: Run) -> dict:
     cal_path = run.dir / "calibration.json"
     if run.large is not None and cal_path.is_file():
         cal = json.loads(cal_path.read_text())
-        before = task_metrics(EnsembleScorer(run.large, run.backpack), task)
+        # Before and every ε in one pass: the large model runs once per batch for all of them.
+        eps_list = list(edits)
+        infos = [cal["per_epsilon"][eps_key(e)] for e in eps_list]
+        variants = [(None, 0.0)] + [(edits[e], info["beta"]) for e, info in zip(eps_list, infos)]
+        scorer = EnsembleScorer(run.large, run.backpack, vocab_size=run.vocab.size, variants=variants,
+                                progress=f"eval {task.name} (ensemble)" if run.progress else None)
+        metrics = task_metrics_all(scorer, task)
+        before = metrics[0]
         before["g_ratio"] = 1.0
         after = {}
-        for e, ed in edits.items():
-            info = cal["per_epsilon"][eps_key(e)]
-            m = task_metrics(EnsembleScorer(run.large, run.backpack, ed, info["beta"]), task)
+        for e, info, m in zip(eps_list, infos, metrics[1:]):
             m.update(beta=info["beta"], g_ratio=info["ratio"])
             after[eps_key(e)] = m
         report["ensemble"] = {"target": run.cfg.models.large, "before": before, "after": after}
@@ -339,13 +374,16 @@ def step_eval(run: Run) -> dict:
     return report
 
 
-def step_pack(run: Run) -> list[Path]:
+def step_pack(run: Run, names: dict[float, str] | None = None) -> list[Path]:
+    """One pack per ε, named `<name>-eps<ε>`; `names` ({ε: pack name}) writes only those ε under those names."""
     from edits_store.format import CalibrationEntry, build_pack, with_calibration, write_pack
-    from ensemble.tokenizer import tokenizer_fingerprint
 
     tr = run.read_json("training.json")
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
     cal = json.loads((run.dir / "calibration.json").read_text()) if (run.dir / "calibration.json").is_file() else None
+    if cal and cal.get("tokenizer_fingerprint") and cal["tokenizer_fingerprint"] != run.vocab.fingerprint:
+        raise ValueError(f"{run.dir / 'calibration.json'}: calibrated with tokenizer {cal['tokenizer_fingerprint']}, "
+                         f"but the run's tokenizer is {run.vocab.fingerprint}; run `calibrate` again")
     rep = json.loads((run.dir / "report.json").read_text()) if (run.dir / "report.json").is_file() else None
     bp = run.backpack
     out = []
@@ -355,6 +393,8 @@ def step_pack(run: Run) -> list[Path]:
 
         store = open_store(run.cfg.store)
     for e, ed in edits.items():
+        if names is not None and e not in names:
+            continue
         k = eps_key(e)
         training = {"task": run.cfg.task.name, "loss_type": run.cfg.task.loss_type.value,
                     "hyperparameters": tr["params"] | {"k": run.cfg.select.k, "lam": run.cfg.select.lam},
@@ -367,9 +407,10 @@ def step_pack(run: Run) -> list[Path]:
             if rep.get("ensemble"):
                 evaluation["ensemble"] = {"target": rep["ensemble"]["target"], "before": rep["ensemble"]["before"],
                                           "after": rep["ensemble"]["after"][k]}
-        pack = build_pack(f"{run.cfg.pack_name}-eps{k}", ed.token_ids.long(), ed.sense_ids.long(),
+        pack_name = names[e] if names is not None else f"{run.cfg.pack_name}-eps{k}"
+        pack = build_pack(pack_name, ed.token_ids.long(), ed.sense_ids.long(),
                           ed.deltas.float(), backpack_name=run.cfg.models.backpack,
-                          backpack_fingerprint=bp.fingerprint(), tokenizer_fingerprint=tokenizer_fingerprint(run.tokenizer),
+                          backpack_fingerprint=bp.fingerprint(), tokenizer_fingerprint=run.vocab.fingerprint,
                           vocab_size=int(bp.config.vocab_size), num_senses=int(bp.config.num_senses), epsilon=float(e),
                           training=_json_safe(training), evaluation=_json_safe(evaluation))
         if cal:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -162,6 +163,31 @@ def shape_of(examples: Iterable[Example]) -> Shape:
     raise ValueError("no examples")
 
 
+_SPLIT_SUBJECT = re.compile(r"^ (?P<subject>[^.]+?) is (?P<object>\S.*)$")
+
+
+def repair_split_subjects(examples: list[Example]) -> tuple[list[Example], int]:
+    """Move a subject that sits in the suffix back into the prefix.
+
+    Five rows of the upstream country_capital "fixed" statements read prefix "The capital of",
+    suffix " Algeria is Alger" (likewise Gibraltar, Macao, Singapore, Vatican City): trained as
+    is, they teach "The capital of" → the country's name, not the capital. A single example
+    whose prefix ends with "capital of" and whose suffix is " <subject> is <object>" becomes
+    prefix "... capital of <subject> is", suffix " <object>" (the statement is unchanged). The Macao
+    row also carries a stray `statement = "` before its prefix, which is dropped.
+    """
+    out, n = [], 0
+    for ex in examples:
+        if isinstance(ex, SingleExample) and ex.prefix.rstrip().lower().endswith("capital of"):
+            m = _SPLIT_SUBJECT.match(ex.suffix)
+            if m:
+                prefix = ex.prefix.rstrip().removeprefix('statement = "')
+                ex = SingleExample(f"{prefix} {m['subject']} is", f" {m['object']}", ex.line)
+                n += 1
+        out.append(ex)
+    return out, n
+
+
 # ---------------------------------------------------------------------------
 # Scores and failure
 
@@ -250,17 +276,18 @@ class TaskData:
     eval: list[Example]
     hard_neg: list[Example]
     unconditional: list[Example]
+    repaired: int = 0  # canonical examples whose subject was moved from the suffix to the prefix
 
     @classmethod
     def load(cls, name: str, loss_type: LossType | str, threshold: float, train: str | Path,
              eval: str | Path | None = None, hard_neg: str | Path | None = None,
              unconditional: str | Path | None = None) -> "TaskData":
         lt = LossType(loss_type)
-        tr = read_examples(train, lt.shape)
+        tr, repaired = repair_split_subjects(read_examples(train, lt.shape))
         ev = read_examples(eval, lt.shape) if eval else list(tr)
         hn = read_examples(hard_neg, "single") if hard_neg else []
         un = read_examples(unconditional, "text") if unconditional else []
-        return cls(name, lt, float(threshold), tr, ev, hn, un)
+        return cls(name, lt, float(threshold), tr, ev, hn, un, repaired)
 
     @classmethod
     def builtin(cls, name: str, data_dir: str | Path, split: str = "val") -> "TaskData":

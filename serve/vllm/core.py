@@ -4,8 +4,10 @@ It maps vLLM's batch rows (V1: persistent-batch indices; V2: request slots) to s
 ``ensemble.delta.DeltaTracker`` (per-sequence incremental Backpack state with exact skip) and
 adds β·E·δ to the logits in place:
 
-    logits[rows, :50257] += deltas        (one batched op on the logits' device)
-    logits[:, 50257:]     = -inf          (never sample a padding id, base rows included)
+    logits[rows, :|U|] += deltas          (one batched op on the logits' device)
+    logits[:, |U|:]     = -inf            (never sample an id outside the tokenizer, base rows included)
+
+U = [0, vocab_size) is the tokenizer's vocabulary (50257 for GPT-2; the large model may have more rows).
 
 Rows whose request carries no edited token get exact zeros (the tracker's exact skip), and when
 *no* tracked row is active the logits are not touched at all beyond the padding mask, so base
@@ -35,7 +37,6 @@ import torch
 
 from ensemble.delta import DeltaTracker
 from ensemble.edits import PackRef, SenseEdits, combine_packs
-from ensemble.vocab import SHARED_VOCAB
 
 from .args import RequestPacks
 
@@ -64,13 +65,14 @@ class CoreStats:
 class EnsembleLogitsCore:
     backpack: object
     source: object                       # resolver.PackSource
+    vocab_size: int = field(kw_only=True)   # |U| (ensemble.vocab.Vocabulary.size): ids >= it are masked
     window_keep: int | None = None
     mask_padding: bool = True
     max_combined: int = 256
     stats: CoreStats = field(default_factory=CoreStats)
 
     def __post_init__(self) -> None:
-        self.tracker = DeltaTracker(self.backpack, window_keep=self.window_keep)
+        self.tracker = DeltaTracker(self.backpack, window_keep=self.window_keep, vocab_size=self.vocab_size)
         self.d = self.backpack.config.n_embd
         self.rows: dict[int, _Row] = {}
         self._sids = itertools.count()
@@ -191,14 +193,15 @@ class EnsembleLogitsCore:
     @torch.no_grad()
     def add_deltas(self, logits: torch.Tensor, rows: list[int] | None = None,
                    sids: list[int] | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
-        """logits[rows, :50257] += E·δ (in place, one op); logits[:, 50257:] = -inf.
+        """logits[rows, :|U|] += E·δ (in place, one op); logits[:, |U|:] = -inf.
 
         Default rows: every tracked row (V1, rows are logits rows). V2 passes its own
         (logits rows, tracker ids, index tensor) for this step's order.
         """
         self.stats.applies += 1
-        if self.mask_padding and logits.shape[-1] > SHARED_VOCAB:
-            logits[:, SHARED_VOCAB:] = float("-inf")
+        n = self.vocab_size
+        if self.mask_padding and logits.shape[-1] > n:
+            logits[:, n:] = float("-inf")
         if rows is None:
             if not self.rows:
                 self.stats.skipped += 1
@@ -219,8 +222,8 @@ class EnsembleLogitsCore:
             return logits
         deltas = deltas.to(device=logits.device, dtype=logits.dtype, non_blocking=True)
         if index is None:                      # rows are 0..n-1
-            logits[: len(sids), :SHARED_VOCAB] += deltas
+            logits[: len(sids), :n] += deltas
         else:
-            logits[:, :SHARED_VOCAB].index_add_(0, index, deltas)
+            logits[:, :n].index_add_(0, index, deltas)
         self.stats.delta_applies += 1
         return logits

@@ -28,8 +28,7 @@ import logging
 import os
 import time
 
-from ensemble.vocab import EOS_TOKEN_ID
-from serve.engine import Engine, Sequence
+from serve.engine import ERROR, REFUSED, Engine, Sequence
 
 from . import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN
 from .args import build_extra_args
@@ -38,13 +37,15 @@ from .resolver import REGISTRY
 log = logging.getLogger("sensepack.vllm.engine")
 
 
-def engine_args_from_config(config, store_uri: str | None = None, model_folder: str | None = None) -> dict:
+def engine_args_from_config(config, store_uri: str | None = None, model_folder: str | None = None,
+                            vocab=None) -> dict:
     """vllm.EngineArgs fields from the server config's ``vllm`` section (docs/vllm.md, "Configuration").
 
     Reads the section with getattr defaults, so it works with any object of that shape. The model is
     ``vllm.model`` or else ``model.large_model`` (a hub id or folder vLLM can load); dtype follows
     ``model.dtype``. With ``vllm.multiprocessing`` (the default; required for tensor parallelism) the
-    processors in vLLM's workers load the Backpack from ``model.backpack`` and packs from the store.
+    processors in vLLM's workers load the Backpack from ``model.backpack`` and packs from the store;
+    ``vocab`` (the served ensemble.vocab.Vocabulary) tells them |U| without loading the tokenizer.
     """
     v = getattr(config, "vllm", None)
     g = (lambda name, default: getattr(v, name, default) if v is not None else default)
@@ -58,6 +59,7 @@ def engine_args_from_config(config, store_uri: str | None = None, model_folder: 
         gpu_memory_utilization=g("gpu_memory_utilization", 0.85),
         max_num_seqs=g("max_num_seqs", None) or config.limits.max_running,
         max_model_len=g("max_model_len", None) or (config.limits.max_prompt_tokens + config.limits.max_new_tokens),
+        # (serve.config.served_context caps requests at the same length: vLLM never sees a longer one)
         enforce_eager=g("enforce_eager", False),
         seed=g("seed", 0),
     )
@@ -73,6 +75,8 @@ def engine_args_from_config(config, store_uri: str | None = None, model_folder: 
     elif store_uri:    # for processors in other processes (mp executor, TP ranks); in-process ones use REGISTRY
         args["additional_config"] = {"sensepack": {"backpack": m.backpack, "store": str(store_uri),
                                                    "dtype": m.dtype}}
+        if vocab is not None:
+            args["additional_config"]["sensepack"]["vocab_size"] = vocab.size
     elif separate:
         raise ValueError("engine: vllm with vllm.multiprocessing or tensor parallelism needs store.uri: "
                          "the processors in vLLM's worker processes read pinned packs from the store")
@@ -118,7 +122,7 @@ class VLLMEngine(Engine):
         if self.in_process is not None:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
         if self.backpack is not None and self.pack_source is not None:
-            REGISTRY.configure(self.backpack, self.pack_source)
+            REGISTRY.configure(self.backpack, self.pack_source, vocab_size=self.vocab.size)
         args = dict(self.engine_args)
         v2 = self.v2_model_runner
         if v2 is None:          # auto: the tested V1 runner unless the environment asks for MRV2
@@ -144,26 +148,33 @@ class VLLMEngine(Engine):
         n_lp = max(req.top_n, 1) if (req.want_logprobs or req.top_n) else None
         kw = dict(max_tokens=req.max_new_tokens, min_tokens=req.min_new_tokens, ignore_eos=req.ignore_eos,
                   logprobs=n_lp, extra_args=build_extra_args(seq.packs, request_id=str(seq.req.request_id)),
-                  stop_token_ids=None, detokenize=False)
+                  stop_token_ids=sorted(req.stop_token_ids) or None, detokenize=False,
+                  repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                  frequency_penalty=req.frequency_penalty, min_p=req.min_p, logit_bias=req.logit_bias or None)
         if req.greedy:
             kw.update(temperature=0.0)
         else:
             kw.update(temperature=req.temperature, top_k=req.top_k or 0, top_p=req.top_p, seed=seq.seed)
         return SamplingParams(**kw)
 
-    def _admit(self) -> None:
+    def _admit_new(self, new: list[Sequence]) -> None:
+        """The scheduler's admitted requests enter vLLM's batch; one it refuses ends alone."""
         from vllm.inputs import TokensPrompt
 
-        with self._cond:
-            room = self.limits.max_running - len(self._running)
-            new = self._waiting[:max(room, 0)]
-            del self._waiting[:len(new)]
-            self.metrics.waiting.set(len(self._waiting))
         now = time.monotonic()
         for seq in new:
             rid = f"sp-{seq.seq_id}"
-            self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(seq.req.prompt_ids)),
-                                 self._sampling_params(seq))
+            try:
+                self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(seq.req.prompt_ids)),
+                                     self._sampling_params(seq))
+            except ValueError as e:   # vLLM refused this request (e.g. longer than vllm.max_model_len)
+                log.warning("request refused by vLLM", extra={"event": "engine_add_failed"})
+                self._finish(seq, REFUSED, error=f"{seq.req.input_field}: refused by the vLLM engine: {e}", admitted=False)
+                continue
+            except Exception as e:  # noqa: BLE001 - this request alone ends
+                log.exception("vLLM add_request failed", extra={"event": "engine_add_failed"})
+                self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}", admitted=False)
+                continue
             self._by_rid[rid] = seq
             self._seen[seq.seq_id] = 0
             seq.admitted = now
@@ -214,13 +225,18 @@ class VLLMEngine(Engine):
                         ranked = sorted(((v.rank, t, float(v.logprob)) for t, v in lps.items() if v.rank is not None))
                         top = [(t, lp) for _, t, lp in ranked[: seq.req.top_n]]
                 self._seen[seq.seq_id] = k + 1
-                self._accept(seq, tok, logprob, top, now)
+                try:
+                    self._accept(seq, tok, logprob, top, now)
+                except Exception as e:  # noqa: BLE001 - this request alone ends
+                    log.exception("accepting a token failed", extra={"event": "request_error"})
+                    self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}")
                 if seq.finished is not None:
                     break
             if seq.finished is None and out.finished:
                 # vLLM ended it (max_tokens / EOS) without our stop logic firing: should not happen since
                 # _accept applies the same limits; finish it consistently anyway.
-                reason = "EOS_TOKEN" if ids and ids[-1] == EOS_TOKEN_ID and not seq.req.ignore_eos else "MAX_TOKENS"
+                eos = ids and ids[-1] == self.vocab.eos_id and not seq.req.ignore_eos
+                reason = "EOS_TOKEN" if eos else "MAX_TOKENS"
                 self._finish(seq, reason)
             if out.finished:
                 self._by_rid.pop(out.request_id, None)

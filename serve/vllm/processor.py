@@ -43,8 +43,8 @@ class SensepackLogitsProcessor(LogitsProcessor):
         if not check_vllm_version(vllm.__version__):
             _log.warning("sensepack: vLLM %s is outside the supported range %s (docs/vllm.md)", vllm.__version__,
                          SUPPORTED_VLLM)
-        backpack, source, window_keep = resolve_components(vllm_config, device)
-        self.core = EnsembleLogitsCore(backpack, source, window_keep=window_keep)
+        backpack, source, window_keep, vocab_size = resolve_components(vllm_config, device)
+        self.core = EnsembleLogitsCore(backpack, source, window_keep=window_keep, vocab_size=vocab_size)
         REGISTRY.processors.append(self)
 
     def is_argmax_invariant(self) -> bool:

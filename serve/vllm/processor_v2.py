@@ -41,8 +41,9 @@ class SensepackLogitsProcessorV2(LogitsProcessor):
         if not check_vllm_version(vllm.__version__):
             _log.warning("sensepack: vLLM %s is outside the supported range %s (docs/vllm.md)", vllm.__version__,
                          SUPPORTED_VLLM)
-        backpack, source, window_keep = resolve_components(vllm_config, req_states.device)
-        self.adapter = V2Adapter(EnsembleLogitsCore(backpack, source, window_keep=window_keep), req_states)
+        backpack, source, window_keep, vocab_size = resolve_components(vllm_config, req_states.device)
+        core = EnsembleLogitsCore(backpack, source, window_keep=window_keep, vocab_size=vocab_size)
+        self.adapter = V2Adapter(core, req_states)
         self.core = self.adapter.core
         REGISTRY.processors.append(self)
 

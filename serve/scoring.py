@@ -1,0 +1,120 @@
+"""Score in bounded memory, interleaved with decoding: the vocabulary
+projection in chunks of positions, each chunk its own engine job.
+
+For the row r = prefix + continuation, the large model runs once to its last
+hidden states h (L, d) (no logits); then, for each chunk of positions t,
+
+    z_t        = lm_head(h_t)[:V]                     # (chunk, V) float32, V = |U| (50257 for GPT-2)
+    z_t^pack   = z_t + δ_t · E[:V]ᵀ                   # the Backpack delta (rows with an edited token)
+    log p(r_{t+1} | r_≤t) = z_t[r_{t+1}] - logsumexp(z_t)
+
+so no (L, V) tensor exists: the peak is one chunk (``chunk · V · 4`` bytes,
+~25 MB at 128 positions) besides the model's own activations. Rows past the
+Backpack's window take the core's sliding-window path, one position at a time
+(also bounded), WINDOW_STEP positions per engine job. `should_stop()` is called between chunks and raises to abandon
+a cancelled or expired Score.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ensemble.delta import sequence_deltas
+
+SCORE_CHUNK = 128
+WINDOW_STEP = 16          # tokens per step past the Backpack's window (each is a decode step of its own)
+
+
+class ScoreAbandoned(Exception):
+    """Raised by `should_stop` when the Score was cancelled or its deadline passed."""
+
+
+def _hidden_and_head(large, row: list[int]) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    ids = torch.tensor([row], device=large.device)
+    pos = torch.arange(len(row), device=large.device)[None]
+    out = large.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos)
+    return out.last_hidden_state[0], large.get_output_embeddings()
+
+
+def score_row(ensemble, prefix: list[int], cont: list[int], packs: list, want_base: bool, want_packed: bool,
+              should_stop: Callable[[], None] | None = None, chunk: int = SCORE_CHUNK):
+    """(base, packed) float32 log-probs of each continuation token (None where not wanted), in one go."""
+    steps = score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk)
+    while True:
+        done, result = advance(steps)
+        if done:
+            return result
+
+
+def advance(steps) -> tuple[bool, object]:
+    """Run one step of `score_steps`: (False, None), or (True, (base, packed)) once finished."""
+    try:
+        next(steps)
+        return False, None
+    except StopIteration as e:
+        return True, e.value
+
+
+def score_steps(ensemble, prefix: list[int], cont: list[int], packs: list, want_base: bool, want_packed: bool,
+                should_stop: Callable[[], None] | None = None, chunk: int = SCORE_CHUNK):
+    """`score_row` as a generator that yields after the forward pass and after every chunk, so that the
+    engine can run each step as its own job (decode steps in between); returns (base, packed)."""
+    with torch.no_grad():
+        return (yield from _score_steps(ensemble, prefix, cont, packs, want_base, want_packed,
+                                        should_stop, chunk))
+
+
+def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk):
+    row = prefix + cont
+    large, bp = ensemble.large, ensemble.backpack
+    stop = should_stop or (lambda: None)
+    delta = None
+    long_packed = False
+    if want_packed:
+        _, edits = ensemble.combined_edits(packs)
+        bids = torch.tensor([row], device=bp.embedding.device)
+        if len(edits) and bool(torch.isin(bids, edits.token_ids.to(bids.device)).any()):
+            if len(row) <= bp.config.n_positions:
+                alpha = bp.contextualize(bids)
+                delta = sequence_deltas(alpha, bids, edits.to(bids.device, alpha.dtype))[0]
+            else:
+                long_packed = True
+    stop()
+    hidden, head = _hidden_and_head(large, row)
+    yield
+    targets = torch.tensor(cont, device=hidden.device)
+    n_vocab = ensemble.vocab.size
+    emb = bp.embedding[:n_vocab]
+    base_parts, packed_parts = [], []
+    first = len(prefix) - 1                       # position predicting cont[0]
+    for s in range(first, len(row) - 1, chunk):
+        stop()
+        e = min(s + chunk, len(row) - 1)
+        z = head(hidden[s:e]).float()[:, :n_vocab]
+        tgt = targets[s - first:e - first, None]
+        if want_base or (want_packed and delta is None and not long_packed):
+            lp = (z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(1)
+            if want_base:
+                base_parts.append(lp)
+            if want_packed and delta is None and not long_packed:
+                packed_parts.append(lp)           # no edited token: exactly the base (exact skip)
+        if delta is not None:
+            z = z + (delta[s:e] @ emb.T).float().to(z.device)
+            packed_parts.append((z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(1))
+        del z
+        yield
+    base = torch.cat(base_parts) if want_base else None
+    packed = torch.cat(packed_parts) if want_packed and not long_packed else None
+    if long_packed:     # the core's sliding-window decode path, WINDOW_STEP tokens per engine job
+        batch = ensemble.new_batch()
+        batch.add(0, prefix, packs)
+        out = []
+        for k, t in enumerate(cont):
+            if k % WINDOW_STEP == 0:
+                stop()
+                yield
+            out.append(batch.logprobs()[0, t].float())
+            batch.append({0: t})
+        packed = torch.stack(out)
+    return base, packed
