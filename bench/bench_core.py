@@ -144,12 +144,19 @@ def bench_e2e_smollm2(new_tokens: int, rounds: int = 3) -> None:
     beta = c.manifest.beta_for(ens.large_fingerprint()).beta
     pack = PackRef("capitals", c.manifest.version, SenseEdits(c.token_ids, c.sense_ids, c.deltas), beta)
     edited = set(c.token_ids.tolist())
-    countries = ["Mauritius", "Nigeria", "India", "Argentina", "Belgium", "Peru", "Nepal", "Zambia"]
-    with_pack = [tok(f"The capital of {x} is", add_special_tokens=False).input_ids for x in countries]
+    countries = ["Mauritius", "India", "Belgium", "Peru", "Finland", "Iran", "Lithuania", "Switzerland", "France",
+                 "Germany", "Italy", "Spain", "Japan", "Kenya", "Chile", "Canada"]
+    # "pack in prompt": prompts holding an edited token (the pack's senses sit on some countries' tokens)
+    with_pack = [ids for ids in (tok(f"The capital of {x} is", add_special_tokens=False).input_ids for x in countries)
+                 if set(ids) & edited][:8]
     others = ["The weather today is", "My favourite food is", "The best way to learn is", "Our team won the",
-              "She opened the door and", "The book was written by", "In the morning we", "The price of bread"]
-    without = [tok(x, add_special_tokens=False).input_ids for x in others]
-    assert all(set(p) & edited for p in with_pack) and not any(set(p) & edited for p in without)
+              "She opened the door and", "The book was written by", "In the morning we", "The price of bread",
+              "He said that he", "We walked to the", "Music is", "A good friend", "Yesterday I saw",
+              "The cat sat on", "Learning to swim", "It was a cold"]
+    # "pack absent": prompts with no edited token (the pack edits country names and a few common words)
+    without = [ids for ids in (tok(x, add_special_tokens=False).input_ids for x in others) if not set(ids) & edited]
+    without = (without * 8)[:8]
+    assert len(with_pack) == 8 and without
 
     def run(ps, packs):
         t0 = time.perf_counter()

@@ -13,7 +13,8 @@
 Every name resolves to a folder under the cache (`$SENSEPACK_CACHE`, default `~/.cache/sensepack`):
 
     <cache>/models/<name>/       the loadable folder (config.json, weights, tokenizer; a store for stores) and
-                                 sensepack-source.json, written last: a folder without it is incomplete
+                                 sensepack-source.json, written last: a folder without it, or whose
+                                 `zoo_revision` is not the entry's `revision`, is rebuilt
     <cache>/downloads/           the fetched files (the GGUF, kept for verification)
 
 A folder appears only once complete (built in a temporary folder, then renamed), and concurrent first uses
@@ -69,6 +70,9 @@ class NamedModel:
     description: str
     build: Callable[[Path], None]  # writes the complete folder at the given (temporary) path
     subpath: str = ""  # what a name resolves to inside its folder (a store's `store/` beside its build record)
+    # Bumped when what the build produces changes (recipe, format): a cached folder of another revision is
+    # stale and built again, so an upgrade never serves an artefact its code can no longer read.
+    revision: int = 1
 
     @property
     def folder(self) -> Path:
@@ -169,7 +173,7 @@ REGISTRY: dict[str, NamedModel] = {
                    _build_by_recipe(BACKPACK_SMOLLM2_NAME)),
         NamedModel(CAPITALS_SMOLLM2_NAME, "store",
                    "a pack store with `capitals` (alias prod) for the SmolLM2 pairing (train_edits build)",
-                   _build_by_recipe(CAPITALS_SMOLLM2_NAME), subpath="store"),
+                   _build_by_recipe(CAPITALS_SMOLLM2_NAME), subpath="store", revision=2),
     )
 }
 
@@ -178,8 +182,16 @@ def is_named(name: str | os.PathLike | None) -> bool:
     return isinstance(name, str) and name in REGISTRY
 
 
+def _built_revision(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / SOURCE_FILE).read_text()).get("zoo_revision"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def is_cached(name: str) -> bool:
-    return (REGISTRY[name].folder / SOURCE_FILE).is_file()
+    entry = REGISTRY[name]
+    return _built_revision(entry.folder) == entry.revision
 
 
 @contextmanager
@@ -199,11 +211,13 @@ def resolve(name: str) -> Path:
         raise KeyError(f"unknown model name {name!r} (known: {', '.join(sorted(REGISTRY))})")
     entry = REGISTRY[name]
     folder = entry.folder
-    if (folder / SOURCE_FILE).is_file():
+    if is_cached(name):
         return folder / entry.subpath
     with _lock(cache_dir() / "locks" / f"{name}.lock"):
-        if (folder / SOURCE_FILE).is_file():  # built by another process while we waited
+        if is_cached(name):  # built by another process while we waited
             return folder / entry.subpath
+        if folder.exists():
+            log.info("%s: cached folder is incomplete or of another revision; building it again", name)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}-"))
         try:
@@ -211,8 +225,12 @@ def resolve(name: str) -> Path:
             entry.build(tmp)
             if not (tmp / SOURCE_FILE).is_file():
                 raise ZooError(f"{name}: build wrote no {SOURCE_FILE}")
-            if folder.exists():  # a stale, incomplete folder (no source record): replace it
-                shutil.rmtree(folder)
+            record = json.loads((tmp / SOURCE_FILE).read_text())
+            (tmp / SOURCE_FILE).write_text(json.dumps(dict(record, zoo_revision=entry.revision), indent=1))
+            if folder.exists():  # stale or incomplete: moved aside first, so the new folder appears in one rename
+                old = folder.with_name(f".{name}-stale-{os.getpid()}")
+                os.replace(folder, old)
+                shutil.rmtree(old, ignore_errors=True)
             tmp.chmod(0o755)  # mkdtemp made it private; the cache is readable like any model folder
             os.replace(tmp, folder)
             log.info("built %s in %.1f s -> %s", name, time.time() - t0, folder)

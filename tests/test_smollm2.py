@@ -113,3 +113,26 @@ def test_exact_skip_and_the_naive_formula_hold_on_the_smollm2_pairing(smollm2):
     assert ens.stats.backpack_calls == calls
     base = Ensemble(large, bp, tok).generate_greedy([prompts[1]], [[]], 4)
     assert out == base
+
+
+def test_a_cached_folder_of_another_revision_is_built_again(tmp_path, monkeypatch):
+    """An upgrade that changes what a recipe produces (its revision) never serves the old artefact."""
+    import json
+
+    monkeypatch.setenv("SENSEPACK_CACHE", str(tmp_path))
+    builds = []
+
+    def build(out):
+        builds.append(out)
+        (out / "weights").write_text(f"build {len(builds)}")
+        (out / zoo.SOURCE_FILE).write_text(json.dumps({"name": "stub"}))
+
+    monkeypatch.setitem(zoo.REGISTRY, "stub", zoo.NamedModel("stub", "large", "test", build))
+    folder = zoo.resolve("stub")
+    assert zoo.resolve("stub") == folder and len(builds) == 1 and zoo.is_cached("stub")
+    assert json.loads((folder / zoo.SOURCE_FILE).read_text())["zoo_revision"] == 1
+    monkeypatch.setitem(zoo.REGISTRY, "stub", zoo.NamedModel("stub", "large", "test", build, revision=2))
+    assert not zoo.is_cached("stub")
+    assert zoo.resolve("stub") == folder and len(builds) == 2
+    assert (folder / "weights").read_text() == "build 2"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["stub"]  # the stale copy is gone

@@ -11,7 +11,12 @@ from train_edits.calibrate import DEFAULT_GRID, calibrate
 from train_edits.compute import chunk_batches
 from train_edits.corpora import read_documents, split_corpora
 
-DATA = "/work/shared/data/canonical-examples"
+from tests.conftest import SHARED  # noqa: E402
+
+DATA = str(SHARED / "data" / "canonical-examples")
+needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),
+                                reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)")
+pytestmark = needs_data  # every test here reads it (fixtures built from val100 and the task files)
 U = 50257
 
 

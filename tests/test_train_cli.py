@@ -12,7 +12,12 @@ from click.testing import CliRunner
 from train_edits.cli import main
 from train_edits.sweep import draw
 
-DATA = "/work/shared/data/canonical-examples"
+from tests.conftest import SHARED  # noqa: E402
+
+DATA = str(SHARED / "data" / "canonical-examples")
+needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),
+                                reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)")
+pytestmark = needs_data  # every test here reads it (fixtures built from val100 and the task files)
 
 
 @pytest.fixture(scope="module")
