@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ensemble.edits import SenseEdits
@@ -15,8 +16,11 @@ def test_packaged_tokenizer_is_the_real_gpt2_bpe(tokenizer):
     assert tokenizer("The capital of Mauritius is").input_ids == [464, 3139, 286, 46106, 3754, 318]
     assert tokenizer(" Port Louis").input_ids == [4347, 5593]  # leading space kept, no BOS
     assert tokenizer.eos_token_id == 50256
+    shared = SHARED / "data" / "gpt2-tokenizer"
+    if not shared.is_dir():
+        pytest.skip(f"{shared} not present: the packaged copy is checked against it where it is")
     for name in ("vocab.json", "merges.txt", "LICENSE"):
-        assert (PACKAGED_TOKENIZER_DIR / name).read_bytes() == (SHARED / "data" / "gpt2-tokenizer" / name).read_bytes()
+        assert (PACKAGED_TOKENIZER_DIR / name).read_bytes() == (shared / name).read_bytes()
 
 
 def test_fingerprint_is_stable_and_sensitive(tmp_path, tokenizer):
