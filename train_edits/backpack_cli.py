@@ -8,15 +8,12 @@ Exit codes: 0 success, 1 failure (bad data, missing file, runtime error), 2 usag
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 
 import click
 
-from .backpack_trainer import INIT_CHOICES, BackpackTrainConfig, TrainConfigError
-from .config import ConfigError
-from .tasks import DataError
+from .backpack_trainer import INIT_CHOICES, BackpackTrainConfig
+from .cli_common import guard
 
 # (option, config field, click type, help); every option defaults to the config's value.
 _OPTIONS = [
@@ -82,21 +79,6 @@ def _options(f):
     return f
 
 
-def _guard(fn):
-    @functools.wraps(fn)
-    def inner(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (TrainConfigError, ConfigError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except (DataError, FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-
-    return inner
-
-
 def config_from_options(inputs, config_file, dropout, amp, resume, **opts) -> BackpackTrainConfig:
     data: dict = {}
     if config_file:
@@ -126,7 +108,7 @@ def backpack():
 @click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False))
 @_options
 @_dropout_and_flags
-@_guard
+@guard
 def train_cmd(inputs, no_progress, **kwargs):
     """Train on INPUTS (.jsonl / .jsonl.gz with a text field, .txt) or --hf-dataset.
 

@@ -71,14 +71,15 @@ from torch import nn
 from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.vocab import DOC_SEPARATOR, Vocabulary
 
+from .config import ConfigError
 from .corpora import read_documents
 from .tasks import DataError
 
 INIT_CHOICES = ("random", "large", "large-pca")
 
 
-class TrainConfigError(ValueError):
-    """A bad training option; the message names the field."""
+class TrainConfigError(ConfigError):
+    """A bad training option (a usage error, exit code 2); the message names the field."""
 
 
 @dataclass

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from .cli_common import guard
 from .config import ConfigError, load_config_file, set_path, validate
-from .tasks import TASKS, DataError, LossType
+from .tasks import TASKS, LossType
 
 _OVERRIDES = [
     # (option, dest path, type, help)
@@ -119,23 +119,6 @@ def _resolve(kwargs: dict):
     return run_dir, cfg, not kwargs.get("no_progress"), kwargs.get("verbose", False)
 
 
-def _guard(fn):
-    """Map errors to exit codes: usage (config) -> 2, data/runtime -> 1."""
-
-    @functools.wraps(fn)
-    def inner(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except (DataError, FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-
-    return inner
-
-
 def _make_run(kwargs):
     from .pipeline import Run, setup_logging
 
@@ -164,7 +147,7 @@ def main():
 @click.option("--tokenizer", "tokenizer_spec", default=None,
               help="tokenizer folder, hub id or registry name (e.g. smollm2-135m-instruct); default: the packaged "
                    "GPT-2 BPE. Runs refuse corpora made with another tokenizer")
-@_guard
+@guard
 def prepare_corpora(inputs, out, chunk_len, g_fraction, seed, text_field, hf_dataset, hf_config, hf_split, hf_limit,
                     tokenizer_spec):
     """Split documents into disjoint corpora G and R of fixed-length token chunks."""
@@ -190,7 +173,7 @@ def _step(name, doc):
     def decorator(fn):
         @main.command(name, help=doc)
         @_common
-        @_guard
+        @guard
         def cmd(**kwargs):
             run = _make_run(kwargs)
             result = fn(run)
@@ -254,7 +237,7 @@ def _run(run):
 @_common
 @click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True, help="random-search trials")
 @click.option("--report-split", default=None, help="split for the report runs (default: the selection split)")
-@_guard
+@guard
 def sweep_cmd(trials, report_split, **kwargs):
     """Random search (appendix C): select hyperparameters on one split, report on another."""
     from .sweep import sweep
