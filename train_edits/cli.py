@@ -153,19 +153,14 @@ def prepare_corpora(inputs, out, chunk_len, g_fraction, seed, text_field, hf_dat
     """Split documents into disjoint corpora G and R of fixed-length token chunks."""
     from ensemble.tokenizer import load_tokenizer
 
-    from .corpora import corpus_meta, read_documents, read_hf_documents, split_corpora, write_chunks
+    from .corpora import prepare_corpora as prepare, read_documents, read_hf_documents
 
     if not inputs and not hf_dataset:
         raise click.UsageError("give input files or --hf-dataset")
     tok = load_tokenizer(tokenizer_spec)
     docs = read_hf_documents(hf_dataset, hf_split, text_field, hf_config, hf_limit) if hf_dataset \
         else read_documents(inputs, text_field)
-    sp = split_corpora(tok, docs, chunk_len, g_fraction, seed)
-    out = Path(out)
-    write_chunks(tok, sp.g, out / "G.jsonl")
-    write_chunks(tok, sp.r, out / "R.jsonl")
-    meta = corpus_meta(tok, sp, list(inputs) or [hf_dataset], chunk_len, g_fraction, seed, tokenizer_spec)
-    (out / "corpora.json").write_text(json.dumps(meta, indent=1))
+    meta = prepare(tok, docs, out, chunk_len, g_fraction, seed, list(inputs) or [hf_dataset], tokenizer_spec)
     click.echo(json.dumps(meta))
 
 

@@ -166,6 +166,18 @@ def check_corpus_tokenizer(path: str | Path, fingerprint: str) -> None:
                         f"{fingerprint}; rebuild it with `train_edits prepare-corpora --tokenizer ...`")
 
 
+def prepare_corpora(tokenizer, docs: Sequence[str], out: str | Path, chunk_len: int, g_fraction: float = 0.5,
+                    seed: int = 0, inputs: Sequence[str] = (), tokenizer_spec: str | None = None) -> dict:
+    """Split `docs` into G and R, write out/G.jsonl, out/R.jsonl and out/corpora.json; return the meta."""
+    out = Path(out)
+    sp = split_corpora(tokenizer, docs, chunk_len, g_fraction, seed)
+    write_chunks(tokenizer, sp.g, out / "G.jsonl")
+    write_chunks(tokenizer, sp.r, out / "R.jsonl")
+    meta = corpus_meta(tokenizer, sp, inputs, chunk_len, g_fraction, seed, tokenizer_spec)
+    (out / "corpora.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
 def read_chunks(path: str | Path, tokenizer=None, limit: int | None = None, max_len: int | None = None,
                 vocab_size: int | None = None) -> list[torch.Tensor]:
     """Read a corpus file into LongTensors (one per chunk); ids must lie in [0, vocab_size)

@@ -100,18 +100,15 @@ def build_pack_store(recipe: PackRecipe, out: Path, progress: bool = True) -> Pa
     from ensemble.tokenizer import load_tokenizer
 
     from .config import validate
-    from .corpora import corpus_meta, read_documents, split_corpora, write_chunks
+    from .corpora import prepare_corpora, read_documents
     from .pipeline import Run, setup_logging, step_calibrate, step_pack, step_select, step_train
 
     work = out / "run"
     work.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(recipe.tokenizer)
     docs = read_documents([OWT_CORPUS])
-    sp = split_corpora(tok, docs, recipe.chunk_len, 0.5, 0)
     corpora = work / "corpora"
-    write_chunks(tok, sp.g, corpora / "G.jsonl")
-    write_chunks(tok, sp.r, corpora / "R.jsonl")
-    (corpora / "corpora.json").write_text(json.dumps(corpus_meta(tok, sp, [str(OWT_CORPUS)], recipe.chunk_len), indent=1))
+    prepare_corpora(tok, docs, corpora, recipe.chunk_len, inputs=[str(OWT_CORPUS)], tokenizer_spec=recipe.tokenizer)
     cfg = validate({
         "name": recipe.name, "task": recipe.task,
         "models": {"backpack": recipe.backpack, "large": recipe.large, "tokenizer": recipe.tokenizer},
