@@ -82,6 +82,17 @@ class RunnerDead(Exception):
 
 
 @dataclass
+class CoreCounters:
+    """The ensemble core's running totals, read after every step (exported as metrics)."""
+    exact_skip_rows: int = 0
+    window_reprefills: int = 0
+    backpack_seconds: float = 0.0
+    resumed: int = 0              # vLLM re-adds that resumed a parked Backpack state (no prefill)
+    step_seconds: list[float] = field(default_factory=list)   # Backpack time of each step where it ran,
+    #                                                           since the last read
+
+
+@dataclass
 class RowOutput:
     """One request's result of a step."""
     seq_id: int
@@ -98,7 +109,8 @@ class Runner(Protocol):
     def remove(self, seq_id: int) -> None: ...
     def step(self, running: dict[int, Sequence]) -> list[RowOutput]: ...   # RunnerDead: nothing can run
     def recover(self) -> None: ...                         # after a failed step: an empty batch
-    def core_stats(self) -> tuple[int, int, float]: ...    # exact-skip rows, window re-prefills, Backpack s
+    def counters(self, idle: bool) -> CoreCounters: ...    # after each step (idle: the batch just emptied)
+    def dead(self) -> str | None: ...                      # why the runner cannot step any more, if so
     def shutdown(self) -> None: ...
 
 
@@ -144,6 +156,8 @@ class EmbeddedRunner:
         self.ensemble = ensemble
         self.vocab = vocab
         self.session = None
+        self._totals = CoreCounters()   # the decode steps' share of the core's stats (Score and gate jobs
+        #                                 use the same core between steps)
 
     def start(self) -> None:
         self.session = self.ensemble.new_batch()
@@ -155,7 +169,15 @@ class EmbeddedRunner:
         self.session.remove(seq_id)
 
     def step(self, running: dict[int, Sequence]) -> list[RowOutput]:
+        st = self.ensemble.stats
+        skip, rep, secs = st.exact_skip_rows, st.window_reprefills, st.backpack_seconds
         lp = self.session.logprobs()
+        t = self._totals
+        t.exact_skip_rows += st.exact_skip_rows - skip
+        t.window_reprefills += st.window_reprefills - rep
+        if st.backpack_seconds > secs:      # a step where the Backpack ran (exact-skip steps are not observed)
+            t.backpack_seconds += st.backpack_seconds - secs
+            t.step_seconds.append(st.backpack_seconds - secs)
         live = [(r, running[sid]) for r, sid in enumerate(self.session.seq_ids) if sid in running]
         if not live:
             return []
@@ -166,9 +188,14 @@ class EmbeddedRunner:
     def recover(self) -> None:
         self.session = self.ensemble.new_batch()
 
-    def core_stats(self) -> tuple[int, int, float]:
-        st = self.ensemble.stats
-        return st.exact_skip_rows, st.window_reprefills, st.backpack_seconds
+    def counters(self, idle: bool) -> CoreCounters:
+        t = self._totals
+        out = CoreCounters(t.exact_skip_rows, t.window_reprefills, t.backpack_seconds, step_seconds=t.step_seconds)
+        t.step_seconds = []
+        return out
+
+    def dead(self) -> str | None:
+        return None
 
     def shutdown(self) -> None:
         pass
@@ -195,6 +222,8 @@ class Engine:
         self.runner: Runner = runner if runner is not None else EmbeddedRunner(ensemble, self.vocab)
         self.on_dead: Callable[[str], None] | None = None   # called once (engine thread) when the runner dies
         self.dead: str | None = None
+        self.liveness_interval = 1.0   # s: an idle engine still notices a dead runner this often
+        self._counters = CoreCounters()
         self._thread: threading.Thread | None = None
         self._steps = 0
         self.decode_steps = 0
@@ -275,8 +304,11 @@ class Engine:
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
         sched = self.scheduler
-        while sched.wait_for_work():
+        while sched.wait_for_work(self.liveness_interval):
             try:
+                why = self.runner.dead()
+                if why:
+                    raise RunnerDead(why)
                 for seq, _ in sched.reap():
                     self._finish(seq, seq.cancel_reason)
                 self._prefill(sched.schedule())
@@ -339,9 +371,7 @@ class Engine:
 
     def _step(self) -> None:
         running = self.scheduler.running
-        before = self.runner.core_stats()
         outs = self.runner.step(running)
-        self._sync_core_stats(before)
         self.decode_steps += 1
         self._steps += 1
         now = time.monotonic()
@@ -365,16 +395,21 @@ class Engine:
                 # the runner ended it (vLLM: max_tokens / EOS) without our stop logic firing: finish consistently
                 eos = seq.output_ids and seq.output_ids[-1] == self.vocab.eos_id and not seq.req.ignore_eos
                 self._finish(seq, EOS_TOKEN if eos else MAX_TOKENS)
+        self._export_counters(self.runner.counters(idle=not running))
 
-    def _sync_core_stats(self, before: tuple[int, int, float]) -> None:
-        """Export the core's counters for this step (row-steps skipped, window re-prefills, Backpack time)."""
-        skip, rep, secs = self.runner.core_stats()
-        if skip > before[0]:
-            self.metrics.exact_skip_steps.inc(skip - before[0])
-        if rep > before[1]:
-            self.metrics.window_reprefills.inc(rep - before[1])
-        if secs > before[2]:      # observed only for steps where the Backpack ran (others are exact skips)
-            self.metrics.backpack_step.observe(secs - before[2])
+    def _export_counters(self, now: CoreCounters) -> None:
+        """The core's counters since the last read as metrics (row-steps skipped, window re-prefills,
+        resumed re-adds, Backpack time per step where it ran: exact-skip steps are not observed)."""
+        m, before = self.metrics, self._counters
+        if now.exact_skip_rows > before.exact_skip_rows:
+            m.exact_skip_steps.inc(now.exact_skip_rows - before.exact_skip_rows)
+        if now.window_reprefills > before.window_reprefills:
+            m.window_reprefills.inc(now.window_reprefills - before.window_reprefills)
+        if now.resumed > before.resumed:
+            m.backpack_resumes.inc(now.resumed - before.resumed)
+        for secs in now.step_seconds:
+            m.backpack_step.observe(secs)
+        self._counters = now
 
     @staticmethod
     def _holdback(text: str, stops: list[str]) -> int:

@@ -47,6 +47,9 @@ class Metrics:
                                         "Row-steps served without running the Backpack (exact skip)", registry=r)
         self.window_reprefills = Counter("sensepack_backpack_window_reprefills",
                                          "Backpack sliding-window re-prefills past its context", registry=r)
+        self.backpack_resumes = Counter("sensepack_backpack_resumes",
+                                        "vLLM re-adds of a request that resumed its parked Backpack state "
+                                        "(no Backpack prefill)", registry=r)
         self.pack_loads = Counter("sensepack_pack_loads", "Pack version loads by result", ["result"], registry=r)
         self.active_pack = Gauge("sensepack_active_pack_info", "Routed pack versions (value 1)",
                                  ["pack", "version", "alias"], registry=r)

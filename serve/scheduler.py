@@ -190,11 +190,12 @@ class Scheduler:
                 fut.set_exception(exc_factory())
 
     # ------------------------------------------------------------ the engine thread
-    def wait_for_work(self) -> bool:
-        """Block until there is something to do; False once stopped."""
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block until there is something to do, or `timeout` s passed; False once stopped."""
         with self.cond:
-            while not (self.stopped or self.waiting or self.running or self._high or self._low):
-                self.cond.wait()
+            if not (self.stopped or self.waiting or self.running or self._high or self._low):
+                self.cond.wait_for(lambda: self.stopped or self.waiting or self.running or self._high or self._low,
+                                   timeout=timeout)
             return not self.stopped
 
     def leftovers(self) -> list[Sequence]:

@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
-from serve.engine import Engine, Refused, RowOutput, RunnerDead
+from serve.engine import CoreCounters, Engine, Refused, RowOutput, RunnerDead
 from serve.sampler import Sampled
 from serve.scheduler import Sequence
 
-from . import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN
+from . import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN, WORKER_EXTENSION_FQCN
 from .args import build_extra_args
 from .resolver import REGISTRY
 
 log = logging.getLogger("sensepack.vllm.engine")
+
+VLLM_MIN_TEMPERATURE = 0.01      # vllm.sampling_params._MAX_TEMP (0.32): lower temperatures are raised to it
 
 
 def engine_args_from_config(config, store_uri: str | None = None, model_folder: str | None = None,
@@ -108,7 +111,9 @@ def sampling_params(seq: Sequence):
               stop_token_ids=sorted(req.stop_token_ids) or None, detokenize=False,
               repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
               frequency_penalty=req.frequency_penalty, min_p=req.min_p, logit_bias=req.logit_bias or None)
-    if req.greedy:
+    # vLLM raises temperatures in (0, 0.01) to 0.01 (its numerical floor); their T -> 0 limit, which the
+    # embedded sampler reaches (temperature 1e-39 samples the argmax), is greedy decoding
+    if req.greedy or req.temperature < VLLM_MIN_TEMPERATURE:
         kw.update(temperature=0.0)
     else:
         kw.update(temperature=req.temperature, top_k=req.top_k or 0, top_p=req.top_p, seed=seq.seed)
@@ -130,6 +135,11 @@ class VLLMRunner:
         self._rids: dict[int, str] = {}          # seq_id -> vLLM request id (live in vLLM)
         self._seen: dict[int, int] = {}          # seq_id -> tokens already returned
         self._dead_errors: tuple[type, ...] = ()
+        self._finished: list[str] = []           # vLLM ids finished since the last sync (processors forget them)
+        self._last = CoreCounters()
+        self._synced_at = float("-inf")
+        self.parked = 0                          # parked Backpack states in the processors (last sync)
+        self.sync_interval_s = 0.5
         self._refusals: tuple[type, ...] = (ValueError,)
 
     @staticmethod
@@ -151,7 +161,10 @@ class VLLMRunner:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if v2 else "0"
         args.setdefault("logits_processors", [V2_PROCESSOR_FQCN if v2 else V1_PROCESSOR_FQCN])
         args["logprobs_mode"] = "processed_logprobs"
+        args.setdefault("worker_extension_cls", WORKER_EXTENSION_FQCN)   # counters / finished ids via collective_rpc
         self.llm = LLMEngine.from_engine_args(EngineArgs(**args))
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+            self.sync_interval_s = 0.0        # a plain call: every step
         self._dead_errors = _engine_dead_errors()
         from vllm.exceptions import VLLMClientError   # 0.32: VLLMValidationError (not a ValueError) for bad input
 
@@ -180,6 +193,7 @@ class VLLMRunner:
         rid = self._rids.pop(seq_id, None)
         if rid is not None and self.llm is not None:
             self.llm.abort_request([rid])
+            self._finished.append(rid)
 
     def step(self, running: dict[int, Sequence]) -> list[RowOutput]:
         try:
@@ -214,22 +228,40 @@ class VLLMRunner:
             if out.finished:             # gone from vLLM: nothing to abort
                 self._rids.pop(sid, None)
                 self._seen.pop(sid, None)
+                self._finished.append(out.request_id)
             result.append(row)
         return result
 
     def recover(self) -> None:
         """vLLM keeps its own batch; the finished requests were aborted there."""
 
-    def core_stats(self) -> tuple[int, int, float]:
-        """The processors' tracker counters (in-process mode; zeros when they live in other processes)."""
-        skip = rep = 0
-        secs = 0.0
-        for p in REGISTRY.processors:
-            st = p.core.tracker.stats
-            skip += st.exact_skip_rows
-            rep += st.window_reprefills
-            secs += st.backpack_seconds
-        return skip, rep, secs
+    def counters(self, idle: bool) -> CoreCounters:
+        """The processors' counters through vLLM's RPC to its workers (serve.vllm.worker), which also hands
+        them the finished request ids (their parked Backpack states go). In-process every step; across
+        processes at most every `sync_interval_s`, and when the batch empties."""
+        now = time.monotonic()
+        if not idle and now - self._synced_at < self.sync_interval_s:
+            return self._last
+        finished, self._finished = self._finished, []
+        try:
+            res = self.llm.collective_rpc("sensepack_sync", args=(finished,))
+        except Exception as e:
+            if self._dead(e):
+                raise RunnerDead(f"vLLM engine core: {e}") from e
+            log.exception("sensepack_sync failed", extra={"event": "engine_error"})
+            return self._last
+        self._synced_at = now
+        c = res[0] if res else {}       # tensor-parallel ranks run the same processor: rank 0 speaks for all
+        self._last = CoreCounters(c.get("exact_skip_rows", 0), c.get("window_reprefills", 0),
+                                  c.get("backpack_seconds", 0.0), c.get("resumed", 0),
+                                  step_seconds=list(c.get("step_seconds", ())))
+        self.parked = c.get("parked", 0)
+        return self._last
+
+    def dead(self) -> str | None:
+        """vLLM's client marks its engine dead when the engine core process exits (its monitor thread)."""
+        res = getattr(getattr(self.llm, "engine_core", None), "resources", None)
+        return "vLLM engine core process exited" if getattr(res, "engine_dead", False) else None
 
     def shutdown(self) -> None:
         if self.llm is not None:
