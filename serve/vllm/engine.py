@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 from serve.engine import CoreCounters, Engine, Refused, RowOutput, RunnerDead
@@ -140,6 +141,7 @@ class VLLMRunner:
         self._synced_at = float("-inf")
         self.parked = 0                          # parked Backpack states in the processors (last sync)
         self.sync_interval_s = 0.5
+        self._closing = threading.Event()
         self._refusals: tuple[type, ...] = (ValueError,)
 
     @staticmethod
@@ -165,6 +167,9 @@ class VLLMRunner:
         self.llm = LLMEngine.from_engine_args(EngineArgs(**args))
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
             self.sync_interval_s = 0.0        # a plain call: every step
+        else:
+            self._watchdog = threading.Thread(target=self._watch, name="sensepack-vllm-watchdog", daemon=True)
+            self._watchdog.start()
         self._dead_errors = _engine_dead_errors()
         from vllm.exceptions import VLLMClientError   # 0.32: VLLMValidationError (not a ValueError) for bad input
 
@@ -258,12 +263,24 @@ class VLLMRunner:
         self.parked = c.get("parked", 0)
         return self._last
 
+    def _watch(self) -> None:
+        """Wake a `step` blocked on a dead engine core. vLLM 0.32's monitor marks the client dead when the
+        engine-core process exits, but a sync client's `get_output` waiting on its queue is not woken (the
+        output thread just stops), so the engine thread would wait forever: give it vLLM's own error."""
+        while not self._closing.wait(0.5):
+            if self.dead():
+                q = getattr(self.llm.engine_core, "outputs_queue", None)
+                if q is not None and self._dead_errors:
+                    q.put_nowait(self._dead_errors[0]())
+                return
+
     def dead(self) -> str | None:
         """vLLM's client marks its engine dead when the engine core process exits (its monitor thread)."""
         res = getattr(getattr(self.llm, "engine_core", None), "resources", None)
         return "vLLM engine core process exited" if getattr(res, "engine_dead", False) else None
 
     def shutdown(self) -> None:
+        self._closing.set()
         if self.llm is not None:
             self.llm.engine_core.shutdown()
 
