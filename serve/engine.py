@@ -35,9 +35,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -45,8 +46,21 @@ from ensemble.vocab import Vocabulary
 from serve.detok import IncrementalDetokenizer
 from serve.params import GenerationRequest
 from serve.sampler import RowParams, Sampled, sample
-from serve.scheduler import (CANCELLED, EOS_TOKEN, ERROR, MAX_TOKENS, REFUSED, SHUTDOWN,  # noqa: F401 (re-exported)
-                             STOP_SEQUENCE, STOP_TOKEN, TIME_LIMIT, UNAVAILABLE, EngineStopped, Scheduler, Sequence)
+from serve.scheduler import (  # noqa: F401 (re-exported)
+    CANCELLED,
+    EOS_TOKEN,
+    ERROR,
+    MAX_TOKENS,
+    REFUSED,
+    SHUTDOWN,
+    STOP_SEQUENCE,
+    STOP_TOKEN,
+    TIME_LIMIT,
+    UNAVAILABLE,
+    EngineStopped,
+    Scheduler,
+    Sequence,
+)
 
 log = logging.getLogger("sensepack.engine")
 
@@ -136,7 +150,7 @@ def sample_isolated(lp: torch.Tensor, seqs: list[Sequence], eos_id: int) -> list
     params = [row_params(s) for s in seqs]
     try:
         return [RowOutput(s.seq_id, [out]) for s, out in zip(seqs, sample(lp, params, eos_id))]
-    except Exception:   # find the faulty row(s): the batch must not pay for one request
+    except Exception:   # noqa: BLE001 - find the faulty row(s): the batch must not pay for one request
         log.warning("batched sampling failed; sampling row by row", extra={"event": "sampler_fallback"})
     outs = []
     for r, (seq, p) in enumerate(zip(seqs, params)):

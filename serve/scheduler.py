@@ -22,9 +22,9 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import grpc
 import torch
@@ -45,8 +45,8 @@ class Sequence:
     seq_id: int
     req: GenerationRequest
     packs: list                   # list[PackRef] pinned at admission (β applied)
-    events: "queue.Queue"
-    on_finish: Callable[["Sequence", str], None] | None = None
+    events: queue.Queue
+    on_finish: Callable[[Sequence, str], None] | None = None
     deadline: float | None = None  # time.monotonic()
     arrival: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None

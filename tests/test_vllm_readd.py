@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import queue
 
-import pytest
-
 from tests.vllm_gate import require_vllm  # noqa: E402
 
 require_vllm()
 
-import ensemble.delta as delta  # noqa: E402
+from ensemble import delta  # noqa: E402
 from ensemble.demo import demo_pack, tiny_backpack  # noqa: E402
 from ensemble.ensemble import Ensemble  # noqa: E402
 from ensemble.tokenizer import load_tokenizer  # noqa: E402

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .resolver import REGISTRY
 
+
 def processor_counters(processors, finished=()) -> dict:
     """Forget `finished` request ids in every processor; return their summed counters and drain their
     per-step Backpack times."""
