@@ -362,12 +362,13 @@ class Engine:
         """The newly admitted requests enter the runner's batch; one it refuses ends alone."""
         now = time.monotonic()
         try:
-            for seq in new:
+            for k, seq in enumerate(new):
                 try:
                     self.runner.add(seq)
-                except RunnerDead:
-                    seq.cancel(UNAVAILABLE)
-                    self._finish(seq, UNAVAILABLE, error="the model runner died; retry")
+                except RunnerDead:      # this one and the rest of the admitted ones end with it
+                    for s in new[k:]:
+                        s.cancel(UNAVAILABLE)
+                        self._finish(s, UNAVAILABLE, error="the model runner died; retry")
                     raise
                 except Refused as e:
                     log.warning("request refused by the runner", extra={"event": "engine_add_failed"})
