@@ -14,11 +14,13 @@ import yaml
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML config (default: serve/configs/demo.yaml; every field: serve/configs/example.yaml).")
 @click.option("--port", type=int, default=None, help="Override server.port.")
+@click.option("--http-port", type=int, default=None, help="Override http.port (and set http.enabled).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set limits.max_running=8 (value parsed as YAML).")
 @click.option("--check", is_flag=True, help="Validate the config, print it and exit.")
-def serve_cmd(config_path, port, sets, check):
-    """Run the gRPC server (demo profile by default: offline, tiny models)."""
+def serve_cmd(config_path, port, http_port, sets, check):
+    """Run the gRPC server, and the OpenAI-compatible HTTP API when http.enabled (demo profile by default:
+    offline, tiny models)."""
     from serve.config import ConfigError, load_config
 
     overrides = {}
@@ -29,6 +31,9 @@ def serve_cmd(config_path, port, sets, check):
         overrides[key] = yaml.safe_load(value)
     if port is not None:
         overrides["server.port"] = port
+    if http_port is not None:
+        overrides["http.port"] = http_port
+        overrides["http.enabled"] = True
     if config_path is None:
         from serve.config import CONFIG_DIR
 
@@ -46,6 +51,8 @@ def serve_cmd(config_path, port, sets, check):
     setup_logging(cfg.logging.level, cfg.logging.json_logs)
     server = SensepackServer(cfg).start()
     click.echo(f"sensepack serving on {cfg.server.host}:{server.port}"
+               + (f", OpenAI-compatible HTTP on http://{cfg.http.host}:{server.http_port}/v1"
+                  if server.http_port else "")
                + (f", metrics on http://{cfg.server.metrics_host}:{server.metrics_port}/metrics"
                   if server.metrics_port else ""), err=True)
     done = threading.Event()
