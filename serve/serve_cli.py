@@ -71,7 +71,7 @@ def _client(ctx):
     from serve.client import Client
 
     o = ctx.obj
-    return Client(o["target"], token=o["token"], ca_file=o["ca"], timeout=o["timeout"])
+    return Client(o["target"], token=o["token"], ca_file=o["ca"], timeout=o["timeout"], api_key=o["api_key"])
 
 
 def _fail(e):
@@ -94,12 +94,14 @@ def _dump(msg, as_json: bool):
 @click.group("client")
 @click.option("--target", default="127.0.0.1:50051", show_default=True, help="host:port of the server.")
 @click.option("--token", envvar="SENSEPACK_ADMIN_TOKEN", default=None, help="Admin bearer token (or $SENSEPACK_ADMIN_TOKEN).")
+@click.option("--api-key", envvar="SENSEPACK_API_KEY", default=None,
+              help="Generation API key when the server sets api.keys (or $SENSEPACK_API_KEY).")
 @click.option("--ca", type=click.Path(dir_okay=False), default=None, help="CA certificate for TLS.")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.pass_context
-def client_group(ctx, target, token, ca, timeout):
+def client_group(ctx, target, token, api_key, ca, timeout):
     """Talk to a running server."""
-    ctx.obj = {"target": target, "token": token, "ca": ca, "timeout": timeout}
+    ctx.obj = {"target": target, "token": token, "api_key": api_key, "ca": ca, "timeout": timeout}
 
 
 def _gen_options(f):
