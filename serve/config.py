@@ -80,6 +80,7 @@ class HTTPConfig(_Section):
     served_model_name: Optional[str] = None          # the model id clients send; None: model.large_model
     chat_template: Optional[str] = None   # Jinja chat template (text or a file); None: the tokenizer's own
     max_choices: int = Field(16, ge=1, le=256)      # prompts x n per request
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)   # larger request bodies are refused unread
 
 
 class APIConfig(_Section):

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -156,6 +157,9 @@ class HttpFrontend:
         self.keys = [k.encode() for k in config.api.resolved_keys()]
         self.chat_template = self._load_template(config.http.chat_template)
         self.ready = False
+        lim = config.limits
+        self._pool = ThreadPoolExecutor(max_workers=lim.max_running + lim.max_waiting + 16,
+                                        thread_name_prefix="sensepack-http-admit")
         self.port: int | None = None
         self._server = None
         self._thread: threading.Thread | None = None
@@ -194,6 +198,7 @@ class HttpFrontend:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- app
     def _build_app(self):
@@ -364,14 +369,12 @@ class HttpFrontend:
         rid = request.headers.get("x-request-id") or f"{'chatcmpl' if method == 'chat.completions' else 'cmpl'}-" \
                                                       f"{uuid.uuid4().hex}"
         try:
-            try:
-                raw = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InvalidRequest("body", f"not valid JSON: {e}") from None
+            raw = await self._json(request)
             body = _parse_body(ChatBody if method == "chat.completions" else CompletionBody, raw)
             if len(rid) > MAX_REQUEST_ID:
                 raise InvalidRequest("x-request-id", f"longer than {MAX_REQUEST_ID} characters")
-            gens = await asyncio.to_thread(self._admit, body, method, rid)
+            # admission may wait (a pack load with load_on_request): off the event loop, on our own threads
+            gens = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, method, rid)
         except ServeError as e:
             return self._error(e, method)
         except Exception as e:  # noqa: BLE001 - a server fault: 500, counted, logged
@@ -387,6 +390,22 @@ class HttpFrontend:
             return self._error(e, method)
         self._count(method, "OK")
         return JSONResponse(out, headers={"x-request-id": rid})
+
+    async def _json(self, request) -> Any:
+        """The body as JSON, read up to http.max_body_bytes (a client cannot make the server hold more)."""
+        cap = self.cfg.http.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise InvalidRequest("body", f"{declared} bytes, limit http.max_body_bytes={cap}")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > cap:
+                raise InvalidRequest("body", f"more than http.max_body_bytes={cap} bytes")
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidRequest("body", f"not valid JSON: {e}") from None
 
     def _admit(self, body: _Common, method: str, rid: str) -> list[tuple[int, Generation]]:
         """Validate every choice first (nothing is admitted for a bad request), then admit them; a

@@ -283,10 +283,12 @@ def test_api_keys_on_both_front_ends(tmp_path):
 
 
 def test_queue_full_disconnect_frees_the_slot_and_shutdown(tmp_path):
-    """429 when the one slot is taken; closing the stream mid-generation frees it; 503 while draining."""
+    """429 when the one slot is taken; closing the stream mid-generation frees it; an oversized body is
+    refused; 503 while draining."""
     with running_server(tmp_path, demo_served(), **{"http.enabled": True, "http.port": 0, "limits.max_running": 1,
                                                     "limits.max_waiting": 0, "limits.max_new_tokens": 2000,
-                                                    "limits.max_prompt_tokens": 64}) as server:
+                                                    "limits.max_prompt_tokens": 64,
+                                                    "http.max_body_bytes": 4096}) as server:
         oa = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="x", max_retries=0)
         model = server.served.large_name
         long = dict(model=model, prompt=PROMPT, max_tokens=2000, temperature=0, extra_body={"ignore_eos": True})
@@ -307,6 +309,8 @@ def test_queue_full_disconnect_frees_the_slot_and_shutdown(tmp_path):
         assert oa.completions.create(model=model, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
         assert wait_until(lambda: metric(parse_metrics(scrape(server)), "sensepack_requests_total",
                                          frontend="http", status="CANCELLED") == before + 1)
+        code, err = _post(server.http_port, "/v1/completions", {"model": model, "prompt": "x" * 10_000})
+        assert code == 400 and err["error"]["param"] == "body"   # refused before it is read whole
         server.engine.stop_accepting()                         # what stop() does first: draining
         with pytest.raises(openai.APIStatusError) as ei:
             oa.completions.create(model=model, prompt=PROMPT, max_tokens=2)
