@@ -201,3 +201,27 @@ def test_served_context_caps_requests_at_vllm_max_model_len():
     assert served_context(parse_config({**base, "vllm": {"max_model_len": 1024}}), 2048) == 1024
     assert served_context(parse_config({**base, "vllm": {"engine_args": {"max_model_len": 700}}}), 2048) == 700
     assert served_context(parse_config({**base, "vllm": {"max_model_len": 8192}}), 2048) == 2048   # HF context
+
+
+def test_build_engine_is_the_one_engine_choice(tmp_path):
+    """`engine` picks the engine in one factory; the vLLM engine reads pinned versions' edits from the
+    pack manager's resident table, built before both (no field patched after construction)."""
+    from serve.metrics import Metrics
+    from serve.packs import Resident, ResidentTable
+    from serve.server import build_engine
+    from serve.testing import demo_served, demo_variant
+    from serve.vllm.resolver import PackUnavailable
+
+    served = demo_served()
+    table = ResidentTable()
+    engine, name = build_engine(parse_config({}), served, Metrics(), None, table)
+    assert name == "embedded-transformers" and type(engine).__name__ == "Engine"
+    cfg = parse_config({"engine": "vllm", "vllm": {"model": str(tmp_path), "multiprocessing": False}})
+    engine, name = build_engine(cfg, served, Metrics(), str(tmp_path), table)
+    assert name == "vllm" and type(engine).__name__ == "VLLMEngine"
+    assert engine.engine_args["model"] == str(tmp_path) and engine.engine_args["max_num_seqs"] == cfg.limits.max_running
+    edits = demo_variant(served, " Paris")
+    with pytest.raises(PackUnavailable):
+        engine.pack_source.edits("capitals", "v1")
+    table[("capitals", "v1")] = Resident("capitals", "v1", edits, 1.0, 0.05)
+    assert engine.pack_source.edits("capitals", "v1") is edits
