@@ -82,6 +82,13 @@ class HTTPConfig(_Section):
     max_choices: int = Field(16, ge=1, le=256)      # prompts x n per request
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)   # larger request bodies are refused unread
 
+    @model_validator(mode="after")
+    def _template(self):
+        t = self.chat_template
+        if t is not None and "{" not in t and not Path(t).is_file():       # neither a template nor a file
+            raise ValueError(f"http.chat_template: no such file: {t}")
+        return self
+
 
 class APIConfig(_Section):
     """Generation API keys, for both front-ends (gRPC GenerationService and HTTP /v1), separate from the

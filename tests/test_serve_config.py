@@ -61,6 +61,11 @@ def test_shipped_configs_validate(name):
     ({"tls": {"cert_file": "/nonexistent.pem"}}, "tls"),
     ({"model": {"profile": "pretrained"}}, "store.uri"),
     ({"limits": {"default_max_new_tokens": 600, "max_new_tokens": 500}}, "limits.default_max_new_tokens"),
+    ({"http": {"port": -3}}, "http.port"),
+    ({"http": {"enabled": True, "port": 50051}}, "http.port"),
+    ({"http": {"chat_template": "/nonexistent/template.jinja"}}, "http.chat_template"),
+    ({"http": {"max_choices": 0}}, "http.max_choices"),
+    ({"api": {"keys": [""]}}, "api.keys"),
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as ei:
