@@ -181,6 +181,24 @@ def test_n_choices_are_seeded_one_by_one(env):
     assert r.usage.completion_tokens == 24
 
 
+def test_stream_with_several_choices(env):
+    """n = 2 and two prompts in one streamed request: each choice's chunks reassemble to its own answer."""
+    oa = env["oa"]
+    prompts = [PROMPT, "The weather today is"]
+    singles = [oa.completions.create(model="capitals@prod", prompt=p, max_tokens=6, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in oa.completions.create(model="capitals@prod", prompt=prompts, n=2, max_tokens=6, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True}):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1, 2, 3}
+    assert [texts[i] for i in range(4)] == [singles[0], singles[0], singles[1], singles[1]]
+
+
 def test_stop_sequences(env):
     oa = env["oa"]
     full = oa.completions.create(model="capitals@prod", prompt=PROMPT, max_tokens=12, temperature=0,
