@@ -120,7 +120,10 @@ class ChatBody(_Common):
     add_generation_prompt: bool = True
 
 
-def _loc(err: dict) -> str:
+AnyBody = Union[CompletionBody, ChatBody]
+
+
+def _loc(err: Any) -> str:
     out = ""
     for part in err["loc"]:
         if isinstance(part, int):
@@ -161,7 +164,7 @@ class HttpFrontend:
         self._pool = ThreadPoolExecutor(max_workers=lim.max_running + lim.max_waiting + 16,
                                         thread_name_prefix="sensepack-http-admit")
         self.port: int | None = None
-        self._server = None
+        self._server: Any = None           # uvicorn.Server once started
         self._thread: threading.Thread | None = None
         self.app = self._build_app()
 
@@ -181,15 +184,15 @@ class HttpFrontend:
         h = self.cfg.http
         config = uvicorn.Config(self.app, host=h.host, port=h.port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=2, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="sensepack-http", daemon=True)
+        server = self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=server.run, name="sensepack-http", daemon=True)
         self._thread.start()
         end = time.monotonic() + 30
-        while not self._server.started:
+        while not server.started:
             if not self._thread.is_alive() or time.monotonic() > end:
                 raise RuntimeError(f"http.port: could not serve on {h.host}:{h.port}")
             time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.port = server.servers[0].sockets[0].getsockname()[1]
         return self
 
     def stop(self) -> None:
@@ -279,11 +282,12 @@ class HttpFrontend:
         names["packs"] = "model"
         return [(r, None) for r in refs], names
 
-    def _inputs(self, body: _Common, method: str, rid: str) -> tuple[list[GenerateInput], dict[str, str], int]:
+    def _inputs(self, body: AnyBody, rid: str) -> tuple[list[GenerateInput], dict[str, str], int]:
         """One GenerateInput per choice (prompts x n), the field names, and the number of prompts."""
         packs, names = self._packs(body)
-        if method == "chat.completions":
-            prompts: list[Any] = [self._chat_prompt(body)]
+        prompts: list[Any]
+        if isinstance(body, ChatBody):
+            prompts = [self._chat_prompt(body)]
             names = dict(names, text="messages", **{"response.top_n_tokens": "top_logprobs"})
             top_n = (body.top_logprobs or 0) if body.logprobs else 0
             if body.top_logprobs and not body.logprobs:
@@ -374,7 +378,7 @@ class HttpFrontend:
             if len(rid) > MAX_REQUEST_ID:
                 raise InvalidRequest("x-request-id", f"longer than {MAX_REQUEST_ID} characters")
             # admission may wait (a pack load with load_on_request): off the event loop, on our own threads
-            gens = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, method, rid)
+            gens = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, rid)
         except ServeError as e:
             return self._error(e, method)
         except Exception as e:  # noqa: BLE001 - a server fault: 500, counted, logged
@@ -407,10 +411,10 @@ class HttpFrontend:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidRequest("body", f"not valid JSON: {e}") from None
 
-    def _admit(self, body: _Common, method: str, rid: str) -> list[tuple[int, Generation]]:
+    def _admit(self, body: AnyBody, rid: str) -> list[tuple[int, Generation]]:
         """Validate every choice first (nothing is admitted for a bad request), then admit them; a
         failure releases the ones already admitted."""
-        inputs, names, n_prompts = self._inputs(body, method, rid)
+        inputs, names, _ = self._inputs(body, rid)
         lim = self.cfg.limits
         reqs = [validate_generation(g, self.tokenizer, lim, self.context_len, self.vocab, names) for g in inputs]
         gens: list[tuple[int, Generation]] = []
@@ -427,7 +431,7 @@ class HttpFrontend:
 class _Run:
     """One admitted HTTP request: its generations' events, fanned in to the event loop."""
 
-    def __init__(self, fe: HttpFrontend, body: _Common, method: str, rid: str, gens: list[tuple[int, Generation]],
+    def __init__(self, fe: HttpFrontend, body: AnyBody, method: str, rid: str, gens: list[tuple[int, Generation]],
                  loop: asyncio.AbstractEventLoop):
         self.fe, self.body, self.method, self.rid, self.gens = fe, body, method, rid, gens
         self.chat = method == "chat.completions"
@@ -464,7 +468,7 @@ class _Run:
         return f"token_id:{tid}" if self.body.return_tokens_as_token_ids else self.fe.service.token_text(tid)
 
     def _sensepack(self, g: Generation) -> dict:
-        out = {"request_id": g.req.request_id,
+        out: dict[str, Any] = {"request_id": g.req.request_id,
                "packs": [{"ref": p.ref, "name": p.name, "version": p.version, "beta": p.beta, "arm": p.arm}
                          for p in g.packs]}
         if g.seed is not None:
