@@ -439,6 +439,7 @@ class _Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished: set[int] = set()
         self.gone = threading.Event()
+        self._checked = time.monotonic()
         for i, g in gens:
             threading.Thread(target=self._forward, args=(i, g, loop), name="sensepack-http-events",
                              daemon=True).start()
@@ -454,14 +455,19 @@ class _Run:
                 g.cancel(eng.CANCELLED)
 
     async def _next(self, request):
-        """The next (choice, event); cancels everything when the client has gone."""
+        """The next (choice, event); cancels everything when the client has gone (checked at least every
+        0.5 s, also while tokens keep coming: a non-streaming request sends nothing until the end)."""
         while True:
+            now = time.monotonic()
+            if now - self._checked >= 0.5:
+                self._checked = now
+                if await request.is_disconnected():
+                    self.cancel_all()
+                    raise Cancelled("", "client disconnected")
             try:
                 return await asyncio.wait_for(self.queue.get(), timeout=0.5)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.cancel_all()
-                    raise Cancelled("", "client disconnected") from None
+                continue
 
     # ---- pieces
     def _token_text(self, tid: int) -> str:

@@ -327,6 +327,14 @@ def test_queue_full_disconnect_frees_the_slot_and_shutdown(tmp_path):
         assert oa.completions.create(model=model, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
         assert wait_until(lambda: metric(parse_metrics(scrape(server)), "sensepack_requests_total",
                                          frontend="http", status="CANCELLED") == before + 1)
+        # a non-streaming request whose client gives up (its timeout) is cancelled too
+        tokens1 = metric(parse_metrics(scrape(server)), "sensepack_generation_tokens_total")
+        with pytest.raises(openai.APITimeoutError):
+            oa.with_options(timeout=1.0).completions.create(**long)
+        assert wait_until(lambda: server.engine.running == 0, timeout=30)
+        assert metric(parse_metrics(scrape(server)), "sensepack_generation_tokens_total") - tokens1 < 1500
+        assert wait_until(lambda: metric(parse_metrics(scrape(server)), "sensepack_requests_total",
+                                         frontend="http", status="CANCELLED") == before + 2)
         code, err = _post(server.http_port, "/v1/completions", {"model": model, "prompt": "x" * 10_000})
         assert code == 400 and err["error"]["param"] == "body"   # refused before it is read whole
         server.engine.stop_accepting()                         # what stop() does first: draining
