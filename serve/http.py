@@ -182,8 +182,16 @@ class HttpFrontend:
         import uvicorn
 
         h = self.cfg.http
+        tls = self.cfg.tls       # the gRPC listener's certificate (and client CA: mTLS) serve HTTPS too
+        ssl = {}
+        if tls.enabled:
+            import ssl as _ssl
+
+            ssl = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+            if tls.client_ca_file:
+                ssl.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=_ssl.CERT_REQUIRED)
         config = uvicorn.Config(self.app, host=h.host, port=h.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2, lifespan="off")
+                                timeout_graceful_shutdown=2, lifespan="off", **ssl)
         server = self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=server.run, name="sensepack-http", daemon=True)
         self._thread.start()

@@ -162,12 +162,23 @@ def test_tls(tmp_path):
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     store = tmp_path / "store"
-    with running_server(store, demo_served(), **{"tls.cert_file": str(cert_file), "tls.key_file": str(key_file)}) as server:
+    with running_server(store, demo_served(), **{"tls.cert_file": str(cert_file), "tls.key_file": str(key_file),
+                                                  "http.enabled": True, "http.port": 0}) as server:
         c = Client(f"localhost:{server.port}", ca_file=str(cert_file), timeout=60)
         assert c.generate("Hello", base_only=True, max_new_tokens=2).generated_token_count == 2
         plain = Client(f"127.0.0.1:{server.port}", timeout=5)
         with pytest.raises(grpc.RpcError):
             plain.generate("Hello", base_only=True, max_new_tokens=2)
+        # the HTTP front-end serves HTTPS with the same certificate, and no plaintext
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        ctx = ssl.create_default_context(cafile=str(cert_file))
+        with urllib.request.urlopen(f"https://localhost:{server.http_port}/health", context=ctx, timeout=30) as r:
+            assert r.status == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/health", timeout=10)
 
 
 def test_pretrained_profile_loads_checkpoint_folders(tmp_path):
