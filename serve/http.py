@@ -233,6 +233,18 @@ class HttpFrontend:
             self._count("models", "OK")
             return JSONResponse({"object": "list", "data": self._model_list()})
 
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str, request: Request):
+            denied = self._auth(request, "models")
+            if denied is not None:
+                return denied
+            for m in self._model_list():
+                if m["id"] == model_id:
+                    self._count("models", "OK")
+                    return JSONResponse(m)
+            return self._error(PackNotFound("model", f"unknown model {model_id!r} (GET /v1/models lists them)"),
+                               "models")
+
         @app.post("/v1/completions")
         async def completions(request: Request):
             return await self._handle(request, "completions")

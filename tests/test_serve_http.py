@@ -77,6 +77,9 @@ def test_models_lists_the_served_model_and_pack_routes(env):
     models = {m.id: m for m in env["oa"].models.list().data}
     assert "demo" in models and "capitals@prod" in models and "capitals" in models
     assert models["capitals@prod"].sensepack["version"] == env["version"]
+    assert env["oa"].models.retrieve("capitals@prod").sensepack["name"] == "capitals"
+    with pytest.raises(openai.NotFoundError):
+        env["oa"].models.retrieve("nosuchpack")
 
 
 def test_completion_greedy_equals_core_with_and_without_pack(env):
