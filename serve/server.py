@@ -1,5 +1,7 @@
-"""The gRPC server: generation and admin servicers, health, reflection,
-/metrics, TLS, graceful shutdown.
+"""The server: its components built in one place (`build_components`: store, engine, gate, live
+monitor, pack manager, the front-end-neutral GenerationService), the gRPC front-end (generation and
+admin servicers, health, reflection, TLS), the OpenAI-compatible HTTP front-end when `http.enabled`
+(serve.http), /metrics, graceful shutdown.
 
     server = SensepackServer(config).start()    # binds, warms up, SERVING
     ...
