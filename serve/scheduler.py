@@ -26,18 +26,18 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import grpc
 import torch
 
-from serve.params import GenerationRequest, RequestError
+from serve.errors import QueueFull, Unavailable
+from serve.params import GenerationRequest
 
 # finish reasons (mirror proto StopReason names)
 MAX_TOKENS, EOS_TOKEN, STOP_SEQUENCE, CANCELLED, TIME_LIMIT, ERROR = (
     "MAX_TOKENS", "EOS_TOKEN", "STOP_SEQUENCE", "CANCELLED", "TIME_LIMIT", "ERROR")
 STOP_TOKEN = "STOP_TOKEN"     # a token of stopping.stop_token_ids
-REFUSED = "REFUSED"          # the engine refused the request at admission (INVALID_ARGUMENT; proto ERROR)
-SHUTDOWN = "SHUTDOWN"        # cut by a shutdown that outlived the grace period (UNAVAILABLE; proto CANCELLED)
-UNAVAILABLE = "UNAVAILABLE"  # the model runner died under the request (UNAVAILABLE; proto ERROR): retry
+REFUSED = "REFUSED"          # the engine refused the request at admission (InvalidRequest; proto ERROR)
+SHUTDOWN = "SHUTDOWN"        # cut by a shutdown that outlived the grace period (Unavailable; proto CANCELLED)
+UNAVAILABLE = "UNAVAILABLE"  # the model runner died under the request (Unavailable; proto ERROR): retry
 
 
 @dataclass
@@ -71,9 +71,9 @@ class Sequence:
         return len(self.req.prompt_ids) + self.req.max_new_tokens
 
 
-class EngineStopped(RequestError):
-    def __init__(self):
-        super().__init__(grpc.StatusCode.UNAVAILABLE, "", "server is shutting down")
+class EngineStopped(Unavailable):
+    def __init__(self, field_name: str = "", message: str = "server is shutting down"):
+        super().__init__(field_name, message)
 
 
 Job = tuple[Callable, Future]
@@ -114,10 +114,9 @@ class Scheduler:
         running = len(self.running) + self._admitting
         cap = self.limits.max_running + self.limits.max_waiting
         if running + len(self.waiting) + self.scoring >= cap:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "",
-                               f"queue full: {running} running, {len(self.waiting)} waiting, "
-                               f"{self.scoring} scoring (limits.max_running={self.limits.max_running}, "
-                               f"limits.max_waiting={self.limits.max_waiting})")
+            raise QueueFull("", f"queue full: {running} running, {len(self.waiting)} waiting, "
+                            f"{self.scoring} scoring (limits.max_running={self.limits.max_running}, "
+                            f"limits.max_waiting={self.limits.max_waiting})")
 
     def begin_score(self, tokens: int = 0) -> None:
         """Count a Score RPC against the request cap and its `tokens` against the token budget."""

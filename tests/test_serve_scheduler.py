@@ -6,12 +6,12 @@ from __future__ import annotations
 import queue
 import time
 
-import grpc
 import pytest
 
 from serve.config import LimitsConfig
+from serve.errors import QueueFull, status_of
 from serve.metrics import Metrics
-from serve.params import GenerationRequest, RequestError
+from serve.params import GenerationRequest
 from serve.scheduler import CANCELLED, TIME_LIMIT, EngineStopped, Scheduler, Sequence
 
 
@@ -63,9 +63,9 @@ def test_queue_cap_is_shared_and_stop_refuses():
     sched = Scheduler(LimitsConfig(max_running=1, max_waiting=1), Metrics())
     sched.add(_seq(sched))
     sched.begin_score()
-    with pytest.raises(RequestError) as ei:
+    with pytest.raises(QueueFull) as ei:
         sched.add(_seq(sched))
-    assert ei.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_of(ei.value).grpc == "RESOURCE_EXHAUSTED"
     assert "0 running, 1 waiting, 1 scoring" in ei.value.message
     sched.end_score()
     sched.stop_accepting()

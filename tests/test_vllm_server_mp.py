@@ -102,8 +102,9 @@ def server(tmp_path_factory):
     if not ready.is_set():
         proc.kill()
         pytest.fail("server did not start:\n" + "".join(lines[-60:]))
-    m = re.search(r"serving on [^:]+:(\d+), metrics on (http://\S+/metrics)", "".join(lines))
-    yield dict(proc=proc, port=int(m.group(1)), metrics_url=m.group(2), served=served, version=version,
+    text = "".join(lines)
+    port, metrics_url = re.search(r"serving on [^:]+:(\d+)", text), re.search(r"metrics on (http://\S+/metrics)", text)
+    yield dict(proc=proc, port=int(port.group(1)), metrics_url=metrics_url.group(1), served=served, version=version,
                lines=lines, pack_ref=PackRef("capitals", version, pack.edits, 1.0))
     if proc.poll() is None:
         proc.terminate()
