@@ -171,8 +171,8 @@ class EnsembleLogitsCore:
         if r is None:
             return
         self._layout = None
-        if park and r.rid is not None and self.max_parked > 0 and not self._finished(r) \
-                and self._gone.pop(r.rid, 0) == 0:
+        gone = r.rid is not None and self._gone.pop(r.rid, None) is not None    # the server saw it finish
+        if park and r.rid is not None and self.max_parked > 0 and not gone and not self._finished(r):
             self.tracker.suspend(r.sid)
             old = self._parked.pop(r.rid, None)
             if old is not None:
