@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 
 from serve.engine import CoreCounters, Engine, Refused, RowOutput, RunnerDead
 from serve.sampler import Sampled
@@ -142,6 +143,7 @@ class VLLMRunner:
         self.parked = 0                          # parked Backpack states in the processors (last sync)
         self.sync_interval_s = 0.5
         self._closing = threading.Event()
+        self._sync_off = False
         self._refusals: tuple[type, ...] = (ValueError,)
 
     @staticmethod
@@ -245,23 +247,27 @@ class VLLMRunner:
         them the finished request ids (their parked Backpack states go). In-process every step; across
         processes at most every `sync_interval_s`, and when the batch empties."""
         now = time.monotonic()
-        if not idle and now - self._synced_at < self.sync_interval_s:
-            return self._last
+        if self._sync_off or (not idle and now - self._synced_at < self.sync_interval_s):
+            return self._last           # totals unchanged, no new per-step samples
         finished, self._finished = self._finished, []
         try:
             res = self.llm.collective_rpc("sensepack_sync", args=(finished,))
         except Exception as e:
             if self._dead(e):
                 raise RunnerDead(f"vLLM engine core: {e}") from e
-            log.exception("sensepack_sync failed", extra={"event": "engine_error"})
+            # e.g. engine_args set another worker_extension_cls: the metrics stay where they are, said once
+            log.exception("sensepack_sync failed: processor metrics are no longer exported",
+                          extra={"event": "engine_error"})
+            self._sync_off = True
             return self._last
         self._synced_at = now
         c = res[0] if res else {}       # tensor-parallel ranks run the same processor: rank 0 speaks for all
-        self._last = CoreCounters(c.get("exact_skip_rows", 0), c.get("window_reprefills", 0),
-                                  c.get("backpack_seconds", 0.0), c.get("resumed", 0),
-                                  step_seconds=list(c.get("step_seconds", ())))
+        fresh = CoreCounters(c.get("exact_skip_rows", 0), c.get("window_reprefills", 0),
+                             c.get("backpack_seconds", 0.0), c.get("resumed", 0),
+                             step_seconds=list(c.get("step_seconds", ())))
+        self._last = replace(fresh, step_seconds=[])
         self.parked = c.get("parked", 0)
-        return self._last
+        return fresh
 
     def _watch(self) -> None:
         """Wake a `step` blocked on a dead engine core. vLLM 0.32's monitor marks the client dead when the
