@@ -4,7 +4,7 @@ As in vLLM, the scheduler owns no model. It holds the request state (`Sequence`)
 queue (FIFO), the running set, the Score RPCs in progress, and the two job lanes, all behind
 one condition variable that request threads and the engine thread share:
 
-* request threads call `add` (RESOURCE_EXHAUSTED when full), `cancel`, `cut`, `begin_score` /
+* request threads call `add` (QueueFull, RESOURCE_EXHAUSTED, when full), `cancel`, `cut`, `begin_score` /
   `end_score` and `submit_job`;
 * the engine thread calls, each iteration, `wait_for_work`, `reap` (cancelled / expired requests
   to finish), `schedule` (the waiting requests that join the batch now) then `start_running` per
