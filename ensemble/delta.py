@@ -72,6 +72,7 @@ class DeltaStats:
     exact_skip_rows: int = 0  # rows served with δ = 0 and no Backpack work
     window_reprefills: int = 0  # rows whose window slid past n_positions
     backpack_seconds: float = 0.0
+    resumes: int = 0  # suspended sequences that rejoined the batch without a prefill
 
 
 @dataclass
@@ -81,6 +82,7 @@ class _Seq:
     touched: bool  # some token carries an edited sense
     consumed: int = 0  # tokens the Backpack has processed (window slides included)
     active: bool = False  # has a row in the cache
+    saved: BackpackCache | None = None  # suspended: its cache row, kept out of the batch (resumes without prefill)
 
 
 @dataclass
@@ -134,12 +136,27 @@ class DeltaTracker:
     def remove(self, seq_id: Hashable) -> None:
         seq = self._seqs.pop(seq_id)
         if seq.active:
-            keep = [i for i, s in enumerate(self._slots) if s != seq_id]
-            self._slots = [self._slots[i] for i in keep]
-            self._cache = self._cache.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+            self._drop_slot(seq_id)
         if not any(s.table_key == seq.table_key for s in self._seqs.values()):
             del self._tables[seq.table_key]
             self._lookup = None
+
+    def _drop_slot(self, seq_id: Hashable) -> None:
+        keep = [i for i, s in enumerate(self._slots) if s != seq_id]
+        self._slots = [self._slots[i] for i in keep]
+        self._cache = self._cache.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+
+    def suspend(self, seq_id: Hashable) -> None:
+        """Take the sequence's cache row out of the batch (no Backpack work while suspended) and keep it:
+        when the sequence is next stepped it rejoins without a prefill (vLLM removes unscheduled requests
+        from its batch and adds them back later)."""
+        seq = self._seqs[seq_id]
+        if not seq.active:
+            return
+        i = self._slots.index(seq_id)
+        seq.saved = self._cache.select(torch.tensor([i], dtype=torch.long, device=self.device))
+        seq.active = False
+        self._drop_slot(seq_id)
 
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs
@@ -174,7 +191,18 @@ class DeltaTracker:
         return out, active.to(self.device)
 
     def _activate(self, seq_ids: list[Hashable]) -> None:
-        """First edited token seen: prefill the sequence's window once and give it a cache row."""
+        """First edited token seen: prefill the sequence's window once and give it a cache row (a suspended
+        sequence gets its saved row back instead; `_catch_up` feeds it the tokens appended meanwhile)."""
+        saved = [s for s in seq_ids if self._seqs[s].saved is not None]
+        if saved:
+            rows = [self._seqs[s].saved for s in saved]
+            self._cache = BackpackCache.concat(rows if self._cache is None else [self._cache] + rows)
+            for s in saved:
+                seq = self._seqs[s]
+                seq.active, seq.saved = True, None
+                self._slots.append(s)
+            self.stats.resumes += len(saved)
+            seq_ids = [s for s in seq_ids if s not in set(saved)]
         if not seq_ids:
             return
         n_pos = self.backpack.config.n_positions

@@ -296,6 +296,8 @@ class LiveMonitor:
     def record(self, r: Resident, nll_base: float, nll_pack: float, tokens: int) -> None:
         eps = self.cfg.epsilon if self.cfg.epsilon is not None else r.epsilon
         with self._lock:
+            if getattr(r, "state", None) == "freed":    # left memory while being scored: its record is gone
+                return
             st = self._stats.get((r.name, r.version))
             if st is None:
                 st = self._stats[(r.name, r.version)] = ArmStats(r.version, eps)
@@ -306,13 +308,14 @@ class LiveMonitor:
             breach = (not st.breached and n >= self.cfg.min_samples and st.lower > 1.0 + eps)
             if breach:
                 st.breached = True
-        m = self.metrics
+            m = self.metrics
+            # under the lock: `forget` (which removes these series) cannot interleave and leave a stale one
+            if math.isfinite(st.ratio):
+                m.ab_ratio.labels(r.name, r.version).set(st.ratio)
+            if math.isfinite(st.lower) and math.isfinite(st.upper):
+                m.ab_ci_lower.labels(r.name, r.version).set(st.lower)
+                m.ab_ci_upper.labels(r.name, r.version).set(st.upper)
         m.ab_samples.labels(r.name).inc()
-        if math.isfinite(st.ratio):
-            m.ab_ratio.labels(r.name).set(st.ratio)
-        if math.isfinite(st.lower) and math.isfinite(st.upper):
-            m.ab_ci_lower.labels(r.name).set(st.lower)
-            m.ab_ci_upper.labels(r.name).set(st.upper)
         if breach:
             m.ab_breaches.labels(r.name).inc()
             log.error("live ball breach", extra={"event": "ab_breach", "pack": r.ref, "ratio": st.ratio,
@@ -334,14 +337,17 @@ class LiveMonitor:
         """A re-enabled version starts a fresh live record."""
         with self._lock:
             self._stats.pop((pack, version), None)
+            self.metrics.drop_version(pack, version)
 
     def forget(self, pack: str, version: str) -> None:
         """Drop the record of a version that left memory (records stay bounded by packs.max_resident);
         a breach stays for ABReport (the pack manager keeps disabled versions' records too)."""
         with self._lock:
             st = self._stats.get((pack, version))
-            if st is not None and not st.breached:
-                del self._stats[(pack, version)]
+            if st is not None and st.breached:
+                return
+            self._stats.pop((pack, version), None)
+            self.metrics.drop_version(pack, version)
 
     def report(self) -> dict[tuple[str, str], ArmStats]:
         with self._lock:

@@ -51,16 +51,22 @@ class Metrics:
                                         "Row-steps served without running the Backpack (exact skip)", registry=r)
         self.window_reprefills = Counter("sensepack_backpack_window_reprefills",
                                          "Backpack sliding-window re-prefills past its context", registry=r)
+        self.backpack_resumes = Counter("sensepack_backpack_resumes",
+                                        "vLLM re-adds of a request that resumed its parked Backpack state "
+                                        "(no Backpack prefill)", registry=r)
         self.pack_loads = Counter("sensepack_pack_loads", "Pack version loads by result", ["result"], registry=r)
         self.active_pack = Gauge("sensepack_active_pack_info", "Routed pack versions (value 1)",
                                  ["pack", "version", "alias"], registry=r)
         self.requests_by_pack = Counter("sensepack_requests_by_pack", "Requests naming a pack, by arm",
                                         ["pack", "arm"], registry=r)
-        self.ab_ratio = Gauge("sensepack_ab_ball_ratio", "Live A/B loss ratio B/A (pack / base)", ["pack"], registry=r)
+        # per (pack, version): a series exists only while the version's live record does (resident, or
+        # kept after a breach for ABReport); `drop_version` removes it when the version leaves memory
+        self.ab_ratio = Gauge("sensepack_ab_ball_ratio", "Live A/B loss ratio B/A (pack / base)",
+                              ["pack", "version"], registry=r)
         self.ab_ci_upper = Gauge("sensepack_ab_ball_ratio_ci_upper", "Upper confidence bound of the live ratio",
-                                 ["pack"], registry=r)
+                                 ["pack", "version"], registry=r)
         self.ab_ci_lower = Gauge("sensepack_ab_ball_ratio_ci_lower", "Lower confidence bound of the live ratio",
-                                 ["pack"], registry=r)
+                                 ["pack", "version"], registry=r)
         self.ab_samples = Counter("sensepack_ab_samples", "Requests re-scored under both arms", ["pack"], registry=r)
         self.ab_breaches = Counter("sensepack_ab_breaches", "Confirmed live ball breaches", ["pack"], registry=r)
         self.auto_disables = Counter("sensepack_pack_auto_disables", "Packs disabled after a breach",
@@ -83,6 +89,15 @@ class Metrics:
         self.ab_samples.labels(pack)
         self.ab_breaches.labels(pack)
         self.auto_disables.labels(pack)
+
+    def drop_version(self, pack: str, version: str) -> None:
+        """A version's live record is gone: remove its A/B series (the series count stays bounded by the
+        resident versions however many versions are cycled through)."""
+        for g in (self.ab_ratio, self.ab_ci_lower, self.ab_ci_upper):
+            try:
+                g.remove(pack, version)
+            except KeyError:
+                pass
 
     def set_active_packs(self, routes: list[tuple[str, str, str]]) -> None:
         """routes: (pack, version, alias) with alias "" for the plain name route."""

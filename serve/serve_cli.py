@@ -65,6 +65,8 @@ def serve_cmd(config_path, port, http_port, sets, check):
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     server.wait()
+    if server.exit_code:      # the engine died (e.g. vLLM's engine core): let the orchestrator restart us
+        raise SystemExit(server.exit_code)
 
 
 def _client(ctx):

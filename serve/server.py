@@ -39,7 +39,7 @@ log = logging.getLogger("sensepack.server")
 SERVER_VERSION = "0.1.0"
 _STOP = {eng.MAX_TOKENS: pb.MAX_TOKENS, eng.EOS_TOKEN: pb.EOS_TOKEN, eng.STOP_SEQUENCE: pb.STOP_SEQUENCE,
          eng.CANCELLED: pb.CANCELLED, eng.TIME_LIMIT: pb.TIME_LIMIT, eng.ERROR: pb.ERROR,
-         eng.REFUSED: pb.ERROR, eng.SHUTDOWN: pb.CANCELLED, eng.STOP_TOKEN: pb.STOP_TOKEN}
+         eng.REFUSED: pb.ERROR, eng.SHUTDOWN: pb.CANCELLED, eng.STOP_TOKEN: pb.STOP_TOKEN, eng.UNAVAILABLE: pb.ERROR}
 
 
 def grpc_code(err: BaseException) -> grpc.StatusCode:
@@ -482,6 +482,8 @@ class SensepackServer:
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self._done = threading.Event()
+        self.exit_code = 0                 # non-zero: the process should exit so its orchestrator restarts it
+        self.engine.on_dead = self._engine_died
 
     # ---- info
     def model_info(self) -> pb.ModelInfoResponse:
@@ -590,6 +592,15 @@ class SensepackServer:
         seq = self.engine.submit(req, [])
         while not isinstance(seq.events.get(timeout=120), eng.FinishEvent):
             pass
+
+    def _engine_died(self, why: str) -> None:
+        """The model runner is gone (vLLM's engine core process exited): its requests already ended
+        UNAVAILABLE; go NOT_SERVING at once, then stop, and the CLI exits non-zero for a restart."""
+        for name in ("", GENERATION_SERVICE, ADMIN_SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.error("engine died; stopping for a restart", extra={"event": "engine_dead", "reason": why})
+        self.exit_code = 3
+        threading.Thread(target=self.stop, kwargs={"grace": 0}, name="sensepack-engine-dead", daemon=True).start()
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new requests, drain running ones (up to `grace` s), stop."""

@@ -64,6 +64,8 @@ def finish_error(ev: eng.FinishEvent) -> ServeError | None:
         return InvalidRequest("", ev.error)
     if ev.reason == eng.SHUTDOWN:
         return Unavailable("", f"server shutting down: the request was cut after {len(ev.output_ids)} tokens; retry")
+    if ev.reason == eng.UNAVAILABLE:      # the model runner died (vLLM's engine core): the server restarts
+        return Unavailable("", f"{ev.error} after {len(ev.output_ids)} tokens")
     cls = {eng.CANCELLED: Cancelled, eng.TIME_LIMIT: DeadlineExceeded, eng.ERROR: InternalError}.get(ev.reason)
     if cls is None:
         return None

@@ -47,6 +47,7 @@ METRICS = {
     "sensepack_backpack_step_seconds",
     "sensepack_exact_skip_steps_total",
     "sensepack_backpack_window_reprefills_total",
+    "sensepack_backpack_resumes_total",
     "sensepack_pack_loads_total",
     "sensepack_active_pack_info",
     "sensepack_requests_by_pack_total",

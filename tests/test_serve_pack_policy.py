@@ -154,3 +154,29 @@ def test_request_load_without_deadline_is_bounded(tmp_path):
         assert _capitals(server) == []
         c.load_pack(f"capitals@{v}", activate=False)         # the admin path has no such bound
         assert c.generate(PROMPT, packs=[f"capitals@{v}"], max_new_tokens=1).packs[0].version == v
+
+
+def test_ab_gauges_per_version_only_while_resident(tmp_path):
+    """The live A/B gauges carry `version`; a version's series go when it leaves memory (unload or
+    eviction past packs.max_resident), so cycling versions leaves the series count bounded."""
+    store, versions = _store(tmp_path, 4)
+    with running_server(tmp_path, demo_served(), **{"packs.max_resident": 2, "store.subscribe": False}) as server:
+        c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
+
+        def series():
+            s = parse_metrics(scrape(server))
+            return sorted(k for k in s if k.startswith("sensepack_ab_ball_ratio{"))
+
+        for v in versions:
+            c.load_pack(f"capitals@{v}", activate=False)
+            r = [x for x in server.packs.residents() if x.version == v][0]
+            server.monitor.record(r, 10.0, 10.5, 5)
+            server.monitor.record(r, 12.0, 12.4, 5)
+            resident = {x.version for x in _capitals(server)}
+            assert len(resident) <= 2
+            got = series()
+            assert got == sorted(f'sensepack_ab_ball_ratio{{pack="capitals",version="{x}"}}' for x in resident)
+            samples = parse_metrics(scrape(server))
+            assert metric(samples, "sensepack_ab_ball_ratio_ci_lower", pack="capitals", version=v) > 0
+        assert c.unload_pack(f"capitals@{versions[-1]}").freed
+        assert versions[-1] not in "".join(series())
