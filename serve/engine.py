@@ -44,6 +44,7 @@ import torch
 
 from ensemble.vocab import Vocabulary
 from serve.detok import IncrementalDetokenizer
+from serve.metrics import GRPC
 from serve.params import GenerationRequest
 from serve.sampler import RowParams, Sampled, sample
 from serve.scheduler import (  # noqa: F401 (re-exported)
@@ -283,14 +284,14 @@ class Engine:
         return self.scheduler.scoring
 
     def submit(self, req: GenerationRequest, packs: list, deadline: float | None = None,
-               on_finish=None, user=None) -> Sequence:
+               on_finish=None, user=None, frontend: str = GRPC) -> Sequence:
         seed, gen = req.seed, None
         if not req.greedy:
             if seed is None:
                 seed = int.from_bytes(os.urandom(7), "little")
             gen = torch.Generator().manual_seed(seed)
         seq = Sequence(self.scheduler.next_id(), req, packs, queue.Queue(), on_finish, deadline,
-                       generator=gen, seed=seed, user=user)
+                       generator=gen, seed=seed, user=user, frontend=frontend)
         self.scheduler.add(seq)
         return seq
 
@@ -379,7 +380,7 @@ class Engine:
                     self._finish(seq, ERROR, error=_describe(e))
                     continue
                 self.scheduler.start_running(seq, now)
-                self.metrics.queue_time.observe(now - seq.arrival)
+                self.metrics.queue_time.labels(seq.frontend).observe(now - seq.arrival)
                 self.metrics.prompt_tokens.inc(len(seq.req.prompt_ids))
         finally:
             self.scheduler.end_admission()
@@ -443,9 +444,9 @@ class Engine:
         seq.output_ids.append(tok)
         n = len(seq.output_ids)
         if seq.last_token is None:
-            self.metrics.ttft.observe(now - seq.arrival)
+            self.metrics.ttft.labels(seq.frontend).observe(now - seq.arrival)
         else:
-            self.metrics.itl.observe(now - seq.last_token)
+            self.metrics.itl.labels(seq.frontend).observe(now - seq.last_token)
         seq.last_token = now
         self.metrics.generation_tokens.inc()
 
@@ -500,7 +501,7 @@ class Engine:
                 text, reason = "", ERROR if reason not in (CANCELLED, TIME_LIMIT) else reason
         delta = "" if reason in _NO_TEXT else text[seq.sent_chars:]
         if seq.last_token is not None:
-            self.metrics.e2e.observe(time.monotonic() - seq.arrival)
+            self.metrics.e2e.labels(seq.frontend).observe(time.monotonic() - seq.arrival)
         try:
             if seq.on_finish is not None:
                 seq.on_finish(seq, reason)

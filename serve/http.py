@@ -440,7 +440,7 @@ class HttpFrontend:
         gens: list[tuple[int, Generation]] = []
         try:
             for i, req in enumerate(reqs):
-                gens.append((i, self.service.generate(req, None)))
+                gens.append((i, self.service.generate(req, None, frontend=HTTP)))
         except BaseException:
             for _, g in gens:
                 g.cancel(eng.CANCELLED)

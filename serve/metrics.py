@@ -33,13 +33,16 @@ class Metrics:
                                 "for HTTP too) and front-end (grpc, http)", ["method", "status", "frontend"],
                                 registry=r)
         self.ttft = Histogram("sensepack_time_to_first_token_seconds", "Admission to first generated token",
-                              buckets=_LATENCY, registry=r)
+                              ["frontend"], buckets=_LATENCY, registry=r)
         self.itl = Histogram("sensepack_inter_token_latency_seconds", "Time between generated tokens",
-                             buckets=_LATENCY, registry=r)
+                             ["frontend"], buckets=_LATENCY, registry=r)
         self.e2e = Histogram("sensepack_e2e_request_latency_seconds", "Arrival to last token",
-                             buckets=_E2E, registry=r)
+                             ["frontend"], buckets=_E2E, registry=r)
         self.queue_time = Histogram("sensepack_queue_time_seconds", "Arrival to joining the running batch",
-                                    buckets=_LATENCY, registry=r)
+                                    ["frontend"], buckets=_LATENCY, registry=r)
+        for h in (self.ttft, self.itl, self.e2e, self.queue_time):   # both series exist from the start
+            for frontend in (GRPC, HTTP):
+                h.labels(frontend)
         self.running = Gauge("sensepack_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("sensepack_requests_waiting", "Requests waiting to join the batch", registry=r)
         self.prompt_tokens = Counter("sensepack_prompt_tokens", "Prompt tokens admitted", registry=r)

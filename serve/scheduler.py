@@ -60,6 +60,7 @@ class Sequence:
     cancel_reason: str | None = None
     finished: str | None = None
     user: object = None           # servicer's bookkeeping (pins, arms)
+    frontend: str = "grpc"        # serve.metrics.GRPC or HTTP: the latency histograms' label
 
     def cancel(self, reason: str = CANCELLED) -> None:
         if self.cancel_reason is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 from serve import engine as eng
+from serve.metrics import GRPC
 from serve.errors import (Cancelled, DeadlineExceeded, InternalError, InvalidRequest, ServeError, Unavailable)
 from serve.packs import Admission, PackManager
 from serve.params import GenerationRequest, ScoreRequest
@@ -28,7 +29,7 @@ class EngineAPI(Protocol):
     waiting: int
 
     def submit(self, req: GenerationRequest, packs: list, deadline: float | None = None, on_finish=None,
-               user=None) -> eng.Sequence: ...
+               user=None, frontend: str = GRPC) -> eng.Sequence: ...
     def cancel(self, seq: eng.Sequence, reason: str = eng.CANCELLED) -> None: ...
     def run_job(self, fn: Callable, high: bool = True) -> futures.Future: ...
     def begin_score(self, tokens: int = 0) -> None: ...
@@ -142,7 +143,7 @@ class GenerationService:
         self.ensemble, self.tokenizer = ensemble, tokenizer
 
     # ---- generation
-    def generate(self, req: GenerationRequest, deadline: float | None = None) -> Generation:
+    def generate(self, req: GenerationRequest, deadline: float | None = None, frontend: str = GRPC) -> Generation:
         """Pin the request's packs and submit it (QueueFull, Unavailable, PackNotFound, ...)."""
         admission = self.packs.admit(req.packs, req.ab_key, deadline=deadline)
         monitor = self.monitor
@@ -153,7 +154,8 @@ class GenerationService:
                 monitor.on_finished(admission.pins, seq.req.prompt_ids, seq.output_ids)
 
         try:
-            seq = self.engine.submit(req, admission.pack_refs, deadline, on_finish=on_finish, user=admission)
+            seq = self.engine.submit(req, admission.pack_refs, deadline, on_finish=on_finish, user=admission,
+                                     frontend=frontend)
         except BaseException:
             admission.release()
             raise

@@ -258,10 +258,22 @@ def test_unknown_and_incompatible_packs(env):
     assert ei.value.body["code"] == "FAILED_PRECONDITION" and "backpack_fingerprint" in ei.value.body["message"]
 
 
+LATENCY = ("sensepack_time_to_first_token_seconds_count", "sensepack_e2e_request_latency_seconds_count",
+           "sensepack_queue_time_seconds_count")
+
+
 def test_requests_are_counted_by_frontend(env):
+    m0 = parse_metrics(scrape(env["server"]))
+    for name in LATENCY:    # both label values exist before any request of that front-end
+        assert f'{name}{{frontend="http"}}' in m0 and f'{name}{{frontend="grpc"}}' in m0, name
     env["oa"].completions.create(model="demo", prompt=PROMPT, max_tokens=2)
+    m1 = parse_metrics(scrape(env["server"]))
     env["grpc"].generate(PROMPT, max_new_tokens=2)
     m = parse_metrics(scrape(env["server"]))
+    for name in LATENCY:    # each request lands in its own front-end's histograms, once
+        assert metric(m1, name, frontend="http") - metric(m0, name, frontend="http") == 1, name
+        assert metric(m1, name, frontend="grpc") == metric(m0, name, frontend="grpc"), name
+        assert metric(m, name, frontend="grpc") - metric(m1, name, frontend="grpc") == 1, name
     assert metric(m, "sensepack_requests_total", frontend="http", method="completions", status="OK") >= 1
     assert metric(m, "sensepack_requests_total", frontend="http", method="completions", status="NOT_FOUND") >= 1
     assert metric(m, "sensepack_requests_total", frontend="grpc", method="Generate", status="OK") >= 1
