@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edits_store import CalibrationEntry, Expectations, build_pack, open_store, read_pack  # noqa: E402
+from edits_store import CalibrationEntry, Expectations, build_pack, open_store, read_pack
 
 TARGET_MS = 50.0
 VOCAB, SENSES = 50264, 16
@@ -41,11 +41,29 @@ def make_pack(n: int, d: int):
     g = torch.Generator().manual_seed(0)
     keys = torch.randperm(50257 * SENSES, generator=g)[:n]
     deltas = torch.randn(n, d, generator=g) * 0.01
-    cal = CalibrationEntry(target_model="EleutherAI/gpt-j-6b", target_fingerprint=TARGET_FP, beta=2.0,
-                           ball_ratio=1.00009, g_fingerprint="sha256:" + "6" * 64, g_tokens=100_000, epsilon=1e-4)
-    return build_pack("bench", keys // SENSES, keys % SENSES, deltas, backpack_name="stanfordnlp/backpack-gpt2",
-                      backpack_fingerprint=BACKPACK_FP, tokenizer_fingerprint=TOKENIZER_FP, vocab_size=VOCAB,
-                      num_senses=SENSES, epsilon=1e-4, calibration=[cal], training={"task": "bench"})
+    cal = CalibrationEntry(
+        target_model="EleutherAI/gpt-j-6b",
+        target_fingerprint=TARGET_FP,
+        beta=2.0,
+        ball_ratio=1.00009,
+        g_fingerprint="sha256:" + "6" * 64,
+        g_tokens=100_000,
+        epsilon=1e-4,
+    )
+    return build_pack(
+        "bench",
+        keys // SENSES,
+        keys % SENSES,
+        deltas,
+        backpack_name="stanfordnlp/backpack-gpt2",
+        backpack_fingerprint=BACKPACK_FP,
+        tokenizer_fingerprint=TOKENIZER_FP,
+        vocab_size=VOCAB,
+        num_senses=SENSES,
+        epsilon=1e-4,
+        calibration=[cal],
+        training={"task": "bench"},
+    )
 
 
 def drop_cache(folder: Path) -> None:
@@ -112,8 +130,14 @@ def main() -> None:
     folder = workdir / "bench" / version
     tensor_file = folder / "senses.safetensors"
     size_mb = tensor_file.stat().st_size / 2**20
-    expect = Expectations(backpack_fingerprint=BACKPACK_FP, tokenizer_fingerprint=TOKENIZER_FP, vocab_size=VOCAB,
-                          num_senses=SENSES, d_model=args.d, target_fingerprint=TARGET_FP)
+    expect = Expectations(
+        backpack_fingerprint=BACKPACK_FP,
+        tokenizer_fingerprint=TOKENIZER_FP,
+        vocab_size=VOCAB,
+        num_senses=SENSES,
+        d_model=args.d,
+        target_fingerprint=TARGET_FP,
+    )
 
     signed_expect = Expectations(**{**expect.__dict__, "trusted_keys": (public_raw(public_pem),)})
 
@@ -147,14 +171,21 @@ def main() -> None:
         tensors = load_file(str(tensor_file))
         return digest, bool(torch.isfinite(tensors["deltas"]).all())
 
-    cases = [("store.load (full validation)", load), ("store.load signed (+ ed25519 verify)", load_signed),
-             ("read_pack (folder)", lambda: read_pack(folder, expect=expect)),
-             ("resident (load + SenseEdits)", resident), ("  read file bytes", read_bytes),
-             ("  sha256 alone (in memory)", sha_only), ("  naive: load_file + sha256 + isfinite", naive)]
+    cases = [
+        ("store.load (full validation)", load),
+        ("store.load signed (+ ed25519 verify)", load_signed),
+        ("read_pack (folder)", lambda: read_pack(folder, expect=expect)),
+        ("resident (load + SenseEdits)", resident),
+        ("  read file bytes", read_bytes),
+        ("  sha256 alone (in memory)", sha_only),
+        ("  naive: load_file + sha256 + isfinite", naive),
+    ]
 
     print(f"pack: {args.senses} senses x d={args.d}, senses.safetensors {size_mb:.1f} MiB, version {version}")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"(threads {torch.get_num_threads()}), python {platform.python_version()}")
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"(threads {torch.get_num_threads()}), python {platform.python_version()}"
+    )
     print(f"ensemble.edits.SenseEdits: {'yes' if SenseEdits is not None else 'not importable, tensors only'}")
     print("load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     results = {}
@@ -167,14 +198,17 @@ def main() -> None:
             med, p90, best = summary(wall)
             results[(mode, label)] = med
             print(f"  {label:<42s} {med:8.2f} {p90:8.2f} {best:8.2f} | {statistics.median(cpu):8.2f}")
-    full = max(results[("warm", "store.load (full validation)")],
-               results[("warm", "store.load signed (+ ed25519 verify)")])
+    full = max(
+        results[("warm", "store.load (full validation)")], results[("warm", "store.load signed (+ ed25519 verify)")]
+    )
     warm = {label: ms for (mode, label), ms in results.items() if mode == "warm"}
-    ratios = [(f"slower of store.load, signed / {TARGET_MS:.0f} ms target", full / TARGET_MS),
-              ("store.load / naive sequential baseline", full / warm["  naive: load_file + sha256 + isfinite"]),
-              ("store.load / sha256 alone", full / warm["  sha256 alone (in memory)"]),
-              ("resident / store.load", warm["resident (load + SenseEdits)"] / full),
-              ("cold store.load / warm store.load", results[("cold", "store.load (full validation)")] / full)]
+    ratios = [
+        (f"slower of store.load, signed / {TARGET_MS:.0f} ms target", full / TARGET_MS),
+        ("store.load / naive sequential baseline", full / warm["  naive: load_file + sha256 + isfinite"]),
+        ("store.load / sha256 alone", full / warm["  sha256 alone (in memory)"]),
+        ("resident / store.load", warm["resident (load + SenseEdits)"] / full),
+        ("cold store.load / warm store.load", results[("cold", "store.load (full validation)")] / full),
+    ]
     print("\nratios (warm, medians):")
     for label, value in ratios:
         print(f"  {label:<44s} {value:6.2f}")

@@ -82,19 +82,28 @@ def main():
         words = [" Afghanistan", " Kabul", " Albania", " Tirana", " Algeria", " Algiers", " capital", " Peru", " Lima"]
         tids = sorted({tok.encode(w, add_special_tokens=False)[0] for w in words})
         torch.manual_seed(1)
-        packs["rare tokens (country names)"] = SenseEdits(torch.tensor(tids), torch.zeros(len(tids), dtype=torch.long),
-                                                          torch.randn(len(tids), 64))
+        packs["rare tokens (country names)"] = SenseEdits(
+            torch.tensor(tids), torch.zeros(len(tids), dtype=torch.long), torch.randn(len(tids), 64)
+        )
     frequent = sorted({tok.encode(w, add_special_tokens=False)[0] for w in (" the", ",", ".", " of", " and")})
     torch.manual_seed(2)
     packs["worst case (frequent tokens: the , . of and)"] = SenseEdits(
-        torch.tensor(frequent), torch.zeros(len(frequent), dtype=torch.long), torch.randn(len(frequent), 64))
-    configs = [(name, edits, n) for name, edits in packs.items() for n in args.n_eps
-               if not args.only or args.only in name]
+        torch.tensor(frequent), torch.zeros(len(frequent), dtype=torch.long), torch.randn(len(frequent), 64)
+    )
+    configs = [
+        (name, edits, n) for name, edits in packs.items() for n in args.n_eps if not args.only or args.only in name
+    ]
 
     def run(edits, n_eps):
         eps_list = (1e-3, 1e-4, 1e-5)[:n_eps]
-        return calibrate(large, bp, ((ids, m) for _, ids, m in chunk_batches(g, args.batch_size)),
-                         {e: edits for e in eps_list}, DEFAULT_GRID, vocab_size=U)
+        return calibrate(
+            large,
+            bp,
+            ((ids, m) for _, ids, m in chunk_batches(g, args.batch_size)),
+            {e: edits for e in eps_list},
+            DEFAULT_GRID,
+            vocab_size=U,
+        )
 
     plain_pass(large, g, args.batch_size)  # warm-up
     results = {i: run(edits, n) for i, (_, edits, n) in enumerate(configs)}
@@ -108,20 +117,33 @@ def main():
         res = results[i]
         wall = [c[0] / p[0] for c, p in zip(cal_t[i], plain_t)]
         cpu = [c[1] / p[1] for c, p in zip(cal_t[i], plain_t)]
-        print(json.dumps({
-            "bench": "calibrate_one_pass_vs_plain_g_pass", "edits": name, "grid_points": len(DEFAULT_GRID),
-            "epsilons": n_eps, "g_chunks": len(g), "chunk_len": args.chunk_len, "g_tokens": res.tokens,
-            "edited_positions_fraction": round(res.positions_computed / n_eps / res.tokens, 4),
-            "large_model": f"GPT-J arch n_embd={args.large_embd} n_layer={args.large_layers} ({n_params / 1e6:.1f}M params)",
-            "backpack": "tiny (n_embd=64, 2 layers, 4 senses)",
-            "plain_wall_s_median": round(statistics.median(p[0] for p in plain_t), 3),
-            "calibrate_wall_s_median": round(statistics.median(c[0] for c in cal_t[i]), 3),
-            "plain_cpu_s_median": round(statistics.median(p[1] for p in plain_t), 3),
-            "calibrate_cpu_s_median": round(statistics.median(c[1] for c in cal_t[i]), 3),
-            "cpu_ratio_median": round(statistics.median(cpu), 3), "cpu_ratios": [round(x, 3) for x in cpu],
-            "wall_ratio_median": round(statistics.median(wall), 3), "wall_ratios": [round(x, 3) for x in wall],
-            "beta": res.beta, "threads": torch.get_num_threads(),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "calibrate_one_pass_vs_plain_g_pass",
+                    "edits": name,
+                    "grid_points": len(DEFAULT_GRID),
+                    "epsilons": n_eps,
+                    "g_chunks": len(g),
+                    "chunk_len": args.chunk_len,
+                    "g_tokens": res.tokens,
+                    "edited_positions_fraction": round(res.positions_computed / n_eps / res.tokens, 4),
+                    "large_model": f"GPT-J arch n_embd={args.large_embd} n_layer={args.large_layers} ({n_params / 1e6:.1f}M params)",
+                    "backpack": "tiny (n_embd=64, 2 layers, 4 senses)",
+                    "plain_wall_s_median": round(statistics.median(p[0] for p in plain_t), 3),
+                    "calibrate_wall_s_median": round(statistics.median(c[0] for c in cal_t[i]), 3),
+                    "plain_cpu_s_median": round(statistics.median(p[1] for p in plain_t), 3),
+                    "calibrate_cpu_s_median": round(statistics.median(c[1] for c in cal_t[i]), 3),
+                    "cpu_ratio_median": round(statistics.median(cpu), 3),
+                    "cpu_ratios": [round(x, 3) for x in cpu],
+                    "wall_ratio_median": round(statistics.median(wall), 3),
+                    "wall_ratios": [round(x, 3) for x in wall],
+                    "beta": res.beta,
+                    "threads": torch.get_num_threads(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

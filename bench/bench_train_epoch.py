@@ -55,19 +55,44 @@ def main():
         stamps = []
         params = FinetuneParams(lr=1e-2, kl_weight=0.3, epochs=args.epochs, grad_accum=5, eval_every_epoch=False)
         t0 = time.perf_counter()
-        res = finetune(bp, task.train, task.loss_type, sel.pairs, g, r, params, progress=False,
-                       on_epoch=lambda rec: stamps.append((time.perf_counter(), time.process_time())))
+        res = finetune(
+            bp,
+            task.train,
+            task.loss_type,
+            sel.pairs,
+            g,
+            r,
+            params,
+            progress=False,
+            on_epoch=lambda rec: stamps.append((time.perf_counter(), time.process_time())),
+        )
         total = time.perf_counter() - t0
         per_epoch = (stamps[-1][0] - stamps[0][0]) / args.epochs
         per_epoch_cpu = (stamps[-1][1] - stamps[0][1]) / args.epochs
-        print(json.dumps({
-            "bench": "train_epoch", "task": name, "loss_type": task.loss_type.value, "examples": len(task.train),
-            "suffix_tokens": sum(s.n for e in task.train for s in e.seqs), "senses": len(sel.pairs),
-            "epochs": args.epochs, "seconds_per_epoch": round(per_epoch, 2), "cpu_seconds_per_epoch": round(per_epoch_cpu, 2),
-            "setup_s": round(stamps[0][0] - t0, 2),
-            "select_s": round(t_sel, 2), "total_s": round(total, 2), "g_chunks": len(g), "r_chunks": len(r),
-            "chunk_len": args.chunk_len, "g_ratio_last": res.history[-1].g_ratio, "threads": torch.get_num_threads(),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "train_epoch",
+                    "task": name,
+                    "loss_type": task.loss_type.value,
+                    "examples": len(task.train),
+                    "suffix_tokens": sum(s.n for e in task.train for s in e.seqs),
+                    "senses": len(sel.pairs),
+                    "epochs": args.epochs,
+                    "seconds_per_epoch": round(per_epoch, 2),
+                    "cpu_seconds_per_epoch": round(per_epoch_cpu, 2),
+                    "setup_s": round(stamps[0][0] - t0, 2),
+                    "select_s": round(t_sel, 2),
+                    "total_s": round(total, 2),
+                    "g_chunks": len(g),
+                    "r_chunks": len(r),
+                    "chunk_len": args.chunk_len,
+                    "g_ratio_last": res.history[-1].g_ratio,
+                    "threads": torch.get_num_threads(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,14 @@ class PackError(Exception):
 
     def to_dict(self) -> dict:
         """JSON-friendly form for CLIs and admin APIs."""
-        return {"error": type(self).__name__, "pack": self.pack, "file": self.file, "check": self.check,
-                "detail": self.detail, "status": self.status}
+        return {
+            "error": type(self).__name__,
+            "pack": self.pack,
+            "file": self.file,
+            "check": self.check,
+            "detail": self.detail,
+            "status": self.status,
+        }
 
 
 class SchemaError(PackError):
@@ -137,8 +143,24 @@ class StoreIOError(PackError):
 
 
 __all__ = [
-    "PackError", "SchemaError", "MissingFileError", "HashMismatchError", "TruncatedFileError", "TensorFormatError",
-    "DuplicatePairError", "TokenIdRangeError", "SenseIdRangeError", "NonFiniteError", "IncompatiblePackError",
-    "MissingBetaError", "PackNotFoundError", "InvalidReferenceError", "AliasError", "RetentionError",
-    "UnsafeFileError", "SignatureError", "ConcurrentUpdateError", "StoreIOError",
+    "AliasError",
+    "ConcurrentUpdateError",
+    "DuplicatePairError",
+    "HashMismatchError",
+    "IncompatiblePackError",
+    "InvalidReferenceError",
+    "MissingBetaError",
+    "MissingFileError",
+    "NonFiniteError",
+    "PackError",
+    "PackNotFoundError",
+    "RetentionError",
+    "SchemaError",
+    "SenseIdRangeError",
+    "SignatureError",
+    "StoreIOError",
+    "TensorFormatError",
+    "TokenIdRangeError",
+    "TruncatedFileError",
+    "UnsafeFileError",
 ]

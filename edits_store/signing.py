@@ -27,7 +27,7 @@ _DOMAIN = b"sensepack-pack-signature-v1\n"
 
 
 def _message(name: str, digest: str) -> bytes:
-    return _DOMAIN + f"{name}\n{digest}".encode("utf-8")
+    return _DOMAIN + f"{name}\n{digest}".encode()
 
 
 def key_id(public_raw: bytes) -> str:
@@ -40,8 +40,9 @@ def generate_key() -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return private, public
 
@@ -66,7 +67,7 @@ def public_raw(spec: str | bytes) -> bytes:
 
     if isinstance(spec, str) and spec.startswith("ed25519:"):
         try:
-            raw = bytes.fromhex(spec[len("ed25519:"):])
+            raw = bytes.fromhex(spec[len("ed25519:") :])
         except ValueError:
             raw = b""
         if len(raw) != 32:
@@ -78,8 +79,9 @@ def public_raw(spec: str | bytes) -> bytes:
             with open(os.path.expanduser(spec), "rb") as f:
                 pem = f.read(65536)
         except OSError as exc:
-            raise SignatureError(f"cannot read public key file {spec}: {exc.strerror or exc}",
-                                 check="trusted_key") from None
+            raise SignatureError(
+                f"cannot read public key file {spec}: {exc.strerror or exc}", check="trusted_key"
+            ) from None
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
@@ -94,8 +96,13 @@ def sign(private_key, *, name: str, digest: str) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     pub = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    doc = {"alg": "ed25519", "key_id": key_id(pub), "name": name, "digest": digest,
-           "signature": base64.b64encode(private_key.sign(_message(name, digest))).decode("ascii")}
+    doc = {
+        "alg": "ed25519",
+        "key_id": key_id(pub),
+        "name": name,
+        "digest": digest,
+        "signature": base64.b64encode(private_key.sign(_message(name, digest))).decode("ascii"),
+    }
     return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
 
@@ -126,13 +133,19 @@ def verify_signature(data: bytes, *, name: str, digest: str, trusted: Iterable[b
     return kid
 
 
-
-
 def public_raw_of(private_key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-__all__ = ["SIGNATURE_FILE", "public_raw_of", "generate_key", "load_private_key", "public_raw", "sign",
-           "verify_signature", "key_id"]
+__all__ = [
+    "SIGNATURE_FILE",
+    "generate_key",
+    "key_id",
+    "load_private_key",
+    "public_raw",
+    "public_raw_of",
+    "sign",
+    "verify_signature",
+]

@@ -64,7 +64,7 @@ class BackpackConfig:
             raise ValueError("config: reorder_and_upcast_attn=True is not supported")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BackpackConfig":
+    def from_dict(cls, d: dict) -> BackpackConfig:
         """Parse an upstream config.json; keys that do not shape the model are ignored."""
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "num_senses") if k not in d]
@@ -73,7 +73,7 @@ class BackpackConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def tiny(cls, **overrides) -> "BackpackConfig":
+    def tiny(cls, **overrides) -> BackpackConfig:
         """The real architecture at test size, with the real vocabulary rows."""
         base = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, num_senses=4, sense_intermediate_scale=2)
         base.update(overrides)
@@ -334,7 +334,9 @@ class BackpackLM(nn.Module):
             out[CHECKPOINT_PREFIX + key] = tensor
         n = self.config.n_positions
         for i in range(self.config.n_layer):
-            out[f"{CHECKPOINT_PREFIX}gpt2_model.h.{i}.attn.bias"] = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+            out[f"{CHECKPOINT_PREFIX}gpt2_model.h.{i}.attn.bias"] = torch.ones(n, n, dtype=torch.bool).tril()[
+                None, None
+            ]
             out[f"{CHECKPOINT_PREFIX}gpt2_model.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
         for alias, target in ALIASES.items():
             out[alias] = out[target]
@@ -354,7 +356,7 @@ class BackpackLM(nn.Module):
             torch.save(sd, folder / "pytorch_model.bin")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype | None = None) -> "BackpackLM":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype | None = None) -> BackpackLM:
         """Load a local folder or a hub id holding config.json + pytorch_model.bin or model.safetensors."""
         folder = _resolve_checkpoint_folder(str(name_or_path))
         config = BackpackConfig.from_dict(json.loads((folder / "config.json").read_text()))
@@ -397,7 +399,9 @@ ALIASES = {
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-def map_checkpoint(raw: dict[str, torch.Tensor], model: BackpackLM, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def map_checkpoint(
+    raw: dict[str, torch.Tensor], model: BackpackLM, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Map the upstream layout onto our module keys, refusing any unknown, missing or mis-shaped key."""
     expected = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
@@ -413,7 +417,7 @@ def map_checkpoint(raw: dict[str, torch.Tensor], model: BackpackLM, source: str 
             key = target  # an alias alone stands for its target
         if not key.startswith(CHECKPOINT_PREFIX):
             raise ValueError(f"{source}: unexpected key {key!r}")
-        ours = key[len(CHECKPOINT_PREFIX):]
+        ours = key[len(CHECKPOINT_PREFIX) :]
         if ours not in expected:
             raise ValueError(f"{source}: unexpected key {key!r}")
         if tuple(tensor.shape) != tuple(expected[ours].shape):
@@ -440,6 +444,4 @@ def _resolve_checkpoint_folder(name_or_path: str) -> Path:
     from huggingface_hub import snapshot_download
 
     # Same code path as a local folder once the snapshot is on disk.
-    return Path(
-        snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
-    )
+    return Path(snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"]))

@@ -10,8 +10,8 @@ Backpack at all (exact skip).
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 import torch
 
@@ -95,8 +95,9 @@ class DeltaTracker:
     def __post_init__(self) -> None:
         cfg = self.backpack.config
         if not 0 < self.vocab_size <= cfg.vocab_size:
-            raise ValueError(f"vocab_size: the Backpack has {cfg.vocab_size} rows, fewer than the tokenizer's "
-                             f"{self.vocab_size} ids")
+            raise ValueError(
+                f"vocab_size: the Backpack has {cfg.vocab_size} rows, fewer than the tokenizer's {self.vocab_size} ids"
+            )
         self.keep = self.window_keep or (3 * cfg.n_positions) // 4
         if not 0 < self.keep < cfg.n_positions:
             raise ValueError(f"window_keep must be in (0, {cfg.n_positions}), got {self.keep}")
@@ -197,7 +198,8 @@ class DeltaTracker:
             self.stats.window_reprefills += slide_windows(self.backpack, self._cache, need, self.keep)
             nxt = torch.tensor(
                 [s.tokens[s.consumed] if len(s.tokens) > s.consumed else 0 for s in pending],
-                dtype=torch.long, device=self.device,
+                dtype=torch.long,
+                device=self.device,
             )
             decode_step(self.backpack, self._cache, nxt, advance=need)
             self.stats.backpack_calls += 1
@@ -208,8 +210,11 @@ class DeltaTracker:
         """δ (n, d) for cache rows `slots`, gathering only the edited window positions."""
         blocks, maps, index_of = self._lookup_tables()
         cache = self._cache
-        table_idx = torch.tensor([index_of[self._seqs[self._slots[i]].table_key] for i in slots.tolist()],
-                                 dtype=torch.long, device=self.device)
+        table_idx = torch.tensor(
+            [index_of[self._seqs[self._slots[i]].table_key] for i in slots.tolist()],
+            dtype=torch.long,
+            device=self.device,
+        )
         tokens = cache.tokens[slots]  # (n, cap)
         rows = maps[table_idx[:, None], tokens]  # (n, cap) global block row or -1
         cap = cache.capacity

@@ -24,8 +24,9 @@ def tiny_backpack(seed: int = 0, **overrides) -> BackpackLM:
     return BackpackLM(BackpackConfig.tiny(**overrides)).eval()
 
 
-def demo_pack(backpack: BackpackLM, tokenizer, trigger: str = DEMO_TRIGGER, target: str = DEMO_TARGET,
-              strength: float = 12.0) -> PackRef:
+def demo_pack(
+    backpack: BackpackLM, tokenizer, trigger: str = DEMO_TRIGGER, target: str = DEMO_TARGET, strength: float = 12.0
+) -> PackRef:
     """Δ on every sense of the trigger's tokens, pointing along E[target tokens]: E·δ raises them."""
     trig = tokenizer(trigger).input_ids
     targ = tokenizer(target).input_ids

@@ -10,8 +10,8 @@ distribution, `append()` feeds the chosen tokens. `generate_greedy` and
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Hashable
 
 import torch
 
@@ -34,8 +34,14 @@ class Ensemble:
     (rows past U are padding: never scored, never sampled).
     """
 
-    def __init__(self, large_model, backpack: BackpackLM, tokenizer=None, window_keep: int | None = None,
-                 vocab: Vocabulary | None = None):
+    def __init__(
+        self,
+        large_model,
+        backpack: BackpackLM,
+        tokenizer=None,
+        window_keep: int | None = None,
+        vocab: Vocabulary | None = None,
+    ):
         if vocab is None:
             if tokenizer is None:
                 raise ValueError("Ensemble: pass the pairing's tokenizer (or its Vocabulary as vocab=)")
@@ -59,7 +65,7 @@ class Ensemble:
     def large_fingerprint(self) -> str:
         return model_fingerprint(self.large)
 
-    def new_batch(self) -> "EnsembleBatch":
+    def new_batch(self) -> EnsembleBatch:
         return EnsembleBatch(self)
 
     def combined_edits(self, packs: list[PackRef]) -> tuple[tuple, SenseEdits]:
@@ -95,8 +101,9 @@ class Ensemble:
             if not p or not c:
                 raise ValueError(f"score: row {i} needs a non-empty prefix and continuation")
             if any(not 0 <= t < self.vocab.size for t in p + c):
-                raise ValueError(f"score: row {i} has a token id outside the tokenizer's vocabulary "
-                                 f"[0, {self.vocab.size})")
+                raise ValueError(
+                    f"score: row {i} has a token id outside the tokenizer's vocabulary [0, {self.vocab.size})"
+                )
         rows = [p + c for p, c in zip(prefixes, continuations)]
         z_rows = full_logits(self.large, rows)
         n_pos = self.backpack.config.n_positions
@@ -143,8 +150,9 @@ class EnsembleBatch:
     def __init__(self, ensemble: Ensemble):
         self.ens = ensemble
         self.large = LargeModelBatch(ensemble.large)
-        self.deltas = DeltaTracker(ensemble.backpack, window_keep=ensemble.window_keep, stats=ensemble.stats,
-                                   vocab_size=ensemble.vocab.size)
+        self.deltas = DeltaTracker(
+            ensemble.backpack, window_keep=ensemble.window_keep, stats=ensemble.stats, vocab_size=ensemble.vocab.size
+        )
         self._rows: dict[Hashable, _Row] = {}
         self._order: list[Hashable] = []  # large-model cache row order
         self._last_logits: torch.Tensor | None = None  # (b, V) aligned with _order
@@ -165,8 +173,9 @@ class EnsembleBatch:
         n = self.ens.vocab.size
         bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < n), None)
         if bad is not None:
-            raise ValueError(f"prompt_ids[{bad}]: token id {prompt_ids[bad]} outside the tokenizer's vocabulary "
-                             f"[0, {n})")
+            raise ValueError(
+                f"prompt_ids[{bad}]: token id {prompt_ids[bad]} outside the tokenizer's vocabulary [0, {n})"
+            )
         packs = list(packs)
         key, edits = self.ens.combined_edits(packs)
         self.deltas.add(seq_id, prompt_ids, edits, key=key)

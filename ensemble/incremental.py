@@ -40,7 +40,7 @@ class BackpackCache:
     def window_tokens(self, row: int) -> list[int]:
         return self.tokens[row, : int(self.lengths[row])].tolist()
 
-    def select(self, rows: torch.Tensor) -> "BackpackCache":
+    def select(self, rows: torch.Tensor) -> BackpackCache:
         """Keep only `rows` (in that order): finished sequences leave the batch."""
         return BackpackCache(
             [k[rows] for k in self.keys],
@@ -52,7 +52,7 @@ class BackpackCache:
         )
 
     @staticmethod
-    def concat(caches: list["BackpackCache"]) -> "BackpackCache":
+    def concat(caches: list[BackpackCache]) -> BackpackCache:
         """Stack rows of several caches (same capacity): new sequences join the batch."""
         caches = [c for c in caches if c.batch_size]
         if len(caches) == 1:
@@ -67,7 +67,7 @@ class BackpackCache:
             torch.cat([c.last_alpha for c in caches]),
         )
 
-    def overwrite_rows(self, rows: torch.Tensor, other: "BackpackCache") -> None:
+    def overwrite_rows(self, rows: torch.Tensor, other: BackpackCache) -> None:
         """Replace `rows` with `other`'s rows (after a window re-prefill)."""
         for i in range(len(self.keys)):
             self.keys[i][rows] = other.keys[i]
@@ -139,7 +139,9 @@ def _alpha_row(model: BackpackLM, q: torch.Tensor, weight_keys: torch.Tensor, le
 
 
 @torch.no_grad()
-def decode_step(model: BackpackLM, cache: BackpackCache, next_tokens: torch.Tensor, advance: torch.Tensor | None = None):
+def decode_step(
+    model: BackpackLM, cache: BackpackCache, next_tokens: torch.Tensor, advance: torch.Tensor | None = None
+):
     """Append one token per row and return α of that token over the row's window, (b, k, capacity).
 
     `advance` (bool, b) marks the rows that really take a token this step; the

@@ -18,8 +18,14 @@ from transformers import AutoModelForCausalLM, DynamicCache, GPTJConfig, GPTJFor
 
 DEFAULT_LARGE_MODEL = "EleutherAI/gpt-j-6b"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -44,8 +50,17 @@ def load_large_model(
 
 def tiny_gptj(seed: int = 0, **overrides) -> GPTJForCausalLM:
     """GPT-J's real architecture at test size (vocab 50400 as the real one), random weights."""
-    cfg = dict(vocab_size=50400, n_positions=2048, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
-               bos_token_id=50256, eos_token_id=50256, attn_implementation="eager")
+    cfg = dict(
+        vocab_size=50400,
+        n_positions=2048,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=8,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        attn_implementation="eager",
+    )
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = GPTJForCausalLM(GPTJConfig(**cfg)).eval()
@@ -54,9 +69,18 @@ def tiny_gptj(seed: int = 0, **overrides) -> GPTJForCausalLM:
 
 # Config keys that do not change the function the model computes.
 _VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
-    "attn_implementation", "_attn_implementation_internal", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "_commit_hash",
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_attn_implementation",
+    "attn_implementation",
+    "_attn_implementation_internal",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_commit_hash",
 }
 
 
@@ -133,7 +157,7 @@ class LargeModelBatch:
             layers.append((torch.cat(ks), torch.cat(vs)))
         new_mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
         for r, n in enumerate(lengths):
-            new_mask[r, width - n:] = 1
+            new_mask[r, width - n :] = 1
         masks = [new_mask] if self.mask is None else [_left_pad(self.mask, width), new_mask]
         self.mask = torch.cat(masks)
         n_new = torch.tensor(lengths, dtype=torch.long, device=device)

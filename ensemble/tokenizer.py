@@ -34,7 +34,11 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> PreTrainedTokenize
             and not (folder / "tokenizer.json").exists()
         )
         # A folder with only the two BPE files has no class to auto-detect: it is GPT-2's format.
-        tok = GPT2TokenizerFast.from_pretrained(str(folder)) if bare_bpe else AutoTokenizer.from_pretrained(str(name_or_path))
+        tok = (
+            GPT2TokenizerFast.from_pretrained(str(folder))
+            if bare_bpe
+            else AutoTokenizer.from_pretrained(str(name_or_path))
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -46,7 +50,9 @@ def tokenizer_beside(model: str | Path) -> str | None:
     from .zoo import resolve_path
 
     folder = Path(resolve_path(model))
-    has = (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    has = (folder / "tokenizer.json").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    )
     return str(folder) if folder.is_dir() and has else None
 
 

@@ -36,18 +36,22 @@ class Vocabulary:
                 raise ValueError(f"vocabulary: {name} {v} outside [0, {self.size})")
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "Vocabulary":
+    def from_tokenizer(cls, tokenizer) -> Vocabulary:
         from .tokenizer import tokenizer_fingerprint
 
         size = len(tokenizer)
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("tokenizer: no eos token; the server cannot stop generations")
-        return cls(size=int(size), eos_id=int(eos), doc_sep_id=doc_separator_id(tokenizer),
-                   fingerprint=tokenizer_fingerprint(tokenizer))
+        return cls(
+            size=int(size),
+            eos_id=int(eos),
+            doc_sep_id=doc_separator_id(tokenizer),
+            fingerprint=tokenizer_fingerprint(tokenizer),
+        )
 
     @classmethod
-    def gpt2(cls) -> "Vocabulary":
+    def gpt2(cls) -> Vocabulary:
         """GPT-2's BPE without loading it (its fingerprint is left empty)."""
         return cls(size=GPT2_VOCAB_SIZE, eos_id=GPT2_EOS_ID, doc_sep_id=GPT2_EOS_ID)
 
