@@ -110,7 +110,7 @@ def bench_e2e(batch: int, prompt_len: int, new_tokens: int, rounds: int = 3) -> 
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(1000, 50000, (batch, prompt_len), generator=g).tolist()
     trig = 777
-    with_trig = [[trig] + p[1:] for p in prompts]
+    with_trig = [[trig, *p[1:]] for p in prompts]
     k = bp.config.num_senses
     pack = PackRef("bench", "v1", SenseEdits(torch.full((k,), trig), torch.arange(k), torch.randn(k, 256) * 0.1), 1.0)
     ens = Ensemble(large, bp, vocab=Vocabulary.gpt2())

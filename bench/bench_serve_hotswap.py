@@ -36,7 +36,7 @@ PROMPTS = ["The capital of Mauritius is", "Mauritius is known for", "I flew to M
 
 def pct(xs, q):
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))] if xs else float("nan")
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def main():
@@ -121,7 +121,7 @@ def main():
 
             warm_call, warm_first, cold_call, cold_first = [], [], [], []
             current = va
-            for i in range(args.warm):
+            for _i in range(args.warm):
                 current = vb if current == va else va
                 c, f = swap(current)
                 warm_call.append(c)

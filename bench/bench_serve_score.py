@@ -36,13 +36,15 @@ from serve.client import build_generate_request
 
 def pct(xs, q):
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))] if xs else float("nan")
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def peak_rss_mb(pid: int) -> tuple[float, float]:
     """(VmHWM, VmRSS) of the process in MiB."""
     vals = {}
-    for line in open(f"/proc/{pid}/status"):
+    with open(f"/proc/{pid}/status") as f:
+        lines = f.readlines()
+    for line in lines:
         if line.startswith(("VmHWM", "VmRSS")):
             k, v = line.split(":")
             vals[k] = int(v.split()[0]) / 1024
@@ -112,7 +114,7 @@ def main():
             t0 = time.perf_counter()
             resp = stub.Score(score_request(args.conts, args.len), timeout=3600)
             t1 = time.perf_counter()
-            hwm1, rss1 = peak_rss_mb(pid)
+            hwm1, _rss1 = peak_rss_mb(pid)
             assert len(resp.continuations) == args.conts
             # a Score cut by its deadline: how long until decoding runs at its idle pace again
             t2 = time.perf_counter()

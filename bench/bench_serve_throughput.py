@@ -45,7 +45,7 @@ def pct(xs, q):
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
+    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
     return xs[k]
 
 

@@ -112,11 +112,11 @@ def main():
     for _ in range(args.repeats):
         plain_t.append(timed(lambda: plain_pass(large, g, args.batch_size)))
         for i, (_, edits, n) in enumerate(configs):
-            cal_t[i].append(timed(lambda: run(edits, n)))
-    for i, (name, edits, n_eps) in enumerate(configs):
+            cal_t[i].append(timed(lambda edits=edits, n=n: run(edits, n)))  # bind this iteration's values
+    for i, (name, _, n_eps) in enumerate(configs):
         res = results[i]
-        wall = [c[0] / p[0] for c, p in zip(cal_t[i], plain_t)]
-        cpu = [c[1] / p[1] for c, p in zip(cal_t[i], plain_t)]
+        wall = [c[0] / p[0] for c, p in zip(cal_t[i], plain_t, strict=True)]
+        cpu = [c[1] / p[1] for c, p in zip(cal_t[i], plain_t, strict=True)]
         print(
             json.dumps(
                 {
@@ -128,7 +128,10 @@ def main():
                     "chunk_len": args.chunk_len,
                     "g_tokens": res.tokens,
                     "edited_positions_fraction": round(res.positions_computed / n_eps / res.tokens, 4),
-                    "large_model": f"GPT-J arch n_embd={args.large_embd} n_layer={args.large_layers} ({n_params / 1e6:.1f}M params)",
+                    "large_model": (
+                        f"GPT-J arch n_embd={args.large_embd} n_layer={args.large_layers} "
+                        f"({n_params / 1e6:.1f}M params)"
+                    ),
                     "backpack": "tiny (n_embd=64, 2 layers, 4 senses)",
                     "plain_wall_s_median": round(statistics.median(p[0] for p in plain_t), 3),
                     "calibrate_wall_s_median": round(statistics.median(c[0] for c in cal_t[i]), 3),

@@ -64,7 +64,7 @@ def main():
             r,
             params,
             progress=False,
-            on_epoch=lambda rec: stamps.append((time.perf_counter(), time.process_time())),
+            on_epoch=lambda rec, stamps=stamps: stamps.append((time.perf_counter(), time.process_time())),
         )
         total = time.perf_counter() - t0
         per_epoch = (stamps[-1][0] - stamps[0][0]) / args.epochs

@@ -74,7 +74,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     # prompts draw ids from [1000, 50000); edited tokens are 100..107 (present only in the "edited" prompts)
     prompts = [torch.randint(1000, 50000, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
-    edited_prompts = [[100 + (i % 8)] + p[1:] for i, p in enumerate(prompts)]
+    edited_prompts = [[100 + i % 8, *p[1:]] for i, p in enumerate(prompts)]
     pack = random_pack(bp, list(range(100, 108)), name="bench", version="v1", beta=1.0, seed=0)
     REGISTRY.configure(bp, DictSource({(pack.name, pack.version): pack.edits}), vocab_size=Vocabulary.gpt2().size)
 

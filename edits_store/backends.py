@@ -404,7 +404,7 @@ class LocalBackend(Backend):
     def lock(self, name: str) -> Iterator[None]:
         folder = self._makedirs(name)
         with _io_errors("locking the pack", name):
-            f = open(os.path.join(folder, LOCK_FILE), "a+b")
+            f = open(os.path.join(folder, LOCK_FILE), "a+b")  # noqa: SIM115 - only the open is an I/O error to map
         with f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:

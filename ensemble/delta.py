@@ -167,7 +167,7 @@ class DeltaTracker:
         self._activate([s for s in seq_ids if self._seqs[s].touched and not self._seqs[s].active])
         self._catch_up()
         slot_of = {sid: i for i, sid in enumerate(self._slots)}
-        wanted = [s for s, a in zip(seq_ids, active.tolist()) if a]
+        wanted = [s for s, a in zip(seq_ids, active.tolist(), strict=True) if a]
         slots = torch.tensor([slot_of[s] for s in wanted], dtype=torch.long, device=self.device)
         delta = self._deltas_for(slots)  # (n_active, d)
         out[active.to(self.device)] = delta @ self.backpack.embedding[: self.vocab_size].T
@@ -203,7 +203,7 @@ class DeltaTracker:
             )
             decode_step(self.backpack, self._cache, nxt, advance=need)
             self.stats.backpack_calls += 1
-            for s, n in zip(pending, need.tolist()):
+            for s, n in zip(pending, need.tolist(), strict=True):
                 s.consumed += int(n)
 
     def _deltas_for(self, slots: torch.Tensor) -> torch.Tensor:

@@ -82,14 +82,14 @@ class Ensemble:
         self, prompts: list[list[int]], packs: list[list[PackRef]], max_new_tokens: int
     ) -> list[list[int]]:
         batch = self.new_batch()
-        for i, (p, pk) in enumerate(zip(prompts, packs)):
+        for i, (p, pk) in enumerate(zip(prompts, packs, strict=True)):
             batch.add(i, p, pk)
         out: list[list[int]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
             nxt = batch.logprobs().argmax(dim=-1).tolist()
-            for i, t in zip(batch.seq_ids, nxt):
+            for i, t in zip(batch.seq_ids, nxt, strict=True):
                 out[i].append(t)
-            batch.append(dict(zip(batch.seq_ids, nxt)))
+            batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
         return out
 
     @torch.no_grad()
@@ -97,20 +97,20 @@ class Ensemble:
         self, prefixes: list[list[int]], continuations: list[list[int]], packs: list[list[PackRef]]
     ) -> list[torch.Tensor]:
         """Teacher-forced log-probs (float32) of each continuation token given prefix (+ earlier continuation)."""
-        for i, (p, c) in enumerate(zip(prefixes, continuations)):
+        for i, (p, c) in enumerate(zip(prefixes, continuations, strict=True)):
             if not p or not c:
                 raise ValueError(f"score: row {i} needs a non-empty prefix and continuation")
             if any(not 0 <= t < self.vocab.size for t in p + c):
                 raise ValueError(
                     f"score: row {i} has a token id outside the tokenizer's vocabulary [0, {self.vocab.size})"
                 )
-        rows = [p + c for p, c in zip(prefixes, continuations)]
+        rows = [p + c for p, c in zip(prefixes, continuations, strict=True)]
         z_rows = full_logits(self.large, rows)
         n_pos = self.backpack.config.n_positions
         results = []
-        for row, z, p, c, pk in zip(rows, z_rows, prefixes, continuations, packs):
+        for row, z, p, c, pk in zip(rows, z_rows, prefixes, continuations, packs, strict=True):
             z = z[:, : self.vocab.size]
-            key, edits = self.combined_edits(pk)
+            _key, edits = self.combined_edits(pk)
             ids = torch.tensor([row], device=self.backpack.embedding.device)
             if len(edits) and torch.isin(ids, edits.token_ids.to(ids.device)).any():
                 if len(row) <= n_pos:

@@ -144,7 +144,7 @@ class LargeModelBatch:
     def _join(self, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> None:
         device = self.model.device
         old_len = 0 if self.mask is None else self.mask.shape[1]
-        width = max([old_len] + lengths)
+        width = max([old_len, *lengths])
         n_layer = len(kvs[0])
         layers = []
         for i in range(n_layer):
