@@ -28,7 +28,7 @@ import grpc
 import torch
 
 from edits_store.store import open_store
-from proto import admin_pb, admin_pb_grpc, pb_grpc
+from sensepack_proto import admin_pb, admin_pb_grpc, pb_grpc
 from serve.client import build_generate_request
 
 PROMPTS = ["The capital of Mauritius is", "Mauritius is known for", "I flew to Mauritius and"]

@@ -30,7 +30,7 @@ import grpc
 import torch
 
 from edits_store.store import open_store
-from proto import pb, pb_grpc
+from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from ensemble.vocab import Vocabulary
-from proto import pb
+from sensepack_proto import pb
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _TAG = r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}"

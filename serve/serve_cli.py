@@ -147,7 +147,7 @@ def client_generate(ctx, prompt, **kw):
     else:
         used = ", ".join(f"{p.name}@{p.version} (beta={p.beta:g}, arm={p.arm})" for p in r.packs) or "base"
         click.echo(f"{prompt}{r.text}")
-        click.echo(f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]", err=True)
+        click.echo(f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('sensepack_proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]", err=True)
 
 
 @client_group.command("stream")

@@ -566,7 +566,10 @@ def test_dockerfile(flavour):
     for rel in needed:
         assert (ROOT / rel).exists(), f"{path.name}: {rel} does not exist"
         assert not _ignored(rel, patterns), f"{path.name}: {rel} is excluded by the .dockerignore"
-    for rel in (".venv/bin/python", "tests/test_deploy.py", ".git/HEAD", "proto/sensepack/v1/generation_pb2.py"):
+    needed += ["sensepack_proto/generation_pb2.py", "sensepack_proto/admin_pb2_grpc.py"]  # committed stubs
+    for rel in needed:
+        assert not _ignored(rel, patterns), f"{path.name}: {rel} is excluded by the .dockerignore"
+    for rel in (".venv/bin/python", "tests/test_deploy.py", ".git/HEAD"):
         assert _ignored(rel, patterns), f"{rel} should be excluded from the build context"
 
 
