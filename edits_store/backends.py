@@ -154,7 +154,7 @@ class Backend(ABC):
     def gc(self, older_than_s: float = DEFAULT_GC_AGE_S) -> list[str]:
         """Remove leftovers of killed publishers/deleters older than ``older_than_s``; returns what was removed."""
 
-    def lock(self, name: str) -> contextlib.AbstractContextManager:
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Serialises alias moves and deletions of one pack where the backend can (no-op otherwise)."""
         return contextlib.nullcontext()
 
@@ -182,7 +182,7 @@ def _io_errors(what: str, pack: str | None = None) -> Iterator[None]:
 class LocalBackend(Backend):
     """A directory on local disk; atomic by rename, durable by fsync."""
 
-    def __init__(self, root: str | os.PathLike, create: bool = True):
+    def __init__(self, root: str | os.PathLike[str], create: bool = True):
         self.root = os.path.realpath(os.path.abspath(os.fspath(root)))
         if not os.path.isdir(self.root):
             if not create:
@@ -465,7 +465,7 @@ def _write_fsync(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _scandir(path: str) -> list[os.DirEntry]:
+def _scandir(path: str) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(path) as it:
             return list(it)
@@ -522,9 +522,10 @@ class FsspecBackend(Backend):
             return path[len(stripped_root) :].split("/")
         return path[len(prefix) :].split("/")
 
-    def _find(self, *parts: str) -> dict[str, dict]:
+    def _find(self, *parts: str) -> dict[str, dict[str, Any]]:
         try:
-            return self.fs.find(self._path(*parts), detail=True)
+            found: dict[str, dict[str, Any]] = self.fs.find(self._path(*parts), detail=True)
+            return found
         except FileNotFoundError:
             return {}
 
@@ -682,7 +683,8 @@ class FsspecBackend(Backend):
 
     def read_alias(self, name: str, alias: str) -> bytes | None:
         try:
-            return self.fs.cat_file(self._alias_key(name, alias))
+            data: bytes = self.fs.cat_file(self._alias_key(name, alias))
+            return data
         except FileNotFoundError:
             return None
 

@@ -45,14 +45,11 @@ def _usage_payload(exc: click.ClickException) -> dict[str, Any]:
     }
 
 
-def _command(fn: Callable) -> Callable:
+def _command(fn: Callable[..., None]) -> Callable[..., None]:
     """Shared options and error mapping: ``--json``; PackError → exit 1 (2 for malformed references/aliases);
     an OSError outside the store's own handling (e.g. reading a --dir folder) → exit 1, typed."""
 
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout (errors too).")
-    @click.pass_context
-    @functools.wraps(fn)
-    def wrapper(ctx: click.Context, *args: Any, as_json: bool = False, **kwargs: Any) -> None:
+    def wrapper(ctx: click.Context, /, *args: Any, as_json: bool = False, **kwargs: Any) -> None:
         ctx.ensure_object(dict)
         ctx.obj["json"] = ctx.obj.get("json") or as_json
         try:
@@ -75,7 +72,9 @@ def _command(fn: Callable) -> Callable:
                 f"{type(exc).__name__}: {exc}",
             )
 
-    return wrapper
+    functools.update_wrapper(wrapper, fn)  # click takes the command's name and help from fn
+    json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout (errors too).")
+    return json_option(click.pass_context(wrapper))
 
 
 def _fail(ctx: click.Context, payload: dict[str, Any], text: str, **extra: Any) -> None:
@@ -94,7 +93,8 @@ def _store(ctx: click.Context, create: bool = False) -> PackStore:
         raise click.UsageError("no store given: pass --store URL or set SENSEPACK_STORE", ctx=ctx)
     if "store_obj" not in ctx.obj:
         ctx.obj["store_obj"] = open_store(url, create=create)
-    return ctx.obj["store_obj"]
+    store: PackStore = ctx.obj["store_obj"]
+    return store
 
 
 class _PacksGroup(click.Group):
@@ -172,7 +172,7 @@ def list_cmd(ctx: click.Context, name: str | None) -> None:
         raise click.UsageError(f"list takes a bare pack NAME, not {name!r}; use show or alias for a reference", ctx=ctx)
     store = _store(ctx)
     if name is None:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for pack_name in store.list_packs():
             rows.append(
                 {
@@ -529,4 +529,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

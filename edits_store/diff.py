@@ -37,7 +37,7 @@ class PackDiff:
         return not (self.added or self.removed or self.changed)
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
-        def cut(items: list[PairChange]) -> list[dict]:
+        def cut(items: list[PairChange]) -> list[dict[str, Any]]:
             return [asdict(c) for c in (items if top is None else items[:top])]
 
         return {

@@ -8,6 +8,8 @@ map the error to; it is a plain string so this package needs no gRPC import.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PackError(Exception):
     """Base class: a pack or store operation was refused.
@@ -39,7 +41,7 @@ class PackError(Exception):
         prefix = ", ".join(where)
         return f"{type(self).__name__}: {prefix}: {self.detail}" if prefix else f"{type(self).__name__}: {self.detail}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for CLIs and admin APIs."""
         return {
             "error": type(self).__name__,

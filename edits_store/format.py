@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 from safetensors.torch import save as safetensors_save
 
 from .errors import (
@@ -117,13 +117,13 @@ class CalibrationEntry(BaseModel):
 
     @field_validator("target_model", "target_fingerprint", "g_fingerprint")
     @classmethod
-    def _strings(cls, v: str, info) -> str:
-        return _non_empty(v, info.field_name)
+    def _strings(cls, v: str, info: ValidationInfo) -> str:
+        return _non_empty(v, str(info.field_name))
 
     @field_validator("beta", "ball_ratio", "epsilon")
     @classmethod
-    def _floats(cls, v: float, info) -> float:
-        return _finite(v, info.field_name)
+    def _floats(cls, v: float, info: ValidationInfo) -> float:
+        return _finite(v, str(info.field_name))
 
     @field_validator("g_tokens")
     @classmethod
@@ -182,7 +182,8 @@ class Manifest(BaseModel):
             parsed = datetime.fromisoformat(v)
         except ValueError as exc:
             raise ValueError(f"created_at {v!r} is not ISO 8601") from exc
-        if parsed.utcoffset() is None or parsed.utcoffset().total_seconds() != 0:
+        offset = parsed.utcoffset()
+        if offset is None or offset.total_seconds() != 0:
             raise ValueError(f"created_at {v!r} must be UTC")
         return v
 
@@ -202,7 +203,7 @@ class Manifest(BaseModel):
 
     @field_validator("vocab_size", "num_senses", "d_model")
     @classmethod
-    def _positive(cls, v: int, info) -> int:
+    def _positive(cls, v: int, info: ValidationInfo) -> int:
         if v <= 0:
             raise ValueError(f"{info.field_name} must be > 0")
         return v
@@ -727,7 +728,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_pack(pack: PackContents, folder: str | os.PathLike) -> None:
+def write_pack(pack: PackContents, folder: str | os.PathLike[str]) -> None:
     """Write the pack's two files into ``folder`` (created if needed), tensors first, manifest last, fsynced.
 
     Not atomic on its own (the store is); a reader of a half-written folder fails validation rather than
@@ -750,7 +751,7 @@ class _PendingHash:
 
     def __init__(self, buf: bytearray):
         self._view = memoryview(buf)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._hasher = hashlib.sha256()
         self._thread = threading.Thread(target=self._run, name="pack-sha256", daemon=True)
         self._thread.start()
@@ -943,7 +944,7 @@ def _declared_safetensors_size(data: bytes | bytearray) -> int | None:
     """Total size a safetensors file declares in its header, or None if the header itself is unreadable."""
     if len(data) < 8:
         return None
-    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    header_len: int = struct.unpack("<Q", bytes(data[:8]))[0]
     if header_len > len(data) - 8:
         return 8 + header_len  # at least this much was declared
     if header_len > MAX_SAFETENSORS_HEADER_BYTES:
@@ -953,7 +954,7 @@ def _declared_safetensors_size(data: bytes | bytearray) -> int | None:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if type(end) is not int:
             return None
-        return 8 + header_len + end
+        return 8 + header_len + int(end)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
 
@@ -988,7 +989,7 @@ def parse_safetensors(data: bytearray | bytes, *, source: str) -> dict[str, torc
 
     if len(data) < 8:
         raise fail(f"file has {len(data)} bytes, too short for a safetensors header")
-    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    header_len: int = struct.unpack("<Q", bytes(data[:8]))[0]
     if header_len > MAX_SAFETENSORS_HEADER_BYTES:
         raise fail(f"header length {header_len} exceeds the {MAX_SAFETENSORS_HEADER_BYTES}-byte cap")
     if header_len > len(data) - 8:
@@ -1185,7 +1186,7 @@ def load_from_source(
 
 
 def read_pack(
-    folder_or_fs_path: str | os.PathLike, *, expect: Expectations | None = None, fs: Any = None
+    folder_or_fs_path: str | os.PathLike[str], *, expect: Expectations | None = None, fs: Any = None
 ) -> PackContents:
     """Read and fully validate the pack in a folder (local, or a path on the fsspec filesystem ``fs``)."""
     src = PackSource(os.fspath(folder_or_fs_path), fs=fs)

@@ -19,8 +19,12 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .errors import SignatureError
+
+if TYPE_CHECKING:  # cryptography is imported where it is used: most pack reads never touch a signature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SIGNATURE_FILE = "signature.json"
 _DOMAIN = b"sensepack-pack-signature-v1\n"
@@ -47,7 +51,7 @@ def generate_key() -> tuple[bytes, bytes]:
     return private, public
 
 
-def load_private_key(pem: bytes):
+def load_private_key(pem: bytes) -> Ed25519PrivateKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -73,8 +77,9 @@ def public_raw(spec: str | bytes) -> bytes:
         if len(raw) != 32:
             raise SignatureError(f"{spec!r} is not ed25519:<64 hex chars>", check="trusted_key")
         return raw
-    pem = spec
-    if isinstance(spec, str):
+    if isinstance(spec, bytes):
+        pem = spec
+    else:
         try:
             with open(os.path.expanduser(spec), "rb") as f:
                 pem = f.read(65536)
@@ -91,7 +96,7 @@ def public_raw(spec: str | bytes) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def sign(private_key, *, name: str, digest: str) -> bytes:
+def sign(private_key: Ed25519PrivateKey, *, name: str, digest: str) -> bytes:
     """signature.json bytes for the content ``digest`` of pack ``name``."""
     from cryptography.hazmat.primitives import serialization
 
@@ -133,7 +138,7 @@ def verify_signature(data: bytes, *, name: str, digest: str, trusted: Iterable[b
     return kid
 
 
-def public_raw_of(private_key) -> bytes:
+def public_raw_of(private_key: Ed25519PrivateKey) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

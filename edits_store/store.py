@@ -320,7 +320,7 @@ class PackStore:
     @staticmethod
     def _alias_doc(name: str, alias: str, data: bytes) -> dict[str, Any]:
         try:
-            doc = json.loads(data)
+            doc: dict[str, Any] = json.loads(data)
             version = doc["version"]
         except (ValueError, KeyError, TypeError, RecursionError):
             raise AliasError(
@@ -340,7 +340,8 @@ class PackStore:
 
     @classmethod
     def _parse_alias(cls, name: str, alias: str, data: bytes) -> str:
-        return cls._alias_doc(name, alias, data)["version"]
+        version: str = cls._alias_doc(name, alias, data)["version"]
+        return version
 
     @classmethod
     def _alias_seq(cls, name: str, alias: str, data: bytes | None) -> int:
@@ -563,7 +564,7 @@ class Subscription:
         return state
 
     @staticmethod
-    def diff(old: dict, new: dict) -> list[StoreEvent]:
+    def diff(old: dict[str, Any], new: dict[str, Any]) -> list[StoreEvent]:
         events = []
         for name in sorted(set(old) | set(new)):
             old_versions, old_aliases = old.get(name, (set(), {}))
@@ -648,7 +649,7 @@ def _s3_filesystem(storage_options: dict[str, Any]) -> Any:
     return fsspec.filesystem("s3", **opts)
 
 
-def open_store(url: str | os.PathLike, *, create: bool = True, **storage_options: Any) -> PackStore:
+def open_store(url: str | os.PathLike[str], *, create: bool = True, **storage_options: Any) -> PackStore:
     """``/path``, ``relative/path`` or ``file:///path`` → local directory; ``s3://bucket/prefix`` → S3 via fsspec
     (``endpoint_url`` from kwargs, ``SENSEPACK_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``;
     credentials the usual AWS way); any other ``proto://`` → that fsspec filesystem. ``create=False``: a local
