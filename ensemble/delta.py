@@ -10,7 +10,7 @@ Backpack at all (exact skip).
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,7 @@ class EditTable:
         self.token_row[tokens] = torch.arange(len(tokens))
         self.edited_tokens = frozenset(tokens.tolist())
 
-    def touches(self, token_ids) -> bool:
+    def touches(self, token_ids: Iterable[int]) -> bool:
         return any(t in self.edited_tokens for t in token_ids)
 
 
@@ -107,7 +107,7 @@ class DeltaTracker:
         self._tables: dict[Hashable, EditTable] = {}
         self._slots: list[Hashable] = []  # cache row -> seq id
         self._cache: BackpackCache | None = None
-        self._lookup: tuple[torch.Tensor, torch.Tensor, dict] | None = None  # (blocks, maps, key->index)
+        self._lookup: tuple[torch.Tensor, torch.Tensor, dict[Hashable, int]] | None = None  # blocks, maps, key->index
 
     # ------------------------------------------------------------------ membership
 
@@ -137,7 +137,8 @@ class DeltaTracker:
         if seq.active:
             keep = [i for i, s in enumerate(self._slots) if s != seq_id]
             self._slots = [self._slots[i] for i in keep]
-            self._cache = self._cache.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+            cache = self._active_cache()
+            self._cache = cache.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
         if not any(s.table_key == seq.table_key for s in self._seqs.values()):
             del self._tables[seq.table_key]
             self._lookup = None
@@ -188,20 +189,27 @@ class DeltaTracker:
             seq.active, seq.consumed = True, len(seq.tokens)
             self._slots.append(s)
 
+    def _active_cache(self) -> BackpackCache:
+        """The cache of the active rows; only called when some sequence is active."""
+        if self._cache is None:
+            raise RuntimeError("DeltaTracker: no active sequence has a Backpack cache row")
+        return self._cache
+
     def _catch_up(self) -> None:
         """Feed every active row the tokens appended since its last step (one decode step each)."""
-        while True:
+        while self._slots:
             pending = [self._seqs[s] for s in self._slots]
             need = torch.tensor([len(s.tokens) > s.consumed for s in pending], dtype=torch.bool, device=self.device)
             if not bool(need.any()):
                 return
-            self.stats.window_reprefills += slide_windows(self.backpack, self._cache, need, self.keep)
+            cache = self._active_cache()
+            self.stats.window_reprefills += slide_windows(self.backpack, cache, need, self.keep)
             nxt = torch.tensor(
                 [s.tokens[s.consumed] if len(s.tokens) > s.consumed else 0 for s in pending],
                 dtype=torch.long,
                 device=self.device,
             )
-            decode_step(self.backpack, self._cache, nxt, advance=need)
+            decode_step(self.backpack, cache, nxt, advance=need)
             self.stats.backpack_calls += 1
             for s, n in zip(pending, need.tolist(), strict=True):
                 s.consumed += int(n)
@@ -209,7 +217,7 @@ class DeltaTracker:
     def _deltas_for(self, slots: torch.Tensor) -> torch.Tensor:
         """δ (n, d) for cache rows `slots`, gathering only the edited window positions."""
         blocks, maps, index_of = self._lookup_tables()
-        cache = self._cache
+        cache = self._active_cache()
         table_idx = torch.tensor(
             [index_of[self._seqs[self._slots[i]].table_key] for i in slots.tolist()],
             dtype=torch.long,
@@ -227,7 +235,7 @@ class DeltaTracker:
             delta.index_add_(0, bi, contrib)
         return delta
 
-    def _lookup_tables(self):
+    def _lookup_tables(self) -> tuple[torch.Tensor, torch.Tensor, dict[Hashable, int]]:
         if self._lookup is None:
             keys = list(self._tables)
             offsets, blocks, maps = 0, [], []

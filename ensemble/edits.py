@@ -32,7 +32,7 @@ class SenseEdits:
     def d(self) -> int:
         return int(self.deltas.shape[-1])
 
-    def to(self, device=None, dtype=None) -> SenseEdits:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SenseEdits:
         return SenseEdits(
             self.token_ids.to(device),
             self.sense_ids.to(device),

@@ -10,10 +10,12 @@ distribution, `append()` feeds the chosen tokens. `generate_greedy` and
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .backpack import BackpackLM
 from .delta import DeltaStats, DeltaTracker, sequence_deltas
@@ -21,8 +23,10 @@ from .edits import PackRef, SenseEdits, combine_packs
 from .large_model import LargeModelBatch, full_logits, model_context_limit, model_fingerprint
 from .vocab import Vocabulary
 
+PackKey = tuple[tuple[str, str, float], ...]
 
-def pack_key(packs: list[PackRef]) -> tuple:
+
+def pack_key(packs: list[PackRef]) -> PackKey:
     """Sequences with the same pinned packs and βs share one edit table."""
     return tuple(sorted(p.key for p in packs))
 
@@ -36,9 +40,9 @@ class Ensemble:
 
     def __init__(
         self,
-        large_model,
+        large_model: PreTrainedModel,
         backpack: BackpackLM,
-        tokenizer=None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         window_keep: int | None = None,
         vocab: Vocabulary | None = None,
     ):
@@ -56,7 +60,7 @@ class Ensemble:
         self.tokenizer = tokenizer
         self.window_keep = window_keep
         self.stats = DeltaStats()
-        self._combined: dict[tuple, SenseEdits] = {}
+        self._combined: dict[PackKey, SenseEdits] = {}
 
     @property
     def context_limit(self) -> int:
@@ -68,7 +72,7 @@ class Ensemble:
     def new_batch(self) -> EnsembleBatch:
         return EnsembleBatch(self)
 
-    def combined_edits(self, packs: list[PackRef]) -> tuple[tuple, SenseEdits]:
+    def combined_edits(self, packs: list[PackRef]) -> tuple[PackKey, SenseEdits]:
         key = pack_key(packs)
         if key not in self._combined:
             if len(self._combined) > 256:  # bounded: pack sets come and go with hot swaps
@@ -87,8 +91,8 @@ class Ensemble:
         out: list[list[int]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
             nxt = batch.logprobs().argmax(dim=-1).tolist()
-            for i, t in zip(batch.seq_ids, nxt, strict=True):
-                out[i].append(t)
+            for seq_id, t in zip(batch.seq_ids, nxt, strict=True):
+                out[cast(int, seq_id)].append(t)
             batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
         return out
 
@@ -165,7 +169,7 @@ class EnsembleBatch:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, seq_id: Hashable, prompt_ids: list[int], packs: list[PackRef] = ()) -> None:
+    def add(self, seq_id: Hashable, prompt_ids: list[int], packs: Sequence[PackRef] = ()) -> None:
         if seq_id in self._rows:
             raise KeyError(f"sequence {seq_id!r} is already in the batch")
         if not prompt_ids:
@@ -188,7 +192,7 @@ class EnsembleBatch:
             keep = [i for i, s in enumerate(self._order) if s != seq_id]
             self._order = [self._order[i] for i in keep]
             self.large.select(keep)
-            self._last_logits = self._last_logits[keep] if keep else None
+            self._last_logits = self._last_logits[keep] if keep and self._last_logits is not None else None
 
     def append(self, tokens: dict[Hashable, int]) -> None:
         for seq_id, t in tokens.items():
@@ -209,7 +213,7 @@ class EnsembleBatch:
                 self._rows[s].new, self._rows[s].pending = False, []
             self._order += new
             self._last_logits = logits if self._last_logits is None else torch.cat([self._last_logits, logits])
-        if not self._order:
+        if not self._order or self._last_logits is None:
             return torch.zeros(0, self.ens.vocab.size)
         z = self._last_logits[:, : self.ens.vocab.size]
         logp = torch.log_softmax(z, dim=-1)
@@ -226,7 +230,9 @@ class EnsembleBatch:
             advance = torch.tensor([bool(r.pending) for r in rows], device=self.large.model.device)
             tokens = torch.tensor([r.pending[0] if r.pending else 0 for r in rows], device=self.large.model.device)
             logits = self.large.step(tokens, advance)
-            self._last_logits = torch.where(advance[:, None], logits, self._last_logits)
+            self._last_logits = (
+                logits if self._last_logits is None else torch.where(advance[:, None], logits, self._last_logits)
+            )
             for r in rows:
                 if r.pending:
                     r.pending.pop(0)

@@ -38,10 +38,15 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("sensepack.zoo")
 
@@ -121,14 +126,15 @@ def smollm2_gguf() -> Path:
     return dest
 
 
-def load_gguf(gguf: Path, dtype=None):
+def load_gguf(gguf: Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) straight from the GGUF file, dequantised by transformers (needs `gguf`, `accelerate`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype or torch.float32)
-    return model.eval(), tok
+    model.eval()
+    return model, tok
 
 
 def _build_smollm2(out: Path) -> None:
@@ -171,7 +177,7 @@ def _build_by_recipe(name: str) -> Callable[[Path], None]:
     return build
 
 
-def _write_source(folder: Path, record: dict) -> None:
+def _write_source(folder: Path, record: dict[str, Any]) -> None:
     record = dict(record, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     (folder / SOURCE_FILE).write_text(json.dumps(record, indent=1))
 
@@ -203,7 +209,7 @@ REGISTRY: dict[str, NamedModel] = {
 }
 
 
-def is_named(name: str | os.PathLike | None) -> bool:
+def is_named(name: str | os.PathLike[str] | None) -> bool:
     return isinstance(name, str) and name in REGISTRY
 
 
@@ -220,7 +226,7 @@ def is_cached(name: str) -> bool:
 
 
 @contextmanager
-def _lock(path: Path):
+def _lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -265,6 +271,8 @@ def resolve(name: str) -> Path:
     return folder / entry.subpath
 
 
-def resolve_path(name_or_path: str | os.PathLike) -> str | os.PathLike:
+def resolve_path(name_or_path: str | os.PathLike[str]) -> str | os.PathLike[str]:
     """A registry name -> its cached folder (built if needed); anything else unchanged."""
-    return str(resolve(name_or_path)) if is_named(name_or_path) else name_or_path
+    if isinstance(name_or_path, str) and is_named(name_or_path):
+        return str(resolve(name_or_path))
+    return name_or_path
