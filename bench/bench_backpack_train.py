@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SENSEPACK_SHARED", REPO.parent / "shared"))
@@ -30,10 +31,11 @@ DEFAULT_CORPUS = SHARED / "data" / "canonical-examples" / "val100-val.jsonl"
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def run(nproc: int, cfg: dict, out: Path, threads: int) -> dict:
+def run(nproc: int, cfg: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
     out = out / f"nproc-{nproc}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -59,7 +61,8 @@ def run(nproc: int, cfg: dict, out: Path, threads: int) -> dict:
             *cli,
         ]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "training.json").read_text())
+    record: dict[str, Any] = json.loads((out / "training.json").read_text())
+    return record
 
 
 def main() -> None:

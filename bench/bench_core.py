@@ -20,6 +20,7 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,11 +33,11 @@ from ensemble.large_model import tiny_gptj
 from ensemble.vocab import Vocabulary
 
 
-def n_params(m) -> int:
+def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def timed(fn, repeat: int) -> float:
+def timed(fn: Callable[[], object], repeat: int) -> float:
     fn()  # warm-up
     t0 = time.perf_counter()
     for _ in range(repeat):
@@ -59,11 +60,11 @@ def bench_backpack(prefix: int, batch: int, steps: int) -> None:
     cache = prefill(bp, rows.tolist())
     nxt = torch.randint(0, 50257, (batch,), generator=g)
 
-    def step():
+    def step() -> None:
         decode_step(bp, cache, nxt)
         cache.lengths -= 1  # stay at the same prefix length
 
-    def full():
+    def full() -> None:
         with torch.no_grad():
             bp.contextualize(torch.cat([rows, nxt[:, None]], 1))
 
@@ -80,13 +81,13 @@ def bench_backpack(prefix: int, batch: int, steps: int) -> None:
     tracker.logit_deltas(list(range(batch)))
     counter = [0]
 
-    def cached():
+    def cached() -> None:
         for i in range(batch):
             tracker.append(i, int(nxt[i]))
         tracker.logit_deltas(list(range(batch)))
         counter[0] += 1
 
-    def naive():
+    def naive() -> torch.Tensor:
         with torch.no_grad():
             ids = torch.cat([rows, nxt[:, None]], 1)
             pre = torch.log_softmax(bp(ids).logits[:, -1], -1)
@@ -115,7 +116,7 @@ def bench_e2e(batch: int, prompt_len: int, new_tokens: int, rounds: int = 3) -> 
     pack = PackRef("bench", "v1", SenseEdits(torch.full((k,), trig), torch.arange(k), torch.randn(k, 256) * 0.1), 1.0)
     ens = Ensemble(large, bp, vocab=Vocabulary.gpt2())
 
-    def run(ps, packs):
+    def run(ps: list[list[int]], packs: list[PackRef]) -> tuple[float, list[list[int]]]:
         t0 = time.perf_counter()
         out = ens.generate_greedy(ps, [packs] * len(ps), new_tokens)
         return batch * new_tokens / (time.perf_counter() - t0), out
@@ -203,7 +204,7 @@ def bench_e2e_smollm2(new_tokens: int, rounds: int = 3) -> None:
     without = (without * 8)[:8]
     assert len(with_pack) == 8 and without
 
-    def run(ps, packs):
+    def run(ps: list[list[int]], packs: list[PackRef]) -> float:
         t0 = time.perf_counter()
         ens.generate_greedy(ps, [packs] * len(ps), new_tokens)
         return len(ps) * new_tokens / (time.perf_counter() - t0)

@@ -24,20 +24,22 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edits_store import CalibrationEntry, Expectations, build_pack, open_store, read_pack
+from edits_store import CalibrationEntry, Expectations, PackContents, build_pack, open_store, read_pack
+from ensemble.edits import SenseEdits
 
 TARGET_MS = 50.0
 VOCAB, SENSES = 50264, 16
 BACKPACK_FP, TOKENIZER_FP, TARGET_FP = "sha256:" + "b" * 64, "sha256:" + "7" * 64, "sha256:" + "9" * 64
 
 
-def make_pack(n: int, d: int):
+def make_pack(n: int, d: int) -> PackContents:
     g = torch.Generator().manual_seed(0)
     keys = torch.randperm(50257 * SENSES, generator=g)[:n]
     deltas = torch.randn(n, d, generator=g) * 0.01
@@ -76,7 +78,9 @@ def drop_cache(folder: Path) -> None:
             os.close(fd)
 
 
-def timed(fn, repeats: int, before=None) -> tuple[list[float], list[float]]:
+def timed(
+    fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None
+) -> tuple[list[float], list[float]]:
     """Wall-clock and process CPU time (all threads) per call, in ms. CPU time shows the work itself when the
     host is shared and wall time is inflated by waiting for a core."""
     fn()  # warm-up (imports, allocator)
@@ -114,11 +118,6 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="store directory (default: a temp dir under /tmp)")
     args = parser.parse_args()
 
-    try:
-        from ensemble.edits import SenseEdits
-    except ImportError:  # the core may not be installed; measure the equivalent tensor hand-off
-        SenseEdits = None
-
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="bench-packs-"))
     store = open_store(workdir)
     pack = make_pack(args.senses, args.d)
@@ -141,30 +140,27 @@ def main() -> None:
 
     signed_expect = Expectations(**{**expect.__dict__, "trusted_keys": (public_raw(public_pem),)})
 
-    def load():
+    def load() -> PackContents:
         return store.load("bench@prod", expect)
 
-    def load_signed():
+    def load_signed() -> PackContents:
         return store.load("bench@prod", signed_expect)
 
-    def resident():
+    def resident() -> tuple[SenseEdits, float]:
         p = store.load("bench@prod", expect)
         beta = p.manifest.beta_for(TARGET_FP).beta
-        if SenseEdits is not None:
-            edits = SenseEdits(p.token_ids, p.sense_ids, p.deltas).to("cpu", torch.float32)
-        else:
-            edits = (p.token_ids, p.sense_ids, p.deltas.to("cpu", torch.float32))
+        edits = SenseEdits(p.token_ids, p.sense_ids, p.deltas).to("cpu", torch.float32)
         return edits, beta
 
-    def read_bytes():
+    def read_bytes() -> bytes:
         return tensor_file.read_bytes()
 
     in_memory = tensor_file.read_bytes()
 
-    def sha_only():
+    def sha_only() -> str:
         return hashlib.sha256(in_memory).hexdigest()
 
-    def naive():
+    def naive() -> tuple[str, bool]:
         from safetensors.torch import load_file
 
         digest = hashlib.sha256(tensor_file.read_bytes()).hexdigest()

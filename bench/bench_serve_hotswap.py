@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,12 +35,12 @@ from serve.client import build_generate_request
 PROMPTS = ["The capital of Mauritius is", "Mauritius is known for", "I flew to Mauritius and"]
 
 
-def pct(xs, q):
+def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--warm", type=int, default=50)
     ap.add_argument("--cold", type=int, default=10)
@@ -76,9 +77,9 @@ def main():
             served_log: list[tuple[float, str]] = []  # (first-token time, version)
             lock = threading.Lock()
             stop = threading.Event()
-            errors = []
+            errors: list[str] = []
 
-            def client(k):
+            def client(k: int) -> None:
                 i = 0
                 while not stop.is_set():
                     i += 1
@@ -88,7 +89,7 @@ def main():
                         max_new_tokens=args.new,
                         ignore_eos=True,
                     )
-                    version = None
+                    version = ""
                     try:
                         for m in stub.GenerateStream(req):
                             if m.packs:
@@ -108,7 +109,7 @@ def main():
                 t.start()
             time.sleep(1.0)
 
-            def swap(version):
+            def swap(version: str) -> tuple[float, float]:
                 t0 = time.perf_counter()
                 adm.SetAlias(admin_pb.SetAliasRequest(name="capitals", alias="prod", version=version), metadata=md)
                 t_call = time.perf_counter() - t0
@@ -119,7 +120,10 @@ def main():
                         return t_call, min(hit) - t0
                     time.sleep(0.0005)
 
-            warm_call, warm_first, cold_call, cold_first = [], [], [], []
+            warm_call: list[float] = []
+            warm_first: list[float] = []
+            cold_call: list[float] = []
+            cold_first: list[float] = []
             current = va
             for _i in range(args.warm):
                 current = vb if current == va else va
@@ -135,7 +139,7 @@ def main():
                 t.join(timeout=60)
             ch.close()
 
-    def row(name, call, first):
+    def row(name: str, call: list[float], first: list[float]) -> dict[str, Any]:
         return {
             "kind": name,
             "n": len(first),

@@ -34,7 +34,7 @@ from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
 
 
-def pct(xs, q):
+def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
@@ -62,7 +62,7 @@ def score_request(n: int, length: int) -> pb.ScoreRequest:
     return req
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conts", type=int, default=64)
     ap.add_argument("--len", type=int, default=1024)
@@ -93,7 +93,7 @@ def main():
             gaps: list[tuple[float, float]] = []  # (time, gap)
             stop = threading.Event()
 
-            def decode():
+            def decode() -> None:
                 while not stop.is_set():
                     last = None
                     call = stub.GenerateStream(

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,7 +42,7 @@ PROMPTS = [
 ]
 
 
-def pct(xs, q):
+def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
@@ -49,14 +50,18 @@ def pct(xs, q):
     return xs[k]
 
 
-def run_load(port: int, concurrency: int, requests_per_client: int, new: int, packs: list[str]) -> dict:
+def run_load(port: int, concurrency: int, requests_per_client: int, new: int, packs: list[str]) -> dict[str, Any]:
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.GenerationServiceStub(ch)
-    ttft, itl, e2e, tokens, errors = [], [], [], [0], []
+    ttft: list[float] = []
+    itl: list[float] = []
+    e2e: list[float] = []
+    tokens = [0]
+    errors: list[str] = []
     lock = threading.Lock()
     barrier = threading.Barrier(concurrency)
 
-    def client(k):
+    def client(k: int) -> None:
         barrier.wait()
         for i in range(requests_per_client):
             req = build_generate_request(
@@ -68,7 +73,7 @@ def run_load(port: int, concurrency: int, requests_per_client: int, new: int, pa
                 ab_key=f"c{k}",
             )
             t0 = time.perf_counter()
-            last, first, gaps, n = None, None, [], 0
+            last, first, gaps, n = t0, None, [], 0
             try:
                 for m in stub.GenerateStream(req):
                     now = time.perf_counter()
@@ -86,6 +91,9 @@ def run_load(port: int, concurrency: int, requests_per_client: int, new: int, pa
                     errors.append(e.code().name)
                 continue
             with lock:
+                if first is None:  # the stream ended without a token
+                    errors.append("NO_TOKENS")
+                    continue
                 ttft.append(first)
                 itl.extend(gaps)
                 e2e.append(last - t0)
@@ -115,7 +123,7 @@ def run_load(port: int, concurrency: int, requests_per_client: int, new: int, pa
     }
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")

@@ -14,26 +14,34 @@ Writes one JSON line per configuration to stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.edits import SenseEdits
 from ensemble.large_model import tiny_gptj
 from ensemble.tokenizer import load_tokenizer
-from train_edits.calibrate import DEFAULT_GRID, calibrate, large_logits
+from train_edits.calibrate import DEFAULT_GRID, CalibrationResult, calibrate, large_logits
 from train_edits.compute import chunk_batches
 from train_edits.corpora import read_documents, split_corpora
 
-DATA = "/work/shared/data/canonical-examples"
+# the paper's canonical examples, beside the repo as in tests/conftest.py (or where the variable says)
+DATA = os.environ.get(
+    "SENSEPACK_CANONICAL_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "canonical-examples")
+)
 U = len(load_tokenizer())  # the tiny pairing shares GPT-2's tokenizer
 
 
 @torch.no_grad()
-def plain_pass(large, g, bs):
+def plain_pass(large: PreTrainedModel, g: Sequence[torch.Tensor], bs: int) -> float:
     tot = cnt = 0.0
     for _, ids, mask in chunk_batches(g, bs):
         z = large_logits(large, ids, U)[:, :-1]
@@ -44,14 +52,14 @@ def plain_pass(large, g, bs):
     return tot / cnt
 
 
-def timed(fn):
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process): CPU time is less disturbed by other jobs on a shared box."""
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=24)
     ap.add_argument("--chunk-len", type=int, default=128)
@@ -94,7 +102,7 @@ def main():
         (name, edits, n) for name, edits in packs.items() for n in args.n_eps if not args.only or args.only in name
     ]
 
-    def run(edits, n_eps):
+    def run(edits: SenseEdits, n_eps: int) -> CalibrationResult:
         eps_list = (1e-3, 1e-4, 1e-5)[:n_eps]
         return calibrate(
             large,
@@ -107,12 +115,13 @@ def main():
 
     plain_pass(large, g, args.batch_size)  # warm-up
     results = {i: run(edits, n) for i, (_, edits, n) in enumerate(configs)}
-    plain_t, cal_t = [], {i: [] for i in results}
+    plain_t: list[tuple[float, float]] = []
+    cal_t: dict[int, list[tuple[float, float]]] = {i: [] for i in results}
     # interleaved repeats: the machine is shared, so each ratio pairs runs taken close together
     for _ in range(args.repeats):
         plain_t.append(timed(lambda: plain_pass(large, g, args.batch_size)))
         for i, (_, edits, n) in enumerate(configs):
-            cal_t[i].append(timed(lambda edits=edits, n=n: run(edits, n)))  # bind this iteration's values
+            cal_t[i].append(timed(functools.partial(run, edits, n)))  # bind this iteration's values
     for i, (name, _, n_eps) in enumerate(configs):
         res = results[i]
         wall = [c[0] / p[0] for c, p in zip(cal_t[i], plain_t, strict=True)]

@@ -26,6 +26,8 @@ import platform
 import statistics
 import tempfile
 import time
+from typing import Any
+from unittest import mock
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -34,7 +36,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch
 
 
-def n_params(m) -> int:
+def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
@@ -78,7 +80,7 @@ def main() -> None:
     pack = random_pack(bp, list(range(100, 108)), name="bench", version="v1", beta=1.0, seed=0)
     REGISTRY.configure(bp, DictSource({(pack.name, pack.version): pack.edits}), vocab_size=Vocabulary.gpt2().size)
 
-    def params(with_pack: bool):
+    def params(with_pack: bool) -> Any:
         return SamplingParams(
             temperature=0.0,
             max_tokens=args.new_tokens,
@@ -86,7 +88,7 @@ def main() -> None:
             extra_args=build_extra_args([pack]) if with_pack else None,
         )
 
-    def batch(ps, with_pack):
+    def batch(ps: list[list[int]], with_pack: bool) -> tuple[list[Any], list[Any]]:
         return [TokensPrompt(prompt_token_ids=p) for p in ps], [params(with_pack) for _ in ps]
 
     # time spent inside the processor (update_state + apply), to report its share of each run
@@ -95,23 +97,24 @@ def main() -> None:
     inside = [0.0]
     orig_apply, orig_update = P.apply, P.update_state
 
-    def apply(self, logits):
+    def apply(self: P, logits: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
         try:
             return orig_apply(self, logits)
         finally:
             inside[0] += time.perf_counter() - t
 
-    def update_state(self, bu):
+    def update_state(self: P, bu: Any) -> None:
         t = time.perf_counter()
         try:
             return orig_update(self, bu)
         finally:
             inside[0] += time.perf_counter() - t
 
-    P.apply, P.update_state = apply, update_state
+    mock.patch.object(P, "apply", apply).start()  # for the rest of this process
+    mock.patch.object(P, "update_state", update_state).start()
 
-    def timed(llm, ps, with_pack) -> tuple[float, float]:
+    def timed(llm: Any, ps: list[list[int]], with_pack: bool) -> tuple[float, float]:
         prompts_, sp = batch(ps, with_pack)
         inside[0] = 0.0
         t0 = time.perf_counter()
@@ -129,8 +132,8 @@ def main() -> None:
     cases = {"plain": (plain, prompts, False), "skip": (llm, prompts, True), "edited": (llm, edited_prompts, True)}
     for llm_, ps, wp in cases.values():  # warm-up
         timed(llm_, ps, wp)
-    times = {k: [] for k in cases}
-    share = {k: [] for k in cases}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    share: dict[str, list[float]] = {k: [] for k in cases}
     calls = {k: 0 for k in cases}
     for _ in range(args.repeat):  # interleaved, so drift on a shared box hits all three alike
         for k, (llm_, ps, wp) in cases.items():
