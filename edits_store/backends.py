@@ -403,9 +403,9 @@ class LocalBackend(Backend):
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         folder = self._makedirs(name)
-        with _io_errors("locking the pack", name):
-            f = open(os.path.join(folder, LOCK_FILE), "a+b")  # noqa: SIM115 - only the open is an I/O error to map
-        with f:
+        with contextlib.ExitStack() as stack:
+            with _io_errors("locking the pack", name):  # only the open is an I/O error of the lock
+                f = stack.enter_context(open(os.path.join(folder, LOCK_FILE), "a+b"))
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 yield
