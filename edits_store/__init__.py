@@ -38,7 +38,7 @@ from .format import (
     with_calibration,
     write_pack,
 )
-from .store import PackStore, StoreEvent, Subscription, VersionInfo, open_store
+from .store import PackReference, PackStore, StoreEvent, Subscription, VersionInfo, open_store, parse_pack_reference
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -57,6 +57,7 @@ __all__ = [
     "PackContents",
     "PackError",
     "PackNotFoundError",
+    "PackReference",
     "PackStore",
     "RetentionError",
     "SchemaError",
@@ -72,6 +73,7 @@ __all__ = [
     "VersionInfo",
     "build_pack",
     "open_store",
+    "parse_pack_reference",
     "read_pack",
     "with_calibration",
     "write_pack",

@@ -118,8 +118,44 @@ def _iso(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, tz=UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class PackReference:
+    """A parsed pack reference: ``name``, ``name@<32-hex version>``, ``name@latest`` or ``name@<alias>``.
+
+    The one grammar for references: the store, its CLI and the server's request validation all parse with
+    `parse_pack_reference`. Syntax only; whether the pack, version or alias exists is the store's to say.
+    """
+
+    name: str
+    selector: str | None = None  # None: the "prod" alias if set, else the latest version
+
+    @property
+    def is_version(self) -> bool:
+        return self.selector is not None and VERSION_RE.match(self.selector) is not None
+
+    @property
+    def is_alias(self) -> bool:
+        return self.selector is not None and self.selector != LATEST and not self.is_version
+
+    def __str__(self) -> str:
+        return self.name if self.selector is None else f"{self.name}@{self.selector}"
+
+
+def parse_pack_reference(ref: str) -> PackReference:
+    """Parse ``ref``; InvalidReferenceError (check ``ref_syntax``) names what is malformed.
+
+    Whole-string matches: ``demo@prod\n`` or `` demo`` are refused, never trimmed.
+    """
+    name, selector = _parse_ref(ref)
+    return PackReference(name, selector)
+
+
 def parse_ref(ref: str) -> tuple[str, str | None]:
-    """``name`` → (name, None); ``name@x`` → (name, x). InvalidReferenceError on malformed input."""
+    """``name`` → (name, None); ``name@x`` → (name, x): `parse_pack_reference` as a tuple."""
+    return _parse_ref(ref)
+
+
+def _parse_ref(ref: str) -> tuple[str, str | None]:
     if not isinstance(ref, str) or ref.count("@") > 1:
         raise InvalidReferenceError(
             f"malformed pack reference {ref!r}; use name, name@version or name@alias", pack=str(ref), check="ref_syntax"
@@ -677,10 +713,12 @@ def open_store(url: str | os.PathLike[str], *, create: bool = True, **storage_op
 __all__ = [
     "DEFAULT_ALIAS",
     "LATEST",
+    "PackReference",
     "PackStore",
     "StoreEvent",
     "Subscription",
     "VersionInfo",
     "open_store",
+    "parse_pack_reference",
     "parse_ref",
 ]
