@@ -25,6 +25,7 @@ back to the previous version or to the base model).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 
+from ensemble.jsonl import DataError, iter_jsonl
 from serve.packs import GateResult, Resident, sticky_fraction
 
 log = logging.getLogger("sensepack.abtest")
@@ -48,20 +50,17 @@ def read_corpus(path: Path | None, text_field: str = "text", max_texts: int = 64
     texts: list[str] = []
     if not path.is_file():
         raise ValueError(f"gate.corpus: no such file: {path}")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            if path.suffix == ".jsonl":
-                obj = json.loads(line)
-                t = obj.get(text_field) if isinstance(obj, dict) else None
-                if not isinstance(t, str):
-                    raise ValueError(f"gate.corpus {path}: a line has no string field {text_field!r}")
-                line = t
-            texts.append(line)
+    if path.suffix == ".jsonl":
+        for lineno, rec in iter_jsonl(path):  # DataError (a ValueError) names the line
+            t = rec.get(text_field)
+            if not isinstance(t, str):
+                raise DataError(path, lineno, text_field, "gate.corpus: missing or not a string")
+            texts.append(t)
             if len(texts) >= max_texts:
                 break
+    else:
+        with open(path, encoding="utf-8") as f:
+            texts = list(itertools.islice((s for s in map(str.strip, f) if s), max_texts))
     if not texts:
         raise ValueError(f"gate.corpus {path}: no texts")
     return texts

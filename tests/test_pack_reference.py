@@ -37,8 +37,20 @@ def test_selector_kinds():
 
 @pytest.mark.parametrize(
     "ref",
-    ["", "demo-capitals@prod\n", "demo\n", " demo", "demo@", "a@b@c", "de mo", "../etc", "demo@1abc", "demo@x:y",
-     "demo@" + "v" * 65, "-demo"],
+    [
+        "",
+        "demo-capitals@prod\n",
+        "demo\n",
+        " demo",
+        "demo@",
+        "a@b@c",
+        "de mo",
+        "../etc",
+        "demo@1abc",
+        "demo@x:y",
+        "demo@" + "v" * 65,
+        "-demo",
+    ],
 )
 def test_malformed_references_are_refused_by_the_store_and_the_server(ref):
     with pytest.raises(InvalidReferenceError) as store_err:
