@@ -35,6 +35,15 @@ class EditTable:
         return any(t in self.edited_tokens for t in token_ids)
 
 
+def logit_delta(delta: torch.Tensor, embedding: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """E·δ over the shared vocabulary U = [0, vocab_size): (..., d) -> (..., vocab_size).
+
+    log p_ft − log p_pre = E·δ − c·1, and c cancels in the softmax: this is the logit change a pack
+    (already β-scaled, or times β here) makes. Rows of E past U are padding and never part of it.
+    """
+    return delta @ embedding[:vocab_size].T
+
+
 def edited_positions(input_ids: torch.Tensor, edits: SenseEdits) -> torch.Tensor:
     """(b, s) bool: which positions hold a token with at least one edited sense."""
     return torch.isin(input_ids, edits.token_ids.to(input_ids.device))
@@ -171,7 +180,7 @@ class DeltaTracker:
         wanted = [s for s, a in zip(seq_ids, active.tolist(), strict=True) if a]
         slots = torch.tensor([slot_of[s] for s in wanted], dtype=torch.long, device=self.device)
         delta = self._deltas_for(slots)  # (n_active, d)
-        out[active.to(self.device)] = delta @ self.backpack.embedding[: self.vocab_size].T
+        out[active.to(self.device)] = logit_delta(delta, self.backpack.embedding, self.vocab_size)
         self.stats.backpack_seconds += time.perf_counter() - t0
         return out, active.to(self.device)
 

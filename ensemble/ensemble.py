@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .backpack import BackpackLM
-from .delta import DeltaStats, DeltaTracker, sequence_deltas
+from .delta import DeltaStats, DeltaTracker, logit_delta, sequence_deltas
 from .edits import PackRef, SenseEdits, combine_packs
 from .large_model import LargeModelBatch, full_logits, model_context_limit, model_fingerprint
 from .vocab import Vocabulary
@@ -110,25 +110,58 @@ class Ensemble:
                 )
         rows = [p + c for p, c in zip(prefixes, continuations, strict=True)]
         z_rows = full_logits(self.large, rows)
-        n_pos = self.backpack.config.n_positions
         results = []
         for row, z, p, c, pk in zip(rows, z_rows, prefixes, continuations, packs, strict=True):
-            z = z[:, : self.vocab.size]
-            _key, edits = self.combined_edits(pk)
-            ids = torch.tensor([row], device=self.backpack.embedding.device)
-            if len(edits) and torch.isin(ids, edits.token_ids.to(ids.device)).any():
-                if len(row) <= n_pos:
-                    alpha = self.backpack.contextualize(ids)
-                    delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0]
-                    z = z + (delta @ self.backpack.embedding[: self.vocab.size].T).float().to(z.device)
-                    self.stats.backpack_calls += 1
-                else:  # past the Backpack's window: the serving path's sliding window, step by step
-                    results.append(self._score_incremental(p, c, pk))
-                    continue
-            logp = torch.log_softmax(z, dim=-1)
+            packed = self._packed_logits(row, z[:, : self.vocab.size], pk)
+            if packed is None:  # past the Backpack's window: the serving path's sliding window, step by step
+                results.append(self._score_incremental(p, c, pk))
+                continue
+            logp = torch.log_softmax(packed, dim=-1)
             targets = torch.tensor(c, device=logp.device)
             results.append(logp[len(p) - 1 : len(row) - 1].gather(1, targets[:, None]).squeeze(1))
         return results
+
+    @torch.no_grad()
+    def paired_nll(self, rows: list[list[int]], packs: list[PackRef]) -> tuple[list[float], list[float]]:
+        """Summed NLL (nats) of tokens 1.. of each row under the base and under `packs`, paired.
+
+        The large model's teacher-forced logits z are computed once per batch; the base scores
+        log_softmax(z) and the packs log_softmax(z + E·δ) on the same z. A row with no edited token
+        is an exact skip (pack NLL = base NLL); a row past the Backpack's window is scored with the
+        serving path's sliding window.
+        """
+        for i, row in enumerate(rows):
+            if len(row) < 2 or any(not 0 <= t < self.vocab.size for t in row):
+                raise ValueError(f"paired_nll: row {i} needs 2 or more ids in [0, {self.vocab.size})")
+        base_out, pack_out = [], []
+        for row, z in zip(rows, full_logits(self.large, rows), strict=True):
+            z = z[:, : self.vocab.size]
+            targets = torch.tensor(row[1:], device=z.device)[:, None]
+            base_nll = -float(torch.log_softmax(z[:-1], -1).gather(1, targets).double().sum())
+            packed = self._packed_logits(row, z, packs)
+            if packed is None:
+                pack_nll = -float(self._score_incremental(row[:1], row[1:], packs).double().sum())
+            elif packed is z:
+                pack_nll = base_nll
+            else:
+                pack_nll = -float(torch.log_softmax(packed[:-1], -1).gather(1, targets).double().sum())
+            base_out.append(base_nll)
+            pack_out.append(pack_nll)
+        return base_out, pack_out
+
+    def _packed_logits(self, row: list[int], z: torch.Tensor, packs: list[PackRef]) -> torch.Tensor | None:
+        """z + E·δ of a teacher-forced row (len, |U|): `z` itself when no token of the row is edited (exact
+        skip), None when the row is longer than the Backpack's window (score it incrementally)."""
+        _key, edits = self.combined_edits(packs)
+        ids = torch.tensor([row], device=self.backpack.embedding.device)
+        if not len(edits) or not bool(torch.isin(ids, edits.token_ids.to(ids.device)).any()):
+            return z
+        if len(row) > self.backpack.config.n_positions:
+            return None
+        alpha = self.backpack.contextualize(ids)
+        delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0]
+        self.stats.backpack_calls += 1
+        return z + logit_delta(delta, self.backpack.embedding, self.vocab.size).float().to(z.device)
 
     def _score_incremental(self, prefix: list[int], cont: list[int], packs: list[PackRef]) -> torch.Tensor:
         batch = self.new_batch()

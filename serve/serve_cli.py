@@ -271,8 +271,6 @@ def packs_ab(ctx, name):
 def register(main: click.Group) -> None:
     main.add_command(serve_cmd)
     main.add_command(client_group)
-    try:
-        from edits_store.cli import packs
-    except ImportError:
-        return
+    from edits_store.cli import packs
+
     main.add_command(packs)
