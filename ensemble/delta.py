@@ -44,11 +44,6 @@ def logit_delta(delta: torch.Tensor, embedding: torch.Tensor, vocab_size: int) -
     return delta @ embedding[:vocab_size].T
 
 
-def edited_positions(input_ids: torch.Tensor, edits: SenseEdits) -> torch.Tensor:
-    """(b, s) bool: which positions hold a token with at least one edited sense."""
-    return torch.isin(input_ids, edits.token_ids.to(input_ids.device))
-
-
 def sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits: SenseEdits) -> torch.Tensor:
     """δ_t for every position of full sequences, from a full α (b, k, s, s): (b, s, d).
 

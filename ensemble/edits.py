@@ -39,9 +39,6 @@ class SenseEdits:
             self.deltas.to(device=device, dtype=dtype or self.deltas.dtype),
         )
 
-    def scaled(self, beta: float) -> SenseEdits:
-        return SenseEdits(self.token_ids, self.sense_ids, self.deltas * beta)
-
     def validate(self, vocab_size: int, num_senses: int, d: int) -> None:
         """Raise ValueError naming the first check that fails."""
         n = self.token_ids.shape[0]
