@@ -15,6 +15,7 @@ if [ ! -f .venv/.sensepack-lock ] || ! cmp -s requirements-lock.txt .venv/.sense
   .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
   .venv/bin/python -m pip install --quiet --require-hashes -r requirements-lock.txt
   .venv/bin/python -m pip install --quiet --no-deps -e .
+  .venv/bin/python -m pip check || { echo "requirements-lock.txt does not satisfy pyproject.toml: run make lock" >&2; exit 1; }
   cp requirements-lock.txt .venv/.sensepack-lock   # installed: later runs skip the resolver
 fi
 echo "sensepack installed in $(pwd)/.venv"
