@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -26,18 +24,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
-import torch
 
+from bench.common import machine as bench_machine
+from bench.common import pct
 from edits_store.store import open_store
 from sensepack_proto import admin_pb, admin_pb_grpc, pb_grpc
 from serve.client import build_generate_request
 
 PROMPTS = ["The capital of Mauritius is", "Mauritius is known for", "I flew to Mauritius and"]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def main() -> None:
@@ -150,13 +144,7 @@ def main() -> None:
         }
 
     rows = [row("warm", warm_call, warm_first), row("cold", cold_call, cold_first)]
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_avg": os.getloadavg(),
-    }
+    machine = bench_machine()
     out = {
         "command": " ".join(sys.argv),
         "machine": machine,

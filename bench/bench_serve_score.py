@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -27,16 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
-import torch
 
+from bench.common import machine as bench_machine
+from bench.common import pct
 from edits_store.store import open_store
 from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def peak_rss_mb(pid: int) -> tuple[float, float]:
@@ -148,12 +142,7 @@ def main() -> None:
                 "slow_steps_after_deadline_until_s": round(busy_until, 2),
             }
             print(json.dumps(result), flush=True)
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    machine = bench_machine()
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "result": result}, indent=2))
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -27,8 +25,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
-import torch
 
+from bench.common import machine as bench_machine
+from bench.common import pct
 from edits_store.store import open_store
 from sensepack_proto import pb_grpc
 from serve.client import build_generate_request
@@ -40,14 +39,6 @@ PROMPTS = [
     "Tourists visiting Mauritius often",
     "The economy of Mauritius depends on",
 ]
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
-    return xs[k]
 
 
 def run_load(port: int, concurrency: int, requests_per_client: int, new: int, packs: list[str]) -> dict[str, Any]:
@@ -156,13 +147,7 @@ def main() -> None:
                     r["mode"] = mode
                     rows.append(r)
                     print(json.dumps(r), flush=True)
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_avg": os.getloadavg(),
-    }
+    machine = bench_machine()
     out = {
         "command": " ".join(sys.argv),
         "machine": machine,
