@@ -200,7 +200,7 @@ class LiveMonitor:
         self.metrics = metrics
         self.engine = engine
         self.ensemble = ensemble
-        self.manager = None          # set by the server (PackManager)
+        self._breach_listeners: list = []     # auto-disable: the pack manager's, registered by it
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)     # notified when no sample is pending
         self._stats: dict[tuple[str, str], ArmStats] = {}     # (pack, version) -> its live record
@@ -273,13 +273,17 @@ class LiveMonitor:
             log.error("live ball breach", extra={"event": "ab_breach", "pack": r.ref, "ratio": st.ratio,
                                                  "ci_lower": st.lower, "ci_upper": st.upper, "epsilon": eps,
                                                  "samples": n})
-            if self.cfg.auto_disable and self.manager is not None:
-                moved = self.manager.disable(r.name, r.version, f"live ball breach: ratio {st.ratio:.6f}, "
-                                                                f"CI [{st.lower:.6f}, {st.upper:.6f}] > 1+{eps:g}")
+            if self.cfg.auto_disable and self._breach_listeners:
+                reason = f"live ball breach: ratio {st.ratio:.6f}, CI [{st.lower:.6f}, {st.upper:.6f}] > 1+{eps:g}"
+                moved = [m for fn in list(self._breach_listeners) for m in fn(r.name, r.version, reason)]
                 st.disabled = True
                 m.auto_disables.labels(r.name).inc()
                 log.error("pack auto-disabled", extra={"event": "pack_auto_disabled", "pack": r.ref,
                                                        "routes": moved})
+
+    def on_breach(self, callback) -> None:
+        """callback(pack, version, reason) -> moved routes: called on a confirmed breach with ab.auto_disable."""
+        self._breach_listeners.append(callback)
 
     def reset(self, pack: str, version: str) -> None:
         """A re-enabled version starts a fresh live record."""

@@ -35,12 +35,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-import grpc
 import torch
 
 from ensemble.vocab import Vocabulary
 from serve.detok import IncrementalDetokenizer
-from serve.params import GenerationRequest, RequestError
+from serve.errors import QueueFull, Unavailable
+from serve.params import GenerationRequest
 from serve.sampler import RowParams, Sampled, sample
 
 log = logging.getLogger("sensepack.engine")
@@ -49,8 +49,8 @@ log = logging.getLogger("sensepack.engine")
 MAX_TOKENS, EOS_TOKEN, STOP_SEQUENCE, CANCELLED, TIME_LIMIT, ERROR = (
     "MAX_TOKENS", "EOS_TOKEN", "STOP_SEQUENCE", "CANCELLED", "TIME_LIMIT", "ERROR")
 STOP_TOKEN = "STOP_TOKEN"     # a token of stopping.stop_token_ids
-REFUSED = "REFUSED"          # the engine refused the request at admission (INVALID_ARGUMENT; proto ERROR)
-SHUTDOWN = "SHUTDOWN"        # cut by a shutdown that outlived the grace period (UNAVAILABLE; proto CANCELLED)
+REFUSED = "REFUSED"          # the engine refused the request at admission (InvalidRequest; proto ERROR)
+SHUTDOWN = "SHUTDOWN"        # cut by a shutdown that outlived the grace period (Unavailable; proto CANCELLED)
 _NO_TEXT = (CANCELLED, TIME_LIMIT, ERROR, REFUSED, SHUTDOWN)
 
 
@@ -104,9 +104,9 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-class EngineStopped(RequestError):
-    def __init__(self):
-        super().__init__(grpc.StatusCode.UNAVAILABLE, "", "server is shutting down")
+class EngineStopped(Unavailable):
+    def __init__(self, field_name: str = "", message: str = "server is shutting down"):
+        super().__init__(field_name, message)
 
 
 class Engine:
@@ -213,10 +213,9 @@ class Engine:
         running = len(self._running) + self._admitting
         cap = self.limits.max_running + self.limits.max_waiting
         if running + len(self._waiting) + self._scoring >= cap:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "",
-                               f"queue full: {running} running, {len(self._waiting)} waiting, "
-                               f"{self._scoring} scoring (limits.max_running={self.limits.max_running}, "
-                               f"limits.max_waiting={self.limits.max_waiting})")
+            raise QueueFull("", f"queue full: {running} running, {len(self._waiting)} waiting, "
+                            f"{self._scoring} scoring (limits.max_running={self.limits.max_running}, "
+                            f"limits.max_waiting={self.limits.max_waiting})")
 
     def begin_score(self, tokens: int = 0) -> None:
         """Count a Score RPC against the request cap, and its `tokens` (the most it holds at once)

@@ -10,9 +10,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # the `method` label's closed set: anything else a client sends (e.g. a made-up admin method) is "unknown"
-METHODS = frozenset({"Generate", "GenerateStream", "Score", "Tokenize", "ModelInfo",
-                     "ListPacks", "LoadPack", "SetAlias", "UnloadPack", "ABReport"})
+GRPC_METHODS = ("Generate", "GenerateStream", "Score", "Tokenize", "ModelInfo")
+HTTP_METHODS = ("completions", "chat.completions", "models")      # /v1/<method>
+METHODS = frozenset(GRPC_METHODS + HTTP_METHODS + ("ListPacks", "LoadPack", "SetAlias", "UnloadPack", "ABReport"))
 UNKNOWN_METHOD = "unknown"
+# the `frontend` label's closed set; `status` is the gRPC status name on both (serve.errors.STATUS)
+GRPC, HTTP = "grpc", "http"
 
 
 def method_label(name: str) -> str:
@@ -26,8 +29,9 @@ _STEP = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
-        self.requests = Counter("sensepack_requests", "Finished RPCs by method and gRPC status",
-                                ["method", "status"], registry=r)
+        self.requests = Counter("sensepack_requests", "Finished requests by method, status (gRPC status name, "
+                                "for HTTP too) and front-end (grpc, http)", ["method", "status", "frontend"],
+                                registry=r)
         self.ttft = Histogram("sensepack_time_to_first_token_seconds", "Admission to first generated token",
                               buckets=_LATENCY, registry=r)
         self.itl = Histogram("sensepack_inter_token_latency_seconds", "Time between generated tokens",
@@ -67,8 +71,10 @@ class Metrics:
                                 ["pack", "version"], registry=r)
         self._active_labels: set[tuple[str, str, str]] = set()
         # series that exist from the start (dashboards and rate() need them before the first event)
-        for method in ("Generate", "GenerateStream", "Score", "Tokenize", "ModelInfo"):
-            self.requests.labels(method, "OK")
+        for method in GRPC_METHODS:
+            self.requests.labels(method, "OK", GRPC)
+        for method in HTTP_METHODS:
+            self.requests.labels(method, "OK", HTTP)
         for result in ("ok", "refused_gate", "incompatible", "invalid", "not_found"):
             self.pack_loads.labels(result)
 

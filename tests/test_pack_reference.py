@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from edits_store import InvalidReferenceError, PackReference, parse_pack_reference
 from edits_store.store import parse_ref
-from serve.params import RequestError, parse_pack_ref
+from serve.errors import InvalidRequest
+from serve.params import parse_pack_ref
 
 VERSION = "0123456789abcdef" * 2
 
@@ -56,7 +57,7 @@ def test_malformed_references_are_refused_by_the_store_and_the_server(ref):
     with pytest.raises(InvalidReferenceError) as store_err:
         parse_pack_reference(ref)
     assert store_err.value.check == "ref_syntax"
-    with pytest.raises(RequestError) as served:
+    with pytest.raises(InvalidRequest) as served:
         parse_pack_ref(ref, "packs[0].ref")
     assert str(served.value).startswith("packs[0].ref: ")
 
@@ -69,6 +70,6 @@ def test_server_accepts_exactly_what_the_store_accepts(ref):
         expected = None
     try:
         got = parse_pack_ref(ref, "ref")
-    except RequestError:
+    except InvalidRequest:
         got = None
     assert got == expected

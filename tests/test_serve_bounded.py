@@ -38,7 +38,7 @@ def test_made_up_method_names_add_no_series(server):
     after = parse_metrics(scrape(server))
     assert set(after) == set(before)
     assert not [k for k in after if "MadeUp" in k]
-    key = 'sensepack_requests_total{method="unknown",status="UNAUTHENTICATED"}'
+    key = 'sensepack_requests_total{frontend="grpc",method="unknown",status="UNAUTHENTICATED"}'
     assert after[key] - before[key] == 1000
 
 
