@@ -9,41 +9,50 @@ ask the engine for exactly the same work, so the difference is the front-end's o
 and the client library vs gRPC/protobuf). Demo profile: tiny random models, where that cost is the
 largest share of the total.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grpc  # noqa: E402
-import openai  # noqa: E402
-import torch  # noqa: E402
+import grpc
+import openai
 
-from edits_store.store import open_store  # noqa: E402
-from proto import pb_grpc  # noqa: E402
-from serve.client import build_generate_request  # noqa: E402
+from bench.common import machine as bench_machine
+from bench.common import pct
+from edits_store.store import open_store
+from sensepack_proto import pb_grpc
+from serve.client import build_generate_request
 
-PROMPTS = ["The capital of Mauritius is", "Mauritius is an island nation where", "In 1968, Mauritius became",
-           "Tourists visiting Mauritius often", "The economy of Mauritius depends on"]
+PROMPTS = [
+    "The capital of Mauritius is",
+    "Mauritius is an island nation where",
+    "In 1968, Mauritius became",
+    "Tourists visiting Mauritius often",
+    "The economy of Mauritius depends on",
+]
 PACK = "capitals@prod"
 
 
-def pct(xs, q):
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))]
+class NoTokens(RuntimeError):
+    """A stream that ended without a token (counted as an error, never as a latency)."""
 
 
-def _grpc_one(stub, prompt: str, new: int, k: int) -> tuple[float, float, int]:
+def _first(first: float | None) -> float:
+    if first is None:
+        raise NoTokens("the stream ended without a token")
+    return first
+
+
+def _grpc_one(stub: Any, prompt: str, new: int, k: int) -> tuple[float, float, int]:
     req = build_generate_request(prompt, packs=[PACK], max_new_tokens=new, ignore_eos=True, ab_key=f"c{k}")
     t0, first, n = time.perf_counter(), None, 0
     for m in stub.GenerateStream(req):
@@ -51,37 +60,51 @@ def _grpc_one(stub, prompt: str, new: int, k: int) -> tuple[float, float, int]:
             n = m.generated_token_count
             if first is None:
                 first = time.perf_counter() - t0
-    return first, time.perf_counter() - t0, n
+    return _first(first), time.perf_counter() - t0, n
 
 
-def _http_one(client, prompt: str, new: int, k: int) -> tuple[float, float, int]:
+def _http_one(client: openai.OpenAI, prompt: str, new: int, k: int) -> tuple[float, float, int]:
     t0, first, n = time.perf_counter(), None, 0
-    stream = client.completions.create(model="demo", prompt=prompt, max_tokens=new, temperature=0, stream=True,
-                                       user=f"c{k}", extra_body={"packs": [PACK], "ignore_eos": True})
+    stream = client.completions.create(
+        model="demo",
+        prompt=prompt,
+        max_tokens=new,
+        temperature=0,
+        stream=True,
+        user=f"c{k}",
+        extra_body={"packs": [PACK], "ignore_eos": True},
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
-            n += 1      # one SSE event per token
+            n += 1  # one SSE event per token
             if first is None:
                 first = time.perf_counter() - t0
-    return first, time.perf_counter() - t0, n
+    return _first(first), time.perf_counter() - t0, n
 
 
-def run_load(frontend: str, grpc_port: int, http_port: int, concurrency: int, per_client: int, new: int) -> dict:
+def run_load(
+    frontend: str, grpc_port: int, http_port: int, concurrency: int, per_client: int, new: int
+) -> dict[str, Any]:
     ch = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     stub = pb_grpc.GenerationServiceStub(ch)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="bench", max_retries=0,
-                           timeout=600)
-    one = (lambda p, k: _grpc_one(stub, p, new, k)) if frontend == "grpc" else (lambda p, k: _http_one(client, p, new, k))
-    ttft, e2e, tokens, errors = [], [], [0], []
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="bench", max_retries=0, timeout=600)
+
+    def one(prompt: str, k: int) -> tuple[float, float, int]:
+        return _grpc_one(stub, prompt, new, k) if frontend == "grpc" else _http_one(client, prompt, new, k)
+
+    ttft: list[float] = []
+    e2e: list[float] = []
+    tokens = [0]
+    errors: list[str] = []
     lock = threading.Lock()
     barrier = threading.Barrier(concurrency)
 
-    def worker(k):
+    def worker(k: int) -> None:
         barrier.wait()
         for i in range(per_client):
             try:
                 first, total, n = one(PROMPTS[(k + i) % len(PROMPTS)], k)
-            except Exception as e:  # noqa: BLE001 - counted and shown
+            except (grpc.RpcError, openai.OpenAIError, NoTokens) as e:  # counted and shown
                 with lock:
                     errors.append(type(e).__name__)
                 continue
@@ -99,13 +122,23 @@ def run_load(frontend: str, grpc_port: int, http_port: int, concurrency: int, pe
     wall = time.perf_counter() - t0
     ch.close()
     client.close()
-    return {"frontend": frontend, "concurrency": concurrency, "requests": len(e2e), "errors": len(errors),
-            "tokens": tokens[0], "wall_s": wall, "req_per_s": len(e2e) / wall, "tok_per_s": tokens[0] / wall,
-            "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p99_ms": pct(ttft, 99) * 1e3,
-            "e2e_p50_ms": pct(e2e, 50) * 1e3, "e2e_p99_ms": pct(e2e, 99) * 1e3}
+    return {
+        "frontend": frontend,
+        "concurrency": concurrency,
+        "requests": len(e2e),
+        "errors": len(errors),
+        "tokens": tokens[0],
+        "wall_s": wall,
+        "req_per_s": len(e2e) / wall,
+        "tok_per_s": tokens[0] / wall,
+        "ttft_p50_ms": pct(ttft, 50) * 1e3,
+        "ttft_p99_ms": pct(ttft, 99) * 1e3,
+        "e2e_p50_ms": pct(e2e, 50) * 1e3,
+        "e2e_p99_ms": pct(e2e, 99) * 1e3,
+    }
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
@@ -121,12 +154,18 @@ def main():
         store = open_store(store_dir)
         publish_edits(store, served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod")
         http_port = free_port()
-        cfg = {"model": {"profile": "demo"}, "server": {"metrics_port": -1}, "store": {"uri": store_dir},
-               "http": {"enabled": True, "port": http_port, "served_model_name": "demo"},
-               "packs": {"preload": [PACK]}, "admin": {"token": "bench"},
-               "limits": {"max_running": 64, "max_waiting": 256}, "logging": {"level": "WARNING"}}
+        cfg = {
+            "model": {"profile": "demo"},
+            "server": {"metrics_port": -1},
+            "store": {"uri": store_dir},
+            "http": {"enabled": True, "port": http_port, "served_model_name": "demo"},
+            "packs": {"preload": [PACK]},
+            "admin": {"token": "bench"},
+            "limits": {"max_running": 64, "max_waiting": 256},
+            "logging": {"level": "WARNING"},
+        }
         with server_process(cfg, log_path=args.server_log) as grpc_port:
-            for fe in ("grpc", "http"):                                  # warm-up
+            for fe in ("grpc", "http"):  # warm-up
                 run_load(fe, grpc_port, http_port, 2, 1, 4)
             rows = []
             for c in [int(x) for x in args.concurrency.split(",")]:
@@ -134,26 +173,38 @@ def main():
                     r = run_load(fe, grpc_port, http_port, c, args.requests, args.new)
                     rows.append(r)
                     print(json.dumps(r), flush=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "torch": torch.__version__, "python": platform.python_version(), "load_avg": os.getloadavg()}
+    machine = bench_machine()
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine,
-                                               "new_tokens": args.new, "requests_per_client": args.requests,
-                                               "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "command": " ".join(sys.argv),
+                    "machine": machine,
+                    "new_tokens": args.new,
+                    "requests_per_client": args.requests,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
     print(f"\nmachine: {machine}")
     print("\n| clients | front-end | req | req/s | tok/s | TTFT p50 / p99 ms | e2e p50 / p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['frontend']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
-              f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | {r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} | "
-              f"{r['errors']} |")
+        print(
+            f"| {r['concurrency']} | {r['frontend']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
+            f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | {r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} | "
+            f"{r['errors']} |"
+        )
     print("\n| clients | tok/s HTTP / gRPC | TTFT p50 HTTP / gRPC | e2e p50 HTTP / gRPC |")
     print("|---|---|---|---|")
     by = {(r["concurrency"], r["frontend"]): r for r in rows}
     for c in sorted({r["concurrency"] for r in rows}):
         h, g = by[(c, "http")], by[(c, "grpc")]
-        print(f"| {c} | {h['tok_per_s'] / g['tok_per_s']:.2f} | {h['ttft_p50_ms'] / g['ttft_p50_ms']:.2f} | "
-              f"{h['e2e_p50_ms'] / g['e2e_p50_ms']:.2f} |")
+        print(
+            f"| {c} | {h['tok_per_s'] / g['tok_per_s']:.2f} | {h['ttft_p50_ms'] / g['ttft_p50_ms']:.2f} | "
+            f"{h['e2e_p50_ms'] / g['e2e_p50_ms']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

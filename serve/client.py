@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence
 
 import grpc
 
-from proto import admin_pb, admin_pb_grpc, pb, pb_grpc
+from sensepack_proto import admin_pb, admin_pb_grpc, pb, pb_grpc
 
 PackLike = str | tuple[str, float]
 

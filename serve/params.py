@@ -10,16 +10,13 @@ from __future__ import annotations
 import uuid
 
 import math
-import re
 from dataclasses import dataclass, field
 
+from edits_store import InvalidReferenceError, parse_pack_reference
 from ensemble.vocab import Vocabulary
-from proto import pb
+from sensepack_proto import pb
 from serve.errors import InvalidRequest
 
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_TAG = r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}"
-PACK_REF_RE = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<tag>{_TAG}))?$")
 MAX_REQUEST_ID = 256
 MAX_TEXT_CHARS = 1_000_000
 
@@ -90,10 +87,11 @@ def _finite(field_name: str, x: float) -> float:
 def parse_pack_ref(ref: str, field_name: str = "ref") -> tuple[str, str | None]:
     if not ref:
         raise invalid(field_name, "empty pack reference (expected name, name@version or name@alias)")
-    m = PACK_REF_RE.fullmatch(ref)     # fullmatch: `$` alone would accept a trailing newline
-    if not m:
-        raise invalid(field_name, f"malformed pack reference {ref!r} (expected name, name@version or name@alias)")
-    return m.group("name"), m.group("tag")
+    try:
+        parsed = parse_pack_reference(ref)  # the store's grammar: what it would refuse is refused here
+    except InvalidReferenceError as exc:
+        raise invalid(field_name, f"malformed pack reference {ref!r}: {exc.detail}") from None
+    return parsed.name, parsed.selector
 
 
 def parse_packs(specs, limits, base_only: bool = False, prefix: str = "packs") -> list[PackRequest]:

@@ -158,7 +158,7 @@ def client_generate(ctx, prompt, **kw):
     else:
         used = ", ".join(f"{p.name}@{p.version} (beta={p.beta:g}, arm={p.arm})" for p in r.packs) or "base"
         click.echo(f"{prompt}{r.text}")
-        click.echo(f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]", err=True)
+        click.echo(f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('sensepack_proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]", err=True)
 
 
 @client_group.command("stream")
@@ -282,8 +282,6 @@ def packs_ab(ctx, name):
 def register(main: click.Group) -> None:
     main.add_command(serve_cmd)
     main.add_command(client_group)
-    try:
-        from edits_store.cli import packs
-    except ImportError:
-        return
+    from edits_store.cli import packs
+
     main.add_command(packs)

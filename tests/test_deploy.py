@@ -564,12 +564,15 @@ def test_dockerfile(flavour):
     # files the build copies or uses exist and are not excluded from the context
     needed = [x for w, r in ins if w == "COPY" and not r.startswith("--") for x in r.split()[:-1] if x != "."]
     needed += re.findall(r"(deploy/[\w./-]+)", runs)
-    needed += ["pyproject.toml", "requirements-lock.txt", "proto/sensepack/v1/generation.proto",
+    needed += ["pyproject.toml", "requirements-serve-lock.txt", "proto/sensepack/v1/generation.proto",
                "proto/sensepack/v1/admin.proto", "serve/cli.py"]
     for rel in needed:
         assert (ROOT / rel).exists(), f"{path.name}: {rel} does not exist"
         assert not _ignored(rel, patterns), f"{path.name}: {rel} is excluded by the .dockerignore"
-    for rel in (".venv/bin/python", "tests/test_deploy.py", ".git/HEAD", "proto/sensepack/v1/generation_pb2.py"):
+    needed += ["sensepack_proto/generation_pb2.py", "sensepack_proto/admin_pb2_grpc.py"]  # committed stubs
+    for rel in needed:
+        assert not _ignored(rel, patterns), f"{path.name}: {rel} is excluded by the .dockerignore"
+    for rel in (".venv/bin/python", "tests/test_deploy.py", ".git/HEAD"):
         assert _ignored(rel, patterns), f"{rel} should be excluded from the build context"
 
 

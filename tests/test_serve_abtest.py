@@ -11,7 +11,7 @@ import torch
 
 from edits_store.store import open_store
 from ensemble.edits import PackRef, SenseEdits
-from proto import admin_pb, admin_pb_grpc, pb_grpc
+from sensepack_proto import admin_pb, admin_pb_grpc, pb_grpc
 from serve.abtest import paired_nll, ratio_ci
 from serve.client import Client, build_generate_request
 from serve.testing import (auth, channel, demo_served, demo_variant, metric, parse_metrics, publish_edits,

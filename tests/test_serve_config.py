@@ -97,18 +97,6 @@ def test_serve_check_cli():
     assert r.exit_code != 0 and "limits.nope" in r.output
 
 
-def test_stubs_generated_and_fresh(tmp_path):
-    import proto
-
-    digest = proto.sources_hash()
-    assert proto._fresh(proto.PROTO_DIR, digest)
-    proto._generate(tmp_path, digest)
-    assert proto._fresh(tmp_path, digest) and not proto._fresh(tmp_path, "stale")
-    text = (tmp_path / "generation_pb2_grpc.py").read_text()
-    assert "from proto.sensepack.v1 import generation_pb2" in text
-    assert proto.pb.DESCRIPTOR.package == "sensepack.v1"
-
-
 def test_cli_client_against_server(tmp_path, monkeypatch):
     from serve.cli import main
     from serve.testing import TOKEN, demo_served, running_server

@@ -14,7 +14,7 @@ openai = pytest.importorskip("openai")
 from edits_store.format import CalibrationEntry, build_pack  # noqa: E402
 from edits_store.store import open_store  # noqa: E402
 from ensemble.tokenizer import tokenizer_fingerprint  # noqa: E402
-from proto import pb, pb_grpc  # noqa: E402
+from sensepack_proto import pb, pb_grpc  # noqa: E402
 from serve.client import Client  # noqa: E402
 from serve.errors import STATUS, ServeError, from_pack_error  # noqa: E402
 from serve.testing import (channel, demo_served, demo_variant, metric, parse_metrics, publish_edits,  # noqa: E402

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from proto import pb, pb_grpc
+from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
 from ensemble.vocab import Vocabulary
 from serve.sampler import RowError, RowParams, sample

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from edits_store.store import open_store
-from proto import pb, pb_grpc
+from sensepack_proto import pb, pb_grpc
 from serve.client import Client, build_generate_request
 from serve.testing import (channel, demo_served, demo_variant, metric, parse_metrics, publish_edits, running_server,
                            scrape, wait_until)

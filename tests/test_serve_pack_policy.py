@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from edits_store.store import StoreEvent, open_store
-from proto import admin_pb, admin_pb_grpc
+from sensepack_proto import admin_pb, admin_pb_grpc
 from serve.client import Client
 from serve.errors import DeadlineExceeded
 from serve.params import PackRequest
