@@ -13,8 +13,13 @@ inside the processor is the median):
   edited  vLLM with the processor, every request's prompt carries edited tokens (the Backpack
           runs every step for every row)
 
-Model sizes follow bench/bench_core.py's end-to-end case: a GPT-J with n_embd 1024, 16 layers,
-head_dim 64 (random weights, float32), and a Backpack of n_embd 256, 4 layers, 8 senses.
+Model sizes (--shapes): `cpu` (default) follows bench/bench_core.py's end-to-end case, a GPT-J with n_embd 1024,
+16 layers, head_dim 64 (random weights, float32) and a Backpack of n_embd 256, 4 layers, 8 senses; `small` is a
+smoke run; `gptj-6b` is the paper's pairing at its real shapes for a GPU host with vLLM's CUDA build:
+GPT-J-6B's architecture in bfloat16 with vLLM's dummy (random) weights, so only config.json and the tokenizer
+are written, and backpack-gpt2's architecture on the same GPU:
+
+    .venv-vllm/bin/python bench/bench_vllm.py --shapes gptj-6b --batch 32 --prompt-len 128 --new-tokens 64
 Results: bench/RESULTS.md (vLLM section).
 """
 
@@ -46,7 +51,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--small", action="store_true", help="tiny models (smoke run)")
+    ap.add_argument(
+        "--shapes",
+        choices=["cpu", "small", "gptj-6b", "dummy-small"],
+        default="cpu",
+        help="dummy-small: the gptj-6b code path (dummy weights, config only) at tiny sizes, for a CPU check",
+    )
+    ap.add_argument("--small", action="store_true", help="same as --shapes small")
     args = ap.parse_args()
 
     import vllm
@@ -61,9 +72,37 @@ def main() -> None:
     from serve.vllm.testing import random_pack, save_tiny_gptj
 
     folder = tempfile.mkdtemp(prefix="bench-vllm-")
-    if args.small:
+    shapes = "small" if args.small else args.shapes
+    dtype, load_format, max_len = "float32", "auto", 512
+    if shapes == "small":
         large = save_tiny_gptj(folder, seed=0)
         bp = BackpackLM(BackpackConfig.tiny()).eval()
+    elif shapes in ("gptj-6b", "dummy-small"):
+        from transformers import GPTJConfig, GPTJForCausalLM
+
+        from ensemble.tokenizer import load_tokenizer
+
+        big = shapes == "gptj-6b"
+        cfg = GPTJConfig(
+            n_embd=4096 if big else 128,
+            n_layer=28 if big else 2,
+            n_head=16 if big else 2,
+            rotary_dim=64 if big else 16,
+            n_positions=2048,
+            vocab_size=50400,
+            architectures=["GPTJForCausalLM"],
+        )  # vLLM picks the model class from this
+        cfg.save_pretrained(folder)
+        load_tokenizer().save_pretrained(folder)
+        with torch.device("meta"):  # parameter count only; vLLM makes the random weights itself
+            large = GPTJForCausalLM(cfg)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        bp = (
+            BackpackLM(BackpackConfig() if big else BackpackConfig.tiny())
+            .to(dev, torch.bfloat16 if dev == "cuda" else torch.float32)
+            .eval()
+        )
+        dtype, load_format, max_len = ("bfloat16" if dev == "cuda" else "float32"), "dummy", 2048 if big else 512
     else:
         large = save_tiny_gptj(folder, seed=0, n_embd=1024, n_layer=16, n_head=16, rotary_dim=64)
         torch.manual_seed(0)
@@ -124,8 +163,16 @@ def main() -> None:
         return dt, inside[0]
 
     common = dict(
-        model=folder, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=max(args.batch, 1), seed=0
+        model=folder,
+        dtype=dtype,
+        load_format=load_format,
+        enforce_eager=load_format != "dummy",
+        max_model_len=max_len,
+        max_num_seqs=max(args.batch, 1),
+        seed=0,
     )
+    if shapes == "gptj-6b" and torch.cuda.is_available():
+        common["gpu_memory_utilization"] = 0.4  # two engines (plain, with the processor) share one GPU
     plain = LLM(**common)
     llm = LLM(**common, logits_processors=[V1_PROCESSOR_FQCN], logprobs_mode="processed_logprobs")
     proc = REGISTRY.processors[-1]
