@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
 
+from bench.common import PACK, demo_server_config, demo_store, pct
 from bench.common import machine as bench_machine
-from bench.common import pct
-from edits_store.store import open_store
 from sensepack_proto import admin_pb, admin_pb_grpc, pb_grpc
 from serve.client import build_generate_request
 
@@ -44,25 +42,16 @@ def main() -> None:
     ap.add_argument("--server-log", default=None)
     args = ap.parse_args()
 
-    from serve.testing import demo_served, demo_variant, publish_edits, server_process
+    from serve.testing import demo_variant, publish_edits, server_process
 
-    served = demo_served()
-    with tempfile.TemporaryDirectory(prefix="sensepack-bench-store-") as store_dir:
-        store = open_store(store_dir)
-        va = publish_edits(store, served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod")
+    with demo_store() as (served, store, store_dir):
+        va = store.resolve(PACK)[1]  # the version the demo store published under prod
         vb = publish_edits(store, served, "capitals", demo_variant(served, " Tokyo"), beta=1.0)
         cold = [
             publish_edits(store, served, "capitals", demo_variant(served, " Rome", strength=5.0 + i), beta=1.0)
             for i in range(args.cold)
         ]
-        cfg = {
-            "model": {"profile": "demo"},
-            "server": {"metrics_port": -1},
-            "store": {"uri": store_dir},
-            "packs": {"preload": ["capitals@prod"], "max_resident": args.cold + 4},
-            "admin": {"token": "bench"},
-            "logging": {"level": "WARNING"},
-        }
+        cfg = demo_server_config(store_dir, packs={"max_resident": args.cold + 4})
         with server_process(cfg, log_path=args.server_log) as port:
             ch = grpc.insecure_channel(f"127.0.0.1:{port}")
             stub = pb_grpc.GenerationServiceStub(ch)

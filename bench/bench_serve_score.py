@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
 
+from bench.common import demo_server_config, demo_store, pct
 from bench.common import machine as bench_machine
-from bench.common import pct
-from edits_store.store import open_store
 from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
 
@@ -65,21 +63,14 @@ def main() -> None:
     ap.add_argument("--server-log", default=None)
     args = ap.parse_args()
 
-    from serve.testing import demo_served, demo_variant, publish_edits, server_process
+    from serve.testing import server_process
 
-    served = demo_served()
-    with tempfile.TemporaryDirectory(prefix="sensepack-bench-store-") as store_dir:
-        store = open_store(store_dir)
-        publish_edits(store, served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod")
-        cfg = {
-            "model": {"profile": "demo", "torch_threads": 2},
-            "server": {"metrics_port": -1},
-            "store": {"uri": store_dir},
-            "packs": {"preload": ["capitals@prod"]},
-            "admin": {"token": "bench"},
-            "limits": {"max_new_tokens": 2000, "max_prompt_tokens": 1536},
-            "logging": {"level": "WARNING"},
-        }
+    with demo_store() as (_, _, store_dir):
+        cfg = demo_server_config(
+            store_dir,
+            model={"torch_threads": 2},
+            limits={"max_new_tokens": 2000, "max_prompt_tokens": 1536},
+        )
         with server_process(cfg, log_path=args.server_log, with_pid=True) as (port, pid):
             stub = pb_grpc.GenerationServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
             stub.Score(score_request(1, 64))  # warm-up of the Score path

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,19 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
 
+from bench.common import PROMPTS, demo_server_config, demo_store, pct
 from bench.common import machine as bench_machine
-from bench.common import pct
-from edits_store.store import open_store
 from sensepack_proto import pb_grpc
 from serve.client import build_generate_request
-
-PROMPTS = [
-    "The capital of Mauritius is",
-    "Mauritius is an island nation where",
-    "In 1968, Mauritius became",
-    "Tourists visiting Mauritius often",
-    "The economy of Mauritius depends on",
-]
 
 
 def run_load(port: int, concurrency: int, requests_per_client: int, new: int, packs: list[str]) -> dict[str, Any]:
@@ -123,21 +113,10 @@ def main() -> None:
     ap.add_argument("--server-log", default=None)
     args = ap.parse_args()
 
-    from serve.testing import demo_served, demo_variant, publish_edits, server_process
+    from serve.testing import server_process
 
-    served = demo_served()
-    with tempfile.TemporaryDirectory(prefix="sensepack-bench-store-") as store_dir:
-        store = open_store(store_dir)
-        publish_edits(store, served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod")
-        cfg = {
-            "model": {"profile": "demo"},
-            "server": {"metrics_port": -1},
-            "store": {"uri": store_dir},
-            "packs": {"preload": ["capitals@prod"]},
-            "admin": {"token": "bench"},
-            "limits": {"max_running": 64, "max_waiting": 256},
-            "logging": {"level": "WARNING"},
-        }
+    with demo_store() as (_, _, store_dir):
+        cfg = demo_server_config(store_dir, limits={"max_running": 64, "max_waiting": 256})
         with server_process(cfg, log_path=args.server_log) as port:
             run_load(port, 2, 1, 4, ["capitals@prod"])  # warm-up
             rows = []
