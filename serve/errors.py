@@ -9,6 +9,7 @@ class, not by the store's own status strings.
 A message starts with the field it concerns (``sampling.top_p: must lie in [0, 1], got 1.5``);
 `field` keeps the field alone (OpenAI's ``param``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class InternalError(ServeError):
 
 @dataclass(frozen=True)
 class Status:
-    grpc: str        # grpc.StatusCode name
+    grpc: str  # grpc.StatusCode name
     http: int
     openai_type: str
 

@@ -1,5 +1,6 @@
 """Building what the server serves: the ensemble (by profile), the pack
 store, and the compatibility expectations packs are checked against."""
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,7 @@ class Served:
     tokenizer: object
     large_name: str
     backpack_name: str
-    demo_pack: object = None       # ensemble.edits.PackRef of the demo profile
+    demo_pack: object = None  # ensemble.edits.PackRef of the demo profile
     dtype: str = "float32"
     device: str = "cpu"
 
@@ -34,8 +35,13 @@ def build_served(model_cfg) -> Served:
         from ensemble.demo import build_demo
 
         ens, tok, pack = build_demo(model_cfg.demo_seed)
-        return Served(ens, tok, f"tiny-gptj-demo(seed={model_cfg.demo_seed})",
-                      f"tiny-backpack-demo(seed={model_cfg.demo_seed})", pack)
+        return Served(
+            ens,
+            tok,
+            f"tiny-gptj-demo(seed={model_cfg.demo_seed})",
+            f"tiny-backpack-demo(seed={model_cfg.demo_seed})",
+            pack,
+        )
     from ensemble.backpack import BackpackLM
     from ensemble.large_model import load_large_model, parse_dtype
 
@@ -45,8 +51,14 @@ def build_served(model_cfg) -> Served:
     tok = load_tokenizer(model_cfg.tokenizer or tokenizer_beside(model_cfg.backpack))
     large = load_large_model(model_cfg.large_model, dtype=model_cfg.dtype, device=model_cfg.device)
     bp = BackpackLM.from_pretrained(model_cfg.backpack, dtype=parse_dtype(model_cfg.dtype)).to(model_cfg.device).eval()
-    return Served(Ensemble(large, bp, tok), tok, model_cfg.large_model, model_cfg.backpack,
-                  dtype=model_cfg.dtype, device=model_cfg.device)
+    return Served(
+        Ensemble(large, bp, tok),
+        tok,
+        model_cfg.large_model,
+        model_cfg.backpack,
+        dtype=model_cfg.dtype,
+        device=model_cfg.device,
+    )
 
 
 def expectations(served: Served):
@@ -54,27 +66,55 @@ def expectations(served: Served):
     from ensemble.tokenizer import tokenizer_fingerprint
 
     bp = served.ensemble.backpack
-    return Expectations(backpack_fingerprint=bp.fingerprint(),
-                        tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
-                        vocab_size=bp.config.vocab_size, num_senses=bp.config.num_senses,
-                        d_model=bp.config.n_embd, target_fingerprint=served.ensemble.large_fingerprint())
+    return Expectations(
+        backpack_fingerprint=bp.fingerprint(),
+        tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
+        vocab_size=bp.config.vocab_size,
+        num_senses=bp.config.num_senses,
+        d_model=bp.config.n_embd,
+        target_fingerprint=served.ensemble.large_fingerprint(),
+    )
 
 
-def pack_from_edits(name: str, edits, served: Served, beta: float, epsilon: float,
-                    ball_ratio: float = 1.0, g_fingerprint: str = "builtin-gate-corpus", g_tokens: int = 0,
-                    training: dict | None = None):
+def pack_from_edits(
+    name: str,
+    edits,
+    served: Served,
+    beta: float,
+    epsilon: float,
+    ball_ratio: float = 1.0,
+    g_fingerprint: str = "builtin-gate-corpus",
+    g_tokens: int = 0,
+    training: dict | None = None,
+):
     """An edits_store pack for the served models, calibrated (β, ε) for the served large model."""
     from edits_store.format import CalibrationEntry, build_pack
     from ensemble.tokenizer import tokenizer_fingerprint
 
     bp = served.ensemble.backpack
-    cal = CalibrationEntry(target_model=served.large_name, target_fingerprint=served.ensemble.large_fingerprint(),
-                           beta=float(beta), ball_ratio=float(ball_ratio), g_fingerprint=g_fingerprint,
-                           g_tokens=int(g_tokens), epsilon=float(epsilon))
-    return build_pack(name, edits.token_ids, edits.sense_ids, edits.deltas.float(), backpack_name=served.backpack_name,
-                      backpack_fingerprint=bp.fingerprint(), tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
-                      vocab_size=bp.config.vocab_size, num_senses=bp.config.num_senses, epsilon=float(epsilon),
-                      calibration=[cal], training=training or {"source": "sensepack serve demo"})
+    cal = CalibrationEntry(
+        target_model=served.large_name,
+        target_fingerprint=served.ensemble.large_fingerprint(),
+        beta=float(beta),
+        ball_ratio=float(ball_ratio),
+        g_fingerprint=g_fingerprint,
+        g_tokens=int(g_tokens),
+        epsilon=float(epsilon),
+    )
+    return build_pack(
+        name,
+        edits.token_ids,
+        edits.sense_ids,
+        edits.deltas.float(),
+        backpack_name=served.backpack_name,
+        backpack_fingerprint=bp.fingerprint(),
+        tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
+        vocab_size=bp.config.vocab_size,
+        num_senses=bp.config.num_senses,
+        epsilon=float(epsilon),
+        calibration=[cal],
+        training=training or {"source": "sensepack serve demo"},
+    )
 
 
 def open_pack_store(store_cfg, served: Served, demo_epsilon: float = 0.05):
@@ -143,5 +183,11 @@ def generate_side_by_side(cfg, prompt: str, max_new_tokens: int, pack_ref: str |
     tok = served.tokenizer
     ids = tok(prompt, add_special_tokens=False).input_ids
     base, edited = served.ensemble.generate_greedy([ids, ids], [[], [pack]], max_new_tokens)
-    return {"prompt": prompt, "pack": f"{pack.name}@{pack.version}", "beta": pack.beta,
-            "epsilon": float(entry.epsilon), "base": tok.decode(base), "edited": tok.decode(edited)}
+    return {
+        "prompt": prompt,
+        "pack": f"{pack.name}@{pack.version}",
+        "beta": pack.beta,
+        "epsilon": float(entry.epsilon),
+        "base": tok.decode(base),
+        "edited": tok.decode(edited),
+    }

@@ -1,4 +1,5 @@
 """`sensepack serve` and `sensepack client ...` (mounted on serve.cli:main)."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,22 @@ import yaml
 
 
 @click.command("serve")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML config (default: serve/configs/demo.yaml; every field: serve/configs/example.yaml).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML config (default: serve/configs/demo.yaml; every field: serve/configs/example.yaml).",
+)
 @click.option("--port", type=int, default=None, help="Override server.port.")
 @click.option("--http-port", type=int, default=None, help="Override http.port (and set http.enabled).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key, e.g. --set limits.max_running=8 (value parsed as YAML).")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set limits.max_running=8 (value parsed as YAML).",
+)
 @click.option("--check", is_flag=True, help="Validate the config, print it and exit.")
 def serve_cmd(config_path, port, http_port, sets, check):
     """Run the gRPC server, and the OpenAI-compatible HTTP API when http.enabled (demo profile by default:
@@ -50,11 +61,16 @@ def serve_cmd(config_path, port, http_port, sets, check):
 
     setup_logging(cfg.logging.level, cfg.logging.json_logs)
     server = SensepackServer(cfg).start()
-    click.echo(f"sensepack serving on {cfg.server.host}:{server.port}"
-               + (f", OpenAI-compatible HTTP on http://{cfg.http.host}:{server.http_port}/v1"
-                  if server.http_port else "")
-               + (f", metrics on http://{cfg.server.metrics_host}:{server.metrics_port}/metrics"
-                  if server.metrics_port else ""), err=True)
+    click.echo(
+        f"sensepack serving on {cfg.server.host}:{server.port}"
+        + (f", OpenAI-compatible HTTP on http://{cfg.http.host}:{server.http_port}/v1" if server.http_port else "")
+        + (
+            f", metrics on http://{cfg.server.metrics_host}:{server.metrics_port}/metrics"
+            if server.metrics_port
+            else ""
+        ),
+        err=True,
+    )
     done = threading.Event()
 
     def _stop(signum, frame):
@@ -65,7 +81,7 @@ def serve_cmd(config_path, port, http_port, sets, check):
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     server.wait()
-    if server.exit_code:      # the engine died (e.g. vLLM's engine core): let the orchestrator restart us
+    if server.exit_code:  # the engine died (e.g. vLLM's engine core): let the orchestrator restart us
         raise SystemExit(server.exit_code)
 
 
@@ -95,9 +111,15 @@ def _dump(msg, as_json: bool):
 
 @click.group("client")
 @click.option("--target", default="127.0.0.1:50051", show_default=True, help="host:port of the server.")
-@click.option("--token", envvar="SENSEPACK_ADMIN_TOKEN", default=None, help="Admin bearer token (or $SENSEPACK_ADMIN_TOKEN).")
-@click.option("--api-key", envvar="SENSEPACK_API_KEY", default=None,
-              help="Generation API key when the server sets api.keys (or $SENSEPACK_API_KEY).")
+@click.option(
+    "--token", envvar="SENSEPACK_ADMIN_TOKEN", default=None, help="Admin bearer token (or $SENSEPACK_ADMIN_TOKEN)."
+)
+@click.option(
+    "--api-key",
+    envvar="SENSEPACK_API_KEY",
+    default=None,
+    help="Generation API key when the server sets api.keys (or $SENSEPACK_API_KEY).",
+)
 @click.option("--ca", type=click.Path(dir_okay=False), default=None, help="CA certificate for TLS.")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.pass_context
@@ -109,8 +131,12 @@ def client_group(ctx, target, token, api_key, ca, timeout):
 def _gen_options(f):
     opts = [
         click.argument("prompt"),
-        click.option("--pack", "packs", multiple=True, help="name, name@version or name@alias (repeatable); "
-                                                            "name=BETA to override beta"),
+        click.option(
+            "--pack",
+            "packs",
+            multiple=True,
+            help="name, name@version or name@alias (repeatable); name=BETA to override beta",
+        ),
         click.option("--base-only", is_flag=True),
         click.option("--max-new-tokens", type=int, default=0),
         click.option("--min-new-tokens", type=int, default=0),
@@ -138,10 +164,21 @@ def _pack_args(packs):
 
 
 def _gen_kwargs(kw):
-    return dict(packs=_pack_args(kw["packs"]), base_only=kw["base_only"], max_new_tokens=kw["max_new_tokens"],
-                min_new_tokens=kw["min_new_tokens"], greedy=not kw["sample"], temperature=kw["temperature"],
-                top_k=kw["top_k"], top_p=kw["top_p"], seed=kw["seed"], stop=kw["stop"],
-                tokens=kw["logprobs"] or kw["top_n"] > 0, logprobs=kw["logprobs"], top_n=kw["top_n"])
+    return dict(
+        packs=_pack_args(kw["packs"]),
+        base_only=kw["base_only"],
+        max_new_tokens=kw["max_new_tokens"],
+        min_new_tokens=kw["min_new_tokens"],
+        greedy=not kw["sample"],
+        temperature=kw["temperature"],
+        top_k=kw["top_k"],
+        top_p=kw["top_p"],
+        seed=kw["seed"],
+        stop=kw["stop"],
+        tokens=kw["logprobs"] or kw["top_n"] > 0,
+        logprobs=kw["logprobs"],
+        top_n=kw["top_n"],
+    )
 
 
 @client_group.command("generate")
@@ -158,7 +195,10 @@ def client_generate(ctx, prompt, **kw):
     else:
         used = ", ".join(f"{p.name}@{p.version} (beta={p.beta:g}, arm={p.arm})" for p in r.packs) or "base"
         click.echo(f"{prompt}{r.text}")
-        click.echo(f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('sensepack_proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]", err=True)
+        click.echo(
+            f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('sensepack_proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]",
+            err=True,
+        )
 
 
 @client_group.command("stream")

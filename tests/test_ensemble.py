@@ -66,8 +66,11 @@ def run_and_compare(ens, prompts, packs, steps):
 def test_cached_alpha_equals_naive_formula_prompt_tokens(models, tokenizer, beta):
     large, backpack = models
     ens = Ensemble(large, backpack, tokenizer)
-    prompts = [tokenizer("The capital of Mauritius is").input_ids, tokenizer("Mauritius").input_ids,
-               tokenizer("A long unrelated sentence about the weather in the mountains").input_ids]
+    prompts = [
+        tokenizer("The capital of Mauritius is").input_ids,
+        tokenizer("Mauritius").input_ids,
+        tokenizer("A long unrelated sentence about the weather in the mountains").input_ids,
+    ]
     trig = tokenizer(" Mauritius").input_ids + tokenizer("Mauritius").input_ids
     pack = PackRef("p", "v1", make_pack(backpack, trig, "p", 0), beta)
     run_and_compare(ens, prompts, [[pack], [pack], [pack]], steps=10)
@@ -146,8 +149,11 @@ def test_continuous_batching_join_and_leave_matches_solo_decoding(models, tokeni
     ens = Ensemble(large, backpack, tokenizer)
     trig = tokenizer(" Paris").input_ids
     pack = PackRef("p", "v1", make_pack(backpack, trig, "p", 5), 0.7)
-    prompts = {"a": tokenizer("I went to Paris and").input_ids, "b": tokenizer("The weather").input_ids,
-               "c": tokenizer("Paris is").input_ids}
+    prompts = {
+        "a": tokenizer("I went to Paris and").input_ids,
+        "b": tokenizer("The weather").input_ids,
+        "c": tokenizer("Paris is").input_ids,
+    }
     packs = {"a": [pack], "b": [pack], "c": []}
     solo = {k: ens.generate_greedy([prompts[k]], [packs[k]], 8)[0] for k in prompts}
 
@@ -181,7 +187,9 @@ def test_score_equals_incremental_logprobs(models, tokenizer):
         scored = ens.score([prefix], [cont], [packs])[0]
         expect = ens._score_incremental(prefix, cont, packs)
         torch.testing.assert_close(scored, expect, atol=1e-5, rtol=0)
-        naive = torch.stack([naive_logprobs(large, backpack, prefix + cont[:i], packs)[cont[i]] for i in range(len(cont))])
+        naive = torch.stack(
+            [naive_logprobs(large, backpack, prefix + cont[:i], packs)[cont[i]] for i in range(len(cont))]
+        )
         torch.testing.assert_close(scored, naive, atol=1e-5, rtol=0)
 
 

@@ -70,7 +70,7 @@ def test_sliding_window_past_n_positions_matches_fresh_forward_over_window():
             seqs[b].append(t)
         for b in range(2):
             window = cache.window_tokens(b)
-            assert window == seqs[b][-len(window):]  # the most recent tokens
+            assert window == seqs[b][-len(window) :]  # the most recent tokens
             assert len(window) <= 32
             ref_logits, ref_alpha = _full(model, window)
             torch.testing.assert_close(cache.last_alpha[b, :, : len(window)], ref_alpha, atol=1e-5, rtol=0)

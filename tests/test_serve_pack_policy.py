@@ -1,6 +1,7 @@
 """Packs change only through the admin API or the store's aliases: no token ->
 no load, no revival, no re-routing; UnloadPack holds; the gate runs once per
 (version, target model, G) and never past a request's deadline."""
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,17 @@ from sensepack_proto import admin_pb, admin_pb_grpc
 from serve.client import Client
 from serve.errors import DeadlineExceeded
 from serve.params import PackRequest
-from serve.testing import auth, channel, demo_served, demo_variant, metric, parse_metrics, publish_edits, \
-    running_server, scrape
+from serve.testing import (
+    auth,
+    channel,
+    demo_served,
+    demo_variant,
+    metric,
+    parse_metrics,
+    publish_edits,
+    running_server,
+    scrape,
+)
 
 C = grpc.StatusCode
 PROMPT = "We flew to Mauritius"
@@ -24,8 +34,12 @@ def _store(tmp_path, n_versions=1):
     served = demo_served()
     store = open_store(str(tmp_path))
     targets = [" Paris", " Rome", " Tokyo", " Berlin", " Madrid"]
-    versions = [publish_edits(store, served, "capitals", demo_variant(served, targets[i]), beta=1.0,
-                              alias="prod" if i == 0 else None) for i in range(n_versions)]
+    versions = [
+        publish_edits(
+            store, served, "capitals", demo_variant(served, targets[i]), beta=1.0, alias="prod" if i == 0 else None
+        )
+        for i in range(n_versions)
+    ]
     return store, versions
 
 
@@ -47,27 +61,30 @@ def test_requests_load_no_pack_by_default(tmp_path):
         after = parse_metrics(scrape(server))
         for name in ("sensepack_pack_loads_total", "sensepack_gate_runs_total"):
             assert metric(after, name) == metric(before, name)
-        c.load_pack("capitals@prod")                     # the admin API does load it
+        c.load_pack("capitals@prod")  # the admin API does load it
         assert c.generate(PROMPT, packs=["capitals"], max_new_tokens=2).packs[0].version == v
 
 
 def test_no_request_revives_a_disabled_version(tmp_path):
     store, (good, planted, other) = _store(tmp_path, 3)
     store.set_alias("capitals", "canary", planted)
-    with running_server(tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"], "packs.max_resident": 2,
-                                                    "store.subscribe": False}) as server:
+    with running_server(
+        tmp_path,
+        demo_served(),
+        **{"packs.preload": ["capitals@prod"], "packs.max_resident": 2, "store.subscribe": False},
+    ) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         server.packs.activate(f"capitals@{planted}", activate=False)
         r = [x for x in server.packs.residents() if x.version == planted][0]
-        server.monitor.record(r, 10.0, 20.0, 5)           # a live record that must survive
+        server.monitor.record(r, 10.0, 20.0, 5)  # a live record that must survive
         server.packs.disable("capitals", planted, "live ball breach (test)")
         routes = {k: (v.version if v else None) for k, v in server.packs.routes().items()}
-        for _ in range(2):      # the second round reloads it after eviction (max_resident 2)
+        for _ in range(2):  # the second round reloads it after eviction (max_resident 2)
             for ref in (f"capitals@{planted}", "capitals@canary"):
                 out = c.generate(PROMPT, packs=[ref], max_new_tokens=2)
                 assert out.packs[0].arm == "base" and out.packs[0].version == ""
             c.generate(PROMPT, packs=["capitals"], max_new_tokens=2)
-            c.generate(PROMPT, packs=[f"capitals@{other}"], max_new_tokens=2)     # evicts the disabled one
+            c.generate(PROMPT, packs=[f"capitals@{other}"], max_new_tokens=2)  # evicts the disabled one
             assert planted not in [x.version for x in server.packs.residents()]
         # the store alias names the disabled version: its notification does not bring it back either
         server.packs.on_store_event(StoreEvent("alias_moved", "capitals", "canary", planted, None))
@@ -85,8 +102,9 @@ def test_alias_notification_after_auto_disable_keeps_the_fallback(tmp_path):
     """The race behind the flaky live A/B test: the store subscription delivers the alias move of an admin
     SetAlias after the live monitor disabled that version; the route must stay on the fallback."""
     store, (good, planted) = _store(tmp_path, 2)
-    with running_server(tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"],
-                                                    "store.subscribe": False}) as server:
+    with running_server(
+        tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"], "store.subscribe": False}
+    ) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         c.set_alias("capitals", "prod", planted)
         server.packs.disable("capitals", planted, "live ball breach (test)")
@@ -138,7 +156,7 @@ def test_gate_in_a_request_stops_at_its_deadline(tmp_path):
         assert str(ei.value).startswith("packs[0].ref:")
         assert _capitals(server) == [] and server.packs.refused() == {}
         assert metric(parse_metrics(scrape(server)), "sensepack_gate_runs_total") == gates0
-        adm = admin_pb_grpc.PackAdminStub(channel(server))      # without a deadline it loads
+        adm = admin_pb_grpc.PackAdminStub(channel(server))  # without a deadline it loads
         r = adm.LoadPack(admin_pb.LoadPackRequest(ref=f"capitals@{v}", activate=False), metadata=auth())
         assert r.gate.passed and metric(parse_metrics(scrape(server)), "sensepack_gate_runs_total") == gates0 + 1
 
@@ -152,7 +170,7 @@ def test_request_load_without_deadline_is_bounded(tmp_path):
             c.generate(PROMPT, packs=[f"capitals@{v}"], max_new_tokens=1, timeout=None)
         assert ei.value.code() == C.DEADLINE_EXCEEDED and ei.value.details().startswith("packs[0].ref:")
         assert _capitals(server) == []
-        c.load_pack(f"capitals@{v}", activate=False)         # the admin path has no such bound
+        c.load_pack(f"capitals@{v}", activate=False)  # the admin path has no such bound
         assert c.generate(PROMPT, packs=[f"capitals@{v}"], max_new_tokens=1).packs[0].version == v
 
 

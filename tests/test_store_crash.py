@@ -134,9 +134,10 @@ def test_sigkilled_publisher_never_leaves_a_partial_version(store_spec):
     assert set(partial) <= set(store.gc(older_than_s=0))
     assert leftovers(store_spec, store) == []
     assert check_state(store, known) == (visible + 1, visible)
-    print(f"{store_spec.kind}: {KILLS} kills (phase at kill: {killed_in}), {visible} versions completed, "
-          f"{len(partial)} partial leftovers, all invisible")
-
+    print(
+        f"{store_spec.kind}: {KILLS} kills (phase at kill: {killed_in}), {visible} versions completed, "
+        f"{len(partial)} partial leftovers, all invisible"
+    )
 
 
 # --------------------------------------------------------------------------- publishers + gc + alias movers
@@ -198,8 +199,11 @@ def test_sigkilled_publishers_gc_and_alias_movers_leave_only_loadable_state(stor
     visible = 0
     for round_no in range(ROUNDS):
         procs = []
-        for target, args in ((tolerant_publisher, (store_spec, visible)), (gc_loop, (store_spec,)),
-                             (alias_mover, (store_spec, round_no))):
+        for target, args in (
+            (tolerant_publisher, (store_spec, visible)),
+            (gc_loop, (store_spec,)),
+            (alias_mover, (store_spec, round_no)),
+        ):
             ready = _ctx.Event()
             proc = _ctx.Process(target=target, args=(*args, ready), daemon=True)
             proc.start()
@@ -230,5 +234,7 @@ def test_sigkilled_publishers_gc_and_alias_movers_leave_only_loadable_state(stor
         store.backend.lease_ttl_s = store.backend.fence_ttl_s = 0.0
     store.gc(older_than_s=0)
     assert leftovers(store_spec, store) == []
-    print(f"{store_spec.kind}: {ROUNDS} rounds, {visible} versions, aliases {store.aliases('demo')}, "
-          f"{len(store.history('demo'))} alias moves logged")
+    print(
+        f"{store_spec.kind}: {ROUNDS} rounds, {visible} versions, aliases {store.aliases('demo')}, "
+        f"{len(store.history('demo'))} alias moves logged"
+    )

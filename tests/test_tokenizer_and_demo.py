@@ -48,12 +48,21 @@ def test_combine_sums_duplicate_pairs_with_betas():
 def test_demo_cli_runs_offline_and_the_pack_changes_the_output():
     proc = subprocess.run(
         [sys.executable, "-m", "serve.cli", "generate", "--demo", "--json", "The capital of Mauritius is"],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["base"] != result["edited"]
     assert " Louis" in result["edited"]
-    proc = subprocess.run([sys.executable, "-m", "serve.cli", "generate", "--json", "x"], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "generate", "--json", "x"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and "--demo" in proc.stderr

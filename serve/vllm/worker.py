@@ -13,6 +13,7 @@ call; with vLLM's engine core and workers in other processes it crosses vLLM's I
 Every tensor-parallel rank runs the same processor on the same batch, so the server reads rank 0.
 This module imports no vLLM.
 """
+
 from __future__ import annotations
 
 from .resolver import REGISTRY
@@ -32,7 +33,7 @@ def processor_counters(processors, finished=()) -> dict:
         out["backpack_seconds"] += st.backpack_seconds
         out["resumed"] += core.stats.resumed
         out["parked"] += core.parked
-        samples = core.step_seconds       # bounded deque: older samples drop when nobody syncs
+        samples = core.step_seconds  # bounded deque: older samples drop when nobody syncs
         while samples:
             out["step_seconds"].append(samples.popleft())
     return out
