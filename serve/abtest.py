@@ -198,7 +198,7 @@ def ratio_ci(a: list[float], b: list[float], confidence: float) -> tuple[float, 
     if n < 2:
         return r, float("-inf"), float("inf")
     mean_a = sa / n
-    d = [bi - r * ai for ai, bi in zip(a, b)]
+    d = [bi - r * ai for ai, bi in zip(a, b, strict=True)]
     mean_d = sum(d) / n
     var = sum((x - mean_d) ** 2 for x in d) / (n - 1)
     se = math.sqrt(var / n) / mean_a

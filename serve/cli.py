@@ -63,7 +63,7 @@ def generate(
             cfg = profile_config(profile, config_path)
             result = generate_side_by_side(cfg, prompt, max_new_tokens, pack_ref)
         except (ConfigError, ProfileError) as e:
-            raise click.ClickException(str(e))
+            raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -116,7 +116,7 @@ def models_fetch(names: tuple[str, ...]) -> None:
         try:
             click.echo(f"{name}\t{zoo.resolve(name)}")
         except zoo.ZooError as e:
-            raise click.ClickException(str(e))
+            raise click.ClickException(str(e)) from None
 
 
 # `serve`, `client ...` (serve/serve_cli.py) and the store's `packs` group (edits_store.cli, when present).

@@ -9,7 +9,8 @@ print(r.text, [(p.name, p.version) for p in r.packs])
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -81,7 +82,7 @@ class Client:
         """token: the admin token ($SENSEPACK_ADMIN_TOKEN); api_key: a generation key when the server sets
         api.keys ($SENSEPACK_API_KEY)."""
         if ca_file:
-            creds = grpc.ssl_channel_credentials(open(ca_file, "rb").read())
+            creds = grpc.ssl_channel_credentials(Path(ca_file).read_bytes())
             self.channel = grpc.secure_channel(target, creds)
         else:
             self.channel = grpc.insecure_channel(target)

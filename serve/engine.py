@@ -164,14 +164,14 @@ def sample_isolated(lp: torch.Tensor, seqs: list[Sequence], eos_id: int) -> list
     """Sample every row together; when that fails, row by row, so only the failing rows get an error."""
     params = [row_params(s) for s in seqs]
     try:
-        return [RowOutput(s.seq_id, [out]) for s, out in zip(seqs, sample(lp, params, eos_id))]
+        return [RowOutput(s.seq_id, [out]) for s, out in zip(seqs, sample(lp, params, eos_id), strict=True)]
     except Exception:  # noqa: BLE001 - find the faulty row(s): the batch must not pay for one request
         log.warning("batched sampling failed; sampling row by row", extra={"event": "sampler_fallback"})
     outs = []
-    for r, (seq, p) in enumerate(zip(seqs, params)):
+    for r, (seq, p) in enumerate(zip(seqs, params, strict=True)):
         try:
             outs.append(RowOutput(seq.seq_id, [sample(lp[r : r + 1], [p], eos_id)[0]]))
-        except Exception as e:  # noqa: BLE001 - this request alone ends
+        except Exception as e:
             log.exception(
                 "sampling failed for one request", extra={"event": "request_error", "request_id": seq.req.request_id}
             )
@@ -292,7 +292,7 @@ class Engine:
         self.scheduler.fail_jobs()
         try:
             self.runner.shutdown()
-        except Exception:  # noqa: BLE001 - best effort: the process may be exiting
+        except Exception:
             log.exception(f"{self.log_name} shutdown failed", extra={"event": "engine_error"})
 
     # ------------------------------------------------------------ public API
@@ -398,7 +398,7 @@ class Engine:
         if self.on_dead is not None:
             try:
                 self.on_dead(why)
-            except Exception:  # noqa: BLE001 - the requests are ended either way
+            except Exception:
                 log.exception("on_dead failed", extra={"event": "engine_error"})
 
     def _prefill(self, new: list[Sequence]) -> None:
@@ -417,7 +417,7 @@ class Engine:
                     log.warning("request refused by the runner", extra={"event": "engine_add_failed"})
                     self._finish(seq, REFUSED, error=f"{seq.req.input_field}: {e}")
                     continue
-                except Exception as e:  # noqa: BLE001 - refused by the core (e.g. invalid edits): this one only
+                except Exception as e:
                     log.exception("request refused by the core", extra={"event": "engine_add_failed"})
                     self._finish(seq, ERROR, error=_describe(e))
                     continue
@@ -443,7 +443,7 @@ class Engine:
             for s in out.tokens:
                 try:
                     self._accept(seq, s.token, s.logprob, s.top, now)
-                except Exception as e:  # noqa: BLE001 - e.g. detokenising: this request alone ends
+                except Exception as e:
                     log.exception(
                         "accepting a token failed", extra={"event": "request_error", "request_id": seq.req.request_id}
                     )
@@ -546,12 +546,12 @@ class Engine:
         if self.scheduler.release(seq) and self.dead is None:
             try:
                 self.runner.remove(seq.seq_id)
-            except Exception:  # noqa: BLE001 - the request ends either way
+            except Exception:
                 log.exception("runner.remove failed", extra={"event": "engine_error"})
         if text is None:
             try:
                 text = self.tokenizer.decode(seq.output_ids) if seq.output_ids else ""
-            except Exception:  # noqa: BLE001 - the request ends either way; its text is lost
+            except Exception:
                 log.exception("decode failed", extra={"event": "request_error"})
                 text, reason = "", ERROR if reason not in (CANCELLED, TIME_LIMIT) else reason
         delta = "" if reason in _NO_TEXT else text[seq.sent_chars :]

@@ -27,7 +27,7 @@ class ServeError(Exception):
     def message(self) -> str:
         return str(self)
 
-    def at(self, field_name: str) -> "ServeError":
+    def at(self, field_name: str) -> ServeError:
         """The same error about another field (e.g. the pack manager's ``ref`` as ``packs[1].ref``)."""
         return type(self)(field_name, self.detail)
 

@@ -21,7 +21,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -75,7 +75,7 @@ class StreamOptions(_Body):
 
 class PackSpec(_Body):
     ref: str
-    beta: Optional[float] = None
+    beta: float | None = None
 
 
 class _Common(_Body):
@@ -84,36 +84,36 @@ class _Common(_Body):
     model: str
     n: int = Field(1, ge=1)
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = None  # None: 1.0 (OpenAI's default); 0: greedy
-    top_p: Optional[float] = None
-    max_tokens: Optional[int] = Field(None, ge=0)
-    stop: Union[str, list[str], None] = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None  # None: 1.0 (OpenAI's default); 0: greedy
+    top_p: float | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None  # also the A/B key when ab_key is not given
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None  # also the A/B key when ab_key is not given
     # extensions
-    packs: Optional[list[Union[str, PackSpec]]] = None
+    packs: list[str | PackSpec] | None = None
     base_only: bool = False
-    ab_key: Optional[str] = None
+    ab_key: str | None = None
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False
 
 
 class CompletionBody(_Common):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = Field(None, ge=0)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    best_of: int | None = None
+    suffix: str | None = None
 
 
 class TextPart(_Body):
@@ -123,19 +123,19 @@ class TextPart(_Body):
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
-    name: Optional[str] = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
 
 class ChatBody(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
 
 
-AnyBody = Union[CompletionBody, ChatBody]
+AnyBody = CompletionBody | ChatBody
 
 
 def _loc(err: Any) -> str:
@@ -206,7 +206,7 @@ class HttpFrontend:
         return spec
 
     # ---- lifecycle
-    def start(self) -> "HttpFrontend":
+    def start(self) -> HttpFrontend:
         import uvicorn
 
         h = self.cfg.http
@@ -484,7 +484,7 @@ class HttpFrontend:
             gens = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, rid)
         except ServeError as e:
             return self._error(e, method)
-        except Exception as e:  # noqa: BLE001 - a server fault: 500, counted, logged
+        except Exception as e:
             log.exception("request failed", extra={"event": "internal_error", "method": method})
             return self._error(InternalError("", f"internal error: {type(e).__name__}: {e}"), method)
         run = _Run(self, body, method, rid, gens, asyncio.get_running_loop())
@@ -578,7 +578,7 @@ class _Run:
                     raise Cancelled("", "client disconnected")
             try:
                 return await asyncio.wait_for(self.queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     # ---- pieces

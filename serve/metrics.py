@@ -6,6 +6,8 @@ process, e.g. in tests); `/metrics` serves that registry.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -138,19 +140,15 @@ class Metrics:
         """A version's live record is gone: remove its A/B series (the series count stays bounded by the
         resident versions however many versions are cycled through)."""
         for g in (self.ab_ratio, self.ab_ci_lower, self.ab_ci_upper):
-            try:
+            with contextlib.suppress(KeyError):  # already gone
                 g.remove(pack, version)
-            except KeyError:
-                pass
 
     def set_active_packs(self, routes: list[tuple[str, str, str]]) -> None:
         """routes: (pack, version, alias) with alias "" for the plain name route."""
         new = set(routes)
         for labels in self._active_labels - new:
-            try:
+            with contextlib.suppress(KeyError):  # already gone
                 self.active_pack.remove(*labels)
-            except KeyError:
-                pass
         for labels in new:
             self.active_pack.labels(*labels).set(1)
         self._active_labels = new

@@ -7,7 +7,6 @@ import logging
 import tempfile
 from dataclasses import dataclass
 
-
 log = logging.getLogger("sensepack.models")
 
 
@@ -44,7 +43,6 @@ def build_served(model_cfg) -> Served:
         )
     from ensemble.backpack import BackpackLM
     from ensemble.large_model import load_large_model, parse_dtype
-
     from ensemble.tokenizer import tokenizer_beside
 
     # The pairing's tokenizer: the configured one, else the one saved beside the Backpack, else GPT-2's.
@@ -121,7 +119,6 @@ def open_pack_store(store_cfg, served: Served, demo_epsilon: float = 0.05):
     """(store, uri, temporary): the configured store; without one, a temporary store (removed at shutdown)
     holding the demo pack (alias prod)."""
     from edits_store.store import open_store
-
     from ensemble.zoo import resolve_path
 
     uri = None if store_cfg.uri is None else str(resolve_path(store_cfg.uri))  # a registry name: its cached store

@@ -28,9 +28,10 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from ensemble.edits import PackRef, SenseEdits
 from serve.errors import DeadlineExceeded, PackNotFound, PackRefused, ServeError, Unavailable, from_pack_error
@@ -95,7 +96,7 @@ class Pin:
 class Admission:
     """The pinned packs of one request; `release()` exactly once when it ends."""
 
-    def __init__(self, manager: "PackManager", pins: list[Pin]):
+    def __init__(self, manager: PackManager, pins: list[Pin]):
         self._manager = manager
         self.pins = pins
         self._released = False
@@ -123,7 +124,7 @@ class GateFn(Protocol):
 
     fingerprint: str | None
 
-    def __call__(self, r: "Resident", deadline: float | None = None) -> GateResult: ...
+    def __call__(self, r: Resident, deadline: float | None = None) -> GateResult: ...
 
 
 class ArmPolicy(Protocol):
@@ -140,7 +141,7 @@ class ResidentTable(dict):
     manager so that an engine can read resident edits from it (serve.vllm.resolver.PackManagerSource)
     without depending on the manager."""
 
-    def residents(self) -> list["Resident"]:
+    def residents(self) -> list[Resident]:
         return list(self.values())
 
 
@@ -367,7 +368,7 @@ class PackManager:
         bound = time.monotonic() + self.cfg.packs.request_load_timeout_s
         deadline = bound if deadline is None else min(deadline, bound)
         try:
-            name, version, r = self._load_ref(pr.ref, by_request=True, deadline=deadline)
+            _, version, r = self._load_ref(pr.ref, by_request=True, deadline=deadline)
         except ServeError as e:
             raise e.at(f) from None
         if r.state != "resident":
@@ -476,9 +477,8 @@ class PackManager:
         with self._lock:
             key = (r.name, r.version)
             self._unloaded.discard(key)
-            if self._disabled.pop(key, None) is not None or r.state == "disabled":
-                if self.ab is not None:
-                    self.ab.reset(r.name, r.version)
+            if (self._disabled.pop(key, None) is not None or r.state == "disabled") and self.ab is not None:
+                self.ab.reset(r.name, r.version)
             if r.state in ("unloading", "disabled"):
                 r.state = "resident"
 
@@ -600,10 +600,12 @@ class PackManager:
         with self._lock:
             if route not in self._routes:
                 return
+        from edits_store.errors import PackError
+
         with self._activation_lock:
             try:
                 _, version = self.source.resolve(route)
-            except Exception as e:  # alias removed meanwhile
+            except PackError as e:  # alias removed meanwhile (anything else is logged by the subscription)
                 log.warning("alias vanished", extra={"event": "alias_move_ignored", "route": route, "reason": str(e)})
                 return
             with self._lock:
@@ -644,8 +646,8 @@ class PackManager:
         if self._subscription is not None:
             try:
                 self._subscription.close()
-            except Exception:
-                pass
+            except Exception:  # shutting down: say why the poller did not stop cleanly, and go on
+                log.exception("store subscription close failed", extra={"event": "subscription_close_failed"})
             self._subscription = None
 
     # ------------------------------------------------------------ views

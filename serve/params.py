@@ -8,9 +8,8 @@ FAILED_PRECONDITION, β range) is the pack manager's job.
 
 from __future__ import annotations
 
-import uuid
-
 import math
+import uuid
 from dataclasses import dataclass, field
 
 from edits_store import InvalidReferenceError, parse_pack_reference

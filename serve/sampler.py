@@ -161,9 +161,9 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
     if want:
         w = torch.tensor(want)
         vals = lp[w, tokens[w]].tolist()
-        chosen_lp = dict(zip(want, vals))
+        chosen_lp = dict(zip(want, vals, strict=True))
     out = []
     for i, p in enumerate(params):
-        top = list(zip(top_i[i][: p.top_n], top_v[i][: p.top_n])) if p.top_n else []
+        top = list(zip(top_i[i][: p.top_n], top_v[i][: p.top_n], strict=True)) if p.top_n else []
         out.append(Sampled(tok_list[i], chosen_lp.get(i), top))
     return out

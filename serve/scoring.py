@@ -17,7 +17,7 @@ a cancelled or expired Score.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -8,7 +8,10 @@ import sys
 import threading
 
 import click
+import grpc
 import yaml
+
+from sensepack_proto import pb
 
 
 @click.command("serve")
@@ -52,7 +55,7 @@ def serve_cmd(config_path, port, http_port, sets, check):
     try:
         cfg = load_config(config_path, overrides)
     except ConfigError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     if check:
         click.echo(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
         return
@@ -92,12 +95,9 @@ def _client(ctx):
     return Client(o["target"], token=o["token"], ca_file=o["ca"], timeout=o["timeout"], api_key=o["api_key"])
 
 
-def _fail(e):
-    import grpc
-
-    if isinstance(e, grpc.RpcError):
-        raise click.ClickException(f"{e.code().name}: {e.details()}")
-    raise e
+def _rpc_error(e: grpc.RpcError) -> click.ClickException:
+    """The server's status as a CLI error (exit 1, no traceback); anything else is a bug and propagates."""
+    return click.ClickException(f"{e.code().name}: {e.details()}")
 
 
 def _dump(msg, as_json: bool):
@@ -188,17 +188,15 @@ def client_generate(ctx, prompt, **kw):
     """Generate a completion."""
     try:
         r = _client(ctx).generate(prompt, **_gen_kwargs(kw))
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
     if kw["as_json"] or kw["logprobs"] or kw["top_n"]:
         _dump(r, kw["as_json"])
     else:
         used = ", ".join(f"{p.name}@{p.version} (beta={p.beta:g}, arm={p.arm})" for p in r.packs) or "base"
+        stop = r.stop_reason and pb.StopReason.Name(r.stop_reason)
         click.echo(f"{prompt}{r.text}")
-        click.echo(
-            f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('sensepack_proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]",
-            err=True,
-        )
+        click.echo(f"[{r.generated_token_count} tokens, stop={stop}, packs: {used}]", err=True)
 
 
 @client_group.command("stream")
@@ -213,8 +211,8 @@ def client_stream(ctx, prompt, **kw):
             else:
                 click.echo(m.text, nl=False)
                 sys.stdout.flush()
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
     if not kw["as_json"]:
         click.echo()
 
@@ -229,11 +227,11 @@ def client_score(ctx, prefix, continuations, packs, as_json):
     """Log-likelihood of CONTINUATIONS after PREFIX (base and packs)."""
     try:
         r = _client(ctx).score(prefix, list(continuations), packs=_pack_args(packs))
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
     if as_json:
         return _dump(r, True)
-    for text, c in zip(continuations, r.continuations):
+    for text, c in zip(continuations, r.continuations, strict=True):
         line = f"{text!r}: base {c.base.total_logprob:.4f}"
         if c.packed.token_logprobs:
             line += f"  packs {c.packed.total_logprob:.4f}"
@@ -246,8 +244,8 @@ def client_score(ctx, prefix, continuations, packs, as_json):
 def client_tokenize(ctx, text):
     try:
         _dump(_client(ctx).tokenize(text), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_group.command("info")
@@ -256,8 +254,8 @@ def client_info(ctx):
     """Models, fingerprints, vocabulary, limits, active packs."""
     try:
         _dump(_client(ctx).model_info(), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_group.group("packs")
@@ -270,8 +268,8 @@ def client_packs():
 def packs_list(ctx):
     try:
         _dump(_client(ctx).list_packs(True), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_packs.command("load")
@@ -281,8 +279,8 @@ def packs_list(ctx):
 def packs_load(ctx, ref, no_activate):
     try:
         _dump(_client(ctx).load_pack(ref, activate=not no_activate), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_packs.command("alias")
@@ -294,8 +292,8 @@ def packs_alias(ctx, name, alias, version):
     """Move NAME@ALIAS to VERSION (hot swap)."""
     try:
         _dump(_client(ctx).set_alias(name, alias, version), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_packs.command("unload")
@@ -304,8 +302,8 @@ def packs_alias(ctx, name, alias, version):
 def packs_unload(ctx, ref):
     try:
         _dump(_client(ctx).unload_pack(ref), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_packs.command("ab")
@@ -315,8 +313,8 @@ def packs_ab(ctx, name):
     """Gate and live A/B ball ratios."""
     try:
         _dump(_client(ctx).ab_report(name), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 def register(main: click.Group) -> None:

@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -123,7 +124,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """gRPC wire format over serve.service: proto in, validated request through the service, proto out;
     domain errors become status codes through serve.errors."""
 
-    def __init__(self, srv: "SensepackServer"):
+    def __init__(self, srv: SensepackServer):
         self.srv = srv
         self.service: GenerationService = srv.service
 
@@ -287,7 +288,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
 
 class AdminServicer(admin_pb_grpc.PackAdminServicer):
-    def __init__(self, srv: "SensepackServer"):
+    def __init__(self, srv: SensepackServer):
         self.srv = srv
 
     def _resident(self, r) -> admin_pb.ResidentPack:
@@ -608,7 +609,7 @@ class SensepackServer:
         return resp
 
     # ---- lifecycle
-    def start(self) -> "SensepackServer":
+    def start(self) -> SensepackServer:
         from ensemble.tokenizer import tokenizer_fingerprint
 
         cfg = self.cfg
@@ -640,9 +641,9 @@ class SensepackServer:
             _enable_reflection((GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME), self._grpc)
         addr = f"{cfg.server.host}:{cfg.server.port}"
         if cfg.tls.enabled:
-            key = open(cfg.tls.key_file, "rb").read()
-            cert = open(cfg.tls.cert_file, "rb").read()
-            ca = open(cfg.tls.client_ca_file, "rb").read() if cfg.tls.client_ca_file else None
+            key = Path(cfg.tls.key_file).read_bytes()
+            cert = Path(cfg.tls.cert_file).read_bytes()
+            ca = Path(cfg.tls.client_ca_file).read_bytes() if cfg.tls.client_ca_file else None
             creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
             self.port = self._grpc.add_secure_port(addr, creds)
         else:

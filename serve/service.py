@@ -8,16 +8,18 @@ or `serve.errors.ServeError`s back; each maps them to its own wire format and st
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 from serve import engine as eng
-from serve.metrics import GRPC
 from serve.errors import Cancelled, DeadlineExceeded, InternalError, InvalidRequest, ServeError, Unavailable
+from serve.metrics import GRPC
 from serve.packs import Admission, PackManager
 from serve.params import GenerationRequest, ScoreRequest
 from serve.scoring import ScoreAbandoned, advance, score_row, score_steps
@@ -95,7 +97,7 @@ def reason_error(reason: str) -> type[ServeError]:
 class Generation:
     """One admitted generation request: its pinned packs and its engine sequence."""
 
-    def __init__(self, service: "GenerationService", req: GenerationRequest, admission: Admission, seq: eng.Sequence):
+    def __init__(self, service: GenerationService, req: GenerationRequest, admission: Admission, seq: eng.Sequence):
         self.service, self.req, self.admission, self.seq = service, req, admission, seq
 
     @property
@@ -215,7 +217,7 @@ class GenerationService:
                 try:
                     done = False
                     while not done:  # one engine job per step: decode steps run between the chunks
-                        fut = self.engine.run_job(lambda: advance(steps))
+                        fut = self.engine.run_job(functools.partial(advance, steps))
                         done, out = fut.result(
                             timeout=None if deadline is None else max(deadline - time.monotonic(), 0)
                         )

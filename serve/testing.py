@@ -163,10 +163,9 @@ def server_process(config: dict, timeout: float = 300.0, log_path: str | None = 
     cfg = dict(config)
     cfg.setdefault("server", {})
     cfg["server"] = {**cfg["server"], "port": port, "host": "127.0.0.1"}
-    with tempfile.TemporaryDirectory(prefix="sensepack-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sensepack-bench-") as tmp, open(log_path or os.devnull, "w") as log:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        log = open(log_path or os.devnull, "w")
         proc = subprocess.Popen(
             [sys.executable, "-m", "serve.cli", "serve", "--config", str(path)],
             stdout=log,
@@ -199,4 +198,3 @@ def server_process(config: dict, timeout: float = 300.0, log_path: str | None = 
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            log.close()

@@ -189,7 +189,7 @@ def test_metric_contract_matches_serve_metrics():
     exported = set()
     for family in registry.collect():
         exported.add(family.name + "_total" if family.type == "counter" else family.name)
-    assert METRICS <= exported, f"not exported by serve/metrics.py: {sorted(METRICS - exported)}"
+    assert exported >= METRICS, f"not exported by serve/metrics.py: {sorted(METRICS - exported)}"
     extra = {n for n in exported if n.startswith("sensepack_")} - METRICS
     assert not extra, f"serve/metrics.py exports names this test does not know: {sorted(extra)}"
 
@@ -496,7 +496,7 @@ def test_k8s_deployment_probes_and_service():
     mounts = {m["name"] for m in c["volumeMounts"]}
     assert mounts == {v["name"] for v in pod["spec"]["volumes"]}
     secrets = {d["metadata"]["name"]: d for _, d in _k8s_docs() if d["kind"] == "Secret"}
-    token = [e for e in c["env"] if e["name"] == "SENSEPACK_ADMIN_TOKEN"][0]
+    token = next(e for e in c["env"] if e["name"] == "SENSEPACK_ADMIN_TOKEN")
     ref = token["valueFrom"]["secretKeyRef"]
     assert ref["key"] in secrets[ref["name"]]["stringData"]
     assert "REPLACE_ME" in secrets[ref["name"]]["stringData"][ref["key"]], "the example secret must be a placeholder"
@@ -656,7 +656,7 @@ def test_healthcheck_and_metrics_against_a_demo_server():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()[:4]
             exposed.add(name + "_total" if kind == "counter" and not name.endswith("_total") else name)
-    assert METRICS <= exposed, f"not on /metrics: {sorted(METRICS - exposed)}"
+    assert exposed >= METRICS, f"not on /metrics: {sorted(METRICS - exposed)}"
 
 
 # ------------------------------------------------------------------ external tools (optional)

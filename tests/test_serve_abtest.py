@@ -72,10 +72,10 @@ def test_streaming_moments_equal_the_batch_formula(n, scale):
     a = [scale * (10 + rng.random()) for _ in range(n)]
     b = [x * (1.02 + 0.05 * rng.gauss(0, 1)) for x in a]
     m = PairedMoments()
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         m.add(x, y)
     assert m.n == n
-    for got, want in zip(m.ratio_ci(0.95), ratio_ci(a, b, 0.95)):
+    for got, want in zip(m.ratio_ci(0.95), ratio_ci(a, b, 0.95), strict=True):
         assert got == pytest.approx(want, rel=1e-9)
     assert PairedMoments().ratio_ci(0.95)[0] != PairedMoments().ratio_ci(0.95)[0]  # nan without samples
 
@@ -110,7 +110,9 @@ def test_gate_refuses_pack_that_leaves_the_ball(tmp_path):
         core_ratio = sum(float(x.double().sum()) for x in packed) / sum(float(x.double().sum()) for x in base)
         assert core_ratio == pytest.approx(ratio, rel=1e-5)
         a, b = paired_nll(served.ensemble, rows, pk)
-        for i, (x, y) in enumerate(zip(base, packed)):  # the one-pass paired scorer equals the core's scoring
+        for i, (x, y) in enumerate(
+            zip(base, packed, strict=True)
+        ):  # the one-pass paired scorer equals the core's scoring
             assert a[i] == pytest.approx(-float(x.double().sum()), rel=1e-5)
             assert b[i] == pytest.approx(-float(y.double().sum()), rel=1e-5)
         samples = parse_metrics(scrape(server))

@@ -85,7 +85,7 @@ def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
     bad.write_text("limits:\n  max_waiting: -1\n")
-    with pytest.raises(ConfigError, match="limits.max_waiting"):
+    with pytest.raises(ConfigError, match=r"limits\.max_waiting"):
         load_config(bad)
 
 
@@ -143,7 +143,7 @@ def test_tls(tmp_path):
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

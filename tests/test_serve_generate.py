@@ -180,7 +180,7 @@ def test_concurrent_requests_join_running_batch(env):
         t.start()
     for t in threads:
         t.join()
-    for (p, n, packs), r in zip(jobs, results):
+    for (p, n, packs), r in zip(jobs, results, strict=True):
         ref = _reference(env, [p], [paris] if packs else [], n)[0]
         assert [t.id for t in r.tokens] == ref
     # batching happened: fewer decode steps than the sum of the lengths

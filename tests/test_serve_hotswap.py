@@ -36,7 +36,9 @@ def test_hot_swaps_under_streaming_load(tmp_path):
         expected = {
             v: dict(
                 zip(
-                    PROMPTS, served.ensemble.generate_greedy([ids[p] for p in PROMPTS], [[refs[v]]] * len(PROMPTS), NEW)
+                    PROMPTS,
+                    served.ensemble.generate_greedy([ids[p] for p in PROMPTS], [[refs[v]]] * len(PROMPTS), NEW),
+                    strict=True,
                 )
             )
             for v in (va, vb)
@@ -82,7 +84,7 @@ def test_hot_swaps_under_streaming_load(tmp_path):
             r = adm.SetAlias(admin_pb.SetAliasRequest(name="capitals", alias="prod", version=target), metadata=auth())
             assert r.pack.version == target and r.gate.passed
             swaps += 1
-            wait_until(lambda: len(results) > n0, timeout=30)  # let traffic see this version
+            wait_until(lambda n0=n0: len(results) > n0, timeout=30)  # let traffic see this version
         done.set()
         for t in threads:
             t.join(timeout=120)

@@ -18,13 +18,13 @@ from ensemble.tokenizer import tokenizer_fingerprint  # noqa: E402
 from sensepack_proto import pb, pb_grpc  # noqa: E402
 from serve.client import Client  # noqa: E402
 from serve.errors import STATUS, ServeError, from_pack_error  # noqa: E402
-from serve.testing import (
+from serve.testing import (  # noqa: E402
     channel,
     demo_served,
     demo_variant,
     metric,
     parse_metrics,
-    publish_edits,  # noqa: E402
+    publish_edits,
     running_server,
     scrape,
     wait_until,

@@ -11,9 +11,9 @@ import grpc
 import pytest
 import torch
 
+from ensemble.vocab import Vocabulary
 from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
-from ensemble.vocab import Vocabulary
 from serve.sampler import RowError, RowParams, sample
 from serve.testing import channel, demo_served, running_server
 
@@ -37,7 +37,7 @@ def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
     probs = [v / tot for v in w]
     if p.top_p < 1.0:
         keep, acc = [], 0.0
-        for i, q in zip(order, probs):
+        for i, q in zip(order, probs, strict=True):
             if acc >= p.top_p:
                 break
             keep.append(i)
@@ -47,7 +47,7 @@ def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
         tot = sum(w)
         probs = [v / tot for v in w]
     acc = 0.0
-    for i, q in zip(order, probs):
+    for i, q in zip(order, probs, strict=True):
         acc += q
         if acc >= u:
             return i

@@ -48,7 +48,7 @@ def _capitals(server):
 
 
 def test_requests_load_no_pack_by_default(tmp_path):
-    store, (v,) = _store(tmp_path)
+    _, (v,) = _store(tmp_path)
     with running_server(tmp_path, demo_served(), **{"packs.load_on_request": False}) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         before = parse_metrics(scrape(server))
@@ -66,7 +66,7 @@ def test_requests_load_no_pack_by_default(tmp_path):
 
 
 def test_no_request_revives_a_disabled_version(tmp_path):
-    store, (good, planted, other) = _store(tmp_path, 3)
+    store, (_good, planted, other) = _store(tmp_path, 3)
     store.set_alias("capitals", "canary", planted)
     with running_server(
         tmp_path,
@@ -75,7 +75,7 @@ def test_no_request_revives_a_disabled_version(tmp_path):
     ) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         server.packs.activate(f"capitals@{planted}", activate=False)
-        r = [x for x in server.packs.residents() if x.version == planted][0]
+        r = next(x for x in server.packs.residents() if x.version == planted)
         server.monitor.record(r, 10.0, 20.0, 5)  # a live record that must survive
         server.packs.disable("capitals", planted, "live ball breach (test)")
         routes = {k: (v.version if v else None) for k, v in server.packs.routes().items()}
@@ -101,7 +101,7 @@ def test_no_request_revives_a_disabled_version(tmp_path):
 def test_alias_notification_after_auto_disable_keeps_the_fallback(tmp_path):
     """The race behind the flaky live A/B test: the store subscription delivers the alias move of an admin
     SetAlias after the live monitor disabled that version; the route must stay on the fallback."""
-    store, (good, planted) = _store(tmp_path, 2)
+    _, (good, planted) = _store(tmp_path, 2)
     with running_server(
         tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"], "store.subscribe": False}
     ) as server:
@@ -115,7 +115,7 @@ def test_alias_notification_after_auto_disable_keeps_the_fallback(tmp_path):
 
 
 def test_unload_holds(tmp_path):
-    store, (v,) = _store(tmp_path)
+    _, (v,) = _store(tmp_path)
     with running_server(tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"]}) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         assert c.unload_pack("capitals").freed
@@ -130,7 +130,7 @@ def test_unload_holds(tmp_path):
 
 
 def test_version_cycling_gates_each_version_once(tmp_path):
-    store, versions = _store(tmp_path, 4)
+    _, versions = _store(tmp_path, 4)
     with running_server(tmp_path, demo_served(), **{"packs.max_resident": 2}) as server:
         c = Client(f"127.0.0.1:{server.port}")
         samples = parse_metrics(scrape(server))
@@ -147,7 +147,7 @@ def test_version_cycling_gates_each_version_once(tmp_path):
 
 
 def test_gate_in_a_request_stops_at_its_deadline(tmp_path):
-    store, (v,) = _store(tmp_path)
+    _, (v,) = _store(tmp_path)
     with running_server(tmp_path, demo_served()) as server:
         pr = PackRequest(f"capitals@{v}", "capitals", v, None, "packs[0]")
         gates0 = metric(parse_metrics(scrape(server)), "sensepack_gate_runs_total")
@@ -163,7 +163,7 @@ def test_gate_in_a_request_stops_at_its_deadline(tmp_path):
 
 def test_request_load_without_deadline_is_bounded(tmp_path):
     """A request with no deadline of its own: the load and gate it triggers stop at packs.request_load_timeout_s."""
-    store, (v,) = _store(tmp_path)
+    _, (v,) = _store(tmp_path)
     with running_server(tmp_path, demo_served(), **{"packs.request_load_timeout_s": 1e-9}) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         with pytest.raises(grpc.RpcError) as ei:
@@ -177,7 +177,7 @@ def test_request_load_without_deadline_is_bounded(tmp_path):
 def test_ab_gauges_per_version_only_while_resident(tmp_path):
     """The live A/B gauges carry `version`; a version's series go when it leaves memory (unload or
     eviction past packs.max_resident), so cycling versions leaves the series count bounded."""
-    store, versions = _store(tmp_path, 4)
+    _, versions = _store(tmp_path, 4)
     with running_server(tmp_path, demo_served(), **{"packs.max_resident": 2, "store.subscribe": False}) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
 
@@ -187,7 +187,7 @@ def test_ab_gauges_per_version_only_while_resident(tmp_path):
 
         for v in versions:
             c.load_pack(f"capitals@{v}", activate=False)
-            r = [x for x in server.packs.residents() if x.version == v][0]
+            r = next(x for x in server.packs.residents() if x.version == v)
             server.monitor.record(r, 10.0, 10.5, 5)
             server.monitor.record(r, 12.0, 12.4, 5)
             resident = {x.version for x in _capitals(server)}

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from edits_store.store import open_store
+from ensemble.vocab import Vocabulary
 from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
-from ensemble.vocab import Vocabulary
 from serve.sampler import RowParams, sample
 from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server
 
@@ -50,7 +50,7 @@ def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
         keep = [i for i in keep if z[i] >= kth]
     w = [math.exp(z[i]) for i in keep]
     acc = 0.0
-    for i, q in zip(keep, w):
+    for i, q in zip(keep, w, strict=True):
         acc += q / sum(w)
         if acc >= u:
             return i

@@ -104,7 +104,7 @@ def test_job_lanes():
     sched.add(_seq(sched))
     _admit(sched)  # busy: low jobs wait for every 4th step
     for steps in (1, 2, 3, 4):
-        for fn, fut in sched.next_jobs(steps):
+        for fn, _fut in sched.next_jobs(steps):
             fn()
     assert names == ["h1", "h2", "l1"]
     sched.release(next(iter(sched.running.values())))

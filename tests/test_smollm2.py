@@ -109,9 +109,9 @@ def test_exact_skip_and_the_naive_formula_hold_on_the_smollm2_pairing(smollm2):
             z = large(torch.tensor([seqs[1]])).logits[0, -1, :V].float()
             torch.testing.assert_close(lp[fr], torch.log_softmax(z, -1), atol=1e-4, rtol=0)
             nxt = [t if not set(trig) & {t} else 0 for t in lp.argmax(-1).tolist()]  # keep row 1 edit-free
-            for sid, t in zip(batch.seq_ids, nxt):
+            for sid, t in zip(batch.seq_ids, nxt, strict=True):
                 seqs[sid].append(t)
-            batch.append(dict(zip(batch.seq_ids, nxt)))
+            batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
     calls = ens.stats.backpack_calls
     assert calls > 0 and ens.stats.exact_skip_rows >= 3
     # A batch of edit-free rows never touches the Backpack.

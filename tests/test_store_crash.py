@@ -69,7 +69,7 @@ def leftovers(spec: StoreSpec, store: PackStore) -> list[str]:
     committed = set(store.backend.list_versions("demo"))
     found = store.backend.fs.find(store.backend._path("demo"))
     folders = [p.rstrip("/").split("/")[-2] for p in found]
-    return [p for p, f in zip(found, folders) if VERSION_RE.match(f) and f not in committed]
+    return [p for p, f in zip(found, folders, strict=True) if VERSION_RE.match(f) and f not in committed]
 
 
 def check_state(store: PackStore, known: dict[str, int]) -> tuple[int, int | None]:
@@ -208,7 +208,7 @@ def test_sigkilled_publishers_gc_and_alias_movers_leave_only_loadable_state(stor
             proc = _ctx.Process(target=target, args=(*args, ready), daemon=True)
             proc.start()
             procs.append((proc, ready))
-        for proc, ready in procs:
+        for _, ready in procs:
             assert ready.wait(60), "a writer did not start"
         time.sleep(rng.uniform(0.05, 0.6))
         rng.shuffle(procs)

@@ -8,6 +8,7 @@ Bounded: ``SENSEPACK_FUZZ_CASES`` (default 400) cases per test, seeded for repro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -103,10 +104,8 @@ def _header_split(blob: bytes) -> tuple[dict, bytes]:
 
 def _reseal(manifest: dict, tensor: bytes) -> bytes:
     m = dict(manifest, files={TENSOR_FILE: hashlib.sha256(tensor).hexdigest()})
-    try:
+    with contextlib.suppress(TypeError, ValueError):  # not canonical JSON (e.g. inf): left as it was; refused anyway
         m["version"] = compute_version(m)
-    except (TypeError, ValueError):
-        pass  # not hashable as canonical JSON (e.g. inf): left as it was; the reader must refuse it anyway
     return json.dumps(m).encode()
 
 

@@ -41,7 +41,7 @@ def test_combine_sums_duplicate_pairs_with_betas():
     a = SenseEdits(torch.tensor([5, 7]), torch.tensor([0, 1]), torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
     b = SenseEdits(torch.tensor([7, 9]), torch.tensor([1, 0]), torch.tensor([[4.0, 4.0], [1.0, 1.0]]))
     c = SenseEdits.combine([(a, 0.5), (b, 2.0)])
-    got = {(int(t), int(s)): d.tolist() for t, s, d in zip(c.token_ids, c.sense_ids, c.deltas)}
+    got = {(int(t), int(s)): d.tolist() for t, s, d in zip(c.token_ids, c.sense_ids, c.deltas, strict=True)}
     assert got == {(5, 0): [0.5, 0.0], (7, 1): [8.0, 9.0], (9, 0): [2.0, 2.0]}
 
 

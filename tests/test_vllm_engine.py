@@ -8,7 +8,6 @@ behave as in the embedded engine. Skipped where vLLM is not installed.
 from __future__ import annotations
 
 import math
-import os
 import queue
 
 import pytest
@@ -80,7 +79,9 @@ def test_engine_greedy_equals_embedded(world):
     e, tok, pack = world["engine"], world["tok"], world["pack"]
     prompts = [tok(p).input_ids for p in PROMPTS]
     packs = [[pack], [pack], [], [], [pack], []]
-    seqs = [e.submit(_req(i, p, 10), pk) for i, (p, pk) in enumerate(zip(prompts, packs))]  # 6 > max_running=4
+    seqs = [
+        e.submit(_req(i, p, 10), pk) for i, (p, pk) in enumerate(zip(prompts, packs, strict=True))
+    ]  # 6 > max_running=4
     got = [_run(s)[-1] for s in seqs]
     ref = world["ens"].generate_greedy(prompts, packs, 10)
     assert [f.output_ids for f in got] == ref
@@ -99,7 +100,7 @@ def test_engine_logprobs_are_the_ensembles(world):
     infos = [(ev.logprob, ev.top) for ev in evs[:-1]] + [(evs[-1].last.logprob, evs[-1].last.top)]
     batch = world["ens"].new_batch()
     batch.add(0, ids, [pack])
-    for t, (lp, top) in zip(toks, infos):
+    for t, (lp, top) in zip(toks, infos, strict=True):
         ref = batch.logprobs()[0]
         assert math.isclose(lp, float(ref[t]), abs_tol=2e-3)
         ref_top = ref.topk(3)

@@ -13,7 +13,6 @@ Backpack and packs in serve.vllm.resolver.REGISTRY, the way an in-process server
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
@@ -133,12 +132,12 @@ def test_beta_and_staggered_lengths_with_compaction(setup):
 
     params = [
         SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, extra_args=build_extra_args(pk) if pk else None)
-        for pk, n in zip(packs, lens)
+        for pk, n in zip(packs, lens, strict=True)
     ]
     outs = s["llm"].generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     got = [list(o.outputs[0].token_ids) for o in outs]
     ref = s["ens"].generate_greedy(prompts, packs, max(lens))
-    assert got == [r[:n] for r, n in zip(ref, lens)]
+    assert got == [r[:n] for r, n in zip(ref, lens, strict=True)]
 
 
 def test_long_prompts_chunked_prefill_and_backpack_window_slide(setup):

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from tests.vllm_gate import require_vllm
 
 require_vllm(in_process=False)

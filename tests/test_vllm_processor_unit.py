@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ try:
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
     USING_VLLM = True
-except Exception:  # main CI: a stand-in of the same shape
+except Exception:  # noqa: BLE001 - main CI (no vLLM, or one that fails to import): a stand-in of the same shape
     USING_VLLM = False
 
     class MoveDirectionality(enum.Enum):
@@ -151,7 +151,7 @@ def test_adds_outputs_removes_moves_swaps(world):
         ]
     )
     s.step(0)
-    for o, t in zip(outs, [40, 41, 12, 42]):  # row 2 now sees token 12 (edited in a and b)
+    for o, t in zip(outs, [40, 41, 12, 42], strict=True):  # row 2 now sees token 12 (edited in a and b)
         o.append(t)
     s.step(1)
     gone = s.core.rows[1].sid if 1 in s.core.rows else None
@@ -390,7 +390,7 @@ def test_engine_args_from_config():
     }
     args = engine_args_from_config(cfg, store_uri="s3://packs", vocab=Vocabulary(size=400, eos_id=2, doc_sep_id=0))
     assert args["additional_config"]["sensepack"]["vocab_size"] == 400  # |U| reaches the worker processes
-    with pytest.raises(ValueError, match="store.uri"):
+    with pytest.raises(ValueError, match=r"store\.uri"):
         engine_args_from_config(cfg, store_uri=None)
     shaped = SimpleNamespace(
         model=cfg.model,

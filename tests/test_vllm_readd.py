@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 
-from tests.vllm_gate import require_vllm  # noqa: E402
+from tests.vllm_gate import require_vllm
 
 require_vllm()
 

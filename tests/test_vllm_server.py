@@ -9,8 +9,6 @@ Skipped where vLLM is not installed, or before the server wiring for `engine: vl
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.vllm_gate import require_vllm

@@ -27,7 +27,7 @@ import grpc
 import pytest
 import yaml
 
-from tests.vllm_gate import require_vllm  # noqa: E402
+from tests.vllm_gate import require_vllm
 
 require_vllm(in_process=False)
 
@@ -148,7 +148,7 @@ def test_generate_with_a_pack_and_worker_metrics(server):
     ref = ens.generate_greedy(ids, [[server["pack_ref"]]] * 2, n)
     base = ens.generate_greedy(ids[:1], [[]], n)[0]
     assert ref[0] != base  # the pack matters
-    for prompt, want in zip((EDITED, PLAIN), ref):
+    for prompt, want in zip((EDITED, PLAIN), ref, strict=True):
         r = c.generate(prompt, packs=["capitals@prod"], max_new_tokens=n, ignore_eos=True, tokens=True)
         assert [t.id for t in r.tokens] == want
         assert [(u.name, u.version) for u in r.packs] == [("capitals", server["version"])]

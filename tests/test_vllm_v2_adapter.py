@@ -82,7 +82,7 @@ class Runner:
             expanded_idx_mapping=torch.tensor(order, dtype=torch.int32),
             seq_lens_upper_bound_np=np.array(lens, dtype=np.int32),
             pos=torch.tensor([n - 1 for n in lens]),
-            input_ids=torch.tensor([self.reqs[s]["tokens"][n - 1] for s, n in zip(order, lens)]),
+            input_ids=torch.tensor([self.reqs[s]["tokens"][n - 1] for s, n in zip(order, lens, strict=True)]),
         )
         z = torch.randn(len(order), VOCAB, generator=torch.Generator().manual_seed(seed))
         logits = z.clone()
@@ -158,7 +158,7 @@ def test_vllm_loaders_accept_each_shim_and_reject_the_other():
 
     assert _load_logitsprocs_by_fqcns([V1_PROCESSOR_FQCN]) == [SensepackLogitsProcessor]
     assert _load_v2_logitsprocs_by_fqcns([V2_PROCESSOR_FQCN]) == [SensepackLogitsProcessorV2]
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - vLLM's loader error type differs between releases
         _load_logitsprocs_by_fqcns([V2_PROCESSOR_FQCN])
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - vLLM's loader error type differs between releases
         _load_v2_logitsprocs_by_fqcns([V1_PROCESSOR_FQCN])

@@ -112,7 +112,7 @@ def _pack(pairing, word=" river", seed=0, scale=3.0, beta=0.8, name="p"):
 
 def test_vocabulary_comes_from_the_tokenizer(pairing):
     tok, V = pairing["tok"], pairing["V"]
-    assert 300 <= V <= 500 and V != Vocabulary.gpt2().size
+    assert 300 <= V <= 500 and Vocabulary.gpt2().size != V
     vocab = Vocabulary.from_tokenizer(tok)
     assert vocab.size == V
     assert vocab.eos_id == tok.convert_tokens_to_ids("<|im_end|>") == 2
@@ -180,7 +180,7 @@ def test_cached_alpha_ensemble_equals_the_naive_formula_on_a_non_gpt2_pairing(pa
     packs = [[pack], [pack], []]
     assert not set(prompts[1]) & set(pack.edits.token_ids.tolist())  # row 1: no edited token (exact skip)
     batch = ens.new_batch()
-    for i, (p, pk) in enumerate(zip(prompts, packs)):
+    for i, (p, pk) in enumerate(zip(prompts, packs, strict=True)):
         batch.add(i, p, pk)
     seqs = [list(p) for p in prompts]
     for _ in range(4):
@@ -193,9 +193,9 @@ def test_cached_alpha_ensemble_equals_the_naive_formula_on_a_non_gpt2_pairing(pa
                 z = large(torch.tensor([seqs[sid]])).logits[0, -1, :V].float()
                 torch.testing.assert_close(lp[row], torch.log_softmax(z, -1), atol=1e-5, rtol=0)
         nxt = lp.argmax(-1).tolist()
-        for sid, t in zip(batch.seq_ids, nxt):
+        for sid, t in zip(batch.seq_ids, nxt, strict=True):
             seqs[sid].append(t)
-        batch.append(dict(zip(batch.seq_ids, nxt)))
+        batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
     assert ens.stats.exact_skip_rows > 0 and ens.stats.backpack_calls > 0
     # teacher-forced scoring agrees with the same formula
     prefix, cont = prompts[0], _ids(tok, " and farmers wait")
@@ -353,7 +353,9 @@ def test_prepare_corpora_with_another_tokenizer(pairing, run_inputs):
     meta = json.loads((run_inputs["dir"] / "bpe" / "corpora.json").read_text())
     assert meta["vocab_size"] == V and meta["tokenizer_fingerprint"] == tokenizer_fingerprint(pairing["tok"])
     chunks = [
-        json.loads(x)["input_ids"] for name in ("G", "R") for x in open(run_inputs["dir"] / "bpe" / f"{name}.jsonl")
+        json.loads(x)["input_ids"]
+        for name in ("G", "R")
+        for x in (run_inputs["dir"] / "bpe" / f"{name}.jsonl").read_text().splitlines()
     ]
     flat = [t for c in chunks for t in c]
     assert chunks and all(len(c) == 24 for c in chunks) and all(0 <= t < V for t in flat)

@@ -56,7 +56,10 @@ def engine_args_from_config(config, store_uri: str | None = None, model_folder: 
     ``vocab`` (the served ensemble.vocab.Vocabulary) tells them |U| without loading the tokenizer.
     """
     v = getattr(config, "vllm", None)
-    g = lambda name, default: getattr(v, name, default) if v is not None else default
+
+    def g(name, default):
+        return getattr(v, name, default) if v is not None else default
+
     m = config.model
     args = dict(
         model=model_folder or g("model", None) or m.large_model,

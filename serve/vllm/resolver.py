@@ -85,7 +85,7 @@ class StoreSource:
                 return self._cache[key]
         try:
             c = self.store.load(f"{name}@{version}")
-        except Exception as e:  # PackNotFoundError, validation errors
+        except Exception as e:  # noqa: BLE001 - PackNotFoundError, validation errors, the store's I/O: all one refusal
             raise PackUnavailable(f"pack {name}@{version}: {e}") from None
         edits = SenseEdits(c.token_ids, c.sense_ids, c.deltas)
         with self._lock:
