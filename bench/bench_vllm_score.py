@@ -19,6 +19,7 @@ Tiny random GPT-J (n_embd 64, vocabulary 50400) and the tiny Backpack: the cost 
 per-position full-vocabulary output, which does not depend on the model's size.
 Results: bench/RESULTS.md ("Score through vLLM").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,16 @@ import os
 import platform
 import tempfile
 import time
+from typing import Any
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-import torch  # noqa: E402
+import torch
 
 
-def _dense(plp, flat: bool, vocab: int) -> torch.Tensor:
+def _dense(plp: Any, flat: bool, vocab: int) -> torch.Tensor:  # vLLM PromptLogprobs (flat or per position)
     """(positions - 1, vocab) log-probs from vLLM's prompt_logprobs (position 0 has none)."""
     n = len(plp)
     z = torch.full((n - 1, vocab), float("-inf"))
@@ -50,8 +52,13 @@ def _dense(plp, flat: bool, vocab: int) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--positions", type=int, nargs="+", default=[32, 128],
-                    help="row lengths to score (at most the tiny Backpack's 128 positions)")
+    ap.add_argument(
+        "--positions",
+        type=int,
+        nargs="+",
+        default=[32, 128],
+        help="row lengths to score (at most the tiny Backpack's 128 positions)",
+    )
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -72,8 +79,16 @@ def main() -> None:
     ens = Ensemble(large, bp, tok)
     u = ens.vocab.size
     REGISTRY.configure(bp, DictSource({(pack.name, pack.version): pack.edits}), vocab_size=u)
-    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=max(args.positions) + 8,
-              max_logprobs=-1, seed=0, logits_processors=[V1_PROCESSOR_FQCN], logprobs_mode="processed_logprobs")
+    llm = LLM(
+        model=folder,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=max(args.positions) + 8,
+        max_logprobs=-1,
+        seed=0,
+        logits_processors=[V1_PROCESSOR_FQCN],
+        logprobs_mode="processed_logprobs",
+    )
     vocab = large.get_output_embeddings().weight.shape[0]
     print(f"# {platform.node()} torch {torch.__version__}, {os.cpu_count()} cpus, vocab {vocab}, |U| {u}")
     text = " ".join(["The capital of Mauritius is Port Louis, an island city by the sea."] * 40)
@@ -88,9 +103,11 @@ def main() -> None:
         t_emb = time.perf_counter() - t0
         for flat in (True, False):
             t0 = time.perf_counter()
-            out = llm.generate([TokensPrompt(prompt_token_ids=row)],
-                               [SamplingParams(max_tokens=1, prompt_logprobs=-1, flat_logprobs=flat, detokenize=False)],
-                               use_tqdm=False)[0]
+            out = llm.generate(
+                [TokensPrompt(prompt_token_ids=row)],
+                [SamplingParams(max_tokens=1, prompt_logprobs=-1, flat_logprobs=flat, detokenize=False)],
+                use_tqdm=False,
+            )[0]
             t_vllm = time.perf_counter() - t0
             t0 = time.perf_counter()
             z = _dense(out.prompt_logprobs, flat, vocab)[:, :u]
@@ -102,22 +119,29 @@ def main() -> None:
                 delta = sequence_deltas(bp.contextualize(ids), ids, pack.edits)[0][:-1] @ bp.embedding[:u].T
             zp = z + delta
             packed = (zp.gather(1, tgt) - torch.logsumexp(zp, -1, keepdim=True)).squeeze(1)
-            print(f"positions {n:5d} {'flat  ' if flat else 'nested'}: vLLM {t_vllm:6.2f} s + to tensor {t_dense:5.2f} s"
-                  f" | embedded Ensemble.score (base + packed) {t_emb:5.2f} s"
-                  f" | max |diff| base {float((base - ref_base).abs().max()):.1e}"
-                  f" packed {float((packed - ref_packed).abs().max()):.1e}")
+            print(
+                f"positions {n:5d} {'flat  ' if flat else 'nested'}: vLLM {t_vllm:6.2f} s + to tensor {t_dense:5.2f} s"
+                f" | embedded Ensemble.score (base + packed) {t_emb:5.2f} s"
+                f" | max |diff| base {float((base - ref_base).abs().max()):.1e}"
+                f" packed {float((packed - ref_packed).abs().max()):.1e}"
+            )
         # the base side alone needs no full vocabulary: prompt_logprobs=0 is each prompt token's own log-prob
         t0 = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=row)],
-                           [SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)], use_tqdm=False)[0]
+        out = llm.generate(
+            [TokensPrompt(prompt_token_ids=row)],
+            [SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)],
+            use_tqdm=False,
+        )[0]
         t_vllm = time.perf_counter() - t0
-        own = torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], cont)])
+        own = torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], cont, strict=True)])
         # over the model's whole vocabulary (50400 rows for GPT-J): equal to the base over U only when the
         # padding ids carry no mass, which a trained model's do not; the tiny random model's do
         full = torch.log_softmax(large(torch.tensor([row])).logits[0, :-1].float(), -1)
         want = full.gather(1, torch.tensor(cont)[:, None]).squeeze(1)
-        print(f"positions {n:5d} base only (prompt_logprobs=0): vLLM {t_vllm:6.2f} s"
-              f" | max |diff| vs log_softmax over the model's vocabulary {float((own - want).abs().max()):.1e}")
+        print(
+            f"positions {n:5d} base only (prompt_logprobs=0): vLLM {t_vllm:6.2f} s"
+            f" | max |diff| vs log_softmax over the model's vocabulary {float((own - want).abs().max()):.1e}"
+        )
     REGISTRY.clear()
 
 
