@@ -18,9 +18,14 @@ decode).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""  # emitted so far (complete characters)
@@ -28,7 +33,8 @@ class IncrementalDetokenizer:
         self._read = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if ids else ""
+        # transformers types decode() as str | list[str] (the list is for batched input); one list of ids: str
+        return self.tokenizer.decode(ids) if ids else ""  # type: ignore[return-value]
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the newly complete text ("" while a character is unfinished)."""

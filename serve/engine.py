@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -63,6 +63,9 @@ from serve.scheduler import (  # noqa: F401 (re-exported)
     Scheduler,
     Sequence,
 )
+
+if TYPE_CHECKING:
+    from ensemble.ensemble import Ensemble, EnsembleBatch
 
 log = logging.getLogger("sensepack.engine")
 
@@ -182,15 +185,21 @@ def sample_isolated(lp: torch.Tensor, seqs: list[Sequence], eos_id: int) -> list
 class EmbeddedRunner:
     """The ensemble core's batch session and the batched sampler, in-process."""
 
-    def __init__(self, ensemble, vocab: Vocabulary):
+    def __init__(self, ensemble: Ensemble, vocab: Vocabulary):
         self.ensemble = ensemble
         self.vocab = vocab
-        self.session = None
+        self._session: EnsembleBatch | None = None
         self._totals = CoreCounters()  # the decode steps' share of the core's stats (Score and gate jobs
         #                                 use the same core between steps)
 
     def start(self) -> None:
-        self.session = self.ensemble.new_batch()
+        self._session = self.ensemble.new_batch()
+
+    @property
+    def session(self) -> EnsembleBatch:
+        if self._session is None:
+            raise RuntimeError("EmbeddedRunner: start() was not called")
+        return self._session
 
     def add(self, seq: Sequence) -> None:
         self.session.add(seq.seq_id, list(seq.req.prompt_ids), list(seq.packs))  # prefilled at the next step
@@ -216,7 +225,7 @@ class EmbeddedRunner:
         return outs
 
     def recover(self) -> None:
-        self.session = self.ensemble.new_batch()
+        self._session = self.ensemble.new_batch()
 
     def counters(self, idle: bool) -> CoreCounters:
         t = self._totals
@@ -367,6 +376,8 @@ class Engine:
                 if why:
                     raise RunnerDead(why)
                 for seq, _ in sched.reap():
+                    if seq.cancel_reason is None:  # reap() returns cancelled or expired requests only
+                        raise RuntimeError(f"scheduler reaped request {seq.seq_id} without a cancel reason")
                     self._finish(seq, seq.cancel_reason)
                 self._prefill(sched.schedule())
                 if sched.running:

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -211,7 +212,7 @@ class HttpFrontend:
 
         h = self.cfg.http
         tls = self.cfg.tls  # the gRPC listener's certificate (and client CA: mTLS) serve HTTPS too
-        ssl = {}
+        ssl: dict[str, Any] = {}
         if tls.enabled:
             import ssl as _ssl
 
@@ -708,7 +709,7 @@ class _Run:
             out["sensepack"] = self._sensepack(dict(self.gens)[i])
         return out
 
-    async def sse(self, request):
+    async def sse(self, request: Request) -> AsyncIterator[str]:
         fe, method = self.fe, self.method
         started: set[int] = set()
         completion = 0

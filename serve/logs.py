@@ -26,15 +26,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _Handler(logging.StreamHandler):
+    """Ours: a second setup_logging call replaces it instead of adding another."""
+
+
 def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
     root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
     for h in list(root.handlers):
-        if getattr(h, "_sensepack", False):
+        if isinstance(h, _Handler):
             root.removeHandler(h)
-    handler._sensepack = True
     root.addHandler(handler)
     root.setLevel(level)

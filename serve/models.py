@@ -6,22 +6,30 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ensemble.edits import PackRef
+    from ensemble.ensemble import Ensemble
+    from ensemble.vocab import Vocabulary
 
 log = logging.getLogger("sensepack.models")
 
 
 @dataclass
 class Served:
-    ensemble: object
-    tokenizer: object
+    ensemble: Ensemble
+    tokenizer: PreTrainedTokenizerBase
     large_name: str
     backpack_name: str
-    demo_pack: object = None  # ensemble.edits.PackRef of the demo profile
+    demo_pack: PackRef | None = None  # the demo profile's pack
     dtype: str = "float32"
     device: str = "cpu"
 
     @property
-    def vocab(self):
+    def vocab(self) -> Vocabulary:
         """The pairing's shared vocabulary (ensemble.vocab.Vocabulary): ids, top_k and EOS come from it."""
         return self.ensemble.vocab
 
@@ -121,11 +129,12 @@ def open_pack_store(store_cfg, served: Served, demo_epsilon: float = 0.05):
     from edits_store.store import open_store
     from ensemble.zoo import resolve_path
 
-    uri = None if store_cfg.uri is None else str(resolve_path(store_cfg.uri))  # a registry name: its cached store
-    temporary = uri is None
-    if temporary:
+    temporary = store_cfg.uri is None
+    if store_cfg.uri is None:
         uri = tempfile.mkdtemp(prefix="sensepack-demo-store-")
         log.info("demo store", extra={"event": "demo_store", "uri": uri})
+    else:
+        uri = str(resolve_path(store_cfg.uri))  # a registry name: its cached store
     store = open_store(uri)
     if served.demo_pack is not None:
         p = served.demo_pack

@@ -220,7 +220,7 @@ class PackManager:
                 raise refused[0]("", refused[1])
             fut = self._loading.get(key)
             owner = fut is None
-            if owner:
+            if fut is None:
                 fut = self._loading[key] = Future()
         if not owner:
             try:
@@ -297,6 +297,8 @@ class PackManager:
 
     def _gated(self, r: Resident, deadline: float | None) -> GateResult:
         """The gate's verdict on r, measured once per (version, target model, G, β, ε)."""
+        if self.gate is None:
+            raise RuntimeError("PackManager._gated: no gate was configured (the caller checks gate.enabled)")
         key = (
             r.name,
             r.version,

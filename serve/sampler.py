@@ -110,14 +110,14 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
     assert b == len(params)
     _check_finite(lp)
     scores = lp
-    bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+    bias_rows = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
     pen_rows = [i for i, p in enumerate(params) if p.penalized]
     eos_rows = [i for i, p in enumerate(params) if p.mask_eos or (p.mask_stop_ids and p.stop_token_ids)]
     if bias_rows or pen_rows or eos_rows:
         scores = lp.clone()
-    for i in bias_rows:
-        ids = torch.tensor(list(params[i].logit_bias), dtype=torch.long)
-        scores[i, ids] += torch.tensor(list(params[i].logit_bias.values()), dtype=scores.dtype)
+    for i, bias in bias_rows:
+        ids = torch.tensor(list(bias), dtype=torch.long)
+        scores[i, ids] += torch.tensor(list(bias.values()), dtype=scores.dtype)
     if pen_rows:
         _penalize(scores, params, pen_rows)
     for i in eos_rows:
@@ -152,10 +152,11 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
 
     tok_list = tokens.tolist()
     max_n = max((p.top_n for p in params), default=0)
-    top_v = top_i = None
-    if max_n:
-        top_v, top_i = torch.topk(lp, max_n, dim=-1)
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+    top_v: list[list[float]] = []
+    top_i: list[list[int]] = []
+    if max_n:  # every row with top_n > 0 is covered
+        best = torch.topk(lp, max_n, dim=-1)
+        top_v, top_i = best.values.tolist(), best.indices.tolist()
     want = [i for i, p in enumerate(params) if p.want_logprob]
     chosen_lp = {}
     if want:

@@ -26,11 +26,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from serve.errors import QueueFull, Unavailable
 from serve.params import GenerationRequest
+
+if TYPE_CHECKING:
+    from serve.detok import IncrementalDetokenizer
 
 # finish reasons (mirror proto StopReason names)
 MAX_TOKENS, EOS_TOKEN, STOP_SEQUENCE, CANCELLED, TIME_LIMIT, ERROR = (
@@ -60,7 +64,7 @@ class Sequence:
     seed: int | None = None
     output_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
-    detok: object = None  # serve.detok.IncrementalDetokenizer, made at the first token
+    detok: IncrementalDetokenizer | None = None  # made at the first token
     stop_scan: int = 0  # stop sequences were searched (without a match) before this character
     admitted: float | None = None
     last_token: float | None = None

@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +37,9 @@ from serve.models import Served, build_served, expectations, open_pack_store
 from serve.packs import PackManager, ResidentTable
 from serve.params import parse_generate, parse_pack_ref, parse_score
 from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason, finish_error, reason_error
+
+if TYPE_CHECKING:
+    from serve.http import HttpFrontend
 
 log = logging.getLogger("sensepack.server")
 
@@ -450,9 +455,22 @@ def _loopback(host: str) -> bool:
         return False
 
 
+class ServerEngine(EngineAPI, Protocol):
+    """The engine as the server runs it (serve.engine.Engine and its vLLM subclass): the front-ends'
+    EngineAPI, its lifecycle, and the hook told when the model runner dies."""
+
+    on_dead: Callable[[str], None] | None
+
+    def start(self) -> None: ...
+    def stop_accepting(self) -> None: ...
+    def drain(self, timeout: float | None) -> bool: ...
+    def cut(self, reason: str = eng.SHUTDOWN) -> None: ...
+    def stop(self, drain_timeout: float | None = 0.0) -> None: ...
+
+
 def build_engine(
     config: Config, served: Served, metrics: Metrics, store_uri: str | None, residents: ResidentTable
-) -> tuple[EngineAPI, str]:
+) -> tuple[ServerEngine, str]:
     """The engine `config.engine` names, and its name for ModelInfo. The vLLM engine reads pinned
     versions' edits from the pack manager's resident table (built before the manager)."""
     if config.engine == "vllm":
@@ -487,7 +505,7 @@ class Components:
     store: object
     store_uri: str
     temp_store: bool
-    engine: EngineAPI
+    engine: ServerEngine
     engine_name: str
     gate: Gate | None
     monitor: LiveMonitor | None
@@ -544,7 +562,7 @@ class SensepackServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._grpc: grpc.Server | None = None
         self._http = None
-        self._api = None  # serve.http.HttpFrontend when http.enabled
+        self._api: HttpFrontend | None = None  # when http.enabled
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
@@ -640,10 +658,11 @@ class SensepackServer:
         if cfg.server.reflection:
             _enable_reflection((GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME), self._grpc)
         addr = f"{cfg.server.host}:{cfg.server.port}"
-        if cfg.tls.enabled:
-            key = Path(cfg.tls.key_file).read_bytes()
-            cert = Path(cfg.tls.cert_file).read_bytes()
-            ca = Path(cfg.tls.client_ca_file).read_bytes() if cfg.tls.client_ca_file else None
+        tls = cfg.tls
+        if tls.cert_file is not None and tls.key_file is not None:  # tls.enabled (the config sets both or neither)
+            key = Path(tls.key_file).read_bytes()
+            cert = Path(tls.cert_file).read_bytes()
+            ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
             creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
             self.port = self._grpc.add_secure_port(addr, creds)
         else:

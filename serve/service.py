@@ -28,8 +28,10 @@ from serve.scoring import ScoreAbandoned, advance, score_row, score_steps
 class EngineAPI(Protocol):
     """The engine as the front-ends use it (serve.engine.Engine, serve.vllm.engine.VLLMEngine)."""
 
-    running: int
-    waiting: int
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
 
     def submit(
         self,

@@ -40,6 +40,7 @@ import itertools
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -47,6 +48,11 @@ from ensemble.delta import DeltaTracker
 from ensemble.edits import PackRef, SenseEdits, combine_packs
 
 from .args import RequestPacks
+
+if TYPE_CHECKING:
+    from ensemble.backpack import BackpackLM
+
+    from .resolver import PackSource
 
 log = logging.getLogger("sensepack.vllm")
 
@@ -79,8 +85,8 @@ class CoreStats:
 
 @dataclass
 class EnsembleLogitsCore:
-    backpack: object
-    source: object  # resolver.PackSource
+    backpack: BackpackLM
+    source: PackSource
     vocab_size: int = field(kw_only=True)  # |U| (ensemble.vocab.Vocabulary.size): ids >= it are masked
     window_keep: int | None = None
     mask_padding: bool = True

@@ -32,6 +32,7 @@ import os
 import threading
 import time
 from dataclasses import replace
+from typing import Any
 
 from serve.engine import CoreCounters, Engine, Refused, RowOutput, RunnerDead
 from serve.sampler import Sampled
@@ -156,10 +157,10 @@ class VLLMRunner:
         self.pack_source = pack_source
         self.v2_model_runner = v2_model_runner
         self.in_process = in_process
-        self.llm = None
+        self.llm: Any = None  # vllm.LLMEngine once started (vLLM is imported lazily and untyped here)
         self._rids: dict[int, str] = {}  # seq_id -> vLLM request id (live in vLLM)
         self._seen: dict[int, int] = {}  # seq_id -> tokens already returned
-        self._dead_errors: tuple[type, ...] = ()
+        self._dead_errors: tuple[type[BaseException], ...] = ()
         self._finished: list[str] = []  # vLLM ids finished since the last sync (processors forget them)
         self._last = CoreCounters()
         self._synced_at = float("-inf")
@@ -167,7 +168,7 @@ class VLLMRunner:
         self.sync_interval_s = 0.5
         self._closing = threading.Event()
         self._sync_off = False
-        self._refusals: tuple[type, ...] = (ValueError,)
+        self._refusals: tuple[type[BaseException], ...] = (ValueError,)
 
     @staticmethod
     def rid(seq_id: int) -> str:
@@ -321,6 +322,8 @@ class VLLMRunner:
 
 class VLLMEngine(Engine):
     """`Engine` with a `VLLMRunner` (nothing overridden)."""
+
+    runner: VLLMRunner
 
     log_name = "vllm engine"
 

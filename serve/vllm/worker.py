@@ -16,13 +16,17 @@ This module imports no vLLM.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .resolver import REGISTRY
 
 
 def processor_counters(processors, finished=()) -> dict:
     """Forget `finished` request ids in every processor; return their summed counters and drain their
     per-step Backpack times."""
-    out = dict(exact_skip_rows=0, window_reprefills=0, backpack_seconds=0.0, resumed=0, parked=0, step_seconds=[])
+    out: dict[str, Any] = dict(
+        exact_skip_rows=0, window_reprefills=0, backpack_seconds=0.0, resumed=0, parked=0, step_seconds=[]
+    )
     for p in processors:
         core = p.core
         for rid in finished:
