@@ -174,7 +174,7 @@ def sample_isolated(lp: torch.Tensor, seqs: list[Sequence], eos_id: int) -> list
     for r, (seq, p) in enumerate(zip(seqs, params, strict=True)):
         try:
             outs.append(RowOutput(seq.seq_id, [sample(lp[r : r + 1], [p], eos_id)[0]]))
-        except Exception as e:
+        except Exception as e:  # this request alone ends
             log.exception(
                 "sampling failed for one request", extra={"event": "request_error", "request_id": seq.req.request_id}
             )
@@ -301,7 +301,7 @@ class Engine:
         self.scheduler.fail_jobs()
         try:
             self.runner.shutdown()
-        except Exception:
+        except Exception:  # best effort: the process may be exiting
             log.exception(f"{self.log_name} shutdown failed", extra={"event": "engine_error"})
 
     # ------------------------------------------------------------ public API
@@ -409,7 +409,7 @@ class Engine:
         if self.on_dead is not None:
             try:
                 self.on_dead(why)
-            except Exception:
+            except Exception:  # the requests are ended either way
                 log.exception("on_dead failed", extra={"event": "engine_error"})
 
     def _prefill(self, new: list[Sequence]) -> None:
@@ -428,7 +428,7 @@ class Engine:
                     log.warning("request refused by the runner", extra={"event": "engine_add_failed"})
                     self._finish(seq, REFUSED, error=f"{seq.req.input_field}: {e}")
                     continue
-                except Exception as e:
+                except Exception as e:  # refused by the core (e.g. invalid edits): this one only
                     log.exception("request refused by the core", extra={"event": "engine_add_failed"})
                     self._finish(seq, ERROR, error=_describe(e))
                     continue
@@ -454,7 +454,7 @@ class Engine:
             for s in out.tokens:
                 try:
                     self._accept(seq, s.token, s.logprob, s.top, now)
-                except Exception as e:
+                except Exception as e:  # e.g. detokenising: this request alone ends
                     log.exception(
                         "accepting a token failed", extra={"event": "request_error", "request_id": seq.req.request_id}
                     )
@@ -557,12 +557,12 @@ class Engine:
         if self.scheduler.release(seq) and self.dead is None:
             try:
                 self.runner.remove(seq.seq_id)
-            except Exception:
+            except Exception:  # the request ends either way
                 log.exception("runner.remove failed", extra={"event": "engine_error"})
         if text is None:
             try:
                 text = self.tokenizer.decode(seq.output_ids) if seq.output_ids else ""
-            except Exception:
+            except Exception:  # the request ends either way; its text is lost
                 log.exception("decode failed", extra={"event": "request_error"})
                 text, reason = "", ERROR if reason not in (CANCELLED, TIME_LIMIT) else reason
         delta = "" if reason in _NO_TEXT else text[seq.sent_chars :]

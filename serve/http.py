@@ -485,7 +485,7 @@ class HttpFrontend:
             gens = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, rid)
         except ServeError as e:
             return self._error(e, method)
-        except Exception as e:
+        except Exception as e:  # a server fault: 500, counted, logged
             log.exception("request failed", extra={"event": "internal_error", "method": method})
             return self._error(InternalError("", f"internal error: {type(e).__name__}: {e}"), method)
         run = _Run(self, body, method, rid, gens, asyncio.get_running_loop())
