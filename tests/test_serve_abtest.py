@@ -110,9 +110,8 @@ def test_gate_refuses_pack_that_leaves_the_ball(tmp_path):
         core_ratio = sum(float(x.double().sum()) for x in packed) / sum(float(x.double().sum()) for x in base)
         assert core_ratio == pytest.approx(ratio, rel=1e-5)
         a, b = paired_nll(served.ensemble, rows, pk)
-        for i, (x, y) in enumerate(
-            zip(base, packed, strict=True)
-        ):  # the one-pass paired scorer equals the core's scoring
+        # the one-pass paired scorer equals the core's scoring
+        for i, (x, y) in enumerate(zip(base, packed, strict=True)):
             assert a[i] == pytest.approx(-float(x.double().sum()), rel=1e-5)
             assert b[i] == pytest.approx(-float(y.double().sum()), rel=1e-5)
         samples = parse_metrics(scrape(server))

@@ -79,9 +79,8 @@ def test_engine_greedy_equals_embedded(world):
     e, tok, pack = world["engine"], world["tok"], world["pack"]
     prompts = [tok(p).input_ids for p in PROMPTS]
     packs = [[pack], [pack], [], [], [pack], []]
-    seqs = [
-        e.submit(_req(i, p, 10), pk) for i, (p, pk) in enumerate(zip(prompts, packs, strict=True))
-    ]  # 6 > max_running=4
+    # 6 > max_running=4
+    seqs = [e.submit(_req(i, p, 10), pk) for i, (p, pk) in enumerate(zip(prompts, packs, strict=True))]
     got = [_run(s)[-1] for s in seqs]
     ref = world["ens"].generate_greedy(prompts, packs, 10)
     assert [f.output_ids for f in got] == ref
