@@ -11,17 +11,19 @@ test: setup
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow" tests
 
-# ruff (lint + format) and mypy, configured in pyproject.toml; CI runs it before the tests.
-# LINT_PATHS is the part of the tree that is clean today; serve/ and train_edits/ join it (and the mypy
-# override for them in pyproject.toml goes) once their findings are fixed (issue 14).
-LINT_PATHS = ensemble edits_store sensepack_proto bench scripts
+# ruff (lint + format) over LINT_PATHS and mypy over TYPE_PATHS, configured in pyproject.toml; CI runs it
+# before the tests. tests/ is linted, not type-checked. train_edits/ is not in the gate yet: it joins both
+# lists (and its mypy override and the train tests' ruff exclude in pyproject.toml go) once its findings
+# are fixed (issue 14).
+LINT_PATHS = ensemble edits_store sensepack_proto bench scripts serve tests
+TYPE_PATHS = ensemble edits_store sensepack_proto bench scripts serve
 lint: setup
 	.venv/bin/ruff check $(LINT_PATHS)
 	.venv/bin/ruff format --check $(LINT_PATHS)
 	$(MAKE) lint-mypy
 
 lint-mypy:
-	.venv/bin/mypy $(LINT_PATHS)
+	.venv/bin/mypy $(TYPE_PATHS)
 
 # Regenerate the committed gRPC stubs (sensepack_proto/) after editing proto/sensepack/v1/*.proto.
 proto: setup

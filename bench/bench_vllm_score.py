@@ -36,7 +36,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch
 
 
-def _dense(plp: Any, flat: bool, vocab: int) -> torch.Tensor:
+def _dense(plp: Any, flat: bool, vocab: int) -> torch.Tensor:  # vLLM PromptLogprobs (flat or per position)
     """(positions - 1, vocab) log-probs from vLLM's prompt_logprobs (position 0 has none)."""
     n = len(plp)
     z = torch.full((n - 1, vocab), float("-inf"))

@@ -10,7 +10,7 @@ Backpack at all (exact skip).
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -173,7 +173,7 @@ class DeltaTracker:
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def logit_deltas(self, seq_ids: list[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logit_deltas(self, seq_ids: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
         """E·δ_t over the shared vocabulary for the next token of each sequence.
 
         Returns (deltas (n, vocab_size), active (n,) bool); inactive rows are exact

@@ -22,6 +22,7 @@ per pack; when the whole interval lies above 1+ε (after ``ab.min_samples``)
 the pack is flagged and, with ``ab.auto_disable``, disabled (its routes fall
 back to the previous version or to the base model).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -100,7 +101,7 @@ class Gate:
         base_sum = packed_sum = 0.0
         bs = self.cfg.batch_size
         for i in range(0, len(self.rows), bs):
-            batch = self.rows[i:i + bs]
+            batch = self.rows[i : i + bs]
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("gate: deadline exceeded")
             fut = self.engine.run_job(lambda batch=batch: paired_nll(self.ensemble, batch, pack_ref), high=True)
@@ -113,8 +114,18 @@ class Gate:
             packed_sum += sum(b)
         ratio = packed_sum / base_sum if base_sum > 0 else float("inf")
         passed = ratio <= 1.0 + r.epsilon
-        log.info("gate measured", extra={"event": "gate", "pack": r.ref, "ratio": ratio, "epsilon": r.epsilon,
-                                         "beta": beta, "tokens": self.tokens, "passed": passed})
+        log.info(
+            "gate measured",
+            extra={
+                "event": "gate",
+                "pack": r.ref,
+                "ratio": ratio,
+                "epsilon": r.epsilon,
+                "beta": beta,
+                "tokens": self.tokens,
+                "passed": passed,
+            },
+        )
         return GateResult(passed, ratio, r.epsilon, beta, self.tokens)
 
 
@@ -128,6 +139,7 @@ class PairedMoments:
     Σ(d_i - d̄)² = M_bb - 2r·M_ab + r²·M_aa: the batch formula of `ratio_ci`
     without keeping the samples.
     """
+
     n: int = 0
     mean_a: float = 0.0
     mean_b: float = 0.0
@@ -163,7 +175,7 @@ class PairedMoments:
 class ArmStats:
     version: str
     epsilon: float
-    moments: PairedMoments = field(default_factory=PairedMoments)   # (base NLL, pack NLL) per sample
+    moments: PairedMoments = field(default_factory=PairedMoments)  # (base NLL, pack NLL) per sample
     tokens: int = 0
     breached: bool = False
     disabled: bool = False
@@ -186,7 +198,7 @@ def ratio_ci(a: list[float], b: list[float], confidence: float) -> tuple[float, 
     if n < 2:
         return r, float("-inf"), float("inf")
     mean_a = sa / n
-    d = [bi - r * ai for ai, bi in zip(a, b)]
+    d = [bi - r * ai for ai, bi in zip(a, b, strict=True)]
     mean_d = sum(d) / n
     var = sum((x - mean_d) ** 2 for x in d) / (n - 1)
     se = math.sqrt(var / n) / mean_a
@@ -200,10 +212,10 @@ class LiveMonitor:
         self.metrics = metrics
         self.engine = engine
         self.ensemble = ensemble
-        self._breach_listeners: list = []     # auto-disable: the pack manager's, registered by it
+        self._breach_listeners: list = []  # auto-disable: the pack manager's, registered by it
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)     # notified when no sample is pending
-        self._stats: dict[tuple[str, str], ArmStats] = {}     # (pack, version) -> its live record
+        self._idle = threading.Condition(self._lock)  # notified when no sample is pending
+        self._stats: dict[tuple[str, str], ArmStats] = {}  # (pack, version) -> its live record
         self._rng = random.Random(seed)
         self._pending = 0
 
@@ -234,7 +246,7 @@ class LiveMonitor:
     def _score(self, r: Resident, row: list[int]) -> None:
         try:
             if len(row) < 2 or r.state in ("freed", "disabled"):
-                return          # a disabled version's verdict is final; queued samples are dropped
+                return  # a disabled version's verdict is final; queued samples are dropped
             a, b = paired_nll(self.ensemble, [row], r.pack_ref(r.calibrated_beta))
             self.record(r, a[0], b[0], len(row) - 1)
         finally:
@@ -251,7 +263,7 @@ class LiveMonitor:
     def record(self, r: Resident, nll_base: float, nll_pack: float, tokens: int) -> None:
         eps = self.cfg.epsilon if self.cfg.epsilon is not None else r.epsilon
         with self._lock:
-            if getattr(r, "state", None) == "freed":    # left memory while being scored: its record is gone
+            if getattr(r, "state", None) == "freed":  # left memory while being scored: its record is gone
                 return
             st = self._stats.get((r.name, r.version))
             if st is None:
@@ -260,7 +272,7 @@ class LiveMonitor:
             st.tokens += tokens
             st.ratio, st.lower, st.upper = st.moments.ratio_ci(self.cfg.confidence)
             n = st.samples
-            breach = (not st.breached and n >= self.cfg.min_samples and st.lower > 1.0 + eps)
+            breach = not st.breached and n >= self.cfg.min_samples and st.lower > 1.0 + eps
             if breach:
                 st.breached = True
             m = self.metrics
@@ -273,16 +285,24 @@ class LiveMonitor:
         m.ab_samples.labels(r.name).inc()
         if breach:
             m.ab_breaches.labels(r.name).inc()
-            log.error("live ball breach", extra={"event": "ab_breach", "pack": r.ref, "ratio": st.ratio,
-                                                 "ci_lower": st.lower, "ci_upper": st.upper, "epsilon": eps,
-                                                 "samples": n})
+            log.error(
+                "live ball breach",
+                extra={
+                    "event": "ab_breach",
+                    "pack": r.ref,
+                    "ratio": st.ratio,
+                    "ci_lower": st.lower,
+                    "ci_upper": st.upper,
+                    "epsilon": eps,
+                    "samples": n,
+                },
+            )
             if self.cfg.auto_disable and self._breach_listeners:
                 reason = f"live ball breach: ratio {st.ratio:.6f}, CI [{st.lower:.6f}, {st.upper:.6f}] > 1+{eps:g}"
                 moved = [m for fn in list(self._breach_listeners) for m in fn(r.name, r.version, reason)]
                 st.disabled = True
                 m.auto_disables.labels(r.name).inc()
-                log.error("pack auto-disabled", extra={"event": "pack_auto_disabled", "pack": r.ref,
-                                                       "routes": moved})
+                log.error("pack auto-disabled", extra={"event": "pack_auto_disabled", "pack": r.ref, "routes": moved})
 
     def on_breach(self, callback) -> None:
         """callback(pack, version, reason) -> moved routes: called on a confirmed breach with ab.auto_disable."""

@@ -8,6 +8,7 @@ it is never open by accident. Generation API keys, when configured, follow the s
 (none: UNAUTHENTICATED / 401, a wrong one: PERMISSION_DENIED / 403); with no key configured
 generation is open. Health and reflection are never behind a key.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -44,7 +45,10 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
                 break
         code, msg = None, None
         if self._token is None:
-            code, msg = grpc.StatusCode.UNAUTHENTICATED, "admin service disabled: no admin token configured (admin.token or $SENSEPACK_ADMIN_TOKEN)"
+            code, msg = (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "admin service disabled: no admin token configured (admin.token or $SENSEPACK_ADMIN_TOKEN)",
+            )
         elif header is None:
             code, msg = grpc.StatusCode.UNAUTHENTICATED, "authorization: missing 'Bearer <token>' metadata"
         else:
@@ -104,10 +108,14 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
             self._on_denied(method, code)
         handler = continuation(handler_call_details)
         if handler is not None and handler.response_streaming:
+
             def stream(request, context):
                 context.abort(code, err.message)
                 yield  # pragma: no cover - abort raises
 
-            return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return _deny(code, err.message)

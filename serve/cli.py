@@ -15,18 +15,35 @@ def main() -> None:
 
 @main.command()
 @click.argument("prompt", default="The capital of Mauritius is")
-@click.option("--profile", default=None, metavar="NAME",
-              help="A shipped profile (serve/configs/NAME.yaml): smollm2 (real SmolLM2 + Backpack, built and cached "
-                   "on first use), demo (tiny random models, offline, instant), gptj.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="A server config file instead of --profile; its packs.preload[0] is the pack used.")
+@click.option(
+    "--profile",
+    default=None,
+    metavar="NAME",
+    help="A shipped profile (serve/configs/NAME.yaml): smollm2 (real SmolLM2 + Backpack, built and cached "
+    "on first use), demo (tiny random models, offline, instant), gptj.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A server config file instead of --profile; its packs.preload[0] is the pack used.",
+)
 @click.option("--pack", "pack_ref", default=None, help="Pack reference (default: the profile's first preloaded pack).")
 @click.option("--demo", is_flag=True, help="Same as --profile demo.")
 @click.option("--max-new-tokens", default=12, show_default=True, type=click.IntRange(1, 512))
 @click.option("--seed", default=0, show_default=True, type=int, help="demo profile: seed of the tiny random models.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object {prompt, pack, beta, base, edited}.")
-def generate(prompt: str, profile: str | None, config_path: str | None, pack_ref: str | None, demo: bool,
-             max_new_tokens: int, seed: int, as_json: bool) -> None:
+def generate(
+    prompt: str,
+    profile: str | None,
+    config_path: str | None,
+    pack_ref: str | None,
+    demo: bool,
+    max_new_tokens: int,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Greedy base and edited continuations of PROMPT, side by side, without a server."""
     if demo:
         profile = profile or "demo"
@@ -46,7 +63,7 @@ def generate(prompt: str, profile: str | None, config_path: str | None, pack_ref
             cfg = profile_config(profile, config_path)
             result = generate_side_by_side(cfg, prompt, max_new_tokens, pack_ref)
         except (ConfigError, ProfileError) as e:
-            raise click.ClickException(str(e))
+            raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -67,8 +84,16 @@ def models_list(as_json: bool) -> None:
     """Every registry name, its kind, and whether it is cached."""
     from ensemble import zoo
 
-    rows = [{"name": m.name, "kind": m.kind, "cached": zoo.is_cached(m.name), "folder": str(m.folder),
-             "description": m.description} for m in zoo.REGISTRY.values()]
+    rows = [
+        {
+            "name": m.name,
+            "kind": m.kind,
+            "cached": zoo.is_cached(m.name),
+            "folder": str(m.folder),
+            "description": m.description,
+        }
+        for m in zoo.REGISTRY.values()
+    ]
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -84,13 +109,14 @@ def models_fetch(names: tuple[str, ...]) -> None:
 
     for name in names:
         if not zoo.is_named(name):
-            raise click.BadParameter(f"{name!r}: unknown (known: {', '.join(sorted(zoo.REGISTRY))})",
-                                     param_hint="NAMES")
+            raise click.BadParameter(
+                f"{name!r}: unknown (known: {', '.join(sorted(zoo.REGISTRY))})", param_hint="NAMES"
+            )
     for name in names:
         try:
             click.echo(f"{name}\t{zoo.resolve(name)}")
         except zoo.ZooError as e:
-            raise click.ClickException(str(e))
+            raise click.ClickException(str(e)) from None
 
 
 # `serve`, `client ...` (serve/serve_cli.py) and the store's `packs` group (edits_store.cli, when present).

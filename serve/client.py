@@ -1,14 +1,16 @@
 """A tiny Python client for the sensepack gRPC API (and the `sensepack client` CLI).
 
-    from serve.client import Client
-    c = Client("127.0.0.1:50051")
-    r = c.generate("The capital of Mauritius is", packs=["demo-capitals@prod"], max_new_tokens=8)
-    print(r.text, [(p.name, p.version) for p in r.packs])
+from serve.client import Client
+c = Client("127.0.0.1:50051")
+r = c.generate("The capital of Mauritius is", packs=["demo-capitals@prod"], max_new_tokens=8)
+print(r.text, [(p.name, p.version) for p in r.packs])
 """
+
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -27,12 +29,26 @@ def _packs(packs: Iterable[PackLike]) -> list:
     return out
 
 
-def build_generate_request(prompt: str | Sequence[int], *, packs: Iterable[PackLike] = (), base_only: bool = False,
-                           max_new_tokens: int = 0, min_new_tokens: int = 0, greedy: bool = True,
-                           temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
-                           stop: Sequence[str] = (), ignore_eos: bool = False, tokens: bool = False,
-                           logprobs: bool = False, top_n: int = 0, request_id: str = "",
-                           ab_key: str = "") -> pb.GenerateRequest:
+def build_generate_request(
+    prompt: str | Sequence[int],
+    *,
+    packs: Iterable[PackLike] = (),
+    base_only: bool = False,
+    max_new_tokens: int = 0,
+    min_new_tokens: int = 0,
+    greedy: bool = True,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    ignore_eos: bool = False,
+    tokens: bool = False,
+    logprobs: bool = False,
+    top_n: int = 0,
+    request_id: str = "",
+    ab_key: str = "",
+) -> pb.GenerateRequest:
     req = pb.GenerateRequest(request_id=request_id, packs=_packs(packs), base_only=base_only, ab_key=ab_key)
     if isinstance(prompt, str):
         req.text = prompt
@@ -55,12 +71,18 @@ def build_generate_request(prompt: str | Sequence[int], *, packs: Iterable[PackL
 
 
 class Client:
-    def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, ca_file: str | None = None,
-                 timeout: float | None = None, api_key: str | None = None):
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        token: str | None = None,
+        ca_file: str | None = None,
+        timeout: float | None = None,
+        api_key: str | None = None,
+    ):
         """token: the admin token ($SENSEPACK_ADMIN_TOKEN); api_key: a generation key when the server sets
         api.keys ($SENSEPACK_API_KEY)."""
         if ca_file:
-            creds = grpc.ssl_channel_credentials(open(ca_file, "rb").read())
+            creds = grpc.ssl_channel_credentials(Path(ca_file).read_bytes())
             self.channel = grpc.secure_channel(target, creds)
         else:
             self.channel = grpc.insecure_channel(target)
@@ -94,9 +116,14 @@ class Client:
         timeout = kw.pop("timeout", self.timeout)
         return self.gen.GenerateStream(build_generate_request(prompt, **kw), timeout=timeout, metadata=self._key())
 
-    def score(self, prefix: str | Sequence[int], continuations: Sequence[str | Sequence[int]],
-              packs: Iterable[PackLike] = (), include_base: bool = True,
-              timeout: float | None = None) -> pb.ScoreResponse:
+    def score(
+        self,
+        prefix: str | Sequence[int],
+        continuations: Sequence[str | Sequence[int]],
+        packs: Iterable[PackLike] = (),
+        include_base: bool = True,
+        timeout: float | None = None,
+    ) -> pb.ScoreResponse:
         req = pb.ScoreRequest(packs=_packs(packs), include_base=include_base)
         if isinstance(prefix, str):
             req.prefix_text = prefix
@@ -110,24 +137,30 @@ class Client:
         return self.gen.Score(req, timeout=self.timeout if timeout is None else timeout, metadata=self._key())
 
     def tokenize(self, text: str, return_tokens: bool = True) -> pb.TokenizeResponse:
-        return self.gen.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens), timeout=self.timeout,
-                                 metadata=self._key())
+        return self.gen.Tokenize(
+            pb.TokenizeRequest(text=text, return_tokens=return_tokens), timeout=self.timeout, metadata=self._key()
+        )
 
     def model_info(self) -> pb.ModelInfoResponse:
         return self.gen.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, metadata=self._key())
 
     # ---- admin (bearer token)
     def list_packs(self, include_store: bool = True) -> admin_pb.ListPacksResponse:
-        return self.admin.ListPacks(admin_pb.ListPacksRequest(include_store=include_store), metadata=self._auth(),
-                                    timeout=self.timeout)
+        return self.admin.ListPacks(
+            admin_pb.ListPacksRequest(include_store=include_store), metadata=self._auth(), timeout=self.timeout
+        )
 
     def load_pack(self, ref: str, activate: bool = True) -> admin_pb.LoadPackResponse:
-        return self.admin.LoadPack(admin_pb.LoadPackRequest(ref=ref, activate=activate), metadata=self._auth(),
-                                   timeout=self.timeout)
+        return self.admin.LoadPack(
+            admin_pb.LoadPackRequest(ref=ref, activate=activate), metadata=self._auth(), timeout=self.timeout
+        )
 
     def set_alias(self, name: str, alias: str, version: str) -> admin_pb.LoadPackResponse:
-        return self.admin.SetAlias(admin_pb.SetAliasRequest(name=name, alias=alias, version=version),
-                                   metadata=self._auth(), timeout=self.timeout)
+        return self.admin.SetAlias(
+            admin_pb.SetAliasRequest(name=name, alias=alias, version=version),
+            metadata=self._auth(),
+            timeout=self.timeout,
+        )
 
     def unload_pack(self, ref: str) -> admin_pb.UnloadPackResponse:
         return self.admin.UnloadPack(admin_pb.UnloadPackRequest(ref=ref), metadata=self._auth(), timeout=self.timeout)

@@ -6,11 +6,12 @@ is used, so ``sensepack serve`` works offline on tiny random models with the
 real tokenizer and a demo pack. ``serve/configs/example.yaml`` documents every
 field; ``demo.yaml`` and ``gptj.yaml`` are the two shipped profiles.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,17 +27,17 @@ class ModelConfig(_Section):
     profile: Literal["demo", "pretrained"] = "demo"
     large_model: str = "EleutherAI/gpt-j-6b"
     backpack: str = "stanfordnlp/backpack-gpt2"
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     demo_seed: int = 0
-    torch_threads: Optional[int] = Field(None, ge=1)
+    torch_threads: int | None = Field(None, ge=1)
 
 
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    metrics_port: int = Field(9464, ge=-1, le=65535)   # -1: no /metrics endpoint; 0: any free port
+    metrics_port: int = Field(9464, ge=-1, le=65535)  # -1: no /metrics endpoint; 0: any free port
     metrics_host: str = "127.0.0.1"
     max_workers: int = Field(64, ge=4, le=4096)
     grace_period_s: float = Field(30.0, ge=0)
@@ -45,9 +46,9 @@ class ServerConfig(_Section):
 
 
 class TLSConfig(_Section):
-    cert_file: Optional[Path] = None
-    key_file: Optional[Path] = None
-    client_ca_file: Optional[Path] = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
 
     @model_validator(mode="after")
     def _pair(self):
@@ -65,27 +66,28 @@ class TLSConfig(_Section):
 
 
 class AdminConfig(_Section):
-    token: Optional[str] = None
+    token: str | None = None
     token_env: str = "SENSEPACK_ADMIN_TOKEN"
 
-    def resolved_token(self) -> Optional[str]:
+    def resolved_token(self) -> str | None:
         return os.environ.get(self.token_env) or self.token
 
 
 class HTTPConfig(_Section):
     """The OpenAI-compatible HTTP front-end (serve.http): same process, engine and packs as gRPC."""
-    enabled: bool = False              # off unless asked: a second listener is the operator's choice
+
+    enabled: bool = False  # off unless asked: a second listener is the operator's choice
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)          # 0: any free port
-    served_model_name: Optional[str] = None          # the model id clients send; None: model.large_model
-    chat_template: Optional[str] = None   # Jinja chat template (text or a file); None: the tokenizer's own
-    max_choices: int = Field(16, ge=1, le=256)      # prompts x n per request
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)   # larger request bodies are refused unread
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port
+    served_model_name: str | None = None  # the model id clients send; None: model.large_model
+    chat_template: str | None = None  # Jinja chat template (text or a file); None: the tokenizer's own
+    max_choices: int = Field(16, ge=1, le=256)  # prompts x n per request
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies are refused unread
 
     @model_validator(mode="after")
     def _template(self):
         t = self.chat_template
-        if t is not None and "{" not in t and not Path(t).is_file():       # neither a template nor a file
+        if t is not None and "{" not in t and not Path(t).is_file():  # neither a template nor a file
             raise ValueError(f"http.chat_template: no such file: {t}")
         return self
 
@@ -93,8 +95,9 @@ class HTTPConfig(_Section):
 class APIConfig(_Section):
     """Generation API keys, for both front-ends (gRPC GenerationService and HTTP /v1), separate from the
     admin token. None anywhere: generation is open (as vLLM without --api-key)."""
+
     keys: list[str] = Field(default_factory=list)
-    keys_env: str = "SENSEPACK_API_KEYS"    # comma-separated keys, added to api.keys
+    keys_env: str = "SENSEPACK_API_KEYS"  # comma-separated keys, added to api.keys
 
     def resolved_keys(self) -> list[str]:
         env = [k.strip() for k in os.environ.get(self.keys_env, "").split(",") if k.strip()]
@@ -113,7 +116,7 @@ class LimitsConfig(_Section):
     max_packs_per_request: int = Field(4, ge=1)
     max_continuations: int = Field(64, ge=1)
     max_temperature: float = Field(100.0, gt=0)
-    max_batched_tokens: Optional[int] = Field(None, ge=1)   # None: requests are admitted by count only
+    max_batched_tokens: int | None = Field(None, ge=1)  # None: requests are admitted by count only
     max_logit_bias: int = Field(300, ge=0)
     max_stop_token_ids: int = Field(64, ge=0)
 
@@ -125,30 +128,30 @@ class LimitsConfig(_Section):
 
 
 class StoreConfig(_Section):
-    uri: Optional[str] = None          # None: demo profile publishes its pack into a temporary store
+    uri: str | None = None  # None: demo profile publishes its pack into a temporary store
     subscribe: bool = True
     poll_interval_s: float = Field(1.0, gt=0)
 
 
 class PacksConfig(_Section):
     preload: list[str] = Field(default_factory=list)
-    load_on_request: bool = False      # requests may load (and gate) packs; off: only admin / store aliases change packs
-    request_load_timeout_s: float = Field(30.0, gt=0)   # bound of a request-triggered load (and gate) without a deadline
+    load_on_request: bool = False  # requests may load (and gate) packs; off: only admin / store aliases change packs
+    request_load_timeout_s: float = Field(30.0, gt=0)  # bound of a request-triggered load (and gate) without a deadline
     max_resident: int = Field(16, ge=1)
     allow_beta_above_calibrated: bool = False
-    max_beta: Optional[float] = Field(None, ge=0)
+    max_beta: float | None = Field(None, ge=0)
     # non-empty: serve only packs signed by one of these ed25519 public keys (PEM file or "ed25519:<64 hex>")
     trusted_keys: list[str] = Field(default_factory=list)
 
 
 class GateConfig(_Section):
     enabled: bool = True
-    corpus: Optional[Path] = None      # None: the small built-in corpus (demo only)
+    corpus: Path | None = None  # None: the small built-in corpus (demo only)
     text_field: str = "text"
     max_texts: int = Field(64, ge=1)
     max_tokens_per_text: int = Field(256, ge=2)
     batch_size: int = Field(8, ge=1)
-    epsilon: Optional[float] = Field(None, ge=0)
+    epsilon: float | None = Field(None, ge=0)
 
 
 class ABConfig(_Section):
@@ -162,7 +165,7 @@ class ABConfig(_Section):
     max_pending: int = Field(256, ge=1)
     lane_every_steps: int = Field(8, ge=1)
     auto_disable: bool = False
-    epsilon: Optional[float] = Field(None, ge=0)
+    epsilon: float | None = Field(None, ge=0)
 
 
 class LoggingConfig(_Section):
@@ -174,17 +177,18 @@ class LoggingConfig(_Section):
 
 class VLLMSection(_Section):
     """engine: vllm (docs/vllm.md). Fields map to vllm.EngineArgs (serve.vllm.engine.engine_args_from_config)."""
-    model: Optional[str] = None            # what vLLM loads; None: model.large_model
+
+    model: str | None = None  # what vLLM loads; None: model.large_model
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: Optional[int] = Field(None, ge=1)
-    max_num_seqs: Optional[int] = Field(None, ge=1)   # None: limits.max_running
+    max_model_len: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)  # None: limits.max_running
     enforce_eager: bool = False
     seed: int = 0
-    multiprocessing: bool = True           # False: vLLM's engine core in the server process (one rank)
+    multiprocessing: bool = True  # False: vLLM's engine core in the server process (one rank)
     model_runner: Literal["auto", "v1", "v2"] = "auto"
-    engine_args: Optional[dict] = None     # any other vllm.EngineArgs fields
+    engine_args: dict | None = None  # any other vllm.EngineArgs fields
 
 
 class Config(_Section):
@@ -207,10 +211,15 @@ class Config(_Section):
     def _cross(self):
         if self.model.profile == "pretrained" and self.store.uri is None:
             raise ValueError("store.uri is required with model.profile: pretrained")
-        if self.engine == "vllm" and self.model.profile == "demo" and (
-                self.vllm.model is None or self.vllm.multiprocessing or self.vllm.tensor_parallel_size > 1):
-            raise ValueError("engine: vllm with model.profile: demo needs vllm.model (a folder vLLM can load), "
-                             "vllm.multiprocessing: false and vllm.tensor_parallel_size: 1")
+        if (
+            self.engine == "vllm"
+            and self.model.profile == "demo"
+            and (self.vllm.model is None or self.vllm.multiprocessing or self.vllm.tensor_parallel_size > 1)
+        ):
+            raise ValueError(
+                "engine: vllm with model.profile: demo needs vllm.model (a folder vLLM can load), "
+                "vllm.multiprocessing: false and vllm.tensor_parallel_size: 1"
+            )
         if self.http.enabled and self.http.port and self.http.port in (self.server.port, self.server.metrics_port):
             raise ValueError(f"http.port: {self.http.port} is also server.port or server.metrics_port")
         if any(not k for k in self.api.keys):
@@ -225,8 +234,11 @@ def served_context(config: Config, model_context: int) -> int:
     if config.engine != "vllm":
         return model_context
     extra = config.vllm.engine_args or {}
-    mml = (extra.get("max_model_len") or config.vllm.max_model_len
-           or config.limits.max_prompt_tokens + config.limits.max_new_tokens)
+    mml = (
+        extra.get("max_model_len")
+        or config.vllm.max_model_len
+        or config.limits.max_prompt_tokens + config.limits.max_new_tokens
+    )
     return min(model_context, int(mml))
 
 

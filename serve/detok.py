@@ -15,27 +15,34 @@ emitted pieces concatenate to ``decode(ids)``; `flush()` emits whatever is
 held at the end (an unfinished character decodes to U+FFFD, as in a full
 decode).
 """
+
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.text = ""                # emitted so far (complete characters)
+        self.text = ""  # emitted so far (complete characters)
         self._prefix = 0
         self._read = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if ids else ""
+        # transformers types decode() as str | list[str] (the list is for batched input); one list of ids: str
+        return self.tokenizer.decode(ids) if ids else ""  # type: ignore[return-value]
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the newly complete text ("" while a character is unfinished)."""
         self.ids.append(token_id)
-        old = self._decode(self.ids[self._prefix:self._read])
-        new = self._decode(self.ids[self._prefix:])
+        old = self._decode(self.ids[self._prefix : self._read])
+        new = self._decode(self.ids[self._prefix :])
         if len(new) > len(old) and not new.endswith("\ufffd"):
-            piece = new[len(old):]
+            piece = new[len(old) :]
             self.text += piece
             self._prefix, self._read = self._read, len(self.ids)
             return piece
@@ -43,6 +50,6 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """The whole text, including a held unfinished tail (as a full decode shows it)."""
-        old = self._decode(self.ids[self._prefix:self._read])
-        new = self._decode(self.ids[self._prefix:])
-        return self.text + new[len(old):]
+        old = self._decode(self.ids[self._prefix : self._read])
+        new = self._decode(self.ids[self._prefix :])
+        return self.text + new[len(old) :]

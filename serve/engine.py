@@ -28,6 +28,7 @@ step ends the running requests with ERROR and the runner starts from an empty ba
 that is dead (`RunnerDead`: vLLM's engine core process is gone) ends them with UNAVAILABLE and the
 engine calls `on_dead` (the server goes NOT_SERVING and exits for its orchestrator to restart it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -63,6 +64,9 @@ from serve.scheduler import (  # noqa: F401 (re-exported)
     Sequence,
 )
 
+if TYPE_CHECKING:
+    from ensemble.ensemble import Ensemble, EnsembleBatch
+
 log = logging.getLogger("sensepack.engine")
 
 _NO_TEXT = (CANCELLED, TIME_LIMIT, ERROR, REFUSED, SHUTDOWN, UNAVAILABLE)
@@ -80,12 +84,12 @@ class TokenEvent:
 @dataclass
 class FinishEvent:
     reason: str
-    text: str                     # the whole generated text (stop sequence handled)
-    text_delta: str               # text not yet sent in TokenEvents
+    text: str  # the whole generated text (stop sequence handled)
+    text_delta: str  # text not yet sent in TokenEvents
     output_ids: list[int]
     stop_sequence: str = ""
     error: str = ""
-    last: TokenEvent | None = None   # the final generated token, when generation ended normally
+    last: TokenEvent | None = None  # the final generated token, when generation ended normally
 
 
 class Refused(Exception):
@@ -99,33 +103,35 @@ class RunnerDead(Exception):
 @dataclass
 class CoreCounters:
     """The ensemble core's running totals, read after every step (exported as metrics)."""
+
     exact_skip_rows: int = 0
     window_reprefills: int = 0
     backpack_seconds: float = 0.0
-    resumed: int = 0              # vLLM re-adds that resumed a parked Backpack state (no prefill)
-    step_seconds: list[float] = field(default_factory=list)   # Backpack time of each step where it ran,
+    resumed: int = 0  # vLLM re-adds that resumed a parked Backpack state (no prefill)
+    step_seconds: list[float] = field(default_factory=list)  # Backpack time of each step where it ran,
     #                                                           since the last read
 
 
 @dataclass
 class RowOutput:
     """One request's result of a step."""
+
     seq_id: int
-    tokens: list[Sampled] = field(default_factory=list)   # in order (vLLM may hand several per step)
-    error: str = ""               # this row failed (e.g. sampling): its request ends alone
-    finished: bool = False        # the runner ended the row itself (vLLM: max_tokens / EOS)
+    tokens: list[Sampled] = field(default_factory=list)  # in order (vLLM may hand several per step)
+    error: str = ""  # this row failed (e.g. sampling): its request ends alone
+    finished: bool = False  # the runner ended the row itself (vLLM: max_tokens / EOS)
 
 
 class Runner(Protocol):
     """The model side of an engine. Called only from the engine thread (`start` before it runs)."""
 
     def start(self) -> None: ...
-    def add(self, seq: Sequence) -> None: ...              # Refused / any exception: that request alone ends
+    def add(self, seq: Sequence) -> None: ...  # Refused / any exception: that request alone ends
     def remove(self, seq_id: int) -> None: ...
-    def step(self, running: dict[int, Sequence]) -> list[RowOutput]: ...   # RunnerDead: nothing can run
-    def recover(self) -> None: ...                         # after a failed step: an empty batch
-    def counters(self, idle: bool) -> CoreCounters: ...    # after each step (idle: the batch just emptied)
-    def dead(self) -> str | None: ...                      # why the runner cannot step any more, if so
+    def step(self, running: dict[int, Sequence]) -> list[RowOutput]: ...  # RunnerDead: nothing can run
+    def recover(self) -> None: ...  # after a failed step: an empty batch
+    def counters(self, idle: bool) -> CoreCounters: ...  # after each step (idle: the batch just emptied)
+    def dead(self) -> str | None: ...  # why the runner cannot step any more, if so
     def shutdown(self) -> None: ...
 
 
@@ -136,30 +142,42 @@ def _describe(e: BaseException) -> str:
 def row_params(seq: Sequence) -> RowParams:
     """What the sampler needs of a request at this step (its output so far decides the min-token masks)."""
     req = seq.req
-    return RowParams(greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                     mask_eos=len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos,
-                     generator=seq.generator, want_logprob=req.want_logprobs, top_n=req.top_n,
-                     min_p=req.min_p, logit_bias=req.logit_bias, repetition_penalty=req.repetition_penalty,
-                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                     prompt_ids=req.prompt_ids if req.penalized else None,
-                     output_ids=seq.output_ids if req.penalized else None, stop_token_ids=req.stop_token_ids,
-                     mask_stop_ids=len(seq.output_ids) < req.min_new_tokens)
+    return RowParams(
+        greedy=req.greedy,
+        temperature=req.temperature,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        mask_eos=len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos,
+        generator=seq.generator,
+        want_logprob=req.want_logprobs,
+        top_n=req.top_n,
+        min_p=req.min_p,
+        logit_bias=req.logit_bias,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        prompt_ids=req.prompt_ids if req.penalized else None,
+        output_ids=seq.output_ids if req.penalized else None,
+        stop_token_ids=req.stop_token_ids,
+        mask_stop_ids=len(seq.output_ids) < req.min_new_tokens,
+    )
 
 
 def sample_isolated(lp: torch.Tensor, seqs: list[Sequence], eos_id: int) -> list[RowOutput]:
     """Sample every row together; when that fails, row by row, so only the failing rows get an error."""
     params = [row_params(s) for s in seqs]
     try:
-        return [RowOutput(s.seq_id, [out]) for s, out in zip(seqs, sample(lp, params, eos_id))]
-    except Exception:   # noqa: BLE001 - find the faulty row(s): the batch must not pay for one request
+        return [RowOutput(s.seq_id, [out]) for s, out in zip(seqs, sample(lp, params, eos_id), strict=True)]
+    except Exception:  # noqa: BLE001 - find the faulty row(s): the batch must not pay for one request
         log.warning("batched sampling failed; sampling row by row", extra={"event": "sampler_fallback"})
     outs = []
-    for r, (seq, p) in enumerate(zip(seqs, params)):
+    for r, (seq, p) in enumerate(zip(seqs, params, strict=True)):
         try:
-            outs.append(RowOutput(seq.seq_id, [sample(lp[r:r + 1], [p], eos_id)[0]]))
-        except Exception as e:  # noqa: BLE001 - this request alone ends
-            log.exception("sampling failed for one request", extra={"event": "request_error",
-                                                                     "request_id": seq.req.request_id})
+            outs.append(RowOutput(seq.seq_id, [sample(lp[r : r + 1], [p], eos_id)[0]]))
+        except Exception as e:  # this request alone ends
+            log.exception(
+                "sampling failed for one request", extra={"event": "request_error", "request_id": seq.req.request_id}
+            )
             outs.append(RowOutput(seq.seq_id, error=f"sampling failed: {_describe(e)}"))
     return outs
 
@@ -167,18 +185,24 @@ def sample_isolated(lp: torch.Tensor, seqs: list[Sequence], eos_id: int) -> list
 class EmbeddedRunner:
     """The ensemble core's batch session and the batched sampler, in-process."""
 
-    def __init__(self, ensemble, vocab: Vocabulary):
+    def __init__(self, ensemble: Ensemble, vocab: Vocabulary):
         self.ensemble = ensemble
         self.vocab = vocab
-        self.session = None
-        self._totals = CoreCounters()   # the decode steps' share of the core's stats (Score and gate jobs
+        self._session: EnsembleBatch | None = None
+        self._totals = CoreCounters()  # the decode steps' share of the core's stats (Score and gate jobs
         #                                 use the same core between steps)
 
     def start(self) -> None:
-        self.session = self.ensemble.new_batch()
+        self._session = self.ensemble.new_batch()
+
+    @property
+    def session(self) -> EnsembleBatch:
+        if self._session is None:
+            raise RuntimeError("EmbeddedRunner: start() was not called")
+        return self._session
 
     def add(self, seq: Sequence) -> None:
-        self.session.add(seq.seq_id, list(seq.req.prompt_ids), list(seq.packs))   # prefilled at the next step
+        self.session.add(seq.seq_id, list(seq.req.prompt_ids), list(seq.packs))  # prefilled at the next step
 
     def remove(self, seq_id: int) -> None:
         self.session.remove(seq_id)
@@ -190,7 +214,7 @@ class EmbeddedRunner:
         t = self._totals
         t.exact_skip_rows += st.exact_skip_rows - skip
         t.window_reprefills += st.window_reprefills - rep
-        if st.backpack_seconds > secs:      # a step where the Backpack ran (exact-skip steps are not observed)
+        if st.backpack_seconds > secs:  # a step where the Backpack ran (exact-skip steps are not observed)
             t.backpack_seconds += st.backpack_seconds - secs
             t.step_seconds.append(st.backpack_seconds - secs)
         live = [(r, running[sid]) for r, sid in enumerate(self.session.seq_ids) if sid in running]
@@ -201,7 +225,7 @@ class EmbeddedRunner:
         return outs
 
     def recover(self) -> None:
-        self.session = self.ensemble.new_batch()
+        self._session = self.ensemble.new_batch()
 
     def counters(self, idle: bool) -> CoreCounters:
         t = self._totals
@@ -224,20 +248,29 @@ class Engine:
 
     log_name = "engine"
 
-    def __init__(self, ensemble, tokenizer, limits, metrics, lane_every_steps: int = 8,
-                 runner: Runner | None = None, vocab: Vocabulary | None = None):
+    def __init__(
+        self,
+        ensemble,
+        tokenizer,
+        limits,
+        metrics,
+        lane_every_steps: int = 8,
+        runner: Runner | None = None,
+        vocab: Vocabulary | None = None,
+    ):
         self.ensemble = ensemble
         self.tokenizer = tokenizer
         # EOS and the sampling range come from the served pairing (vLLM without an ensemble: its tokenizer)
-        self.vocab: Vocabulary = vocab or (ensemble.vocab if ensemble is not None
-                                           else Vocabulary.from_tokenizer(tokenizer))
+        self.vocab: Vocabulary = vocab or (
+            ensemble.vocab if ensemble is not None else Vocabulary.from_tokenizer(tokenizer)
+        )
         self.limits = limits
         self.metrics = metrics
         self.scheduler = Scheduler(limits, metrics, lane_every_steps)
         self.runner: Runner = runner if runner is not None else EmbeddedRunner(ensemble, self.vocab)
-        self.on_dead: Callable[[str], None] | None = None   # called once (engine thread) when the runner dies
+        self.on_dead: Callable[[str], None] | None = None  # called once (engine thread) when the runner dies
         self.dead: str | None = None
-        self.liveness_interval = 1.0   # s: an idle engine still notices a dead runner this often
+        self.liveness_interval = 1.0  # s: an idle engine still notices a dead runner this often
         self._counters = CoreCounters()
         self._thread: threading.Thread | None = None
         self._steps = 0
@@ -246,8 +279,9 @@ class Engine:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.runner.start()
-        self._thread = threading.Thread(target=self._loop, name=f"sensepack-{self.log_name.replace(' ', '-')}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"sensepack-{self.log_name.replace(' ', '-')}", daemon=True
+        )
         self._thread.start()
 
     def stop_accepting(self) -> None:
@@ -267,7 +301,7 @@ class Engine:
         self.scheduler.fail_jobs()
         try:
             self.runner.shutdown()
-        except Exception:  # noqa: BLE001 - best effort: the process may be exiting
+        except Exception:  # best effort: the process may be exiting
             log.exception(f"{self.log_name} shutdown failed", extra={"event": "engine_error"})
 
     # ------------------------------------------------------------ public API
@@ -283,15 +317,32 @@ class Engine:
     def scoring(self) -> int:
         return self.scheduler.scoring
 
-    def submit(self, req: GenerationRequest, packs: list, deadline: float | None = None,
-               on_finish=None, user=None, frontend: str = GRPC) -> Sequence:
+    def submit(
+        self,
+        req: GenerationRequest,
+        packs: list,
+        deadline: float | None = None,
+        on_finish=None,
+        user=None,
+        frontend: str = GRPC,
+    ) -> Sequence:
         seed, gen = req.seed, None
         if not req.greedy:
             if seed is None:
                 seed = int.from_bytes(os.urandom(7), "little")
             gen = torch.Generator().manual_seed(seed)
-        seq = Sequence(self.scheduler.next_id(), req, packs, queue.Queue(), on_finish, deadline,
-                       generator=gen, seed=seed, user=user, frontend=frontend)
+        seq = Sequence(
+            self.scheduler.next_id(),
+            req,
+            packs,
+            queue.Queue(),
+            on_finish,
+            deadline,
+            generator=gen,
+            seed=seed,
+            user=user,
+            frontend=frontend,
+        )
         self.scheduler.add(seq)
         return seq
 
@@ -325,6 +376,8 @@ class Engine:
                 if why:
                     raise RunnerDead(why)
                 for seq, _ in sched.reap():
+                    if seq.cancel_reason is None:  # reap() returns cancelled or expired requests only
+                        raise RuntimeError(f"scheduler reaped request {seq.seq_id} without a cancel reason")
                     self._finish(seq, seq.cancel_reason)
                 self._prefill(sched.schedule())
                 if sched.running:
@@ -356,7 +409,7 @@ class Engine:
         if self.on_dead is not None:
             try:
                 self.on_dead(why)
-            except Exception:  # noqa: BLE001 - the requests are ended either way
+            except Exception:  # the requests are ended either way
                 log.exception("on_dead failed", extra={"event": "engine_error"})
 
     def _prefill(self, new: list[Sequence]) -> None:
@@ -366,7 +419,7 @@ class Engine:
             for k, seq in enumerate(new):
                 try:
                     self.runner.add(seq)
-                except RunnerDead:      # this one and the rest of the admitted ones end with it
+                except RunnerDead:  # this one and the rest of the admitted ones end with it
                     for s in new[k:]:
                         s.cancel(UNAVAILABLE)
                         self._finish(s, UNAVAILABLE, error="the model runner died; retry")
@@ -375,7 +428,7 @@ class Engine:
                     log.warning("request refused by the runner", extra={"event": "engine_add_failed"})
                     self._finish(seq, REFUSED, error=f"{seq.req.input_field}: {e}")
                     continue
-                except Exception as e:   # noqa: BLE001 - refused by the core (e.g. invalid edits): this one only
+                except Exception as e:  # refused by the core (e.g. invalid edits): this one only
                     log.exception("request refused by the core", extra={"event": "engine_add_failed"})
                     self._finish(seq, ERROR, error=_describe(e))
                     continue
@@ -401,9 +454,10 @@ class Engine:
             for s in out.tokens:
                 try:
                     self._accept(seq, s.token, s.logprob, s.top, now)
-                except Exception as e:  # noqa: BLE001 - e.g. detokenising: this request alone ends
-                    log.exception("accepting a token failed", extra={"event": "request_error",
-                                                                      "request_id": seq.req.request_id})
+                except Exception as e:  # e.g. detokenising: this request alone ends
+                    log.exception(
+                        "accepting a token failed", extra={"event": "request_error", "request_id": seq.req.request_id}
+                    )
                     self._finish(seq, ERROR, error=_describe(e))
                 if seq.finished is not None:
                     break
@@ -454,52 +508,64 @@ class Engine:
         if seq.detok is None:
             seq.detok = IncrementalDetokenizer(self.tokenizer)
         seq.detok.add(tok)
-        text = seq.detok.text           # complete characters only; an unfinished one is held back
+        text = seq.detok.text  # complete characters only; an unfinished one is held back
         if tok == self.vocab.eos_id and not req.ignore_eos and n > req.min_new_tokens - 1:
             reason = EOS_TOKEN
         elif tok in req.stop_token_ids and n >= req.min_new_tokens:
             reason = STOP_TOKEN
         if req.stop_sequences and n >= req.min_new_tokens:
             best = None
-            for s in req.stop_sequences:    # only the text not searched yet (plus a stop's length of overlap)
+            for s in req.stop_sequences:  # only the text not searched yet (plus a stop's length of overlap)
                 p = text.find(s, max(0, seq.stop_scan - len(s) + 1))
                 if p >= 0 and (best is None or p < best[0]):
                     best = (p, s)
             seq.stop_scan = len(text)
             if best is not None:
                 reason, stop_seq = STOP_SEQUENCE, best[1]
-                final_text = text[:best[0] + (len(best[1]) if req.include_stop_sequence else 0)]
+                final_text = text[: best[0] + (len(best[1]) if req.include_stop_sequence else 0)]
         if reason is None and n >= req.max_new_tokens:
             reason = MAX_TOKENS
         if reason is not None and final_text is None:
             text = seq.detok.flush()
         if reason is None:
             upto = len(text) - self._holdback(text, req.stop_sequences)
-            delta = text[seq.sent_chars:upto] if upto > seq.sent_chars else ""
+            delta = text[seq.sent_chars : upto] if upto > seq.sent_chars else ""
             seq.sent_chars = max(seq.sent_chars, upto)
             seq.events.put(TokenEvent(tok, delta, logprob, top, n))
             return
         # last token: it goes out with the finish event
-        self._finish(seq, reason, text=final_text if final_text is not None else text, stop_seq=stop_seq,
-                     last=TokenEvent(tok, "", logprob, top, n))
+        self._finish(
+            seq,
+            reason,
+            text=final_text if final_text is not None else text,
+            stop_seq=stop_seq,
+            last=TokenEvent(tok, "", logprob, top, n),
+        )
 
-    def _finish(self, seq: Sequence, reason: str, text: str | None = None, stop_seq: str = "",
-                error: str = "", last: TokenEvent | None = None) -> None:
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: str,
+        text: str | None = None,
+        stop_seq: str = "",
+        error: str = "",
+        last: TokenEvent | None = None,
+    ) -> None:
         if seq.finished is not None:
             return
         seq.finished = reason
         if self.scheduler.release(seq) and self.dead is None:
             try:
                 self.runner.remove(seq.seq_id)
-            except Exception:  # noqa: BLE001 - the request ends either way
+            except Exception:  # the request ends either way
                 log.exception("runner.remove failed", extra={"event": "engine_error"})
         if text is None:
             try:
                 text = self.tokenizer.decode(seq.output_ids) if seq.output_ids else ""
-            except Exception:   # noqa: BLE001 - the request ends either way; its text is lost
+            except Exception:  # the request ends either way; its text is lost
                 log.exception("decode failed", extra={"event": "request_error"})
                 text, reason = "", ERROR if reason not in (CANCELLED, TIME_LIMIT) else reason
-        delta = "" if reason in _NO_TEXT else text[seq.sent_chars:]
+        delta = "" if reason in _NO_TEXT else text[seq.sent_chars :]
         if seq.last_token is not None:
             self.metrics.e2e.labels(seq.frontend).observe(time.monotonic() - seq.arrival)
         try:

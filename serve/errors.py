@@ -9,6 +9,7 @@ class, not by the store's own status strings.
 A message starts with the field it concerns (``sampling.top_p: must lie in [0, 1], got 1.5``);
 `field` keeps the field alone (OpenAI's ``param``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class ServeError(Exception):
     def message(self) -> str:
         return str(self)
 
-    def at(self, field_name: str) -> "ServeError":
+    def at(self, field_name: str) -> ServeError:
         """The same error about another field (e.g. the pack manager's ``ref`` as ``packs[1].ref``)."""
         return type(self)(field_name, self.detail)
 
@@ -77,7 +78,7 @@ class InternalError(ServeError):
 
 @dataclass(frozen=True)
 class Status:
-    grpc: str        # grpc.StatusCode name
+    grpc: str  # grpc.StatusCode name
     http: int
     openai_type: str
 

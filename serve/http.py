@@ -10,6 +10,7 @@ that cannot send extra fields. Responses carry a `sensepack` object: request id,
 versions, βs and A/B arms, and the seed. Errors use OpenAI's shape, with the status from
 serve.errors.STATUS.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,9 +19,10 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -38,13 +40,26 @@ log = logging.getLogger("sensepack.http")
 
 # proto field paths (serve.params) -> OpenAI's names, for error messages
 OPENAI_FIELDS = {
-    "request_id": "x-request-id", "text": "prompt", "token_ids.ids": "prompt", "input": "prompt",
-    "sampling.temperature": "temperature", "sampling.top_k": "top_k", "sampling.top_p": "top_p",
-    "sampling.seed": "seed", "stopping.max_new_tokens": "max_tokens", "stopping.min_new_tokens": "min_tokens",
-    "stopping.stop_sequences": "stop", "stopping.stop_token_ids": "stop_token_ids",
-    "response.top_n_tokens": "logprobs", "sampling.repetition_penalty": "repetition_penalty",
-    "sampling.presence_penalty": "presence_penalty", "sampling.frequency_penalty": "frequency_penalty",
-    "sampling.min_p": "min_p", "sampling.logit_bias": "logit_bias", "packs": "packs", "ab_key": "ab_key",
+    "request_id": "x-request-id",
+    "text": "prompt",
+    "token_ids.ids": "prompt",
+    "input": "prompt",
+    "sampling.temperature": "temperature",
+    "sampling.top_k": "top_k",
+    "sampling.top_p": "top_p",
+    "sampling.seed": "seed",
+    "stopping.max_new_tokens": "max_tokens",
+    "stopping.min_new_tokens": "min_tokens",
+    "stopping.stop_sequences": "stop",
+    "stopping.stop_token_ids": "stop_token_ids",
+    "response.top_n_tokens": "logprobs",
+    "sampling.repetition_penalty": "repetition_penalty",
+    "sampling.presence_penalty": "presence_penalty",
+    "sampling.frequency_penalty": "frequency_penalty",
+    "sampling.min_p": "min_p",
+    "sampling.logit_bias": "logit_bias",
+    "packs": "packs",
+    "ab_key": "ab_key",
 }
 _FINISH = {eng.MAX_TOKENS: "length", eng.EOS_TOKEN: "stop", eng.STOP_SEQUENCE: "stop", eng.STOP_TOKEN: "stop"}
 
@@ -61,44 +76,45 @@ class StreamOptions(_Body):
 
 class PackSpec(_Body):
     ref: str
-    beta: Optional[float] = None
+    beta: float | None = None
 
 
 class _Common(_Body):
     """Fields both endpoints share: OpenAI's, then sensepack's and vLLM's extensions (extra_body)."""
+
     model: str
     n: int = Field(1, ge=1)
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = None      # None: 1.0 (OpenAI's default); 0: greedy
-    top_p: Optional[float] = None
-    max_tokens: Optional[int] = Field(None, ge=0)
-    stop: Union[str, list[str], None] = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None  # None: 1.0 (OpenAI's default); 0: greedy
+    top_p: float | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None               # also the A/B key when ab_key is not given
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None  # also the A/B key when ab_key is not given
     # extensions
-    packs: Optional[list[Union[str, PackSpec]]] = None
+    packs: list[str | PackSpec] | None = None
     base_only: bool = False
-    ab_key: Optional[str] = None
+    ab_key: str | None = None
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False
 
 
 class CompletionBody(_Common):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = Field(None, ge=0)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    best_of: int | None = None
+    suffix: str | None = None
 
 
 class TextPart(_Body):
@@ -108,19 +124,19 @@ class TextPart(_Body):
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
-    name: Optional[str] = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
 
 class ChatBody(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
 
 
-AnyBody = Union[CompletionBody, ChatBody]
+AnyBody = CompletionBody | ChatBody
 
 
 def _loc(err: Any) -> str:
@@ -131,7 +147,7 @@ def _loc(err: Any) -> str:
         elif not out:
             out = str(part)
         elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "PackSpec", "list[TextPart]"):
-            continue        # pydantic's union member names are not fields
+            continue  # pydantic's union member names are not fields
         else:
             out += f".{part}"
     return out
@@ -145,15 +161,27 @@ def _parse_body(cls: type[_Body], body: Any) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         where = _loc(first)
-        msg = "not a field of this endpoint (unsupported by sensepack)" if first["type"] == "extra_forbidden" \
+        msg = (
+            "not a field of this endpoint (unsupported by sensepack)"
+            if first["type"] == "extra_forbidden"
             else first["msg"]
+        )
         raise InvalidRequest(where or "body", msg) from None
 
 
 # ------------------------------------------------------------------ the front-end
 class HttpFrontend:
-    def __init__(self, service: GenerationService, packs, config, tokenizer, vocab, context_len: int,
-                 metrics: Metrics, model_name: str):
+    def __init__(
+        self,
+        service: GenerationService,
+        packs,
+        config,
+        tokenizer,
+        vocab,
+        context_len: int,
+        metrics: Metrics,
+        model_name: str,
+    ):
         self.service, self.packs, self.cfg = service, packs, config
         self.tokenizer, self.vocab, self.context_len = tokenizer, vocab, context_len
         self.metrics, self.model_name = metrics, model_name
@@ -161,10 +189,11 @@ class HttpFrontend:
         self.chat_template = self._load_template(config.http.chat_template)
         self.ready = False
         lim = config.limits
-        self._pool = ThreadPoolExecutor(max_workers=lim.max_running + lim.max_waiting + 16,
-                                        thread_name_prefix="sensepack-http-admit")
+        self._pool = ThreadPoolExecutor(
+            max_workers=lim.max_running + lim.max_waiting + 16, thread_name_prefix="sensepack-http-admit"
+        )
         self.port: int | None = None
-        self._server: Any = None           # uvicorn.Server once started
+        self._server: Any = None  # uvicorn.Server once started
         self._thread: threading.Thread | None = None
         self.app = self._build_app()
 
@@ -178,20 +207,28 @@ class HttpFrontend:
         return spec
 
     # ---- lifecycle
-    def start(self) -> "HttpFrontend":
+    def start(self) -> HttpFrontend:
         import uvicorn
 
         h = self.cfg.http
-        tls = self.cfg.tls       # the gRPC listener's certificate (and client CA: mTLS) serve HTTPS too
-        ssl = {}
+        tls = self.cfg.tls  # the gRPC listener's certificate (and client CA: mTLS) serve HTTPS too
+        ssl: dict[str, Any] = {}
         if tls.enabled:
             import ssl as _ssl
 
             ssl = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
             if tls.client_ca_file:
                 ssl.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=_ssl.CERT_REQUIRED)
-        config = uvicorn.Config(self.app, host=h.host, port=h.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2, lifespan="off", **ssl)
+        config = uvicorn.Config(
+            self.app,
+            host=h.host,
+            port=h.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            lifespan="off",
+            **ssl,
+        )
         server = self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=server.run, name="sensepack-http", daemon=True)
         self._thread.start()
@@ -217,13 +254,23 @@ class HttpFrontend:
 
         @app.exception_handler(HTTPException)
         async def _http_error(request: Request, exc: HTTPException):
-            return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error",
-                                           "param": None, "code": exc.status_code}}, status_code=exc.status_code)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": str(exc.detail),
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": exc.status_code,
+                    }
+                },
+                status_code=exc.status_code,
+            )
 
         @app.get("/health")
         async def health():
-            return JSONResponse({"status": "ok" if self.ready else "not serving"},
-                                status_code=200 if self.ready else 503)
+            return JSONResponse(
+                {"status": "ok" if self.ready else "not serving"}, status_code=200 if self.ready else 503
+            )
 
         @app.get("/v1/models")
         async def models(request: Request):
@@ -242,8 +289,9 @@ class HttpFrontend:
                 if m["id"] == model_id:
                     self._count("models", "OK")
                     return JSONResponse(m)
-            return self._error(PackNotFound("model", f"unknown model {model_id!r} (GET /v1/models lists them)"),
-                               "models")
+            return self._error(
+                PackNotFound("model", f"unknown model {model_id!r} (GET /v1/models lists them)"), "models"
+            )
 
         @app.post("/v1/completions")
         async def completions(request: Request):
@@ -262,8 +310,10 @@ class HttpFrontend:
     def _error(self, err: ServeError, method: str):
         st = status_of(err)
         self._count(method, st.grpc)
-        return JSONResponse({"error": {"message": err.message, "type": st.openai_type, "param": err.field or None,
-                                       "code": st.grpc}}, status_code=st.http)
+        return JSONResponse(
+            {"error": {"message": err.message, "type": st.openai_type, "param": err.field or None, "code": st.grpc}},
+            status_code=st.http,
+        )
 
     def _auth(self, request, method: str):
         err = check_api_key(request.headers.get("authorization"), self.keys)
@@ -275,9 +325,17 @@ class HttpFrontend:
         for route, r in sorted(self.packs.routes().items()):
             if r is None:
                 continue
-            out.append({"id": route, "object": "model", "created": now, "owned_by": "sensepack",
-                        "root": self.model_name, "parent": self.model_name,
-                        "sensepack": {"name": r.name, "version": r.version, "beta": r.calibrated_beta}})
+            out.append(
+                {
+                    "id": route,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "sensepack",
+                    "root": self.model_name,
+                    "parent": self.model_name,
+                    "sensepack": {"name": r.name, "version": r.version, "beta": r.calibrated_beta},
+                }
+            )
         return out
 
     # ---- request -> GenerateInput
@@ -292,9 +350,11 @@ class HttpFrontend:
             try:
                 parse_pack_ref(r, "model")
             except InvalidRequest:
-                raise PackNotFound("model", f"unknown model {body.model!r}: serving {self.model_name!r}, with packs "
-                                            f"as model names (`name`, `name@alias`, comma-separated; GET /v1/models)"
-                                   ) from None
+                raise PackNotFound(
+                    "model",
+                    f"unknown model {body.model!r}: serving {self.model_name!r}, with packs "
+                    f"as model names (`name`, `name@alias`, comma-separated; GET /v1/models)",
+                ) from None
         if body.packs:
             raise InvalidRequest("packs", f"the model name {body.model!r} already names packs; send one of the two")
         if body.base_only:
@@ -334,8 +394,11 @@ class HttpFrontend:
             want_lp = body.logprobs is not None
             max_tokens = body.max_tokens
         if len(prompts) * body.n > self.cfg.http.max_choices:
-            raise InvalidRequest("n", f"{len(prompts)} prompt(s) x n={body.n} completions, limit "
-                                      f"http.max_choices={self.cfg.http.max_choices}")
+            raise InvalidRequest(
+                "n",
+                f"{len(prompts)} prompt(s) x n={body.n} completions, limit "
+                f"http.max_choices={self.cfg.http.max_choices}",
+            )
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         bias = {}
         for k, v in (body.logit_bias or {}).items():
@@ -350,19 +413,36 @@ class HttpFrontend:
         out = []
         for pi, prompt in enumerate(prompts):
             for j in range(body.n):
-                seed = None if body.seed is None else body.seed + j      # n samples, n streams
-                out.append(GenerateInput(
-                    request_id=f"{rid}-{pi * body.n + j}" if len(prompts) * body.n > 1 else rid,
-                    text=prompt if isinstance(prompt, str) else None,
-                    prompt_ids=list(prompt) if not isinstance(prompt, str) else None,
-                    greedy=temperature == 0, temperature=temperature, top_k=body.top_k,
-                    top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
-                    max_new_tokens=max_tokens or 0, min_new_tokens=body.min_tokens, stop_sequences=stops,
-                    include_stop_sequence=body.include_stop_str_in_output, ignore_eos=body.ignore_eos,
-                    stop_token_ids=list(body.stop_token_ids or []), want_tokens=True, want_logprobs=want_lp,
-                    top_n=top_n, repetition_penalty=body.repetition_penalty,
-                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                    min_p=body.min_p, logit_bias=bias, packs=packs, base_only=body.base_only, ab_key=ab_key))
+                seed = None if body.seed is None else body.seed + j  # n samples, n streams
+                out.append(
+                    GenerateInput(
+                        request_id=f"{rid}-{pi * body.n + j}" if len(prompts) * body.n > 1 else rid,
+                        text=prompt if isinstance(prompt, str) else None,
+                        prompt_ids=list(prompt) if not isinstance(prompt, str) else None,
+                        greedy=temperature == 0,
+                        temperature=temperature,
+                        top_k=body.top_k,
+                        top_p=1.0 if body.top_p is None else body.top_p,
+                        seed=seed,
+                        max_new_tokens=max_tokens or 0,
+                        min_new_tokens=body.min_tokens,
+                        stop_sequences=stops,
+                        include_stop_sequence=body.include_stop_str_in_output,
+                        ignore_eos=body.ignore_eos,
+                        stop_token_ids=list(body.stop_token_ids or []),
+                        want_tokens=True,
+                        want_logprobs=want_lp,
+                        top_n=top_n,
+                        repetition_penalty=body.repetition_penalty,
+                        presence_penalty=body.presence_penalty,
+                        frequency_penalty=body.frequency_penalty,
+                        min_p=body.min_p,
+                        logit_bias=bias,
+                        packs=packs,
+                        base_only=body.base_only,
+                        ab_key=ab_key,
+                    )
+                )
         if max_tokens == 0:
             raise InvalidRequest(names["stopping.max_new_tokens"], "must be >= 1")
         return out, names, len(prompts)
@@ -370,15 +450,17 @@ class HttpFrontend:
     def _chat_prompt(self, body: ChatBody) -> str:
         msgs = []
         for m in body.messages:
-            content = m.content if isinstance(m.content, str) or m.content is None \
-                else "".join(p.text for p in m.content)
+            content = (
+                m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+            )
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
         kwargs = {"chat_template": self.chat_template} if self.chat_template is not None else {}
         if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("messages", "the served tokenizer has no chat template (set http.chat_template)")
         try:
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                      add_generation_prompt=body.add_generation_prompt, **kwargs)
+            text = self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=body.add_generation_prompt, **kwargs
+            )
         except Exception as e:  # noqa: BLE001 - a template that fails on these messages: the request's fault
             raise InvalidRequest("messages", f"the chat template failed: {type(e).__name__}: {e}") from None
         if not text:
@@ -390,8 +472,10 @@ class HttpFrontend:
         denied = self._auth(request, method)
         if denied is not None:
             return denied
-        rid = request.headers.get("x-request-id") or f"{'chatcmpl' if method == 'chat.completions' else 'cmpl'}-" \
-                                                      f"{uuid.uuid4().hex}"
+        rid = (
+            request.headers.get("x-request-id")
+            or f"{'chatcmpl' if method == 'chat.completions' else 'cmpl'}-{uuid.uuid4().hex}"
+        )
         try:
             raw = await self._json(request)
             body = _parse_body(ChatBody if method == "chat.completions" else CompletionBody, raw)
@@ -401,13 +485,16 @@ class HttpFrontend:
             gens = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, rid)
         except ServeError as e:
             return self._error(e, method)
-        except Exception as e:  # noqa: BLE001 - a server fault: 500, counted, logged
+        except Exception as e:  # a server fault: 500, counted, logged
             log.exception("request failed", extra={"event": "internal_error", "method": method})
             return self._error(InternalError("", f"internal error: {type(e).__name__}: {e}"), method)
         run = _Run(self, body, method, rid, gens, asyncio.get_running_loop())
         if body.stream:
-            return StreamingResponse(run.sse(request), media_type="text/event-stream",
-                                     headers={"x-request-id": rid, "cache-control": "no-cache"})
+            return StreamingResponse(
+                run.sse(request),
+                media_type="text/event-stream",
+                headers={"x-request-id": rid, "cache-control": "no-cache"},
+            )
         try:
             out = await run.collect(request)
         except ServeError as e:
@@ -451,8 +538,15 @@ class HttpFrontend:
 class _Run:
     """One admitted HTTP request: its generations' events, fanned in to the event loop."""
 
-    def __init__(self, fe: HttpFrontend, body: AnyBody, method: str, rid: str, gens: list[tuple[int, Generation]],
-                 loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        fe: HttpFrontend,
+        body: AnyBody,
+        method: str,
+        rid: str,
+        gens: list[tuple[int, Generation]],
+        loop: asyncio.AbstractEventLoop,
+    ):
         self.fe, self.body, self.method, self.rid, self.gens = fe, body, method, rid, gens
         self.chat = method == "chat.completions"
         self.created = int(time.time())
@@ -461,8 +555,7 @@ class _Run:
         self.gone = threading.Event()
         self._checked = time.monotonic()
         for i, g in gens:
-            threading.Thread(target=self._forward, args=(i, g, loop), name="sensepack-http-events",
-                             daemon=True).start()
+            threading.Thread(target=self._forward, args=(i, g, loop), name="sensepack-http-events", daemon=True).start()
 
     def _forward(self, i: int, g: Generation, loop) -> None:
         for ev in g.events(lambda: not self.gone.is_set()):
@@ -486,7 +579,7 @@ class _Run:
                     raise Cancelled("", "client disconnected")
             try:
                 return await asyncio.wait_for(self.queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     # ---- pieces
@@ -494,9 +587,12 @@ class _Run:
         return f"token_id:{tid}" if self.body.return_tokens_as_token_ids else self.fe.service.token_text(tid)
 
     def _sensepack(self, g: Generation) -> dict:
-        out: dict[str, Any] = {"request_id": g.req.request_id,
-               "packs": [{"ref": p.ref, "name": p.name, "version": p.version, "beta": p.beta, "arm": p.arm}
-                         for p in g.packs]}
+        out: dict[str, Any] = {
+            "request_id": g.req.request_id,
+            "packs": [
+                {"ref": p.ref, "name": p.name, "version": p.version, "beta": p.beta, "arm": p.arm} for p in g.packs
+            ],
+        }
         if g.seed is not None:
             out["seed"] = g.seed
         return out
@@ -507,9 +603,17 @@ class _Run:
             content = []
             for ev in evs:
                 t = self._token_text(ev.token_id)
-                content.append({"token": t, "logprob": ev.logprob, "bytes": list(t.encode()),
-                                "top_logprobs": [{"token": self._token_text(i), "logprob": lp,
-                                                  "bytes": list(self._token_text(i).encode())} for i, lp in ev.top]})
+                content.append(
+                    {
+                        "token": t,
+                        "logprob": ev.logprob,
+                        "bytes": list(t.encode()),
+                        "top_logprobs": [
+                            {"token": self._token_text(i), "logprob": lp, "bytes": list(self._token_text(i).encode())}
+                            for i, lp in ev.top
+                        ],
+                    }
+                )
             return {"content": content}
         tokens, lps, tops, offs = [], [], [], []
         for ev in evs:
@@ -527,7 +631,7 @@ class _Run:
 
     def _usage(self, n_completion: int) -> dict:
         seen, prompt = set(), 0
-        for _, g in self.gens:      # each prompt counted once, as OpenAI does with n > 1
+        for _, g in self.gens:  # each prompt counted once, as OpenAI does with n > 1
             key = tuple(g.req.prompt_ids)
             if key not in seen:
                 seen.add(key)
@@ -563,8 +667,12 @@ class _Run:
         for i, g in self.gens:
             ev = done[i]
             completion += len(ev.output_ids)
-            c: dict[str, Any] = {"index": i, "finish_reason": _FINISH.get(ev.reason, "stop"),
-                                 "stop_reason": ev.stop_sequence or None, "sensepack": self._sensepack(g)}
+            c: dict[str, Any] = {
+                "index": i,
+                "finish_reason": _FINISH.get(ev.reason, "stop"),
+                "stop_reason": ev.stop_sequence or None,
+                "sensepack": self._sensepack(g),
+            }
             if self.chat:
                 c["message"] = {"role": "assistant", "content": ev.text}
             else:
@@ -572,24 +680,36 @@ class _Run:
             c["logprobs"] = self._logprobs(tokens[i]) if self._want_logprobs else None
             choices.append(c)
         g0 = self.gens[0][1]
-        return {"id": self.rid, "object": self._object(False), "created": self.created, "model": self.body.model,
-                "choices": choices, "usage": self._usage(completion), "sensepack": self._sensepack(g0)}
+        return {
+            "id": self.rid,
+            "object": self._object(False),
+            "created": self.created,
+            "model": self.body.model,
+            "choices": choices,
+            "usage": self._usage(completion),
+            "sensepack": self._sensepack(g0),
+        }
 
     # ---- streaming
     def _chunk(self, i: int, text: str, evs: list[eng.TokenEvent], finish: str | None, first: bool) -> dict:
         c: dict[str, Any] = {"index": i, "finish_reason": finish}
         if self.chat:
-            c["delta"] = ({"role": "assistant", "content": text} if first else {"content": text})
+            c["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
             c["text"] = text
         c["logprobs"] = self._logprobs(evs) if self._want_logprobs and evs else None
-        out = {"id": self.rid, "object": self._object(True), "created": self.created, "model": self.body.model,
-               "choices": [c]}
+        out = {
+            "id": self.rid,
+            "object": self._object(True),
+            "created": self.created,
+            "model": self.body.model,
+            "choices": [c],
+        }
         if first:
             out["sensepack"] = self._sensepack(dict(self.gens)[i])
         return out
 
-    async def sse(self, request):
+    async def sse(self, request: Request) -> AsyncIterator[str]:
         fe, method = self.fe, self.method
         started: set[int] = set()
         completion = 0
@@ -609,22 +729,38 @@ class _Run:
                     self.cancel_all()
                     st = status_of(err)
                     fe._count(method, st.grpc)
-                    yield _sse({"error": {"message": err.message, "type": st.openai_type, "param": err.field or None,
-                                          "code": st.grpc}})
+                    yield _sse(
+                        {
+                            "error": {
+                                "message": err.message,
+                                "type": st.openai_type,
+                                "param": err.field or None,
+                                "code": st.grpc,
+                            }
+                        }
+                    )
                     yield "data: [DONE]\n\n"
                     return
                 evs = [ev.last] if ev.last is not None else []
                 completion += len(evs)
                 yield _sse(self._chunk(i, ev.text_delta, evs, _FINISH.get(ev.reason, "stop"), first))
             if opts is not None and opts.include_usage:
-                yield _sse({"id": self.rid, "object": self._object(True), "created": self.created,
-                            "model": self.body.model, "choices": [], "usage": self._usage(completion)})
+                yield _sse(
+                    {
+                        "id": self.rid,
+                        "object": self._object(True),
+                        "created": self.created,
+                        "model": self.body.model,
+                        "choices": [],
+                        "usage": self._usage(completion),
+                    }
+                )
             yield "data: [DONE]\n\n"
             fe._count(method, "OK")
         except Cancelled:
             fe._count(method, "CANCELLED")
         finally:
-            if len(self.finished) < len(self.gens):      # the client went away mid-stream: free the slots now
+            if len(self.finished) < len(self.gens):  # the client went away mid-stream: free the slots now
                 if not self.gone.is_set():
                     fe._count(method, "CANCELLED")
                 self.cancel_all()

@@ -1,4 +1,5 @@
 """Structured logs: one JSON object per line with the `extra={...}` fields."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,12 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         for k, v in record.__dict__.items():
             if k not in _STANDARD and not k.startswith("_"):
                 out[k] = v
@@ -21,14 +26,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _Handler(logging.StreamHandler):
+    """Ours: a second setup_logging call replaces it instead of adding another."""
+
+
 def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
     root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_logs else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler = _Handler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
     for h in list(root.handlers):
-        if getattr(h, "_sensepack", False):
+        if isinstance(h, _Handler):
             root.removeHandler(h)
-    handler._sensepack = True
     root.addHandler(handler)
     root.setLevel(level)

@@ -1,27 +1,35 @@
 """Building what the server serves: the ensemble (by profile), the pack
 store, and the compatibility expectations packs are checked against."""
+
 from __future__ import annotations
 
 import logging
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ensemble.edits import PackRef
+    from ensemble.ensemble import Ensemble
+    from ensemble.vocab import Vocabulary
 
 log = logging.getLogger("sensepack.models")
 
 
 @dataclass
 class Served:
-    ensemble: object
-    tokenizer: object
+    ensemble: Ensemble
+    tokenizer: PreTrainedTokenizerBase
     large_name: str
     backpack_name: str
-    demo_pack: object = None       # ensemble.edits.PackRef of the demo profile
+    demo_pack: PackRef | None = None  # the demo profile's pack
     dtype: str = "float32"
     device: str = "cpu"
 
     @property
-    def vocab(self):
+    def vocab(self) -> Vocabulary:
         """The pairing's shared vocabulary (ensemble.vocab.Vocabulary): ids, top_k and EOS come from it."""
         return self.ensemble.vocab
 
@@ -34,19 +42,29 @@ def build_served(model_cfg) -> Served:
         from ensemble.demo import build_demo
 
         ens, tok, pack = build_demo(model_cfg.demo_seed)
-        return Served(ens, tok, f"tiny-gptj-demo(seed={model_cfg.demo_seed})",
-                      f"tiny-backpack-demo(seed={model_cfg.demo_seed})", pack)
+        return Served(
+            ens,
+            tok,
+            f"tiny-gptj-demo(seed={model_cfg.demo_seed})",
+            f"tiny-backpack-demo(seed={model_cfg.demo_seed})",
+            pack,
+        )
     from ensemble.backpack import BackpackLM
     from ensemble.large_model import load_large_model, parse_dtype
-
     from ensemble.tokenizer import tokenizer_beside
 
     # The pairing's tokenizer: the configured one, else the one saved beside the Backpack, else GPT-2's.
     tok = load_tokenizer(model_cfg.tokenizer or tokenizer_beside(model_cfg.backpack))
     large = load_large_model(model_cfg.large_model, dtype=model_cfg.dtype, device=model_cfg.device)
     bp = BackpackLM.from_pretrained(model_cfg.backpack, dtype=parse_dtype(model_cfg.dtype)).to(model_cfg.device).eval()
-    return Served(Ensemble(large, bp, tok), tok, model_cfg.large_model, model_cfg.backpack,
-                  dtype=model_cfg.dtype, device=model_cfg.device)
+    return Served(
+        Ensemble(large, bp, tok),
+        tok,
+        model_cfg.large_model,
+        model_cfg.backpack,
+        dtype=model_cfg.dtype,
+        device=model_cfg.device,
+    )
 
 
 def expectations(served: Served):
@@ -54,41 +72,69 @@ def expectations(served: Served):
     from ensemble.tokenizer import tokenizer_fingerprint
 
     bp = served.ensemble.backpack
-    return Expectations(backpack_fingerprint=bp.fingerprint(),
-                        tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
-                        vocab_size=bp.config.vocab_size, num_senses=bp.config.num_senses,
-                        d_model=bp.config.n_embd, target_fingerprint=served.ensemble.large_fingerprint())
+    return Expectations(
+        backpack_fingerprint=bp.fingerprint(),
+        tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
+        vocab_size=bp.config.vocab_size,
+        num_senses=bp.config.num_senses,
+        d_model=bp.config.n_embd,
+        target_fingerprint=served.ensemble.large_fingerprint(),
+    )
 
 
-def pack_from_edits(name: str, edits, served: Served, beta: float, epsilon: float,
-                    ball_ratio: float = 1.0, g_fingerprint: str = "builtin-gate-corpus", g_tokens: int = 0,
-                    training: dict | None = None):
+def pack_from_edits(
+    name: str,
+    edits,
+    served: Served,
+    beta: float,
+    epsilon: float,
+    ball_ratio: float = 1.0,
+    g_fingerprint: str = "builtin-gate-corpus",
+    g_tokens: int = 0,
+    training: dict | None = None,
+):
     """An edits_store pack for the served models, calibrated (β, ε) for the served large model."""
     from edits_store.format import CalibrationEntry, build_pack
     from ensemble.tokenizer import tokenizer_fingerprint
 
     bp = served.ensemble.backpack
-    cal = CalibrationEntry(target_model=served.large_name, target_fingerprint=served.ensemble.large_fingerprint(),
-                           beta=float(beta), ball_ratio=float(ball_ratio), g_fingerprint=g_fingerprint,
-                           g_tokens=int(g_tokens), epsilon=float(epsilon))
-    return build_pack(name, edits.token_ids, edits.sense_ids, edits.deltas.float(), backpack_name=served.backpack_name,
-                      backpack_fingerprint=bp.fingerprint(), tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
-                      vocab_size=bp.config.vocab_size, num_senses=bp.config.num_senses, epsilon=float(epsilon),
-                      calibration=[cal], training=training or {"source": "sensepack serve demo"})
+    cal = CalibrationEntry(
+        target_model=served.large_name,
+        target_fingerprint=served.ensemble.large_fingerprint(),
+        beta=float(beta),
+        ball_ratio=float(ball_ratio),
+        g_fingerprint=g_fingerprint,
+        g_tokens=int(g_tokens),
+        epsilon=float(epsilon),
+    )
+    return build_pack(
+        name,
+        edits.token_ids,
+        edits.sense_ids,
+        edits.deltas.float(),
+        backpack_name=served.backpack_name,
+        backpack_fingerprint=bp.fingerprint(),
+        tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
+        vocab_size=bp.config.vocab_size,
+        num_senses=bp.config.num_senses,
+        epsilon=float(epsilon),
+        calibration=[cal],
+        training=training or {"source": "sensepack serve demo"},
+    )
 
 
 def open_pack_store(store_cfg, served: Served, demo_epsilon: float = 0.05):
     """(store, uri, temporary): the configured store; without one, a temporary store (removed at shutdown)
     holding the demo pack (alias prod)."""
     from edits_store.store import open_store
-
     from ensemble.zoo import resolve_path
 
-    uri = None if store_cfg.uri is None else str(resolve_path(store_cfg.uri))  # a registry name: its cached store
-    temporary = uri is None
-    if temporary:
+    temporary = store_cfg.uri is None
+    if store_cfg.uri is None:
         uri = tempfile.mkdtemp(prefix="sensepack-demo-store-")
         log.info("demo store", extra={"event": "demo_store", "uri": uri})
+    else:
+        uri = str(resolve_path(store_cfg.uri))  # a registry name: its cached store
     store = open_store(uri)
     if served.demo_pack is not None:
         p = served.demo_pack
@@ -143,5 +189,11 @@ def generate_side_by_side(cfg, prompt: str, max_new_tokens: int, pack_ref: str |
     tok = served.tokenizer
     ids = tok(prompt, add_special_tokens=False).input_ids
     base, edited = served.ensemble.generate_greedy([ids, ids], [[], [pack]], max_new_tokens)
-    return {"prompt": prompt, "pack": f"{pack.name}@{pack.version}", "beta": pack.beta,
-            "epsilon": float(entry.epsilon), "base": tok.decode(base), "edited": tok.decode(edited)}
+    return {
+        "prompt": prompt,
+        "pack": f"{pack.name}@{pack.version}",
+        "beta": pack.beta,
+        "epsilon": float(entry.epsilon),
+        "base": tok.decode(base),
+        "edited": tok.decode(edited),
+    }

@@ -21,19 +21,20 @@
   by the request's deadline. Gate results are cached per (version, target
   model, G, β, ε): eviction and reloading do not re-gate.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from ensemble.edits import PackRef, SenseEdits
-from serve.errors import (DeadlineExceeded, PackNotFound, PackRefused, ServeError, Unavailable,
-                          from_pack_error)
+from serve.errors import DeadlineExceeded, PackNotFound, PackRefused, ServeError, Unavailable, from_pack_error
 from serve.params import PackRequest, invalid, parse_pack_ref
 
 log = logging.getLogger("sensepack.packs")
@@ -61,7 +62,7 @@ class Resident:
     manifest: object = None
     gate: GateResult | None = None
     refcount: int = 0
-    state: str = "resident"        # resident | unloading | disabled | freed
+    state: str = "resident"  # resident | unloading | disabled | freed
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -76,6 +77,7 @@ class Resident:
 @dataclass
 class Pin:
     """One pack as one request uses it (arm 'base': A/B control or disabled pack)."""
+
     request: PackRequest
     resident: Resident | None
     beta: float
@@ -94,7 +96,7 @@ class Pin:
 class Admission:
     """The pinned packs of one request; `release()` exactly once when it ends."""
 
-    def __init__(self, manager: "PackManager", pins: list[Pin]):
+    def __init__(self, manager: PackManager, pins: list[Pin]):
         self._manager = manager
         self.pins = pins
         self._released = False
@@ -122,7 +124,7 @@ class GateFn(Protocol):
 
     fingerprint: str | None
 
-    def __call__(self, r: "Resident", deadline: float | None = None) -> GateResult: ...
+    def __call__(self, r: Resident, deadline: float | None = None) -> GateResult: ...
 
 
 class ArmPolicy(Protocol):
@@ -139,7 +141,7 @@ class ResidentTable(dict):
     manager so that an engine can read resident edits from it (serve.vllm.resolver.PackManagerSource)
     without depending on the manager."""
 
-    def residents(self) -> list["Resident"]:
+    def residents(self) -> list[Resident]:
         return list(self.values())
 
 
@@ -159,12 +161,21 @@ class PackManager:
     """`source`: the pack store; `gate(resident) -> GateResult`; `ab`: the live monitor, which reports
     confirmed breaches back through `on_breach` (auto-disable)."""
 
-    def __init__(self, source: PackSource, expectations, target_fingerprint: str, config, metrics,
-                 gate: GateFn | None = None, ab: ArmPolicy | None = None, residents: ResidentTable | None = None):
+    def __init__(
+        self,
+        source: PackSource,
+        expectations,
+        target_fingerprint: str,
+        config,
+        metrics,
+        gate: GateFn | None = None,
+        ab: ArmPolicy | None = None,
+        residents: ResidentTable | None = None,
+    ):
         self.source = source
         self.expect = _with_trusted_keys(expectations, config.packs.trusted_keys)
         self.target_fingerprint = target_fingerprint
-        self.cfg = config            # the full Config (packs, gate, ab sections)
+        self.cfg = config  # the full Config (packs, gate, ab sections)
         self.metrics = metrics
         self.gate = gate
         self.ab = ab
@@ -174,8 +185,8 @@ class PackManager:
         self._history: dict[str, list[Resident]] = {}
         self._refused: dict[str, tuple[type[ServeError], str]] = {}
         self._loading: dict[tuple[str, str], Future] = {}
-        self._disabled: dict[tuple[str, str], str] = {}     # version -> reason; survives eviction
-        self._unloaded: set[tuple[str, str]] = set()          # UnloadPack'ed; requests may not reload them
+        self._disabled: dict[tuple[str, str], str] = {}  # version -> reason; survives eviction
+        self._unloaded: set[tuple[str, str]] = set()  # UnloadPack'ed; requests may not reload them
         self._gate_cache: dict[tuple, GateResult] = {}
         self._activation_lock = threading.Lock()
         self._subscription = None
@@ -193,12 +204,15 @@ class PackManager:
         key = (name, version)
         with self._lock:
             if by_request and key in self._unloaded:
-                raise PackNotFound("", f"pack {name}@{version} was unloaded by an operator (PackAdmin.UnloadPack); "
-                                       "an admin LoadPack or SetAlias brings it back")
+                raise PackNotFound(
+                    "",
+                    f"pack {name}@{version} was unloaded by an operator (PackAdmin.UnloadPack); "
+                    "an admin LoadPack or SetAlias brings it back",
+                )
             r = self._resident.get(key)
             if r is not None and r.state in ("resident", "disabled"):
                 return r
-            if r is not None and r.state == "unloading":   # admin reload before it was freed
+            if r is not None and r.state == "unloading":  # admin reload before it was freed
                 r.state = "resident"
                 return r
             refused = self._refused.get(f"{name}@{version}")
@@ -206,7 +220,7 @@ class PackManager:
                 raise refused[0]("", refused[1])
             fut = self._loading.get(key)
             owner = fut is None
-            if owner:
+            if fut is None:
                 fut = self._loading[key] = Future()
         if not owner:
             try:
@@ -216,7 +230,7 @@ class PackManager:
         try:
             r = self._load_uncached(name, version, deadline)
             with self._lock:
-                if key in self._disabled:      # a disabled version stays disabled after eviction and reload
+                if key in self._disabled:  # a disabled version stays disabled after eviction and reload
                     r.state = "disabled"
                 self._resident[key] = r
                 self._evict()
@@ -249,7 +263,7 @@ class PackManager:
             raise PackNotFound("", f"pack {ref}: {e}") from None
         except (IncompatiblePackError, MissingBetaError) as e:
             raise self._refuse(ref, f"pack {ref} refused: {e}", "incompatible") from None
-        except PackError as e:       # malformed or untrusted contents: this version cannot serve here
+        except PackError as e:  # malformed or untrusted contents: this version cannot serve here
             raise self._refuse(ref, f"pack {ref} refused (invalid): {e}", "invalid") from None
         edits = SenseEdits(contents.token_ids.clone(), contents.sense_ids.clone(), contents.deltas.clone())
         eps = self.cfg.gate.epsilon
@@ -261,20 +275,38 @@ class PackManager:
             r.gate = g
             self.metrics.gate_ratio.labels(name, version).set(g.ratio)
             if not g.passed:
-                raise self._refuse(ref, f"pack {ref} refused by the ball gate: ratio {g.ratio:.6f} > 1+epsilon "
-                                   f"({1 + g.epsilon:.6f}) at beta {g.beta:g} over {g.tokens} tokens",
-                                   "refused_gate")
+                raise self._refuse(
+                    ref,
+                    f"pack {ref} refused by the ball gate: ratio {g.ratio:.6f} > 1+epsilon "
+                    f"({1 + g.epsilon:.6f}) at beta {g.beta:g} over {g.tokens} tokens",
+                    "refused_gate",
+                )
         self.metrics.pack_loads.labels("ok").inc()
         self.metrics.touch_pack(name)
-        log.info("pack loaded", extra={"event": "pack_loaded", "pack": ref, "beta": r.calibrated_beta,
-                                        "gate_ratio": r.gate.ratio if r.gate else None,
-                                        "seconds": round(time.perf_counter() - t0, 4)})
+        log.info(
+            "pack loaded",
+            extra={
+                "event": "pack_loaded",
+                "pack": ref,
+                "beta": r.calibrated_beta,
+                "gate_ratio": r.gate.ratio if r.gate else None,
+                "seconds": round(time.perf_counter() - t0, 4),
+            },
+        )
         return r
 
     def _gated(self, r: Resident, deadline: float | None) -> GateResult:
         """The gate's verdict on r, measured once per (version, target model, G, β, ε)."""
-        key = (r.name, r.version, self.target_fingerprint, getattr(self.gate, "fingerprint", None),
-               r.calibrated_beta, r.epsilon)
+        if self.gate is None:
+            raise RuntimeError("PackManager._gated: no gate was configured (the caller checks gate.enabled)")
+        key = (
+            r.name,
+            r.version,
+            self.target_fingerprint,
+            getattr(self.gate, "fingerprint", None),
+            r.calibrated_beta,
+            r.epsilon,
+        )
         with self._lock:
             g = self._gate_cache.get(key)
         if g is not None:
@@ -282,8 +314,11 @@ class PackManager:
         try:
             g = self.gate(r, deadline=deadline) if deadline is not None else self.gate(r)
         except TimeoutError:
-            raise DeadlineExceeded("", f"pack {r.ref}: the request's deadline ended during the activation gate "
-                                       "(load it with PackAdmin.LoadPack first)") from None
+            raise DeadlineExceeded(
+                "",
+                f"pack {r.ref}: the request's deadline ended during the activation gate "
+                "(load it with PackAdmin.LoadPack first)",
+            ) from None
         self.metrics.gate_runs.inc()
         with self._lock:
             self._gate_cache[key] = g
@@ -295,8 +330,9 @@ class PackManager:
         over = len(self._resident) - self.cfg.packs.max_resident
         if over <= 0:
             return
-        victims = sorted((r for r in self._resident.values() if id(r) not in routed and r.refcount == 0),
-                         key=lambda r: r.last_used)
+        victims = sorted(
+            (r for r in self._resident.values() if id(r) not in routed and r.refcount == 0), key=lambda r: r.last_used
+        )
         for r in victims[:over]:
             r.state = "freed"
             del self._resident[(r.name, r.version)]
@@ -312,7 +348,7 @@ class PackManager:
                 return True, self._routes[route], tag
             if tag is not None:
                 r = self._resident.get((name, tag))
-                if r is not None and r.state not in ("freed", "unloading"):   # unloaded: no new pins
+                if r is not None and r.state not in ("freed", "unloading"):  # unloaded: no new pins
                     return True, r, None
         return False, None, tag
 
@@ -334,7 +370,7 @@ class PackManager:
         bound = time.monotonic() + self.cfg.packs.request_load_timeout_s
         deadline = bound if deadline is None else min(deadline, bound)
         try:
-            name, version, r = self._load_ref(pr.ref, by_request=True, deadline=deadline)
+            _, version, r = self._load_ref(pr.ref, by_request=True, deadline=deadline)
         except ServeError as e:
             raise e.at(f) from None
         if r.state != "resident":
@@ -355,7 +391,7 @@ class PackManager:
                     r = self.resolve(pr, deadline=deadline)
                     with self._lock:
                         if r is not None and r.state == "freed":
-                            continue          # evicted between resolve and pin: resolve again
+                            continue  # evicted between resolve and pin: resolve again
                         if r is None or r.state == "disabled":
                             pin = Pin(pr, None, 0.0, "base")
                         else:
@@ -365,8 +401,9 @@ class PackManager:
                             pin = Pin(pr, r, beta, "pack")
                     break
                 else:
-                    raise Unavailable(pr.field + ".ref",
-                                      f"pack {pr.ref!r} was unloaded while admitting the request; retry")
+                    raise Unavailable(
+                        pr.field + ".ref", f"pack {pr.ref!r} was unloaded while admitting the request; retry"
+                    )
                 if pin.resident is not None and self.ab is not None:
                     pin.arm, pin.in_experiment = self.ab.assign(pr.name, ab_key)
                 pins.append(pin)
@@ -384,10 +421,12 @@ class PackManager:
         if self.cfg.packs.allow_beta_above_calibrated:
             cap = self.cfg.packs.max_beta if self.cfg.packs.max_beta is not None else float("inf")
         if pr.beta > cap:
-            raise invalid(pr.field + ".beta",
-                          f"{pr.beta:g} above the calibrated beta {r.calibrated_beta:g} of {r.ref} for the served model"
-                          if not self.cfg.packs.allow_beta_above_calibrated else
-                          f"{pr.beta:g} above packs.max_beta {cap:g}")
+            raise invalid(
+                pr.field + ".beta",
+                f"{pr.beta:g} above the calibrated beta {r.calibrated_beta:g} of {r.ref} for the served model"
+                if not self.cfg.packs.allow_beta_above_calibrated
+                else f"{pr.beta:g} above packs.max_beta {cap:g}",
+            )
         return float(pr.beta)
 
     def _release(self, pins: list[Pin]) -> None:
@@ -440,9 +479,8 @@ class PackManager:
         with self._lock:
             key = (r.name, r.version)
             self._unloaded.discard(key)
-            if self._disabled.pop(key, None) is not None or r.state == "disabled":
-                if self.ab is not None:
-                    self.ab.reset(r.name, r.version)
+            if (self._disabled.pop(key, None) is not None or r.state == "disabled") and self.ab is not None:
+                self.ab.reset(r.name, r.version)
             if r.state in ("unloading", "disabled"):
                 r.state = "resident"
 
@@ -453,7 +491,7 @@ class PackManager:
                 if not routes:
                     return
             if r is not None and r.state != "resident":
-                return      # only _enable (an admin call) brings a version back
+                return  # only _enable (an admin call) brings a version back
             for route in routes:
                 old = self._routes.get(route)
                 if old is r and route in self._routes:
@@ -465,8 +503,7 @@ class PackManager:
                 self._routes[route] = r
             self.swaps += 1
             self._publish_routes()
-        log.info("routes updated", extra={"event": "pack_activated", "routes": routes,
-                                          "pack": r.ref if r else "base"})
+        log.info("routes updated", extra={"event": "pack_activated", "routes": routes, "pack": r.ref if r else "base"})
 
     def set_alias(self, name: str, alias: str, version: str) -> tuple[Resident, list[str]]:
         """Admin hot swap: load + gate the version first, then move the store alias and the routes.
@@ -524,8 +561,10 @@ class PackManager:
                 self._routes[route] = fallback
                 moved.append(f"{route}->{fallback.ref if fallback else 'base'}")
             self._publish_routes()
-        log.error("pack disabled", extra={"event": "pack_disabled", "pack": f"{name}@{version}",
-                                           "reason": reason, "routes": moved})
+        log.error(
+            "pack disabled",
+            extra={"event": "pack_disabled", "pack": f"{name}@{version}", "reason": reason, "routes": moved},
+        )
         return moved
 
     def _on_breach(self, name: str, version: str, reason: str) -> list[str]:
@@ -553,7 +592,7 @@ class PackManager:
         if kind not in ("alias_moved", "alias_removed") or not (name and alias):
             return
         route = f"{name}@{alias}"
-        if kind == "alias_removed":       # requests naming it get NOT_FOUND (or a fresh resolve) from now on
+        if kind == "alias_removed":  # requests naming it get NOT_FOUND (or a fresh resolve) from now on
             with self._lock:
                 if self._routes.pop(route, None) is not None or route in self._history:
                     self._history.pop(route, None)
@@ -563,10 +602,12 @@ class PackManager:
         with self._lock:
             if route not in self._routes:
                 return
+        from edits_store.errors import PackError
+
         with self._activation_lock:
             try:
                 _, version = self.source.resolve(route)
-            except Exception as e:  # alias removed meanwhile
+            except PackError as e:  # alias removed meanwhile (anything else is logged by the subscription)
                 log.warning("alias vanished", extra={"event": "alias_move_ignored", "route": route, "reason": str(e)})
                 return
             with self._lock:
@@ -575,18 +616,27 @@ class PackManager:
                     return
             with self._lock:
                 disabled = self._disabled.get((name, version))
-            if disabled is not None:      # the store alias still names a disabled version: it stays out
-                log.warning("alias move ignored", extra={"event": "alias_move_refused", "route": route,
-                                                         "version": version, "reason": f"disabled: {disabled}"})
+            if disabled is not None:  # the store alias still names a disabled version: it stays out
+                log.warning(
+                    "alias move ignored",
+                    extra={
+                        "event": "alias_move_refused",
+                        "route": route,
+                        "version": version,
+                        "reason": f"disabled: {disabled}",
+                    },
+                )
                 return
             try:
                 r = self._load(name, version)
             except ServeError as e:
-                log.warning("alias move refused", extra={"event": "alias_move_refused", "route": route,
-                                                         "version": version, "reason": e.message})
+                log.warning(
+                    "alias move refused",
+                    extra={"event": "alias_move_refused", "route": route, "version": version, "reason": e.message},
+                )
                 return
             with self._lock:
-                self._unloaded.discard((name, version))   # the store's operator moved the alias to it
+                self._unloaded.discard((name, version))  # the store's operator moved the alias to it
             self._set_routes([name, route], r)
 
     def subscribe(self, interval_s: float) -> None:
@@ -598,8 +648,8 @@ class PackManager:
         if self._subscription is not None:
             try:
                 self._subscription.close()
-            except Exception:
-                pass
+            except Exception:  # shutting down: say why the poller did not stop cleanly, and go on
+                log.exception("store subscription close failed", extra={"event": "subscription_close_failed"})
             self._subscription = None
 
     # ------------------------------------------------------------ views
@@ -628,4 +678,4 @@ class PackManager:
 
 def sticky_fraction(*parts: str) -> float:
     h = hashlib.sha256("\x1f".join(parts).encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2.0 ** 64
+    return int.from_bytes(h[:8], "big") / 2.0**64

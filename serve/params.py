@@ -5,11 +5,11 @@ starts with the offending field (``sampling.top_p: must lie in [0, 1], got 1.5``
 Pack references are checked for syntax here; resolving them (NOT_FOUND,
 FAILED_PRECONDITION, β range) is the pack manager's job.
 """
+
 from __future__ import annotations
 
-import uuid
-
 import math
+import uuid
 from dataclasses import dataclass, field
 
 from edits_store import InvalidReferenceError, parse_pack_reference
@@ -29,9 +29,9 @@ def invalid(field_name: str, message: str) -> InvalidRequest:
 class PackRequest:
     ref: str
     name: str
-    tag: str | None          # version or alias; None: the active version
+    tag: str | None  # version or alias; None: the active version
     beta: float | None
-    field: str               # "packs[0]" for error messages
+    field: str  # "packs[0]" for error messages
 
 
 @dataclass
@@ -151,8 +151,11 @@ def _tokenize_text(tokenizer, text: str, field_name: str, max_len: int, what: st
     # refused before tokenizing (which costs the engine's CPU): a text longer than this cannot fit max_len
     cap = max_len * max_token_chars(tokenizer)
     if len(text) > cap:
-        raise invalid(field_name, f"{what} has {len(text)} characters: more than {max_len} tokens "
-                                  f"(limit {max_len}; a token spans at most {cap // max_len} characters)")
+        raise invalid(
+            field_name,
+            f"{what} has {len(text)} characters: more than {max_len} tokens "
+            f"(limit {max_len}; a token spans at most {cap // max_len} characters)",
+        )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise invalid(field_name, f"{what} tokenizes to no tokens")
@@ -184,6 +187,7 @@ class GenerateInput:
 
     `max_new_tokens` 0 takes limits.default_max_new_tokens; `temperature` 0 with `greedy` False samples
     at 1.0 (the proto's rule; the HTTP front-end maps OpenAI's temperature 0 to greedy itself)."""
+
     request_id: str = ""
     text: str | None = None
     prompt_ids: list[int] | None = None
@@ -217,8 +221,9 @@ class GenerateInput:
 GRPC_FIELDS: dict[str, str] = {}
 
 
-def validate_generation(g: GenerateInput, tokenizer, limits, context_len: int, vocab: Vocabulary,
-                        names: dict[str, str] | None = None) -> GenerationRequest:
+def validate_generation(
+    g: GenerateInput, tokenizer, limits, context_len: int, vocab: Vocabulary, names: dict[str, str] | None = None
+) -> GenerationRequest:
     """The one validation of a generation request, whichever front-end it came from. `names` maps the
     proto's field paths (``sampling.top_p``) to the front-end's (``top_p``) in error messages."""
     names = names or GRPC_FIELDS
@@ -260,15 +265,20 @@ def validate_generation(g: GenerateInput, tokenizer, limits, context_len: int, v
     if max_new > limits.max_new_tokens:
         raise invalid(f_max, f"{max_new} above the limit {limits.max_new_tokens}")
     if len(prompt) + max_new > context_len:
-        raise invalid(f_max, f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the model context "
-                             f"({context_len})")
+        raise invalid(
+            f_max,
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the model context ({context_len})",
+        )
     budget = limits.max_batched_tokens
     if budget is not None and len(prompt) + max_new > budget:
-        raise invalid(f_max, f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds "
-                             f"limits.max_batched_tokens ({budget})")
+        raise invalid(
+            f_max,
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds limits.max_batched_tokens ({budget})",
+        )
     if g.min_new_tokens < 0 or g.min_new_tokens > max_new:
-        raise invalid(n("stopping.min_new_tokens"),
-                      f"must lie in [0, max_new_tokens={max_new}], got {g.min_new_tokens}")
+        raise invalid(
+            n("stopping.min_new_tokens"), f"must lie in [0, max_new_tokens={max_new}], got {g.min_new_tokens}"
+        )
     stops = list(g.stop_sequences)
     f_stop = n("stopping.stop_sequences")
     if len(stops) > limits.max_stop_sequences:
@@ -315,21 +325,39 @@ def validate_generation(g: GenerateInput, tokenizer, limits, context_len: int, v
     if len(g.ab_key) > MAX_REQUEST_ID:
         raise invalid(n("ab_key"), f"longer than {MAX_REQUEST_ID} characters")
     return GenerationRequest(
-        request_id=rid, prompt_ids=prompt, packs=packs, base_only=g.base_only,
-        greedy=greedy, temperature=temperature if not greedy else 1.0, top_k=int(g.top_k),
-        top_p=top_p if top_p > 0 else 1.0, seed=seed,
-        max_new_tokens=max_new, min_new_tokens=g.min_new_tokens, stop_sequences=stops,
-        include_stop_sequence=g.include_stop_sequence, ignore_eos=g.ignore_eos,
+        request_id=rid,
+        prompt_ids=prompt,
+        packs=packs,
+        base_only=g.base_only,
+        greedy=greedy,
+        temperature=temperature if not greedy else 1.0,
+        top_k=int(g.top_k),
+        top_p=top_p if top_p > 0 else 1.0,
+        seed=seed,
+        max_new_tokens=max_new,
+        min_new_tokens=g.min_new_tokens,
+        stop_sequences=stops,
+        include_stop_sequence=g.include_stop_sequence,
+        ignore_eos=g.ignore_eos,
         want_tokens=g.want_tokens or g.want_logprobs or g.top_n > 0,
-        want_logprobs=g.want_logprobs, top_n=g.top_n, want_input_tokens=g.want_input_tokens,
-        ab_key=g.ab_key or rid, input_field=which,
-        repetition_penalty=rep_pen, presence_penalty=pres, frequency_penalty=freq, logit_bias=bias, min_p=min_p,
-        stop_token_ids=frozenset(int(t) for t in g.stop_token_ids), want_prompt_logprobs=g.want_prompt_logprobs,
+        want_logprobs=g.want_logprobs,
+        top_n=g.top_n,
+        want_input_tokens=g.want_input_tokens,
+        ab_key=g.ab_key or rid,
+        input_field=which,
+        repetition_penalty=rep_pen,
+        presence_penalty=pres,
+        frequency_penalty=freq,
+        logit_bias=bias,
+        min_p=min_p,
+        stop_token_ids=frozenset(int(t) for t in g.stop_token_ids),
+        want_prompt_logprobs=g.want_prompt_logprobs,
     )
 
 
-def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int,
-                   vocab: Vocabulary) -> GenerationRequest:
+def parse_generate(
+    req: pb.GenerateRequest, tokenizer, limits, context_len: int, vocab: Vocabulary
+) -> GenerationRequest:
     """A gRPC GenerateRequest, validated. `vocab`: the served pairing's (token ids and top_k are bounded
     by its size)."""
     which = req.WhichOneof("input")
@@ -340,23 +368,39 @@ def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int,
         request_id=req.request_id,
         text=req.text if which == "text" else None,
         prompt_ids=list(req.token_ids.ids) if which == "token_ids" else None,
-        greedy=s.method == pb.GREEDY, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        greedy=s.method == pb.GREEDY,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
         seed=int(s.seed) if s.HasField("seed") else None,
-        max_new_tokens=st.max_new_tokens, min_new_tokens=st.min_new_tokens, stop_sequences=list(st.stop_sequences),
-        include_stop_sequence=st.include_stop_sequence, ignore_eos=st.ignore_eos,
+        max_new_tokens=st.max_new_tokens,
+        min_new_tokens=st.min_new_tokens,
+        stop_sequences=list(st.stop_sequences),
+        include_stop_sequence=st.include_stop_sequence,
+        ignore_eos=st.ignore_eos,
         stop_token_ids=list(st.stop_token_ids),
-        want_tokens=ro.generated_tokens, want_logprobs=ro.token_logprobs, top_n=ro.top_n_tokens,
-        want_input_tokens=ro.input_tokens, want_prompt_logprobs=ro.prompt_logprobs,
-        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty, min_p=s.min_p, logit_bias=dict(s.logit_bias),
-        packs=_pb_packs(req.packs), base_only=req.base_only, ab_key=req.ab_key)
+        want_tokens=ro.generated_tokens,
+        want_logprobs=ro.token_logprobs,
+        top_n=ro.top_n_tokens,
+        want_input_tokens=ro.input_tokens,
+        want_prompt_logprobs=ro.prompt_logprobs,
+        repetition_penalty=s.repetition_penalty,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        min_p=s.min_p,
+        logit_bias=dict(s.logit_bias),
+        packs=_pb_packs(req.packs),
+        base_only=req.base_only,
+        ab_key=req.ab_key,
+    )
     return validate_generation(g, tokenizer, limits, context_len, vocab)
 
 
 def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int, vocab: Vocabulary) -> ScoreRequest:
     rid = _request_id(req.request_id)
-    _, prefix = _input_ids(req, "prefix", "prefix_text", "prefix_token_ids", "prefix", tokenizer,
-                           limits.max_prompt_tokens, vocab)
+    _, prefix = _input_ids(
+        req, "prefix", "prefix_text", "prefix_token_ids", "prefix", tokenizer, limits.max_prompt_tokens, vocab
+    )
     if not req.continuations:
         raise invalid("continuations", "at least one continuation is required")
     if len(req.continuations) > limits.max_continuations:
@@ -373,11 +417,15 @@ def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int, vocab
         else:
             ids = _check_ids(c.token_ids.ids, f + ".token_ids.ids", max(room, 1), "continuation", vocab)
         if len(prefix) + len(ids) > context_len:
-            raise invalid(f, f"prefix + continuation ({len(prefix) + len(ids)} tokens) exceeds the model context ({context_len})")
+            raise invalid(
+                f, f"prefix + continuation ({len(prefix) + len(ids)} tokens) exceeds the model context ({context_len})"
+            )
         if limits.max_batched_tokens is not None and len(prefix) + len(ids) > limits.max_batched_tokens:
-            raise invalid(f, f"prefix + continuation ({len(prefix) + len(ids)} tokens) exceeds "
-                             f"limits.max_batched_tokens ({limits.max_batched_tokens})")
+            raise invalid(
+                f,
+                f"prefix + continuation ({len(prefix) + len(ids)} tokens) exceeds "
+                f"limits.max_batched_tokens ({limits.max_batched_tokens})",
+            )
         conts.append(ids)
     packs = parse_packs(_pb_packs(req.packs), limits)
     return ScoreRequest(rid, prefix, conts, packs, include_base=req.include_base or not packs)
-

@@ -25,6 +25,7 @@ goes to -inf, i.e. the sample is the argmax, instead of inf - inf = nan.
 A row whose scores are not finite (a model fault) raises `RowError` naming
 that row, so the engine can end that request alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,11 +44,12 @@ class RowError(Exception):
 @dataclass
 class RowParams:
     """What the sampler needs of one request at this step."""
+
     greedy: bool
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    mask_eos: bool = False          # min_new_tokens not reached yet
+    mask_eos: bool = False  # min_new_tokens not reached yet
     generator: torch.Generator | None = None
     want_logprob: bool = False
     top_n: int = 0
@@ -56,10 +58,10 @@ class RowParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    prompt_ids: list[int] | None = None      # for the repetition penalty
-    output_ids: list[int] | None = None      # for all three penalties
+    prompt_ids: list[int] | None = None  # for the repetition penalty
+    output_ids: list[int] | None = None  # for all three penalties
     stop_token_ids: frozenset = frozenset()
-    mask_stop_ids: bool = False              # min_new_tokens not reached: stop_token_ids masked too
+    mask_stop_ids: bool = False  # min_new_tokens not reached: stop_token_ids masked too
 
     @property
     def penalized(self) -> bool:
@@ -108,30 +110,30 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
     assert b == len(params)
     _check_finite(lp)
     scores = lp
-    bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+    bias_rows = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
     pen_rows = [i for i, p in enumerate(params) if p.penalized]
     eos_rows = [i for i, p in enumerate(params) if p.mask_eos or (p.mask_stop_ids and p.stop_token_ids)]
     if bias_rows or pen_rows or eos_rows:
         scores = lp.clone()
-    for i in bias_rows:
-        ids = torch.tensor(list(params[i].logit_bias), dtype=torch.long)
-        scores[i, ids] += torch.tensor(list(params[i].logit_bias.values()), dtype=scores.dtype)
+    for i, bias in bias_rows:
+        ids = torch.tensor(list(bias), dtype=torch.long)
+        scores[i, ids] += torch.tensor(list(bias.values()), dtype=scores.dtype)
     if pen_rows:
         _penalize(scores, params, pen_rows)
     for i in eos_rows:
         p = params[i]
         scores[i, [eos_id] * p.mask_eos + list(p.stop_token_ids) * p.mask_stop_ids] = float("-inf")
-    tokens = scores.argmax(dim=-1)            # greedy rows (and the fallback of every row)
+    tokens = scores.argmax(dim=-1)  # greedy rows (and the fallback of every row)
 
     samp = [i for i, p in enumerate(params) if not p.greedy]
     if samp:
         idx_rows = torch.tensor(samp)
         x = scores[idx_rows]
-        x = x - x.max(dim=-1, keepdim=True).values               # <= 0, max exactly 0
+        x = x - x.max(dim=-1, keepdim=True).values  # <= 0, max exactly 0
         temp = torch.tensor([params[i].temperature for i in samp], dtype=x.dtype)[:, None]
-        x = x / temp                                             # 0 / T = 0; negatives may reach -inf
+        x = x / temp  # 0 / T = 0; negatives may reach -inf
         min_p = torch.tensor([params[i].min_p for i in samp], dtype=torch.float64)
-        x = x.masked_fill(x < torch.log(min_p).to(x.dtype)[:, None], float("-inf"))   # min_p 0: log 0 = -inf
+        x = x.masked_fill(x < torch.log(min_p).to(x.dtype)[:, None], float("-inf"))  # min_p 0: log 0 = -inf
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         k = torch.tensor([params[i].top_k if 0 < params[i].top_k < v else v for i in samp])
         kth = sorted_x.gather(1, (k - 1)[:, None])
@@ -139,29 +141,30 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
         top_p = torch.tensor([params[i].top_p for i in samp], dtype=x.dtype)[:, None]
         probs = torch.softmax(sorted_x, dim=-1)
         cum = probs.cumsum(dim=-1)
-        drop = (cum - probs) >= top_p              # keep the smallest prefix reaching top_p (the max always)
+        drop = (cum - probs) >= top_p  # keep the smallest prefix reaching top_p (the max always)
         sorted_x = sorted_x.masked_fill(drop & (top_p < 1.0), float("-inf"))
         probs = torch.softmax(sorted_x, dim=-1)
         cum = probs.cumsum(dim=-1)
         u = torch.stack([torch.rand((), generator=params[i].generator, dtype=torch.float64) for i in samp])
         target = (u.to(cum.dtype) * cum[:, -1])[:, None]
-        pos = (cum < target).sum(dim=-1).clamp_(max=v - 1)       # first index whose CDF reaches u
+        pos = (cum < target).sum(dim=-1).clamp_(max=v - 1)  # first index whose CDF reaches u
         tokens[idx_rows] = order.gather(1, pos[:, None]).squeeze(1)
 
     tok_list = tokens.tolist()
     max_n = max((p.top_n for p in params), default=0)
-    top_v = top_i = None
-    if max_n:
-        top_v, top_i = torch.topk(lp, max_n, dim=-1)
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+    top_v: list[list[float]] = []
+    top_i: list[list[int]] = []
+    if max_n:  # every row with top_n > 0 is covered
+        best = torch.topk(lp, max_n, dim=-1)
+        top_v, top_i = best.values.tolist(), best.indices.tolist()
     want = [i for i, p in enumerate(params) if p.want_logprob]
     chosen_lp = {}
     if want:
         w = torch.tensor(want)
         vals = lp[w, tokens[w]].tolist()
-        chosen_lp = dict(zip(want, vals))
+        chosen_lp = dict(zip(want, vals, strict=True))
     out = []
     for i, p in enumerate(params):
-        top = list(zip(top_i[i][:p.top_n], top_v[i][:p.top_n])) if p.top_n else []
+        top = list(zip(top_i[i][: p.top_n], top_v[i][: p.top_n], strict=True)) if p.top_n else []
         out.append(Sampled(tok_list[i], chosen_lp.get(i), top))
     return out

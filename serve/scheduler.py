@@ -16,6 +16,7 @@ fit the budget left by the running requests and the Scores in progress (each Sco
 its longest continuation). Running, admitting, waiting and Score requests share the cap
 `limits.max_running + limits.max_waiting`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -25,18 +26,28 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from serve.errors import QueueFull, Unavailable
 from serve.params import GenerationRequest
 
+if TYPE_CHECKING:
+    from serve.detok import IncrementalDetokenizer
+
 # finish reasons (mirror proto StopReason names)
 MAX_TOKENS, EOS_TOKEN, STOP_SEQUENCE, CANCELLED, TIME_LIMIT, ERROR = (
-    "MAX_TOKENS", "EOS_TOKEN", "STOP_SEQUENCE", "CANCELLED", "TIME_LIMIT", "ERROR")
-STOP_TOKEN = "STOP_TOKEN"     # a token of stopping.stop_token_ids
-REFUSED = "REFUSED"          # the engine refused the request at admission (InvalidRequest; proto ERROR)
-SHUTDOWN = "SHUTDOWN"        # cut by a shutdown that outlived the grace period (Unavailable; proto CANCELLED)
+    "MAX_TOKENS",
+    "EOS_TOKEN",
+    "STOP_SEQUENCE",
+    "CANCELLED",
+    "TIME_LIMIT",
+    "ERROR",
+)
+STOP_TOKEN = "STOP_TOKEN"  # a token of stopping.stop_token_ids
+REFUSED = "REFUSED"  # the engine refused the request at admission (InvalidRequest; proto ERROR)
+SHUTDOWN = "SHUTDOWN"  # cut by a shutdown that outlived the grace period (Unavailable; proto CANCELLED)
 UNAVAILABLE = "UNAVAILABLE"  # the model runner died under the request (Unavailable; proto ERROR): retry
 
 
@@ -44,7 +55,7 @@ UNAVAILABLE = "UNAVAILABLE"  # the model runner died under the request (Unavaila
 class Sequence:
     seq_id: int
     req: GenerationRequest
-    packs: list                   # list[PackRef] pinned at admission (β applied)
+    packs: list  # list[PackRef] pinned at admission (β applied)
     events: queue.Queue
     on_finish: Callable[[Sequence, str], None] | None = None
     deadline: float | None = None  # time.monotonic()
@@ -53,14 +64,14 @@ class Sequence:
     seed: int | None = None
     output_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
-    detok: object = None          # serve.detok.IncrementalDetokenizer, made at the first token
-    stop_scan: int = 0            # stop sequences were searched (without a match) before this character
+    detok: IncrementalDetokenizer | None = None  # made at the first token
+    stop_scan: int = 0  # stop sequences were searched (without a match) before this character
     admitted: float | None = None
     last_token: float | None = None
     cancel_reason: str | None = None
     finished: str | None = None
-    user: object = None           # servicer's bookkeeping (pins, arms)
-    frontend: str = "grpc"        # serve.metrics.GRPC or HTTP: the latency histograms' label
+    user: object = None  # servicer's bookkeeping (pins, arms)
+    frontend: str = "grpc"  # serve.metrics.GRPC or HTTP: the latency histograms' label
 
     def cancel(self, reason: str = CANCELLED) -> None:
         if self.cancel_reason is None:
@@ -88,9 +99,9 @@ class Scheduler:
         self.cond = threading.Condition()
         self.waiting: list[Sequence] = []
         self.running: dict[int, Sequence] = {}
-        self._admitting = 0          # taken off `waiting`, not yet running (counted as running)
-        self.scoring = 0             # Score RPCs in progress (they share the request cap)
-        self._score_tokens = 0       # their token budgets
+        self._admitting = 0  # taken off `waiting`, not yet running (counted as running)
+        self.scoring = 0  # Score RPCs in progress (they share the request cap)
+        self._score_tokens = 0  # their token budgets
         self._high: list[Job] = []
         self._low: list[Job] = []
         self._ids = itertools.count(1)
@@ -115,9 +126,12 @@ class Scheduler:
         running = len(self.running) + self._admitting
         cap = self.limits.max_running + self.limits.max_waiting
         if running + len(self.waiting) + self.scoring >= cap:
-            raise QueueFull("", f"queue full: {running} running, {len(self.waiting)} waiting, "
-                            f"{self.scoring} scoring (limits.max_running={self.limits.max_running}, "
-                            f"limits.max_waiting={self.limits.max_waiting})")
+            raise QueueFull(
+                "",
+                f"queue full: {running} running, {len(self.waiting)} waiting, "
+                f"{self.scoring} scoring (limits.max_running={self.limits.max_running}, "
+                f"limits.max_waiting={self.limits.max_waiting})",
+            )
 
     def begin_score(self, tokens: int = 0) -> None:
         """Count a Score RPC against the request cap and its `tokens` against the token budget."""
@@ -194,8 +208,9 @@ class Scheduler:
         """Block until there is something to do, or `timeout` s passed; False once stopped."""
         with self.cond:
             if not (self.stopped or self.waiting or self.running or self._high or self._low):
-                self.cond.wait_for(lambda: self.stopped or self.waiting or self.running or self._high or self._low,
-                                   timeout=timeout)
+                self.cond.wait_for(
+                    lambda: self.stopped or self.waiting or self.running or self._high or self._low, timeout=timeout
+                )
             return not self.stopped
 
     def leftovers(self) -> list[Sequence]:
@@ -230,15 +245,15 @@ class Scheduler:
         budget = self.limits.max_batched_tokens
         with self.cond:
             room = self.limits.max_running - len(self.running)
-            new = self.waiting[:max(room, 0)]
+            new = self.waiting[: max(room, 0)]
             if budget is not None:
                 used = self._score_tokens + sum(s.budget for s in self.running.values())
                 for k, seq in enumerate(new):
                     used += seq.budget
-                    if used > budget and (k or self.running or self._score_tokens):   # alone it fits (parse)
+                    if used > budget and (k or self.running or self._score_tokens):  # alone it fits (parse)
                         new = new[:k]
                         break
-            del self.waiting[:len(new)]
+            del self.waiting[: len(new)]
             self._admitting = len(new)
             self.metrics.waiting.set(len(self.waiting))
         return new

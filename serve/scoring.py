@@ -14,16 +14,17 @@ Backpack's window take the core's sliding-window path, one position at a time
 (also bounded), WINDOW_STEP positions per engine job. `should_stop()` is called between chunks and raises to abandon
 a cancelled or expired Score.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ensemble.delta import logit_delta, sequence_deltas
 
 SCORE_CHUNK = 128
-WINDOW_STEP = 16          # tokens per step past the Backpack's window (each is a decode step of its own)
+WINDOW_STEP = 16  # tokens per step past the Backpack's window (each is a decode step of its own)
 
 
 class ScoreAbandoned(Exception):
@@ -37,8 +38,16 @@ def _hidden_and_head(large, row: list[int]) -> tuple[torch.Tensor, Callable[[tor
     return out.last_hidden_state[0], large.get_output_embeddings()
 
 
-def score_row(ensemble, prefix: list[int], cont: list[int], packs: list, want_base: bool, want_packed: bool,
-              should_stop: Callable[[], None] | None = None, chunk: int = SCORE_CHUNK):
+def score_row(
+    ensemble,
+    prefix: list[int],
+    cont: list[int],
+    packs: list,
+    want_base: bool,
+    want_packed: bool,
+    should_stop: Callable[[], None] | None = None,
+    chunk: int = SCORE_CHUNK,
+):
     """(base, packed) float32 log-probs of each continuation token (None where not wanted), in one go."""
     steps = score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk)
     while True:
@@ -56,13 +65,20 @@ def advance(steps) -> tuple[bool, object]:
         return True, e.value
 
 
-def score_steps(ensemble, prefix: list[int], cont: list[int], packs: list, want_base: bool, want_packed: bool,
-                should_stop: Callable[[], None] | None = None, chunk: int = SCORE_CHUNK):
+def score_steps(
+    ensemble,
+    prefix: list[int],
+    cont: list[int],
+    packs: list,
+    want_base: bool,
+    want_packed: bool,
+    should_stop: Callable[[], None] | None = None,
+    chunk: int = SCORE_CHUNK,
+):
     """`score_row` as a generator that yields after the forward pass and after every chunk, so that the
     engine can run each step as its own job (decode steps in between); returns (base, packed)."""
     with torch.no_grad():
-        return (yield from _score_steps(ensemble, prefix, cont, packs, want_base, want_packed,
-                                        should_stop, chunk))
+        return (yield from _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk))
 
 
 def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk):
@@ -86,18 +102,18 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
     targets = torch.tensor(cont, device=hidden.device)
     n_vocab = ensemble.vocab.size
     base_parts, packed_parts = [], []
-    first = len(prefix) - 1                       # position predicting cont[0]
+    first = len(prefix) - 1  # position predicting cont[0]
     for s in range(first, len(row) - 1, chunk):
         stop()
         e = min(s + chunk, len(row) - 1)
         z = head(hidden[s:e]).float()[:, :n_vocab]
-        tgt = targets[s - first:e - first, None]
+        tgt = targets[s - first : e - first, None]
         if want_base or (want_packed and delta is None and not long_packed):
             lp = (z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(1)
             if want_base:
                 base_parts.append(lp)
             if want_packed and delta is None and not long_packed:
-                packed_parts.append(lp)           # no edited token: exactly the base (exact skip)
+                packed_parts.append(lp)  # no edited token: exactly the base (exact skip)
         if delta is not None:
             z = z + logit_delta(delta[s:e], bp.embedding, n_vocab).float().to(z.device)
             packed_parts.append((z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(1))
@@ -105,7 +121,7 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
         yield
     base = torch.cat(base_parts) if want_base else None
     packed = torch.cat(packed_parts) if want_packed and not long_packed else None
-    if long_packed:     # the core's sliding-window decode path, WINDOW_STEP tokens per engine job
+    if long_packed:  # the core's sliding-window decode path, WINDOW_STEP tokens per engine job
         batch = ensemble.new_batch()
         batch.add(0, prefix, packs)
         out = []

@@ -1,4 +1,5 @@
 """`sensepack serve` and `sensepack client ...` (mounted on serve.cli:main)."""
+
 from __future__ import annotations
 
 import json
@@ -7,16 +8,29 @@ import sys
 import threading
 
 import click
+import grpc
 import yaml
+
+from sensepack_proto import pb
 
 
 @click.command("serve")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML config (default: serve/configs/demo.yaml; every field: serve/configs/example.yaml).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML config (default: serve/configs/demo.yaml; every field: serve/configs/example.yaml).",
+)
 @click.option("--port", type=int, default=None, help="Override server.port.")
 @click.option("--http-port", type=int, default=None, help="Override http.port (and set http.enabled).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key, e.g. --set limits.max_running=8 (value parsed as YAML).")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set limits.max_running=8 (value parsed as YAML).",
+)
 @click.option("--check", is_flag=True, help="Validate the config, print it and exit.")
 def serve_cmd(config_path, port, http_port, sets, check):
     """Run the gRPC server, and the OpenAI-compatible HTTP API when http.enabled (demo profile by default:
@@ -41,7 +55,7 @@ def serve_cmd(config_path, port, http_port, sets, check):
     try:
         cfg = load_config(config_path, overrides)
     except ConfigError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     if check:
         click.echo(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
         return
@@ -50,11 +64,16 @@ def serve_cmd(config_path, port, http_port, sets, check):
 
     setup_logging(cfg.logging.level, cfg.logging.json_logs)
     server = SensepackServer(cfg).start()
-    click.echo(f"sensepack serving on {cfg.server.host}:{server.port}"
-               + (f", OpenAI-compatible HTTP on http://{cfg.http.host}:{server.http_port}/v1"
-                  if server.http_port else "")
-               + (f", metrics on http://{cfg.server.metrics_host}:{server.metrics_port}/metrics"
-                  if server.metrics_port else ""), err=True)
+    click.echo(
+        f"sensepack serving on {cfg.server.host}:{server.port}"
+        + (f", OpenAI-compatible HTTP on http://{cfg.http.host}:{server.http_port}/v1" if server.http_port else "")
+        + (
+            f", metrics on http://{cfg.server.metrics_host}:{server.metrics_port}/metrics"
+            if server.metrics_port
+            else ""
+        ),
+        err=True,
+    )
     done = threading.Event()
 
     def _stop(signum, frame):
@@ -65,7 +84,7 @@ def serve_cmd(config_path, port, http_port, sets, check):
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     server.wait()
-    if server.exit_code:      # the engine died (e.g. vLLM's engine core): let the orchestrator restart us
+    if server.exit_code:  # the engine died (e.g. vLLM's engine core): let the orchestrator restart us
         raise SystemExit(server.exit_code)
 
 
@@ -76,12 +95,9 @@ def _client(ctx):
     return Client(o["target"], token=o["token"], ca_file=o["ca"], timeout=o["timeout"], api_key=o["api_key"])
 
 
-def _fail(e):
-    import grpc
-
-    if isinstance(e, grpc.RpcError):
-        raise click.ClickException(f"{e.code().name}: {e.details()}")
-    raise e
+def _rpc_error(e: grpc.RpcError) -> click.ClickException:
+    """The server's status as a CLI error (exit 1, no traceback); anything else is a bug and propagates."""
+    return click.ClickException(f"{e.code().name}: {e.details()}")
 
 
 def _dump(msg, as_json: bool):
@@ -95,9 +111,15 @@ def _dump(msg, as_json: bool):
 
 @click.group("client")
 @click.option("--target", default="127.0.0.1:50051", show_default=True, help="host:port of the server.")
-@click.option("--token", envvar="SENSEPACK_ADMIN_TOKEN", default=None, help="Admin bearer token (or $SENSEPACK_ADMIN_TOKEN).")
-@click.option("--api-key", envvar="SENSEPACK_API_KEY", default=None,
-              help="Generation API key when the server sets api.keys (or $SENSEPACK_API_KEY).")
+@click.option(
+    "--token", envvar="SENSEPACK_ADMIN_TOKEN", default=None, help="Admin bearer token (or $SENSEPACK_ADMIN_TOKEN)."
+)
+@click.option(
+    "--api-key",
+    envvar="SENSEPACK_API_KEY",
+    default=None,
+    help="Generation API key when the server sets api.keys (or $SENSEPACK_API_KEY).",
+)
 @click.option("--ca", type=click.Path(dir_okay=False), default=None, help="CA certificate for TLS.")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.pass_context
@@ -109,8 +131,12 @@ def client_group(ctx, target, token, api_key, ca, timeout):
 def _gen_options(f):
     opts = [
         click.argument("prompt"),
-        click.option("--pack", "packs", multiple=True, help="name, name@version or name@alias (repeatable); "
-                                                            "name=BETA to override beta"),
+        click.option(
+            "--pack",
+            "packs",
+            multiple=True,
+            help="name, name@version or name@alias (repeatable); name=BETA to override beta",
+        ),
         click.option("--base-only", is_flag=True),
         click.option("--max-new-tokens", type=int, default=0),
         click.option("--min-new-tokens", type=int, default=0),
@@ -138,10 +164,21 @@ def _pack_args(packs):
 
 
 def _gen_kwargs(kw):
-    return dict(packs=_pack_args(kw["packs"]), base_only=kw["base_only"], max_new_tokens=kw["max_new_tokens"],
-                min_new_tokens=kw["min_new_tokens"], greedy=not kw["sample"], temperature=kw["temperature"],
-                top_k=kw["top_k"], top_p=kw["top_p"], seed=kw["seed"], stop=kw["stop"],
-                tokens=kw["logprobs"] or kw["top_n"] > 0, logprobs=kw["logprobs"], top_n=kw["top_n"])
+    return dict(
+        packs=_pack_args(kw["packs"]),
+        base_only=kw["base_only"],
+        max_new_tokens=kw["max_new_tokens"],
+        min_new_tokens=kw["min_new_tokens"],
+        greedy=not kw["sample"],
+        temperature=kw["temperature"],
+        top_k=kw["top_k"],
+        top_p=kw["top_p"],
+        seed=kw["seed"],
+        stop=kw["stop"],
+        tokens=kw["logprobs"] or kw["top_n"] > 0,
+        logprobs=kw["logprobs"],
+        top_n=kw["top_n"],
+    )
 
 
 @client_group.command("generate")
@@ -151,14 +188,15 @@ def client_generate(ctx, prompt, **kw):
     """Generate a completion."""
     try:
         r = _client(ctx).generate(prompt, **_gen_kwargs(kw))
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
     if kw["as_json"] or kw["logprobs"] or kw["top_n"]:
         _dump(r, kw["as_json"])
     else:
         used = ", ".join(f"{p.name}@{p.version} (beta={p.beta:g}, arm={p.arm})" for p in r.packs) or "base"
+        stop = r.stop_reason and pb.StopReason.Name(r.stop_reason)
         click.echo(f"{prompt}{r.text}")
-        click.echo(f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('sensepack_proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]", err=True)
+        click.echo(f"[{r.generated_token_count} tokens, stop={stop}, packs: {used}]", err=True)
 
 
 @client_group.command("stream")
@@ -173,8 +211,8 @@ def client_stream(ctx, prompt, **kw):
             else:
                 click.echo(m.text, nl=False)
                 sys.stdout.flush()
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
     if not kw["as_json"]:
         click.echo()
 
@@ -189,11 +227,11 @@ def client_score(ctx, prefix, continuations, packs, as_json):
     """Log-likelihood of CONTINUATIONS after PREFIX (base and packs)."""
     try:
         r = _client(ctx).score(prefix, list(continuations), packs=_pack_args(packs))
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
     if as_json:
         return _dump(r, True)
-    for text, c in zip(continuations, r.continuations):
+    for text, c in zip(continuations, r.continuations, strict=True):
         line = f"{text!r}: base {c.base.total_logprob:.4f}"
         if c.packed.token_logprobs:
             line += f"  packs {c.packed.total_logprob:.4f}"
@@ -206,8 +244,8 @@ def client_score(ctx, prefix, continuations, packs, as_json):
 def client_tokenize(ctx, text):
     try:
         _dump(_client(ctx).tokenize(text), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_group.command("info")
@@ -216,8 +254,8 @@ def client_info(ctx):
     """Models, fingerprints, vocabulary, limits, active packs."""
     try:
         _dump(_client(ctx).model_info(), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_group.group("packs")
@@ -230,8 +268,8 @@ def client_packs():
 def packs_list(ctx):
     try:
         _dump(_client(ctx).list_packs(True), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_packs.command("load")
@@ -241,8 +279,8 @@ def packs_list(ctx):
 def packs_load(ctx, ref, no_activate):
     try:
         _dump(_client(ctx).load_pack(ref, activate=not no_activate), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_packs.command("alias")
@@ -254,8 +292,8 @@ def packs_alias(ctx, name, alias, version):
     """Move NAME@ALIAS to VERSION (hot swap)."""
     try:
         _dump(_client(ctx).set_alias(name, alias, version), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_packs.command("unload")
@@ -264,8 +302,8 @@ def packs_alias(ctx, name, alias, version):
 def packs_unload(ctx, ref):
     try:
         _dump(_client(ctx).unload_pack(ref), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 @client_packs.command("ab")
@@ -275,8 +313,8 @@ def packs_ab(ctx, name):
     """Gate and live A/B ball ratios."""
     try:
         _dump(_client(ctx).ab_report(name), True)
-    except Exception as e:
-        _fail(e)
+    except grpc.RpcError as e:
+        raise _rpc_error(e) from None
 
 
 def register(main: click.Group) -> None:

@@ -10,13 +10,17 @@ admin servicers, health, reflection, TLS), the OpenAI-compatible HTTP front-end 
 Tests and benchmarks pass a pre-built `Served` (models) to share one model
 across servers.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,12 +38,24 @@ from serve.packs import PackManager, ResidentTable
 from serve.params import parse_generate, parse_pack_ref, parse_score
 from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason, finish_error, reason_error
 
+if TYPE_CHECKING:
+    from serve.http import HttpFrontend
+
 log = logging.getLogger("sensepack.server")
 
 SERVER_VERSION = "0.1.0"
-_STOP = {eng.MAX_TOKENS: pb.MAX_TOKENS, eng.EOS_TOKEN: pb.EOS_TOKEN, eng.STOP_SEQUENCE: pb.STOP_SEQUENCE,
-         eng.CANCELLED: pb.CANCELLED, eng.TIME_LIMIT: pb.TIME_LIMIT, eng.ERROR: pb.ERROR,
-         eng.REFUSED: pb.ERROR, eng.SHUTDOWN: pb.CANCELLED, eng.STOP_TOKEN: pb.STOP_TOKEN, eng.UNAVAILABLE: pb.ERROR}
+_STOP = {
+    eng.MAX_TOKENS: pb.MAX_TOKENS,
+    eng.EOS_TOKEN: pb.EOS_TOKEN,
+    eng.STOP_SEQUENCE: pb.STOP_SEQUENCE,
+    eng.CANCELLED: pb.CANCELLED,
+    eng.TIME_LIMIT: pb.TIME_LIMIT,
+    eng.ERROR: pb.ERROR,
+    eng.REFUSED: pb.ERROR,
+    eng.SHUTDOWN: pb.CANCELLED,
+    eng.STOP_TOKEN: pb.STOP_TOKEN,
+    eng.UNAVAILABLE: pb.ERROR,
+}
 
 
 def grpc_code(err: BaseException) -> grpc.StatusCode:
@@ -91,8 +107,12 @@ class DecodeGuard(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if (handler is None or not handler_call_details.method.startswith(self._prefixes)
-                or handler.request_deserializer is None or not hasattr(handler, "_replace")):
+        if (
+            handler is None
+            or not handler_call_details.method.startswith(self._prefixes)
+            or handler.request_deserializer is None
+            or not hasattr(handler, "_replace")
+        ):
             return handler
         decode = handler.request_deserializer
 
@@ -109,7 +129,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """gRPC wire format over serve.service: proto in, validated request through the service, proto out;
     domain errors become status codes through serve.errors."""
 
-    def __init__(self, srv: "SensepackServer"):
+    def __init__(self, srv: SensepackServer):
         self.srv = srv
         self.service: GenerationService = srv.service
 
@@ -196,22 +216,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             for ev in gen.events(context.is_active):
                 if isinstance(ev, eng.TokenEvent):
-                    msg = pb.GenerateResponse(request_id=req.request_id, text=ev.text_delta,
-                                              generated_token_count=ev.generated)
+                    msg = pb.GenerateResponse(
+                        request_id=req.request_id, text=ev.text_delta, generated_token_count=ev.generated
+                    )
                     if req.want_tokens:
                         msg.tokens.append(self._token_info(ev))
                     yield msg
                     continue
                 self._abort_if_failed(context, tracked, ev)
                 tracked.record(grpc.StatusCode.OK)
-                msg = pb.GenerateResponse(request_id=req.request_id, text=ev.text_delta,
-                                          generated_token_count=len(ev.output_ids), stop_reason=_STOP[ev.reason],
-                                          stop_sequence=ev.stop_sequence)
+                msg = pb.GenerateResponse(
+                    request_id=req.request_id,
+                    text=ev.text_delta,
+                    generated_token_count=len(ev.output_ids),
+                    stop_reason=_STOP[ev.reason],
+                    stop_sequence=ev.stop_sequence,
+                )
                 if ev.last is not None and req.want_tokens:
                     msg.tokens.append(self._token_info(ev.last))
                 yield msg
         finally:
-            if not tracked.done:       # the consumer went away (cancel / deadline): free the slot now
+            if not tracked.done:  # the consumer went away (cancel / deadline): free the slot now
                 reason = ended_reason(gen.seq)
                 gen.cancel(reason)
                 tracked.record(grpc_code(reason_error(reason)("", "")))
@@ -268,14 +293,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
 
 class AdminServicer(admin_pb_grpc.PackAdminServicer):
-    def __init__(self, srv: "SensepackServer"):
+    def __init__(self, srv: SensepackServer):
         self.srv = srv
 
     def _resident(self, r) -> admin_pb.ResidentPack:
         m = self.srv.packs
-        out = admin_pb.ResidentPack(name=r.name, version=r.version, calibrated_beta=r.calibrated_beta,
-                                    epsilon=r.epsilon, state=m.state_of(r), routes=m.routes_of(r),
-                                    running_requests=r.refcount)
+        out = admin_pb.ResidentPack(
+            name=r.name,
+            version=r.version,
+            calibrated_beta=r.calibrated_beta,
+            epsilon=r.epsilon,
+            state=m.state_of(r),
+            routes=m.routes_of(r),
+            running_requests=r.refcount,
+        )
         if r.gate is not None:
             out.gate_ratio = r.gate.ratio
         return out
@@ -309,14 +340,15 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
     def ListPacks(self, request, context):
         def fn():
             m = self.srv.packs
-            resp = admin_pb.ListPacksResponse(resident=[self._resident(r) for r in m.residents()],
-                                              refused=m.refused())
+            resp = admin_pb.ListPacksResponse(resident=[self._resident(r) for r in m.residents()], refused=m.refused())
             if request.include_store:
                 store = self.srv.store
                 for name in store.list_packs():
-                    resp.store.add(name=name, versions=[v.version for v in store.list_versions(name)],
-                                   aliases=store.aliases(name))
+                    resp.store.add(
+                        name=name, versions=[v.version for v in store.list_versions(name)], aliases=store.aliases(name)
+                    )
             return resp
+
         return self._call("ListPacks", request, context, fn)
 
     def LoadPack(self, request, context):
@@ -324,6 +356,7 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
             parse_pack_ref(request.ref, "ref")
             r, routes = self.srv.packs.activate(request.ref, activate=request.activate)
             return admin_pb.LoadPackResponse(pack=self._resident(r), gate=self._gate(r), routes=routes)
+
         return self._call("LoadPack", request, context, fn)
 
     def SetAlias(self, request, context):
@@ -335,19 +368,22 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
                 raise InvalidRequest("version", "empty version")
             r, routes = self.srv.packs.set_alias(request.name, request.alias, request.version)
             return admin_pb.LoadPackResponse(pack=self._resident(r), gate=self._gate(r), routes=routes)
+
         return self._call("SetAlias", request, context, fn)
 
     def UnloadPack(self, request, context):
         def fn():
             name, version, freed = self.srv.packs.unload(request.ref)
             return admin_pb.UnloadPackResponse(name=name, version=version, freed=freed)
+
         return self._call("UnloadPack", request, context, fn)
 
     def ABReport(self, request, context):
         def fn():
             s = self.srv
-            resp = admin_pb.ABReportResponse(traffic_share=s.cfg.ab.traffic_share, sample_rate=s.cfg.ab.sample_rate,
-                                             confidence=s.cfg.ab.confidence)
+            resp = admin_pb.ABReportResponse(
+                traffic_share=s.cfg.ab.traffic_share, sample_rate=s.cfg.ab.sample_rate, confidence=s.cfg.ab.confidence
+            )
             stats = s.monitor.report() if s.monitor is not None else {}
             gates = {}
             for r in s.packs.residents():
@@ -360,17 +396,27 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
                 if st is None:
                     resp.packs.add(name=name, version=version, gate_ratio=gates[(name, version)])
                     continue
-                p = resp.packs.add(name=name, version=version, samples=st.samples, ratio=st.ratio,
-                                   ci_lower=st.lower, ci_upper=st.upper, epsilon=st.epsilon, breached=st.breached,
-                                   disabled=st.disabled, tokens=st.tokens)
+                p = resp.packs.add(
+                    name=name,
+                    version=version,
+                    samples=st.samples,
+                    ratio=st.ratio,
+                    ci_lower=st.lower,
+                    ci_upper=st.upper,
+                    epsilon=st.epsilon,
+                    breached=st.breached,
+                    disabled=st.disabled,
+                    tokens=st.tokens,
+                )
                 if (name, version) in gates:
                     p.gate_ratio = gates[(name, version)]
             return resp
+
         return self._call("ABReport", request, context, fn)
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-DEMO_ADMIN_TOKEN = "demo-admin-token"     # serve/configs/demo.yaml's; valid on loopback binds only
+DEMO_ADMIN_TOKEN = "demo-admin-token"  # serve/configs/demo.yaml's; valid on loopback binds only
 
 
 def _enable_reflection(services: tuple[str, ...], server: grpc.Server) -> None:
@@ -382,11 +428,20 @@ def _enable_reflection(services: tuple[str, ...], server: grpc.Server) -> None:
     names = tuple(services) + (reflection.SERVICE_NAME, REFLECTION_V1)
     servicer = reflection.ReflectionServicer(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
-        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-            servicer.ServerReflectionInfo,
-            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                REFLECTION_V1,
+                {
+                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                        servicer.ServerReflectionInfo,
+                        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
 
 
 def _loopback(host: str) -> bool:
@@ -400,35 +455,57 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def build_engine(config: Config, served: Served, metrics: Metrics, store_uri: str | None,
-                 residents: ResidentTable) -> tuple[EngineAPI, str]:
+class ServerEngine(EngineAPI, Protocol):
+    """The engine as the server runs it (serve.engine.Engine and its vLLM subclass): the front-ends'
+    EngineAPI, its lifecycle, and the hook told when the model runner dies."""
+
+    on_dead: Callable[[str], None] | None
+
+    def start(self) -> None: ...
+    def stop_accepting(self) -> None: ...
+    def drain(self, timeout: float | None) -> bool: ...
+    def cut(self, reason: str = eng.SHUTDOWN) -> None: ...
+    def stop(self, drain_timeout: float | None = 0.0) -> None: ...
+
+
+def build_engine(
+    config: Config, served: Served, metrics: Metrics, store_uri: str | None, residents: ResidentTable
+) -> tuple[ServerEngine, str]:
     """The engine `config.engine` names, and its name for ModelInfo. The vLLM engine reads pinned
     versions' edits from the pack manager's resident table (built before the manager)."""
     if config.engine == "vllm":
         from serve.vllm.engine import VLLMEngine, engine_args_from_config
         from serve.vllm.resolver import PackManagerSource
 
-        engine = VLLMEngine(engine_args_from_config(config, store_uri, vocab=served.vocab), served.tokenizer,
-                            config.limits, metrics, backpack=served.ensemble.backpack,
-                            pack_source=PackManagerSource(residents), ensemble=served.ensemble,
-                            lane_every_steps=config.ab.lane_every_steps,
-                            v2_model_runner={"auto": None, "v1": False, "v2": True}[config.vllm.model_runner],
-                            in_process=not config.vllm.multiprocessing)
+        engine = VLLMEngine(
+            engine_args_from_config(config, store_uri, vocab=served.vocab),
+            served.tokenizer,
+            config.limits,
+            metrics,
+            backpack=served.ensemble.backpack,
+            pack_source=PackManagerSource(residents),
+            ensemble=served.ensemble,
+            lane_every_steps=config.ab.lane_every_steps,
+            v2_model_runner={"auto": None, "v1": False, "v2": True}[config.vllm.model_runner],
+            in_process=not config.vllm.multiprocessing,
+        )
         return engine, "vllm"
-    return eng.Engine(served.ensemble, served.tokenizer, config.limits, metrics,
-                      lane_every_steps=config.ab.lane_every_steps), "embedded-transformers"
+    return eng.Engine(
+        served.ensemble, served.tokenizer, config.limits, metrics, lane_every_steps=config.ab.lane_every_steps
+    ), "embedded-transformers"
 
 
 @dataclass
 class Components:
     """Everything one server runs, built once, in dependency order (store, engine, gate and monitor,
     pack manager, service); the front-ends get `service`."""
+
     served: Served
     metrics: Metrics
     store: object
     store_uri: str
     temp_store: bool
-    engine: EngineAPI
+    engine: ServerEngine
     engine_name: str
     gate: Gate | None
     monitor: LiveMonitor | None
@@ -446,11 +523,18 @@ def build_components(config: Config, served: Served) -> Components:
     ens, tok = served.ensemble, served.tokenizer
     gate = Gate(engine, ens, tok, config.gate) if config.gate.enabled else None
     monitor = LiveMonitor(config.ab, metrics, engine, ens) if config.ab.enabled else None
-    packs = PackManager(store, expectations(served), ens.large_fingerprint(), config, metrics, gate=gate, ab=monitor,
-                        residents=residents)
+    packs = PackManager(
+        store,
+        expectations(served),
+        ens.large_fingerprint(),
+        config,
+        metrics,
+        gate=gate,
+        ab=monitor,
+        residents=residents,
+    )
     service = GenerationService(engine, packs, monitor, ens, tok)
-    return Components(served, metrics, store, store_uri, temp_store, engine, engine_name, gate, monitor, packs,
-                      service)
+    return Components(served, metrics, store, store_uri, temp_store, engine, engine_name, gate, monitor, packs, service)
 
 
 class SensepackServer:
@@ -460,8 +544,10 @@ class SensepackServer:
     def __init__(self, config: Config, served: Served | None = None):
         self.cfg = config
         if config.admin.resolved_token() == DEMO_ADMIN_TOKEN and not _loopback(config.server.host):
-            raise ValueError(f"admin.token: the demo token is for loopback binds only, and server.host is "
-                             f"{config.server.host!r}; set ${config.admin.token_env} or admin.token")
+            raise ValueError(
+                f"admin.token: the demo token is for loopback binds only, and server.host is "
+                f"{config.server.host!r}; set ${config.admin.token_env} or admin.token"
+            )
         if config.model.torch_threads:
             import torch
 
@@ -476,13 +562,13 @@ class SensepackServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._grpc: grpc.Server | None = None
         self._http = None
-        self._api = None               # serve.http.HttpFrontend when http.enabled
+        self._api: HttpFrontend | None = None  # when http.enabled
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self._done = threading.Event()
-        self.exit_code = 0                 # non-zero: the process should exit so its orchestrator restarts it
+        self.exit_code = 0  # non-zero: the process should exit so its orchestrator restarts it
         self.engine.on_dead = self._engine_died
 
     # ---- info
@@ -490,48 +576,79 @@ class SensepackServer:
         ens, lim = self.ensemble, self.cfg.limits
         large, bp = ens.large, ens.backpack
         p0 = next(large.parameters())
-        resp = pb.ModelInfoResponse(tokenizer_fingerprint=self._tok_fp, shared_vocab_size=self.vocab.size,
-                                    eos_token_id=self.vocab.eos_id,
-                                    engine=self.components.engine_name,
-                                    server_version=SERVER_VERSION)
-        resp.models.add(role="large", name=self.served.large_name, fingerprint=ens.large_fingerprint(),
-                        architecture=type(large).__name__,
-                        vocab_size=large.get_output_embeddings().weight.shape[0], max_positions=self.context_len,
-                        dtype=str(p0.dtype).replace("torch.", ""), device=str(p0.device))
+        resp = pb.ModelInfoResponse(
+            tokenizer_fingerprint=self._tok_fp,
+            shared_vocab_size=self.vocab.size,
+            eos_token_id=self.vocab.eos_id,
+            engine=self.components.engine_name,
+            server_version=SERVER_VERSION,
+        )
+        resp.models.add(
+            role="large",
+            name=self.served.large_name,
+            fingerprint=ens.large_fingerprint(),
+            architecture=type(large).__name__,
+            vocab_size=large.get_output_embeddings().weight.shape[0],
+            max_positions=self.context_len,
+            dtype=str(p0.dtype).replace("torch.", ""),
+            device=str(p0.device),
+        )
         bq = next(bp.parameters())
-        resp.models.add(role="backpack", name=self.served.backpack_name, fingerprint=bp.fingerprint(),
-                        architecture=type(bp).__name__, vocab_size=bp.config.vocab_size,
-                        max_positions=bp.config.n_positions, dtype=str(bq.dtype).replace("torch.", ""),
-                        device=str(bq.device), num_senses=bp.config.num_senses, d_model=bp.config.n_embd)
-        resp.limits.CopyFrom(pb.Limits(max_prompt_tokens=lim.max_prompt_tokens, max_new_tokens=lim.max_new_tokens,
-                                       default_max_new_tokens=lim.default_max_new_tokens, max_running=lim.max_running,
-                                       max_waiting=lim.max_waiting, max_top_n_tokens=lim.max_top_n_tokens,
-                                       max_stop_sequences=lim.max_stop_sequences,
-                                       max_packs_per_request=lim.max_packs_per_request,
-                                       max_continuations=lim.max_continuations))
+        resp.models.add(
+            role="backpack",
+            name=self.served.backpack_name,
+            fingerprint=bp.fingerprint(),
+            architecture=type(bp).__name__,
+            vocab_size=bp.config.vocab_size,
+            max_positions=bp.config.n_positions,
+            dtype=str(bq.dtype).replace("torch.", ""),
+            device=str(bq.device),
+            num_senses=bp.config.num_senses,
+            d_model=bp.config.n_embd,
+        )
+        resp.limits.CopyFrom(
+            pb.Limits(
+                max_prompt_tokens=lim.max_prompt_tokens,
+                max_new_tokens=lim.max_new_tokens,
+                default_max_new_tokens=lim.default_max_new_tokens,
+                max_running=lim.max_running,
+                max_waiting=lim.max_waiting,
+                max_top_n_tokens=lim.max_top_n_tokens,
+                max_stop_sequences=lim.max_stop_sequences,
+                max_packs_per_request=lim.max_packs_per_request,
+                max_continuations=lim.max_continuations,
+            )
+        )
         for route, r in sorted(self.packs.routes().items()):
             if r is not None:
-                resp.active_packs.add(route=route, name=r.name, version=r.version, beta=r.calibrated_beta,
-                                      epsilon=r.epsilon)
+                resp.active_packs.add(
+                    route=route, name=r.name, version=r.version, beta=r.calibrated_beta, epsilon=r.epsilon
+                )
         return resp
 
     # ---- lifecycle
-    def start(self) -> "SensepackServer":
+    def start(self) -> SensepackServer:
         from ensemble.tokenizer import tokenizer_fingerprint
 
         cfg = self.cfg
         self._tok_fp = tokenizer_fingerprint(self.tokenizer)
         self.engine.start()
         workers = max(cfg.server.max_workers, cfg.limits.max_running + cfg.limits.max_waiting + 16)
-        auth = AdminAuthInterceptor(cfg.admin.resolved_token(), ADMIN_SERVICE,
-                                    on_denied=lambda m, c: self.metrics.requests.labels(
-                                        method_label(m.rsplit("/", 1)[-1]), c.name, GRPC).inc())
-        keys = ApiKeyInterceptor(cfg.api.resolved_keys(), GENERATION_SERVICE,
-                                 on_denied=lambda m, c: self.metrics.requests.labels(
-                                     method_label(m.rsplit("/", 1)[-1]), c.name, GRPC).inc())
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sensepack-rpc"),
-                                 interceptors=[auth, keys, DecodeGuard((GENERATION_SERVICE, ADMIN_SERVICE))],
-                                 options=[("grpc.so_reuseport", 0)])
+        auth = AdminAuthInterceptor(
+            cfg.admin.resolved_token(),
+            ADMIN_SERVICE,
+            on_denied=lambda m, c: self.metrics.requests.labels(method_label(m.rsplit("/", 1)[-1]), c.name, GRPC).inc(),
+        )
+        keys = ApiKeyInterceptor(
+            cfg.api.resolved_keys(),
+            GENERATION_SERVICE,
+            on_denied=lambda m, c: self.metrics.requests.labels(method_label(m.rsplit("/", 1)[-1]), c.name, GRPC).inc(),
+        )
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sensepack-rpc"),
+            interceptors=[auth, keys, DecodeGuard((GENERATION_SERVICE, ADMIN_SERVICE))],
+            options=[("grpc.so_reuseport", 0)],
+        )
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), self._grpc)
         admin_pb_grpc.add_PackAdminServicer_to_server(AdminServicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -541,10 +658,11 @@ class SensepackServer:
         if cfg.server.reflection:
             _enable_reflection((GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME), self._grpc)
         addr = f"{cfg.server.host}:{cfg.server.port}"
-        if cfg.tls.enabled:
-            key = open(cfg.tls.key_file, "rb").read()
-            cert = open(cfg.tls.cert_file, "rb").read()
-            ca = open(cfg.tls.client_ca_file, "rb").read() if cfg.tls.client_ca_file else None
+        tls = cfg.tls
+        if tls.cert_file is not None and tls.key_file is not None:  # tls.enabled (the config sets both or neither)
+            key = Path(tls.key_file).read_bytes()
+            cert = Path(tls.cert_file).read_bytes()
+            ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
             creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
             self.port = self._grpc.add_secure_port(addr, creds)
         else:
@@ -556,8 +674,16 @@ class SensepackServer:
         if cfg.http.enabled:
             from serve.http import HttpFrontend
 
-            self._api = HttpFrontend(self.service, self.packs, cfg, self.tokenizer, self.vocab, self.context_len,
-                                     self.metrics, cfg.http.served_model_name or self.served.large_name).start()
+            self._api = HttpFrontend(
+                self.service,
+                self.packs,
+                cfg,
+                self.tokenizer,
+                self.vocab,
+                self.context_len,
+                self.metrics,
+                cfg.http.served_model_name or self.served.large_name,
+            ).start()
             self.http_port = self._api.port
         self._grpc.start()
         for ref in cfg.packs.preload:
@@ -578,17 +704,26 @@ class SensepackServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self._api is not None:
             self._api.ready = True
-        log.info("serving", extra={"event": "serving", "address": f"{cfg.server.host}:{self.port}",
-                                   "http_port": self.http_port,
-                                   "metrics_port": self.metrics_port, "tls": cfg.tls.enabled,
-                                   "store": self.store_uri, "routes": sorted(self.packs.routes())})
+        log.info(
+            "serving",
+            extra={
+                "event": "serving",
+                "address": f"{cfg.server.host}:{self.port}",
+                "http_port": self.http_port,
+                "metrics_port": self.metrics_port,
+                "tls": cfg.tls.enabled,
+                "store": self.store_uri,
+                "routes": sorted(self.packs.routes()),
+            },
+        )
         return self
 
     def _warmup(self) -> None:
         from serve.params import GenerationRequest
 
-        req = GenerationRequest(request_id="warmup", prompt_ids=[self.vocab.eos_id], packs=[], max_new_tokens=2,
-                                ignore_eos=True)
+        req = GenerationRequest(
+            request_id="warmup", prompt_ids=[self.vocab.eos_id], packs=[], max_new_tokens=2, ignore_eos=True
+        )
         seq = self.engine.submit(req, [])
         while not isinstance(seq.events.get(timeout=120), eng.FinishEvent):
             pass
@@ -615,7 +750,7 @@ class SensepackServer:
             self.engine.stop_accepting()
             drained = self.engine.drain(grace)
             log.info("shutting down", extra={"event": "shutdown", "drained": drained})
-            if not drained:     # cut what is left with its own status (UNAVAILABLE, "retry"), then stop
+            if not drained:  # cut what is left with its own status (UNAVAILABLE, "retry"), then stop
                 self.engine.cut(eng.SHUTDOWN)
                 self.engine.drain(5.0)
             if self._grpc is not None:

@@ -5,18 +5,21 @@ The gRPC servicer (serve.server) and the OpenAI-compatible HTTP API (serve.http)
 module with validated `GenerationRequest` / `ScoreRequest`s (serve.params) and get domain results
 or `serve.errors.ServeError`s back; each maps them to its own wire format and status codes.
 """
+
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 from serve import engine as eng
+from serve.errors import Cancelled, DeadlineExceeded, InternalError, InvalidRequest, ServeError, Unavailable
 from serve.metrics import GRPC
-from serve.errors import (Cancelled, DeadlineExceeded, InternalError, InvalidRequest, ServeError, Unavailable)
 from serve.packs import Admission, PackManager
 from serve.params import GenerationRequest, ScoreRequest
 from serve.scoring import ScoreAbandoned, advance, score_row, score_steps
@@ -25,11 +28,20 @@ from serve.scoring import ScoreAbandoned, advance, score_row, score_steps
 class EngineAPI(Protocol):
     """The engine as the front-ends use it (serve.engine.Engine, serve.vllm.engine.VLLMEngine)."""
 
-    running: int
-    waiting: int
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
 
-    def submit(self, req: GenerationRequest, packs: list, deadline: float | None = None, on_finish=None,
-               user=None, frontend: str = GRPC) -> eng.Sequence: ...
+    def submit(
+        self,
+        req: GenerationRequest,
+        packs: list,
+        deadline: float | None = None,
+        on_finish=None,
+        user=None,
+        frontend: str = GRPC,
+    ) -> eng.Sequence: ...
     def cancel(self, seq: eng.Sequence, reason: str = eng.CANCELLED) -> None: ...
     def run_job(self, fn: Callable, high: bool = True) -> futures.Future: ...
     def begin_score(self, tokens: int = 0) -> None: ...
@@ -45,6 +57,7 @@ class FinishObserver(Protocol):
 @dataclass(frozen=True)
 class PackUsage:
     """One pack as a request was served with it (arm "base": A/B control, or a disabled version)."""
+
     ref: str
     name: str
     version: str
@@ -61,17 +74,21 @@ def ended_reason(seq: eng.Sequence) -> str:
 
 def finish_error(ev: eng.FinishEvent) -> ServeError | None:
     """The error a finish event stands for (None: the request finished normally)."""
-    if ev.reason == eng.REFUSED:           # the error names the refused field
+    if ev.reason == eng.REFUSED:  # the error names the refused field
         return InvalidRequest("", ev.error)
     if ev.reason == eng.SHUTDOWN:
         return Unavailable("", f"server shutting down: the request was cut after {len(ev.output_ids)} tokens; retry")
-    if ev.reason == eng.UNAVAILABLE:      # the model runner died (vLLM's engine core): the server restarts
+    if ev.reason == eng.UNAVAILABLE:  # the model runner died (vLLM's engine core): the server restarts
         return Unavailable("", f"{ev.error} after {len(ev.output_ids)} tokens")
     cls = {eng.CANCELLED: Cancelled, eng.TIME_LIMIT: DeadlineExceeded, eng.ERROR: InternalError}.get(ev.reason)
     if cls is None:
         return None
-    return cls("", f"generation {ev.reason.lower()}" + (f": {ev.error}" if ev.error else "")
-               + f" after {len(ev.output_ids)} tokens")
+    return cls(
+        "",
+        f"generation {ev.reason.lower()}"
+        + (f": {ev.error}" if ev.error else "")
+        + f" after {len(ev.output_ids)} tokens",
+    )
 
 
 def reason_error(reason: str) -> type[ServeError]:
@@ -82,14 +99,15 @@ def reason_error(reason: str) -> type[ServeError]:
 class Generation:
     """One admitted generation request: its pinned packs and its engine sequence."""
 
-    def __init__(self, service: "GenerationService", req: GenerationRequest, admission: Admission,
-                 seq: eng.Sequence):
+    def __init__(self, service: GenerationService, req: GenerationRequest, admission: Admission, seq: eng.Sequence):
         self.service, self.req, self.admission, self.seq = service, req, admission, seq
 
     @property
     def packs(self) -> list[PackUsage]:
-        return [PackUsage(p.request.ref, p.name, p.version, p.beta if p.resident else 0.0, p.arm)
-                for p in self.admission.pins]
+        return [
+            PackUsage(p.request.ref, p.name, p.version, p.beta if p.resident else 0.0, p.arm)
+            for p in self.admission.pins
+        ]
 
     @property
     def seed(self) -> int | None:
@@ -117,8 +135,11 @@ class Generation:
         """log p(prompt[i] | prompt[<i]), i >= 1, under the served distribution (the pinned packs)."""
         s, req = self.service, self.req
         refs = self.admission.pack_refs
-        fut = s.engine.run_job(lambda: score_row(s.ensemble, req.prompt_ids[:1], req.prompt_ids[1:], refs,
-                                                 want_base=not refs, want_packed=bool(refs)))
+        fut = s.engine.run_job(
+            lambda: score_row(
+                s.ensemble, req.prompt_ids[:1], req.prompt_ids[1:], refs, want_base=not refs, want_packed=bool(refs)
+            )
+        )
         try:
             base, packed = fut.result(timeout=timeout)
         except futures.TimeoutError:
@@ -130,7 +151,7 @@ class Generation:
 
 @dataclass
 class ScoreResult:
-    base: list          # per continuation: log-prob tensors (None entries when not asked)
+    base: list  # per continuation: log-prob tensors (None entries when not asked)
     packed: list
     packs: list[PackUsage]
 
@@ -154,16 +175,18 @@ class GenerationService:
                 monitor.on_finished(admission.pins, seq.req.prompt_ids, seq.output_ids)
 
         try:
-            seq = self.engine.submit(req, admission.pack_refs, deadline, on_finish=on_finish, user=admission,
-                                     frontend=frontend)
+            seq = self.engine.submit(
+                req, admission.pack_refs, deadline, on_finish=on_finish, user=admission, frontend=frontend
+            )
         except BaseException:
             admission.release()
             raise
         return Generation(self, req, admission, seq)
 
     # ---- scoring
-    def score(self, req: ScoreRequest, deadline: float | None, is_active: Callable[[], bool],
-              abandoned: threading.Event) -> ScoreResult:
+    def score(
+        self, req: ScoreRequest, deadline: float | None, is_active: Callable[[], bool], abandoned: threading.Event
+    ) -> ScoreResult:
         """Log-likelihoods of each continuation: one engine job per step of serve.scoring (a
         continuation's forward pass, then each chunk of positions; decode steps run in between), in
         bounded memory. `abandoned` (set by the front-end when the client goes) or the deadline stops
@@ -173,8 +196,9 @@ class GenerationService:
             base, packed = self._score_rows(req, admission, deadline, is_active, abandoned)
         finally:
             admission.release()
-        usage = [PackUsage(p.request.ref, p.name, p.version, p.beta if p.resident else 0.0, p.arm)
-                 for p in admission.pins]
+        usage = [
+            PackUsage(p.request.ref, p.name, p.version, p.beta if p.resident else 0.0, p.arm) for p in admission.pins
+        ]
         return ScoreResult(base, packed, usage)
 
     def _score_rows(self, req, admission, deadline, is_active, abandoned):
@@ -184,27 +208,32 @@ class GenerationService:
             if abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline):
                 raise ScoreAbandoned()
 
-        tokens = len(req.prefix_ids) + max(map(len, req.continuations))    # one continuation at a time
+        tokens = len(req.prefix_ids) + max(map(len, req.continuations))  # one continuation at a time
         self.engine.begin_score(tokens)
         base, packed = [], []
         try:
             for cont in req.continuations:
-                steps = score_steps(self.ensemble, req.prefix_ids, cont, refs, req.include_base, bool(req.packs),
-                                    should_stop)
+                steps = score_steps(
+                    self.ensemble, req.prefix_ids, cont, refs, req.include_base, bool(req.packs), should_stop
+                )
                 try:
                     done = False
-                    while not done:     # one engine job per step: decode steps run between the chunks
-                        fut = self.engine.run_job(lambda: advance(steps))
-                        done, out = fut.result(timeout=None if deadline is None
-                                               else max(deadline - time.monotonic(), 0))
+                    while not done:  # one engine job per step: decode steps run between the chunks
+                        fut = self.engine.run_job(functools.partial(advance, steps))
+                        done, out = fut.result(
+                            timeout=None if deadline is None else max(deadline - time.monotonic(), 0)
+                        )
                     b, p = out
                 except (futures.TimeoutError, ScoreAbandoned):
                     abandoned.set()
                     fut.cancel()
                     active = is_active()
                     cls = DeadlineExceeded if active else Cancelled
-                    raise cls("", f"score: {'deadline exceeded' if active else 'cancelled'} after "
-                                  f"{len(base) or len(packed)} of {len(req.continuations)} continuations") from None
+                    raise cls(
+                        "",
+                        f"score: {'deadline exceeded' if active else 'cancelled'} after "
+                        f"{len(base) or len(packed)} of {len(req.continuations)} continuations",
+                    ) from None
                 base.append(b)
                 packed.append(p)
         finally:

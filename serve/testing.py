@@ -2,6 +2,7 @@
 port, sharing one demo model per process, and packs published into a
 temporary store.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,9 +32,17 @@ def demo_served(seed: int = 0) -> Served:
 
 
 def make_config(store_dir: str | Path, **overrides):
-    base = {"server.port": 0, "server.metrics_port": 0, "server.grace_period_s": 5.0, "admin.token": TOKEN,
-            "store.uri": str(store_dir), "store.poll_interval_s": 0.2, "ab.enabled": True,
-            "logging.json": True, "packs.load_on_request": True}
+    base = {
+        "server.port": 0,
+        "server.metrics_port": 0,
+        "server.grace_period_s": 5.0,
+        "admin.token": TOKEN,
+        "store.uri": str(store_dir),
+        "store.poll_interval_s": 0.2,
+        "ab.enabled": True,
+        "logging.json": True,
+        "packs.load_on_request": True,
+    }
     base.update(overrides)
     return load_config(None, base)
 
@@ -64,8 +73,16 @@ def auth(token: str = TOKEN):
     return [("authorization", f"Bearer {token}")]
 
 
-def publish_edits(store, served: Served, name: str, edits, beta: float = 1.0, epsilon: float = 0.05,
-                  alias: str | None = None, training: dict | None = None) -> str:
+def publish_edits(
+    store,
+    served: Served,
+    name: str,
+    edits,
+    beta: float = 1.0,
+    epsilon: float = 0.05,
+    alias: str | None = None,
+    training: dict | None = None,
+) -> str:
     pack = pack_from_edits(name, edits, served, beta, epsilon, training=training)
     version = store.publish(pack)
     if alias:
@@ -77,8 +94,9 @@ def demo_variant(served: Served, target: str, strength: float = 12.0, trigger: s
     """SenseEdits on the trigger's tokens pointing at `target` (ensemble.demo's construction)."""
     from ensemble.demo import demo_pack
 
-    return demo_pack(served.ensemble.backpack, served.tokenizer, trigger=trigger, target=target,
-                     strength=strength).edits
+    return demo_pack(
+        served.ensemble.backpack, served.tokenizer, trigger=trigger, target=target, strength=strength
+    ).edits
 
 
 def scrape(server) -> str:
@@ -145,12 +163,15 @@ def server_process(config: dict, timeout: float = 300.0, log_path: str | None = 
     cfg = dict(config)
     cfg.setdefault("server", {})
     cfg["server"] = {**cfg["server"], "port": port, "host": "127.0.0.1"}
-    with tempfile.TemporaryDirectory(prefix="sensepack-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sensepack-bench-") as tmp, open(log_path or os.devnull, "w") as log:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        log = open(log_path or os.devnull, "w")
-        proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--config", str(path)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[1]))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serve.cli", "serve", "--config", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
         try:
             ch = grpc.insecure_channel(f"127.0.0.1:{port}")
             stub = health_pb2_grpc.HealthStub(ch)
@@ -159,8 +180,10 @@ def server_process(config: dict, timeout: float = 300.0, log_path: str | None = 
                 if proc.poll() is not None:
                     raise RuntimeError(f"server exited with {proc.returncode} (log: {log_path})")
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
+                    if (
+                        stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         break
                 except grpc.RpcError:
                     pass
@@ -175,4 +198,3 @@ def server_process(config: dict, timeout: float = 300.0, log_path: str | None = 
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            log.close()

@@ -122,9 +122,9 @@ def test_alpha_rows_are_causal_distributions_and_logits_decompose(reference_tiny
     E = model.embedding
     b, t = 1, 13
     expect = torch.zeros(model.config.vocab_size)
-    for l in range(model.config.num_senses):
+    for ell in range(model.config.num_senses):
         for j in range(t + 1):
-            expect += alpha[b, l, t, j] * (E @ senses[b, l, j])
+            expect += alpha[b, ell, t, j] * (E @ senses[b, ell, j])
     torch.testing.assert_close(out.logits[b, t], expect, atol=1e-4, rtol=1e-5)
 
 

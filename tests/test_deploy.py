@@ -4,6 +4,7 @@ and every metric they use is one that serve/metrics.py exports.
 
 promtool and kubectl checks run only where those tools are on PATH (skipped otherwise).
 """
+
 from __future__ import annotations
 
 import json
@@ -110,7 +111,7 @@ def _metric_base(name: str) -> str:
             if suffix == "_created" and base + "_total" in METRICS:
                 return base + "_total"
             if suffix != "_created" and base not in HISTOGRAMS:
-                continue            # _sum/_count/_bucket only exist on histograms
+                continue  # _sum/_count/_bucket only exist on histograms
             return base
     return name
 
@@ -141,12 +142,27 @@ def _rules() -> list[dict]:
 
 
 def test_deploy_folder_has_the_expected_files():
-    for rel in ("docker/Dockerfile.gpu", "docker/Dockerfile.cpu", "docker/.dockerignore", "docker/healthcheck.py",
-                "compose/docker-compose.yml", "prometheus/prometheus.yml", "prometheus/rules.yml",
-                "grafana/dashboards/sensepack.json", "grafana/provisioning/datasources/prometheus.yml",
-                "grafana/provisioning/dashboards/sensepack.yml", "k8s/kustomization.yaml", "k8s/deployment.yaml",
-                "k8s/service.yaml", "k8s/configmap.yaml", "k8s/secret.example.yaml", "k8s/pvc.yaml",
-                "config/gpu.yaml", "config/cpu.yaml", "README.md"):
+    for rel in (
+        "docker/Dockerfile.gpu",
+        "docker/Dockerfile.cpu",
+        "docker/.dockerignore",
+        "docker/healthcheck.py",
+        "compose/docker-compose.yml",
+        "prometheus/prometheus.yml",
+        "prometheus/rules.yml",
+        "grafana/dashboards/sensepack.json",
+        "grafana/provisioning/datasources/prometheus.yml",
+        "grafana/provisioning/dashboards/sensepack.yml",
+        "k8s/kustomization.yaml",
+        "k8s/deployment.yaml",
+        "k8s/service.yaml",
+        "k8s/configmap.yaml",
+        "k8s/secret.example.yaml",
+        "k8s/pvc.yaml",
+        "config/gpu.yaml",
+        "config/cpu.yaml",
+        "README.md",
+    ):
         assert (DEPLOY / rel).is_file(), f"deploy/{rel} is missing"
 
 
@@ -173,7 +189,7 @@ def test_metric_contract_matches_serve_metrics():
     exported = set()
     for family in registry.collect():
         exported.add(family.name + "_total" if family.type == "counter" else family.name)
-    assert METRICS <= exported, f"not exported by serve/metrics.py: {sorted(METRICS - exported)}"
+    assert exported >= METRICS, f"not exported by serve/metrics.py: {sorted(METRICS - exported)}"
     extra = {n for n in exported if n.startswith("sensepack_")} - METRICS
     assert not extra, f"serve/metrics.py exports names this test does not know: {sorted(extra)}"
 
@@ -240,20 +256,24 @@ def _alert_exprs() -> str:
     return "\n".join(re.sub(r"\s+", " ", r["expr"]) for r in _rules() if "alert" in r)
 
 
-@pytest.mark.parametrize("needle", [
-    "increase(sensepack_ab_breaches_total[10m]) > 0",
-    "sensepack_ab_ball_ratio_ci_lower",
-    "sensepack_pack_auto_disables_total",
-    "sensepack:request_errors:ratio_rate5m",
-    "histogram_quantile(0.99, sum by (le) (rate(sensepack_e2e_request_latency_seconds_bucket[5m])))",
-    "histogram_quantile(0.99, sum by (le) (rate(sensepack_time_to_first_token_seconds_bucket[5m])))",
-    "sensepack_requests_waiting",
-])
+@pytest.mark.parametrize(
+    "needle",
+    [
+        "increase(sensepack_ab_breaches_total[10m]) > 0",
+        "sensepack_ab_ball_ratio_ci_lower",
+        "sensepack_pack_auto_disables_total",
+        "sensepack:request_errors:ratio_rate5m",
+        "histogram_quantile(0.99, sum by (le) (rate(sensepack_e2e_request_latency_seconds_bucket[5m])))",
+        "histogram_quantile(0.99, sum by (le) (rate(sensepack_time_to_first_token_seconds_bucket[5m])))",
+        "sensepack_requests_waiting",
+    ],
+)
 def test_required_alerts_present(needle):
     exprs = _alert_exprs()
     if needle == "increase(sensepack_ab_breaches_total[10m]) > 0":
-        exprs = exprs.replace("sum by (pack) (increase(sensepack_ab_breaches_total[10m]))",
-                              "increase(sensepack_ab_breaches_total[10m])")
+        exprs = exprs.replace(
+            "sum by (pack) (increase(sensepack_ab_breaches_total[10m]))", "increase(sensepack_ab_breaches_total[10m])"
+        )
     assert needle in exprs, f"no alert uses {needle}"
     # the error ratio the alert uses is the non-OK share
     rec = {r["record"]: r["expr"] for r in _rules() if "record" in r}
@@ -324,11 +344,21 @@ def test_dashboard_covers_the_metrics():
     for e in _dashboard_exprs(_dashboard()):
         used |= {_metric_base(m) for m in METRIC_RE.findall(e)}
     required = {
-        "sensepack_requests_total", "sensepack_time_to_first_token_seconds", "sensepack_inter_token_latency_seconds",
-        "sensepack_e2e_request_latency_seconds", "sensepack_requests_running", "sensepack_requests_waiting",
-        "sensepack_generation_tokens_total", "sensepack_prompt_tokens_total", "sensepack_backpack_step_seconds",
-        "sensepack_exact_skip_steps_total", "sensepack_pack_loads_total", "sensepack_active_pack_info",
-        "sensepack_ab_ball_ratio", "sensepack_ab_ball_ratio_ci_lower", "sensepack_ab_ball_ratio_ci_upper",
+        "sensepack_requests_total",
+        "sensepack_time_to_first_token_seconds",
+        "sensepack_inter_token_latency_seconds",
+        "sensepack_e2e_request_latency_seconds",
+        "sensepack_requests_running",
+        "sensepack_requests_waiting",
+        "sensepack_generation_tokens_total",
+        "sensepack_prompt_tokens_total",
+        "sensepack_backpack_step_seconds",
+        "sensepack_exact_skip_steps_total",
+        "sensepack_pack_loads_total",
+        "sensepack_active_pack_info",
+        "sensepack_ab_ball_ratio",
+        "sensepack_ab_ball_ratio_ci_lower",
+        "sensepack_ab_ball_ratio_ci_upper",
         "sensepack_ab_breaches_total",
     }
     assert not required - used, f"dashboard lacks {sorted(required - used)}"
@@ -386,10 +416,10 @@ def test_compose_references_exist():
                 assert (base / src).exists(), f"{name}: bind mount source {src} does not exist"
             else:
                 assert src in named, f"{name}: volume {src} is not declared"
-        for env_file in ([svc["env_file"]] if isinstance(svc.get("env_file"), str) else svc.get("env_file", [])):
+        for env_file in [svc["env_file"]] if isinstance(svc.get("env_file"), str) else svc.get("env_file", []):
             assert (base / env_file).exists(), env_file
         deps = svc.get("depends_on", [])
-        for dep in (deps if isinstance(deps, list) else list(deps)):
+        for dep in deps if isinstance(deps, list) else list(deps):
             assert dep in services, f"{name}: depends_on {dep}"
 
 
@@ -466,7 +496,7 @@ def test_k8s_deployment_probes_and_service():
     mounts = {m["name"] for m in c["volumeMounts"]}
     assert mounts == {v["name"] for v in pod["spec"]["volumes"]}
     secrets = {d["metadata"]["name"]: d for _, d in _k8s_docs() if d["kind"] == "Secret"}
-    token = [e for e in c["env"] if e["name"] == "SENSEPACK_ADMIN_TOKEN"][0]
+    token = next(e for e in c["env"] if e["name"] == "SENSEPACK_ADMIN_TOKEN")
     ref = token["valueFrom"]["secretKeyRef"]
     assert ref["key"] in secrets[ref["name"]]["stringData"]
     assert "REPLACE_ME" in secrets[ref["name"]]["stringData"][ref["key"]], "the example secret must be a placeholder"
@@ -559,13 +589,21 @@ def test_dockerfile(flavour):
     assert "sensepack-healthcheck" in hc and "--start-period" in hc
     runs = " ".join(r for w, r in ins if w == "RUN")
     assert "pip install" in runs
-    patterns = [ln.strip() for ln in (DOCKER / f"Dockerfile.{flavour}.dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip()
+        for ln in (DOCKER / f"Dockerfile.{flavour}.dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     # files the build copies or uses exist and are not excluded from the context
     needed = [x for w, r in ins if w == "COPY" and not r.startswith("--") for x in r.split()[:-1] if x != "."]
     needed += re.findall(r"(deploy/[\w./-]+)", runs)
-    needed += ["pyproject.toml", "requirements-serve-lock.txt", "proto/sensepack/v1/generation.proto",
-               "proto/sensepack/v1/admin.proto", "serve/cli.py"]
+    needed += [
+        "pyproject.toml",
+        "requirements-serve-lock.txt",
+        "proto/sensepack/v1/generation.proto",
+        "proto/sensepack/v1/admin.proto",
+        "serve/cli.py",
+    ]
     for rel in needed:
         assert (ROOT / rel).exists(), f"{path.name}: {rel} does not exist"
         assert not _ignored(rel, patterns), f"{path.name}: {rel} is excluded by the .dockerignore"
@@ -589,9 +627,13 @@ def _free_port() -> int:
 
 
 def test_healthcheck_fails_without_a_server():
-    r = subprocess.run([sys.executable, str(DOCKER / "healthcheck.py"), f"127.0.0.1:{_free_port()}"],
-                       capture_output=True, text=True, timeout=60,
-                       env={"SENSEPACK_HEALTHCHECK_TIMEOUT": "2", "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, str(DOCKER / "healthcheck.py"), f"127.0.0.1:{_free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"SENSEPACK_HEALTHCHECK_TIMEOUT": "2", "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 1, r.stderr
     assert "unhealthy" in r.stderr
 
@@ -600,8 +642,12 @@ def test_healthcheck_and_metrics_against_a_demo_server():
     """The image's HEALTHCHECK script reports SERVING, and /metrics exposes every contract name."""
     testing = pytest.importorskip("serve.testing")
     with testing.running_server() as server:
-        r = subprocess.run([sys.executable, str(DOCKER / "healthcheck.py"), f"127.0.0.1:{server.port}"],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, str(DOCKER / "healthcheck.py"), f"127.0.0.1:{server.port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stderr
         assert "SERVING" in r.stdout
         text = testing.scrape(server)
@@ -610,7 +656,7 @@ def test_healthcheck_and_metrics_against_a_demo_server():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()[:4]
             exposed.add(name + "_total" if kind == "counter" and not name.endswith("_total") else name)
-    assert METRICS <= exposed, f"not on /metrics: {sorted(METRICS - exposed)}"
+    assert exposed >= METRICS, f"not on /metrics: {sorted(METRICS - exposed)}"
 
 
 # ------------------------------------------------------------------ external tools (optional)
@@ -631,8 +677,9 @@ def test_promtool_check_rules():
 
 def test_promtool_rule_unit_tests():
     promtool = _tool("promtool")
-    r = subprocess.run([promtool, "test", "rules", str(RULES_TEST)], capture_output=True, text=True,
-                       timeout=300, cwd=RULES_TEST.parent)
+    r = subprocess.run(
+        [promtool, "test", "rules", str(RULES_TEST)], capture_output=True, text=True, timeout=300, cwd=RULES_TEST.parent
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -46,7 +46,7 @@ def naive_logprobs(large, backpack, tokens, packs):
 def run_and_compare(ens, prompts, packs, steps):
     large, backpack = ens.large, ens.backpack
     batch = ens.new_batch()
-    for i, (p, pk) in enumerate(zip(prompts, packs)):
+    for i, (p, pk) in enumerate(zip(prompts, packs, strict=True)):
         batch.add(i, p, pk)
     seqs = [list(p) for p in prompts]
     for _ in range(steps):
@@ -56,9 +56,9 @@ def run_and_compare(ens, prompts, packs, steps):
             ref = naive_logprobs(large, backpack, seqs[sid], packs[sid])
             torch.testing.assert_close(lp[row], ref, atol=1e-5, rtol=0)
         nxt = lp.argmax(-1).tolist()
-        for sid, t in zip(batch.seq_ids, nxt):
+        for sid, t in zip(batch.seq_ids, nxt, strict=True):
             seqs[sid].append(t)
-        batch.append(dict(zip(batch.seq_ids, nxt)))
+        batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
     return seqs
 
 
@@ -66,8 +66,11 @@ def run_and_compare(ens, prompts, packs, steps):
 def test_cached_alpha_equals_naive_formula_prompt_tokens(models, tokenizer, beta):
     large, backpack = models
     ens = Ensemble(large, backpack, tokenizer)
-    prompts = [tokenizer("The capital of Mauritius is").input_ids, tokenizer("Mauritius").input_ids,
-               tokenizer("A long unrelated sentence about the weather in the mountains").input_ids]
+    prompts = [
+        tokenizer("The capital of Mauritius is").input_ids,
+        tokenizer("Mauritius").input_ids,
+        tokenizer("A long unrelated sentence about the weather in the mountains").input_ids,
+    ]
     trig = tokenizer(" Mauritius").input_ids + tokenizer("Mauritius").input_ids
     pack = PackRef("p", "v1", make_pack(backpack, trig, "p", 0), beta)
     run_and_compare(ens, prompts, [[pack], [pack], [pack]], steps=10)
@@ -82,7 +85,7 @@ def test_cached_alpha_equals_naive_formula_generated_tokens_and_two_packs(models
     assert new_tokens, "need a generated token that is not in the prompt"
     gen_pack = PackRef("gen", "v1", make_pack(backpack, new_tokens[:1], "gen", 1, senses=[0, 2]), 1.0)
     prompt_pack = PackRef("nurse", "v1", make_pack(backpack, tokenizer(" nurse").input_ids, "n", 2), 0.5)
-    seqs = run_and_compare(ens, [prompt, prompt], [[gen_pack], [gen_pack, prompt_pack]], steps=10)
+    run_and_compare(ens, [prompt, prompt], [[gen_pack], [gen_pack, prompt_pack]], steps=10)
     calls_before = ens.stats.backpack_calls
     assert calls_before > 0
 
@@ -104,12 +107,12 @@ def test_exact_skip_is_bit_identical_and_never_calls_the_backpack(models, tokeni
             out.append(lp.clone())
             nxt = lp.argmax(-1).tolist()
             assert all(t not in rare for t in nxt)
-            batch.append(dict(zip(batch.seq_ids, nxt)))
+            batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
         return out, ens.stats
 
     with_pack, stats = decode([pack])
     base, _ = decode([])
-    for a, b in zip(with_pack, base):
+    for a, b in zip(with_pack, base, strict=True):
         assert torch.equal(a, b)  # bit-identical
     assert stats.backpack_calls == 0
     assert stats.exact_skip_rows == 2 * 12
@@ -146,8 +149,11 @@ def test_continuous_batching_join_and_leave_matches_solo_decoding(models, tokeni
     ens = Ensemble(large, backpack, tokenizer)
     trig = tokenizer(" Paris").input_ids
     pack = PackRef("p", "v1", make_pack(backpack, trig, "p", 5), 0.7)
-    prompts = {"a": tokenizer("I went to Paris and").input_ids, "b": tokenizer("The weather").input_ids,
-               "c": tokenizer("Paris is").input_ids}
+    prompts = {
+        "a": tokenizer("I went to Paris and").input_ids,
+        "b": tokenizer("The weather").input_ids,
+        "c": tokenizer("Paris is").input_ids,
+    }
     packs = {"a": [pack], "b": [pack], "c": []}
     solo = {k: ens.generate_greedy([prompts[k]], [packs[k]], 8)[0] for k in prompts}
 
@@ -160,7 +166,7 @@ def test_continuous_batching_join_and_leave_matches_solo_decoding(models, tokeni
         if not len(batch):
             break
         lp = batch.logprobs()
-        nxt = dict(zip(batch.seq_ids, lp.argmax(-1).tolist()))
+        nxt = dict(zip(batch.seq_ids, lp.argmax(-1).tolist(), strict=True))
         for k, t in nxt.items():
             out[k].append(t)
         done = [k for k in nxt if len(out[k]) == 8]
@@ -181,7 +187,9 @@ def test_score_equals_incremental_logprobs(models, tokenizer):
         scored = ens.score([prefix], [cont], [packs])[0]
         expect = ens._score_incremental(prefix, cont, packs)
         torch.testing.assert_close(scored, expect, atol=1e-5, rtol=0)
-        naive = torch.stack([naive_logprobs(large, backpack, prefix + cont[:i], packs)[cont[i]] for i in range(len(cont))])
+        naive = torch.stack(
+            [naive_logprobs(large, backpack, prefix + cont[:i], packs)[cont[i]] for i in range(len(cont))]
+        )
         torch.testing.assert_close(scored, naive, atol=1e-5, rtol=0)
 
 

@@ -25,7 +25,7 @@ def test_incremental_equals_full_forward_over_64_steps_ragged_batch():
     prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
     cache = prefill(model, prompts)
     seqs = [list(p) for p in prompts]
-    for step in range(66):
+    for _step in range(66):
         alpha = cache.last_alpha
         logits = backpack_logits(model, cache, alpha)
         for b, toks in enumerate(seqs):
@@ -47,7 +47,7 @@ def test_rows_that_do_not_advance_are_untouched():
     alpha_before = cache.last_alpha.clone()
     decode_step(model, cache, torch.tensor([7, 8]), advance=torch.tensor([True, False]))
     assert cache.lengths.tolist() == [4, 2]
-    for k0, k1 in zip(before, cache.keys):
+    for k0, k1 in zip(before, cache.keys, strict=True):
         assert torch.equal(k0[1], k1[1])
     assert torch.equal(cache.last_alpha[1], alpha_before[1])
     _, ref_alpha = _full(model, [1, 2, 3, 7])
@@ -70,7 +70,7 @@ def test_sliding_window_past_n_positions_matches_fresh_forward_over_window():
             seqs[b].append(t)
         for b in range(2):
             window = cache.window_tokens(b)
-            assert window == seqs[b][-len(window):]  # the most recent tokens
+            assert window == seqs[b][-len(window) :]  # the most recent tokens
             assert len(window) <= 32
             ref_logits, ref_alpha = _full(model, window)
             torch.testing.assert_close(cache.last_alpha[b, :, : len(window)], ref_alpha, atol=1e-5, rtol=0)

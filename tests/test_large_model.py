@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from ensemble.backpack import BackpackConfig, BackpackLM
+from ensemble.backpack import BackpackLM
 from ensemble.demo import tiny_backpack
 from ensemble.ensemble import Ensemble
 from ensemble.large_model import LargeModelBatch, full_logits, load_large_model, model_fingerprint, tiny_gptj

@@ -1,5 +1,6 @@
 """Nothing a client can push grows without bound: metrics labels come from a
 closed set; the counters alerts use exist at 0 from the start."""
+
 from __future__ import annotations
 
 import grpc
@@ -13,15 +14,22 @@ from serve.testing import channel, demo_served, demo_variant, parse_metrics, pub
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(open_store(str(store_dir)), demo_served(), "capitals", demo_variant(demo_served(), " Paris"),
-                  beta=1.0, alias="prod")
+    publish_edits(
+        open_store(str(store_dir)),
+        demo_served(),
+        "capitals",
+        demo_variant(demo_served(), " Paris"),
+        beta=1.0,
+        alias="prod",
+    )
     with running_server(store_dir, demo_served(), **{"packs.preload": ["capitals@prod"]}) as srv:
         yield srv
 
 
 def _call(ch, method: str, token: str | None = None):
-    call = ch.unary_unary(f"/{ADMIN_SERVICE}/{method}", request_serializer=lambda x: x,
-                          response_deserializer=lambda x: x)
+    call = ch.unary_unary(
+        f"/{ADMIN_SERVICE}/{method}", request_serializer=lambda x: x, response_deserializer=lambda x: x
+    )
     md = [("authorization", f"Bearer {token}")] if token else None
     with pytest.raises(grpc.RpcError) as ei:
         call(b"", metadata=md, timeout=30)
@@ -55,24 +63,28 @@ def test_admission_by_token_budget(tmp_path):
     from serve.client import build_generate_request
     from serve.testing import wait_until
 
-    with running_server(tmp_path, demo_served(), **{"limits.max_batched_tokens": 3100, "limits.max_running": 4,
-                                                    "limits.max_new_tokens": 2000}) as srv:
+    with running_server(
+        tmp_path,
+        demo_served(),
+        **{"limits.max_batched_tokens": 3100, "limits.max_running": 4, "limits.max_new_tokens": 2000},
+    ) as srv:
         stub = pb_grpc.GenerationServiceStub(channel(srv))
-        prompt = list(range(300, 306))                       # 6 tokens + 1500 new
-        calls = [stub.GenerateStream(build_generate_request(prompt, base_only=True, max_new_tokens=1500,
-                                                            ignore_eos=True)) for _ in range(3)]
+        prompt = list(range(300, 306))  # 6 tokens + 1500 new
+        calls = [
+            stub.GenerateStream(build_generate_request(prompt, base_only=True, max_new_tokens=1500, ignore_eos=True))
+            for _ in range(3)
+        ]
         for c in calls:
-            next(c)                                          # accepted (the head is sent at submission)
+            next(c)  # accepted (the head is sent at submission)
         assert wait_until(lambda: srv.engine.running == 2 and srv.engine.waiting == 1)
-        calls[0].cancel()                                    # its tokens free up: the third joins
+        calls[0].cancel()  # its tokens free up: the third joins
         assert wait_until(lambda: srv.engine.running == 2 and srv.engine.waiting == 0)
         for c in calls[1:]:
             c.cancel()
         assert wait_until(lambda: srv.engine.running == 0)
         # a Score in progress holds its tokens too: with 2000 of them reserved, a 1506-token request waits
         srv.engine.begin_score(2000)
-        late = stub.GenerateStream(build_generate_request(prompt, base_only=True, max_new_tokens=1500,
-                                                          ignore_eos=True))
+        late = stub.GenerateStream(build_generate_request(prompt, base_only=True, max_new_tokens=1500, ignore_eos=True))
         next(late)
         assert wait_until(lambda: srv.engine.waiting == 1) and srv.engine.running == 0
         srv.engine.end_score(2000)
@@ -81,7 +93,7 @@ def test_admission_by_token_budget(tmp_path):
         assert wait_until(lambda: srv.engine.running == 0)
     with running_server(tmp_path, demo_served(), **{"limits.max_batched_tokens": 100}) as srv:
         stub = pb_grpc.GenerationServiceStub(channel(srv))
-        with pytest.raises(grpc.RpcError) as ei:             # 6 + 95 tokens can never fit a 100-token budget
+        with pytest.raises(grpc.RpcError) as ei:  # 6 + 95 tokens can never fit a 100-token budget
             stub.Generate(build_generate_request(prompt, base_only=True, max_new_tokens=95))
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert ei.value.details().startswith("stopping.max_new_tokens:") and "max_batched_tokens" in ei.value.details()

@@ -1,4 +1,5 @@
 """Config validation, shipped configs, stub generation, and the CLI against a real server."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def test_example_config_documents_every_field_with_its_default():
     assert _yaml_leaves(data) == _leaves(Config())
     assert load_config(path) == Config()
     for line in path.read_text().splitlines():
-        if re.match(r"^\s+\w+:\s*\S", line):          # every leaf line carries a comment
+        if re.match(r"^\s+\w+:\s*\S", line):  # every leaf line carries a comment
             assert "#" in line, line
 
 
@@ -51,22 +52,25 @@ def test_shipped_configs_validate(name):
         assert cfg.model.large_model == "EleutherAI/gpt-j-6b" and cfg.model.backpack == "stanfordnlp/backpack-gpt2"
 
 
-@pytest.mark.parametrize("data,key", [
-    ({"limits": {"max_running": 0}}, "limits.max_running"),
-    ({"limits": {"bogus": 1}}, "limits.bogus"),
-    ({"nonsense": {}}, "nonsense"),
-    ({"server": {"port": 70000}}, "server.port"),
-    ({"model": {"profile": "huge"}}, "model.profile"),
-    ({"ab": {"traffic_share": 1.5}}, "ab.traffic_share"),
-    ({"tls": {"cert_file": "/nonexistent.pem"}}, "tls"),
-    ({"model": {"profile": "pretrained"}}, "store.uri"),
-    ({"limits": {"default_max_new_tokens": 600, "max_new_tokens": 500}}, "limits.default_max_new_tokens"),
-    ({"http": {"port": -3}}, "http.port"),
-    ({"http": {"enabled": True, "port": 50051}}, "http.port"),
-    ({"http": {"chat_template": "/nonexistent/template.jinja"}}, "http.chat_template"),
-    ({"http": {"max_choices": 0}}, "http.max_choices"),
-    ({"api": {"keys": [""]}}, "api.keys"),
-])
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"limits": {"max_running": 0}}, "limits.max_running"),
+        ({"limits": {"bogus": 1}}, "limits.bogus"),
+        ({"nonsense": {}}, "nonsense"),
+        ({"server": {"port": 70000}}, "server.port"),
+        ({"model": {"profile": "huge"}}, "model.profile"),
+        ({"ab": {"traffic_share": 1.5}}, "ab.traffic_share"),
+        ({"tls": {"cert_file": "/nonexistent.pem"}}, "tls"),
+        ({"model": {"profile": "pretrained"}}, "store.uri"),
+        ({"limits": {"default_max_new_tokens": 600, "max_new_tokens": 500}}, "limits.default_max_new_tokens"),
+        ({"http": {"port": -3}}, "http.port"),
+        ({"http": {"enabled": True, "port": 50051}}, "http.port"),
+        ({"http": {"chat_template": "/nonexistent/template.jinja"}}, "http.chat_template"),
+        ({"http": {"max_choices": 0}}, "http.max_choices"),
+        ({"api": {"keys": [""]}}, "api.keys"),
+    ],
+)
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as ei:
         parse_config(data)
@@ -81,7 +85,7 @@ def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
     bad.write_text("limits:\n  max_waiting: -1\n")
-    with pytest.raises(ConfigError, match="limits.max_waiting"):
+    with pytest.raises(ConfigError, match=r"limits\.max_waiting"):
         load_config(bad)
 
 
@@ -104,8 +108,9 @@ def test_cli_client_against_server(tmp_path, monkeypatch):
     with running_server(tmp_path, demo_served(), **{"packs.preload": []}) as server:
         target = f"127.0.0.1:{server.port}"
         run = lambda *a: CliRunner().invoke(main, ["client", "--target", target, *a])  # noqa: E731
-        r = run("generate", "The capital of Mauritius is", "--pack", "demo-capitals@prod", "--max-new-tokens", "4",
-                "--json")
+        r = run(
+            "generate", "The capital of Mauritius is", "--pack", "demo-capitals@prod", "--max-new-tokens", "4", "--json"
+        )
         assert r.exit_code == 0, r.output
         out = json.loads(r.output)
         assert out["generated_token_count"] == 4 and out["packs"][0]["name"] == "demo-capitals"
@@ -138,20 +143,30 @@ def test_tls(tmp_path):
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     store = tmp_path / "store"
-    with running_server(store, demo_served(), **{"tls.cert_file": str(cert_file), "tls.key_file": str(key_file),
-                                                  "http.enabled": True, "http.port": 0}) as server:
+    with running_server(
+        store,
+        demo_served(),
+        **{"tls.cert_file": str(cert_file), "tls.key_file": str(key_file), "http.enabled": True, "http.port": 0},
+    ) as server:
         c = Client(f"localhost:{server.port}", ca_file=str(cert_file), timeout=60)
         assert c.generate("Hello", base_only=True, max_new_tokens=2).generated_token_count == 2
         plain = Client(f"127.0.0.1:{server.port}", timeout=5)
@@ -178,15 +193,25 @@ def test_pretrained_profile_loads_checkpoint_folders(tmp_path):
 
     tiny_gptj(0).save_pretrained(tmp_path / "large")
     tiny_backpack(0).save_pretrained(tmp_path / "backpack")
-    cfg = load_config(None, {"model.profile": "pretrained", "model.large_model": str(tmp_path / "large"),
-                             "model.backpack": str(tmp_path / "backpack"), "store.uri": str(tmp_path / "store"),
-                             "server.port": 0, "server.metrics_port": -1})
+    cfg = load_config(
+        None,
+        {
+            "model.profile": "pretrained",
+            "model.large_model": str(tmp_path / "large"),
+            "model.backpack": str(tmp_path / "backpack"),
+            "store.uri": str(tmp_path / "store"),
+            "server.port": 0,
+            "server.metrics_port": -1,
+        },
+    )
     server = SensepackServer(cfg).start()
     try:
         c = Client(f"127.0.0.1:{server.port}", timeout=60)
         info = c.model_info()
-        assert {m.role: m.name for m in info.models} == {"large": str(tmp_path / "large"),
-                                                         "backpack": str(tmp_path / "backpack")}
+        assert {m.role: m.name for m in info.models} == {
+            "large": str(tmp_path / "large"),
+            "backpack": str(tmp_path / "backpack"),
+        }
         ref = server.ensemble.generate_greedy([[464, 3139, 286]], [[]], 4)[0]
         r = c.generate([464, 3139, 286], base_only=True, max_new_tokens=4, ignore_eos=True, tokens=True)
         assert [t.id for t in r.tokens] == ref
@@ -199,12 +224,16 @@ def test_served_context_caps_requests_at_vllm_max_model_len():
     from serve.config import parse_config, served_context
 
     assert served_context(parse_config({}), 2048) == 2048
-    base = {"engine": "vllm", "model": {"profile": "pretrained"}, "store": {"uri": "/tmp/x"},
-            "limits": {"max_prompt_tokens": 1536, "max_new_tokens": 512}}
-    assert served_context(parse_config(base), 4096) == 2048                       # vLLM's default length
+    base = {
+        "engine": "vllm",
+        "model": {"profile": "pretrained"},
+        "store": {"uri": "/tmp/x"},
+        "limits": {"max_prompt_tokens": 1536, "max_new_tokens": 512},
+    }
+    assert served_context(parse_config(base), 4096) == 2048  # vLLM's default length
     assert served_context(parse_config({**base, "vllm": {"max_model_len": 1024}}), 2048) == 1024
     assert served_context(parse_config({**base, "vllm": {"engine_args": {"max_model_len": 700}}}), 2048) == 700
-    assert served_context(parse_config({**base, "vllm": {"max_model_len": 8192}}), 2048) == 2048   # HF context
+    assert served_context(parse_config({**base, "vllm": {"max_model_len": 8192}}), 2048) == 2048  # HF context
 
 
 def test_build_engine_is_the_one_engine_choice(tmp_path):

@@ -1,4 +1,5 @@
 """The incremental detokeniser against a full decode of the same ids."""
+
 from __future__ import annotations
 
 from hypothesis import given, settings
@@ -10,8 +11,15 @@ from serve.testing import demo_served
 TOK = demo_served().tokenizer
 # whole words, single bytes of multi-byte characters (GPT-2 byte tokens 128..255 map to ids < 256),
 # emoji and CJK split over several tokens, EOS
-POOL = sorted({*TOK("Hello world, Mauritius! 東京 😀 café naïve", add_special_tokens=False)["input_ids"],
-               *range(0, 256), 50256, 220, 198})
+POOL = sorted(
+    {
+        *TOK("Hello world, Mauritius! 東京 😀 café naïve", add_special_tokens=False)["input_ids"],
+        *range(0, 256),
+        50256,
+        220,
+        198,
+    }
+)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
@@ -21,7 +29,7 @@ def test_incremental_text_equals_full_decode(ids):
     pieces = []
     for k, t in enumerate(ids):
         pieces.append(d.add(t))
-        full = TOK.decode(ids[:k + 1])
+        full = TOK.decode(ids[: k + 1])
         assert "".join(pieces) == d.text and full.startswith(d.text)
     assert d.flush() == TOK.decode(ids)
 

@@ -2,6 +2,7 @@
 before tokenizing, a pack reference with a trailing newline is malformed, the
 demo admin token only on loopback, undecodable bytes are INVALID_ARGUMENT and
 counted, a shutdown cut says so, reflection answers v1 and v1alpha."""
+
 from __future__ import annotations
 
 import threading
@@ -13,8 +14,18 @@ from grpc_reflection.v1alpha import reflection_pb2
 from edits_store.store import open_store
 from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 from serve.client import build_generate_request
-from serve.testing import (auth, channel, demo_served, demo_variant, make_config, metric, parse_metrics,
-                           publish_edits, running_server, scrape)
+from serve.testing import (
+    auth,
+    channel,
+    demo_served,
+    demo_variant,
+    make_config,
+    metric,
+    parse_metrics,
+    publish_edits,
+    running_server,
+    scrape,
+)
 
 C = grpc.StatusCode
 
@@ -22,10 +33,17 @@ C = grpc.StatusCode
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(open_store(str(store_dir)), demo_served(), "capitals", demo_variant(demo_served(), " Paris"),
-                  beta=1.0, alias="prod")
-    with running_server(store_dir, demo_served(), **{"packs.preload": ["capitals@prod"],
-                                                     "limits.max_prompt_tokens": 64}) as srv:
+    publish_edits(
+        open_store(str(store_dir)),
+        demo_served(),
+        "capitals",
+        demo_variant(demo_served(), " Paris"),
+        beta=1.0,
+        alias="prod",
+    )
+    with running_server(
+        store_dir, demo_served(), **{"packs.preload": ["capitals@prod"], "limits.max_prompt_tokens": 64}
+    ) as srv:
         yield srv
 
 
@@ -63,11 +81,13 @@ def test_demo_admin_token_only_on_loopback(tmp_path, monkeypatch):
     monkeypatch.delenv("SENSEPACK_ADMIN_TOKEN", raising=False)
     for host in ("0.0.0.0", "10.1.2.3", "::", "example.org"):
         with pytest.raises(ValueError) as ei:
-            SensepackServer(make_config(tmp_path, **{"admin.token": "demo-admin-token", "server.host": host}),
-                            served=demo_served())
+            SensepackServer(
+                make_config(tmp_path, **{"admin.token": "demo-admin-token", "server.host": host}), served=demo_served()
+            )
         assert str(ei.value).startswith("admin.token:") and repr(host) in str(ei.value)
-    with running_server(tmp_path, demo_served(), **{"admin.token": "demo-admin-token",
-                                                    "server.host": "127.0.0.1"}) as srv:
+    with running_server(
+        tmp_path, demo_served(), **{"admin.token": "demo-admin-token", "server.host": "127.0.0.1"}
+    ) as srv:
         adm = admin_pb_grpc.PackAdminStub(channel(srv))
         assert adm.ListPacks(admin_pb.ListPacksRequest(), metadata=auth("demo-admin-token")) is not None
 
@@ -75,20 +95,24 @@ def test_demo_admin_token_only_on_loopback(tmp_path, monkeypatch):
 def test_undecodable_request_is_invalid_argument_and_counted(server):
     ch = channel(server)
     raw = pb.GenerateRequest(text="Hello x").SerializeToString().replace(b"x", b"\xff")
-    before = metric(parse_metrics(scrape(server)), "sensepack_requests_total", method="Generate",
-                    status="INVALID_ARGUMENT")
+    before = metric(
+        parse_metrics(scrape(server)), "sensepack_requests_total", method="Generate", status="INVALID_ARGUMENT"
+    )
     for method in ("Generate", "GenerateStream"):
         call = getattr(ch, "unary_unary" if method == "Generate" else "unary_stream")(
-            f"/{GENERATION_SERVICE}/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            f"/{GENERATION_SERVICE}/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
         with pytest.raises(grpc.RpcError) as ei:
             out = call(raw, timeout=30)
             list(out) if method == "GenerateStream" else out
         assert ei.value.code() == C.INVALID_ARGUMENT and ei.value.details().startswith("request: not a valid")
-    after = metric(parse_metrics(scrape(server)), "sensepack_requests_total", method="Generate",
-                   status="INVALID_ARGUMENT")
+    after = metric(
+        parse_metrics(scrape(server)), "sensepack_requests_total", method="Generate", status="INVALID_ARGUMENT"
+    )
     assert after - before == 1
-    adm = ch.unary_unary(f"/{ADMIN_SERVICE}/LoadPack", request_serializer=lambda b: b,
-                         response_deserializer=lambda b: b)
+    adm = ch.unary_unary(
+        f"/{ADMIN_SERVICE}/LoadPack", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
     bad_admin = admin_pb.LoadPackRequest(ref="capitals@x").SerializeToString().replace(b"@x", b"@\xff")
     with pytest.raises(grpc.RpcError) as ei:
         adm(bad_admin, metadata=auth(), timeout=30)
@@ -98,9 +122,11 @@ def test_undecodable_request_is_invalid_argument_and_counted(server):
 def test_reflection_v1_and_v1alpha(server):
     ch = channel(server)
     for service in ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"):
-        call = ch.stream_stream(f"/{service}/ServerReflectionInfo",
-                                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-                                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        call = ch.stream_stream(
+            f"/{service}/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
         (resp,) = list(call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
         names = {s.name for s in resp.list_services_response.service}
         assert {GENERATION_SERVICE, ADMIN_SERVICE, "grpc.reflection.v1.ServerReflection"} <= names
@@ -111,8 +137,7 @@ def test_request_cut_at_shutdown_gets_unavailable(tmp_path):
 
     srv = SensepackServer(make_config(tmp_path, **{"limits.max_new_tokens": 2000}), served=demo_served()).start()
     stub = pb_grpc.GenerationServiceStub(channel(srv))
-    call = stub.GenerateStream(build_generate_request("Hello", base_only=True, max_new_tokens=2000,
-                                                      ignore_eos=True))
+    call = stub.GenerateStream(build_generate_request("Hello", base_only=True, max_new_tokens=2000, ignore_eos=True))
     next(call)
     next(call)
     stopper = threading.Thread(target=srv.stop, kwargs={"grace": 0.0})

@@ -1,5 +1,6 @@
 """Malformed requests get the right status code and a message naming the
 field; the server keeps serving. Admin auth. Queue bound."""
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ from serve.client import build_generate_request
 from serve.testing import TOKEN, auth, channel, demo_served, demo_variant, publish_edits, running_server
 
 C = grpc.StatusCode
-LIMIT = 64   # limits.max_prompt_tokens in this module
+LIMIT = 64  # limits.max_prompt_tokens in this module
 
 
 @pytest.fixture(scope="module")
@@ -27,23 +28,62 @@ def env(tmp_path_factory):
     edits = demo_variant(served, " Rome")
     bp = served.ensemble.backpack
     # trained against another Backpack: incompatible
-    store.publish(build_pack("alien", edits.token_ids, edits.sense_ids, edits.deltas, backpack_name="other",
-                             backpack_fingerprint="sha256:" + "0" * 64,
-                             tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
-                             vocab_size=bp.config.vocab_size, num_senses=bp.config.num_senses, epsilon=0.05,
-                             calibration=[CalibrationEntry(target_model="x", target_fingerprint=served.ensemble.large_fingerprint(),
-                                                           beta=1.0, ball_ratio=1.0, g_fingerprint="g", g_tokens=1,
-                                                           epsilon=0.05)]))
+    store.publish(
+        build_pack(
+            "alien",
+            edits.token_ids,
+            edits.sense_ids,
+            edits.deltas,
+            backpack_name="other",
+            backpack_fingerprint="sha256:" + "0" * 64,
+            tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
+            vocab_size=bp.config.vocab_size,
+            num_senses=bp.config.num_senses,
+            epsilon=0.05,
+            calibration=[
+                CalibrationEntry(
+                    target_model="x",
+                    target_fingerprint=served.ensemble.large_fingerprint(),
+                    beta=1.0,
+                    ball_ratio=1.0,
+                    g_fingerprint="g",
+                    g_tokens=1,
+                    epsilon=0.05,
+                )
+            ],
+        )
+    )
     # calibrated for another large model only: no beta for the served one
-    store.publish(build_pack("uncalibrated", edits.token_ids, edits.sense_ids, edits.deltas, backpack_name="demo",
-                             backpack_fingerprint=bp.fingerprint(),
-                             tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
-                             vocab_size=bp.config.vocab_size, num_senses=bp.config.num_senses, epsilon=0.05,
-                             calibration=[CalibrationEntry(target_model="gpt-j", target_fingerprint="sha256:" + "1" * 64,
-                                                           beta=1.0, ball_ratio=1.0, g_fingerprint="g", g_tokens=1,
-                                                           epsilon=0.05)]))
-    with running_server(store_dir, served, **{"limits.max_prompt_tokens": LIMIT, "limits.max_new_tokens": 64,
-                                               "limits.max_packs_per_request": 2}) as server:
+    store.publish(
+        build_pack(
+            "uncalibrated",
+            edits.token_ids,
+            edits.sense_ids,
+            edits.deltas,
+            backpack_name="demo",
+            backpack_fingerprint=bp.fingerprint(),
+            tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
+            vocab_size=bp.config.vocab_size,
+            num_senses=bp.config.num_senses,
+            epsilon=0.05,
+            calibration=[
+                CalibrationEntry(
+                    target_model="gpt-j",
+                    target_fingerprint="sha256:" + "1" * 64,
+                    beta=1.0,
+                    ball_ratio=1.0,
+                    g_fingerprint="g",
+                    g_tokens=1,
+                    epsilon=0.05,
+                )
+            ],
+        )
+    )
+    with running_server(
+        store_dir,
+        served,
+        **{"limits.max_prompt_tokens": LIMIT, "limits.max_new_tokens": 64, "limits.max_packs_per_request": 2},
+    ) as server:
         yield {"server": server, "version": version, "ch": channel(server)}
 
 
@@ -54,6 +94,7 @@ def _set(path, value):
         for p in parts[:-1]:
             obj = getattr(obj, p)
         setattr(obj, parts[-1], value)
+
     return f
 
 
@@ -62,12 +103,14 @@ def _packs(*specs):
         del req.packs[:]
         for s in specs:
             req.packs.add(**s)
+
     return f
 
 
 def _ids(ids):
     def f(req):
         req.token_ids.ids[:] = ids
+
     return f
 
 
@@ -81,7 +124,7 @@ CASES = [
     ("token id beyond the shared vocab", _ids([464, 50257]), C.INVALID_ARGUMENT, "token_ids.ids[1]"),
     ("negative token id", _ids([-3, 464]), C.INVALID_ARGUMENT, "token_ids.ids[0]"),
     ("negative max_new_tokens", _set("stopping.max_new_tokens", -1), C.INVALID_ARGUMENT, "stopping.max_new_tokens"),
-    ("absurd max_new_tokens", _set("stopping.max_new_tokens", 10 ** 9), C.INVALID_ARGUMENT, "stopping.max_new_tokens"),
+    ("absurd max_new_tokens", _set("stopping.max_new_tokens", 10**9), C.INVALID_ARGUMENT, "stopping.max_new_tokens"),
     ("min_new_tokens above max", _set("stopping.min_new_tokens", 10), C.INVALID_ARGUMENT, "stopping.min_new_tokens"),
     ("negative temperature", _set("sampling.temperature", -0.5), C.INVALID_ARGUMENT, "sampling.temperature"),
     ("NaN temperature", _set("sampling.temperature", math.nan), C.INVALID_ARGUMENT, "sampling.temperature"),
@@ -90,9 +133,13 @@ CASES = [
     ("negative top_k", _set("sampling.top_k", -1), C.INVALID_ARGUMENT, "sampling.top_k"),
     ("negative seed", _set("sampling.seed", -7), C.INVALID_ARGUMENT, "sampling.seed"),
     ("unknown decoding method", _set("sampling.method", 7), C.INVALID_ARGUMENT, "sampling.method"),
-    ("absurd top_n_tokens", _set("response.top_n_tokens", 10 ** 6), C.INVALID_ARGUMENT, "response.top_n_tokens"),
-    ("empty stop sequence", lambda r: r.stopping.stop_sequences.append(""), C.INVALID_ARGUMENT,
-     "stopping.stop_sequences[0]"),
+    ("absurd top_n_tokens", _set("response.top_n_tokens", 10**6), C.INVALID_ARGUMENT, "response.top_n_tokens"),
+    (
+        "empty stop sequence",
+        lambda r: r.stopping.stop_sequences.append(""),
+        C.INVALID_ARGUMENT,
+        "stopping.stop_sequences[0]",
+    ),
     ("unknown pack", _packs({"ref": "nosuchpack"}), C.NOT_FOUND, "packs[0].ref"),
     ("unknown version", _packs({"ref": "capitals@" + "0123456789abcdef" * 2}), C.NOT_FOUND, "packs[0].ref"),
     ("unknown alias", _packs({"ref": "capitals@canary"}), C.NOT_FOUND, "packs[0].ref"),
@@ -130,12 +177,21 @@ SCORE_CASES = [
     ("no prefix", {}, "prefix"),
     ("no continuation", {"prefix_text": "Hi"}, "continuations"),
     ("empty continuation", {"prefix_text": "Hi", "continuations": [pb.Continuation(text="")]}, "continuations[0].text"),
-    ("bad continuation id", {"prefix_text": "Hi", "continuations": [pb.Continuation(token_ids=pb.TokenIds(ids=[1, 60000]))]},
-     "continuations[0].token_ids.ids[1]"),
-    ("bad prefix id", {"prefix_token_ids": pb.TokenIds(ids=[-1]), "continuations": [pb.Continuation(text=" x")]},
-     "prefix_token_ids.ids[0]"),
-    ("unknown pack", {"prefix_text": "Hi", "continuations": [pb.Continuation(text=" x")],
-                      "packs": [pb.PackSpec(ref="nosuch")]}, "packs[0].ref"),
+    (
+        "bad continuation id",
+        {"prefix_text": "Hi", "continuations": [pb.Continuation(token_ids=pb.TokenIds(ids=[1, 60000]))]},
+        "continuations[0].token_ids.ids[1]",
+    ),
+    (
+        "bad prefix id",
+        {"prefix_token_ids": pb.TokenIds(ids=[-1]), "continuations": [pb.Continuation(text=" x")]},
+        "prefix_token_ids.ids[0]",
+    ),
+    (
+        "unknown pack",
+        {"prefix_text": "Hi", "continuations": [pb.Continuation(text=" x")], "packs": [pb.PackSpec(ref="nosuch")]},
+        "packs[0].ref",
+    ),
 ]
 
 
@@ -150,11 +206,13 @@ def test_malformed_score(env, case, fields, field):
 
 def test_admin_auth(env):
     adm = admin_pb_grpc.PackAdminStub(env["ch"])
-    calls = [(adm.ListPacks, admin_pb.ListPacksRequest()),
-             (adm.LoadPack, admin_pb.LoadPackRequest(ref="capitals@prod", activate=True)),
-             (adm.SetAlias, admin_pb.SetAliasRequest(name="capitals", alias="prod", version=env["version"])),
-             (adm.UnloadPack, admin_pb.UnloadPackRequest(ref="capitals")),
-             (adm.ABReport, admin_pb.ABReportRequest())]
+    calls = [
+        (adm.ListPacks, admin_pb.ListPacksRequest()),
+        (adm.LoadPack, admin_pb.LoadPackRequest(ref="capitals@prod", activate=True)),
+        (adm.SetAlias, admin_pb.SetAliasRequest(name="capitals", alias="prod", version=env["version"])),
+        (adm.UnloadPack, admin_pb.UnloadPackRequest(ref="capitals")),
+        (adm.ABReport, admin_pb.ABReportRequest()),
+    ]
     for method, req in calls:
         with pytest.raises(grpc.RpcError) as ei:
             method(req)
@@ -174,9 +232,11 @@ def test_admin_auth(env):
 
 def test_admin_errors_name_fields(env):
     adm = admin_pb_grpc.PackAdminStub(env["ch"])
-    for req, code, field in [(admin_pb.LoadPackRequest(ref="bad@@ref"), C.INVALID_ARGUMENT, "ref"),
-                             (admin_pb.LoadPackRequest(ref="nosuch"), C.NOT_FOUND, "ref"),
-                             (admin_pb.LoadPackRequest(ref="alien"), C.FAILED_PRECONDITION, "ref")]:
+    for req, code, field in [
+        (admin_pb.LoadPackRequest(ref="bad@@ref"), C.INVALID_ARGUMENT, "ref"),
+        (admin_pb.LoadPackRequest(ref="nosuch"), C.NOT_FOUND, "ref"),
+        (admin_pb.LoadPackRequest(ref="alien"), C.FAILED_PRECONDITION, "ref"),
+    ]:
         with pytest.raises(grpc.RpcError) as ei:
             adm.LoadPack(req, metadata=auth())
         assert ei.value.code() == code and ei.value.details().startswith(field + ":"), ei.value.details()
@@ -187,17 +247,20 @@ def test_admin_errors_name_fields(env):
 
 def test_queue_full_is_resource_exhausted(tmp_path):
     served = demo_served()
-    with running_server(tmp_path, served, **{"limits.max_running": 1, "limits.max_waiting": 0,
-                                             "limits.max_new_tokens": 2000}) as server:
+    with running_server(
+        tmp_path, served, **{"limits.max_running": 1, "limits.max_waiting": 0, "limits.max_new_tokens": 2000}
+    ) as server:
         stub = pb_grpc.GenerationServiceStub(channel(server))
-        long = stub.GenerateStream(build_generate_request("Hello", base_only=True, max_new_tokens=2000,
-                                                          ignore_eos=True))
-        next(long)          # admitted (first message)
-        next(long)          # running (first token)
+        long = stub.GenerateStream(
+            build_generate_request("Hello", base_only=True, max_new_tokens=2000, ignore_eos=True)
+        )
+        next(long)  # admitted (first message)
+        next(long)  # running (first token)
         with pytest.raises(grpc.RpcError) as ei:
             stub.Generate(build_generate_request("Hi", base_only=True, max_new_tokens=2))
         assert ei.value.code() == C.RESOURCE_EXHAUSTED and "limits.max_waiting" in ei.value.details()
         long.cancel()
         from serve.testing import wait_until
+
         assert wait_until(lambda: server.engine.running == 0)
         assert stub.Generate(build_generate_request("Hi", base_only=True, max_new_tokens=2)).generated_token_count == 2

@@ -1,5 +1,6 @@
 """Generation through a real gRPC server on 127.0.0.1 against the ensemble
 core's own reference paths (greedy decode, teacher-forced scoring)."""
+
 from __future__ import annotations
 
 import threading
@@ -12,8 +13,13 @@ from sensepack_proto import pb, pb_grpc
 from serve.client import Client, build_generate_request
 from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server
 
-PROMPTS = ["The capital of Mauritius is", "Mauritius is an island nation where", "The weather today is",
-           "In 1968, Mauritius became", "My favourite food is"]
+PROMPTS = [
+    "The capital of Mauritius is",
+    "Mauritius is an island nation where",
+    "The weather today is",
+    "In 1968, Mauritius became",
+    "My favourite food is",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +30,15 @@ def env(tmp_path_factory):
     v_paris = publish_edits(store, served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod")
     v_tokyo = publish_edits(store, served, "tokyo", demo_variant(served, " Tokyo", strength=8.0), beta=0.75)
     with running_server(store_dir, served, **{"packs.preload": ["capitals@prod"]}) as server:
-        yield {"server": server, "served": served, "store": store, "v_paris": v_paris, "v_tokyo": v_tokyo,
-               "stub": pb_grpc.GenerationServiceStub(channel(server)),
-               "client": Client(f"127.0.0.1:{server.port}")}
+        yield {
+            "server": server,
+            "served": served,
+            "store": store,
+            "v_paris": v_paris,
+            "v_tokyo": v_tokyo,
+            "stub": pb_grpc.GenerationServiceStub(channel(server)),
+            "client": Client(f"127.0.0.1:{server.port}"),
+        }
 
 
 def _pack_ref(env, name, version):
@@ -67,8 +79,9 @@ def test_two_packs_add_and_beta_override(env):
     half = type(paris)(paris.name, paris.version, paris.edits, 0.5)
     ref = _reference(env, PROMPTS[:2], [half, tokyo], n)
     for i, p in enumerate(PROMPTS[:2]):
-        r = c.generate(p, packs=[("capitals", 0.5), f"tokyo@{env['v_tokyo']}"], max_new_tokens=n, ignore_eos=True,
-                       tokens=True)
+        r = c.generate(
+            p, packs=[("capitals", 0.5), f"tokyo@{env['v_tokyo']}"], max_new_tokens=n, ignore_eos=True, tokens=True
+        )
         assert [t.id for t in r.tokens] == ref[i]
         assert [(u.name, u.beta) for u in r.packs] == [("capitals", 0.5), ("tokyo", 0.75)]
 
@@ -86,8 +99,15 @@ def test_stream_matches_generate(env):
     c = env["client"]
     for packs in ([], ["capitals@prod"]):
         for p in PROMPTS[:3]:
-            kw = dict(packs=packs, base_only=not packs, max_new_tokens=10, ignore_eos=True, tokens=True,
-                      logprobs=True, top_n=3)
+            kw = dict(
+                packs=packs,
+                base_only=not packs,
+                max_new_tokens=10,
+                ignore_eos=True,
+                tokens=True,
+                logprobs=True,
+                top_n=3,
+            )
             full = c.generate(p, **kw)
             msgs = list(c.stream(p, **kw))
             assert msgs[0].input_token_count == full.input_token_count
@@ -111,7 +131,7 @@ def test_logprobs_and_top_tokens_match_core(env):
     assert torch.allclose(torch.tensor([t.logprob for t in r.tokens], dtype=torch.float64), ref.double(), atol=1e-4)
     for t in r.tokens:
         assert len(t.top_tokens) == 4
-        assert t.top_tokens[0].id == t.id                  # greedy picks the top token
+        assert t.top_tokens[0].id == t.id  # greedy picks the top token
         lps = [x.logprob for x in t.top_tokens]
         assert lps == sorted(lps, reverse=True)
 
@@ -160,7 +180,7 @@ def test_concurrent_requests_join_running_batch(env):
         t.start()
     for t in threads:
         t.join()
-    for (p, n, packs), r in zip(jobs, results):
+    for (p, n, packs), r in zip(jobs, results, strict=True):
         ref = _reference(env, [p], [paris] if packs else [], n)[0]
         assert [t.id for t in r.tokens] == ref
     # batching happened: fewer decode steps than the sum of the lengths
@@ -169,8 +189,17 @@ def test_concurrent_requests_join_running_batch(env):
 
 def test_sampling_seeded_reproducible(env):
     c = env["client"]
-    kw = dict(packs=["capitals"], greedy=False, temperature=0.8, top_k=50, top_p=0.9, seed=1234, max_new_tokens=10,
-              ignore_eos=True, tokens=True)
+    kw = dict(
+        packs=["capitals"],
+        greedy=False,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        seed=1234,
+        max_new_tokens=10,
+        ignore_eos=True,
+        tokens=True,
+    )
     a, b = c.generate(PROMPTS[1], **kw), c.generate(PROMPTS[1], **kw)
     assert [t.id for t in a.tokens] == [t.id for t in b.tokens] and a.seed == b.seed == 1234
     s = list(c.stream(PROMPTS[1], **kw))
@@ -193,12 +222,12 @@ def test_stop_sequences_and_min_tokens(env):
     stop = words[3:6]
     r = c.generate(PROMPTS[0], packs=["capitals"], max_new_tokens=12, ignore_eos=True, stop=[stop])
     assert r.stop_reason == pb.STOP_SEQUENCE and r.stop_sequence == stop
-    assert r.text == words[:words.index(stop)]
+    assert r.text == words[: words.index(stop)]
     streamed = list(c.stream(PROMPTS[0], packs=["capitals"], max_new_tokens=12, ignore_eos=True, stop=[stop]))
     assert "".join(m.text for m in streamed) == r.text and streamed[-1].stop_reason == pb.STOP_SEQUENCE
     req = build_generate_request(PROMPTS[0], packs=["capitals"], max_new_tokens=12, ignore_eos=True, stop=[stop])
     req.stopping.include_stop_sequence = True
-    assert env["stub"].Generate(req).text == words[:words.index(stop) + len(stop)]
+    assert env["stub"].Generate(req).text == words[: words.index(stop) + len(stop)]
 
 
 def test_tokenize_and_model_info(env):

@@ -1,6 +1,7 @@
 """100 hot swaps (alias flips between two versions) while 16 clients stream:
 zero failed requests, and every request's output equals the output of the
 pack version it was admitted with (the core's greedy decode)."""
+
 from __future__ import annotations
 
 import threading
@@ -13,8 +14,12 @@ from sensepack_proto import admin_pb, admin_pb_grpc, pb_grpc
 from serve.client import build_generate_request
 from serve.testing import auth, channel, demo_served, demo_variant, publish_edits, running_server, wait_until
 
-PROMPTS = ["The capital of Mauritius is", "Mauritius is known for", "I flew to Mauritius and",
-           "Port Louis, Mauritius, is"]
+PROMPTS = [
+    "The capital of Mauritius is",
+    "Mauritius is known for",
+    "I flew to Mauritius and",
+    "Port Louis, Mauritius, is",
+]
 CLIENTS, SWAPS, NEW = 16, 100, 3
 
 
@@ -28,10 +33,17 @@ def test_hot_swaps_under_streaming_load(tmp_path):
 
     with running_server(tmp_path, served, **{"packs.preload": ["capitals@prod"]}) as server:
         refs = {v: server.packs.activate(f"capitals@{v}", activate=False)[0].pack_ref() for v in (va, vb)}
-        expected = {v: dict(zip(PROMPTS, served.ensemble.generate_greedy([ids[p] for p in PROMPTS],
-                                                                         [[refs[v]]] * len(PROMPTS), NEW)))
-                    for v in (va, vb)}
-        assert expected[va] != expected[vb]          # the two versions are distinguishable
+        expected = {
+            v: dict(
+                zip(
+                    PROMPTS,
+                    served.ensemble.generate_greedy([ids[p] for p in PROMPTS], [[refs[v]]] * len(PROMPTS), NEW),
+                    strict=True,
+                )
+            )
+            for v in (va, vb)
+        }
+        assert expected[va] != expected[vb]  # the two versions are distinguishable
 
         ch = channel(server)
         stub = pb_grpc.GenerationServiceStub(ch)
@@ -46,8 +58,13 @@ def test_hot_swaps_under_streaming_load(tmp_path):
                 p = PROMPTS[(k + i) % len(PROMPTS)]
                 i += 1
                 try:
-                    msgs = list(stub.GenerateStream(build_generate_request(
-                        p, packs=["capitals@prod"], max_new_tokens=NEW, ignore_eos=True, tokens=True)))
+                    msgs = list(
+                        stub.GenerateStream(
+                            build_generate_request(
+                                p, packs=["capitals@prod"], max_new_tokens=NEW, ignore_eos=True, tokens=True
+                            )
+                        )
+                    )
                     version = msgs[0].packs[0].version
                     out = [t.id for m in msgs for t in m.tokens]
                     with lock:
@@ -67,7 +84,7 @@ def test_hot_swaps_under_streaming_load(tmp_path):
             r = adm.SetAlias(admin_pb.SetAliasRequest(name="capitals", alias="prod", version=target), metadata=auth())
             assert r.pack.version == target and r.gate.passed
             swaps += 1
-            wait_until(lambda: len(results) > n0, timeout=30)   # let traffic see this version
+            wait_until(lambda n0=n0: len(results) > n0, timeout=30)  # let traffic see this version
         done.set()
         for t in threads:
             t.join(timeout=120)
@@ -97,12 +114,13 @@ def test_unload_waits_for_running_requests(tmp_path):
         expected = served.ensemble.generate_greedy([tok(prompt, add_special_tokens=False)["input_ids"]], [[ref]], n)[0]
         stub = pb_grpc.GenerationServiceStub(channel(server))
         adm = admin_pb_grpc.PackAdminStub(channel(server))
-        call = stub.GenerateStream(build_generate_request(prompt, packs=["capitals@prod"], max_new_tokens=n,
-                                                          ignore_eos=True, tokens=True))
+        call = stub.GenerateStream(
+            build_generate_request(prompt, packs=["capitals@prod"], max_new_tokens=n, ignore_eos=True, tokens=True)
+        )
         msgs = [next(call), next(call)]
         assert msgs[0].packs[0].version == va
         r = adm.UnloadPack(admin_pb.UnloadPackRequest(ref=f"capitals@{va}"), metadata=auth())
-        assert (r.version, r.freed) == (va, False)            # pinned by the running request
+        assert (r.version, r.freed) == (va, False)  # pinned by the running request
         states = {p.version: p.state for p in adm.ListPacks(admin_pb.ListPacksRequest(), metadata=auth()).resident}
         assert states[va] == "unloading"
         assert "capitals@prod" not in server.packs.routes()
@@ -111,6 +129,7 @@ def test_unload_waits_for_running_requests(tmp_path):
             stub.Generate(build_generate_request(prompt, packs=[f"capitals@{va}"], max_new_tokens=1))
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND and "unloaded by an operator" in ei.value.details()
         msgs += list(call)
-        assert [t.id for m in msgs for t in m.tokens] == expected   # the swap never touched it
-        assert wait_until(lambda: all(p.version != va for p in
-                                      adm.ListPacks(admin_pb.ListPacksRequest(), metadata=auth()).resident))
+        assert [t.id for m in msgs for t in m.tokens] == expected  # the swap never touched it
+        assert wait_until(
+            lambda: all(p.version != va for p in adm.ListPacks(admin_pb.ListPacksRequest(), metadata=auth()).resident)
+        )

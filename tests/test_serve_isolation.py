@@ -1,6 +1,7 @@
 """No request can hurt another: the batched sampler against a naive per-row
 formula, numerically safe sampling for every accepted parameter, and a bad
 request among running streams on a live server."""
+
 from __future__ import annotations
 
 import math
@@ -10,14 +11,14 @@ import grpc
 import pytest
 import torch
 
+from ensemble.vocab import Vocabulary
 from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
-from ensemble.vocab import Vocabulary
 from serve.sampler import RowError, RowParams, sample
 from serve.testing import channel, demo_served, running_server
 
 PROMPT = "The capital of Mauritius is"
-EOS = Vocabulary.gpt2().eos_id       # the sampler masks it only for rows below min_new_tokens
+EOS = Vocabulary.gpt2().eos_id  # the sampler masks it only for rows below min_new_tokens
 
 
 def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
@@ -36,7 +37,7 @@ def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
     probs = [v / tot for v in w]
     if p.top_p < 1.0:
         keep, acc = [], 0.0
-        for i, q in zip(order, probs):
+        for i, q in zip(order, probs, strict=True):
             if acc >= p.top_p:
                 break
             keep.append(i)
@@ -46,21 +47,30 @@ def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
         tot = sum(w)
         probs = [v / tot for v in w]
     acc = 0.0
-    for i, q in zip(order, probs):
+    for i, q in zip(order, probs, strict=True):
         acc += q
         if acc >= u:
             return i
     return order[-1]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6),
-                                                     (0.5, 8, 0.8), (100.0, 0, 1.0)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.5, 8, 0.8), (100.0, 0, 1.0)]
+)
 def test_batched_sampler_matches_naive_formula(temperature, top_k, top_p):
     g = torch.Generator().manual_seed(0)
     lp = torch.log_softmax(torch.randn(6, 40, generator=g) * 2, dim=-1)
     for seed in range(30):
-        params = [RowParams(greedy=(r == 2), temperature=temperature, top_k=top_k, top_p=top_p,
-                            generator=torch.Generator().manual_seed(seed * 10 + r)) for r in range(6)]
+        params = [
+            RowParams(
+                greedy=(r == 2),
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=torch.Generator().manual_seed(seed * 10 + r),
+            )
+            for r in range(6)
+        ]
         got = [s.token for s in sample(lp, params, EOS)]
         want = []
         for r in range(6):
@@ -72,8 +82,9 @@ def test_batched_sampler_matches_naive_formula(temperature, top_k, top_p):
 @pytest.mark.parametrize("temperature", [1e-39, 1e-30, 1e-7, 5e-324])
 def test_tiny_temperature_is_the_argmax(temperature):
     lp = torch.log_softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(1)), dim=-1)
-    params = [RowParams(greedy=False, temperature=temperature, generator=torch.Generator().manual_seed(r))
-              for r in range(3)]
+    params = [
+        RowParams(greedy=False, temperature=temperature, generator=torch.Generator().manual_seed(r)) for r in range(3)
+    ]
     assert [s.token for s in sample(lp, params, EOS)] == lp.argmax(-1).tolist()
 
 
@@ -94,8 +105,9 @@ def test_a_faulty_row_ends_only_its_request():
     from serve.params import GenerationRequest
     from serve.scheduler import Sequence
 
-    seqs = [Sequence(i, GenerationRequest(request_id=str(i), prompt_ids=[1], packs=[]), [], queue.Queue())
-            for i in range(3)]
+    seqs = [
+        Sequence(i, GenerationRequest(request_id=str(i), prompt_ids=[1], packs=[]), [], queue.Queue()) for i in range(3)
+    ]
     lp = torch.log_softmax(torch.randn(3, 50257, generator=torch.Generator().manual_seed(2)), dim=-1)
     lp[1, 7] = float("nan")
     outs = sample_isolated(lp, seqs, EOS)
@@ -107,8 +119,7 @@ def test_a_faulty_row_ends_only_its_request():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("store"), demo_served(),
-                        **{"limits.max_new_tokens": 64}) as srv:
+    with running_server(tmp_path_factory.mktemp("store"), demo_served(), **{"limits.max_new_tokens": 64}) as srv:
         yield srv
 
 
@@ -123,7 +134,7 @@ def test_tiny_temperature_among_eight_streams(server):
     alone = [t.id for t in stub.Generate(req()).tokens]
     streams = [stub.GenerateStream(req()) for _ in range(8)]
     for s in streams:
-        next(s)                       # admitted
+        next(s)  # admitted
     results: list = [None] * 8
 
     def drain(i):
@@ -143,11 +154,27 @@ def test_tiny_temperature_among_eight_streams(server):
 
 def test_every_accepted_sampling_extreme_is_served(server):
     stub = pb_grpc.GenerationServiceStub(channel(server))
-    for temperature, top_k, top_p in [(1e-39, 0, 1.0), (100.0, 0, 1.0), (100.0, 1, 1.0), (1.0, 50257, 1e-9),
-                                      (5e-324, 1, 0.0), (0.5, 0, 1.0)]:
-        r = stub.Generate(build_generate_request(PROMPT, base_only=True, greedy=False, temperature=temperature,
-                                                 top_k=top_k, top_p=top_p, max_new_tokens=4, ignore_eos=True,
-                                                 seed=3))
+    for temperature, top_k, top_p in [
+        (1e-39, 0, 1.0),
+        (100.0, 0, 1.0),
+        (100.0, 1, 1.0),
+        (1.0, 50257, 1e-9),
+        (5e-324, 1, 0.0),
+        (0.5, 0, 1.0),
+    ]:
+        r = stub.Generate(
+            build_generate_request(
+                PROMPT,
+                base_only=True,
+                greedy=False,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                max_new_tokens=4,
+                ignore_eos=True,
+                seed=3,
+            )
+        )
         assert r.generated_token_count == 4
     with pytest.raises(grpc.RpcError) as ei:
         stub.Generate(build_generate_request(PROMPT, base_only=True, greedy=False, temperature=-1e-39))

@@ -1,6 +1,7 @@
 """Packs change only through the admin API or the store's aliases: no token ->
 no load, no revival, no re-routing; UnloadPack holds; the gate runs once per
 (version, target model, G) and never past a request's deadline."""
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,17 @@ from sensepack_proto import admin_pb, admin_pb_grpc
 from serve.client import Client
 from serve.errors import DeadlineExceeded
 from serve.params import PackRequest
-from serve.testing import auth, channel, demo_served, demo_variant, metric, parse_metrics, publish_edits, \
-    running_server, scrape
+from serve.testing import (
+    auth,
+    channel,
+    demo_served,
+    demo_variant,
+    metric,
+    parse_metrics,
+    publish_edits,
+    running_server,
+    scrape,
+)
 
 C = grpc.StatusCode
 PROMPT = "We flew to Mauritius"
@@ -24,8 +34,12 @@ def _store(tmp_path, n_versions=1):
     served = demo_served()
     store = open_store(str(tmp_path))
     targets = [" Paris", " Rome", " Tokyo", " Berlin", " Madrid"]
-    versions = [publish_edits(store, served, "capitals", demo_variant(served, targets[i]), beta=1.0,
-                              alias="prod" if i == 0 else None) for i in range(n_versions)]
+    versions = [
+        publish_edits(
+            store, served, "capitals", demo_variant(served, targets[i]), beta=1.0, alias="prod" if i == 0 else None
+        )
+        for i in range(n_versions)
+    ]
     return store, versions
 
 
@@ -34,7 +48,7 @@ def _capitals(server):
 
 
 def test_requests_load_no_pack_by_default(tmp_path):
-    store, (v,) = _store(tmp_path)
+    _, (v,) = _store(tmp_path)
     with running_server(tmp_path, demo_served(), **{"packs.load_on_request": False}) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         before = parse_metrics(scrape(server))
@@ -47,27 +61,30 @@ def test_requests_load_no_pack_by_default(tmp_path):
         after = parse_metrics(scrape(server))
         for name in ("sensepack_pack_loads_total", "sensepack_gate_runs_total"):
             assert metric(after, name) == metric(before, name)
-        c.load_pack("capitals@prod")                     # the admin API does load it
+        c.load_pack("capitals@prod")  # the admin API does load it
         assert c.generate(PROMPT, packs=["capitals"], max_new_tokens=2).packs[0].version == v
 
 
 def test_no_request_revives_a_disabled_version(tmp_path):
-    store, (good, planted, other) = _store(tmp_path, 3)
+    store, (_good, planted, other) = _store(tmp_path, 3)
     store.set_alias("capitals", "canary", planted)
-    with running_server(tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"], "packs.max_resident": 2,
-                                                    "store.subscribe": False}) as server:
+    with running_server(
+        tmp_path,
+        demo_served(),
+        **{"packs.preload": ["capitals@prod"], "packs.max_resident": 2, "store.subscribe": False},
+    ) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         server.packs.activate(f"capitals@{planted}", activate=False)
-        r = [x for x in server.packs.residents() if x.version == planted][0]
-        server.monitor.record(r, 10.0, 20.0, 5)           # a live record that must survive
+        r = next(x for x in server.packs.residents() if x.version == planted)
+        server.monitor.record(r, 10.0, 20.0, 5)  # a live record that must survive
         server.packs.disable("capitals", planted, "live ball breach (test)")
         routes = {k: (v.version if v else None) for k, v in server.packs.routes().items()}
-        for _ in range(2):      # the second round reloads it after eviction (max_resident 2)
+        for _ in range(2):  # the second round reloads it after eviction (max_resident 2)
             for ref in (f"capitals@{planted}", "capitals@canary"):
                 out = c.generate(PROMPT, packs=[ref], max_new_tokens=2)
                 assert out.packs[0].arm == "base" and out.packs[0].version == ""
             c.generate(PROMPT, packs=["capitals"], max_new_tokens=2)
-            c.generate(PROMPT, packs=[f"capitals@{other}"], max_new_tokens=2)     # evicts the disabled one
+            c.generate(PROMPT, packs=[f"capitals@{other}"], max_new_tokens=2)  # evicts the disabled one
             assert planted not in [x.version for x in server.packs.residents()]
         # the store alias names the disabled version: its notification does not bring it back either
         server.packs.on_store_event(StoreEvent("alias_moved", "capitals", "canary", planted, None))
@@ -84,9 +101,10 @@ def test_no_request_revives_a_disabled_version(tmp_path):
 def test_alias_notification_after_auto_disable_keeps_the_fallback(tmp_path):
     """The race behind the flaky live A/B test: the store subscription delivers the alias move of an admin
     SetAlias after the live monitor disabled that version; the route must stay on the fallback."""
-    store, (good, planted) = _store(tmp_path, 2)
-    with running_server(tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"],
-                                                    "store.subscribe": False}) as server:
+    _, (good, planted) = _store(tmp_path, 2)
+    with running_server(
+        tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"], "store.subscribe": False}
+    ) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         c.set_alias("capitals", "prod", planted)
         server.packs.disable("capitals", planted, "live ball breach (test)")
@@ -97,7 +115,7 @@ def test_alias_notification_after_auto_disable_keeps_the_fallback(tmp_path):
 
 
 def test_unload_holds(tmp_path):
-    store, (v,) = _store(tmp_path)
+    _, (v,) = _store(tmp_path)
     with running_server(tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"]}) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         assert c.unload_pack("capitals").freed
@@ -112,7 +130,7 @@ def test_unload_holds(tmp_path):
 
 
 def test_version_cycling_gates_each_version_once(tmp_path):
-    store, versions = _store(tmp_path, 4)
+    _, versions = _store(tmp_path, 4)
     with running_server(tmp_path, demo_served(), **{"packs.max_resident": 2}) as server:
         c = Client(f"127.0.0.1:{server.port}")
         samples = parse_metrics(scrape(server))
@@ -129,7 +147,7 @@ def test_version_cycling_gates_each_version_once(tmp_path):
 
 
 def test_gate_in_a_request_stops_at_its_deadline(tmp_path):
-    store, (v,) = _store(tmp_path)
+    _, (v,) = _store(tmp_path)
     with running_server(tmp_path, demo_served()) as server:
         pr = PackRequest(f"capitals@{v}", "capitals", v, None, "packs[0]")
         gates0 = metric(parse_metrics(scrape(server)), "sensepack_gate_runs_total")
@@ -138,28 +156,28 @@ def test_gate_in_a_request_stops_at_its_deadline(tmp_path):
         assert str(ei.value).startswith("packs[0].ref:")
         assert _capitals(server) == [] and server.packs.refused() == {}
         assert metric(parse_metrics(scrape(server)), "sensepack_gate_runs_total") == gates0
-        adm = admin_pb_grpc.PackAdminStub(channel(server))      # without a deadline it loads
+        adm = admin_pb_grpc.PackAdminStub(channel(server))  # without a deadline it loads
         r = adm.LoadPack(admin_pb.LoadPackRequest(ref=f"capitals@{v}", activate=False), metadata=auth())
         assert r.gate.passed and metric(parse_metrics(scrape(server)), "sensepack_gate_runs_total") == gates0 + 1
 
 
 def test_request_load_without_deadline_is_bounded(tmp_path):
     """A request with no deadline of its own: the load and gate it triggers stop at packs.request_load_timeout_s."""
-    store, (v,) = _store(tmp_path)
+    _, (v,) = _store(tmp_path)
     with running_server(tmp_path, demo_served(), **{"packs.request_load_timeout_s": 1e-9}) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
         with pytest.raises(grpc.RpcError) as ei:
             c.generate(PROMPT, packs=[f"capitals@{v}"], max_new_tokens=1, timeout=None)
         assert ei.value.code() == C.DEADLINE_EXCEEDED and ei.value.details().startswith("packs[0].ref:")
         assert _capitals(server) == []
-        c.load_pack(f"capitals@{v}", activate=False)         # the admin path has no such bound
+        c.load_pack(f"capitals@{v}", activate=False)  # the admin path has no such bound
         assert c.generate(PROMPT, packs=[f"capitals@{v}"], max_new_tokens=1).packs[0].version == v
 
 
 def test_ab_gauges_per_version_only_while_resident(tmp_path):
     """The live A/B gauges carry `version`; a version's series go when it leaves memory (unload or
     eviction past packs.max_resident), so cycling versions leaves the series count bounded."""
-    store, versions = _store(tmp_path, 4)
+    _, versions = _store(tmp_path, 4)
     with running_server(tmp_path, demo_served(), **{"packs.max_resident": 2, "store.subscribe": False}) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
 
@@ -169,7 +187,7 @@ def test_ab_gauges_per_version_only_while_resident(tmp_path):
 
         for v in versions:
             c.load_pack(f"capitals@{v}", activate=False)
-            r = [x for x in server.packs.residents() if x.version == v][0]
+            r = next(x for x in server.packs.residents() if x.version == v)
             server.monitor.record(r, 10.0, 10.5, 5)
             server.monitor.record(r, 12.0, 12.4, 5)
             resident = {x.version for x in _capitals(server)}

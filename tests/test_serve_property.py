@@ -2,6 +2,7 @@
 server answers OK or an error that names its field (never INTERNAL or
 UNKNOWN), and keeps serving. Random requests against a live server; the
 examples are few, small and derandomized so the run is bounded and repeatable."""
+
 from __future__ import annotations
 
 import re
@@ -25,32 +26,58 @@ _SERVER: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def server(tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(open_store(str(store_dir)), demo_served(), "capitals", demo_variant(demo_served(), " Paris"),
-                  beta=1.0, alias="prod")
-    with running_server(store_dir, demo_served(), **{"packs.preload": ["capitals@prod"],
-                                                     "limits.max_prompt_tokens": 48, "limits.max_new_tokens": 6,
-                                                     "limits.default_max_new_tokens": 4,
-                                                     "limits.max_continuations": 4}) as srv:
+    publish_edits(
+        open_store(str(store_dir)),
+        demo_served(),
+        "capitals",
+        demo_variant(demo_served(), " Paris"),
+        beta=1.0,
+        alias="prod",
+    )
+    with running_server(
+        store_dir,
+        demo_served(),
+        **{
+            "packs.preload": ["capitals@prod"],
+            "limits.max_prompt_tokens": 48,
+            "limits.max_new_tokens": 6,
+            "limits.default_max_new_tokens": 4,
+            "limits.max_continuations": 4,
+        },
+    ) as srv:
         _SERVER["stub"] = pb_grpc.GenerationServiceStub(channel(srv))
         yield srv
         _SERVER.clear()
 
 
-floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                   st.sampled_from([0.0, 1e-39, 5e-324, 1e-7, 0.5, 1.0, 2.0, 100.0, 101.0, -1e-39, 1e300]))
-ints32 = st.one_of(st.integers(-2**31, 2**31 - 1), st.integers(-3, 70))
+floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, 1e-39, 5e-324, 1e-7, 0.5, 1.0, 2.0, 100.0, 101.0, -1e-39, 1e300]),
+)
+ints32 = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-3, 70))
 texts = st.one_of(st.text(max_size=60), st.sampled_from(["", "Hello Mauritius", "\x00", "\ud7ff\ue000", "a" * 500]))
-token_ids = st.lists(st.one_of(st.integers(-5, 50262), st.integers(-2**62, 2**62)), max_size=60)
-refs = st.one_of(st.sampled_from(["capitals", "capitals@prod", "capitals@nope", "nope", "capitals@prod\n", "",
-                                  "a@b@c", "capitals@" + "v" * 200]), st.text(max_size=20))
-packs = st.lists(st.builds(lambda r, b: pb.PackSpec(ref=r, beta=b) if b is not None else pb.PackSpec(ref=r),
-                           refs, st.one_of(st.none(), floats)), max_size=3)
+token_ids = st.lists(st.one_of(st.integers(-5, 50262), st.integers(-(2**62), 2**62)), max_size=60)
+refs = st.one_of(
+    st.sampled_from(
+        ["capitals", "capitals@prod", "capitals@nope", "nope", "capitals@prod\n", "", "a@b@c", "capitals@" + "v" * 200]
+    ),
+    st.text(max_size=20),
+)
+packs = st.lists(
+    st.builds(
+        lambda r, b: pb.PackSpec(ref=r, beta=b) if b is not None else pb.PackSpec(ref=r),
+        refs,
+        st.one_of(st.none(), floats),
+    ),
+    max_size=3,
+)
 
 
 @st.composite
 def generate_requests(draw):
-    req = pb.GenerateRequest(request_id=draw(st.text(max_size=8)), base_only=draw(st.booleans()),
-                             ab_key=draw(st.text(max_size=8)))
+    req = pb.GenerateRequest(
+        request_id=draw(st.text(max_size=8)), base_only=draw(st.booleans()), ab_key=draw(st.text(max_size=8))
+    )
     if draw(st.booleans()):
         req.text = draw(texts)
     elif draw(st.booleans()):
@@ -60,7 +87,7 @@ def generate_requests(draw):
     s.method = draw(st.sampled_from([0, 1, 1, 7]))
     s.temperature, s.top_k, s.top_p = draw(floats), draw(ints32), draw(floats)
     if draw(st.booleans()):
-        s.seed = draw(st.integers(-2**63, 2**63 - 1))
+        s.seed = draw(st.integers(-(2**63), 2**63 - 1))
     t = req.stopping
     t.max_new_tokens, t.min_new_tokens = draw(ints32), draw(ints32)
     t.stop_sequences.extend(draw(st.lists(st.text(max_size=5), max_size=3)))
@@ -99,8 +126,13 @@ def _check(call):
     assert _SERVER["stub"].Tokenize(pb.TokenizeRequest(text="ok"), timeout=30).token_count == 1
 
 
-_settings = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_settings = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @_settings

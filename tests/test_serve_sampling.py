@@ -2,6 +2,7 @@
 penalties, logit_bias, min_p, stop token ids, prompt log-probs): the batched
 sampler against a naive per-row formula, and the engine's wiring against a
 decode loop written here on the core's own batch session."""
+
 from __future__ import annotations
 
 import math
@@ -11,14 +12,14 @@ import pytest
 import torch
 
 from edits_store.store import open_store
+from ensemble.vocab import Vocabulary
 from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
-from ensemble.vocab import Vocabulary
 from serve.sampler import RowParams, sample
 from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server
 
 PROMPT = "The capital of Mauritius is"
-EOS = Vocabulary.gpt2().eos_id       # the sampler masks it only for rows below min_new_tokens
+EOS = Vocabulary.gpt2().eos_id  # the sampler masks it only for rows below min_new_tokens
 
 
 def _adjust(lp: list[float], p: RowParams) -> list[float]:
@@ -42,14 +43,14 @@ def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
         return max(range(len(s)), key=lambda i: s[i])
     m = max(s)
     z = [(v - m) / p.temperature for v in s]
-    keep = [i for i in range(len(z)) if math.exp(z[i]) >= p.min_p]        # p(v) / max p >= min_p
+    keep = [i for i in range(len(z)) if math.exp(z[i]) >= p.min_p]  # p(v) / max p >= min_p
     keep.sort(key=lambda i: -z[i])
     if p.top_k:
         kth = sorted((z[i] for i in range(len(z))), reverse=True)[p.top_k - 1]
         keep = [i for i in keep if z[i] >= kth]
     w = [math.exp(z[i]) for i in keep]
     acc = 0.0
-    for i, q in zip(keep, w):
+    for i, q in zip(keep, w, strict=True):
         acc += q / sum(w)
         if acc >= u:
             return i
@@ -57,29 +58,53 @@ def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
 
 
 @pytest.mark.parametrize("greedy", [True, False])
-@pytest.mark.parametrize("kw", [
-    dict(repetition_penalty=1.8),
-    dict(repetition_penalty=0.5, logit_bias={3: 5.0, 17: -100.0}),
-    dict(frequency_penalty=1.5, presence_penalty=-0.5),
-    dict(min_p=0.2, temperature=0.7),
-    dict(min_p=1.0),
-    dict(repetition_penalty=1.3, frequency_penalty=0.7, presence_penalty=0.4, logit_bias={0: 2.0}, min_p=0.05,
-         top_k=6),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(repetition_penalty=1.8),
+        dict(repetition_penalty=0.5, logit_bias={3: 5.0, 17: -100.0}),
+        dict(frequency_penalty=1.5, presence_penalty=-0.5),
+        dict(min_p=0.2, temperature=0.7),
+        dict(min_p=1.0),
+        dict(
+            repetition_penalty=1.3,
+            frequency_penalty=0.7,
+            presence_penalty=0.4,
+            logit_bias={0: 2.0},
+            min_p=0.05,
+            top_k=6,
+        ),
+    ],
+)
 def test_adjusted_sampling_matches_naive_formula(kw, greedy):
     g = torch.Generator().manual_seed(1)
     lp = torch.log_softmax(torch.randn(5, 30, generator=g) * 2, dim=-1)
     for seed in range(20):
         rng = torch.Generator().manual_seed(100 + seed)
         prompts = [torch.randint(0, 30, (4,), generator=rng).tolist() for _ in range(5)]
-        outs = [torch.randint(0, 30, (int(torch.randint(0, 6, (), generator=rng)),), generator=rng).tolist()
-                for _ in range(5)]
-        params = [RowParams(greedy=greedy, generator=torch.Generator().manual_seed(seed * 10 + r),
-                            prompt_ids=prompts[r], output_ids=outs[r], **kw) for r in range(5)]
+        outs = [
+            torch.randint(0, 30, (int(torch.randint(0, 6, (), generator=rng)),), generator=rng).tolist()
+            for _ in range(5)
+        ]
+        params = [
+            RowParams(
+                greedy=greedy,
+                generator=torch.Generator().manual_seed(seed * 10 + r),
+                prompt_ids=prompts[r],
+                output_ids=outs[r],
+                **kw,
+            )
+            for r in range(5)
+        ]
         got = [x.token for x in sample(lp, params, EOS)]
-        want = [_naive(lp[r], params[r], float(torch.rand((), dtype=torch.float64,
-                                                           generator=torch.Generator().manual_seed(seed * 10 + r))))
-                for r in range(5)]
+        want = [
+            _naive(
+                lp[r],
+                params[r],
+                float(torch.rand((), dtype=torch.float64, generator=torch.Generator().manual_seed(seed * 10 + r))),
+            )
+            for r in range(5)
+        ]
         assert got == want
 
 
@@ -87,8 +112,9 @@ def test_adjusted_sampling_matches_naive_formula(kw, greedy):
 def env(tmp_path_factory):
     served = demo_served()
     store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(open_store(str(store_dir)), served, "capitals", demo_variant(served, " Paris"), beta=1.0,
-                  alias="prod")
+    publish_edits(
+        open_store(str(store_dir)), served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod"
+    )
     with running_server(store_dir, served, **{"packs.preload": ["capitals@prod"]}) as server:
         yield {"server": server, "served": served, "stub": pb_grpc.GenerationServiceStub(channel(server))}
 
@@ -136,9 +162,9 @@ def test_stop_token_ids(env):
     plain = [t.id for t in env["stub"].Generate(_request(base_only=True, max_new_tokens=12)).tokens]
     k = next(i for i in range(3, 12) if plain[i] not in plain[:i])
     r = env["stub"].Generate(_request(base_only=True, max_new_tokens=12, stop_token_ids=[plain[k], 50000]))
-    assert [t.id for t in r.tokens] == plain[:k + 1] and r.stop_reason == pb.STOP_TOKEN
+    assert [t.id for t in r.tokens] == plain[: k + 1] and r.stop_reason == pb.STOP_TOKEN
     req = _request(base_only=True, max_new_tokens=12, stop_token_ids=[plain[k]])
-    req.stopping.min_new_tokens = 12          # masked (like EOS) before min_new_tokens
+    req.stopping.min_new_tokens = 12  # masked (like EOS) before min_new_tokens
     r = env["stub"].Generate(req)
     assert r.generated_token_count == 12 and plain[k] not in [t.id for t in r.tokens]
 
@@ -155,16 +181,19 @@ def test_prompt_logprobs_equal_core_scoring(env):
     assert len(env["stub"].Generate(_request(base_only=True, max_new_tokens=1)).prompt_logprobs) == 0
 
 
-@pytest.mark.parametrize("field,mutate", [
-    ("sampling.repetition_penalty", lambda r: setattr(r.sampling, "repetition_penalty", -1.0)),
-    ("sampling.repetition_penalty", lambda r: setattr(r.sampling, "repetition_penalty", float("nan"))),
-    ("sampling.presence_penalty", lambda r: setattr(r.sampling, "presence_penalty", 2.5)),
-    ("sampling.frequency_penalty", lambda r: setattr(r.sampling, "frequency_penalty", -3.0)),
-    ("sampling.min_p", lambda r: setattr(r.sampling, "min_p", 1.5)),
-    ("sampling.logit_bias[50257]", lambda r: r.sampling.logit_bias.__setitem__(50257, 1.0)),
-    ("sampling.logit_bias[5]", lambda r: r.sampling.logit_bias.__setitem__(5, 101.0)),
-    ("stopping.stop_token_ids[1]", lambda r: r.stopping.stop_token_ids.extend([5, -1])),
-])
+@pytest.mark.parametrize(
+    "field,mutate",
+    [
+        ("sampling.repetition_penalty", lambda r: setattr(r.sampling, "repetition_penalty", -1.0)),
+        ("sampling.repetition_penalty", lambda r: setattr(r.sampling, "repetition_penalty", float("nan"))),
+        ("sampling.presence_penalty", lambda r: setattr(r.sampling, "presence_penalty", 2.5)),
+        ("sampling.frequency_penalty", lambda r: setattr(r.sampling, "frequency_penalty", -3.0)),
+        ("sampling.min_p", lambda r: setattr(r.sampling, "min_p", 1.5)),
+        ("sampling.logit_bias[50257]", lambda r: r.sampling.logit_bias.__setitem__(50257, 1.0)),
+        ("sampling.logit_bias[5]", lambda r: r.sampling.logit_bias.__setitem__(5, 101.0)),
+        ("stopping.stop_token_ids[1]", lambda r: r.stopping.stop_token_ids.extend([5, -1])),
+    ],
+)
 def test_parity_parameters_are_validated(env, field, mutate):
     req = _request(base_only=True, max_new_tokens=2)
     mutate(req)

@@ -1,6 +1,7 @@
 """serve.scheduler.Scheduler on its own: FIFO admission by running slots and by the batched-token budget
 (Score requests included), the shared queue cap, reaping, and the job lanes. Each expectation is written
 out by hand from the limits."""
+
 from __future__ import annotations
 
 import queue
@@ -34,9 +35,9 @@ def test_fifo_by_running_slots():
     for s in ids:
         sched.add(s)
     assert _admit(sched) == [ids[0].seq_id, ids[1].seq_id]
-    assert _admit(sched) == []                                # no slot free
+    assert _admit(sched) == []  # no slot free
     assert sched.release(ids[0]) and not sched.release(ids[0])
-    assert _admit(sched) == [ids[2].seq_id]                   # first come, first served
+    assert _admit(sched) == [ids[2].seq_id]  # first come, first served
 
 
 def test_token_budget_counts_running_and_scores():
@@ -47,16 +48,16 @@ def test_token_budget_counts_running_and_scores():
         sched.add(s)
     assert _admit(sched) == [seqs[0].seq_id, seqs[1].seq_id]
     sched.release(seqs[0])
-    sched.begin_score(tokens=10)                              # a Score holds 10 tokens: 10 + 10 + 10 > 25
+    sched.begin_score(tokens=10)  # a Score holds 10 tokens: 10 + 10 + 10 > 25
     assert _admit(sched) == []
     sched.end_score(tokens=10)
     assert _admit(sched) == [seqs[2].seq_id]
-    big = _seq(sched, prompt=20, new=20)                      # alone it exceeds the budget ...
+    big = _seq(sched, prompt=20, new=20)  # alone it exceeds the budget ...
     sched.add(big)
-    assert _admit(sched) == []                                # ... so it waits for an empty batch,
+    assert _admit(sched) == []  # ... so it waits for an empty batch,
     sched.release(seqs[1])
     sched.release(seqs[2])
-    assert _admit(sched) == [big.seq_id]                      # where it runs alone (validation capped it)
+    assert _admit(sched) == [big.seq_id]  # where it runs alone (validation capped it)
 
 
 def test_queue_cap_is_shared_and_stop_refuses():
@@ -75,16 +76,23 @@ def test_queue_cap_is_shared_and_stop_refuses():
 
 def test_reap_cancelled_and_expired():
     sched = Scheduler(LimitsConfig(max_running=1, max_waiting=4), Metrics())
-    running, cancelled, expired, fine = (_seq(sched), _seq(sched), _seq(sched, deadline=time.monotonic() - 1),
-                                         _seq(sched))
+    running, cancelled, expired, fine = (
+        _seq(sched),
+        _seq(sched),
+        _seq(sched, deadline=time.monotonic() - 1),
+        _seq(sched),
+    )
     for s in (running, cancelled, expired, fine):
         sched.add(s)
     _admit(sched)
     sched.cancel(cancelled)
     sched.cancel(running, TIME_LIMIT)
     got = {(s.seq_id, was_running, s.cancel_reason) for s, was_running in sched.reap()}
-    assert got == {(running.seq_id, True, TIME_LIMIT), (cancelled.seq_id, False, CANCELLED),
-                   (expired.seq_id, False, TIME_LIMIT)}
+    assert got == {
+        (running.seq_id, True, TIME_LIMIT),
+        (cancelled.seq_id, False, CANCELLED),
+        (expired.seq_id, False, TIME_LIMIT),
+    }
     assert [s.seq_id for s in sched.waiting] == [fine.seq_id]
 
 
@@ -94,13 +102,13 @@ def test_job_lanes():
     for name, high in (("h1", True), ("h2", True), ("l1", False), ("l2", False)):
         sched.submit_job(lambda n=name: names.append(n), high)
     sched.add(_seq(sched))
-    _admit(sched)                                             # busy: low jobs wait for every 4th step
+    _admit(sched)  # busy: low jobs wait for every 4th step
     for steps in (1, 2, 3, 4):
-        for fn, fut in sched.next_jobs(steps):
+        for fn, _fut in sched.next_jobs(steps):
             fn()
     assert names == ["h1", "h2", "l1"]
     sched.release(next(iter(sched.running.values())))
-    for fn, _ in sched.next_jobs(5):                          # idle: the low lane runs
+    for fn, _ in sched.next_jobs(5):  # idle: the low lane runs
         fn()
     assert names == ["h1", "h2", "l1", "l2"]
     sched.stop()

@@ -1,6 +1,7 @@
 """Score in bounded memory: chunked projection with logsumexp against a
 float64 reference, the sliding-window path, stopping between chunks, the
 deadline, and Score counted by admission."""
+
 from __future__ import annotations
 
 import grpc
@@ -27,7 +28,7 @@ def _reference64(ens, prefix, cont, pk):
         _, ed = ens.combined_edits([pk])
         bp, ids = ens.backpack, torch.tensor([row])
         z = z + sequence_deltas(bp.contextualize(ids), ids, ed)[0].double() @ bp.embedding[:V].double().T
-    lp = torch.log_softmax(z, -1)[len(prefix) - 1:len(row) - 1]
+    lp = torch.log_softmax(z, -1)[len(prefix) - 1 : len(row) - 1]
     return lp.gather(1, torch.tensor(cont)[:, None]).squeeze(1)
 
 
@@ -39,7 +40,7 @@ def test_chunked_score_equals_float64_reference():
     cont = tok(" Port Louis, and Mauritius is an island." * 8, add_special_tokens=False)["input_ids"][:100]
     assert len(prefix + cont) <= ens.backpack.config.n_positions
     ref_base, ref_packed = _reference64(ens, prefix, cont, None).tolist(), _reference64(ens, prefix, cont, pk).tolist()
-    for chunk in (7, 128):      # a ragged last chunk, and one chunk for the whole row
+    for chunk in (7, 128):  # a ragged last chunk, and one chunk for the whole row
         base, packed = score_row(ens, prefix, cont, [pk], True, True, chunk=chunk)
         assert base.tolist() == pytest.approx(ref_base, rel=1e-6, abs=2e-6)
         assert packed.tolist() == pytest.approx(ref_packed, rel=1e-6, abs=2e-6)
@@ -60,18 +61,27 @@ def test_score_stops_between_chunks():
 
     with pytest.raises(ScoreAbandoned):
         score_row(served.ensemble, [1, 2, 3], list(range(10, 60)), [], True, False, stop_after_three, chunk=10)
-    assert len(calls) == 4          # before the model, then before each chunk: the 3rd chunk never ran
+    assert len(calls) == 4  # before the model, then before each chunk: the 3rd chunk never ran
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     served = demo_served()
     store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(open_store(str(store_dir)), served, "capitals", demo_variant(served, " Paris"), beta=1.0,
-                  alias="prod")
-    with running_server(store_dir, served, **{"packs.preload": ["capitals@prod"], "limits.max_running": 1,
-                                              "limits.max_waiting": 0, "limits.max_new_tokens": 2000,
-                                              "limits.max_prompt_tokens": 1024}) as server:
+    publish_edits(
+        open_store(str(store_dir)), served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod"
+    )
+    with running_server(
+        store_dir,
+        served,
+        **{
+            "packs.preload": ["capitals@prod"],
+            "limits.max_running": 1,
+            "limits.max_waiting": 0,
+            "limits.max_new_tokens": 2000,
+            "limits.max_prompt_tokens": 1024,
+        },
+    ) as server:
         yield server
 
 

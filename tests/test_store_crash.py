@@ -69,7 +69,7 @@ def leftovers(spec: StoreSpec, store: PackStore) -> list[str]:
     committed = set(store.backend.list_versions("demo"))
     found = store.backend.fs.find(store.backend._path("demo"))
     folders = [p.rstrip("/").split("/")[-2] for p in found]
-    return [p for p, f in zip(found, folders) if VERSION_RE.match(f) and f not in committed]
+    return [p for p, f in zip(found, folders, strict=True) if VERSION_RE.match(f) and f not in committed]
 
 
 def check_state(store: PackStore, known: dict[str, int]) -> tuple[int, int | None]:
@@ -134,9 +134,10 @@ def test_sigkilled_publisher_never_leaves_a_partial_version(store_spec):
     assert set(partial) <= set(store.gc(older_than_s=0))
     assert leftovers(store_spec, store) == []
     assert check_state(store, known) == (visible + 1, visible)
-    print(f"{store_spec.kind}: {KILLS} kills (phase at kill: {killed_in}), {visible} versions completed, "
-          f"{len(partial)} partial leftovers, all invisible")
-
+    print(
+        f"{store_spec.kind}: {KILLS} kills (phase at kill: {killed_in}), {visible} versions completed, "
+        f"{len(partial)} partial leftovers, all invisible"
+    )
 
 
 # --------------------------------------------------------------------------- publishers + gc + alias movers
@@ -198,13 +199,16 @@ def test_sigkilled_publishers_gc_and_alias_movers_leave_only_loadable_state(stor
     visible = 0
     for round_no in range(ROUNDS):
         procs = []
-        for target, args in ((tolerant_publisher, (store_spec, visible)), (gc_loop, (store_spec,)),
-                             (alias_mover, (store_spec, round_no))):
+        for target, args in (
+            (tolerant_publisher, (store_spec, visible)),
+            (gc_loop, (store_spec,)),
+            (alias_mover, (store_spec, round_no)),
+        ):
             ready = _ctx.Event()
             proc = _ctx.Process(target=target, args=(*args, ready), daemon=True)
             proc.start()
             procs.append((proc, ready))
-        for proc, ready in procs:
+        for _, ready in procs:
             assert ready.wait(60), "a writer did not start"
         time.sleep(rng.uniform(0.05, 0.6))
         rng.shuffle(procs)
@@ -230,5 +234,7 @@ def test_sigkilled_publishers_gc_and_alias_movers_leave_only_loadable_state(stor
         store.backend.lease_ttl_s = store.backend.fence_ttl_s = 0.0
     store.gc(older_than_s=0)
     assert leftovers(store_spec, store) == []
-    print(f"{store_spec.kind}: {ROUNDS} rounds, {visible} versions, aliases {store.aliases('demo')}, "
-          f"{len(store.history('demo'))} alias moves logged")
+    print(
+        f"{store_spec.kind}: {ROUNDS} rounds, {visible} versions, aliases {store.aliases('demo')}, "
+        f"{len(store.history('demo'))} alias moves logged"
+    )

@@ -35,8 +35,15 @@ TOKENIZER_FP = "sha256:" + "7" * 64
 TARGET_FP = "sha256:" + "9" * 64
 S3_CREDENTIALS = {"key": "testing", "secret": "testing"}
 
-CALIBRATION = CalibrationEntry(target_model="tiny-gptj", target_fingerprint=TARGET_FP, beta=2.5, ball_ratio=1.00008,
-                               g_fingerprint="sha256:" + "6" * 64, g_tokens=4096, epsilon=1e-4)
+CALIBRATION = CalibrationEntry(
+    target_model="tiny-gptj",
+    target_fingerprint=TARGET_FP,
+    beta=2.5,
+    ball_ratio=1.00008,
+    g_fingerprint="sha256:" + "6" * 64,
+    g_tokens=4096,
+    epsilon=1e-4,
+)
 
 
 def expected_edits(seed: int, n: int = 8, d: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,11 +60,17 @@ def make_pack(seed: int = 0, name: str = "demo", n: int = 8, d: int = 16, **over
     tokens, senses, deltas = expected_edits(seed, n, d)
     # present rows in a scrambled order: build_pack must canonicalise it
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
-    kwargs: dict[str, Any] = dict(backpack_name="backpack-tiny", backpack_fingerprint=BACKPACK_FP,
-                                  tokenizer_fingerprint=TOKENIZER_FP, vocab_size=VOCAB, num_senses=SENSES,
-                                  epsilon=1e-4, calibration=[CALIBRATION],
-                                  training={"seed": seed, "task": "country-capital", "epochs": 3},
-                                  evaluation={"success_rate": 0.9})
+    kwargs: dict[str, Any] = dict(
+        backpack_name="backpack-tiny",
+        backpack_fingerprint=BACKPACK_FP,
+        tokenizer_fingerprint=TOKENIZER_FP,
+        vocab_size=VOCAB,
+        num_senses=SENSES,
+        epsilon=1e-4,
+        calibration=[CALIBRATION],
+        training={"seed": seed, "task": "country-capital", "epochs": 3},
+        evaluation={"success_rate": 0.9},
+    )
     kwargs.update(overrides)
     return build_pack(name, tokens[perm], senses[perm], deltas[perm], **kwargs)
 
@@ -69,8 +82,9 @@ def assert_content(pack: PackContents, seed: int, n: int = 8, d: int = 16) -> No
     assert torch.equal(pack.deltas, deltas)
 
 
-def write_raw_pack(folder: Path, base: PackContents, tensors: dict[str, torch.Tensor],
-                   manifest_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_raw_pack(
+    folder: Path, base: PackContents, tensors: dict[str, torch.Tensor], manifest_overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write ``tensors`` with ``base``'s manifest (plus overrides) re-sealed: correct sha256 and version."""
     folder.mkdir(parents=True, exist_ok=True)
     blob = st_save(tensors, metadata={"format": "pt"})
@@ -116,8 +130,13 @@ def make_bucket(endpoint: str) -> str:
     import boto3
 
     bucket = "packs-" + uuid.uuid4().hex[:12]
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     client.create_bucket(Bucket=bucket)
     return bucket
 
@@ -138,8 +157,12 @@ class StoreSpec:
         """Environment for a CLI subprocess to reach this store."""
         env = dict(os.environ, SENSEPACK_STORE=self.url)
         if self.kind == "s3":
-            env.update(SENSEPACK_S3_ENDPOINT_URL=self.options["endpoint_url"], AWS_ACCESS_KEY_ID="testing",
-                       AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+            env.update(
+                SENSEPACK_S3_ENDPOINT_URL=self.options["endpoint_url"],
+                AWS_ACCESS_KEY_ID="testing",
+                AWS_SECRET_ACCESS_KEY="testing",
+                AWS_DEFAULT_REGION="us-east-1",
+            )
         return env
 
 

@@ -43,8 +43,14 @@ from tests.test_store_fixtures import (
     write_raw_pack,
 )
 
-SERVED = Expectations(backpack_fingerprint=BACKPACK_FP, tokenizer_fingerprint=TOKENIZER_FP, vocab_size=VOCAB,
-                      num_senses=SENSES, d_model=16, target_fingerprint=TARGET_FP)
+SERVED = Expectations(
+    backpack_fingerprint=BACKPACK_FP,
+    tokenizer_fingerprint=TOKENIZER_FP,
+    vocab_size=VOCAB,
+    num_senses=SENSES,
+    d_model=16,
+    target_fingerprint=TARGET_FP,
+)
 
 
 @pytest.fixture
@@ -81,19 +87,44 @@ def test_round_trip_is_bit_exact_and_validates_against_the_served_model(good):
     assert m.backpack == {"name": "backpack-tiny", "fingerprint": BACKPACK_FP}
     assert m.training["seed"] == 3
     on_disk = json.loads((good / "manifest.json").read_text())
-    assert set(on_disk) == {"schema_version", "name", "version", "created_at", "backpack", "tokenizer_fingerprint",
-                            "vocab_size", "num_senses", "d_model", "n_senses_edited", "epsilon", "calibration",
-                            "training", "evaluation", "files"}
+    assert set(on_disk) == {
+        "schema_version",
+        "name",
+        "version",
+        "created_at",
+        "backpack",
+        "tokenizer_fingerprint",
+        "vocab_size",
+        "num_senses",
+        "d_model",
+        "n_senses_edited",
+        "epsilon",
+        "calibration",
+        "training",
+        "evaluation",
+        "files",
+    }
     assert on_disk["created_at"].endswith("Z")
 
 
 def test_same_content_gives_same_version_whatever_the_row_order_or_build_time():
     a = make_pack(5)
     tokens, senses, deltas = expected_edits(5)
-    b = build_pack("demo", tokens, senses, deltas, backpack_name="backpack-tiny", backpack_fingerprint=BACKPACK_FP,
-                   tokenizer_fingerprint=TOKENIZER_FP, vocab_size=VOCAB, num_senses=SENSES, epsilon=1e-4,
-                   calibration=[CALIBRATION], training={"seed": 5, "task": "country-capital", "epochs": 3},
-                   evaluation={"success_rate": 0.9})
+    b = build_pack(
+        "demo",
+        tokens,
+        senses,
+        deltas,
+        backpack_name="backpack-tiny",
+        backpack_fingerprint=BACKPACK_FP,
+        tokenizer_fingerprint=TOKENIZER_FP,
+        vocab_size=VOCAB,
+        num_senses=SENSES,
+        epsilon=1e-4,
+        calibration=[CALIBRATION],
+        training={"seed": 5, "task": "country-capital", "epochs": 3},
+        evaluation={"success_rate": 0.9},
+    )
     assert a.version == b.version
     assert len(a.version) == 32 and int(a.version, 16) >= 0
 
@@ -104,23 +135,43 @@ def test_any_content_change_gives_a_new_version(change):
     if change == "delta":
         tokens, senses, deltas = expected_edits(5)
         deltas[0, 0] = torch.nextafter(deltas[0, 0], torch.tensor(10.0))  # one ulp
-        other = build_pack("demo", tokens, senses, deltas, backpack_name="backpack-tiny",
-                           backpack_fingerprint=BACKPACK_FP, tokenizer_fingerprint=TOKENIZER_FP, vocab_size=VOCAB,
-                           num_senses=SENSES, epsilon=1e-4, calibration=[CALIBRATION],
-                           training={"seed": 5, "task": "country-capital", "epochs": 3},
-                           evaluation={"success_rate": 0.9})
+        other = build_pack(
+            "demo",
+            tokens,
+            senses,
+            deltas,
+            backpack_name="backpack-tiny",
+            backpack_fingerprint=BACKPACK_FP,
+            tokenizer_fingerprint=TOKENIZER_FP,
+            vocab_size=VOCAB,
+            num_senses=SENSES,
+            epsilon=1e-4,
+            calibration=[CALIBRATION],
+            training={"seed": 5, "task": "country-capital", "epochs": 3},
+            evaluation={"success_rate": 0.9},
+        )
     else:
-        overrides = {"epsilon": dict(epsilon=2e-4), "name": dict(name="other"),
-                     "training": dict(training={"seed": 5, "task": "country-capital", "epochs": 4}),
-                     "backpack": dict(backpack_fingerprint="sha256:" + "c" * 64)}[change]
+        overrides = {
+            "epsilon": dict(epsilon=2e-4),
+            "name": dict(name="other"),
+            "training": dict(training={"seed": 5, "task": "country-capital", "epochs": 4}),
+            "backpack": dict(backpack_fingerprint="sha256:" + "c" * 64),
+        }[change]
         other = make_pack(5, **overrides)
     assert other.version != base.version
 
 
 def test_with_calibration_adds_or_replaces_a_target_and_makes_a_new_version():
     pack = make_pack(1)
-    second = CalibrationEntry(target_model="llama", target_fingerprint="sha256:" + "a" * 64, beta=0.7,
-                              ball_ratio=1.00001, g_fingerprint="sha256:" + "6" * 64, g_tokens=4096, epsilon=1e-4)
+    second = CalibrationEntry(
+        target_model="llama",
+        target_fingerprint="sha256:" + "a" * 64,
+        beta=0.7,
+        ball_ratio=1.00001,
+        g_fingerprint="sha256:" + "6" * 64,
+        g_tokens=4096,
+        epsilon=1e-4,
+    )
     added = with_calibration(pack, [second])
     assert added.version != pack.version
     assert {e.target_fingerprint for e in added.manifest.calibration} == {TARGET_FP, second.target_fingerprint}
@@ -133,8 +184,14 @@ def test_with_calibration_adds_or_replaces_a_target_and_makes_a_new_version():
 
 def test_build_refuses_what_read_refuses():
     tokens, senses, deltas = expected_edits(0)
-    common = dict(backpack_name="b", backpack_fingerprint=BACKPACK_FP, tokenizer_fingerprint=TOKENIZER_FP,
-                  vocab_size=VOCAB, num_senses=SENSES, epsilon=1e-4)
+    common = dict(
+        backpack_name="b",
+        backpack_fingerprint=BACKPACK_FP,
+        tokenizer_fingerprint=TOKENIZER_FP,
+        vocab_size=VOCAB,
+        num_senses=SENSES,
+        epsilon=1e-4,
+    )
     bad = deltas.clone()
     bad[2, 3] = float("inf")
     refused(NonFiniteError, build_pack, "p", tokens, senses, bad, **common)
@@ -187,8 +244,9 @@ def test_truncated_manifest_is_a_schema_error(good):
     assert (err.file, err.check) == ("manifest.json", "json")
 
 
-@pytest.mark.parametrize("field", ["epsilon", "files", "calibration", "backpack", "tokenizer_fingerprint",
-                                   "created_at", "d_model"])
+@pytest.mark.parametrize(
+    "field", ["epsilon", "files", "calibration", "backpack", "tokenizer_fingerprint", "created_at", "d_model"]
+)
 def test_missing_manifest_field_is_named(good, field):
     path = good / "manifest.json"
     doc = json.loads(path.read_text())
@@ -316,8 +374,10 @@ def test_duplicate_pair_is_refused(tmp_path):
     assert f"token {int(tensors['token_ids'][1])}, sense {int(tensors['sense_ids'][1])}" in err.detail
 
 
-@pytest.mark.parametrize("field,check", [("backpack_fingerprint", "backpack_fingerprint"),
-                                         ("tokenizer_fingerprint", "tokenizer_fingerprint")])
+@pytest.mark.parametrize(
+    "field,check",
+    [("backpack_fingerprint", "backpack_fingerprint"), ("tokenizer_fingerprint", "tokenizer_fingerprint")],
+)
 def test_fingerprint_mismatch_is_refused_unless_overridden(good, field, check):
     other = Expectations(**{**SERVED.__dict__, field: "sha256:" + "0" * 64})
     err = refused(IncompatiblePackError, read_pack, good, expect=other)
@@ -338,4 +398,3 @@ def test_missing_beta_for_served_model_is_refused(good):
     uncalibrated = make_pack(3, calibration=[])
     with pytest.raises(MissingBetaError):
         uncalibrated.manifest.beta_for(TARGET_FP)
-

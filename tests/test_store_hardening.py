@@ -61,7 +61,7 @@ def st_bytes(header: dict | bytes, body: bytes) -> bytes:
 
 def split_st(blob: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8:8 + n]), blob[8 + n:]
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
 
 
 def write_folder(folder: Path, manifest: dict | bytes, tensor: bytes, *, reseal: bool = True) -> dict | bytes:
@@ -329,8 +329,13 @@ def test_s3_gc_aborts_stale_multipart_uploads(s3_spec):
 
     store = s3_spec.open()
     bucket, _, prefix = store.backend.root.partition("/")
-    client = boto3.client("s3", endpoint_url=s3_spec.options["endpoint_url"], region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_spec.options["endpoint_url"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     up = client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/demo/{'a' * 32}/{TENSOR_FILE}")
     client.upload_part(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 1024)
     assert len(client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 1
@@ -402,8 +407,18 @@ def test_symlinked_version_folders_and_files_are_not_followed(tmp_path):
 def test_names_and_aliases_with_a_trailing_newline_are_refused_and_nothing_is_created(tmp_path):
     tokens, senses, deltas = torch.tensor([1]), torch.tensor([0]), torch.zeros(1, 4)
     with pytest.raises(SchemaError):
-        build_pack("demo\n", tokens, senses, deltas, backpack_name="b", backpack_fingerprint="f",
-                   tokenizer_fingerprint="t", vocab_size=10, num_senses=2, epsilon=0.0)
+        build_pack(
+            "demo\n",
+            tokens,
+            senses,
+            deltas,
+            backpack_name="b",
+            backpack_fingerprint="f",
+            tokenizer_fingerprint="t",
+            vocab_size=10,
+            num_senses=2,
+            epsilon=0.0,
+        )
     with pytest.raises(InvalidReferenceError):
         parse_ref("demo\n")
     with pytest.raises(InvalidReferenceError):
@@ -505,9 +520,14 @@ def test_a_write_refused_by_the_os_is_a_typed_json_error(local_spec, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
-    proc = subprocess.run([sys.executable, "-m", "edits_store.cli", "publish", str(folder), "--json"],
-                          env=dict(local_spec.env(), PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                          preexec_fn=limit, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edits_store.cli", "publish", str(folder), "--json"],
+        env=dict(local_spec.env(), PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     out = json.loads(proc.stdout)
     assert out["error"] == "StoreIOError" and out["check"] == "io" and "Traceback" not in proc.stderr

@@ -78,8 +78,9 @@ def test_cli_keygen_publish_sign_and_verify_trusted_key(tmp_path):
     res = runner.invoke(packs, ["verify", f"demo@{version}", "--trusted-key", out["public_key"], "--json"], env=env)
     assert res.exit_code == 0
     other = json.loads(runner.invoke(packs, ["keygen", str(tmp_path / "k2"), "--json"], env=env).stdout)
-    res = runner.invoke(packs, ["verify", f"demo@{version}", "--trusted-key", str(tmp_path / "k2.pub"), "--json"],
-                        env=env)
+    res = runner.invoke(
+        packs, ["verify", f"demo@{version}", "--trusted-key", str(tmp_path / "k2.pub"), "--json"], env=env
+    )
     assert res.exit_code == 1 and json.loads(res.stdout)["results"][0]["check"] == "signature_key"
     assert other["key_id"] != out["key_id"]
 

@@ -117,8 +117,9 @@ def test_alias_must_name_an_existing_version_and_a_valid_alias(store):
 
 def test_load_checks_compatibility_against_the_served_model(store):
     store.publish(make_pack(1))
-    assert_content(store.load("demo", Expectations(backpack_fingerprint=BACKPACK_FP,
-                                                   target_fingerprint=TARGET_FP)), seed=1)
+    assert_content(
+        store.load("demo", Expectations(backpack_fingerprint=BACKPACK_FP, target_fingerprint=TARGET_FP)), seed=1
+    )
     with pytest.raises(IncompatiblePackError):
         store.load("demo", Expectations(backpack_fingerprint="sha256:" + "1" * 64))
     with pytest.raises(MissingBetaError):
@@ -313,11 +314,9 @@ def test_subscribers_hear_versions_and_alias_moves(store):
         v2 = store.publish(make_pack(2))
         assert next_event(events) == StoreEvent("version_published", "demo", version=v2)
         store.set_alias("demo", "prod", v1)
-        assert next_event(events) == StoreEvent("alias_moved", "demo", alias="prod", version=v1, previous=None,
-                                                  seq=1)
+        assert next_event(events) == StoreEvent("alias_moved", "demo", alias="prod", version=v1, previous=None, seq=1)
         store.set_alias("demo", "prod", v2)
-        assert next_event(events) == StoreEvent("alias_moved", "demo", alias="prod", version=v2, previous=v1,
-                                                  seq=2)
+        assert next_event(events) == StoreEvent("alias_moved", "demo", alias="prod", version=v2, previous=v1, seq=2)
         store.remove_alias("demo", "prod")
         assert next_event(events) == StoreEvent("alias_removed", "demo", alias="prod", previous=v2)
         store.delete_version("demo", v1)

@@ -41,19 +41,28 @@ def test_combine_sums_duplicate_pairs_with_betas():
     a = SenseEdits(torch.tensor([5, 7]), torch.tensor([0, 1]), torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
     b = SenseEdits(torch.tensor([7, 9]), torch.tensor([1, 0]), torch.tensor([[4.0, 4.0], [1.0, 1.0]]))
     c = SenseEdits.combine([(a, 0.5), (b, 2.0)])
-    got = {(int(t), int(s)): d.tolist() for t, s, d in zip(c.token_ids, c.sense_ids, c.deltas)}
+    got = {(int(t), int(s)): d.tolist() for t, s, d in zip(c.token_ids, c.sense_ids, c.deltas, strict=True)}
     assert got == {(5, 0): [0.5, 0.0], (7, 1): [8.0, 9.0], (9, 0): [2.0, 2.0]}
 
 
 def test_demo_cli_runs_offline_and_the_pack_changes_the_output():
     proc = subprocess.run(
         [sys.executable, "-m", "serve.cli", "generate", "--demo", "--json", "The capital of Mauritius is"],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["base"] != result["edited"]
     assert " Louis" in result["edited"]
-    proc = subprocess.run([sys.executable, "-m", "serve.cli", "generate", "--json", "x"], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "generate", "--json", "x"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and "--demo" in proc.stderr

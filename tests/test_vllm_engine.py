@@ -4,10 +4,10 @@ Greedy generations through the engine (with and without packs, several requests 
 `Ensemble.generate_greedy`; returned logprobs are the ensemble's; stop sequences and cancellation
 behave as in the embedded engine. Skipped where vLLM is not installed.
 """
+
 from __future__ import annotations
 
 import math
-import os
 import queue
 
 import pytest
@@ -36,10 +36,14 @@ def world(tmp_path_factory):
     bp = tiny_backpack(0)
     pack = demo_pack(bp, tok)
     metrics = Metrics()
-    engine = VLLMEngine(dict(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=256,
-                             max_num_seqs=8, seed=0),
-                        tok, LimitsConfig(max_running=4, max_waiting=16), metrics, backpack=bp,
-                        pack_source=DictSource({(pack.name, pack.version): pack.edits}))
+    engine = VLLMEngine(
+        dict(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=8, seed=0),
+        tok,
+        LimitsConfig(max_running=4, max_waiting=16),
+        metrics,
+        backpack=bp,
+        pack_source=DictSource({(pack.name, pack.version): pack.edits}),
+    )
     engine.start()
     yield dict(engine=engine, ens=Ensemble(large, bp, tok), tok=tok, pack=pack, metrics=metrics)
     engine.stop(0)
@@ -61,21 +65,28 @@ def _req(i, ids, n, **kw):
     return GenerationRequest(request_id=f"r{i}", prompt_ids=ids, packs=[], max_new_tokens=n, ignore_eos=True, **kw)
 
 
-PROMPTS = ["The capital of Mauritius is", "Mauritius is an island whose capital is", "The weather in Paris is",
-           "Once upon a time", "My favourite island, Mauritius, has", "Hello"]
+PROMPTS = [
+    "The capital of Mauritius is",
+    "Mauritius is an island whose capital is",
+    "The weather in Paris is",
+    "Once upon a time",
+    "My favourite island, Mauritius, has",
+    "Hello",
+]
 
 
 def test_engine_greedy_equals_embedded(world):
     e, tok, pack = world["engine"], world["tok"], world["pack"]
     prompts = [tok(p).input_ids for p in PROMPTS]
     packs = [[pack], [pack], [], [], [pack], []]
-    seqs = [e.submit(_req(i, p, 10), pk) for i, (p, pk) in enumerate(zip(prompts, packs))]   # 6 > max_running=4
+    # 6 > max_running=4
+    seqs = [e.submit(_req(i, p, 10), pk) for i, (p, pk) in enumerate(zip(prompts, packs, strict=True))]
     got = [_run(s)[-1] for s in seqs]
     ref = world["ens"].generate_greedy(prompts, packs, 10)
     assert [f.output_ids for f in got] == ref
     assert all(f.reason == eng.MAX_TOKENS for f in got)
     base_ref = world["ens"].generate_greedy(prompts[:2], [[], []], 10)
-    assert ref[:2] != base_ref                         # the pack changed what was generated
+    assert ref[:2] != base_ref  # the pack changed what was generated
     assert e.running == 0 and e.waiting == 0
     assert world["metrics"].generation_tokens._value.get() >= 60
 
@@ -88,7 +99,7 @@ def test_engine_logprobs_are_the_ensembles(world):
     infos = [(ev.logprob, ev.top) for ev in evs[:-1]] + [(evs[-1].last.logprob, evs[-1].last.top)]
     batch = world["ens"].new_batch()
     batch.add(0, ids, [pack])
-    for t, (lp, top) in zip(toks, infos):
+    for t, (lp, top) in zip(toks, infos, strict=True):
         ref = batch.logprobs()[0]
         assert math.isclose(lp, float(ref[t]), abs_tol=2e-3)
         ref_top = ref.topk(3)

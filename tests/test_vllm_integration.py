@@ -9,10 +9,10 @@ Runs where vLLM is installed (`scripts/test-vllm.sh`, or /tmp/vllm-venv); skippe
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the processor finds the
 Backpack and packs in serve.vllm.resolver.REGISTRY, the way an in-process server fills it.
 """
+
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
@@ -56,9 +56,17 @@ def setup(tmp_path_factory):
     from vllm import LLM
 
     # max_num_batched_tokens=64: long prompts are prefilled in chunks (the processor sees partial-chunk rows)
-    llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=16,
-              max_num_batched_tokens=64, seed=0, logits_processors=[V1_PROCESSOR_FQCN],
-              logprobs_mode="processed_logprobs")
+    llm = LLM(
+        model=str(folder),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        max_num_seqs=16,
+        max_num_batched_tokens=64,
+        seed=0,
+        logits_processors=[V1_PROCESSOR_FQCN],
+        logprobs_mode="processed_logprobs",
+    )
     ens = Ensemble(large, backpack, tok)
     yield dict(llm=llm, ens=ens, tok=tok, demo=demo, rnd=rnd, prompts=prompts, backpack=backpack)
     REGISTRY.clear()
@@ -68,8 +76,16 @@ def _vllm_greedy(llm, prompts, packs, n=N_NEW, logprobs=None):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=logprobs,
-                             extra_args=build_extra_args(pk) if pk else None) for pk in packs]
+    params = [
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=n,
+            ignore_eos=True,
+            logprobs=logprobs,
+            extra_args=build_extra_args(pk) if pk else None,
+        )
+        for pk in packs
+    ]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs], outs
 
@@ -83,12 +99,12 @@ def test_greedy_equals_embedded_with_and_without_packs(setup):
     ref_mixed = s["ens"].generate_greedy(prompts, mixed, N_NEW)
     # the packs must matter, or this test could not tell an ignored delta from a working one
     assert ref_mixed[0] != ref_base[0] and ref_mixed[1] != ref_base[1] and ref_mixed[2] != ref_base[2]
-    assert ref_mixed[3] == ref_base[3]            # no pack: the same tokens
+    assert ref_mixed[3] == ref_base[3]  # no pack: the same tokens
 
     # one batch holding base and edited requests of every prompt
     got, _ = _vllm_greedy(s["llm"], prompts + prompts, base + mixed)
     assert got[: len(prompts)] == ref_base
-    assert got[len(prompts):] == ref_mixed
+    assert got[len(prompts) :] == ref_mixed
     assert all(t < U for row in got for t in row)
 
 
@@ -99,7 +115,7 @@ def test_demo_pack_steers_toward_target_like_embedded(setup):
     ref = s["ens"].generate_greedy(p, [[demo]], 6)
     got, _ = _vllm_greedy(s["llm"], p, [[demo]], n=6)
     assert got == ref
-    assert set(tok(" Port Louis").input_ids) & set(got[0])   # the demo pack's target appears
+    assert set(tok(" Port Louis").input_ids) & set(got[0])  # the demo pack's target appears
 
 
 def test_beta_and_staggered_lengths_with_compaction(setup):
@@ -114,12 +130,14 @@ def test_beta_and_staggered_lengths_with_compaction(setup):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
-                             extra_args=build_extra_args(pk) if pk else None) for pk, n in zip(packs, lens)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, extra_args=build_extra_args(pk) if pk else None)
+        for pk, n in zip(packs, lens, strict=True)
+    ]
     outs = s["llm"].generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     got = [list(o.outputs[0].token_ids) for o in outs]
     ref = s["ens"].generate_greedy(prompts, packs, max(lens))
-    assert got == [r[:n] for r, n in zip(ref, lens)]
+    assert got == [r[:n] for r, n in zip(ref, lens, strict=True)]
 
 
 def test_long_prompts_chunked_prefill_and_backpack_window_slide(setup):
@@ -132,13 +150,13 @@ def test_long_prompts_chunked_prefill_and_backpack_window_slide(setup):
     long2 = (filler * 12)[:90] + tok(" The weather was fine, and on the island")["input_ids"]
     prompts = [long1, long2, s["prompts"][0]]
     packs = [[s["demo"]], [s["rnd"]], [s["demo"]]]
-    n = 40                                           # 100+ prompt tokens + 40 > 128 Backpack positions
+    n = 40  # 100+ prompt tokens + 40 > 128 Backpack positions
     proc = REGISTRY.processors[-1]
     slides = proc.core.tracker.stats.window_reprefills
     got, _ = _vllm_greedy(s["llm"], prompts, packs, n=n)
     ref = s["ens"].generate_greedy(prompts, packs, n)
     assert got == ref
-    assert proc.core.tracker.stats.window_reprefills > slides      # the window did slide
+    assert proc.core.tracker.stats.window_reprefills > slides  # the window did slide
 
 
 def test_processed_logprobs_are_the_ensembles(setup):
@@ -157,8 +175,9 @@ def test_processed_logprobs_are_the_ensembles(setup):
 def test_invalid_extra_args_are_refused_with_the_field_named(setup):
     from vllm import SamplingParams
 
-    bad = SamplingParams(max_tokens=2, extra_args={"sensepack": {"packs": [{"name": "x", "version": "v",
-                                                                            "beta": float("nan")}]}})
+    bad = SamplingParams(
+        max_tokens=2, extra_args={"sensepack": {"packs": [{"name": "x", "version": "v", "beta": float("nan")}]}}
+    )
     with pytest.raises(Exception, match=r"extra_args\.sensepack\.packs\[0\]\.beta"):
         setup["llm"].generate(["hi"], [bad], use_tqdm=False)
 
@@ -169,7 +188,7 @@ def test_exact_skip_base_rows_untouched(setup):
     proc = REGISTRY.processors[-1]
     before_calls = proc.core.tracker.stats.backpack_calls
     before = (proc.core.stats.skipped, proc.core.stats.delta_applies)
-    _vllm_greedy(s["llm"], [s["prompts"][3]], [[s["demo"]]], n=4)   # pack whose trigger is absent
+    _vllm_greedy(s["llm"], [s["prompts"][3]], [[s["demo"]]], n=4)  # pack whose trigger is absent
     _vllm_greedy(s["llm"], s["prompts"], [[] for _ in s["prompts"]], n=4)
     assert proc.core.tracker.stats.backpack_calls == before_calls
     assert proc.core.stats.delta_applies == before[1]

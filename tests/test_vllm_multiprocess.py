@@ -5,6 +5,7 @@ the edits store named in `additional_config`. Greedy output == the embedded engi
 Runs vLLM in a subprocess (multiprocessing spawn needs a `__main__` guard). Skipped where vLLM is
 not installed.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,11 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from tests.vllm_gate import require_vllm
 
 require_vllm(in_process=False)
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, sys
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -37,7 +36,7 @@ SCRIPT = textwrap.dedent('''
 
     if __name__ == "__main__":
         main()
-''')
+""")
 
 
 def test_multiprocess_store_resolver_greedy_equals_embedded(tmp_path):
@@ -56,10 +55,18 @@ def test_multiprocess_store_resolver_greedy_equals_embedded(tmp_path):
     bp.save_pretrained(bp_dir)
     demo = demo_pack(bp, tok)
     store = open_store(str(store_dir))
-    contents = build_pack("capitals", demo.edits.token_ids, demo.edits.sense_ids, demo.edits.deltas,
-                          backpack_name="tiny", backpack_fingerprint=bp.fingerprint(),
-                          tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=bp.config.vocab_size,
-                          num_senses=bp.config.num_senses, epsilon=0.01)
+    contents = build_pack(
+        "capitals",
+        demo.edits.token_ids,
+        demo.edits.sense_ids,
+        demo.edits.deltas,
+        backpack_name="tiny",
+        backpack_fingerprint=bp.fingerprint(),
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+        vocab_size=bp.config.vocab_size,
+        num_senses=bp.config.num_senses,
+        epsilon=0.01,
+    )
     version = store.publish(contents)
     loaded = store.load(f"capitals@{version}")
     pack = PackRef("capitals", version, SenseEdits(loaded.token_ids, loaded.sense_ids, loaded.deltas), 0.8)
@@ -67,22 +74,40 @@ def test_multiprocess_store_resolver_greedy_equals_embedded(tmp_path):
     prompts = [tok(p).input_ids for p in ["The capital of Mauritius is", "In Mauritius, people say", "Hello there"]]
     packs = [[pack], [pack], [pack]]
     n = 8
-    cfg = dict(model=str(model_dir), backpack=str(bp_dir), store=str(store_dir), n=n, prompts=prompts + prompts,
-               extra_args=[None] * 3 + [build_extra_args(p) for p in packs], out=str(tmp_path / "out.json"))
+    cfg = dict(
+        model=str(model_dir),
+        backpack=str(bp_dir),
+        store=str(store_dir),
+        n=n,
+        prompts=prompts + prompts,
+        extra_args=[None] * 3 + [build_extra_args(p) for p in packs],
+        out=str(tmp_path / "out.json"),
+    )
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     (tmp_path / "run.py").write_text(SCRIPT)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_CPU_OMP_THREADS_BIND="nobind",
-               PYTHONPATH=os.pathsep.join([str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
-                                          + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "cfg.json")], env=env,
-                          capture_output=True, text=True, timeout=420)
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        PYTHONPATH=os.pathsep.join(
+            [str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
+            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "cfg.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads((tmp_path / "out.json").read_text())
 
     ens = Ensemble(large, bp.eval(), tok)
     ref_base = ens.generate_greedy(prompts, [[]] * 3, n)
     ref = ens.generate_greedy(prompts, packs, n)
-    assert ref[0] != ref_base[0]                          # the pack matters
+    assert ref[0] != ref_base[0]  # the pack matters
     assert got[:3] == ref_base
     assert got[3:] == ref

@@ -6,12 +6,13 @@ checked against an independent expectation: the teacher-forced delta of each row
 sequence (`ensemble.delta.sequence_deltas` on a full-sequence α), and exact equality for rows
 that carry no edited token.
 """
+
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pytest
 import torch
@@ -29,8 +30,9 @@ U = Vocabulary.gpt2().size  # the tiny pairing shares GPT-2's tokenizer
 
 try:
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
     USING_VLLM = True
-except Exception:  # main CI: a stand-in of the same shape
+except Exception:  # noqa: BLE001 - main CI (no vLLM, or one that fails to import): a stand-in of the same shape
     USING_VLLM = False
 
     class MoveDirectionality(enum.Enum):
@@ -44,12 +46,13 @@ except Exception:  # main CI: a stand-in of the same shape
         added: Sequence[tuple]
         moved: Sequence[tuple]
 
+
 UNI, SWAP = MoveDirectionality.UNIDIRECTIONAL, MoveDirectionality.SWAP
 VOCAB = 50400
 
 
 @dataclass
-class Params:            # what the core reads from vllm.SamplingParams
+class Params:  # what the core reads from vllm.SamplingParams
     extra_args: dict | None = None
     max_tokens: int | None = 8
 
@@ -81,11 +84,11 @@ class Sim:
     def __init__(self, world):
         self.bp, self.a, self.b, source = world
         self.core = EnsembleLogitsCore(self.bp, source, vocab_size=U)
-        self.batch: dict[int, dict] = {}       # row -> {"prompt", "out" (live list), "packs"}
+        self.batch: dict[int, dict] = {}  # row -> {"prompt", "out" (live list), "packs"}
 
     def update(self, removed=(), added=(), moved=()):
         ups = []
-        added = [a if len(a) == 5 else (*a, None) for a in added]     # (row, prompt, packs, out[, request_id])
+        added = [a if len(a) == 5 else (*a, None) for a in added]  # (row, prompt, packs, out[, request_id])
         for row, prompt, packs, out, rid in added:
             ups.append((row, _params(packs, rid), prompt, out))
         for r in removed:
@@ -120,15 +123,14 @@ class Sim:
         logits = z.clone()
         self.core.sync()
         out = self.core.add_deltas(logits)
-        assert out.data_ptr() == logits.data_ptr()          # in place
+        assert out.data_ptr() == logits.data_ptr()  # in place
         assert torch.isinf(out[:, U:]).all() and (out[:, U:] < 0).all()
         for row in range(n):
             exp = self.expected_delta(row)
             if exp is None:
-                assert torch.equal(out[row, :U], z[row, :U]), row   # exact skip
+                assert torch.equal(out[row, :U], z[row, :U]), row  # exact skip
             else:
-                torch.testing.assert_close(out[row, :U] - z[row, :U], exp,
-                                           atol=2e-4, rtol=1e-4)
+                torch.testing.assert_close(out[row, :U] - z[row, :U], exp, atol=2e-4, rtol=1e-4)
         # no leaked tracker sequences: exactly the rows carrying edits are tracked
         tracked = {r for r in self.batch if self.batch[r]["packs"]}
         assert set(self.core.rows) == tracked
@@ -140,20 +142,24 @@ def test_adds_outputs_removes_moves_swaps(world):
     s = Sim(world)
     a, b = s.a, s.b
     outs = [[], [], [], []]
-    s.update(added=[(0, [5, 11, 7], [a], outs[0]),         # edited token in the prompt
-                    (1, [5, 6, 7], [], outs[1]),           # base request
-                    (2, [30, 31], [a, b], outs[2]),        # packs, no edited token yet
-                    (3, [20, 9], [b], outs[3])])
+    s.update(
+        added=[
+            (0, [5, 11, 7], [a], outs[0]),  # edited token in the prompt
+            (1, [5, 6, 7], [], outs[1]),  # base request
+            (2, [30, 31], [a, b], outs[2]),  # packs, no edited token yet
+            (3, [20, 9], [b], outs[3]),
+        ]
+    )
     s.step(0)
-    for o, t in zip(outs, [40, 41, 12, 42]):               # row 2 now sees token 12 (edited in a and b)
+    for o, t in zip(outs, [40, 41, 12, 42], strict=True):  # row 2 now sees token 12 (edited in a and b)
         o.append(t)
     s.step(1)
     gone = s.core.rows[1].sid if 1 in s.core.rows else None
-    assert gone is None                                     # base rows are never tracked
+    assert gone is None  # base rows are never tracked
     # row 1 finishes; vLLM compacts: 3 -> 1 (one-way move)
     sid3 = s.core.rows[3].sid
     s.update(removed=[1], moved=[(3, 1, UNI)])
-    assert s.core.rows[1].sid == sid3                        # moved, not rebuilt
+    assert s.core.rows[1].sid == sid3  # moved, not rebuilt
     for o in (outs[0], outs[2], outs[3]):
         o.append(43)
     s.step(2)
@@ -171,14 +177,14 @@ def test_adds_outputs_removes_moves_swaps(world):
 
 def test_readd_after_preemption_rebuilds_from_prompt_and_outputs(world):
     s = Sim(world)
-    out = [12, 40, 41]                                      # the request had produced 3 tokens
+    out = [12, 40, 41]  # the request had produced 3 tokens
     s.update(added=[(0, [5, 6], [s.a], out)])
     s.step(0)
     sid = s.core.rows[0].sid
     s.update(removed=[0])
     assert sid not in s.core.tracker
     out.append(44)
-    s.update(added=[(0, [5, 6], [s.a], out)])               # re-added later with all its outputs
+    s.update(added=[(0, [5, 6], [s.a], out)])  # re-added later with all its outputs
     s.step(1)
 
 
@@ -210,15 +216,15 @@ def test_unscheduled_request_readded_resumes_without_prefill(world, prefills):
     out0.append(40)
     out1.append(41)
     s.step(1)
-    s.update(removed=[0], moved=[(1, 0, UNI)])            # sp-1 not scheduled; sp-2 compacted to row 0
+    s.update(removed=[0], moved=[(1, 0, UNI)])  # sp-1 not scheduled; sp-2 compacted to row 0
     assert s.core.parked == 1 and sid in s.core.tracker and not s.core.tracker.is_active(sid)
     out1.append(42)
-    s.step(2)                                              # the parked request costs no Backpack work
-    out0.append(43)                                        # (a resumed request may bring a token)
+    s.step(2)  # the parked request costs no Backpack work
+    out0.append(43)  # (a resumed request may bring a token)
     s.update(added=[(1, [5, 11, 7], [s.a], out0, "sp-1")])
     assert s.core.rows[1].sid == sid and s.core.parked == 0
-    s.step(3)                                              # deltas == teacher-forced (Sim checks)
-    assert sum(prefills) == 2                              # no new prefill
+    s.step(3)  # deltas == teacher-forced (Sim checks)
+    assert sum(prefills) == 2  # no new prefill
     assert s.core.stats.resumed == 1 and s.core.tracker.stats.resumes == 1
 
 
@@ -229,10 +235,10 @@ def test_parked_states_are_bounded_and_evicted_on_finish(world, prefills):
     s.update(added=[(i, [11, 5 + i], [s.a], outs[i], f"sp-{i}") for i in range(4)])
     s.step(0)
     sids = [s.core.rows[i].sid for i in range(4)]
-    s.update(removed=[3, 2, 1])                            # three unscheduled: only two are kept
+    s.update(removed=[3, 2, 1])  # three unscheduled: only two are kept
     assert s.core.parked == 2 and s.core.stats.parked_evicted == 1
     assert sids[3] not in s.core.tracker and sids[2] in s.core.tracker and sids[1] in s.core.tracker
-    assert s.core.forget("sp-2") and sids[2] not in s.core.tracker      # the server saw sp-2 finish
+    assert s.core.forget("sp-2") and sids[2] not in s.core.tracker  # the server saw sp-2 finish
     # finished by max_tokens (8): removed, never parked
     outs[0].extend([40] * 8)
     s.update(removed=[0])
@@ -254,7 +260,7 @@ def test_readd_on_occupied_row_replaces_the_occupant(world):
     s = Sim(world)
     s.update(added=[(0, [11], [s.a], [])])
     old = s.core.rows[0].sid
-    s.update(added=[(0, [21, 3], [s.b], [])])               # added onto the same index, no removal event
+    s.update(added=[(0, [21, 3], [s.b], [])])  # added onto the same index, no removal event
     assert old not in s.core.tracker
     s.step(0)
 
@@ -264,17 +270,17 @@ def test_async_placeholders_are_not_fed(world):
     out = []
     s.update(added=[(0, [11, 5], [s.a], out)])
     s.step(0)
-    out.append(-1)                                         # async scheduling placeholder
+    out.append(-1)  # async scheduling placeholder
     s.step(1)
     assert s.core.rows[0].seen == 0
-    out[-1] = 40                                           # filled in before the sampler runs
+    out[-1] = 40  # filled in before the sampler runs
     s.step(2)
     assert s.core.rows[0].seen == 1
 
 
 def test_base_only_batches_touch_nothing_but_padding(world):
     s = Sim(world)
-    s.update(added=[(0, [1, 2, 3], [], []), (1, [4, 5], [s.a], [])])    # a's tokens absent
+    s.update(added=[(0, [1, 2, 3], [], []), (1, [4, 5], [s.a], [])])  # a's tokens absent
     before = s.core.tracker.stats.backpack_calls
     s.step(0)
     assert s.core.tracker.stats.backpack_calls == before
@@ -294,26 +300,44 @@ def test_many_rows_sparse_index_add(world):
 
 # ---------------------------------------------------------------- extra_args validation
 
-@pytest.mark.parametrize("extra,field", [
-    ({"sensepack": []}, "extra_args.sensepack"),
-    ({"sensepack": {"packs": "a"}}, "extra_args.sensepack.packs"),
-    ({"sensepack": {"packs": [{"name": "a", "version": "1"}]}}, "extra_args.sensepack.packs[0].beta"),
-    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": -1.0}]}}, "extra_args.sensepack.packs[0].beta"),
-    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": math.inf}]}},
-     "extra_args.sensepack.packs[0].beta"),
-    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": True}]}}, "extra_args.sensepack.packs[0].beta"),
-    ({"sensepack": {"packs": [{"name": "", "version": "1", "beta": 1}]}}, "extra_args.sensepack.packs[0].name"),
-    ({"sensepack": {"packs": [{"name": "a", "version": "x@y", "beta": 1}]}},
-     "extra_args.sensepack.packs[0].version"),
-    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": 1, "x": 2}]}},
-     "extra_args.sensepack.packs[0].x"),
-    ({"sensepack": {"packs": [], "base_only": "yes"}}, "extra_args.sensepack.base_only"),
-    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": 1}], "base_only": True}},
-     "extra_args.sensepack.base_only"),
-    ({"sensepack": {"pack": []}}, "extra_args.sensepack.pack"),
-    ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": 1}, {"name": "a", "version": "1", "beta": 2}]}},
-     "extra_args.sensepack.packs[1].name"),
-])
+
+@pytest.mark.parametrize(
+    "extra,field",
+    [
+        ({"sensepack": []}, "extra_args.sensepack"),
+        ({"sensepack": {"packs": "a"}}, "extra_args.sensepack.packs"),
+        ({"sensepack": {"packs": [{"name": "a", "version": "1"}]}}, "extra_args.sensepack.packs[0].beta"),
+        ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": -1.0}]}}, "extra_args.sensepack.packs[0].beta"),
+        (
+            {"sensepack": {"packs": [{"name": "a", "version": "1", "beta": math.inf}]}},
+            "extra_args.sensepack.packs[0].beta",
+        ),
+        ({"sensepack": {"packs": [{"name": "a", "version": "1", "beta": True}]}}, "extra_args.sensepack.packs[0].beta"),
+        ({"sensepack": {"packs": [{"name": "", "version": "1", "beta": 1}]}}, "extra_args.sensepack.packs[0].name"),
+        (
+            {"sensepack": {"packs": [{"name": "a", "version": "x@y", "beta": 1}]}},
+            "extra_args.sensepack.packs[0].version",
+        ),
+        (
+            {"sensepack": {"packs": [{"name": "a", "version": "1", "beta": 1, "x": 2}]}},
+            "extra_args.sensepack.packs[0].x",
+        ),
+        ({"sensepack": {"packs": [], "base_only": "yes"}}, "extra_args.sensepack.base_only"),
+        (
+            {"sensepack": {"packs": [{"name": "a", "version": "1", "beta": 1}], "base_only": True}},
+            "extra_args.sensepack.base_only",
+        ),
+        ({"sensepack": {"pack": []}}, "extra_args.sensepack.pack"),
+        (
+            {
+                "sensepack": {
+                    "packs": [{"name": "a", "version": "1", "beta": 1}, {"name": "a", "version": "1", "beta": 2}]
+                }
+            },
+            "extra_args.sensepack.packs[1].name",
+        ),
+    ],
+)
 def test_invalid_args_name_the_field(extra, field):
     with pytest.raises(ArgsError) as ei:
         parse_extra_args(extra)
@@ -352,25 +376,40 @@ def test_engine_args_from_config():
     from serve.vllm.engine import engine_args_from_config
 
     cfg = Config()
-    with pytest.raises(ValueError, match="profile: demo"):      # demo Backpack: in-process only
+    with pytest.raises(ValueError, match="profile: demo"):  # demo Backpack: in-process only
         engine_args_from_config(cfg, store_uri="/tmp/store")
     cfg.model.profile = "pretrained"
     cfg.model.large_model = "/models/gpt-j-6b"
     args = engine_args_from_config(cfg, store_uri="s3://packs")
     assert args["model"] == "/models/gpt-j-6b" and args["dtype"] == "float32"
     assert args["max_num_seqs"] == cfg.limits.max_running
-    assert args["additional_config"]["sensepack"] == {"backpack": cfg.model.backpack, "store": "s3://packs",
-                                                      "dtype": "float32"}
+    assert args["additional_config"]["sensepack"] == {
+        "backpack": cfg.model.backpack,
+        "store": "s3://packs",
+        "dtype": "float32",
+    }
     args = engine_args_from_config(cfg, store_uri="s3://packs", vocab=Vocabulary(size=400, eos_id=2, doc_sep_id=0))
-    assert args["additional_config"]["sensepack"]["vocab_size"] == 400   # |U| reaches the worker processes
-    with pytest.raises(ValueError, match="store.uri"):
+    assert args["additional_config"]["sensepack"]["vocab_size"] == 400  # |U| reaches the worker processes
+    with pytest.raises(ValueError, match=r"store\.uri"):
         engine_args_from_config(cfg, store_uri=None)
-    shaped = SimpleNamespace(model=cfg.model, limits=cfg.limits,
-                             vllm=SimpleNamespace(tensor_parallel_size=4, multiprocessing=True, model="/m",
-                                                  gpu_memory_utilization=0.8, engine_args={"enforce_eager": True}))
+    shaped = SimpleNamespace(
+        model=cfg.model,
+        limits=cfg.limits,
+        vllm=SimpleNamespace(
+            tensor_parallel_size=4,
+            multiprocessing=True,
+            model="/m",
+            gpu_memory_utilization=0.8,
+            engine_args={"enforce_eager": True},
+        ),
+    )
     args = engine_args_from_config(shaped, store_uri="/store")
-    assert (args["tensor_parallel_size"], args["model"], args["gpu_memory_utilization"], args["enforce_eager"]) == \
-        (4, "/m", 0.8, True)
+    assert (args["tensor_parallel_size"], args["model"], args["gpu_memory_utilization"], args["enforce_eager"]) == (
+        4,
+        "/m",
+        0.8,
+        True,
+    )
 
 
 def test_supported_version_range():

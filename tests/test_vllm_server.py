@@ -6,9 +6,8 @@ Greedy Generate with and without a pack equals `Ensemble.generate_greedy`; a hot
 route changes new requests only; Score (embedded path) and ModelInfo still work.
 Skipped where vLLM is not installed, or before the server wiring for `engine: vllm` is applied.
 """
-from __future__ import annotations
 
-import os
+from __future__ import annotations
 
 import pytest
 
@@ -19,8 +18,11 @@ require_vllm(in_process=False)
 from serve.config import Config  # noqa: E402
 
 if "engine" not in Config.model_fields:
-    pytest.skip("serve/config.py has no `engine` field yet: the server wiring for engine: vllm (issue 6, "
-                "docs/vllm.md) is not applied", allow_module_level=True)
+    pytest.skip(
+        "serve/config.py has no `engine` field yet: the server wiring for engine: vllm (issue 6, "
+        "docs/vllm.md) is not applied",
+        allow_module_level=True,
+    )
 
 from edits_store.store import open_store  # noqa: E402
 from ensemble.demo import demo_pack, tiny_backpack  # noqa: E402
@@ -47,13 +49,27 @@ def env(tmp_path_factory):
     tokyo = demo_pack(bp, tok, target=" Tokyo", strength=8.0).edits
     v_paris = publish_edits(store, served, "capitals", paris, beta=1.0, alias="prod")
     v_tokyo = publish_edits(store, served, "capitals", tokyo, beta=1.0)
-    overrides = {"engine": "vllm", "vllm.model": str(folder), "vllm.multiprocessing": False,
-                 "vllm.enforce_eager": True, "vllm.max_model_len": 512, "limits.max_prompt_tokens": 256,
-                 "limits.max_new_tokens": 64, "limits.default_max_new_tokens": 16,
-                 "packs.preload": ["capitals@prod"]}
+    overrides = {
+        "engine": "vllm",
+        "vllm.model": str(folder),
+        "vllm.multiprocessing": False,
+        "vllm.enforce_eager": True,
+        "vllm.max_model_len": 512,
+        "limits.max_prompt_tokens": 256,
+        "limits.max_new_tokens": 64,
+        "limits.default_max_new_tokens": 16,
+        "packs.preload": ["capitals@prod"],
+    }
     with running_server(store_dir, served, **overrides) as server:
-        yield dict(server=server, served=served, tok=tok, store=store, v_paris=v_paris, v_tokyo=v_tokyo,
-                   client=Client(f"127.0.0.1:{server.port}"))
+        yield dict(
+            server=server,
+            served=served,
+            tok=tok,
+            store=store,
+            v_paris=v_paris,
+            v_tokyo=v_tokyo,
+            client=Client(f"127.0.0.1:{server.port}"),
+        )
 
 
 def _ref(env, prompts, packs, n):
@@ -80,12 +96,12 @@ def test_generate_equals_embedded_reference(env):
     from serve.vllm.resolver import REGISTRY
 
     assert isinstance(env["server"].engine, VLLMEngine)
-    assert REGISTRY.processors[-1].core.stats.delta_applies > 0      # the deltas came from the vLLM processor
+    assert REGISTRY.processors[-1].core.stats.delta_applies > 0  # the deltas came from the vLLM processor
 
 
 def test_hot_swap_changes_new_requests(env):
     c, n = env["client"], 8
-    env["server"].packs.activate(f"capitals@{env['v_tokyo']}")       # route `capitals` -> tokyo version
+    env["server"].packs.activate(f"capitals@{env['v_tokyo']}")  # route `capitals` -> tokyo version
     try:
         ref = _ref(env, PROMPTS[:1], [_pack_ref(env, env["v_tokyo"])], n)[0]
         r = c.generate(PROMPTS[0], packs=["capitals"], max_new_tokens=n, ignore_eos=True, tokens=True)
@@ -104,9 +120,9 @@ def test_running_request_keeps_its_pinned_version_across_a_swap(env):
         for msg in stream:
             got += [t.id for t in msg.tokens]
             if not swapped:
-                env["server"].packs.activate(f"capitals@{env['v_tokyo']}")   # hot swap mid-generation
+                env["server"].packs.activate(f"capitals@{env['v_tokyo']}")  # hot swap mid-generation
                 swapped = True
-        assert got == ref                                                    # still the version it was admitted with
+        assert got == ref  # still the version it was admitted with
         after = c.generate(PROMPTS[0], packs=["capitals"], max_new_tokens=4, ignore_eos=True, tokens=True)
         assert after.packs[0].version == env["v_tokyo"]
     finally:
@@ -116,8 +132,9 @@ def test_running_request_keeps_its_pinned_version_across_a_swap(env):
 def test_logprobs_are_the_ensembles(env):
     c, n = env["client"], 6
     paris = _pack_ref(env, env["v_paris"])
-    r = c.generate(PROMPTS[0], packs=["capitals@prod"], max_new_tokens=n, ignore_eos=True, tokens=True,
-                   logprobs=True, top_n=3)
+    r = c.generate(
+        PROMPTS[0], packs=["capitals@prod"], max_new_tokens=n, ignore_eos=True, tokens=True, logprobs=True, top_n=3
+    )
     ids = env["tok"](PROMPTS[0], add_special_tokens=False)["input_ids"]
     ref = env["served"].ensemble.score([ids], [[t.id for t in r.tokens]], [[paris]])[0]
     assert [t.logprob for t in r.tokens] == pytest.approx(ref.double().tolist(), abs=2e-3)
@@ -134,8 +151,7 @@ def test_model_info_and_score_still_work(env):
     packed = env["served"].ensemble.score([pids], [cids], [[paris]])[0]
     # Score projects in chunks with logsumexp (serve.scoring), Ensemble.score takes a full log_softmax:
     # float32 rounding apart, the same numbers (the tolerance of tests/test_serve_score.py)
-    assert list(r.continuations[0].packed.token_logprobs) == pytest.approx(packed.double().tolist(),
-                                                                           rel=1e-6, abs=2e-6)
+    assert list(r.continuations[0].packed.token_logprobs) == pytest.approx(packed.double().tolist(), rel=1e-6, abs=2e-6)
 
 
 def test_one_refused_request_among_streams_hurts_none(env):
@@ -149,20 +165,28 @@ def test_one_refused_request_among_streams_hurts_none(env):
 
     c, n = env["client"], 12
     ref = _ref(env, [PROMPTS[0]], [], n)[0]
-    streams = [c.stream(PROMPTS[0], base_only=True, max_new_tokens=n, ignore_eos=True, tokens=True)
-               for _ in range(8)]
+    streams = [c.stream(PROMPTS[0], base_only=True, max_new_tokens=n, ignore_eos=True, tokens=True) for _ in range(8)]
     for s in streams:
         next(s)
     out: list = [None] * 8
     threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, list(streams[i]))) for i in range(8)]
     for t in threads:
         t.start()
-    bad = env["server"].engine.submit(GenerationRequest(request_id="too-long", prompt_ids=[11] * 600, packs=[],
-                                                        max_new_tokens=4), [])
+    bad = env["server"].engine.submit(
+        GenerationRequest(request_id="too-long", prompt_ids=[11] * 600, packs=[], max_new_tokens=4), []
+    )
     ev = bad.events.get(timeout=120)
     assert isinstance(ev, eng.FinishEvent) and ev.reason == eng.REFUSED and ev.error.startswith("text:")
-    tiny = c.generate(PROMPTS[0], base_only=True, greedy=False, temperature=1e-39, seed=1, max_new_tokens=n,
-                      ignore_eos=True, tokens=True)
+    tiny = c.generate(
+        PROMPTS[0],
+        base_only=True,
+        greedy=False,
+        temperature=1e-39,
+        seed=1,
+        max_new_tokens=n,
+        ignore_eos=True,
+        tokens=True,
+    )
     assert [t.id for t in tiny.tokens] == ref
     for t in threads:
         t.join()

@@ -11,6 +11,7 @@ the processor in the worker loads the Backpack folder and the pinned pack from t
 
 Skipped where vLLM is not installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ import grpc
 import pytest
 import yaml
 
-from tests.vllm_gate import require_vllm  # noqa: E402
+from tests.vllm_gate import require_vllm
 
 require_vllm(in_process=False)
 
@@ -43,8 +44,8 @@ from serve.testing import metric, parse_metrics, publish_edits  # noqa: E402
 from serve.vllm.testing import save_tiny_gptj  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-EDITED = "The capital of Mauritius is"         # carries the demo pack's edited token
-PLAIN = "The weather today is"                 # no edited token: exact skip
+EDITED = "The capital of Mauritius is"  # carries the demo pack's edited token
+PLAIN = "The weather today is"  # no edited token: exact skip
 
 
 def _engine_core_pids(pid: int) -> list[int]:
@@ -67,25 +68,38 @@ def server(tmp_path_factory):
     bp = tiny_backpack(0)
     bp.save_pretrained(tmp / "backpack")
     model_cfg = ModelConfig(profile="pretrained", large_model=str(tmp / "gptj"), backpack=str(tmp / "backpack"))
-    served = build_served(model_cfg)                         # what the server process loads, for fingerprints
+    served = build_served(model_cfg)  # what the server process loads, for fingerprints
     store = open_store(str(tmp / "store"))
     pack = demo_pack(served.ensemble.backpack, load_tokenizer())
     version = publish_edits(store, served, "capitals", pack.edits, beta=1.0, alias="prod")
-    cfg = {"engine": "vllm", "model": model_cfg.model_dump(mode="json"),
-           "store": {"uri": str(tmp / "store"), "subscribe": False},
-           "server": {"port": 0, "metrics_port": 0, "warmup": True, "grace_period_s": 5},
-           "admin": {"token": "mp-test-token"},
-           "limits": {"max_prompt_tokens": 32, "max_new_tokens": 200, "max_running": 8},
-           "packs": {"preload": ["capitals@prod"]}, "gate": {"enabled": False}, "ab": {"enabled": False},
-           "vllm": {"model": str(tmp / "gptj"), "multiprocessing": True, "enforce_eager": True,
-                    "max_model_len": 256}}
+    cfg = {
+        "engine": "vllm",
+        "model": model_cfg.model_dump(mode="json"),
+        "store": {"uri": str(tmp / "store"), "subscribe": False},
+        "server": {"port": 0, "metrics_port": 0, "warmup": True, "grace_period_s": 5},
+        "admin": {"token": "mp-test-token"},
+        "limits": {"max_prompt_tokens": 32, "max_new_tokens": 200, "max_running": 8},
+        "packs": {"preload": ["capitals@prod"]},
+        "gate": {"enabled": False},
+        "ab": {"enabled": False},
+        "vllm": {"model": str(tmp / "gptj"), "multiprocessing": True, "enforce_eager": True, "max_model_len": 256},
+    }
     (tmp / "server.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                         if p]))
+    env = dict(
+        os.environ,
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+    )
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--config", str(tmp / "server.yaml")],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.cli", "serve", "--config", str(tmp / "server.yaml")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: list[str] = []
     ready = threading.Event()
 
@@ -104,8 +118,15 @@ def server(tmp_path_factory):
         pytest.fail("server did not start:\n" + "".join(lines[-60:]))
     text = "".join(lines)
     port, metrics_url = re.search(r"serving on [^:]+:(\d+)", text), re.search(r"metrics on (http://\S+/metrics)", text)
-    yield dict(proc=proc, port=int(port.group(1)), metrics_url=metrics_url.group(1), served=served, version=version,
-               lines=lines, pack_ref=PackRef("capitals", version, pack.edits, 1.0))
+    yield dict(
+        proc=proc,
+        port=int(port.group(1)),
+        metrics_url=metrics_url.group(1),
+        served=served,
+        version=version,
+        lines=lines,
+        pack_ref=PackRef("capitals", version, pack.edits, 1.0),
+    )
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -126,8 +147,8 @@ def test_generate_with_a_pack_and_worker_metrics(server):
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in (EDITED, PLAIN)]
     ref = ens.generate_greedy(ids, [[server["pack_ref"]]] * 2, n)
     base = ens.generate_greedy(ids[:1], [[]], n)[0]
-    assert ref[0] != base                                      # the pack matters
-    for prompt, want in zip((EDITED, PLAIN), ref):
+    assert ref[0] != base  # the pack matters
+    for prompt, want in zip((EDITED, PLAIN), ref, strict=True):
         r = c.generate(prompt, packs=["capitals@prod"], max_new_tokens=n, ignore_eos=True, tokens=True)
         assert [t.id for t in r.tokens] == want
         assert [(u.name, u.version) for u in r.packs] == [("capitals", server["version"])]
@@ -138,7 +159,7 @@ def test_generate_with_a_pack_and_worker_metrics(server):
     assert metric(samples, "sensepack_backpack_step_seconds_count") > 0
     assert metric(samples, "sensepack_backpack_step_seconds_sum") > 0
     assert metric(samples, "sensepack_exact_skip_steps_total") > 0
-    assert _engine_core_pids(server["proc"].pid)                # multi-process: vLLM's engine core is a child
+    assert _engine_core_pids(server["proc"].pid)  # multi-process: vLLM's engine core is a child
 
 
 def test_engine_core_death_is_seen(server):
@@ -161,10 +182,12 @@ def test_engine_core_death_is_seen(server):
     watcher = threading.Thread(target=follow, daemon=True)
     watcher.start()
     c = Client(f"127.0.0.1:{server['port']}")
-    streams = [c.stream(EDITED if i % 2 else PLAIN, packs=["capitals@prod"], max_new_tokens=200, ignore_eos=True)
-               for i in range(4)]
+    streams = [
+        c.stream(EDITED if i % 2 else PLAIN, packs=["capitals@prod"], max_new_tokens=200, ignore_eos=True)
+        for i in range(4)
+    ]
     for s in streams:
-        next(s)                                                # admitted
+        next(s)  # admitted
     codes: list = [None] * len(streams)
 
     def drain(i):

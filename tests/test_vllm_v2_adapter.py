@@ -5,6 +5,7 @@ MRV2 cannot run on the CPU dev box (needs Triton), so this checks the adapter's 
 prefill chunks) against the teacher-forced delta of each request's visible tokens. Where vLLM is
 installed it also checks that vLLM's loaders accept each shim and reject the other one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,10 +44,13 @@ class Runner:
         self.b = random_pack(self.bp, [20, 12], name="b", version="2", beta=0.5, seed=2)
         source = DictSource({("a", "1"): self.a.edits, ("b", "2"): self.b.edits})
         self.req_states = SimpleNamespace(
-            device=torch.device("cpu"), max_num_reqs=MAX_REQS, vocab_size=VOCAB,
-            all_token_ids=SimpleNamespace(gpu=torch.zeros(MAX_REQS, MAX_LEN, dtype=torch.int32)))
+            device=torch.device("cpu"),
+            max_num_reqs=MAX_REQS,
+            vocab_size=VOCAB,
+            all_token_ids=SimpleNamespace(gpu=torch.zeros(MAX_REQS, MAX_LEN, dtype=torch.int32)),
+        )
         self.ad = V2Adapter(EnsembleLogitsCore(self.bp, source, vocab_size=U), self.req_states)
-        self.reqs: dict[int, dict] = {}     # slot -> {"tokens", "packs"}
+        self.reqs: dict[int, dict] = {}  # slot -> {"tokens", "packs"}
 
     def add(self, slot, prompt, packs):
         self.reqs[slot] = {"tokens": list(prompt), "packs": packs}
@@ -78,7 +82,7 @@ class Runner:
             expanded_idx_mapping=torch.tensor(order, dtype=torch.int32),
             seq_lens_upper_bound_np=np.array(lens, dtype=np.int32),
             pos=torch.tensor([n - 1 for n in lens]),
-            input_ids=torch.tensor([self.reqs[s]["tokens"][n - 1] for s, n in zip(order, lens)]),
+            input_ids=torch.tensor([self.reqs[s]["tokens"][n - 1] for s, n in zip(order, lens, strict=True)]),
         )
         z = torch.randn(len(order), VOCAB, generator=torch.Generator().manual_seed(seed))
         logits = z.clone()
@@ -101,13 +105,13 @@ def test_reordered_rows_recycled_slots_and_history():
     r.step([0, 3, 4])
     for s, t in ((0, 40), (3, 12), (4, 12)):
         r.sample(s, t)
-    r.step([4, 0, 3], seed=1)                    # rows reordered
+    r.step([4, 0, 3], seed=1)  # rows reordered
     r.sample(4, 41)
-    r.step([4], seed=2)                          # only slot 4 scheduled this step
+    r.step([4], seed=2)  # only slot 4 scheduled this step
     r.sample(0, 42)
-    r.step([3, 0], seed=3)                       # slot 0 catches up on its own history
+    r.step([3, 0], seed=3)  # slot 0 catches up on its own history
     old = r.ad.core.rows[0].sid
-    r.add(0, [20, 21], [r.b])                    # slot 0 recycled for a new request
+    r.add(0, [20, 21], [r.b])  # slot 0 recycled for a new request
     assert old not in r.ad.core.tracker
     r.step([0, 4], seed=4)
 
@@ -116,9 +120,9 @@ def test_partial_prefill_chunks_then_decode():
     r = Runner()
     prompt = [3, 4, 11, 6, 7, 8, 9, 10]
     r.add(2, prompt, [r.a])
-    r.step([2], visible={2: 2})                  # first chunk: no edited token yet (exact zero)
-    r.step([2], visible={2: 5})                  # second chunk reaches token 11
-    r.step([2])                                  # last chunk
+    r.step([2], visible={2: 2})  # first chunk: no edited token yet (exact zero)
+    r.step([2], visible={2: 5})  # second chunk reaches token 11
+    r.step([2])  # last chunk
     r.sample(2, 44)
     r.step([2])
 
@@ -126,7 +130,7 @@ def test_partial_prefill_chunks_then_decode():
 def test_base_requests_only_padding_masked():
     r = Runner()
     r.add(1, [1, 2, 3], [])
-    r.add(5, [7, 8], [r.a])                      # a's tokens absent
+    r.add(5, [7, 8], [r.a])  # a's tokens absent
     r.step([1, 5])
     assert r.ad.core.tracker.stats.backpack_calls == 0
 
@@ -134,8 +138,11 @@ def test_base_requests_only_padding_masked():
 def test_speculative_rows_refused():
     r = Runner()
     r.add(0, [11, 2], [r.a])
-    ctx = SimpleNamespace(idx_mapping_np=np.array([0], dtype=np.int32), seq_lens_upper_bound_np=np.array([2]),
-                          input_ids=torch.tensor([2, 3]))
+    ctx = SimpleNamespace(
+        idx_mapping_np=np.array([0], dtype=np.int32),
+        seq_lens_upper_bound_np=np.array([2]),
+        input_ids=torch.tensor([2, 3]),
+    )
     with pytest.raises(NotImplementedError, match="speculative"):
         r.ad.apply(torch.zeros(2, VOCAB), ctx)
 
@@ -151,7 +158,7 @@ def test_vllm_loaders_accept_each_shim_and_reject_the_other():
 
     assert _load_logitsprocs_by_fqcns([V1_PROCESSOR_FQCN]) == [SensepackLogitsProcessor]
     assert _load_v2_logitsprocs_by_fqcns([V2_PROCESSOR_FQCN]) == [SensepackLogitsProcessorV2]
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - vLLM's loader error type differs between releases
         _load_logitsprocs_by_fqcns([V2_PROCESSOR_FQCN])
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - vLLM's loader error type differs between releases
         _load_v2_logitsprocs_by_fqcns([V1_PROCESSOR_FQCN])

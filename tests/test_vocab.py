@@ -5,6 +5,7 @@ SmolLM2's special-token layout: "<|endoftext|>" = 0 separates documents, "<|im_e
 with a tiny Backpack of exactly |U| rows and a tiny random Llama (SmolLM2's architecture) with MORE
 rows than |U|: the ensemble, the server and train_edits all work on U = [0, |U|).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,16 @@ def build_bpe_tokenizer(folder, vocab_size: int = 400):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(CORPUS.read_text().splitlines(), trainer)
     PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>").save_pretrained(
-        str(folder))
+        str(folder)
+    )
     return load_tokenizer(str(folder))
 
 
@@ -48,9 +54,17 @@ def tiny_llama(rows: int, seed: int = 0, pad_bias: float | None = None, eos: tup
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=rows,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     model = LlamaForCausalLM(cfg).eval()
     if pad_bias is not None or eos is not None:
         head = torch.nn.Linear(cfg.hidden_size, rows, bias=True)
@@ -58,7 +72,7 @@ def tiny_llama(rows: int, seed: int = 0, pad_bias: float | None = None, eos: tup
             head.weight.copy_(model.lm_head.weight)
             head.bias.zero_()
             if pad_bias is not None:
-                head.bias[rows - EXTRA_ROWS:] = pad_bias
+                head.bias[rows - EXTRA_ROWS :] = pad_bias
             if eos is not None:
                 head.bias[eos[0]] = eos[1]
         model.lm_head = head
@@ -85,8 +99,11 @@ def _pack(pairing, word=" river", seed=0, scale=3.0, beta=0.8, name="p"):
     k, d = bp.config.num_senses, bp.config.n_embd
     toks = _ids(pairing["tok"], word)
     g = torch.Generator().manual_seed(seed)
-    edits = SenseEdits(torch.tensor([t for t in toks for _ in range(k)]), torch.tensor(list(range(k)) * len(toks)),
-                       torch.randn(len(toks) * k, d, generator=g) * scale)
+    edits = SenseEdits(
+        torch.tensor([t for t in toks for _ in range(k)]),
+        torch.tensor(list(range(k)) * len(toks)),
+        torch.randn(len(toks) * k, d, generator=g) * scale,
+    )
     return PackRef(name, "v1", edits, beta)
 
 
@@ -95,7 +112,7 @@ def _pack(pairing, word=" river", seed=0, scale=3.0, beta=0.8, name="p"):
 
 def test_vocabulary_comes_from_the_tokenizer(pairing):
     tok, V = pairing["tok"], pairing["V"]
-    assert 300 <= V <= 500 and V != Vocabulary.gpt2().size
+    assert 300 <= V <= 500 and Vocabulary.gpt2().size != V
     vocab = Vocabulary.from_tokenizer(tok)
     assert vocab.size == V
     assert vocab.eos_id == tok.convert_tokens_to_ids("<|im_end|>") == 2
@@ -124,7 +141,9 @@ def test_out_of_range_ids_are_refused(pairing):
     V = pairing["V"]
     ens = Ensemble(pairing["large"], pairing["backpack"], pairing["tok"])
     batch = ens.new_batch()
-    with pytest.raises(ValueError, match=rf"prompt_ids\[1\]: token id {V} outside the tokenizer's vocabulary \[0, {V}\)"):
+    with pytest.raises(
+        ValueError, match=rf"prompt_ids\[1\]: token id {V} outside the tokenizer's vocabulary \[0, {V}\)"
+    ):
         batch.add(0, [5, V], [])
     batch.add(0, [5, 6], [])
     with pytest.raises(ValueError, match=rf"outside \[0, {V}\)"):
@@ -153,12 +172,15 @@ def test_cached_alpha_ensemble_equals_the_naive_formula_on_a_non_gpt2_pairing(pa
     tok, V, bp, large = pairing["tok"], pairing["V"], pairing["backpack"], pairing["large"]
     ens = Ensemble(large, bp, tok)
     pack = _pack(pairing)
-    prompts = [_ids(tok, "In the spring the river floods the lower fields"), _ids(tok, "The committee met on"),
-               _ids(tok, "She sat by the river")]
+    prompts = [
+        _ids(tok, "In the spring the river floods the lower fields"),
+        _ids(tok, "The committee met on"),
+        _ids(tok, "She sat by the river"),
+    ]
     packs = [[pack], [pack], []]
     assert not set(prompts[1]) & set(pack.edits.token_ids.tolist())  # row 1: no edited token (exact skip)
     batch = ens.new_batch()
-    for i, (p, pk) in enumerate(zip(prompts, packs)):
+    for i, (p, pk) in enumerate(zip(prompts, packs, strict=True)):
         batch.add(i, p, pk)
     seqs = [list(p) for p in prompts]
     for _ in range(4):
@@ -171,9 +193,9 @@ def test_cached_alpha_ensemble_equals_the_naive_formula_on_a_non_gpt2_pairing(pa
                 z = large(torch.tensor([seqs[sid]])).logits[0, -1, :V].float()
                 torch.testing.assert_close(lp[row], torch.log_softmax(z, -1), atol=1e-5, rtol=0)
         nxt = lp.argmax(-1).tolist()
-        for sid, t in zip(batch.seq_ids, nxt):
+        for sid, t in zip(batch.seq_ids, nxt, strict=True):
             seqs[sid].append(t)
-        batch.append(dict(zip(batch.seq_ids, nxt)))
+        batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
     assert ens.stats.exact_skip_rows > 0 and ens.stats.backpack_calls > 0
     # teacher-forced scoring agrees with the same formula
     prefix, cont = prompts[0], _ids(tok, " and farmers wait")
@@ -217,18 +239,36 @@ def test_server_refuses_a_pack_built_for_another_tokenizer_and_keeps_the_previou
     v1 = publish_edits(store, served, "rivers", good.edits, beta=1.0, alias="prod")
     bp = served.ensemble.backpack
     gpt2_fp = tokenizer_fingerprint(load_tokenizer())
-    cal = CalibrationEntry(target_model=served.large_name, target_fingerprint=served.ensemble.large_fingerprint(),
-                           beta=1.0, ball_ratio=1.0, g_fingerprint="test", g_tokens=0, epsilon=0.05)
-    other = build_pack("rivers", good.edits.token_ids, good.edits.sense_ids, good.edits.deltas.float() * 2,
-                       backpack_name=served.backpack_name, backpack_fingerprint=bp.fingerprint(),
-                       tokenizer_fingerprint=gpt2_fp, vocab_size=bp.config.vocab_size,
-                       num_senses=bp.config.num_senses, epsilon=0.05, calibration=[cal], training={"source": "test"})
+    cal = CalibrationEntry(
+        target_model=served.large_name,
+        target_fingerprint=served.ensemble.large_fingerprint(),
+        beta=1.0,
+        ball_ratio=1.0,
+        g_fingerprint="test",
+        g_tokens=0,
+        epsilon=0.05,
+    )
+    other = build_pack(
+        "rivers",
+        good.edits.token_ids,
+        good.edits.sense_ids,
+        good.edits.deltas.float() * 2,
+        backpack_name=served.backpack_name,
+        backpack_fingerprint=bp.fingerprint(),
+        tokenizer_fingerprint=gpt2_fp,
+        vocab_size=bp.config.vocab_size,
+        num_senses=bp.config.num_senses,
+        epsilon=0.05,
+        calibration=[cal],
+        training={"source": "test"},
+    )
     v2 = store.publish(other)
     prompt = _ids(tok, "She sat by the river")
     want = served.ensemble.generate_greedy([prompt], [[PackRef("rivers", v1, good.edits, 1.0)]], 6)[0]
 
-    with running_server(tmp_path, served, **{"packs.preload": ["rivers@prod"], "gate.enabled": False,
-                                             "ab.enabled": False}) as server:
+    with running_server(
+        tmp_path, served, **{"packs.preload": ["rivers@prod"], "gate.enabled": False, "ab.enabled": False}
+    ) as server:
         ch = channel(server)
         stub, adm = pb_grpc.GenerationServiceStub(ch), admin_pb_grpc.PackAdminStub(ch)
         info = stub.ModelInfo(pb.ModelInfoRequest())
@@ -239,8 +279,9 @@ def test_server_refuses_a_pack_built_for_another_tokenizer_and_keeps_the_previou
         details = ei.value.details()
         assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "tokenizer" in details and gpt2_fp in details and served.vocab.fingerprint in details, details
-        r = stub.Generate(build_generate_request(prompt, packs=["rivers@prod"], max_new_tokens=6, ignore_eos=True,
-                                                 tokens=True))
+        r = stub.Generate(
+            build_generate_request(prompt, packs=["rivers@prod"], max_new_tokens=6, ignore_eos=True, tokens=True)
+        )
         assert [(u.name, u.version) for u in r.packs] == [("rivers", v1)]
         assert [t.id for t in r.tokens] == want
         # ids and top_k are bounded by this tokenizer, not by GPT-2's 50257
@@ -264,8 +305,9 @@ def test_server_stops_on_the_tokenizers_eos(pairing, tmp_path):
         stub = pb_grpc.GenerationServiceStub(channel(server))
         r = stub.Generate(build_generate_request("The river", base_only=True, max_new_tokens=5, tokens=True))
         assert [t.id for t in r.tokens] == [eos] and r.stop_reason == pb.EOS_TOKEN
-        r = stub.Generate(build_generate_request("The river", base_only=True, max_new_tokens=5, tokens=True,
-                                                 ignore_eos=True))
+        r = stub.Generate(
+            build_generate_request("The river", base_only=True, max_new_tokens=5, tokens=True, ignore_eos=True)
+        )
         assert [t.id for t in r.tokens] == [eos] * 5 and r.stop_reason == pb.MAX_TOKENS
 
 
@@ -282,8 +324,9 @@ def run_inputs(pairing, tmp_path_factory):
     docs = d / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": line}) + "\n" for line in CORPUS.read_text().splitlines()))
     for name, extra in (("bpe", ["--tokenizer", str(pairing["folder"])]), ("gpt2", [])):
-        res = CliRunner().invoke(main, ["prepare-corpora", str(docs), "--out", str(d / name), "--chunk-len", "24"]
-                                 + extra)
+        res = CliRunner().invoke(
+            main, ["prepare-corpora", str(docs), "--out", str(d / name), "--chunk-len", "24"] + extra
+        )
         assert res.exit_code == 0, res.output
     bp_dir = d / "backpack"
     pairing["backpack"].save_pretrained(bp_dir)
@@ -291,11 +334,17 @@ def run_inputs(pairing, tmp_path_factory):
     large_dir = d / "large"
     pairing["large"].save_pretrained(large_dir)
     task = d / "task.jsonl"
-    task.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"prefix": "In the spring the river floods the lower", "suffix": " fields"},
-        {"prefix": "She opened the window, let the cold", "suffix": " air in"},
-        {"prefix": "The committee met on Tuesday to discuss the", "suffix": " budget"},
-        {"prefix": "The train was late again, so he called his", "suffix": " sister"}]))
+    task.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"prefix": "In the spring the river floods the lower", "suffix": " fields"},
+                {"prefix": "She opened the window, let the cold", "suffix": " air in"},
+                {"prefix": "The committee met on Tuesday to discuss the", "suffix": " budget"},
+                {"prefix": "The train was late again, so he called his", "suffix": " sister"},
+            ]
+        )
+    )
     return {"dir": d, "backpack": bp_dir, "large": large_dir, "task": task}
 
 
@@ -303,7 +352,11 @@ def test_prepare_corpora_with_another_tokenizer(pairing, run_inputs):
     V = pairing["V"]
     meta = json.loads((run_inputs["dir"] / "bpe" / "corpora.json").read_text())
     assert meta["vocab_size"] == V and meta["tokenizer_fingerprint"] == tokenizer_fingerprint(pairing["tok"])
-    chunks = [json.loads(x)["input_ids"] for name in ("G", "R") for x in open(run_inputs["dir"] / "bpe" / f"{name}.jsonl")]
+    chunks = [
+        json.loads(x)["input_ids"]
+        for name in ("G", "R")
+        for x in (run_inputs["dir"] / "bpe" / f"{name}.jsonl").read_text().splitlines()
+    ]
     flat = [t for c in chunks for t in c]
     assert chunks and all(len(c) == 24 for c in chunks) and all(0 <= t < V for t in flat)
     # documents are separated by the tokenizer's "<|endoftext|>" (id 0), one per document
@@ -314,11 +367,43 @@ def test_prepare_corpora_with_another_tokenizer(pairing, run_inputs):
 
 def _run_args(run_inputs, run_dir, corpus="bpe", extra=()):
     c = run_inputs["dir"] / corpus
-    return ["run", "--train", str(run_inputs["task"]), "--eval", str(run_inputs["task"]), "--loss-type", "good",
-            "--threshold", "4.0", "--backpack", str(run_inputs["backpack"]), "--large", str(run_inputs["large"]),
-            "--g", str(c / "G.jsonl"), "--r", str(c / "R.jsonl"), "--g-limit", "4", "--r-limit", "6",
-            "--epochs", "2", "--lr", "0.5", "--grad-accum", "1", "-k", "2", "--epsilon", "0.5",
-            "--run-dir", str(run_dir), "--no-progress", *extra]
+    return [
+        "run",
+        "--train",
+        str(run_inputs["task"]),
+        "--eval",
+        str(run_inputs["task"]),
+        "--loss-type",
+        "good",
+        "--threshold",
+        "4.0",
+        "--backpack",
+        str(run_inputs["backpack"]),
+        "--large",
+        str(run_inputs["large"]),
+        "--g",
+        str(c / "G.jsonl"),
+        "--r",
+        str(c / "R.jsonl"),
+        "--g-limit",
+        "4",
+        "--r-limit",
+        "6",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.5",
+        "--grad-accum",
+        "1",
+        "-k",
+        "2",
+        "--epsilon",
+        "0.5",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_a_run_on_the_non_gpt2_pairing_records_its_tokenizer(pairing, run_inputs, tmp_path):
@@ -348,7 +433,8 @@ def test_a_run_refuses_a_corpus_made_with_another_tokenizer(pairing, run_inputs,
 def test_a_run_refuses_a_backpack_that_does_not_cover_its_tokenizer(pairing, run_inputs, tmp_path):
     from train_edits.cli import main
 
-    res = CliRunner().invoke(main, _run_args(run_inputs, tmp_path / "run",
-                                             extra=["--tokenizer", str(PACKAGED_TOKENIZER_DIR)]))
+    res = CliRunner().invoke(
+        main, _run_args(run_inputs, tmp_path / "run", extra=["--tokenizer", str(PACKAGED_TOKENIZER_DIR)])
+    )
     assert res.exit_code == 1, res.output
     assert f"vocabulary has {pairing['V']} rows, fewer than the tokenizer's 50257 ids" in res.output

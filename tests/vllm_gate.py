@@ -20,5 +20,8 @@ def require_vllm(in_process: bool = True) -> None:
         error = f"{type(e).__name__}: {e}"
         if os.environ.get("SENSEPACK_REQUIRE_VLLM"):
             raise RuntimeError(f"SENSEPACK_REQUIRE_VLLM is set but vllm does not import: {error}") from e
-        pytest.skip(f"vLLM is not installed here ({error.splitlines()[0][:120]}); "
-                    "run `make test-vllm` (scripts/test-vllm.sh builds .venv-vllm)", allow_module_level=True)
+        pytest.skip(
+            f"vLLM is not installed here ({error.splitlines()[0][:120]}); "
+            "run `make test-vllm` (scripts/test-vllm.sh builds .venv-vllm)",
+            allow_module_level=True,
+        )

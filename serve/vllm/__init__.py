@@ -18,11 +18,11 @@ process too, to validate per-request arguments):
 Only ``processor``, ``processor_v2`` and ``engine`` import vllm.
 """
 
-SUPPORTED_VLLM = ">=0.32.0,<0.33"   # the processor interfaces change between releases (docs/vllm.md)
+SUPPORTED_VLLM = ">=0.32.0,<0.33"  # the processor interfaces change between releases (docs/vllm.md)
 
 V1_PROCESSOR_FQCN = "serve.vllm.processor:SensepackLogitsProcessor"
 V2_PROCESSOR_FQCN = "serve.vllm.processor_v2:SensepackLogitsProcessorV2"
-WORKER_EXTENSION_FQCN = "serve.vllm.worker.SensepackWorkerExtension"   # vLLM resolves it by dotted name
+WORKER_EXTENSION_FQCN = "serve.vllm.worker.SensepackWorkerExtension"  # vLLM resolves it by dotted name
 
 
 def check_vllm_version(version: str) -> bool:

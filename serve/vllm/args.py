@@ -10,6 +10,7 @@ crosses a msgpack boundary (frontend -> engine core), so no tensors. A request w
 (exact skip). Validation raises ``ArgsError`` (a ValueError) naming the offending field; the
 shims re-raise it as vLLM's validation error.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,7 @@ class PinnedPack:
 
     @property
     def key(self) -> tuple[str, str, float]:
-        return (self.name, self.version, float(self.beta))   # == ensemble.edits.PackRef.key
+        return (self.name, self.version, float(self.beta))  # == ensemble.edits.PackRef.key
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,9 @@ def parse_extra_args(extra_args) -> RequestPacks | None:
         for name in ("name", "version"):
             v = p.get(name)
             if not isinstance(v, str) or not v or "@" in v or v != v.strip():
-                raise ArgsError(f"{f}.{name}", f"must be a non-empty string without '@' or surrounding spaces, "
-                                             f"got {v!r}", v)
+                raise ArgsError(
+                    f"{f}.{name}", f"must be a non-empty string without '@' or surrounding spaces, got {v!r}", v
+                )
         beta = p.get("beta")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)):
             raise ArgsError(f"{f}.beta", f"must be a number, got {beta!r}", beta)

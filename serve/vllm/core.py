@@ -33,12 +33,14 @@ No tracker work happens on a move or swap. Output tokens are read from vLLM's li
 This module imports no vLLM: the bookkeeping is unit-tested in the main CI against a stand-in of
 ``BatchUpdate`` (and against vLLM's own types where vLLM is installed).
 """
+
 from __future__ import annotations
 
 import itertools
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -47,44 +49,49 @@ from ensemble.edits import PackRef, SenseEdits, combine_packs
 
 from .args import RequestPacks
 
+if TYPE_CHECKING:
+    from ensemble.backpack import BackpackLM
+
+    from .resolver import PackSource
+
 log = logging.getLogger("sensepack.vllm")
 
 
 @dataclass
 class _Row:
-    sid: int                   # tracker sequence id (unique per add; rows are recycled)
-    output_ids: list | None    # vLLM's live output-token list (V1), None for V2 (tokens pushed)
-    seen: int = 0              # output tokens already fed to the tracker
+    sid: int  # tracker sequence id (unique per add; rows are recycled)
+    output_ids: list | None  # vLLM's live output-token list (V1), None for V2 (tokens pushed)
+    seen: int = 0  # output tokens already fed to the tracker
     key: tuple = ()
-    rid: str | None = None     # extra_args request_id: parks across vLLM's remove / re-add
+    rid: str | None = None  # extra_args request_id: parks across vLLM's remove / re-add
     prompt_len: int = 0
-    last: int | None = None    # the last output token fed (a re-add must continue the same output)
+    last: int | None = None  # the last output token fed (a re-add must continue the same output)
     max_tokens: int | None = None
     stop_ids: frozenset = frozenset()
 
 
 @dataclass
 class CoreStats:
-    applies: int = 0           # apply() calls
-    skipped: int = 0           # apply() calls that left the shared-vocab logits untouched
-    delta_applies: int = 0     # apply() calls that added a delta
+    applies: int = 0  # apply() calls
+    skipped: int = 0  # apply() calls that left the shared-vocab logits untouched
+    delta_applies: int = 0  # apply() calls that added a delta
     rows_added: int = 0
-    prompt_missing: int = 0    # requests with prompt embeddings (no ids): served by the base model
+    prompt_missing: int = 0  # requests with prompt embeddings (no ids): served by the base model
     pack_unavailable: int = 0  # pinned pack not found by the resolver (must stay 0)
-    parked: int = 0            # removed unfinished requests whose Backpack state was kept
-    resumed: int = 0           # re-added requests that got their state back (no Backpack prefill)
-    parked_evicted: int = 0    # parked states dropped for room (max_parked) or a mismatching re-add
+    parked: int = 0  # removed unfinished requests whose Backpack state was kept
+    resumed: int = 0  # re-added requests that got their state back (no Backpack prefill)
+    parked_evicted: int = 0  # parked states dropped for room (max_parked) or a mismatching re-add
 
 
 @dataclass
 class EnsembleLogitsCore:
-    backpack: object
-    source: object                       # resolver.PackSource
-    vocab_size: int = field(kw_only=True)   # |U| (ensemble.vocab.Vocabulary.size): ids >= it are masked
+    backpack: BackpackLM
+    source: PackSource
+    vocab_size: int = field(kw_only=True)  # |U| (ensemble.vocab.Vocabulary.size): ids >= it are masked
     window_keep: int | None = None
     mask_padding: bool = True
     max_combined: int = 256
-    max_parked: int = 64                 # Backpack states kept across vLLM's remove / re-add (bounded)
+    max_parked: int = 64  # Backpack states kept across vLLM's remove / re-add (bounded)
     stats: CoreStats = field(default_factory=CoreStats)
 
     def __post_init__(self) -> None:
@@ -93,11 +100,11 @@ class EnsembleLogitsCore:
         self.rows: dict[int, _Row] = {}
         self._sids = itertools.count()
         self._combined: dict[tuple, SenseEdits] = {}
-        self._parked: OrderedDict[str, _Row] = OrderedDict()    # request_id -> suspended row
+        self._parked: OrderedDict[str, _Row] = OrderedDict()  # request_id -> suspended row
         # Backpack seconds of each apply where the Backpack ran (drained by serve.vllm.worker; bounded)
         self.step_seconds: deque = deque(maxlen=4096)
-        self._gone: OrderedDict[str, int] = OrderedDict()        # finished ids still in the batch: never park
-        self._layout = None              # cached (rows, sids, index tensor or None, dense count)
+        self._gone: OrderedDict[str, int] = OrderedDict()  # finished ids still in the batch: never park
+        self._layout = None  # cached (rows, sids, index tensor or None, dense count)
 
     # ------------------------------------------------------------ packs
     def edits_for(self, req: RequestPacks) -> tuple[tuple, SenseEdits]:
@@ -124,27 +131,40 @@ class EnsembleLogitsCore:
                 self.stats.resumed += 1
                 self._layout = None
                 return True
-            self.tracker.remove(r.sid)       # same id, different request (or output): start afresh
+            self.tracker.remove(r.sid)  # same id, different request (or output): start afresh
             self.stats.parked_evicted += 1
         if prompt_ids is None:
             self.stats.prompt_missing += 1
-            log.warning("sensepack: request without prompt token ids (prompt embeddings) is served by the "
-                        "base model", extra={"event": "vllm_prompt_embeds"})
+            log.warning(
+                "sensepack: request without prompt token ids (prompt embeddings) is served by the base model",
+                extra={"event": "vllm_prompt_embeds"},
+            )
             return False
         try:
             key, edits = self.edits_for(req)
-        except KeyError as e:          # resolver.PackUnavailable: the server pins before submitting
+        except KeyError as e:  # resolver.PackUnavailable: the server pins before submitting
             self.stats.pack_unavailable += 1
-            log.error("sensepack: pinned pack unavailable in the processor; row served by the base model: %s", e,
-                      extra={"event": "vllm_pack_unavailable"})
+            log.error(
+                "sensepack: pinned pack unavailable in the processor; row served by the base model: %s",
+                e,
+                extra={"event": "vllm_pack_unavailable"},
+            )
             return False
         if len(edits) == 0:
             return False
         sid = next(self._sids)
         self.tracker.add(sid, list(prompt_ids), edits, key=key)
         stop_ids = getattr(params, "all_stop_token_ids", None) or getattr(params, "stop_token_ids", None) or ()
-        self.rows[row] = _Row(sid, output_ids, 0, key, rid=req.request_id, prompt_len=len(prompt_ids),
-                              max_tokens=getattr(params, "max_tokens", None), stop_ids=frozenset(stop_ids))
+        self.rows[row] = _Row(
+            sid,
+            output_ids,
+            0,
+            key,
+            rid=req.request_id,
+            prompt_len=len(prompt_ids),
+            max_tokens=getattr(params, "max_tokens", None),
+            stop_ids=frozenset(stop_ids),
+        )
         self.stats.rows_added += 1
         self._layout = None
         return True
@@ -153,7 +173,7 @@ class EnsembleLogitsCore:
     def _resumable(r: _Row, req: RequestPacks, prompt_ids, output_ids) -> bool:
         if r.key != req.key or r.prompt_len != len(prompt_ids):
             return False
-        if r.output_ids is None or output_ids is None:      # V2 pushes tokens: no list to continue
+        if r.output_ids is None or output_ids is None:  # V2 pushes tokens: no list to continue
             return r.output_ids is None and output_ids is None
         return len(output_ids) >= r.seen and (r.seen == 0 or output_ids[r.seen - 1] == r.last)
 
@@ -171,7 +191,7 @@ class EnsembleLogitsCore:
         if r is None:
             return
         self._layout = None
-        gone = r.rid is not None and self._gone.pop(r.rid, None) is not None    # the server saw it finish
+        gone = r.rid is not None and self._gone.pop(r.rid, None) is not None  # the server saw it finish
         if park and r.rid is not None and self.max_parked > 0 and not gone and not self._finished(r):
             self.tracker.suspend(r.sid)
             old = self._parked.pop(r.rid, None)
@@ -196,7 +216,7 @@ class EnsembleLogitsCore:
             return True
         if any(row.rid == request_id for row in self.rows.values()):
             self._gone[request_id] = 1
-            while len(self._gone) > 4 * self.max_parked + 64:    # bounded; an old entry only costs a park
+            while len(self._gone) > 4 * self.max_parked + 64:  # bounded; an old entry only costs a park
                 self._gone.popitem(last=False)
         return False
 
@@ -275,8 +295,13 @@ class EnsembleLogitsCore:
         return self._layout
 
     @torch.no_grad()
-    def add_deltas(self, logits: torch.Tensor, rows: list[int] | None = None,
-                   sids: list[int] | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+    def add_deltas(
+        self,
+        logits: torch.Tensor,
+        rows: list[int] | None = None,
+        sids: list[int] | None = None,
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """logits[rows, :|U|] += E·δ (in place, one op); logits[:, |U|:] = -inf.
 
         Default rows: every tracked row (V1, rows are logits rows). V2 passes its own
@@ -291,7 +316,7 @@ class EnsembleLogitsCore:
                 self.stats.skipped += 1
                 return logits
             rows, sids, index, _ = self._rows_layout(logits.device)
-            if rows[-1] >= logits.shape[0]:    # defensive: a tracked row beyond this step's logits
+            if rows[-1] >= logits.shape[0]:  # defensive: a tracked row beyond this step's logits
                 keep = [k for k, r in enumerate(rows) if r < logits.shape[0]]
                 rows, sids = [rows[k] for k in keep], [sids[k] for k in keep]
                 index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
@@ -301,12 +326,12 @@ class EnsembleLogitsCore:
         st = self.tracker.stats
         before, secs = st.exact_skip_rows, st.backpack_seconds
         deltas, _active = self.tracker.logit_deltas(sids)
-        if st.exact_skip_rows - before == len(sids):   # no row carries an edited token: exact skip
+        if st.exact_skip_rows - before == len(sids):  # no row carries an edited token: exact skip
             self.stats.skipped += 1
             return logits
         self.step_seconds.append(st.backpack_seconds - secs)
         deltas = deltas.to(device=logits.device, dtype=logits.dtype, non_blocking=True)
-        if index is None:                      # rows are 0..n-1
+        if index is None:  # rows are 0..n-1
             logits[: len(sids), :n] += deltas
         else:
             logits[:, :n].index_add_(0, index, deltas)

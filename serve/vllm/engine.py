@@ -24,6 +24,7 @@ with a `VLLMRunner` instead of the embedded runner; it overrides nothing. What t
 as in the embedded engine; they use the embedded ensemble (teacher-forced scoring cannot go
 through vLLM processors: prompt logprobs skip them).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,7 @@ import os
 import threading
 import time
 from dataclasses import replace
+from typing import Any
 
 from serve.engine import CoreCounters, Engine, Refused, RowOutput, RunnerDead
 from serve.sampler import Sampled
@@ -42,11 +44,10 @@ from .resolver import REGISTRY
 
 log = logging.getLogger("sensepack.vllm.engine")
 
-VLLM_MIN_TEMPERATURE = 0.01      # vllm.sampling_params._MAX_TEMP (0.32): lower temperatures are raised to it
+VLLM_MIN_TEMPERATURE = 0.01  # vllm.sampling_params._MAX_TEMP (0.32): lower temperatures are raised to it
 
 
-def engine_args_from_config(config, store_uri: str | None = None, model_folder: str | None = None,
-                            vocab=None) -> dict:
+def engine_args_from_config(config, store_uri: str | None = None, model_folder: str | None = None, vocab=None) -> dict:
     """vllm.EngineArgs fields from the server config's ``vllm`` section (docs/vllm.md, "Configuration").
 
     Reads the section with getattr defaults, so it works with any object of that shape. The model is
@@ -56,7 +57,10 @@ def engine_args_from_config(config, store_uri: str | None = None, model_folder: 
     ``vocab`` (the served ensemble.vocab.Vocabulary) tells them |U| without loading the tokenizer.
     """
     v = getattr(config, "vllm", None)
-    g = (lambda name, default: getattr(v, name, default) if v is not None else default)
+
+    def g(name, default):
+        return getattr(v, name, default) if v is not None else default
+
     m = config.model
     args = dict(
         model=model_folder or g("model", None) or m.large_model,
@@ -76,18 +80,21 @@ def engine_args_from_config(config, store_uri: str | None = None, model_folder: 
     if getattr(m, "profile", "pretrained") == "demo":
         # the demo Backpack exists only in the server's memory: processors must run in-process
         if separate:
-            raise ValueError("engine: vllm with model.profile: demo needs vllm.multiprocessing: false and one rank "
-                             "(the demo Backpack lives only in the server process)")
+            raise ValueError(
+                "engine: vllm with model.profile: demo needs vllm.multiprocessing: false and one rank "
+                "(the demo Backpack lives only in the server process)"
+            )
         if not (model_folder or g("model", None)):
             raise ValueError("engine: vllm with model.profile: demo needs vllm.model: a folder vLLM can load")
-    elif store_uri:    # for processors in other processes (mp executor, TP ranks); in-process ones use REGISTRY
-        args["additional_config"] = {"sensepack": {"backpack": m.backpack, "store": str(store_uri),
-                                                   "dtype": m.dtype}}
+    elif store_uri:  # for processors in other processes (mp executor, TP ranks); in-process ones use REGISTRY
+        args["additional_config"] = {"sensepack": {"backpack": m.backpack, "store": str(store_uri), "dtype": m.dtype}}
         if vocab is not None:
             args["additional_config"]["sensepack"]["vocab_size"] = vocab.size
     elif separate:
-        raise ValueError("engine: vllm with vllm.multiprocessing or tensor parallelism needs store.uri: "
-                         "the processors in vLLM's worker processes read pinned packs from the store")
+        raise ValueError(
+            "engine: vllm with vllm.multiprocessing or tensor parallelism needs store.uri: "
+            "the processors in vLLM's worker processes read pinned packs from the store"
+        )
     args.update(dict(g("engine_args", None) or {}))
     return args
 
@@ -96,8 +103,9 @@ def _engine_dead_errors() -> tuple[type, ...]:
     """vLLM's "the engine core process is gone" exceptions (0.32: EngineDeadError)."""
     try:
         from vllm.v1.engine.exceptions import EngineDeadError
+
         return (EngineDeadError,)
-    except ImportError:    # pragma: no cover - other vLLM layouts
+    except ImportError:  # pragma: no cover - other vLLM layouts
         return ()
 
 
@@ -108,11 +116,20 @@ def sampling_params(seq: Sequence):
 
     req = seq.req
     n_lp = max(req.top_n, 1) if (req.want_logprobs or req.top_n) else None
-    kw = dict(max_tokens=req.max_new_tokens, min_tokens=req.min_new_tokens, ignore_eos=req.ignore_eos,
-              logprobs=n_lp, extra_args=build_extra_args(seq.packs, request_id=f"sp-{seq.seq_id}"),
-              stop_token_ids=sorted(req.stop_token_ids) or None, detokenize=False,
-              repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-              frequency_penalty=req.frequency_penalty, min_p=req.min_p, logit_bias=req.logit_bias or None)
+    kw = dict(
+        max_tokens=req.max_new_tokens,
+        min_tokens=req.min_new_tokens,
+        ignore_eos=req.ignore_eos,
+        logprobs=n_lp,
+        extra_args=build_extra_args(seq.packs, request_id=f"sp-{seq.seq_id}"),
+        stop_token_ids=sorted(req.stop_token_ids) or None,
+        detokenize=False,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        min_p=req.min_p,
+        logit_bias=req.logit_bias or None,
+    )
     # vLLM raises temperatures in (0, 0.01) to 0.01 (its numerical floor); their T -> 0 limit, which the
     # embedded sampler reaches (temperature 1e-39 samples the argmax), is greedy decoding
     if req.greedy or req.temperature < VLLM_MIN_TEMPERATURE:
@@ -125,26 +142,33 @@ def sampling_params(seq: Sequence):
 class VLLMRunner:
     """serve.engine.Runner over ``vllm.LLMEngine`` (see the module docstring)."""
 
-    def __init__(self, engine_args: dict, vocab, backpack=None, pack_source=None,
-                 v2_model_runner: bool | None = None, in_process: bool | None = None):
+    def __init__(
+        self,
+        engine_args: dict,
+        vocab,
+        backpack=None,
+        pack_source=None,
+        v2_model_runner: bool | None = None,
+        in_process: bool | None = None,
+    ):
         self.engine_args = dict(engine_args)
         self.vocab = vocab
         self.backpack = backpack
         self.pack_source = pack_source
         self.v2_model_runner = v2_model_runner
         self.in_process = in_process
-        self.llm = None
-        self._rids: dict[int, str] = {}          # seq_id -> vLLM request id (live in vLLM)
-        self._seen: dict[int, int] = {}          # seq_id -> tokens already returned
-        self._dead_errors: tuple[type, ...] = ()
-        self._finished: list[str] = []           # vLLM ids finished since the last sync (processors forget them)
+        self.llm: Any = None  # vllm.LLMEngine once started (vLLM is imported lazily and untyped here)
+        self._rids: dict[int, str] = {}  # seq_id -> vLLM request id (live in vLLM)
+        self._seen: dict[int, int] = {}  # seq_id -> tokens already returned
+        self._dead_errors: tuple[type[BaseException], ...] = ()
+        self._finished: list[str] = []  # vLLM ids finished since the last sync (processors forget them)
         self._last = CoreCounters()
         self._synced_at = float("-inf")
-        self.parked = 0                          # parked Backpack states in the processors (last sync)
+        self.parked = 0  # parked Backpack states in the processors (last sync)
         self.sync_interval_s = 0.5
         self._closing = threading.Event()
         self._sync_off = False
-        self._refusals: tuple[type, ...] = (ValueError,)
+        self._refusals: tuple[type[BaseException], ...] = (ValueError,)
 
     @staticmethod
     def rid(seq_id: int) -> str:
@@ -159,21 +183,21 @@ class VLLMRunner:
             REGISTRY.configure(self.backpack, self.pack_source, vocab_size=self.vocab.size)
         args = dict(self.engine_args)
         v2 = self.v2_model_runner
-        if v2 is None:          # auto: the tested V1 runner unless the environment asks for MRV2
+        if v2 is None:  # auto: the tested V1 runner unless the environment asks for MRV2
             v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() in ("1", "true")
         # the runner and the registered class must match (each loader rejects the other's class)
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if v2 else "0"
         args.setdefault("logits_processors", [V2_PROCESSOR_FQCN if v2 else V1_PROCESSOR_FQCN])
         args["logprobs_mode"] = "processed_logprobs"
-        args.setdefault("worker_extension_cls", WORKER_EXTENSION_FQCN)   # counters / finished ids via collective_rpc
+        args.setdefault("worker_extension_cls", WORKER_EXTENSION_FQCN)  # counters / finished ids via collective_rpc
         self.llm = LLMEngine.from_engine_args(EngineArgs(**args))
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
-            self.sync_interval_s = 0.0        # a plain call: every step
+            self.sync_interval_s = 0.0  # a plain call: every step
         else:
             self._watchdog = threading.Thread(target=self._watch, name="sensepack-vllm-watchdog", daemon=True)
             self._watchdog.start()
         self._dead_errors = _engine_dead_errors()
-        from vllm.exceptions import VLLMClientError   # 0.32: VLLMValidationError (not a ValueError) for bad input
+        from vllm.exceptions import VLLMClientError  # 0.32: VLLMValidationError (not a ValueError) for bad input
 
         self._refusals = (ValueError, VLLMClientError)
 
@@ -186,7 +210,7 @@ class VLLMRunner:
         rid = self.rid(seq.seq_id)
         try:
             self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(seq.req.prompt_ids)), sampling_params(seq))
-        except self._refusals as e:   # vLLM refused this request (e.g. longer than vllm.max_model_len)
+        except self._refusals as e:  # vLLM refused this request (e.g. longer than vllm.max_model_len)
             raise Refused(f"refused by the vLLM engine: {e}") from None
         except Exception as e:
             if self._dead(e):
@@ -232,7 +256,7 @@ class VLLMRunner:
                         top = [(t, lp) for _, t, lp in ranked[: seq.req.top_n]]
                 row.tokens.append(Sampled(tok, logprob, top))
             self._seen[sid] = len(ids)
-            if out.finished:             # gone from vLLM: nothing to abort
+            if out.finished:  # gone from vLLM: nothing to abort
                 self._rids.pop(sid, None)
                 self._seen.pop(sid, None)
                 self._finished.append(out.request_id)
@@ -248,7 +272,7 @@ class VLLMRunner:
         processes at most every `sync_interval_s`, and when the batch empties."""
         now = time.monotonic()
         if self._sync_off or (not idle and now - self._synced_at < self.sync_interval_s):
-            return self._last           # totals unchanged, no new per-step samples
+            return self._last  # totals unchanged, no new per-step samples
         finished, self._finished = self._finished, []
         try:
             res = self.llm.collective_rpc("sensepack_sync", args=(finished,))
@@ -256,15 +280,20 @@ class VLLMRunner:
             if self._dead(e):
                 raise RunnerDead(f"vLLM engine core: {e}") from e
             # e.g. engine_args set another worker_extension_cls: the metrics stay where they are, said once
-            log.exception("sensepack_sync failed: processor metrics are no longer exported",
-                          extra={"event": "engine_error"})
+            log.exception(
+                "sensepack_sync failed: processor metrics are no longer exported", extra={"event": "engine_error"}
+            )
             self._sync_off = True
             return self._last
         self._synced_at = now
-        c = res[0] if res else {}       # tensor-parallel ranks run the same processor: rank 0 speaks for all
-        fresh = CoreCounters(c.get("exact_skip_rows", 0), c.get("window_reprefills", 0),
-                             c.get("backpack_seconds", 0.0), c.get("resumed", 0),
-                             step_seconds=list(c.get("step_seconds", ())))
+        c = res[0] if res else {}  # tensor-parallel ranks run the same processor: rank 0 speaks for all
+        fresh = CoreCounters(
+            c.get("exact_skip_rows", 0),
+            c.get("window_reprefills", 0),
+            c.get("backpack_seconds", 0.0),
+            c.get("resumed", 0),
+            step_seconds=list(c.get("step_seconds", ())),
+        )
         self._last = replace(fresh, step_seconds=[])
         self.parked = c.get("parked", 0)
         return fresh
@@ -294,11 +323,23 @@ class VLLMRunner:
 class VLLMEngine(Engine):
     """`Engine` with a `VLLMRunner` (nothing overridden)."""
 
+    runner: VLLMRunner
+
     log_name = "vllm engine"
 
-    def __init__(self, engine_args: dict, tokenizer, limits, metrics, backpack=None, pack_source=None,
-                 ensemble=None, lane_every_steps: int = 8, v2_model_runner: bool | None = None,
-                 in_process: bool | None = None):
+    def __init__(
+        self,
+        engine_args: dict,
+        tokenizer,
+        limits,
+        metrics,
+        backpack=None,
+        pack_source=None,
+        ensemble=None,
+        lane_every_steps: int = 8,
+        v2_model_runner: bool | None = None,
+        in_process: bool | None = None,
+    ):
         """engine_args: vllm.EngineArgs fields (model, dtype, tensor_parallel_size, gpu_memory_utilization,
         max_model_len, ...). backpack / pack_source: for the in-process registry (pack_source may be set
         later, before start(): the pack manager is usually built after the engine). ensemble: the
@@ -307,10 +348,17 @@ class VLLMEngine(Engine):
         from ensemble.vocab import Vocabulary
 
         vocab = ensemble.vocab if ensemble is not None else Vocabulary.from_tokenizer(tokenizer)
-        runner = VLLMRunner(engine_args, vocab, backpack=backpack, pack_source=pack_source,
-                            v2_model_runner=v2_model_runner, in_process=in_process)
-        super().__init__(ensemble, tokenizer, limits, metrics, lane_every_steps=lane_every_steps, runner=runner,
-                         vocab=vocab)
+        runner = VLLMRunner(
+            engine_args,
+            vocab,
+            backpack=backpack,
+            pack_source=pack_source,
+            v2_model_runner=v2_model_runner,
+            in_process=in_process,
+        )
+        super().__init__(
+            ensemble, tokenizer, limits, metrics, lane_every_steps=lane_every_steps, runner=runner, vocab=vocab
+        )
 
     # the server fills these in after building the engine (the pack manager needs the engine first)
     @property

@@ -6,6 +6,7 @@ Register with ``LLM(..., logits_processors=[V1_PROCESSOR_FQCN], logprobs_mode="p
 Used by the V1 model runner (CPU; GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``). Speculative decoding
 is refused by vLLM itself for V1 custom processors.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,19 +38,20 @@ class SensepackLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         import vllm
 
-        from .core import EnsembleLogitsCore          # heavy imports here: the frontend imports this module
-        from .resolver import REGISTRY, resolve_components   # only to validate params
+        from .core import EnsembleLogitsCore  # heavy imports here: the frontend imports this module
+        from .resolver import REGISTRY, resolve_components  # only to validate params
 
         if not check_vllm_version(vllm.__version__):
-            _log.warning("sensepack: vLLM %s is outside the supported range %s (docs/vllm.md)", vllm.__version__,
-                         SUPPORTED_VLLM)
+            _log.warning(
+                "sensepack: vLLM %s is outside the supported range %s (docs/vllm.md)", vllm.__version__, SUPPORTED_VLLM
+            )
         backpack, source, window_keep, vocab_size = resolve_components(vllm_config, device)
         self.core = EnsembleLogitsCore(backpack, source, window_keep=window_keep, vocab_size=vocab_size)
-        self.vllm_config = vllm_config    # serve.vllm.worker tells engines sharing a process apart
+        self.vllm_config = vllm_config  # serve.vllm.worker tells engines sharing a process apart
         REGISTRY.processors.append(self)
 
     def is_argmax_invariant(self) -> bool:
-        return False            # the delta changes the argmax: it must run for greedy rows too
+        return False  # the delta changes the argmax: it must run for greedy rows too
 
     def needs_output_token_ids(self) -> bool:
         # vLLM 0.32 keeps output lists for every custom processor (InputBatch flag); later

@@ -14,17 +14,21 @@ Backpack and the pinned packs' edits.
   Pack versions are immutable (content-hashed), so a worker reading the store sees exactly
   what the server pinned.
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import threading
 from collections import OrderedDict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ensemble.edits import SenseEdits
+
+if TYPE_CHECKING:
+    from ensemble.backpack import BackpackLM
 
 
 class PackSource(Protocol):
@@ -84,7 +88,7 @@ class StoreSource:
                 return self._cache[key]
         try:
             c = self.store.load(f"{name}@{version}")
-        except Exception as e:  # PackNotFoundError, validation errors
+        except Exception as e:  # noqa: BLE001 - PackNotFoundError, validation errors, the store's I/O: all one refusal
             raise PackUnavailable(f"pack {name}@{version}: {e}") from None
         edits = SenseEdits(c.token_ids, c.sense_ids, c.deltas)
         with self._lock:
@@ -97,15 +101,16 @@ class StoreSource:
 class Registry:
     """Process-global: what an in-process server hands to the processors vLLM builds."""
 
-    def __init__(self):
-        self.backpack = None
+    def __init__(self) -> None:
+        self.backpack: BackpackLM | None = None
         self.source: PackSource | None = None
         self.window_keep: int | None = None
-        self.vocab_size: int | None = None   # |U| of the served pairing (ensemble.vocab.Vocabulary.size)
-        self.processors: list = []     # live shim instances (hot-path stats, tests)
+        self.vocab_size: int | None = None  # |U| of the served pairing (ensemble.vocab.Vocabulary.size)
+        self.processors: list = []  # live shim instances (hot-path stats, tests)
 
-    def configure(self, backpack, source: PackSource, window_keep: int | None = None,
-                  vocab_size: int | None = None) -> None:
+    def configure(
+        self, backpack: BackpackLM, source: PackSource, window_keep: int | None = None, vocab_size: int | None = None
+    ) -> None:
         self.backpack, self.source, self.window_keep, self.vocab_size = backpack, source, window_keep, vocab_size
 
     def clear(self) -> None:
@@ -119,8 +124,12 @@ REGISTRY = Registry()
 def _sensepack_config(vllm_config) -> dict:
     extra = getattr(vllm_config, "additional_config", None) or {}
     cfg = dict(extra.get("sensepack", {}) if isinstance(extra, dict) else {})
-    for key, env in (("backpack", "SENSEPACK_VLLM_BACKPACK"), ("store", "SENSEPACK_VLLM_STORE"),
-                     ("dtype", "SENSEPACK_VLLM_DTYPE"), ("vocab_size", "SENSEPACK_VLLM_VOCAB_SIZE")):
+    for key, env in (
+        ("backpack", "SENSEPACK_VLLM_BACKPACK"),
+        ("store", "SENSEPACK_VLLM_STORE"),
+        ("dtype", "SENSEPACK_VLLM_DTYPE"),
+        ("vocab_size", "SENSEPACK_VLLM_VOCAB_SIZE"),
+    ):
         if not cfg.get(key) and os.environ.get(env):
             cfg[key] = os.environ[env]
     return cfg
@@ -137,13 +146,13 @@ def _tokenizer_vocab_size(vllm_config) -> int:
     return len(load_tokenizer(name))
 
 
-def resolve_components(vllm_config, device) -> tuple[object, PackSource, int | None, int]:
+def resolve_components(vllm_config, device) -> tuple[BackpackLM, PackSource, int | None, int]:
     """(backpack on `device`, pack source, window_keep, |U|) for a processor instance."""
     device = torch.device(device)
     if REGISTRY.backpack is not None and REGISTRY.source is not None:
         bp = REGISTRY.backpack
         if bp.embedding.device != device:
-            bp = copy.deepcopy(bp).to(device)     # e.g. one copy per rank under TP in one process
+            bp = copy.deepcopy(bp).to(device)  # e.g. one copy per rank under TP in one process
         vocab_size = REGISTRY.vocab_size or _tokenizer_vocab_size(vllm_config)
         return bp.eval(), REGISTRY.source, REGISTRY.window_keep, vocab_size
     cfg = _sensepack_config(vllm_config)
@@ -151,7 +160,8 @@ def resolve_components(vllm_config, device) -> tuple[object, PackSource, int | N
         raise RuntimeError(
             "sensepack processor: no Backpack/pack source. In-process, fill serve.vllm.resolver.REGISTRY "
             "before starting vLLM; otherwise pass additional_config={'sensepack': {'backpack': PATH, "
-            "'store': URL}} (or SENSEPACK_VLLM_BACKPACK / SENSEPACK_VLLM_STORE)")
+            "'store': URL}} (or SENSEPACK_VLLM_BACKPACK / SENSEPACK_VLLM_STORE)"
+        )
     from ensemble.backpack import BackpackLM
     from ensemble.large_model import parse_dtype
 

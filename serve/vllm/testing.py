@@ -4,6 +4,7 @@ A random GPT-J with the real architecture (vocab 50400) and head_dim 32 (vLLM's 
 supports head sizes 32, 64, 80, ...; the default tiny GPT-J has 16), saved with the real GPT-2
 tokenizer into a folder vLLM loads; the tiny Backpack; and packs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,15 @@ def save_tiny_gptj(folder: str | Path, seed: int = 0, **overrides):
     return model
 
 
-def random_pack(backpack, token_ids: list[int], name: str = "random", version: str = "v1",
-                beta: float = 1.0, scale: float = 4.0, seed: int = 1) -> PackRef:
+def random_pack(
+    backpack,
+    token_ids: list[int],
+    name: str = "random",
+    version: str = "v1",
+    beta: float = 1.0,
+    scale: float = 4.0,
+    seed: int = 1,
+) -> PackRef:
     """Random Δ on every sense of the given tokens (strong enough to move greedy choices)."""
     g = torch.Generator().manual_seed(seed)
     k, d = backpack.config.num_senses, backpack.config.n_embd

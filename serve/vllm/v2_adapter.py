@@ -21,6 +21,7 @@ tokenizer, [|U|, vocab), for base rows, and MRV2 skips ``apply`` altogether when
 Speculative decoding (several rows per request, draft tokens) is not supported: the Backpack
 state would need to fork per draft; the shim refuses it at construction.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,8 @@ class V2Adapter:
     def __init__(self, core: EnsembleLogitsCore, req_states):
         self.core = core
         self.req_states = req_states
-        self.pending: dict[int, RequestPacks] = {}   # slot -> packs, not yet in the tracker
-        self.known: dict[int, int] = {}              # slot -> tokens fed to the tracker
+        self.pending: dict[int, RequestPacks] = {}  # slot -> packs, not yet in the tracker
+        self.known: dict[int, int] = {}  # slot -> tokens fed to the tracker
 
     def add_request(self, slot: int, sampling_params) -> bool:
         slot = int(slot)
@@ -57,8 +58,9 @@ class V2Adapter:
         slots = ctx.idx_mapping_np
         n = logits.shape[0]
         if n != len(slots):
-            raise NotImplementedError("sensepack MRV2 processor: speculative decoding (several logits rows per "
-                                      "request) is not supported")
+            raise NotImplementedError(
+                "sensepack MRV2 processor: speculative decoding (several logits rows per request) is not supported"
+            )
         tracked = [(i, int(s)) for i, s in enumerate(slots.tolist()) if s in core.rows or s in self.pending]
         if not tracked:
             return core.add_deltas(logits, rows=[], sids=[])
@@ -70,7 +72,7 @@ class V2Adapter:
             known = self.known.get(slot, 0)
             if target > known:
                 if newest is None:
-                    newest = ctx.input_ids[:n].to("cpu").tolist()   # the step's one device->host copy
+                    newest = ctx.input_ids[:n].to("cpu").tolist()  # the step's one device->host copy
                 toks = self._history(slot, known, target - 1) + [int(newest[i])]
                 if slot in self.pending:
                     req = self.pending.pop(slot)

@@ -13,7 +13,10 @@ call; with vLLM's engine core and workers in other processes it crosses vLLM's I
 Every tensor-parallel rank runs the same processor on the same batch, so the server reads rank 0.
 This module imports no vLLM.
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 from .resolver import REGISTRY
 
@@ -21,7 +24,9 @@ from .resolver import REGISTRY
 def processor_counters(processors, finished=()) -> dict:
     """Forget `finished` request ids in every processor; return their summed counters and drain their
     per-step Backpack times."""
-    out = dict(exact_skip_rows=0, window_reprefills=0, backpack_seconds=0.0, resumed=0, parked=0, step_seconds=[])
+    out: dict[str, Any] = dict(
+        exact_skip_rows=0, window_reprefills=0, backpack_seconds=0.0, resumed=0, parked=0, step_seconds=[]
+    )
     for p in processors:
         core = p.core
         for rid in finished:
@@ -32,7 +37,7 @@ def processor_counters(processors, finished=()) -> dict:
         out["backpack_seconds"] += st.backpack_seconds
         out["resumed"] += core.stats.resumed
         out["parked"] += core.parked
-        samples = core.step_seconds       # bounded deque: older samples drop when nobody syncs
+        samples = core.step_seconds  # bounded deque: older samples drop when nobody syncs
         while samples:
             out["step_seconds"].append(samples.popleft())
     return out
