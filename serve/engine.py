@@ -273,7 +273,6 @@ class Engine:
         self.liveness_interval = 1.0  # s: an idle engine still notices a dead runner this often
         self._counters = CoreCounters()
         self._thread: threading.Thread | None = None
-        self._steps = 0
         self.decode_steps = 0
 
     # ------------------------------------------------------------ lifecycle
@@ -323,7 +322,6 @@ class Engine:
         packs: list,
         deadline: float | None = None,
         on_finish=None,
-        user=None,
         frontend: str = GRPC,
     ) -> Sequence:
         seed, gen = req.seed, None
@@ -340,7 +338,6 @@ class Engine:
             deadline,
             generator=gen,
             seed=seed,
-            user=user,
             frontend=frontend,
         )
         self.scheduler.add(seq)
@@ -382,7 +379,7 @@ class Engine:
                 self._prefill(sched.schedule())
                 if sched.running:
                     self._step()
-                for job in sched.next_jobs(self._steps):
+                for job in sched.next_jobs(self.decode_steps):
                     self._run(job)
             except RunnerDead as e:
                 self._runner_died(_describe(e))
@@ -442,7 +439,6 @@ class Engine:
         running = self.scheduler.running
         outs = self.runner.step(running)
         self.decode_steps += 1
-        self._steps += 1
         now = time.monotonic()
         for out in outs:
             seq = running.get(out.seq_id)

@@ -70,7 +70,6 @@ class Sequence:
     last_token: float | None = None
     cancel_reason: str | None = None
     finished: str | None = None
-    user: object = None  # servicer's bookkeeping (pins, arms)
     frontend: str = "grpc"  # serve.metrics.GRPC or HTTP: the latency histograms' label
 
     def cancel(self, reason: str = CANCELLED) -> None:

@@ -39,7 +39,6 @@ class EngineAPI(Protocol):
         packs: list,
         deadline: float | None = None,
         on_finish=None,
-        user=None,
         frontend: str = GRPC,
     ) -> eng.Sequence: ...
     def cancel(self, seq: eng.Sequence, reason: str = eng.CANCELLED) -> None: ...
@@ -175,9 +174,7 @@ class GenerationService:
                 monitor.on_finished(admission.pins, seq.req.prompt_ids, seq.output_ids)
 
         try:
-            seq = self.engine.submit(
-                req, admission.pack_refs, deadline, on_finish=on_finish, user=admission, frontend=frontend
-            )
+            seq = self.engine.submit(req, admission.pack_refs, deadline, on_finish=on_finish, frontend=frontend)
         except BaseException:
             admission.release()
             raise
