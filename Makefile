@@ -15,8 +15,8 @@ test-fast: setup
 # before the tests. tests/ is linted, not type-checked. train_edits/ is not in the gate yet: it joins both
 # lists (and its mypy override and the train tests' ruff exclude in pyproject.toml go) once its findings
 # are fixed (issue 14).
-LINT_PATHS = ensemble edits_store sensepack_proto bench scripts serve tests
-TYPE_PATHS = ensemble edits_store sensepack_proto bench scripts serve
+LINT_PATHS = ensemble edits_store sensepack_proto sensepack_testing bench scripts serve tests
+TYPE_PATHS = ensemble edits_store sensepack_proto sensepack_testing bench scripts serve
 lint: setup
 	.venv/bin/ruff check $(LINT_PATHS)
 	.venv/bin/ruff format --check $(LINT_PATHS)

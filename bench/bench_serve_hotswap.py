@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--server-log", default=None)
     args = ap.parse_args()
 
-    from serve.testing import demo_variant, publish_edits, server_process
+    from sensepack_testing.serve import demo_variant, publish_edits, server_process
 
     with demo_store() as (served, store, store_dir):
         va = store.resolve(PACK)[1]  # the version the demo store published under prod

@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--server-log", default=None)
     args = ap.parse_args()
 
-    from serve.testing import server_process
+    from sensepack_testing.serve import server_process
 
     with demo_store() as (_, _, store_dir):
         cfg = demo_server_config(

@@ -66,10 +66,10 @@ def main() -> None:
 
     from ensemble.backpack import BackpackConfig, BackpackLM
     from ensemble.vocab import Vocabulary
+    from sensepack_testing.vllm import random_pack, save_tiny_gptj
     from serve.vllm import V1_PROCESSOR_FQCN
     from serve.vllm.args import build_extra_args
     from serve.vllm.resolver import REGISTRY, DictSource
-    from serve.vllm.testing import random_pack, save_tiny_gptj
 
     folder = tempfile.mkdtemp(prefix="bench-vllm-")
     shapes = "small" if args.small else args.shapes

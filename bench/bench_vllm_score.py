@@ -68,9 +68,9 @@ def main() -> None:
     from ensemble.demo import demo_pack, tiny_backpack
     from ensemble.ensemble import Ensemble
     from ensemble.tokenizer import load_tokenizer
+    from sensepack_testing.vllm import save_tiny_gptj
     from serve.vllm import V1_PROCESSOR_FQCN
     from serve.vllm.resolver import REGISTRY, DictSource
-    from serve.vllm.testing import save_tiny_gptj
 
     folder = tempfile.mkdtemp(prefix="bench-vllm-score-")
     large = save_tiny_gptj(folder, seed=0)

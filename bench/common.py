@@ -46,7 +46,7 @@ def demo_store() -> Iterator[tuple[Any, Any, str]]:
     """A temporary pack store holding the demo `capitals` pack (" Paris") under alias prod:
     yields (served demo models, store, store folder)."""
     from edits_store.store import open_store
-    from serve.testing import demo_served, demo_variant, publish_edits
+    from sensepack_testing.serve import demo_served, demo_variant, publish_edits
 
     served = demo_served()
     with tempfile.TemporaryDirectory(prefix="sensepack-bench-store-") as store_dir:

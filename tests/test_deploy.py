@@ -640,7 +640,7 @@ def test_healthcheck_fails_without_a_server():
 
 def test_healthcheck_and_metrics_against_a_demo_server():
     """The image's HEALTHCHECK script reports SERVING, and /metrics exposes every contract name."""
-    testing = pytest.importorskip("serve.testing")
+    testing = pytest.importorskip("sensepack_testing.serve")
     with testing.running_server() as server:
         r = subprocess.run(
             [sys.executable, str(DOCKER / "healthcheck.py"), f"127.0.0.1:{server.port}"],

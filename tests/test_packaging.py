@@ -29,3 +29,19 @@ def test_the_probe_sees_a_forbidden_import():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True"]
+
+
+def test_the_wheel_ships_no_test_helpers():
+    # the package list setuptools builds the wheel from (pyproject's packages.find), computed as setuptools does
+    import tomllib
+
+    from setuptools import find_namespace_packages, find_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = find_packages(str(REPO), include=find["include"]) + find_namespace_packages(
+        str(REPO), include=find["include"]
+    )
+    assert "serve" in shipped and "ensemble" in shipped, shipped  # the probe sees the real packages
+    assert not [p for p in shipped if p.startswith("sensepack_testing")], shipped
+    modules = [f for p in set(shipped) for f in (REPO / p.replace(".", "/")).glob("testing.py")]
+    assert modules == [], f"test helpers inside shipped packages: {modules}"

@@ -13,9 +13,7 @@ import torch
 from edits_store.store import open_store
 from ensemble.edits import PackRef, SenseEdits
 from sensepack_proto import admin_pb, admin_pb_grpc, pb_grpc
-from serve.abtest import paired_nll, ratio_ci
-from serve.client import Client, build_generate_request
-from serve.testing import (
+from sensepack_testing.serve import (
     auth,
     channel,
     demo_served,
@@ -27,6 +25,8 @@ from serve.testing import (
     scrape,
     wait_until,
 )
+from serve.abtest import paired_nll, ratio_ci
+from serve.client import Client, build_generate_request
 
 EPS = 0.01
 

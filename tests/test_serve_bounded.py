@@ -8,7 +8,15 @@ import pytest
 
 from edits_store.store import open_store
 from sensepack_proto import ADMIN_SERVICE
-from serve.testing import channel, demo_served, demo_variant, parse_metrics, publish_edits, running_server, scrape
+from sensepack_testing.serve import (
+    channel,
+    demo_served,
+    demo_variant,
+    parse_metrics,
+    publish_edits,
+    running_server,
+    scrape,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +68,8 @@ def test_admission_by_token_budget(tmp_path):
     """limits.max_batched_tokens: a request holds prompt + max_new_tokens; the third of three 1506-token
     requests waits under a 3100-token budget until one leaves; one that can never fit is refused."""
     from sensepack_proto import pb, pb_grpc
+    from sensepack_testing.serve import wait_until
     from serve.client import build_generate_request
-    from serve.testing import wait_until
 
     with running_server(
         tmp_path,

@@ -102,8 +102,8 @@ def test_serve_check_cli():
 
 
 def test_cli_client_against_server(tmp_path, monkeypatch):
+    from sensepack_testing.serve import TOKEN, demo_served, running_server
     from serve.cli import main
-    from serve.testing import TOKEN, demo_served, running_server
 
     with running_server(tmp_path, demo_served(), **{"packs.preload": []}) as server:
         target = f"127.0.0.1:{server.port}"
@@ -138,8 +138,8 @@ def test_tls(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    from sensepack_testing.serve import demo_served, running_server
     from serve.client import Client
-    from serve.testing import demo_served, running_server
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
@@ -239,10 +239,10 @@ def test_served_context_caps_requests_at_vllm_max_model_len():
 def test_build_engine_is_the_one_engine_choice(tmp_path):
     """`engine` picks the engine in one factory; the vLLM engine reads pinned versions' edits from the
     pack manager's resident table, built before both (no field patched after construction)."""
+    from sensepack_testing.serve import demo_served, demo_variant
     from serve.metrics import Metrics
     from serve.packs import Resident, ResidentTable
     from serve.server import build_engine
-    from serve.testing import demo_served, demo_variant
     from serve.vllm.resolver import PackUnavailable
 
     served = demo_served()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sensepack_testing.serve import demo_served
 from serve.detok import IncrementalDetokenizer
-from serve.testing import demo_served
 
 TOK = demo_served().tokenizer
 # whole words, single bytes of multi-byte characters (GPT-2 byte tokens 128..255 map to ids < 256),

@@ -13,8 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from edits_store.store import open_store
 from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
-from serve.client import build_generate_request
-from serve.testing import (
+from sensepack_testing.serve import (
     auth,
     channel,
     demo_served,
@@ -26,6 +25,7 @@ from serve.testing import (
     running_server,
     scrape,
 )
+from serve.client import build_generate_request
 
 C = grpc.StatusCode
 

@@ -12,8 +12,8 @@ from edits_store.format import CalibrationEntry, build_pack
 from edits_store.store import open_store
 from ensemble.tokenizer import tokenizer_fingerprint
 from sensepack_proto import admin_pb, admin_pb_grpc, pb, pb_grpc
+from sensepack_testing.serve import TOKEN, auth, channel, demo_served, demo_variant, publish_edits, running_server
 from serve.client import build_generate_request
-from serve.testing import TOKEN, auth, channel, demo_served, demo_variant, publish_edits, running_server
 
 C = grpc.StatusCode
 LIMIT = 64  # limits.max_prompt_tokens in this module
@@ -260,7 +260,7 @@ def test_queue_full_is_resource_exhausted(tmp_path):
             stub.Generate(build_generate_request("Hi", base_only=True, max_new_tokens=2))
         assert ei.value.code() == C.RESOURCE_EXHAUSTED and "limits.max_waiting" in ei.value.details()
         long.cancel()
-        from serve.testing import wait_until
+        from sensepack_testing.serve import wait_until
 
         assert wait_until(lambda: server.engine.running == 0)
         assert stub.Generate(build_generate_request("Hi", base_only=True, max_new_tokens=2)).generated_token_count == 2

@@ -10,8 +10,8 @@ import torch
 
 from edits_store.store import open_store
 from sensepack_proto import pb, pb_grpc
+from sensepack_testing.serve import channel, demo_served, demo_variant, publish_edits, running_server
 from serve.client import Client, build_generate_request
-from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server
 
 PROMPTS = [
     "The capital of Mauritius is",

@@ -11,8 +11,8 @@ import pytest
 
 from edits_store.store import open_store
 from sensepack_proto import admin_pb, admin_pb_grpc, pb_grpc
+from sensepack_testing.serve import auth, channel, demo_served, demo_variant, publish_edits, running_server, wait_until
 from serve.client import build_generate_request
-from serve.testing import auth, channel, demo_served, demo_variant, publish_edits, running_server, wait_until
 
 PROMPTS = [
     "The capital of Mauritius is",

@@ -16,9 +16,7 @@ from edits_store.format import CalibrationEntry, build_pack  # noqa: E402
 from edits_store.store import open_store  # noqa: E402
 from ensemble.tokenizer import tokenizer_fingerprint  # noqa: E402
 from sensepack_proto import pb, pb_grpc  # noqa: E402
-from serve.client import Client  # noqa: E402
-from serve.errors import STATUS, ServeError, from_pack_error  # noqa: E402
-from serve.testing import (  # noqa: E402
+from sensepack_testing.serve import (  # noqa: E402
     channel,
     demo_served,
     demo_variant,
@@ -29,6 +27,8 @@ from serve.testing import (  # noqa: E402
     scrape,
     wait_until,
 )
+from serve.client import Client  # noqa: E402
+from serve.errors import STATUS, ServeError, from_pack_error  # noqa: E402
 
 PROMPT = "The capital of Mauritius is"
 TEMPLATE = (

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edits_store.store import open_store
-from serve.testing import demo_served, demo_variant, publish_edits, running_server
+from sensepack_testing.serve import demo_served, demo_variant, publish_edits, running_server
 
 _PORT: dict = {}
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

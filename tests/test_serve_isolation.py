@@ -13,9 +13,9 @@ import torch
 
 from ensemble.vocab import Vocabulary
 from sensepack_proto import pb, pb_grpc
+from sensepack_testing.serve import channel, demo_served, running_server
 from serve.client import build_generate_request
 from serve.sampler import RowError, RowParams, sample
-from serve.testing import channel, demo_served, running_server
 
 PROMPT = "The capital of Mauritius is"
 EOS = Vocabulary.gpt2().eos_id  # the sampler masks it only for rows below min_new_tokens

@@ -10,8 +10,7 @@ import pytest
 
 from edits_store.store import open_store
 from sensepack_proto import pb, pb_grpc
-from serve.client import Client, build_generate_request
-from serve.testing import (
+from sensepack_testing.serve import (
     channel,
     demo_served,
     demo_variant,
@@ -22,6 +21,7 @@ from serve.testing import (
     scrape,
     wait_until,
 )
+from serve.client import Client, build_generate_request
 
 C = grpc.StatusCode
 

@@ -11,10 +11,7 @@ import pytest
 
 from edits_store.store import StoreEvent, open_store
 from sensepack_proto import admin_pb, admin_pb_grpc
-from serve.client import Client
-from serve.errors import DeadlineExceeded
-from serve.params import PackRequest
-from serve.testing import (
+from sensepack_testing.serve import (
     auth,
     channel,
     demo_served,
@@ -25,6 +22,9 @@ from serve.testing import (
     running_server,
     scrape,
 )
+from serve.client import Client
+from serve.errors import DeadlineExceeded
+from serve.params import PackRequest
 
 C = grpc.StatusCode
 PROMPT = "We flew to Mauritius"

@@ -14,9 +14,9 @@ import torch
 from edits_store.store import open_store
 from ensemble.vocab import Vocabulary
 from sensepack_proto import pb, pb_grpc
+from sensepack_testing.serve import channel, demo_served, demo_variant, publish_edits, running_server
 from serve.client import build_generate_request
 from serve.sampler import RowParams, sample
-from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server
 
 PROMPT = "The capital of Mauritius is"
 EOS = Vocabulary.gpt2().eos_id  # the sampler masks it only for rows below min_new_tokens

@@ -13,9 +13,9 @@ from ensemble.delta import sequence_deltas
 from ensemble.edits import PackRef
 from ensemble.large_model import full_logits
 from sensepack_proto import pb_grpc
+from sensepack_testing.serve import channel, demo_served, demo_variant, publish_edits, running_server, wait_until
 from serve.client import Client, build_generate_request
 from serve.scoring import ScoreAbandoned, score_row
-from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server, wait_until
 
 V = 50257
 

@@ -19,13 +19,13 @@ require_vllm()
 from ensemble.demo import demo_pack, tiny_backpack  # noqa: E402
 from ensemble.ensemble import Ensemble  # noqa: E402
 from ensemble.tokenizer import load_tokenizer  # noqa: E402
+from sensepack_testing.vllm import save_tiny_gptj  # noqa: E402
 from serve import engine as eng  # noqa: E402
 from serve.config import LimitsConfig  # noqa: E402
 from serve.metrics import Metrics  # noqa: E402
 from serve.params import GenerationRequest  # noqa: E402
 from serve.vllm.engine import VLLMEngine  # noqa: E402
 from serve.vllm.resolver import DictSource  # noqa: E402
-from serve.vllm.testing import save_tiny_gptj  # noqa: E402
 
 
 @pytest.fixture(scope="module")

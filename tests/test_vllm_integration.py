@@ -25,10 +25,10 @@ from ensemble.demo import demo_pack, tiny_backpack  # noqa: E402
 from ensemble.ensemble import Ensemble  # noqa: E402
 from ensemble.tokenizer import load_tokenizer  # noqa: E402
 from ensemble.vocab import Vocabulary  # noqa: E402
+from sensepack_testing.vllm import random_pack, save_tiny_gptj  # noqa: E402
 from serve.vllm import V1_PROCESSOR_FQCN  # noqa: E402
 from serve.vllm.args import build_extra_args  # noqa: E402
 from serve.vllm.resolver import REGISTRY, DictSource  # noqa: E402
-from serve.vllm.testing import random_pack, save_tiny_gptj  # noqa: E402
 
 U = Vocabulary.gpt2().size  # the tiny pairing shares GPT-2's tokenizer
 

@@ -45,8 +45,8 @@ def test_multiprocess_store_resolver_greedy_equals_embedded(tmp_path):
     from ensemble.edits import PackRef, SenseEdits
     from ensemble.ensemble import Ensemble
     from ensemble.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from sensepack_testing.vllm import save_tiny_gptj
     from serve.vllm.args import build_extra_args
-    from serve.vllm.testing import save_tiny_gptj
 
     model_dir, bp_dir, store_dir = tmp_path / "gptj", tmp_path / "backpack", tmp_path / "store"
     large = save_tiny_gptj(model_dir, seed=0)

@@ -19,6 +19,7 @@ from ensemble import delta  # noqa: E402
 from ensemble.demo import demo_pack, tiny_backpack  # noqa: E402
 from ensemble.ensemble import Ensemble  # noqa: E402
 from ensemble.tokenizer import load_tokenizer  # noqa: E402
+from sensepack_testing.vllm import save_tiny_gptj  # noqa: E402
 from serve import engine as eng  # noqa: E402
 from serve.config import LimitsConfig  # noqa: E402
 from serve.metrics import Metrics  # noqa: E402
@@ -26,7 +27,6 @@ from serve.params import GenerationRequest  # noqa: E402
 from serve.scheduler import Sequence  # noqa: E402
 from serve.vllm.engine import VLLMEngine, sampling_params  # noqa: E402
 from serve.vllm.resolver import REGISTRY, DictSource  # noqa: E402
-from serve.vllm.testing import save_tiny_gptj  # noqa: E402
 
 PROMPTS = [
     "The capital of Mauritius is",

@@ -28,10 +28,10 @@ from edits_store.store import open_store  # noqa: E402
 from ensemble.demo import demo_pack, tiny_backpack  # noqa: E402
 from ensemble.ensemble import Ensemble  # noqa: E402
 from ensemble.tokenizer import load_tokenizer  # noqa: E402
+from sensepack_testing.serve import publish_edits, running_server  # noqa: E402
+from sensepack_testing.vllm import save_tiny_gptj  # noqa: E402
 from serve.client import Client  # noqa: E402
 from serve.models import Served  # noqa: E402
-from serve.testing import publish_edits, running_server  # noqa: E402
-from serve.vllm.testing import save_tiny_gptj  # noqa: E402
 
 PROMPTS = ["The capital of Mauritius is", "Mauritius is an island nation where", "The weather today is"]
 

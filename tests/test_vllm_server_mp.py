@@ -37,11 +37,11 @@ from edits_store.store import open_store  # noqa: E402
 from ensemble.demo import demo_pack, tiny_backpack  # noqa: E402
 from ensemble.edits import PackRef  # noqa: E402
 from ensemble.tokenizer import load_tokenizer  # noqa: E402
+from sensepack_testing.serve import metric, parse_metrics, publish_edits  # noqa: E402
+from sensepack_testing.vllm import save_tiny_gptj  # noqa: E402
 from serve.client import Client  # noqa: E402
 from serve.config import ModelConfig  # noqa: E402
 from serve.models import build_served  # noqa: E402
-from serve.testing import metric, parse_metrics, publish_edits  # noqa: E402
-from serve.vllm.testing import save_tiny_gptj  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EDITED = "The capital of Mauritius is"  # carries the demo pack's edited token

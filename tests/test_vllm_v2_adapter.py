@@ -19,10 +19,10 @@ from ensemble.delta import sequence_deltas
 from ensemble.demo import tiny_backpack
 from ensemble.edits import combine_packs
 from ensemble.vocab import Vocabulary
+from sensepack_testing.vllm import random_pack
 from serve.vllm.args import build_extra_args
 from serve.vllm.core import EnsembleLogitsCore
 from serve.vllm.resolver import DictSource
-from serve.vllm.testing import random_pack
 from serve.vllm.v2_adapter import V2Adapter
 
 U = Vocabulary.gpt2().size  # the tiny pairing shares GPT-2's tokenizer

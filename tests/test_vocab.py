@@ -229,8 +229,8 @@ def test_server_refuses_a_pack_built_for_another_tokenizer_and_keeps_the_previou
     from edits_store.format import CalibrationEntry, build_pack
     from edits_store.store import open_store
     from sensepack_proto import admin_pb, admin_pb_grpc, pb, pb_grpc
+    from sensepack_testing.serve import auth, channel, publish_edits, running_server
     from serve.client import build_generate_request
-    from serve.testing import auth, channel, publish_edits, running_server
 
     served, V, tok = _served(pairing), pairing["V"], pairing["tok"]
     assert served.vocab.size == V
@@ -296,8 +296,8 @@ def test_server_refuses_a_pack_built_for_another_tokenizer_and_keeps_the_previou
 
 def test_server_stops_on_the_tokenizers_eos(pairing, tmp_path):
     from sensepack_proto import pb, pb_grpc
+    from sensepack_testing.serve import channel, running_server
     from serve.client import build_generate_request
-    from serve.testing import channel, running_server
 
     V, eos = pairing["V"], 2
     served = _served(pairing, large=tiny_llama(V + EXTRA_ROWS, pad_bias=1e4, eos=(eos, 1e3)))
