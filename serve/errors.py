@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edits_store import errors as st
+
 
 class ServeError(Exception):
     """A request the server refuses or cannot finish."""
@@ -112,8 +114,6 @@ def from_pack_error(err: Exception, field_name: str = "", message: str | None = 
     """An edits_store PackError as a domain error, by class: not found, refused (incompatible, no β,
     retention), untrusted signature, conflicting writer, store unavailable; any other store error
     (malformed reference, alias, pack file) is invalid input."""
-    from edits_store import errors as st
-
     table: list[tuple[type, type[ServeError]]] = [
         (st.PackNotFoundError, PackNotFound),
         (st.IncompatiblePackError, PackRefused),

@@ -8,11 +8,21 @@ import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from edits_store.errors import PackError
+from edits_store.format import CalibrationEntry, Expectations, build_pack
+from edits_store.store import open_store
+from ensemble.backpack import BackpackLM
+from ensemble.demo import build_demo
+from ensemble.edits import PackRef, SenseEdits
+from ensemble.ensemble import Ensemble
+from ensemble.large_model import load_large_model, parse_dtype
+from ensemble.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_fingerprint
+from ensemble.zoo import resolve_path
+from serve.config import CONFIG_DIR, load_config
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ensemble.edits import PackRef
-    from ensemble.ensemble import Ensemble
     from ensemble.vocab import Vocabulary
 
 log = logging.getLogger("sensepack.models")
@@ -35,12 +45,7 @@ class Served:
 
 
 def build_served(model_cfg) -> Served:
-    from ensemble.ensemble import Ensemble
-    from ensemble.tokenizer import load_tokenizer
-
     if model_cfg.profile == "demo":
-        from ensemble.demo import build_demo
-
         ens, tok, pack = build_demo(model_cfg.demo_seed)
         return Served(
             ens,
@@ -49,10 +54,6 @@ def build_served(model_cfg) -> Served:
             f"tiny-backpack-demo(seed={model_cfg.demo_seed})",
             pack,
         )
-    from ensemble.backpack import BackpackLM
-    from ensemble.large_model import load_large_model, parse_dtype
-    from ensemble.tokenizer import tokenizer_beside
-
     # The pairing's tokenizer: the configured one, else the one saved beside the Backpack, else GPT-2's.
     tok = load_tokenizer(model_cfg.tokenizer or tokenizer_beside(model_cfg.backpack))
     large = load_large_model(model_cfg.large_model, dtype=model_cfg.dtype, device=model_cfg.device)
@@ -68,9 +69,6 @@ def build_served(model_cfg) -> Served:
 
 
 def expectations(served: Served):
-    from edits_store.format import Expectations
-    from ensemble.tokenizer import tokenizer_fingerprint
-
     bp = served.ensemble.backpack
     return Expectations(
         backpack_fingerprint=bp.fingerprint(),
@@ -94,9 +92,6 @@ def pack_from_edits(
     training: dict | None = None,
 ):
     """An edits_store pack for the served models, calibrated (β, ε) for the served large model."""
-    from edits_store.format import CalibrationEntry, build_pack
-    from ensemble.tokenizer import tokenizer_fingerprint
-
     bp = served.ensemble.backpack
     cal = CalibrationEntry(
         target_model=served.large_name,
@@ -126,9 +121,6 @@ def pack_from_edits(
 def open_pack_store(store_cfg, served: Served, demo_epsilon: float = 0.05):
     """(store, uri, temporary): the configured store; without one, a temporary store (removed at shutdown)
     holding the demo pack (alias prod)."""
-    from edits_store.store import open_store
-    from ensemble.zoo import resolve_path
-
     temporary = store_cfg.uri is None
     if store_cfg.uri is None:
         uri = tempfile.mkdtemp(prefix="sensepack-demo-store-")
@@ -154,8 +146,6 @@ class ProfileError(RuntimeError):
 
 def profile_config(profile: str | None, config_path: str | None = None):
     """The validated server config of a shipped profile (serve/configs/NAME.yaml) or of a config file."""
-    from serve.config import CONFIG_DIR, load_config
-
     if config_path is not None:
         return load_config(config_path)
     path = CONFIG_DIR / f"{profile}.yaml"
@@ -168,9 +158,6 @@ def profile_config(profile: str | None, config_path: str | None = None):
 def generate_side_by_side(cfg, prompt: str, max_new_tokens: int, pack_ref: str | None = None) -> dict:
     """Greedy base and edited continuations of `prompt` under the config's models and its first preloaded pack,
     with the pack's β calibrated for the served large model (what the server would apply)."""
-    from edits_store.errors import PackError
-    from ensemble.edits import PackRef, SenseEdits
-
     ref = pack_ref or (cfg.packs.preload[0] if cfg.packs.preload else None)
     if ref is None:
         raise ProfileError("no pack: give --pack NAME[@ALIAS|@VERSION] or set packs.preload in the config")

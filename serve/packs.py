@@ -33,6 +33,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from edits_store.errors import IncompatiblePackError, MissingBetaError, PackError, PackNotFoundError
+from edits_store.signing import public_raw
 from ensemble.edits import PackRef, SenseEdits
 from serve.errors import DeadlineExceeded, PackNotFound, PackRefused, ServeError, Unavailable, from_pack_error
 from serve.params import PackRequest, invalid, parse_pack_ref
@@ -152,8 +154,6 @@ def _with_trusted_keys(expect, keys):
         return expect
     import dataclasses
 
-    from edits_store.signing import public_raw
-
     return dataclasses.replace(expect, trusted_keys=tuple(public_raw(k) for k in keys))
 
 
@@ -251,7 +251,6 @@ class PackManager:
         return PackRefused("", message)
 
     def _load_uncached(self, name: str, version: str, deadline: float | None = None) -> Resident:
-        from edits_store.errors import IncompatiblePackError, MissingBetaError, PackError, PackNotFoundError
 
         ref = f"{name}@{version}"
         t0 = time.perf_counter()
@@ -448,7 +447,6 @@ class PackManager:
 
     # ------------------------------------------------------------ activation / hot swap
     def _load_ref(self, ref: str, by_request: bool = False, deadline: float | None = None) -> tuple[str, str, Resident]:
-        from edits_store.errors import PackError, PackNotFoundError
 
         try:
             name, version = self.source.resolve(ref)
@@ -602,7 +600,6 @@ class PackManager:
         with self._lock:
             if route not in self._routes:
                 return
-        from edits_store.errors import PackError
 
         with self._activation_lock:
             try:

@@ -26,6 +26,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edits_store.errors import PackError
+from ensemble.tokenizer import tokenizer_fingerprint
 from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 from serve import engine as eng
 from serve.abtest import Gate, LiveMonitor
@@ -35,7 +37,7 @@ from serve.errors import InvalidRequest, ServeError, from_pack_error, status_of
 from serve.metrics import GRPC, Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
 from serve.packs import PackManager, ResidentTable
-from serve.params import parse_generate, parse_pack_ref, parse_score
+from serve.params import GenerationRequest, parse_generate, parse_pack_ref, parse_score
 from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason, finish_error, reason_error
 
 if TYPE_CHECKING:
@@ -327,8 +329,6 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
             tracked.record(code)
             context.abort(code, e.message)
         except Exception as e:
-            from edits_store.errors import PackError
-
             if isinstance(e, PackError):
                 err = from_pack_error(e)
                 tracked.record(grpc_code(err))
@@ -628,8 +628,6 @@ class SensepackServer:
 
     # ---- lifecycle
     def start(self) -> SensepackServer:
-        from ensemble.tokenizer import tokenizer_fingerprint
-
         cfg = self.cfg
         self._tok_fp = tokenizer_fingerprint(self.tokenizer)
         self.engine.start()
@@ -672,7 +670,7 @@ class SensepackServer:
         if cfg.server.metrics_port >= 0:
             self._http, _, self.metrics_port = self.metrics.serve_http(cfg.server.metrics_host, cfg.server.metrics_port)
         if cfg.http.enabled:
-            from serve.http import HttpFrontend
+            from serve.http import HttpFrontend  # FastAPI/uvicorn are imported only when the HTTP port is on
 
             self._api = HttpFrontend(
                 self.service,
@@ -719,8 +717,6 @@ class SensepackServer:
         return self
 
     def _warmup(self) -> None:
-        from serve.params import GenerationRequest
-
         req = GenerationRequest(
             request_id="warmup", prompt_ids=[self.vocab.eos_id], packs=[], max_new_tokens=2, ignore_eos=True
         )
