@@ -13,12 +13,13 @@ from edits_store.format import CalibrationEntry, Expectations, build_pack
 from edits_store.store import open_store
 from ensemble.backpack import BackpackLM
 from ensemble.demo import build_demo
-from ensemble.edits import PackRef, SenseEdits
+from ensemble.edits import PackRef
 from ensemble.ensemble import Ensemble
 from ensemble.large_model import load_large_model, parse_dtype
 from ensemble.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_fingerprint
 from ensemble.zoo import resolve_path
 from serve.config import CONFIG_DIR, load_config
+from serve.packs import served_edits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -168,10 +169,9 @@ def generate_side_by_side(cfg, prompt: str, max_new_tokens: int, pack_ref: str |
     except (PackError, KeyError, FileNotFoundError) as e:
         raise ProfileError(f"pack {ref}: {e}") from None
     try:
-        entry = contents.manifest.beta_for(served.ensemble.large_fingerprint())
+        edits, entry = served_edits(contents, served.ensemble.large_fingerprint())  # as the server applies it
     except PackError as e:
         raise ProfileError(f"pack {ref}: {e}") from None
-    edits = SenseEdits(contents.token_ids, contents.sense_ids, contents.deltas)
     pack = PackRef(contents.manifest.name, contents.manifest.version, edits, float(entry.beta))
     tok = served.tokenizer
     ids = tok(prompt, add_special_tokens=False).input_ids

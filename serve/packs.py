@@ -34,12 +34,22 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from edits_store.errors import IncompatiblePackError, MissingBetaError, PackError, PackNotFoundError
+from edits_store.format import CalibrationEntry, PackContents
 from edits_store.signing import public_raw
 from ensemble.edits import PackRef, SenseEdits
 from serve.errors import DeadlineExceeded, PackNotFound, PackRefused, ServeError, Unavailable, from_pack_error
 from serve.params import PackRequest, invalid, parse_pack_ref
 
 log = logging.getLogger("sensepack.packs")
+
+
+def served_edits(contents: PackContents, target_fingerprint: str) -> tuple[SenseEdits, CalibrationEntry]:
+    """A loaded pack as the engine applies it to one large model: its edits (own tensors, not the loaded
+    pack's) and the calibration entry (β, ε) for that model (MissingBetaError when it has none)."""
+    entry = contents.manifest.beta_for(target_fingerprint)
+    edits = SenseEdits(contents.token_ids.clone(), contents.sense_ids.clone(), contents.deltas.clone())
+    return edits, entry
+
 
 BASE = None  # a route target meaning "the base model takes over"
 
@@ -256,7 +266,7 @@ class PackManager:
         t0 = time.perf_counter()
         try:
             contents = self.source.load(ref, self.expect)
-            entry = contents.manifest.beta_for(self.target_fingerprint)
+            edits, entry = served_edits(contents, self.target_fingerprint)
         except PackNotFoundError as e:
             self.metrics.pack_loads.labels("not_found").inc()
             raise PackNotFound("", f"pack {ref}: {e}") from None
@@ -264,7 +274,6 @@ class PackManager:
             raise self._refuse(ref, f"pack {ref} refused: {e}", "incompatible") from None
         except PackError as e:  # malformed or untrusted contents: this version cannot serve here
             raise self._refuse(ref, f"pack {ref} refused (invalid): {e}", "invalid") from None
-        edits = SenseEdits(contents.token_ids.clone(), contents.sense_ids.clone(), contents.deltas.clone())
         eps = self.cfg.gate.epsilon
         if eps is None:
             eps = float(getattr(entry, "epsilon", contents.manifest.epsilon))
