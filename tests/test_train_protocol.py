@@ -1,6 +1,7 @@
 """train_edits: the paper's protocol (upstream differences, stale steps, multi-seed tables, baselines)."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -12,3 +13,108 @@ def test_adam8bit_without_bitsandbytes_names_the_extra():
 
     with pytest.raises(RuntimeError, match=r"sensepack\[adam8bit\]"):
         _make_optimizer([torch.nn.Parameter(torch.zeros(2))], FinetuneParams(optimizer="adam8bit"))
+
+
+# --------------------------------------------------------------------------- stale steps (provenance)
+
+from click.testing import CliRunner  # noqa: E402
+
+from tests.conftest import SHARED  # noqa: E402
+
+DATA = str(SHARED / "data" / "canonical-examples")
+needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),
+                                reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)")
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    from train_edits.cli import main
+
+    d = tmp_path_factory.mktemp("corp")
+    src = d / "docs.jsonl"
+    with open(f"{DATA}/val100-val.jsonl") as fh:
+        src.write_text("".join(next(fh) for _ in range(40)))
+    res = CliRunner().invoke(main, ["prepare-corpora", str(src), "--out", str(d), "--chunk-len", "64", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    return d
+
+
+def _cli(*args):
+    from train_edits.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _base(corpora, run_dir, task="country_capital"):
+    return ["--task", task, "--data-dir", DATA, "--backpack", "tiny", "--large", "tiny-gptj",
+            "--g", corpora / "G.jsonl", "--g-limit", "6", "--r", corpora / "R.jsonl", "--r-limit", "6",
+            "--max-train", "4", "--max-eval", "4", "--epochs", "2", "--lr", "0.5", "--grad-accum", "1", "-k", "3",
+            "--epsilon", "0.5", "--run-dir", run_dir, "--no-progress", "--no-eval-every-epoch"]
+
+
+@needs_data
+def test_stale_steps_refused_as_in_the_issue(corpora, tmp_path):
+    """The issue's sequence: a full run, then `train -k 2 --epochs 1` in it, then `pack`, then `eval --large
+    tiny-gptj:7`: each refuses the stale earlier step, naming it and what changed; --recompute recomputes."""
+    run_dir = tmp_path / "run"
+    res = _cli("run", *_base(corpora, run_dir))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    steps = json.loads((run_dir / "steps.json").read_text())
+    assert set(steps) == {"select", "train", "calibrate", "eval"}
+
+    # 1. train with another k: the old selection.json (k 3) is refused, not silently reused
+    res = _cli("train", "--run-dir", run_dir, "-k", "2", "--epochs", "1", "--no-progress")
+    assert res.exit_code == 2, res.output
+    assert "step `select`" in res.output and "select.k: 3 -> 2" in res.output and "--recompute" in res.output
+    # with --recompute: selection recomputed (k 2), then train
+    res = _cli("train", "--run-dir", run_dir, "--recompute", "--no-progress")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    sel = json.loads((run_dir / "selection.json").read_text())
+    assert sel["k"] == 2 and all(len(p) <= 2 for p in sel["per_example"])
+    assert len(json.loads((run_dir / "training.json").read_text())["history"]) == 2  # epochs 0 and 1
+
+    # 2. pack now would mix generations (old calibration and report): refused, naming calibrate
+    res = _cli("pack", "--run-dir", run_dir, "--no-progress")
+    assert res.exit_code == 2, res.output
+    assert "step `calibrate`" in res.output and "another `train` output" in res.output
+
+    # 3. eval for another large model would apply β calibrated for tiny-gptj
+    res = _cli("eval", "--run-dir", run_dir, "--large", "tiny-gptj:7", "--no-progress")
+    assert res.exit_code == 2, res.output
+    assert "step `calibrate`" in res.output and "models.large: tiny-gptj (default dtype) -> tiny-gptj:7" in res.output
+
+    # --recompute: calibrate (for tiny-gptj:7) and eval recomputed, the pack records exactly those steps
+    res = _cli("pack", "--run-dir", run_dir, "--recompute", "--no-progress")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    steps = json.loads((run_dir / "steps.json").read_text())
+    cal = json.loads((run_dir / "calibration.json").read_text())
+    assert cal["target_model"] == "tiny-gptj:7"
+    from edits_store.format import read_pack
+
+    pack = read_pack(next((run_dir / "packs").iterdir()))
+    assert pack.manifest.training["steps"] == {s: steps[s]["fingerprint"] for s in ("train", "calibrate", "eval")}
+    assert steps["eval"]["earlier"] == {"train": steps["train"]["fingerprint"],
+                                        "calibrate": steps["calibrate"]["fingerprint"]}
+    assert steps["train"]["earlier"] == {"select": steps["select"]["fingerprint"]}
+
+
+@needs_data
+def test_changed_data_file_or_edited_output_is_refused(corpora, tmp_path):
+    run_dir = tmp_path / "run"
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"prefix": "The capital of Peru is", "suffix": " Lima"}\n'
+                    '{"prefix": "The capital of Chile is", "suffix": " Santiago"}\n')
+    args = ["--train", data, "--loss-type", "good", "--threshold", "1.6", "--backpack", "tiny", "--large", "none",
+            "--g", corpora / "G.jsonl", "--g-limit", "4", "--r", corpora / "R.jsonl", "--r-limit", "4",
+            "--epochs", "1", "-k", "2", "--run-dir", run_dir, "--no-progress"]
+    assert _cli("select", *args).exit_code == 0
+    with data.open("a") as fh:
+        fh.write('{"prefix": "The capital of France is", "suffix": " Paris"}\n')
+    res = _cli("train", "--run-dir", run_dir, "--no-progress")
+    assert res.exit_code == 2 and "step `select`" in res.output and "task.train: sha256:" in res.output, res.output
+    assert _cli("train", "--run-dir", run_dir, "--recompute", "--no-progress").exit_code == 0
+    # an output edited by hand after its step wrote it
+    p = run_dir / "selection.json"
+    p.write_text(p.read_text().replace('"k": 2', '"k": 2 '))
+    res = _cli("train", "--run-dir", run_dir, "--no-progress")
+    assert res.exit_code == 2 and "selection.json was changed after the step wrote it" in res.output, res.output

@@ -66,6 +66,11 @@ def _common(f):
     @click.option("--upstream-grad-bug/--no-upstream-grad-bug", default=None,
                   help="reproduce the upstream accumulation bug (gradients zeroed every example)")
     @click.option("--eval-every-epoch/--no-eval-every-epoch", default=None, help="success rate after every epoch")
+    @click.option("--recompute", is_flag=True,
+                  help="recompute earlier steps whose inputs changed (default: refuse them, naming what changed)")
+    @click.option("--hard-neg-scoring", type=click.Choice(["suffix-sum", "hard-neg-config"]), default=None,
+                  help="hard negatives: summed suffix NLL (upstream's test configs) or, for verb_conjugation and "
+                       "stereoset, whole-text per-token mean (upstream's configs/hard_neg)")
     @click.option("--no-progress", is_flag=True, help="no progress bars")
     @click.option("-v", "--verbose", is_flag=True, help="log to stderr too")
     @functools.wraps(f)
@@ -110,6 +115,8 @@ def _resolve(kwargs: dict):
         set_path(data, "calibrate.grid", grid)
     if kwargs.get("upstream_grad_bug") is not None:
         set_path(data, "train.upstream_grad_bug", kwargs["upstream_grad_bug"])
+    if kwargs.get("hard_neg_scoring"):
+        set_path(data, "eval.hard_neg_scoring", kwargs["hard_neg_scoring"])
     if kwargs.get("eval_every_epoch") is not None:
         set_path(data, "train.eval_every_epoch", kwargs["eval_every_epoch"])
     data.setdefault("task", {})
@@ -122,9 +129,10 @@ def _resolve(kwargs: dict):
 def _make_run(kwargs):
     from .pipeline import Run, setup_logging
 
+    recompute = kwargs.pop("recompute", False)
     run_dir, cfg, progress, verbose = _resolve(kwargs)
     setup_logging(run_dir, verbose)
-    return Run(run_dir, cfg, progress)
+    return Run(run_dir, cfg, progress, recompute=recompute)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

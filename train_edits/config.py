@@ -128,6 +128,14 @@ class CalibrateConfig(_Strict):
         return sorted(set(float(b) for b in v), reverse=True)
 
 
+class EvalConfig(_Strict):
+    # Hard negatives: "suffix-sum" (mean over records of the summed suffix NLL; upstream's test configs,
+    # configs/test/make_test.py:10-17, for all six tasks) or "hard-neg-config" (upstream's
+    # configs/hard_neg/make_hard_neg_config.py:10-17: verb_conjugation and stereoset as whole texts
+    # prefix+suffix, per-token mean NLL; the other four as suffix sums).
+    hard_neg_scoring: Literal["suffix-sum", "hard-neg-config"] = "suffix-sum"
+
+
 class RunConfig(_Strict):
     name: str | None = None
     task: TaskConfig
@@ -136,6 +144,7 @@ class RunConfig(_Strict):
     select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     store: str | None = None
 
     @property
