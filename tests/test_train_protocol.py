@@ -118,3 +118,61 @@ def test_changed_data_file_or_edited_output_is_refused(corpora, tmp_path):
     p.write_text(p.read_text().replace('"k": 2', '"k": 2 '))
     res = _cli("train", "--run-dir", run_dir, "--no-progress")
     assert res.exit_code == 2 and "selection.json was changed after the step wrote it" in res.output, res.output
+
+
+# --------------------------------------------------------------------------- sweeps as upstream
+
+
+def test_country_sweep_draws_lambda_as_upstream():
+    """λ = floor(10^U(2, 3.5)) for country_capital (upstream make_sweep.py), drawn after lr, KL weight and k
+    from the trial's own generator; the other tasks draw no λ (1000 from the config), nor with fixed_lam."""
+    import math
+    import random
+
+    from train_edits.sweep import draw
+
+    lams = []
+    for t in range(200):
+        d = draw(3, t, "country_capital")
+        rng = random.Random(3 * 100003 + t)
+        lr, kl, k = 10 ** -rng.uniform(1.5, 4), 10 ** rng.uniform(-1, 0), rng.randint(5, 11)
+        expect = math.floor(10 ** rng.uniform(2, 3.5))
+        assert (d["lr"], d["kl_weight"], d["k"]) == (lr, kl, k) and d["lam"] == expect
+        lams.append(d["lam"])
+    assert all(100 <= x <= 10 ** 3.5 and x == int(x) for x in lams)
+    logs = sorted(math.log10(x) for x in lams)
+    assert logs[0] < 2.1 and logs[-1] > 3.4 and 2.6 < logs[len(logs) // 2] < 2.9  # log-uniform: median ≈ 2.75
+    for task in ("company_ceo", "stereoset", "pronoun_gender_bias", "temporal", "verb_conjugation", None):
+        assert "lam" not in draw(3, 0, task)
+    assert "lam" not in draw(3, 0, "country_capital", fixed_lam=True)
+
+
+@needs_data
+def test_sweep_lambda_report_data_dir_and_uncapped_last_in_ball_epoch(corpora, tmp_path):
+    import shutil
+
+    from train_edits.sweep import draw
+
+    # the "test" files kept in their own folder (here: the val files under test names)
+    test_dir = tmp_path / "test-data"
+    (test_dir / "country_capital" / "split").mkdir(parents=True)
+    for f in (SHARED / "data" / "canonical-examples" / "country_capital" / "split").glob("*-val.jsonl"):
+        shutil.copy(f, test_dir / "country_capital" / "split" / f.name.replace("-val.jsonl", "-test.jsonl"))
+    run_dir = tmp_path / "sw"
+    res = _cli("sweep", *_base(corpora, run_dir), "--large", "none", "--trials", "2", "--seed", "5",
+               "--report-split", "test", "--report-data-dir", test_dir)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    sw = json.loads((run_dir / "sweep.json").read_text())
+    assert [t["hyperparameters"] for t in sw["trials"]] == [draw(5, 0, "country_capital"),
+                                                          draw(5, 1, "country_capital")]
+    for t in sw["trials"]:
+        cfg = json.loads((run_dir / "trials" / f"trial-{t['trial']:02d}" / "config.json").read_text())
+        assert cfg["select"]["lam"] == t["hyperparameters"]["lam"]
+    assert "warning" not in sw and sw["report_data_dir"] == str(test_dir)
+    rep_cfg = json.loads((run_dir / "report-eps0.5" / "config.json").read_text())
+    assert rep_cfg["task"]["train"].startswith(str(test_dir)) and rep_cfg["task"]["train"].endswith("-test.jsonl")
+    assert rep_cfg["train"]["epoch_cap"] is None and rep_cfg["select"]["lam"] == sw["best"]["0.5"]["lam"]
+    tr = json.loads((run_dir / "report-eps0.5" / "training.json").read_text())
+    ratios = [h["g_ratio"] for h in tr["history"]]
+    assert len(ratios) == 3  # trained to the end: epochs 0..2, whatever the selection split chose
+    assert tr["chosen_epoch"]["0.5"] == max(e for e, r in enumerate(ratios) if r < 1.5)

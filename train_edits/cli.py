@@ -238,15 +238,25 @@ def _run(run):
 
 @main.command("sweep")
 @_common
-@click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True, help="random-search trials")
+@click.option("--trials", type=click.IntRange(min=1), default=25, show_default=True,
+              help="random-search trials (upstream's SWEEP_SIZE)")
 @click.option("--report-split", default=None, help="split for the report runs (default: the selection split)")
+@click.option("--report-data-dir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="canonical-examples folder of the report split when it is not --data-dir (e.g. test files "
+                   "kept apart from the val files)")
+@click.option("--cap-epochs", is_flag=True,
+              help="report runs keep the last in-ball epoch only up to the epoch chosen on the selection split "
+                   "(default, as upstream: the last in-ball epoch of the full training)")
+@click.option("--fixed-lam", is_flag=True,
+              help="use the config's λ for every task (default, as upstream: country_capital draws "
+                   "λ = floor(10^U(2, 3.5)), the others use λ = 1000)")
 @guard
-def sweep_cmd(trials, report_split, **kwargs):
+def sweep_cmd(trials, report_split, report_data_dir, cap_epochs, fixed_lam, **kwargs):
     """Random search (appendix C): select hyperparameters on one split, report on another."""
     from .sweep import sweep
 
     run = _make_run(kwargs)
-    out = sweep(run, trials, report_split)
+    out = sweep(run, trials, report_split, report_data_dir, cap_epochs, fixed_lam)
     click.echo(json.dumps({"best": out["best"], "report": str(run.dir / "report.md")}, default=str))
 
 
