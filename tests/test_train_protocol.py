@@ -176,3 +176,63 @@ def test_sweep_lambda_report_data_dir_and_uncapped_last_in_ball_epoch(corpora, t
     ratios = [h["g_ratio"] for h in tr["history"]]
     assert len(ratios) == 3  # trained to the end: epochs 0..2, whatever the selection split chose
     assert tr["chosen_epoch"]["0.5"] == max(e for e, r in enumerate(ratios) if r < 1.5)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+@pytest.fixture(scope="module")
+def small_task():
+    from ensemble.tokenizer import load_tokenizer
+    from train_edits.encoding import encode_example
+    from train_edits.tasks import SingleExample
+
+    tok = load_tokenizer()
+    train = [encode_example(tok, SingleExample(p, s)) for p, s in (
+        ("The capital of Peru is", " Lima"), ("The capital of Chile is", " Santiago"),
+        ("The capital of Kenya is", " Nairobi"))]
+    text = (" The city council met on Tuesday to discuss the budget for the coming year, and the mayor said"
+            " that the capital of the region would need new roads, schools and a larger hospital soon.")
+    ids = tok.encode(text * 3, add_special_tokens=False)
+    g = [torch.tensor(ids[i:i + 24]) for i in range(0, 96, 24)]
+    r = [torch.tensor(ids[i + 5:i + 29]) for i in range(0, 72, 24)]
+    return train, g, r
+
+
+@pytest.mark.parametrize("side", ["backpack", "large"])
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_baseline_keeps_g_inside_the_ball_it_was_selected_for(small_task, side, kind):
+    if kind == "lora":
+        pytest.importorskip("peft", reason="LoRA baselines need peft (sensepack[train])")
+    from train_edits.baselines import BaselineParams, finetune_baseline, g_ratio_naive
+    from train_edits.pipeline import load_backpack, load_large
+    from train_edits.tasks import LossType
+
+    train, g, r = small_task
+    orig = load_backpack("tiny") if side == "backpack" else load_large("tiny-gptj")
+    vocab = None if side == "backpack" else 50257
+    before = {k: v.clone() for k, v in orig.state_dict().items()}
+    eps = (10.0, 2e-2, 1e-12)
+    lr = {"full": 3e-3, "lora": 3e-2}[kind]
+    p = BaselineParams(kind=kind, lr=lr, kl_weight=0.1, epochs=3, grad_accum=2, epsilons=eps, lora_rank=4)
+    res = finetune_baseline(orig, train, LossType.GOOD, g, r, p, vocab_size=vocab, progress=False)
+    assert all(torch.equal(v, orig.state_dict()[k]) for k, v in before.items())  # the original never changes
+    ratios = [h.g_ratio for h in res.history]
+    assert ratios[0] == 1.0 and res.history[-1].train_loss != res.history[0].train_loss
+    assert any(x != 1.0 for x in ratios[1:])  # it trained
+    n_all = sum(prm.numel() for prm in orig.parameters())
+    assert (res.trainable == n_all) if kind == "full" else (0 < res.trainable < n_all // 10)
+    for e in eps:
+        expect = max(ep for ep, x in enumerate(ratios) if x < 1 + e)  # the last in-ball epoch
+        assert res.chosen_epoch[e] == expect
+        model = res.load(e)
+        naive = g_ratio_naive(orig, model, g, vocab)  # recomputed by a plain loop over G
+        assert naive < 1 + e and naive == pytest.approx(ratios[expect], rel=1e-5)
+    assert res.chosen_epoch[10.0] == 3
+    if res.chosen_epoch[1e-12] != 0:  # training lowered G below the original's: nothing more to check
+        return
+    m0 = res.load(1e-12)  # epoch 0 is the original function
+    ids = g[0][None]
+    with torch.no_grad():
+        f = (lambda m: m(ids).logits) if side == "backpack" else (lambda m: m(input_ids=ids).logits)
+        assert torch.allclose(f(m0), f(orig), atol=1e-5)
