@@ -236,3 +236,66 @@ def test_baseline_keeps_g_inside_the_ball_it_was_selected_for(small_task, side, 
     with torch.no_grad():
         f = (lambda m: m(ids).logits) if side == "backpack" else (lambda m: m(input_ids=ids).logits)
         assert torch.allclose(f(m0), f(orig), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- tables across seeds
+
+
+def _report(task, method, seed, before, afters, side="backpack"):
+    s = {"name": "bp", "before": {"success": before, "hard_neg": 10.0, "rest_of_prompt": 3.0},
+         "after": {e: {"success": a, "hard_neg": 9.0 + seed, "rest_of_prompt": 3.0, "epoch": 1, "g_ratio": 1.0}
+                   for e, a in afters.items()}}
+    return {"task": task, "method": method, "seed": seed, "loss_type": "good", "threshold": 1.0,
+            "backpack": s if side == "backpack" else None, "ensemble": s if side == "ensemble" else None}
+
+
+def test_table_mean_and_standard_error_against_hand_computation(tmp_path):
+    # country, senses, 3 seeds: Δ success 0.1, 0.2, 0.4 at ε 1e-3 -> mean 0.23333, sd 0.152753, SE 0.088192
+    # company, senses, 3 seeds: Δ 0.0, 0.0, 0.3                  -> mean 0.1,     sd 0.173205, SE 0.1
+    # Avg: (0.23333 + 0.1) / 2 = 0.166667, SE sqrt(0.088192² + 0.1²) / 2 = 0.066667
+    # country, lora-backpack, 1 seed: Δ -0.05 -> no SE
+    runs = []
+    for seed, (dc, dk) in enumerate([(0.1, 0.0), (0.2, 0.0), (0.4, 0.3)]):
+        runs.append(_report("country_capital", "senses", seed, 0.5, {"0.001": 0.5 + dc}))
+        runs.append(_report("company_ceo", "senses", seed, 0.2, {"0.001": 0.2 + dk}))
+    runs.append(_report("country_capital", "lora-backpack", 0, 0.5, {"0.001": 0.45}))
+    for i, r in enumerate(runs):  # protocol layout: DIR/<method>/seed-<s>/report.json
+        d = tmp_path / "proto" / r["task"] / r["method"] / f"seed-{i}"
+        d.mkdir(parents=True)
+        (d / "report.json").write_text(json.dumps(r))
+    res = _cli("table", tmp_path / "proto", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rows = json.loads((tmp_path / "out" / "tables.json").read_text())["rows"]
+    cell = {(r["method"], r["task"], r["metric"]): r for r in rows}
+    c = cell[("senses", "country_capital", "success")]
+    assert c["n"] == 3 and c["mean"] == pytest.approx(0.233333, abs=1e-6) and c["se"] == pytest.approx(0.088192, abs=1e-6)
+    k = cell[("senses", "company_ceo", "success")]
+    assert k["mean"] == pytest.approx(0.1, abs=1e-9) and k["se"] == pytest.approx(0.1, abs=1e-9)
+    hn = cell[("senses", "country_capital", "hard_neg")]  # Δ -1, 0, +1 -> mean 0, sd 1, SE 1/sqrt(3)
+    assert hn["mean"] == pytest.approx(0.0, abs=1e-12) and hn["se"] == pytest.approx(0.577350, abs=1e-6)
+    lo = cell[("lora-backpack", "country_capital", "success")]
+    assert lo["n"] == 1 and lo["mean"] == pytest.approx(-0.05) and lo["se"] is None
+    md = (tmp_path / "out" / "tables.md").read_text()
+    assert "| senses | 0.001 | +23.3 ± 8.8 | +10.0 ± 10.0 | +16.7 ± 6.7 |" in md
+    assert "| lora-backpack | 0.001 | -5.0 | – | -5.0 |" in md
+    assert (tmp_path / "out" / "tables.png").stat().st_size > 1000
+
+
+@needs_data
+def test_protocol_runs_methods_and_seeds_into_one_table(corpora, tmp_path):
+    pytest.importorskip("peft", reason="LoRA baselines need peft (sensepack[train])")
+    run_dir = tmp_path / "proto"
+    res = _cli("protocol", *_base(corpora, run_dir), "--seeds", "2", "--methods", "senses,lora-backpack,full-large",
+               "--epochs", "1")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    for m in ("senses", "lora-backpack", "full-large"):
+        for s in (0, 1):
+            rep = json.loads((run_dir / m / f"seed-{s}" / "report.json").read_text())
+            assert rep["method"] == m and rep["seed"] == s
+    rows = json.loads((run_dir / "tables.json").read_text())["rows"]
+    got = {(r["side"], r["method"]) for r in rows if r["metric"] == "success"}
+    assert got == {("backpack", "senses"), ("backpack", "lora-backpack"), ("ensemble", "senses"),
+                   ("ensemble", "full-large")}
+    assert all(r["n"] == 2 and r["seeds"] == [0, 1] for r in rows)
+    md = (run_dir / "tables.md").read_text()
+    assert "## Table 3: the Backpack" in md and "## Table 4: the large model" in md

@@ -54,6 +54,10 @@ _OVERRIDES = [
     ("--optimizer", "train.optimizer", click.Choice(["adamw", "adam8bit"]), "optimizer"),
     ("--seed", "train.seed", int, "random seed"),
     ("--store", "store", str, "edit-pack store to publish packs to"),
+    ("--method", "method", click.Choice(["senses", "full-backpack", "lora-backpack", "full-large", "lora-large"]),
+     "senses (packs), or a Table 3/4 baseline: full finetuning / LoRA of the Backpack / the large model"),
+    ("--lora-rank", "baseline.lora_rank", int, "LoRA baselines: adapter rank"),
+    ("--lora-alpha", "baseline.lora_alpha", float, "LoRA baselines: adapter α"),
     ("--name", "name", str, "run / pack name"),
 ]
 
@@ -233,7 +237,9 @@ def _run(run):
     from .pipeline import run_all
 
     run_all(run)
-    return {"report": str(run.dir / "report.md"), "packs": sorted(str(p) for p in (run.dir / "packs").iterdir())}
+    packs = run.dir / "packs"
+    return {"report": str(run.dir / "report.md"),
+            "packs": sorted(str(p) for p in packs.iterdir()) if packs.is_dir() else []}
 
 
 @main.command("sweep")
@@ -258,6 +264,40 @@ def sweep_cmd(trials, report_split, report_data_dir, cap_epochs, fixed_lam, **kw
     run = _make_run(kwargs)
     out = sweep(run, trials, report_split, report_data_dir, cap_epochs, fixed_lam)
     click.echo(json.dumps({"best": out["best"], "report": str(run.dir / "report.md")}, default=str))
+
+
+@main.command("protocol")
+@_common
+@click.option("--seeds", type=click.IntRange(min=1), default=10, show_default=True,
+              help="seeds per method (train.seed, train.seed + 1, ...); upstream's test protocol runs 10")
+@click.option("--methods", default="senses", show_default=True,
+              help="comma-separated: senses, full-backpack, lora-backpack, full-large, lora-large")
+@guard
+def protocol_cmd(seeds, methods, **kwargs):
+    """Run every method on every seed into RUN_DIR/<method>/seed-<s>/ and write Tables 3/4 with standard errors."""
+    from .config import METHODS
+    from .protocol import protocol
+
+    ms = tuple(m.strip() for m in methods.split(",") if m.strip())
+    bad = [m for m in ms if m not in METHODS]
+    if bad or not ms:
+        raise ConfigError(f"--methods: unknown {', '.join(bad) or '(none given)'} (known: {', '.join(METHODS)})")
+    run = _make_run(kwargs)
+    click.echo(json.dumps(protocol(run, seeds, ms)))
+
+
+@main.command("table")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for tables.{md,json,png}")
+@click.option("--stem", default="tables", show_default=True, help="file name stem")
+@guard
+def table_cmd(run_dirs, out, stem):
+    """Tables 3 and 4 across tasks, methods and seeds (mean ± standard error) from run or protocol folders."""
+    from .tables import find_reports, write_tables
+
+    reports = find_reports(run_dirs)
+    paths = write_tables(reports, out, stem)
+    click.echo(json.dumps({k: str(v) for k, v in paths.items()} | {"runs": len(reports)}))
 
 
 from .backpack_cli import backpack  # noqa: E402 - the `train_edits backpack` group

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .calibrate import calibrate
 from .compute import chunk_batches
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .corpora import check_corpus_tokenizer, corpus_fingerprint, read_chunks
 from .encoding import EncodedExample
 from .evaluate import BackpackScorer, EncodedTask, EnsembleScorer, task_metrics, task_metrics_all
@@ -361,6 +361,7 @@ def step_eval(run: Run) -> dict:
         m.update(epoch=tr["chosen_epoch"][eps_key(e)], g_ratio=tr["g_ratio"][eps_key(e)], n_senses=len(ed))
         bp_after[eps_key(e)] = m
     report = {"task": task.name, "loss_type": task.loss_type.value, "threshold": task.threshold,
+              "method": "senses", "seed": run.cfg.train.seed,
               "backpack": {"name": run.cfg.models.backpack, "before": bp_before, "after": bp_after},
               "ensemble": None}
     cal_path = run.dir / "calibration.json"
@@ -449,7 +450,61 @@ def _json_safe(obj):
 RUNNERS = {"select": step_select, "train": step_train, "calibrate": step_calibrate, "eval": step_eval}
 
 
+def step_baseline(run: Run) -> dict:
+    """A Table 3/4 baseline (full finetuning or LoRA of the Backpack or of the large model): train with the
+    same loss, KL, ball and last-in-ball-epoch selection, evaluate before/after; writes baseline.json and
+    report.json/.md. One step that recomputes everything it reports, so nothing stale can be mixed in."""
+    from .baselines import BaselineParams, finetune_baseline
+
+    cfg, task = run.cfg, run.task
+    kind, side = cfg.method.split("-")
+    t = cfg.train
+    p = BaselineParams(kind=kind, lr=t.lr, kl_weight=t.kl_weight, epochs=t.epochs, grad_accum=t.grad_accum,
+                       weight_decay=t.weight_decay, seed=t.seed, epsilons=tuple(t.epsilons),
+                       lora_rank=cfg.baseline.lora_rank, lora_alpha=cfg.baseline.lora_alpha)
+    if side == "large" and run.large is None:
+        raise ConfigError(f"method {cfg.method}: no large model configured (--large)")
+    orig = run.backpack if side == "backpack" else run.large
+    vocab = None if side == "backpack" else run.vocab.size
+    seed_everything(t.seed)
+    t0 = time.time()
+    res = finetune_baseline(orig, task.train, task.loss_type, run.g, run.r, p, vocab_size=vocab,
+                            progress=run.progress)
+    seconds = time.time() - t0
+    if side == "backpack":
+        def scorer(m, label):
+            return BackpackScorer(m)
+    else:
+        def scorer(m, label):
+            return EnsembleScorer(m, run.backpack, vocab_size=run.vocab.size, variants=[(None, 0.0)],
+                                  progress=f"eval {task.name} ({label})" if run.progress else None)
+    before = task_metrics(scorer(orig, "before"), task)
+    before["g_ratio"] = 1.0
+    after = {}
+    for e in t.epsilons:
+        m = task_metrics(scorer(res.load(e), f"ε {e:g}"), task)
+        c = res.chosen_epoch[e]
+        m.update(epoch=c, g_ratio=res.history[c].g_ratio)
+        after[eps_key(e)] = m
+    name = cfg.models.backpack if side == "backpack" else cfg.models.large
+    report = {"task": task.name, "loss_type": task.loss_type.value, "threshold": task.threshold,
+              "method": cfg.method, "seed": t.seed, "backpack": None, "ensemble": None}
+    report["backpack" if side == "backpack" else "ensemble"] = {
+        "name": name, "target": name, "before": before, "after": after}
+    run.write_json("baseline.json", {
+        "method": cfg.method, "params": _json_safe(asdict(p)), "trainable_parameters": res.trainable,
+        "history": [asdict(h) for h in res.history],
+        "chosen_epoch": {eps_key(e): c for e, c in res.chosen_epoch.items()},
+        "g_ratio": {eps_key(e): res.history[c].g_ratio for e, c in res.chosen_epoch.items()},
+        "seconds": seconds, "g_chunks": len(run.g), "r_chunks": len(run.r)})
+    write_reports([report], run.dir)
+    event("baseline", method=cfg.method, seconds=round(seconds, 2), chosen={k: v["epoch"] for k, v in after.items()})
+    return report
+
+
 def run_all(run: Run) -> dict:
+    if run.cfg.method != "senses":
+        return step_baseline(run)
     step_select(run)
     step_train(run)
     step_calibrate(run)
