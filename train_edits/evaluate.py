@@ -64,8 +64,8 @@ class _Scorer:
 
 
 class BackpackScorer(_Scorer):
-    def __init__(self, model, edits=None, batch_size: int = 8):
-        self.model, self.batch_size = model, batch_size
+    def __init__(self, model, edits=None, batch_size: int = 8, progress: str | None = None):
+        self.model, self.batch_size, self.progress = model, batch_size, progress
         self.device = model.embedding.device
         self.edits = None if edits is None else edits.to(self.device)
 

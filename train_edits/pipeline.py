@@ -353,11 +353,12 @@ def step_eval(run: Run) -> dict:
     task = run.task
     tr = run.read_json("training.json")
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
-    bp_before = task_metrics(BackpackScorer(run.backpack), task)
+    label = (lambda what: f"eval {task.name} (Backpack, {what})") if run.progress else (lambda what: None)
+    bp_before = task_metrics(BackpackScorer(run.backpack, progress=label("before")), task)
     bp_before["g_ratio"] = 1.0
     bp_after = {}
     for e, ed in edits.items():
-        m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None), task)
+        m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None, progress=label(f"ε {eps_key(e)}")), task)
         m.update(epoch=tr["chosen_epoch"][eps_key(e)], g_ratio=tr["g_ratio"][eps_key(e)], n_senses=len(ed))
         bp_after[eps_key(e)] = m
     report = {"task": task.name, "loss_type": task.loss_type.value, "threshold": task.threshold,
@@ -473,7 +474,7 @@ def step_baseline(run: Run) -> dict:
     seconds = time.time() - t0
     if side == "backpack":
         def scorer(m, label):
-            return BackpackScorer(m)
+            return BackpackScorer(m, progress=f"eval {task.name} ({label})" if run.progress else None)
     else:
         def scorer(m, label):
             return EnsembleScorer(m, run.backpack, vocab_size=run.vocab.size, variants=[(None, 0.0)],
