@@ -2,7 +2,7 @@
 
 Each trial draws lr = 10^−U(1.5, 4), KL weight = 10^U(−1, 0) and k ∈ {5..11}
 and, for country_capital, λ = ⌊10^U(2, 3.5)⌋ (upstream
-``configs/country_capital/backpack_sweep/make_sweep.py:20,25,63,65``; the other
+``configs/country_capital/backpack_sweep/make_sweep.py:20,25,67,86``; the other
 five tasks use λ = 1000 from the config as upstream; ``fixed_lam=True`` keeps
 the config's λ for every task) from a ``random.Random`` seeded with
 ``seed * 100003 + trial``, then selects senses and trains on the **selection
