@@ -299,3 +299,36 @@ def test_protocol_runs_methods_and_seeds_into_one_table(corpora, tmp_path):
     assert all(r["n"] == 2 and r["seeds"] == [0, 1] for r in rows)
     md = (run_dir / "tables.md").read_text()
     assert "## Table 3: the Backpack" in md and "## Table 4: the large model" in md
+
+
+# --------------------------------------------------------------------------- hard negatives as upstream configs
+
+
+def test_hard_negatives_whole_text_per_token_mean_against_naive():
+    """hard-neg-config scoring (upstream configs/hard_neg for verb/stereoset): each record is one text
+    prefix+suffix, every token but the first scored, per-token mean over all records; suffix-sum: the mean over
+    records of the summed suffix NLL."""
+    from ensemble.tokenizer import load_tokenizer
+    from train_edits.evaluate import BackpackScorer, EncodedTask, task_metrics
+    from train_edits.pipeline import load_backpack
+    from train_edits.tasks import LossType, SingleExample, TaskData
+
+    tok, bp = load_tokenizer(), load_backpack("tiny")
+    hn = [SingleExample("The definition of mover is ", "workman employed to move furniture"),
+          SingleExample("The", " senator presented a compelling argument.")]
+    data = TaskData("stereoset", LossType.BAD, -6.9, [SingleExample("A", " b")], [SingleExample("A", " b")], hn, [])
+
+    def nll(ids, start):
+        with torch.no_grad():
+            lp = torch.log_softmax(bp(torch.tensor([ids])).logits[0].float(), -1)
+        return -sum(float(lp[p - 1, ids[p]]) for p in range(start, len(ids))), len(ids) - start
+
+    text = [nll(tok.encode(e.prefix + e.suffix, add_special_tokens=False), 1) for e in hn]
+    suffix = []
+    for e in hn:
+        p, s = tok.encode(e.prefix, add_special_tokens=False), tok.encode(e.suffix, add_special_tokens=False)
+        suffix.append(nll(p + s, len(p))[0])
+    for flag, expect in ((True, sum(x for x, _ in text) / sum(n for _, n in text)), (False, sum(suffix) / 2)):
+        task = EncodedTask.encode(tok, data, 128, hard_neg_text=flag)
+        got = task_metrics(BackpackScorer(bp), task)["hard_neg"]
+        assert got == pytest.approx(expect, rel=1e-5)
