@@ -250,9 +250,12 @@ def _report(task, method, seed, before, afters, side="backpack"):
 
 
 def test_table_mean_and_standard_error_against_hand_computation(tmp_path):
-    # country, senses, 3 seeds: Δ success 0.1, 0.2, 0.4 at ε 1e-3 -> mean 0.23333, sd 0.152753, SE 0.088192
-    # company, senses, 3 seeds: Δ 0.0, 0.0, 0.3                  -> mean 0.1,     sd 0.173205, SE 0.1
-    # Avg: (0.23333 + 0.1) / 2 = 0.166667, SE sqrt(0.088192² + 0.1²) / 2 = 0.066667
+    # SE as upstream's report: np.std (divides by n) / sqrt(n); with --sample-sd: n - 1
+    # country, senses, 3 seeds: Δ success 0.1, 0.2, 0.4 at ε 1e-3 -> mean 0.23333, sd 0.124722, SE 0.072008
+    #                                                    (n - 1: sd 0.152753, SE 0.088192)
+    # company, senses, 3 seeds: Δ 0.0, 0.0, 0.3                  -> mean 0.1,     sd 0.141421, SE 0.081650
+    #                                                    (n - 1: sd 0.173205, SE 0.1)
+    # Avg: (0.23333 + 0.1) / 2 = 0.166667, SE sqrt(0.072008² + 0.081650²) / 2 = 0.054433
     # country, lora-backpack, 1 seed: Δ -0.05 -> no SE
     runs = []
     for seed, (dc, dk) in enumerate([(0.1, 0.0), (0.2, 0.0), (0.4, 0.3)]):
@@ -268,17 +271,24 @@ def test_table_mean_and_standard_error_against_hand_computation(tmp_path):
     rows = json.loads((tmp_path / "out" / "tables.json").read_text())["rows"]
     cell = {(r["method"], r["task"], r["metric"]): r for r in rows}
     c = cell[("senses", "country_capital", "success")]
-    assert c["n"] == 3 and c["mean"] == pytest.approx(0.233333, abs=1e-6) and c["se"] == pytest.approx(0.088192, abs=1e-6)
+    assert c["n"] == 3 and c["mean"] == pytest.approx(0.233333, abs=1e-6) and c["se"] == pytest.approx(0.072008, abs=1e-6)
     k = cell[("senses", "company_ceo", "success")]
-    assert k["mean"] == pytest.approx(0.1, abs=1e-9) and k["se"] == pytest.approx(0.1, abs=1e-9)
-    hn = cell[("senses", "country_capital", "hard_neg")]  # Δ -1, 0, +1 -> mean 0, sd 1, SE 1/sqrt(3)
-    assert hn["mean"] == pytest.approx(0.0, abs=1e-12) and hn["se"] == pytest.approx(0.577350, abs=1e-6)
+    assert k["mean"] == pytest.approx(0.1, abs=1e-9) and k["se"] == pytest.approx(0.081650, abs=1e-6)
+    hn = cell[("senses", "country_capital", "hard_neg")]  # Δ -1, 0, +1 -> mean 0, sd sqrt(2/3), SE sqrt(2)/3
+    assert hn["mean"] == pytest.approx(0.0, abs=1e-12) and hn["se"] == pytest.approx(0.471405, abs=1e-6)
     lo = cell[("lora-backpack", "country_capital", "success")]
     assert lo["n"] == 1 and lo["mean"] == pytest.approx(-0.05) and lo["se"] is None
     md = (tmp_path / "out" / "tables.md").read_text()
-    assert "| senses | 0.001 | +23.3 ± 8.8 | +10.0 ± 10.0 | +16.7 ± 6.7 |" in md
+    assert "| senses | 0.001 | +23.3 ± 7.2 | +10.0 ± 8.2 | +16.7 ± 5.4 |" in md
     assert "| lora-backpack | 0.001 | -5.0 | – | -5.0 |" in md
     assert (tmp_path / "out" / "tables.png").stat().st_size > 1000
+    res = _cli("table", tmp_path / "proto", "--out", tmp_path / "out1", "--sample-sd")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "out1" / "tables.json").read_text())["rows"]
+    cell = {(r["method"], r["task"], r["metric"]): r for r in rows}
+    assert cell[("senses", "country_capital", "success")]["se"] == pytest.approx(0.088192, abs=1e-6)
+    assert cell[("senses", "company_ceo", "success")]["se"] == pytest.approx(0.1, abs=1e-9)
+    assert "| senses | 0.001 | +23.3 ± 8.8 | +10.0 ± 10.0 | +16.7 ± 6.7 |" in (tmp_path / "out1" / "tables.md").read_text()
 
 
 @needs_data

@@ -290,13 +290,15 @@ def protocol_cmd(seeds, methods, **kwargs):
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for tables.{md,json,png}")
 @click.option("--stem", default="tables", show_default=True, help="file name stem")
+@click.option("--sample-sd", is_flag=True,
+              help="standard error from the sample SD (n − 1); default, as upstream's report: numpy's np.std (n)")
 @guard
-def table_cmd(run_dirs, out, stem):
+def table_cmd(run_dirs, out, stem, sample_sd):
     """Tables 3 and 4 across tasks, methods and seeds (mean ± standard error) from run or protocol folders."""
     from .tables import find_reports, write_tables
 
     reports = find_reports(run_dirs)
-    paths = write_tables(reports, out, stem)
+    paths = write_tables(reports, out, stem, ddof=1 if sample_sd else 0)
     click.echo(json.dumps({k: str(v) for k, v in paths.items()} | {"runs": len(reports)}))
 
 

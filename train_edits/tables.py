@@ -4,10 +4,11 @@ Input: the ``report.json`` of many runs (one task, one method, one seed each; ``
 writes them as ``DIR/<method>/seed-<s>/``). For every (side, method, task, ε) the per-seed change
 after − before of a metric is averaged over the seeds:
 
-    mean = (1/n) Σ_i x_i        SE = sd / √n,  sd² = Σ_i (x_i − mean)² / (n − 1)   (n ≥ 2; n = 1: no SE)
+    mean = (1/n) Σ_i x_i        SE = sd / √n,  sd² = Σ_i (x_i − mean)² / (n − ddof)   (n = 1: no SE)
 
-as upstream's test protocol (10 seeds per task and ball, ``configs/test/make_test.py``; standard errors
-in the paper's tables). The "Avg" column is the mean of the task means, with SE √(Σ_t SE_t²) / T
+as upstream's test protocol (10 seeds per task and ball, ``configs/test/make_test.py:27``) and its
+report (``plotting/report_test_backpack.py:62``: ``np.std(...) / np.sqrt(n)``, numpy's default
+ddof = 0). ``ddof=1`` (``table --sample-sd``) uses the unbiased sample variance instead. The "Avg" column is the mean of the task means, with SE √(Σ_t SE_t²) / T
 (tasks independent). Side ``backpack`` is Table 3 (the Backpack: sense finetuning, full finetuning,
 LoRA); side ``ensemble`` is Table 4 (the large model: the sense-finetuned ensemble, full finetuning and
 LoRA of the large model).
@@ -30,12 +31,12 @@ SIDES = {"backpack": "Table 3: the Backpack", "ensemble": "Table 4: the large mo
 METHOD_ORDER = ["full-backpack", "lora-backpack", "full-large", "lora-large", "senses"]
 
 
-def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
+def mean_se(values: Sequence[float], ddof: int = 0) -> tuple[float, float | None]:
     n = len(values)
     m = sum(values) / n
     if n < 2:
         return m, None
-    var = sum((x - m) ** 2 for x in values) / (n - 1)
+    var = sum((x - m) ** 2 for x in values) / (n - ddof)
     return m, math.sqrt(var / n)
 
 
@@ -58,7 +59,7 @@ def find_reports(paths: Iterable[str | Path]) -> list[dict]:
     return out
 
 
-def aggregate(reports: Sequence[dict]) -> list[dict]:
+def aggregate(reports: Sequence[dict], ddof: int = 0) -> list[dict]:
     """One row per (side, method, task, ε, metric): n, mean, SE and the per-seed values."""
     cells: dict[tuple, dict] = {}
     for r in reports:
@@ -78,7 +79,7 @@ def aggregate(reports: Sequence[dict]) -> list[dict]:
                     c["seeds"].append(r.get("seed"))
     rows = []
     for (side, method, task, e, metric), c in cells.items():
-        m, se = mean_se(c["values"])
+        m, se = mean_se(c["values"], ddof)
         rows.append({"side": side, "method": method, "task": task, "epsilon": e, "metric": metric,
                      "n": len(c["values"]), "mean": m, "se": se, "values": c["values"], "seeds": c["seeds"]})
     return rows
@@ -163,12 +164,12 @@ def plot(rows: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_tables(reports: Sequence[dict], folder: str | Path, stem: str = "tables") -> dict[str, Path]:
+def write_tables(reports: Sequence[dict], folder: str | Path, stem: str = "tables", ddof: int = 0) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(reports)
+    rows = aggregate(reports, ddof)
     paths = {"json": folder / f"{stem}.json", "markdown": folder / f"{stem}.md", "plot": folder / f"{stem}.png"}
-    paths["json"].write_text(json.dumps({"rows": rows, "runs": len(reports)}, indent=1))
+    paths["json"].write_text(json.dumps({"rows": rows, "runs": len(reports), "se_ddof": ddof}, indent=1))
     paths["markdown"].write_text(markdown(rows))
     plot(rows, paths["plot"])
     return paths
