@@ -342,3 +342,16 @@ def test_hard_negatives_whole_text_per_token_mean_against_naive():
         task = EncodedTask.encode(tok, data, 128, hard_neg_text=flag)
         got = task_metrics(BackpackScorer(bp), task)["hard_neg"]
         assert got == pytest.approx(expect, rel=1e-5)
+
+
+def test_table_skips_unfinished_runs_and_refuses_an_empty_folder(tmp_path):
+    d = tmp_path / "proto" / "senses"
+    (d / "seed-0").mkdir(parents=True)
+    (d / "seed-0" / "report.json").write_text(json.dumps(_report("country_capital", "senses", 0, 0.5, {"0.001": 0.6})))
+    (d / "seed-1" / "edits").mkdir(parents=True)  # still running: no report yet
+    res = _cli("table", tmp_path / "proto", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "out" / "tables.json").read_text())["runs"] == 1
+    (tmp_path / "empty").mkdir()
+    res = _cli("table", tmp_path / "empty", "--out", tmp_path / "out2")
+    assert res.exit_code == 1 and "report.json: missing" in res.output

@@ -41,22 +41,26 @@ def mean_se(values: Sequence[float], ddof: int = 0) -> tuple[float, float | None
 
 
 def find_reports(paths: Iterable[str | Path]) -> list[dict]:
-    """report.json of each folder; a folder without one is searched below (protocol dirs)."""
+    """report.json of each folder; a folder without one is searched below (protocol dirs). A folder given
+    that holds no report at any depth is an error; below it, unfinished runs (no report yet) are skipped."""
     out = []
     for p in map(Path, paths):
-        f = p / "report.json"
-        if f.is_file():
-            data = json.loads(f.read_text())
-            out += data if isinstance(data, list) else [data]
-        elif p.is_dir():
-            sub = sorted(x for x in p.iterdir() if x.is_dir())
-            found = find_reports(sub)
-            if not found and not sub:
-                raise FileNotFoundError(f"{f}: missing; run `train_edits eval --run-dir {p}` first")
-            out += found
-        else:
+        if not p.is_dir():
             raise FileNotFoundError(f"{p}: not a run directory")
+        found = _reports_below(p)
+        if not found:
+            raise FileNotFoundError(f"{p / 'report.json'}: missing (and none below); run `train_edits eval "
+                                    f"--run-dir {p}` or `train_edits protocol` first")
+        out += found
     return out
+
+
+def _reports_below(p: Path) -> list[dict]:
+    f = p / "report.json"
+    if f.is_file():
+        data = json.loads(f.read_text())
+        return data if isinstance(data, list) else [data]
+    return [r for sub in sorted(x for x in p.iterdir() if x.is_dir()) for r in _reports_below(sub)]
 
 
 def aggregate(reports: Sequence[dict], ddof: int = 0) -> list[dict]:
