@@ -1,4 +1,4 @@
-.PHONY: setup test demo demo-tiny serve generate-demo bench test-vllm results-smollm2
+.PHONY: setup test test-fast lint lint-mypy proto lock demo demo-tiny serve generate-demo bench test-vllm results-smollm2
 
 setup:
 	bash scripts/setup.sh
@@ -6,6 +6,30 @@ setup:
 # The README's test command (CI: .ci/run).
 test: setup
 	.venv/bin/python -m pytest -q tests
+
+# The tests not marked slow (pyproject.toml registers the marker).
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow" tests
+
+# ruff (lint + format) and mypy, configured in pyproject.toml; CI runs it before the tests.
+# LINT_PATHS is the part of the tree that is clean today; serve/ and train_edits/ join it (and the mypy
+# override for them in pyproject.toml goes) once their findings are fixed (issue 14).
+LINT_PATHS = ensemble edits_store sensepack_proto bench scripts
+lint: setup
+	.venv/bin/ruff check $(LINT_PATHS)
+	.venv/bin/ruff format --check $(LINT_PATHS)
+	$(MAKE) lint-mypy
+
+lint-mypy:
+	.venv/bin/mypy $(LINT_PATHS)
+
+# Regenerate the committed gRPC stubs (sensepack_proto/) after editing proto/sensepack/v1/*.proto.
+proto: setup
+	.venv/bin/python scripts/gen_proto.py
+
+# Re-resolve the hashed locks from pyproject.toml (uv; needs the package index).
+lock: setup
+	bash scripts/lock.sh
 
 # The main job: the gRPC server on its embedded default (SmolLM2-135M-Instruct + a Backpack trained on its
 # tokenizer, fetched/built on first run and cached) answering real requests.

@@ -5,6 +5,7 @@ it kept every sample and rescanned them (29 ms per sample at 100k, 379 ms at 1M)
 
     .venv/bin/python bench/bench_ab_monitor.py [--max 1000000] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,20 +18,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve.abtest import LiveMonitor  # noqa: E402
-from serve.config import ABConfig  # noqa: E402
-from serve.metrics import Metrics  # noqa: E402
-from serve.packs import Resident  # noqa: E402
+from ensemble.edits import SenseEdits
+from serve.abtest import LiveMonitor
+from serve.config import ABConfig
+from serve.metrics import Metrics
+from serve.packs import Resident
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max", type=int, default=1_000_000)
     ap.add_argument("--probe", type=int, default=2000, help="samples timed at each checkpoint")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    mon = LiveMonitor(ABConfig(min_samples=10**9), Metrics(), None, None)   # never breaches: every sample counts
-    r = Resident("p", "v1", None, 1.0, 0.05)
+    mon = LiveMonitor(ABConfig(min_samples=10**9), Metrics(), None, None)  # never breaches: every sample counts
+    r = Resident("p", "v1", SenseEdits.empty(8), 1.0, 0.05)
     rng = random.Random(0)
     rows, n = [], 0
     checkpoints = [c for c in (1_000, 10_000, 100_000, 1_000_000, 10_000_000) if c <= args.max]

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SENSEPACK_SHARED", REPO.parent / "shared"))
@@ -30,10 +31,11 @@ DEFAULT_CORPUS = SHARED / "data" / "canonical-examples" / "val100-val.jsonl"
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def run(nproc: int, cfg: dict, out: Path, threads: int) -> dict:
+def run(nproc: int, cfg: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
     out = out / f"nproc-{nproc}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -44,16 +46,30 @@ def run(nproc: int, cfg: dict, out: Path, threads: int) -> dict:
     if nproc == 1:
         cmd = [sys.executable, *cli]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *cli]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--nnodes",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            *cli,
+        ]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "training.json").read_text())
+    record: dict[str, Any] = json.loads((out / "training.json").read_text())
+    return record
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokenizer", default="smollm2-135m-instruct",
-                    help="tokenizer spec; 'gpt2' for the packaged GPT-2 BPE")
+    ap.add_argument(
+        "--tokenizer", default="smollm2-135m-instruct", help="tokenizer spec; 'gpt2' for the packaged GPT-2 BPE"
+    )
     ap.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     ap.add_argument("--docs", type=int, default=600, help="use the first N documents (tokenization is not timed)")
     ap.add_argument("--steps", type=int, default=12)
@@ -72,18 +88,33 @@ def main() -> None:
             if i >= args.docs:
                 break
             dst.write(line)
-    cfg = dict(inputs=[str(corpus)], tokenizer=None if args.tokenizer == "gpt2" else args.tokenizer,
-               n_embd=args.n_embd, n_layer=args.n_layer, n_head=4, num_senses=args.num_senses,
-               n_positions=max(512, args.block_len), block_len=args.block_len, batch_size=args.batch_size,
-               grad_accum=1, max_steps=args.steps, warmup_steps=2, eval_every=0, checkpoint_every=0,
-               eval_max_blocks=4, heldout_fraction=0.02)
+    cfg = dict(
+        inputs=[str(corpus)],
+        tokenizer=None if args.tokenizer == "gpt2" else args.tokenizer,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=4,
+        num_senses=args.num_senses,
+        n_positions=max(512, args.block_len),
+        block_len=args.block_len,
+        batch_size=args.batch_size,
+        grad_accum=1,
+        max_steps=args.steps,
+        warmup_steps=2,
+        eval_every=0,
+        checkpoint_every=0,
+        eval_max_blocks=4,
+        heldout_fraction=0.02,
+    )
     cores = os.cpu_count() or 1
     one = run(1, cfg, out, threads=cores)
     two = run(2, cfg, out, threads=max(1, cores // 2))
-    print(f"model: d {args.n_embd}, {args.n_layer} layers, {args.num_senses} senses, "
-          f"vocab {one['tokenizer']['size']} ({one['model_config']['vocab_size']} rows), "
-          f"{one['parameters'] / 1e6:.1f}M parameters; block {args.block_len}, global batch {args.batch_size}, "
-          f"{args.steps} steps, {cores} cores")
+    print(
+        f"model: d {args.n_embd}, {args.n_layer} layers, {args.num_senses} senses, "
+        f"vocab {one['tokenizer']['size']} ({one['model_config']['vocab_size']} rows), "
+        f"{one['parameters'] / 1e6:.1f}M parameters; block {args.block_len}, global batch {args.batch_size}, "
+        f"{args.steps} steps, {cores} cores"
+    )
     print("| processes | threads each | tokens/s | loop seconds | final train loss |")
     print("|---|---|---|---|---|")
     for n, rec, th in ((1, one, cores), (2, two, max(1, cores // 2))):

@@ -24,28 +24,48 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edits_store import CalibrationEntry, Expectations, build_pack, open_store, read_pack  # noqa: E402
+from edits_store import CalibrationEntry, Expectations, PackContents, build_pack, open_store, read_pack
+from ensemble.edits import SenseEdits
 
 TARGET_MS = 50.0
 VOCAB, SENSES = 50264, 16
 BACKPACK_FP, TOKENIZER_FP, TARGET_FP = "sha256:" + "b" * 64, "sha256:" + "7" * 64, "sha256:" + "9" * 64
 
 
-def make_pack(n: int, d: int):
+def make_pack(n: int, d: int) -> PackContents:
     g = torch.Generator().manual_seed(0)
     keys = torch.randperm(50257 * SENSES, generator=g)[:n]
     deltas = torch.randn(n, d, generator=g) * 0.01
-    cal = CalibrationEntry(target_model="EleutherAI/gpt-j-6b", target_fingerprint=TARGET_FP, beta=2.0,
-                           ball_ratio=1.00009, g_fingerprint="sha256:" + "6" * 64, g_tokens=100_000, epsilon=1e-4)
-    return build_pack("bench", keys // SENSES, keys % SENSES, deltas, backpack_name="stanfordnlp/backpack-gpt2",
-                      backpack_fingerprint=BACKPACK_FP, tokenizer_fingerprint=TOKENIZER_FP, vocab_size=VOCAB,
-                      num_senses=SENSES, epsilon=1e-4, calibration=[cal], training={"task": "bench"})
+    cal = CalibrationEntry(
+        target_model="EleutherAI/gpt-j-6b",
+        target_fingerprint=TARGET_FP,
+        beta=2.0,
+        ball_ratio=1.00009,
+        g_fingerprint="sha256:" + "6" * 64,
+        g_tokens=100_000,
+        epsilon=1e-4,
+    )
+    return build_pack(
+        "bench",
+        keys // SENSES,
+        keys % SENSES,
+        deltas,
+        backpack_name="stanfordnlp/backpack-gpt2",
+        backpack_fingerprint=BACKPACK_FP,
+        tokenizer_fingerprint=TOKENIZER_FP,
+        vocab_size=VOCAB,
+        num_senses=SENSES,
+        epsilon=1e-4,
+        calibration=[cal],
+        training={"task": "bench"},
+    )
 
 
 def drop_cache(folder: Path) -> None:
@@ -58,7 +78,9 @@ def drop_cache(folder: Path) -> None:
             os.close(fd)
 
 
-def timed(fn, repeats: int, before=None) -> tuple[list[float], list[float]]:
+def timed(
+    fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None
+) -> tuple[list[float], list[float]]:
     """Wall-clock and process CPU time (all threads) per call, in ms. CPU time shows the work itself when the
     host is shared and wall time is inflated by waiting for a core."""
     fn()  # warm-up (imports, allocator)
@@ -96,11 +118,6 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="store directory (default: a temp dir under /tmp)")
     args = parser.parse_args()
 
-    try:
-        from ensemble.edits import SenseEdits
-    except ImportError:  # the core may not be installed; measure the equivalent tensor hand-off
-        SenseEdits = None
-
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="bench-packs-"))
     store = open_store(workdir)
     pack = make_pack(args.senses, args.d)
@@ -112,49 +129,59 @@ def main() -> None:
     folder = workdir / "bench" / version
     tensor_file = folder / "senses.safetensors"
     size_mb = tensor_file.stat().st_size / 2**20
-    expect = Expectations(backpack_fingerprint=BACKPACK_FP, tokenizer_fingerprint=TOKENIZER_FP, vocab_size=VOCAB,
-                          num_senses=SENSES, d_model=args.d, target_fingerprint=TARGET_FP)
+    expect = Expectations(
+        backpack_fingerprint=BACKPACK_FP,
+        tokenizer_fingerprint=TOKENIZER_FP,
+        vocab_size=VOCAB,
+        num_senses=SENSES,
+        d_model=args.d,
+        target_fingerprint=TARGET_FP,
+    )
 
     signed_expect = Expectations(**{**expect.__dict__, "trusted_keys": (public_raw(public_pem),)})
 
-    def load():
+    def load() -> PackContents:
         return store.load("bench@prod", expect)
 
-    def load_signed():
+    def load_signed() -> PackContents:
         return store.load("bench@prod", signed_expect)
 
-    def resident():
+    def resident() -> tuple[SenseEdits, float]:
         p = store.load("bench@prod", expect)
         beta = p.manifest.beta_for(TARGET_FP).beta
-        if SenseEdits is not None:
-            edits = SenseEdits(p.token_ids, p.sense_ids, p.deltas).to("cpu", torch.float32)
-        else:
-            edits = (p.token_ids, p.sense_ids, p.deltas.to("cpu", torch.float32))
+        edits = SenseEdits(p.token_ids, p.sense_ids, p.deltas).to("cpu", torch.float32)
         return edits, beta
 
-    def read_bytes():
+    def read_bytes() -> bytes:
         return tensor_file.read_bytes()
 
     in_memory = tensor_file.read_bytes()
 
-    def sha_only():
+    def sha_only() -> str:
         return hashlib.sha256(in_memory).hexdigest()
 
-    def naive():
+    def naive() -> tuple[str, bool]:
         from safetensors.torch import load_file
 
         digest = hashlib.sha256(tensor_file.read_bytes()).hexdigest()
         tensors = load_file(str(tensor_file))
         return digest, bool(torch.isfinite(tensors["deltas"]).all())
 
-    cases = [("store.load (full validation)", load), ("store.load signed (+ ed25519 verify)", load_signed),
-             ("read_pack (folder)", lambda: read_pack(folder, expect=expect)),
-             ("resident (load + SenseEdits)", resident), ("  read file bytes", read_bytes),
-             ("  sha256 alone (in memory)", sha_only), ("  naive: load_file + sha256 + isfinite", naive)]
+    cases = [
+        ("store.load (full validation)", load),
+        ("store.load signed (+ ed25519 verify)", load_signed),
+        ("read_pack (folder)", lambda: read_pack(folder, expect=expect)),
+        ("resident (load + SenseEdits)", resident),
+        ("  read file bytes", read_bytes),
+        ("  sha256 alone (in memory)", sha_only),
+        ("  naive: load_file + sha256 + isfinite", naive),
+    ]
 
     print(f"pack: {args.senses} senses x d={args.d}, senses.safetensors {size_mb:.1f} MiB, version {version}")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"(threads {torch.get_num_threads()}), python {platform.python_version()}")
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"(threads {torch.get_num_threads()}), python {platform.python_version()}"
+    )
     print(f"ensemble.edits.SenseEdits: {'yes' if SenseEdits is not None else 'not importable, tensors only'}")
     print("load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     results = {}
@@ -167,14 +194,17 @@ def main() -> None:
             med, p90, best = summary(wall)
             results[(mode, label)] = med
             print(f"  {label:<42s} {med:8.2f} {p90:8.2f} {best:8.2f} | {statistics.median(cpu):8.2f}")
-    full = max(results[("warm", "store.load (full validation)")],
-               results[("warm", "store.load signed (+ ed25519 verify)")])
+    full = max(
+        results[("warm", "store.load (full validation)")], results[("warm", "store.load signed (+ ed25519 verify)")]
+    )
     warm = {label: ms for (mode, label), ms in results.items() if mode == "warm"}
-    ratios = [(f"slower of store.load, signed / {TARGET_MS:.0f} ms target", full / TARGET_MS),
-              ("store.load / naive sequential baseline", full / warm["  naive: load_file + sha256 + isfinite"]),
-              ("store.load / sha256 alone", full / warm["  sha256 alone (in memory)"]),
-              ("resident / store.load", warm["resident (load + SenseEdits)"] / full),
-              ("cold store.load / warm store.load", results[("cold", "store.load (full validation)")] / full)]
+    ratios = [
+        (f"slower of store.load, signed / {TARGET_MS:.0f} ms target", full / TARGET_MS),
+        ("store.load / naive sequential baseline", full / warm["  naive: load_file + sha256 + isfinite"]),
+        ("store.load / sha256 alone", full / warm["  sha256 alone (in memory)"]),
+        ("resident / store.load", warm["resident (load + SenseEdits)"] / full),
+        ("cold store.load / warm store.load", results[("cold", "store.load (full validation)")] / full),
+    ]
     print("\nratios (warm, medians):")
     for label, value in ratios:
         print(f"  {label:<44s} {value:6.2f}")

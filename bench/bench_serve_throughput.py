@@ -10,53 +10,61 @@ The demo profile (tiny random GPT-J + Backpack, real tokenizer) measures the
 server's own overhead (scheduler, batching, gRPC, the delta path); a GPU host
 with `--config serve/configs/gptj.yaml`-style settings measures the real thing.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import grpc
 
-from edits_store.store import open_store  # noqa: E402
-from proto import pb_grpc  # noqa: E402
-from serve.client import build_generate_request  # noqa: E402
-import grpc  # noqa: E402
+from bench.common import machine as bench_machine
+from bench.common import pct
+from edits_store.store import open_store
+from sensepack_proto import pb_grpc
+from serve.client import build_generate_request
 
-PROMPTS = ["The capital of Mauritius is", "Mauritius is an island nation where", "In 1968, Mauritius became",
-           "Tourists visiting Mauritius often", "The economy of Mauritius depends on"]
-
-
-def pct(xs, q):
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
-    return xs[k]
+PROMPTS = [
+    "The capital of Mauritius is",
+    "Mauritius is an island nation where",
+    "In 1968, Mauritius became",
+    "Tourists visiting Mauritius often",
+    "The economy of Mauritius depends on",
+]
 
 
-def run_load(port: int, concurrency: int, requests_per_client: int, new: int, packs: list[str]) -> dict:
+def run_load(port: int, concurrency: int, requests_per_client: int, new: int, packs: list[str]) -> dict[str, Any]:
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.GenerationServiceStub(ch)
-    ttft, itl, e2e, tokens, errors = [], [], [], [0], []
+    ttft: list[float] = []
+    itl: list[float] = []
+    e2e: list[float] = []
+    tokens = [0]
+    errors: list[str] = []
     lock = threading.Lock()
     barrier = threading.Barrier(concurrency)
 
-    def client(k):
+    def client(k: int) -> None:
         barrier.wait()
         for i in range(requests_per_client):
-            req = build_generate_request(PROMPTS[(k + i) % len(PROMPTS)], packs=packs, base_only=not packs,
-                                         max_new_tokens=new, ignore_eos=True, ab_key=f"c{k}")
+            req = build_generate_request(
+                PROMPTS[(k + i) % len(PROMPTS)],
+                packs=packs,
+                base_only=not packs,
+                max_new_tokens=new,
+                ignore_eos=True,
+                ab_key=f"c{k}",
+            )
             t0 = time.perf_counter()
-            last, first, gaps, n = None, None, [], 0
+            last, first, gaps, n = t0, None, [], 0
             try:
                 for m in stub.GenerateStream(req):
                     now = time.perf_counter()
@@ -74,6 +82,9 @@ def run_load(port: int, concurrency: int, requests_per_client: int, new: int, pa
                     errors.append(e.code().name)
                 continue
             with lock:
+                if first is None:  # the stream ended without a token
+                    errors.append("NO_TOKENS")
+                    continue
                 ttft.append(first)
                 itl.extend(gaps)
                 e2e.append(last - t0)
@@ -87,14 +98,23 @@ def run_load(port: int, concurrency: int, requests_per_client: int, new: int, pa
         t.join()
     wall = time.perf_counter() - t0
     ch.close()
-    return {"concurrency": concurrency, "requests": len(e2e), "errors": len(errors), "tokens": tokens[0],
-            "wall_s": wall, "tok_per_s": tokens[0] / wall,
-            "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p99_ms": pct(ttft, 99) * 1e3,
-            "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p99_ms": pct(itl, 99) * 1e3,
-            "e2e_p50_ms": pct(e2e, 50) * 1e3, "e2e_p99_ms": pct(e2e, 99) * 1e3}
+    return {
+        "concurrency": concurrency,
+        "requests": len(e2e),
+        "errors": len(errors),
+        "tokens": tokens[0],
+        "wall_s": wall,
+        "tok_per_s": tokens[0] / wall,
+        "ttft_p50_ms": pct(ttft, 50) * 1e3,
+        "ttft_p99_ms": pct(ttft, 99) * 1e3,
+        "itl_p50_ms": pct(itl, 50) * 1e3,
+        "itl_p99_ms": pct(itl, 99) * 1e3,
+        "e2e_p50_ms": pct(e2e, 50) * 1e3,
+        "e2e_p99_ms": pct(e2e, 99) * 1e3,
+    }
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
@@ -109,11 +129,17 @@ def main():
     with tempfile.TemporaryDirectory(prefix="sensepack-bench-store-") as store_dir:
         store = open_store(store_dir)
         publish_edits(store, served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod")
-        cfg = {"model": {"profile": "demo"}, "server": {"metrics_port": -1}, "store": {"uri": store_dir},
-               "packs": {"preload": ["capitals@prod"]}, "admin": {"token": "bench"},
-               "limits": {"max_running": 64, "max_waiting": 256}, "logging": {"level": "WARNING"}}
+        cfg = {
+            "model": {"profile": "demo"},
+            "server": {"metrics_port": -1},
+            "store": {"uri": store_dir},
+            "packs": {"preload": ["capitals@prod"]},
+            "admin": {"token": "bench"},
+            "limits": {"max_running": 64, "max_waiting": 256},
+            "logging": {"level": "WARNING"},
+        }
         with server_process(cfg, log_path=args.server_log) as port:
-            run_load(port, 2, 1, 4, ["capitals@prod"])        # warm-up
+            run_load(port, 2, 1, 4, ["capitals@prod"])  # warm-up
             rows = []
             for c in [int(x) for x in args.concurrency.split(",")]:
                 for mode, packs in (("base", []), ("ensemble", ["capitals@prod"])):
@@ -121,19 +147,24 @@ def main():
                     r["mode"] = mode
                     rows.append(r)
                     print(json.dumps(r), flush=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "torch": torch.__version__, "python": platform.python_version(),
-               "load_avg": os.getloadavg()}
-    out = {"command": " ".join(sys.argv), "machine": machine, "new_tokens": args.new,
-           "requests_per_client": args.requests, "rows": rows}
+    machine = bench_machine()
+    out = {
+        "command": " ".join(sys.argv),
+        "machine": machine,
+        "new_tokens": args.new,
+        "requests_per_client": args.requests,
+        "rows": rows,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     print("\n| clients | mode | req | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | e2e p50 / p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['mode']} | {r['requests']} | {r['tok_per_s']:.1f} | "
-              f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
-              f"{r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} | {r['errors']} |")
+        print(
+            f"| {r['concurrency']} | {r['mode']} | {r['requests']} | {r['tok_per_s']:.1f} | "
+            f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
+            f"{r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} | {r['errors']} |"
+        )
 
 
 if __name__ == "__main__":

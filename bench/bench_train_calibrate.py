@@ -14,26 +14,34 @@ Writes one JSON line per configuration to stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.edits import SenseEdits
 from ensemble.large_model import tiny_gptj
 from ensemble.tokenizer import load_tokenizer
-from train_edits.calibrate import DEFAULT_GRID, calibrate, large_logits
+from train_edits.calibrate import DEFAULT_GRID, CalibrationResult, calibrate, large_logits
 from train_edits.compute import chunk_batches
 from train_edits.corpora import read_documents, split_corpora
 
-DATA = "/work/shared/data/canonical-examples"
+# the paper's canonical examples, beside the repo as in tests/conftest.py (or where the variable says)
+DATA = os.environ.get(
+    "SENSEPACK_CANONICAL_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "canonical-examples")
+)
 U = len(load_tokenizer())  # the tiny pairing shares GPT-2's tokenizer
 
 
 @torch.no_grad()
-def plain_pass(large, g, bs):
+def plain_pass(large: PreTrainedModel, g: Sequence[torch.Tensor], bs: int) -> float:
     tot = cnt = 0.0
     for _, ids, mask in chunk_batches(g, bs):
         z = large_logits(large, ids, U)[:, :-1]
@@ -44,14 +52,14 @@ def plain_pass(large, g, bs):
     return tot / cnt
 
 
-def timed(fn):
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process): CPU time is less disturbed by other jobs on a shared box."""
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=24)
     ap.add_argument("--chunk-len", type=int, default=128)
@@ -82,46 +90,72 @@ def main():
         words = [" Afghanistan", " Kabul", " Albania", " Tirana", " Algeria", " Algiers", " capital", " Peru", " Lima"]
         tids = sorted({tok.encode(w, add_special_tokens=False)[0] for w in words})
         torch.manual_seed(1)
-        packs["rare tokens (country names)"] = SenseEdits(torch.tensor(tids), torch.zeros(len(tids), dtype=torch.long),
-                                                          torch.randn(len(tids), 64))
+        packs["rare tokens (country names)"] = SenseEdits(
+            torch.tensor(tids), torch.zeros(len(tids), dtype=torch.long), torch.randn(len(tids), 64)
+        )
     frequent = sorted({tok.encode(w, add_special_tokens=False)[0] for w in (" the", ",", ".", " of", " and")})
     torch.manual_seed(2)
     packs["worst case (frequent tokens: the , . of and)"] = SenseEdits(
-        torch.tensor(frequent), torch.zeros(len(frequent), dtype=torch.long), torch.randn(len(frequent), 64))
-    configs = [(name, edits, n) for name, edits in packs.items() for n in args.n_eps
-               if not args.only or args.only in name]
+        torch.tensor(frequent), torch.zeros(len(frequent), dtype=torch.long), torch.randn(len(frequent), 64)
+    )
+    configs = [
+        (name, edits, n) for name, edits in packs.items() for n in args.n_eps if not args.only or args.only in name
+    ]
 
-    def run(edits, n_eps):
+    def run(edits: SenseEdits, n_eps: int) -> CalibrationResult:
         eps_list = (1e-3, 1e-4, 1e-5)[:n_eps]
-        return calibrate(large, bp, ((ids, m) for _, ids, m in chunk_batches(g, args.batch_size)),
-                         {e: edits for e in eps_list}, DEFAULT_GRID, vocab_size=U)
+        return calibrate(
+            large,
+            bp,
+            ((ids, m) for _, ids, m in chunk_batches(g, args.batch_size)),
+            {e: edits for e in eps_list},
+            DEFAULT_GRID,
+            vocab_size=U,
+        )
 
     plain_pass(large, g, args.batch_size)  # warm-up
     results = {i: run(edits, n) for i, (_, edits, n) in enumerate(configs)}
-    plain_t, cal_t = [], {i: [] for i in results}
+    plain_t: list[tuple[float, float]] = []
+    cal_t: dict[int, list[tuple[float, float]]] = {i: [] for i in results}
     # interleaved repeats: the machine is shared, so each ratio pairs runs taken close together
     for _ in range(args.repeats):
         plain_t.append(timed(lambda: plain_pass(large, g, args.batch_size)))
         for i, (_, edits, n) in enumerate(configs):
-            cal_t[i].append(timed(lambda: run(edits, n)))
-    for i, (name, edits, n_eps) in enumerate(configs):
+            cal_t[i].append(timed(functools.partial(run, edits, n)))  # bind this iteration's values
+    for i, (name, _, n_eps) in enumerate(configs):
         res = results[i]
-        wall = [c[0] / p[0] for c, p in zip(cal_t[i], plain_t)]
-        cpu = [c[1] / p[1] for c, p in zip(cal_t[i], plain_t)]
-        print(json.dumps({
-            "bench": "calibrate_one_pass_vs_plain_g_pass", "edits": name, "grid_points": len(DEFAULT_GRID),
-            "epsilons": n_eps, "g_chunks": len(g), "chunk_len": args.chunk_len, "g_tokens": res.tokens,
-            "edited_positions_fraction": round(res.positions_computed / n_eps / res.tokens, 4),
-            "large_model": f"GPT-J arch n_embd={args.large_embd} n_layer={args.large_layers} ({n_params / 1e6:.1f}M params)",
-            "backpack": "tiny (n_embd=64, 2 layers, 4 senses)",
-            "plain_wall_s_median": round(statistics.median(p[0] for p in plain_t), 3),
-            "calibrate_wall_s_median": round(statistics.median(c[0] for c in cal_t[i]), 3),
-            "plain_cpu_s_median": round(statistics.median(p[1] for p in plain_t), 3),
-            "calibrate_cpu_s_median": round(statistics.median(c[1] for c in cal_t[i]), 3),
-            "cpu_ratio_median": round(statistics.median(cpu), 3), "cpu_ratios": [round(x, 3) for x in cpu],
-            "wall_ratio_median": round(statistics.median(wall), 3), "wall_ratios": [round(x, 3) for x in wall],
-            "beta": res.beta, "threads": torch.get_num_threads(),
-        }), flush=True)
+        wall = [c[0] / p[0] for c, p in zip(cal_t[i], plain_t, strict=True)]
+        cpu = [c[1] / p[1] for c, p in zip(cal_t[i], plain_t, strict=True)]
+        print(
+            json.dumps(
+                {
+                    "bench": "calibrate_one_pass_vs_plain_g_pass",
+                    "edits": name,
+                    "grid_points": len(DEFAULT_GRID),
+                    "epsilons": n_eps,
+                    "g_chunks": len(g),
+                    "chunk_len": args.chunk_len,
+                    "g_tokens": res.tokens,
+                    "edited_positions_fraction": round(res.positions_computed / n_eps / res.tokens, 4),
+                    "large_model": (
+                        f"GPT-J arch n_embd={args.large_embd} n_layer={args.large_layers} "
+                        f"({n_params / 1e6:.1f}M params)"
+                    ),
+                    "backpack": "tiny (n_embd=64, 2 layers, 4 senses)",
+                    "plain_wall_s_median": round(statistics.median(p[0] for p in plain_t), 3),
+                    "calibrate_wall_s_median": round(statistics.median(c[0] for c in cal_t[i]), 3),
+                    "plain_cpu_s_median": round(statistics.median(p[1] for p in plain_t), 3),
+                    "calibrate_cpu_s_median": round(statistics.median(c[1] for c in cal_t[i]), 3),
+                    "cpu_ratio_median": round(statistics.median(cpu), 3),
+                    "cpu_ratios": [round(x, 3) for x in cpu],
+                    "wall_ratio_median": round(statistics.median(wall), 3),
+                    "wall_ratios": [round(x, 3) for x in wall],
+                    "beta": res.beta,
+                    "threads": torch.get_num_threads(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class Backend(ABC):
     def gc(self, older_than_s: float = DEFAULT_GC_AGE_S) -> list[str]:
         """Remove leftovers of killed publishers/deleters older than ``older_than_s``; returns what was removed."""
 
-    def lock(self, name: str) -> contextlib.AbstractContextManager:
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Serialises alias moves and deletions of one pack where the backend can (no-op otherwise)."""
         return contextlib.nullcontext()
 
@@ -172,19 +172,25 @@ def _io_errors(what: str, pack: str | None = None) -> Iterator[None]:
     except OSError as exc:
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        raise StoreIOError(f"{what} failed: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""),
-                           pack=pack, check="io") from None
+        raise StoreIOError(
+            f"{what} failed: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""),
+            pack=pack,
+            check="io",
+        ) from None
 
 
 class LocalBackend(Backend):
     """A directory on local disk; atomic by rename, durable by fsync."""
 
-    def __init__(self, root: str | os.PathLike, create: bool = True):
+    def __init__(self, root: str | os.PathLike[str], create: bool = True):
         self.root = os.path.realpath(os.path.abspath(os.fspath(root)))
         if not os.path.isdir(self.root):
             if not create:
-                raise PackNotFoundError(f"no store at {self.root} (a typo? stores are created by publish)",
-                                        pack=self.root, check="store_exists")
+                raise PackNotFoundError(
+                    f"no store at {self.root} (a typo? stores are created by publish)",
+                    pack=self.root,
+                    check="store_exists",
+                )
             with _io_errors("creating the store"):
                 os.makedirs(self.root, exist_ok=True)
         self.url = self.root
@@ -222,8 +228,7 @@ class LocalBackend(Backend):
         return out
 
     def _names(self) -> list[str]:
-        return sorted(e.name for e in _scandir(self.root)
-                      if e.is_dir(follow_symlinks=False) and NAME_RE.match(e.name))
+        return sorted(e.name for e in _scandir(self.root) if e.is_dir(follow_symlinks=False) and NAME_RE.match(e.name))
 
     def list_versions(self, name: str) -> dict[str, float]:
         out = {}
@@ -258,14 +263,16 @@ class LocalBackend(Backend):
         try:
             return self._commit_staged(name, version, files, verify, staging)
         except FileNotFoundError:  # gc moved the staging folder away (it was older than gc's cutoff)
-            raise ConcurrentUpdateError("the staging folder was removed (by gc?) before the commit; retry",
-                                        pack=f"{name}@{version}", check="staging") from None
+            raise ConcurrentUpdateError(
+                "the staging folder was removed (by gc?) before the commit; retry",
+                pack=f"{name}@{version}",
+                check="staging",
+            ) from None
         finally:
             if os.path.lexists(staging):
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def _commit_staged(self, name: str, version: str, files: dict[str, bytes], verify: Verifier,
-                       staging: str) -> bool:
+    def _commit_staged(self, name: str, version: str, files: dict[str, bytes], verify: Verifier, staging: str) -> bool:
         with _io_errors("writing the version", f"{name}@{version}"):
             os.mkdir(staging)
             for fname, data in files.items():
@@ -294,11 +301,14 @@ class LocalBackend(Backend):
                 raise
             except OSError as exc:
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                    raise UnsafeFileError("an uncommitted folder (or file) occupies the version's place; "
-                                          "`packs gc` removes it", pack=f"{name}@{version}",
-                                          check="version_folder") from None
-                raise StoreIOError(f"commit failed: {exc.strerror or exc}", pack=f"{name}@{version}",
-                                   check="io") from None
+                    raise UnsafeFileError(
+                        "an uncommitted folder (or file) occupies the version's place; `packs gc` removes it",
+                        pack=f"{name}@{version}",
+                        check="version_folder",
+                    ) from None
+                raise StoreIOError(
+                    f"commit failed: {exc.strerror or exc}", pack=f"{name}@{version}", check="io"
+                ) from None
             with _io_errors("syncing the pack folder", f"{name}@{version}"):
                 fsync_dir(self._dir(name))
         return True
@@ -343,8 +353,9 @@ class LocalBackend(Backend):
     def write_alias(self, name: str, alias: str, data: bytes, expect: bytes | None) -> None:
         """Call under ``lock(name)``: the comparison with ``expect`` and the replace are then one step."""
         if self.read_alias(name, alias) != expect:
-            raise ConcurrentUpdateError("the alias changed while it was being moved; retry", pack=f"{name}@{alias}",
-                                        check="alias_cas")
+            raise ConcurrentUpdateError(
+                "the alias changed while it was being moved; retry", pack=f"{name}@{alias}", check="alias_cas"
+            )
         alias_dir = self._makedirs(name, ALIASES_DIR)
         tmp = os.path.join(alias_dir, f".{alias}.{uuid.uuid4().hex}.tmp")
         try:
@@ -392,9 +403,9 @@ class LocalBackend(Backend):
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         folder = self._makedirs(name)
-        with _io_errors("locking the pack", name):
-            f = open(os.path.join(folder, LOCK_FILE), "a+b")
-        with f:
+        with contextlib.ExitStack() as stack:
+            with _io_errors("locking the pack", name):  # only the open is an I/O error of the lock
+                f = stack.enter_context(open(os.path.join(folder, LOCK_FILE), "a+b"))
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -454,7 +465,7 @@ def _write_fsync(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _scandir(path: str) -> list[os.DirEntry]:
+def _scandir(path: str) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(path) as it:
             return list(it)
@@ -508,12 +519,13 @@ class FsspecBackend(Backend):
             path = path.lstrip("/")
             if not path.startswith(stripped_root):
                 return []
-            return path[len(stripped_root):].split("/")
-        return path[len(prefix):].split("/")
+            return path[len(stripped_root) :].split("/")
+        return path[len(prefix) :].split("/")
 
-    def _find(self, *parts: str) -> dict[str, dict]:
+    def _find(self, *parts: str) -> dict[str, dict[str, Any]]:
         try:
-            return self.fs.find(self._path(*parts), detail=True)
+            found: dict[str, dict[str, Any]] = self.fs.find(self._path(*parts), detail=True)
+            return found
         except FileNotFoundError:
             return {}
 
@@ -545,8 +557,9 @@ class FsspecBackend(Backend):
             raise
         except (FileNotFoundError, OSError) as exc:
             if if_match is not None and (isinstance(exc, FileNotFoundError) or exc.errno == errno.EINVAL):
-                raise ConcurrentUpdateError("the object changed while it was being replaced; retry",
-                                            pack=path, check="if_match") from None
+                raise ConcurrentUpdateError(
+                    "the object changed while it was being replaced; retry", pack=path, check="if_match"
+                ) from None
             raise
 
     def scan(self) -> dict[str, NameScan]:
@@ -593,8 +606,9 @@ class FsspecBackend(Backend):
         deadline = time.monotonic() + self.fence_ttl_s
         while self._live(FENCES_DIR, name, version, self.fence_ttl_s):
             if time.monotonic() > deadline:
-                raise ConcurrentUpdateError("a gc or deletion of this version is still running; retry",
-                                            pack=f"{name}@{version}", check="fence")
+                raise ConcurrentUpdateError(
+                    "a gc or deletion of this version is still running; retry", pack=f"{name}@{version}", check="fence"
+                )
             time.sleep(self.poll_s)
 
     def commit_version(self, name: str, version: str, files: dict[str, bytes], verify: Verifier) -> bool:
@@ -669,7 +683,8 @@ class FsspecBackend(Backend):
 
     def read_alias(self, name: str, alias: str) -> bytes | None:
         try:
-            return self.fs.cat_file(self._alias_key(name, alias))
+            data: bytes = self.fs.cat_file(self._alias_key(name, alias))
+            return data
         except FileNotFoundError:
             return None
 
@@ -699,8 +714,9 @@ class FsspecBackend(Backend):
                         try:
                             stored = str(self.fs.info(key).get("ETag", "")).strip('"')
                         except FileNotFoundError:
-                            raise ConcurrentUpdateError("the alias was removed concurrently; retry",
-                                                        pack=f"{name}@{alias}", check="alias_cas") from None
+                            raise ConcurrentUpdateError(
+                                "the alias was removed concurrently; retry", pack=f"{name}@{alias}", check="alias_cas"
+                            ) from None
                         if not stored or stored == _etag(expect) or self.read_alias(name, alias) != expect:
                             raise
                         self._put(key, data, if_match=stored)
@@ -709,8 +725,9 @@ class FsspecBackend(Backend):
                         raise ConcurrentUpdateError("alias changed", pack=f"{name}@{alias}", check="alias_cas")
                     self._put(key, data)
             except FileExistsError:
-                raise ConcurrentUpdateError("the alias was created concurrently; retry", pack=f"{name}@{alias}",
-                                            check="alias_cas") from None
+                raise ConcurrentUpdateError(
+                    "the alias was created concurrently; retry", pack=f"{name}@{alias}", check="alias_cas"
+                ) from None
 
     def remove_alias(self, name: str, alias: str) -> bool:
         try:
@@ -748,9 +765,13 @@ class FsspecBackend(Backend):
                     committed.add((rel[0], rel[1]))
                 else:
                     candidates.setdefault((rel[0], rel[1]), []).append((path, _mtime(info)))
-            elif len(rel) == 4 and rel[0] in (LEASES_DIR, FENCES_DIR) and _mtime(info) <= cutoff \
-                    and now - _mtime(info) >= (self.fence_ttl_s if rel[0] == FENCES_DIR
-                                               else max(older_than_s, self.lease_ttl_s)):
+            elif (
+                len(rel) == 4
+                and rel[0] in (LEASES_DIR, FENCES_DIR)
+                and _mtime(info) <= cutoff
+                and now - _mtime(info)
+                >= (self.fence_ttl_s if rel[0] == FENCES_DIR else max(older_than_s, self.lease_ttl_s))
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(path)
                 removed.append(path)

@@ -34,18 +34,22 @@ def _emit(ctx: click.Context, payload: Any, text: str) -> None:
 
 
 def _usage_payload(exc: click.ClickException) -> dict[str, Any]:
-    return {"ok": False, "error": "UsageError", "pack": None, "file": None, "check": "usage",
-            "detail": exc.format_message(), "status": "INVALID_ARGUMENT"}
+    return {
+        "ok": False,
+        "error": "UsageError",
+        "pack": None,
+        "file": None,
+        "check": "usage",
+        "detail": exc.format_message(),
+        "status": "INVALID_ARGUMENT",
+    }
 
 
-def _command(fn: Callable) -> Callable:
+def _command(fn: Callable[..., None]) -> Callable[..., None]:
     """Shared options and error mapping: ``--json``; PackError → exit 1 (2 for malformed references/aliases);
     an OSError outside the store's own handling (e.g. reading a --dir folder) → exit 1, typed."""
 
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout (errors too).")
-    @click.pass_context
-    @functools.wraps(fn)
-    def wrapper(ctx: click.Context, *args: Any, as_json: bool = False, **kwargs: Any) -> None:
+    def wrapper(ctx: click.Context, /, *args: Any, as_json: bool = False, **kwargs: Any) -> None:
         ctx.ensure_object(dict)
         ctx.obj["json"] = ctx.obj.get("json") or as_json
         try:
@@ -55,10 +59,22 @@ def _command(fn: Callable) -> Callable:
         except PackError as exc:
             _fail(ctx, exc.to_dict(), str(exc))
         except OSError as exc:
-            _fail(ctx, {"error": type(exc).__name__, "pack": None, "file": exc.filename, "check": "io",
-                        "detail": exc.strerror or str(exc), "status": "UNAVAILABLE"}, f"{type(exc).__name__}: {exc}")
+            _fail(
+                ctx,
+                {
+                    "error": type(exc).__name__,
+                    "pack": None,
+                    "file": exc.filename,
+                    "check": "io",
+                    "detail": exc.strerror or str(exc),
+                    "status": "UNAVAILABLE",
+                },
+                f"{type(exc).__name__}: {exc}",
+            )
 
-    return wrapper
+    functools.update_wrapper(wrapper, fn)  # click takes the command's name and help from fn
+    json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout (errors too).")
+    return json_option(click.pass_context(wrapper))
 
 
 def _fail(ctx: click.Context, payload: dict[str, Any], text: str, **extra: Any) -> None:
@@ -77,7 +93,8 @@ def _store(ctx: click.Context, create: bool = False) -> PackStore:
         raise click.UsageError("no store given: pass --store URL or set SENSEPACK_STORE", ctx=ctx)
     if "store_obj" not in ctx.obj:
         ctx.obj["store_obj"] = open_store(url, create=create)
-    return ctx.obj["store_obj"]
+    store: PackStore = ctx.obj["store_obj"]
+    return store
 
 
 class _PacksGroup(click.Group):
@@ -98,8 +115,14 @@ class _PacksGroup(click.Group):
             click.echo(json.dumps(_usage_payload(exc), indent=2, sort_keys=True))
             ctx.exit(exc.exit_code)
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
@@ -119,8 +142,12 @@ class _PacksGroup(click.Group):
 
 
 @click.group(name="packs", cls=_PacksGroup)
-@click.option("--store", envvar="SENSEPACK_STORE", metavar="URL",
-              help="Pack store: a directory, file:///dir or s3://bucket/prefix (env SENSEPACK_STORE).")
+@click.option(
+    "--store",
+    envvar="SENSEPACK_STORE",
+    metavar="URL",
+    help="Pack store: a directory, file:///dir or s3://bucket/prefix (env SENSEPACK_STORE).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout (also per command).")
 @click.option("-v", "--verbose", is_flag=True, help="Log store operations (key=value lines on stderr).")
 @click.pass_context
@@ -128,8 +155,11 @@ def packs(ctx: click.Context, store: str | None, as_json: bool, verbose: bool) -
     """Edit packs: list, show, verify, publish, alias, history, rm, diff, gc, keygen."""
     ctx.ensure_object(dict)
     if not logging.getLogger().handlers:  # the host CLI may have configured logging already
-        logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.ERROR,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
     ctx.obj.update(store=store, json=as_json)
 
 
@@ -139,21 +169,29 @@ def packs(ctx: click.Context, store: str | None, as_json: bool, verbose: bool) -
 def list_cmd(ctx: click.Context, name: str | None) -> None:
     """List packs, or the versions of NAME (oldest first, by publish sequence number) with their aliases."""
     if name is not None and parse_ref(name)[1] is not None:
-        raise click.UsageError(f"list takes a bare pack NAME, not {name!r}; use show or alias for a reference",
-                               ctx=ctx)
+        raise click.UsageError(f"list takes a bare pack NAME, not {name!r}; use show or alias for a reference", ctx=ctx)
     store = _store(ctx)
     if name is None:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for pack_name in store.list_packs():
-            rows.append({"name": pack_name, "versions": len(store.list_versions(pack_name)),
-                         "aliases": store.aliases(pack_name)})
-        text = "\n".join(f"{r['name']}\t{r['versions']} version(s)\t"
-                         + " ".join(f"{a}={v}" for a, v in r["aliases"].items()) for r in rows) or "(no packs)"
+            rows.append(
+                {
+                    "name": pack_name,
+                    "versions": len(store.list_versions(pack_name)),
+                    "aliases": store.aliases(pack_name),
+                }
+            )
+        text = (
+            "\n".join(
+                f"{r['name']}\t{r['versions']} version(s)\t" + " ".join(f"{a}={v}" for a, v in r["aliases"].items())
+                for r in rows
+            )
+            or "(no packs)"
+        )
         _emit(ctx, {"packs": rows}, text)
         return
     if parse_ref(name)[1] is not None:
-        raise click.UsageError(f"list takes a bare pack NAME, not {name!r}; use show or alias for a reference",
-                               ctx=ctx)
+        raise click.UsageError(f"list takes a bare pack NAME, not {name!r}; use show or alias for a reference", ctx=ctx)
     infos = store.list_versions(name)
     if not infos and not store.aliases(name):
         raise PackNotFoundError("no such pack in the store", pack=name, check="exists")
@@ -173,12 +211,24 @@ def show_cmd(ctx: click.Context, ref: str) -> None:
     _emit(ctx, info, json.dumps(info, indent=2, sort_keys=True))
 
 
-def _expectations(backpack_fingerprint: str | None, tokenizer_fingerprint: str | None, vocab_size: int | None,
-                  num_senses: int | None, d_model: int | None, target: str | None,
-                  allow_incompatible: bool) -> Expectations:
-    return Expectations(backpack_fingerprint=backpack_fingerprint, tokenizer_fingerprint=tokenizer_fingerprint,
-                        vocab_size=vocab_size, num_senses=num_senses, d_model=d_model, target_fingerprint=target,
-                        allow_incompatible=allow_incompatible)
+def _expectations(
+    backpack_fingerprint: str | None,
+    tokenizer_fingerprint: str | None,
+    vocab_size: int | None,
+    num_senses: int | None,
+    d_model: int | None,
+    target: str | None,
+    allow_incompatible: bool,
+) -> Expectations:
+    return Expectations(
+        backpack_fingerprint=backpack_fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        vocab_size=vocab_size,
+        num_senses=num_senses,
+        d_model=d_model,
+        target_fingerprint=target,
+        allow_incompatible=allow_incompatible,
+    )
 
 
 @packs.command("verify")
@@ -192,11 +242,22 @@ def _expectations(backpack_fingerprint: str | None, tokenizer_fingerprint: str |
 @click.option("--d-model", type=int)
 @click.option("--target", help="Require a calibrated beta for this target-model fingerprint.")
 @click.option("--allow-incompatible", is_flag=True, help="Accept Backpack/tokenizer fingerprint mismatches.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY",
-              help="Require a signature by this ed25519 public key (PEM file or ed25519:<hex>); repeatable.")
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    metavar="KEY",
+    help="Require a signature by this ed25519 public key (PEM file or ed25519:<hex>); repeatable.",
+)
 @_command
-def verify_cmd(ctx: click.Context, refs: tuple[str, ...], folders: tuple[str, ...], verify_all: bool,
-               trusted_keys: tuple[str, ...], **expect_opts: Any) -> None:
+def verify_cmd(
+    ctx: click.Context,
+    refs: tuple[str, ...],
+    folders: tuple[str, ...],
+    verify_all: bool,
+    trusted_keys: tuple[str, ...],
+    **expect_opts: Any,
+) -> None:
     """Fully validate packs (hashes, tensors, ids, signatures, fingerprints, beta). Exit 1 if any fails."""
     expect = _expectations(**expect_opts)
     if trusted_keys:
@@ -223,16 +284,20 @@ def verify_cmd(ctx: click.Context, refs: tuple[str, ...], folders: tuple[str, ..
     for label, load in targets:
         try:
             pack = load()
-            results.append({"ref": label, "ok": True, "version": pack.version, "n_senses_edited":
-                            pack.manifest.n_senses_edited})
+            results.append(
+                {"ref": label, "ok": True, "version": pack.version, "n_senses_edited": pack.manifest.n_senses_edited}
+            )
         except InvalidReferenceError:
             raise
         except PackError as exc:
             failed += 1
             results.append({"ref": label, "ok": False, **exc.to_dict()})
-    text = "\n".join(f"OK   {r['ref']} ({r['version']}, {r['n_senses_edited']} pairs)" if r["ok"]
-                     else f"FAIL {r['ref']}: {r['error']}: file {r['file']}, check {r['check']}: {r['detail']}"
-                     for r in results)
+    text = "\n".join(
+        f"OK   {r['ref']} ({r['version']}, {r['n_senses_edited']} pairs)"
+        if r["ok"]
+        else f"FAIL {r['ref']}: {r['error']}: file {r['file']}, check {r['check']}: {r['detail']}"
+        for r in results
+    )
     _emit(ctx, {"ok": failed == 0, "results": results}, text)
     if failed:
         ctx.exit(EXIT_INVALID)
@@ -241,8 +306,11 @@ def verify_cmd(ctx: click.Context, refs: tuple[str, ...], folders: tuple[str, ..
 @packs.command("publish")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--alias", "aliases", multiple=True, help="Also point this alias at the published version.")
-@click.option("--sign-key", type=click.Path(dir_okay=False), help="Sign the version with this ed25519 private "
-                                                                  "key (PEM, from `packs keygen`).")
+@click.option(
+    "--sign-key",
+    type=click.Path(dir_okay=False),
+    help="Sign the version with this ed25519 private key (PEM, from `packs keygen`).",
+)
 @_command
 def publish_cmd(ctx: click.Context, folder: str, aliases: tuple[str, ...], sign_key: str | None) -> None:
     """Validate the pack in FOLDER and publish it (a no-op if that content is already published).
@@ -268,13 +336,23 @@ def publish_cmd(ctx: click.Context, folder: str, aliases: tuple[str, ...], sign_
         try:
             store.set_alias(pack.name, alias, version)
         except PackError as exc:
-            _fail(ctx, exc.to_dict(), f"{exc} (published {pack.name}@{version}; aliases moved: {moved or 'none'})",
-                  name=pack.name, version=version, published=True, aliases_moved=moved)
+            _fail(
+                ctx,
+                exc.to_dict(),
+                f"{exc} (published {pack.name}@{version}; aliases moved: {moved or 'none'})",
+                name=pack.name,
+                version=version,
+                published=True,
+                aliases_moved=moved,
+            )
         moved.append(alias)
-    _emit(ctx, {"ok": True, "name": pack.name, "version": version, "aliases": list(aliases),
-                "signed": key is not None},
-          f"published {pack.name}@{version}" + (f" aliases: {', '.join(aliases)}" if aliases else "")
-          + (" (signed)" if key is not None else ""))
+    _emit(
+        ctx,
+        {"ok": True, "name": pack.name, "version": version, "aliases": list(aliases), "signed": key is not None},
+        f"published {pack.name}@{version}"
+        + (f" aliases: {', '.join(aliases)}" if aliases else "")
+        + (" (signed)" if key is not None else ""),
+    )
 
 
 @packs.command("alias")
@@ -308,9 +386,11 @@ def alias_cmd(ctx: click.Context, name: str, alias: str, target: str | None, del
     _, version = store.resolve(f"{name}@{target}")
     doc = store.set_alias(name, alias, version)
     previous = doc["previous"]
-    _emit(ctx, {"ok": True, "name": name, "alias": alias, "version": version, "previous": previous,
-                "seq": doc["seq"]},
-          f"{name}@{alias} -> {version}" + (f" (was {previous})" if previous else ""))
+    _emit(
+        ctx,
+        {"ok": True, "name": name, "alias": alias, "version": version, "previous": previous, "seq": doc["seq"]},
+        f"{name}@{alias} -> {version}" + (f" (was {previous})" if previous else ""),
+    )
 
 
 @packs.command("history")
@@ -325,16 +405,22 @@ def history_cmd(ctx: click.Context, name: str, alias: str | None) -> None:
     rows = store.history(name, alias)
     if not rows and not store.list_versions(name):
         raise PackNotFoundError("no such pack in the store", pack=name, check="exists")
-    text = "\n".join(f"{r['alias']}\t#{r['seq']}\t{r['at']}\t{r['by']}\t{r['from'] or '-'} -> {r['to'] or '(removed)'}"
-                     for r in rows) or f"(no alias moves for {name})"
+    text = (
+        "\n".join(
+            f"{r['alias']}\t#{r['seq']}\t{r['at']}\t{r['by']}\t{r['from'] or '-'} -> {r['to'] or '(removed)'}"
+            for r in rows
+        )
+        or f"(no alias moves for {name})"
+    )
     _emit(ctx, {"name": name, "history": rows}, text)
 
 
 @packs.command("rm")
 @click.argument("ref")
 @click.option("--force", is_flag=True, help="Delete even if aliases point to it (they are removed too).")
-@click.option("--keep", type=click.IntRange(min=0), help="With a bare NAME: delete all but the newest KEEP "
-                                                          "un-aliased versions.")
+@click.option(
+    "--keep", type=click.IntRange(min=0), help="With a bare NAME: delete all but the newest KEEP un-aliased versions."
+)
 @_command
 def rm_cmd(ctx: click.Context, ref: str, force: bool, keep: int | None) -> None:
     """Delete one version (NAME@VERSION or NAME@ALIAS), or prune NAME with --keep."""
@@ -344,8 +430,11 @@ def rm_cmd(ctx: click.Context, ref: str, force: bool, keep: int | None) -> None:
         if selector is not None:
             raise click.UsageError("--keep takes a bare pack NAME", ctx=ctx)
         deleted = store.prune(name, keep)
-        _emit(ctx, {"ok": True, "name": name, "deleted": deleted}, "\n".join(f"deleted {name}@{v}" for v in deleted)
-              or "nothing to delete")
+        _emit(
+            ctx,
+            {"ok": True, "name": name, "deleted": deleted},
+            "\n".join(f"deleted {name}@{v}" for v in deleted) or "nothing to delete",
+        )
         return
     if selector is None:
         raise click.UsageError("rm needs NAME@VERSION or NAME@ALIAS (or NAME --keep N)", ctx=ctx)
@@ -357,10 +446,20 @@ def rm_cmd(ctx: click.Context, ref: str, force: bool, keep: int | None) -> None:
 @packs.command("diff")
 @click.argument("ref_a")
 @click.argument("ref_b")
-@click.option("--top", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Show at most this many pairs per list (counts are always complete).")
-@click.option("--atol", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
-              help="A pair counts as changed when ||delta_b - delta_a|| exceeds this.")
+@click.option(
+    "--top",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Show at most this many pairs per list (counts are always complete).",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="A pair counts as changed when ||delta_b - delta_a|| exceeds this.",
+)
 @_command
 def diff_cmd(ctx: click.Context, ref_a: str, ref_b: str, top: int, atol: float) -> None:
     """Which (token, sense) pairs REF_B adds, removes or changes relative to REF_A, and by how much."""
@@ -368,18 +467,27 @@ def diff_cmd(ctx: click.Context, ref_a: str, ref_b: str, top: int, atol: float) 
     store = _store(ctx)
     result = diff_packs(store.load(ref_a), store.load(ref_b), atol=atol)
     payload = result.to_dict(top=top)
-    lines = [f"{result.a} -> {result.b}: {len(result.added)} added, {len(result.removed)} removed, "
-             f"{len(result.changed)} changed, {result.unchanged} unchanged"]
+    lines = [
+        f"{result.a} -> {result.b}: {len(result.added)} added, {len(result.removed)} removed, "
+        f"{len(result.changed)} changed, {result.unchanged} unchanged"
+    ]
     for kind, items in (("+", result.added), ("-", result.removed), ("~", result.changed)):
         for c in items[:top]:
-            lines.append(f"{kind} token {c.token} sense {c.sense}: |a|={c.norm_a:.4g} |b|={c.norm_b:.4g} "
-                         f"|b-a|={c.diff_norm:.4g} max|b-a|={c.max_abs_diff:.4g}")
+            lines.append(
+                f"{kind} token {c.token} sense {c.sense}: |a|={c.norm_a:.4g} |b|={c.norm_b:.4g} "
+                f"|b-a|={c.diff_norm:.4g} max|b-a|={c.max_abs_diff:.4g}"
+            )
     _emit(ctx, payload, "\n".join(lines))
 
 
 @packs.command("gc")
-@click.option("--older-than", type=click.FloatRange(min=0.0), default=3600.0, show_default=True,
-              help="Seconds; leftovers younger than this may belong to a running publisher.")
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0.0),
+    default=3600.0,
+    show_default=True,
+    help="Seconds; leftovers younger than this may belong to a running publisher.",
+)
 @_command
 def gc_cmd(ctx: click.Context, older_than: float) -> None:
     """Remove invisible leftovers of killed publishers (staging dirs, uncommitted objects)."""
@@ -403,9 +511,17 @@ def keygen_cmd(ctx: click.Context, private_out: str) -> None:
     with open(private_out + ".pub", "xb") as f:
         f.write(public)
     raw = public_raw(public)
-    _emit(ctx, {"ok": True, "private": private_out, "public": private_out + ".pub", "key_id": key_id(raw),
-                "public_key": "ed25519:" + raw.hex()},
-          f"wrote {private_out} and {private_out}.pub (key id {key_id(raw)}; trust it as ed25519:{raw.hex()})")
+    _emit(
+        ctx,
+        {
+            "ok": True,
+            "private": private_out,
+            "public": private_out + ".pub",
+            "key_id": key_id(raw),
+            "public_key": "ed25519:" + raw.hex(),
+        },
+        f"wrote {private_out} and {private_out}.pub (key id {key_id(raw)}; trust it as ed25519:{raw.hex()})",
+    )
 
 
 def main() -> None:
@@ -413,4 +529,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -37,13 +37,23 @@ class PackDiff:
         return not (self.added or self.removed or self.changed)
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
-        def cut(items: list[PairChange]) -> list[dict]:
+        def cut(items: list[PairChange]) -> list[dict[str, Any]]:
             return [asdict(c) for c in (items if top is None else items[:top])]
 
-        return {"a": self.a, "b": self.b, "identical": self.identical,
-                "counts": {"added": len(self.added), "removed": len(self.removed), "changed": len(self.changed),
-                           "unchanged": self.unchanged},
-                "added": cut(self.added), "removed": cut(self.removed), "changed": cut(self.changed)}
+        return {
+            "a": self.a,
+            "b": self.b,
+            "identical": self.identical,
+            "counts": {
+                "added": len(self.added),
+                "removed": len(self.removed),
+                "changed": len(self.changed),
+                "unchanged": self.unchanged,
+            },
+            "added": cut(self.added),
+            "removed": cut(self.removed),
+            "changed": cut(self.changed),
+        }
 
 
 def _changes(tokens: torch.Tensor, senses: torch.Tensor, da: torch.Tensor, db: torch.Tensor) -> list[PairChange]:
@@ -52,8 +62,12 @@ def _changes(tokens: torch.Tensor, senses: torch.Tensor, da: torch.Tensor, db: t
     max_abs = diff.abs().amax(dim=1) if diff.shape[1] else torch.zeros(len(diff))
     norm_a, norm_b = da.norm(dim=1), db.norm(dim=1)
     order = torch.argsort(diff_norm, descending=True, stable=True)
-    return [PairChange(int(tokens[i]), int(senses[i]), float(norm_a[i]), float(norm_b[i]), float(diff_norm[i]),
-                       float(max_abs[i])) for i in order.tolist()]
+    return [
+        PairChange(
+            int(tokens[i]), int(senses[i]), float(norm_a[i]), float(norm_b[i]), float(diff_norm[i]), float(max_abs[i])
+        )
+        for i in order.tolist()
+    ]
 
 
 def diff_packs(a: PackContents, b: PackContents, atol: float = 0.0) -> PackDiff:
@@ -62,8 +76,11 @@ def diff_packs(a: PackContents, b: PackContents, atol: float = 0.0) -> PackDiff:
     Lists are sorted by the size of the change, largest first.
     """
     if a.manifest.d_model != b.manifest.d_model:
-        raise IncompatiblePackError(f"cannot diff packs of width {a.manifest.d_model} and {b.manifest.d_model}",
-                                    pack=f"{a.ref} vs {b.ref}", check="d_model")
+        raise IncompatiblePackError(
+            f"cannot diff packs of width {a.manifest.d_model} and {b.manifest.d_model}",
+            pack=f"{a.ref} vs {b.ref}",
+            check="d_model",
+        )
     stride = max(a.manifest.num_senses, b.manifest.num_senses)
     ka = a.token_ids * stride + a.sense_ids
     kb = b.token_ids * stride + b.sense_ids

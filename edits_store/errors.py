@@ -8,6 +8,8 @@ map the error to; it is a plain string so this package needs no gRPC import.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PackError(Exception):
     """Base class: a pack or store operation was refused.
@@ -39,10 +41,16 @@ class PackError(Exception):
         prefix = ", ".join(where)
         return f"{type(self).__name__}: {prefix}: {self.detail}" if prefix else f"{type(self).__name__}: {self.detail}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for CLIs and admin APIs."""
-        return {"error": type(self).__name__, "pack": self.pack, "file": self.file, "check": self.check,
-                "detail": self.detail, "status": self.status}
+        return {
+            "error": type(self).__name__,
+            "pack": self.pack,
+            "file": self.file,
+            "check": self.check,
+            "detail": self.detail,
+            "status": self.status,
+        }
 
 
 class SchemaError(PackError):
@@ -137,8 +145,24 @@ class StoreIOError(PackError):
 
 
 __all__ = [
-    "PackError", "SchemaError", "MissingFileError", "HashMismatchError", "TruncatedFileError", "TensorFormatError",
-    "DuplicatePairError", "TokenIdRangeError", "SenseIdRangeError", "NonFiniteError", "IncompatiblePackError",
-    "MissingBetaError", "PackNotFoundError", "InvalidReferenceError", "AliasError", "RetentionError",
-    "UnsafeFileError", "SignatureError", "ConcurrentUpdateError", "StoreIOError",
+    "AliasError",
+    "ConcurrentUpdateError",
+    "DuplicatePairError",
+    "HashMismatchError",
+    "IncompatiblePackError",
+    "InvalidReferenceError",
+    "MissingBetaError",
+    "MissingFileError",
+    "NonFiniteError",
+    "PackError",
+    "PackNotFoundError",
+    "RetentionError",
+    "SchemaError",
+    "SenseIdRangeError",
+    "SignatureError",
+    "StoreIOError",
+    "TensorFormatError",
+    "TokenIdRangeError",
+    "TruncatedFileError",
+    "UnsafeFileError",
 ]

@@ -36,11 +36,11 @@ import struct
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 from safetensors.torch import save as safetensors_save
 
 from .errors import (
@@ -117,13 +117,13 @@ class CalibrationEntry(BaseModel):
 
     @field_validator("target_model", "target_fingerprint", "g_fingerprint")
     @classmethod
-    def _strings(cls, v: str, info) -> str:
-        return _non_empty(v, info.field_name)
+    def _strings(cls, v: str, info: ValidationInfo) -> str:
+        return _non_empty(v, str(info.field_name))
 
     @field_validator("beta", "ball_ratio", "epsilon")
     @classmethod
-    def _floats(cls, v: float, info) -> float:
-        return _finite(v, info.field_name)
+    def _floats(cls, v: float, info: ValidationInfo) -> float:
+        return _finite(v, str(info.field_name))
 
     @field_validator("g_tokens")
     @classmethod
@@ -182,7 +182,8 @@ class Manifest(BaseModel):
             parsed = datetime.fromisoformat(v)
         except ValueError as exc:
             raise ValueError(f"created_at {v!r} is not ISO 8601") from exc
-        if parsed.utcoffset() is None or parsed.utcoffset().total_seconds() != 0:
+        offset = parsed.utcoffset()
+        if offset is None or offset.total_seconds() != 0:
             raise ValueError(f"created_at {v!r} must be UTC")
         return v
 
@@ -202,7 +203,7 @@ class Manifest(BaseModel):
 
     @field_validator("vocab_size", "num_senses", "d_model")
     @classmethod
-    def _positive(cls, v: int, info) -> int:
+    def _positive(cls, v: int, info: ValidationInfo) -> int:
         if v <= 0:
             raise ValueError(f"{info.field_name} must be > 0")
         return v
@@ -235,7 +236,7 @@ class Manifest(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _unique_targets(self) -> "Manifest":
+    def _unique_targets(self) -> Manifest:
         seen: set[str] = set()
         for entry in self.calibration:
             if entry.target_fingerprint in seen:
@@ -251,7 +252,10 @@ class Manifest(BaseModel):
         known = [f"{e.target_model} ({e.target_fingerprint})" for e in self.calibration] or ["none"]
         raise MissingBetaError(
             f"no beta calibrated for target model {target_fingerprint}; calibrated targets: {', '.join(known)}",
-            pack=f"{self.name}@{self.version}", file=MANIFEST_FILE, check="beta_for_target")
+            pack=f"{self.name}@{self.version}",
+            file=MANIFEST_FILE,
+            check="beta_for_target",
+        )
 
     @property
     def ref(self) -> str:
@@ -319,8 +323,9 @@ def strict_json_loads(data: bytes | bytearray | memoryview) -> Any:
     overflow to inf, duplicate keys; and nesting deeper than MAX_JSON_DEPTH. Raises ValueError with the reason."""
     try:
         text = bytes(data).decode("utf-8")
-        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
-                         object_pairs_hook=_unique_keys)
+        obj = json.loads(
+            text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+        )
     except RecursionError:
         raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}") from None
     except UnicodeDecodeError as exc:
@@ -341,7 +346,7 @@ def manifest_to_bytes(manifest: Manifest) -> bytes:
 
 
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _schema_error_detail(exc: ValidationError) -> str:
@@ -363,21 +368,33 @@ def parse_manifest_raw(data: bytes, *, source: str) -> tuple[Manifest, dict[str,
     SchemaError names the field that is missing or wrong (check ``size``, ``json``, ``schema_version``, ``schema``).
     """
     if len(data) > MAX_MANIFEST_BYTES:
-        raise SchemaError(f"manifest has {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} allowed",
-                          pack=source, file=MANIFEST_FILE, check="size")
+        raise SchemaError(
+            f"manifest has {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} allowed",
+            pack=source,
+            file=MANIFEST_FILE,
+            check="size",
+        )
     try:
         raw = strict_json_loads(data)
     except ValueError as exc:
-        raise SchemaError(f"manifest is refused as JSON: {exc}; the file may be truncated or tampered with",
-                          pack=source, file=MANIFEST_FILE, check="json") from None
+        raise SchemaError(
+            f"manifest is refused as JSON: {exc}; the file may be truncated or tampered with",
+            pack=source,
+            file=MANIFEST_FILE,
+            check="json",
+        ) from None
     if not isinstance(raw, dict):
         raise SchemaError("manifest must be a JSON object", pack=source, file=MANIFEST_FILE, check="json")
     if "schema_version" not in raw:
         raise SchemaError("missing field 'schema_version'", pack=source, file=MANIFEST_FILE, check="schema_version")
     if type(raw["schema_version"]) is not int or raw["schema_version"] != SCHEMA_VERSION:
-        raise SchemaError(f"unsupported schema_version {raw['schema_version']!r}; this reader understands "
-                          f"{SCHEMA_VERSION} (a newer sensepack may have written it)",
-                          pack=source, file=MANIFEST_FILE, check="schema_version")
+        raise SchemaError(
+            f"unsupported schema_version {raw['schema_version']!r}; this reader understands "
+            f"{SCHEMA_VERSION} (a newer sensepack may have written it)",
+            pack=source,
+            file=MANIFEST_FILE,
+            check="schema_version",
+        )
     try:
         return Manifest.model_validate(raw), raw
     except ValidationError as exc:
@@ -447,27 +464,46 @@ def _as_deltas(x: Any, pack: str) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def validate_tensors(token_ids: torch.Tensor, sense_ids: torch.Tensor, deltas: torch.Tensor, *, n: int, d_model: int,
-                     vocab_size: int, num_senses: int, pack: str, file: str | None = TENSOR_FILE) -> None:
+def validate_tensors(
+    token_ids: torch.Tensor,
+    sense_ids: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    n: int,
+    d_model: int,
+    vocab_size: int,
+    num_senses: int,
+    pack: str,
+    file: str | None = TENSOR_FILE,
+) -> None:
     """Shape, dtype, finiteness, id-range and uniqueness checks shared by build and read."""
-    for tname, t, dtype in (("token_ids", token_ids, torch.int64), ("sense_ids", sense_ids, torch.int64),
-                            ("deltas", deltas, torch.float32)):
+    for tname, t, dtype in (
+        ("token_ids", token_ids, torch.int64),
+        ("sense_ids", sense_ids, torch.int64),
+        ("deltas", deltas, torch.float32),
+    ):
         if t.dtype != dtype:
-            raise TensorFormatError(f"tensor '{tname}' has dtype {t.dtype}, expected {dtype}", pack=pack, file=file,
-                                    check="dtype")
+            raise TensorFormatError(
+                f"tensor '{tname}' has dtype {t.dtype}, expected {dtype}", pack=pack, file=file, check="dtype"
+            )
     expected_shapes = {"token_ids": (n,), "sense_ids": (n,), "deltas": (n, d_model)}
     for tname, t in (("token_ids", token_ids), ("sense_ids", sense_ids), ("deltas", deltas)):
         if tuple(t.shape) != expected_shapes[tname]:
-            raise TensorFormatError(f"tensor '{tname}' has shape {list(t.shape)}, expected "
-                                    f"{list(expected_shapes[tname])} (n_senses_edited={n}, d_model={d_model})",
-                                    pack=pack, file=file, check="shape")
+            raise TensorFormatError(
+                f"tensor '{tname}' has shape {list(t.shape)}, expected "
+                f"{list(expected_shapes[tname])} (n_senses_edited={n}, d_model={d_model})",
+                pack=pack,
+                file=file,
+                check="shape",
+            )
     check_finite(deltas, token_ids, sense_ids, pack=pack, file=file)
     check_id_ranges(token_ids, sense_ids, vocab_size=vocab_size, num_senses=num_senses, pack=pack, file=file)
     check_unique_pairs(token_ids, sense_ids, num_senses=num_senses, pack=pack, file=file)
 
 
-def check_finite(deltas: torch.Tensor, token_ids: torch.Tensor, sense_ids: torch.Tensor, *, pack: str,
-                 file: str | None) -> None:
+def check_finite(
+    deltas: torch.Tensor, token_ids: torch.Tensor, sense_ids: torch.Tensor, *, pack: str, file: str | None
+) -> None:
     """NaN/Inf refusal.
 
     Fast path: per-row sums as one matrix-vector product (one streaming pass, cheaper than ``isfinite``);
@@ -485,31 +521,45 @@ def check_finite(deltas: torch.Tensor, token_ids: torch.Tensor, sense_ids: torch
         return  # sums overflowed but every value is finite
     row = int(bad_rows[0])
     kind = "NaN" if bool(torch.isnan(deltas[row]).any()) else "Inf"
-    raise NonFiniteError(f"deltas contain {kind} in {bad_rows.numel()} row(s); first at row {row} "
-                         f"(token {int(token_ids[row])}, sense {int(sense_ids[row])})",
-                         pack=pack, file=file, check="finite")
+    raise NonFiniteError(
+        f"deltas contain {kind} in {bad_rows.numel()} row(s); first at row {row} "
+        f"(token {int(token_ids[row])}, sense {int(sense_ids[row])})",
+        pack=pack,
+        file=file,
+        check="finite",
+    )
 
 
-def check_id_ranges(token_ids: torch.Tensor, sense_ids: torch.Tensor, *, vocab_size: int, num_senses: int, pack: str,
-                    file: str | None) -> None:
+def check_id_ranges(
+    token_ids: torch.Tensor, sense_ids: torch.Tensor, *, vocab_size: int, num_senses: int, pack: str, file: str | None
+) -> None:
     if token_ids.numel() == 0:
         return
     bad = ((token_ids < 0) | (token_ids >= vocab_size)).nonzero().flatten()
     if bad.numel():
         row = int(bad[0])
-        raise TokenIdRangeError(f"token id {int(token_ids[row])} at row {row} is outside the vocabulary "
-                                f"[0, {vocab_size}) ({bad.numel()} bad row(s))", pack=pack, file=file,
-                                check="token_id_range")
+        raise TokenIdRangeError(
+            f"token id {int(token_ids[row])} at row {row} is outside the vocabulary "
+            f"[0, {vocab_size}) ({bad.numel()} bad row(s))",
+            pack=pack,
+            file=file,
+            check="token_id_range",
+        )
     bad = ((sense_ids < 0) | (sense_ids >= num_senses)).nonzero().flatten()
     if bad.numel():
         row = int(bad[0])
-        raise SenseIdRangeError(f"sense id {int(sense_ids[row])} at row {row} (token {int(token_ids[row])}) is outside "
-                                f"[0, {num_senses}) ({bad.numel()} bad row(s))", pack=pack, file=file,
-                                check="sense_id_range")
+        raise SenseIdRangeError(
+            f"sense id {int(sense_ids[row])} at row {row} (token {int(token_ids[row])}) is outside "
+            f"[0, {num_senses}) ({bad.numel()} bad row(s))",
+            pack=pack,
+            file=file,
+            check="sense_id_range",
+        )
 
 
-def check_unique_pairs(token_ids: torch.Tensor, sense_ids: torch.Tensor, *, num_senses: int, pack: str,
-                       file: str | None) -> None:
+def check_unique_pairs(
+    token_ids: torch.Tensor, sense_ids: torch.Tensor, *, num_senses: int, pack: str, file: str | None
+) -> None:
     if token_ids.numel() < 2:
         return
     keys = token_ids * num_senses + sense_ids
@@ -518,18 +568,24 @@ def check_unique_pairs(token_ids: torch.Tensor, sense_ids: torch.Tensor, *, num_
     if dup.numel():
         key = int(sorted_keys[int(dup[0])])
         token, sense = divmod(key, num_senses)
-        raise DuplicatePairError(f"(token {token}, sense {sense}) appears more than once "
-                                 f"({dup.numel()} duplicate row(s))", pack=pack, file=file, check="unique_pairs")
+        raise DuplicatePairError(
+            f"(token {token}, sense {sense}) appears more than once ({dup.numel()} duplicate row(s))",
+            pack=pack,
+            file=file,
+            check="unique_pairs",
+        )
 
 
 def serialize_tensors(token_ids: torch.Tensor, sense_ids: torch.Tensor, deltas: torch.Tensor) -> bytes:
     """senses.safetensors bytes; deterministic for identical tensors."""
-    return safetensors_save({"token_ids": token_ids, "sense_ids": sense_ids, "deltas": deltas},
-                            metadata={"format": "pt"})
+    return safetensors_save(
+        {"token_ids": token_ids, "sense_ids": sense_ids, "deltas": deltas}, metadata={"format": "pt"}
+    )
 
 
-def _sorted_rows(token_ids: torch.Tensor, sense_ids: torch.Tensor, deltas: torch.Tensor,
-                 num_senses: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sorted_rows(
+    token_ids: torch.Tensor, sense_ids: torch.Tensor, deltas: torch.Tensor, num_senses: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Canonical row order (by token, then sense) so the same edits in any order give the same version."""
     if token_ids.numel() < 2:
         return token_ids, sense_ids, deltas
@@ -537,25 +593,38 @@ def _sorted_rows(token_ids: torch.Tensor, sense_ids: torch.Tensor, deltas: torch
     return token_ids[order].contiguous(), sense_ids[order].contiguous(), deltas[order].contiguous()
 
 
-def _assemble(fields: dict[str, Any], token_ids: torch.Tensor, sense_ids: torch.Tensor,
-              deltas: torch.Tensor) -> PackContents:
+def _assemble(
+    fields: dict[str, Any], token_ids: torch.Tensor, sense_ids: torch.Tensor, deltas: torch.Tensor
+) -> PackContents:
     """Seal manifest fields + tensors: hash the tensor file, compute the content version, validate the result."""
     blob = serialize_tensors(token_ids, sense_ids, deltas)
     fields = dict(fields, files={TENSOR_FILE: hashlib.sha256(blob).hexdigest()}, version="0" * VERSION_LENGTH)
     try:
         draft = Manifest.model_validate(fields)
     except ValidationError as exc:
-        raise SchemaError(_schema_error_detail(exc), pack=fields.get("name"), file=MANIFEST_FILE,
-                          check="schema") from None
+        raise SchemaError(
+            _schema_error_detail(exc), pack=fields.get("name"), file=MANIFEST_FILE, check="schema"
+        ) from None
     manifest = draft.model_copy(update={"version": compute_version(draft)})
     return PackContents(manifest=manifest, token_ids=token_ids, sense_ids=sense_ids, deltas=deltas)
 
 
-def build_pack(name: str, token_ids: Any, sense_ids: Any, deltas: Any, *, backpack_name: str,
-               backpack_fingerprint: str, tokenizer_fingerprint: str, vocab_size: int, num_senses: int,
-               epsilon: float, calibration: Iterable[CalibrationEntry | Mapping[str, Any]] = (),
-               training: Mapping[str, Any] | None = None,
-               evaluation: Mapping[str, Any] | None = None) -> PackContents:
+def build_pack(
+    name: str,
+    token_ids: Any,
+    sense_ids: Any,
+    deltas: Any,
+    *,
+    backpack_name: str,
+    backpack_fingerprint: str,
+    tokenizer_fingerprint: str,
+    vocab_size: int,
+    num_senses: int,
+    epsilon: float,
+    calibration: Iterable[CalibrationEntry | Mapping[str, Any]] = (),
+    training: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+) -> PackContents:
     """Validate edits and wrap them as a pack; the version is the content hash (``created_at`` excluded).
 
     Rows are sorted by (token, sense). Integer ids are converted to int64 and deltas to float32.
@@ -569,17 +638,25 @@ def build_pack(name: str, token_ids: Any, sense_ids: Any, deltas: Any, *, backpa
     if dlt.dim() != 2:
         raise TensorFormatError(f"deltas must be 2-D [n, d], got shape {list(dlt.shape)}", pack=name, check="shape")
     n, d_model = dlt.shape
-    validate_tensors(tok, sen, dlt, n=n, d_model=d_model, vocab_size=vocab_size, num_senses=num_senses, pack=name,
-                     file=None)
+    validate_tensors(
+        tok, sen, dlt, n=n, d_model=d_model, vocab_size=vocab_size, num_senses=num_senses, pack=name, file=None
+    )
     tok, sen, dlt = _sorted_rows(tok, sen, dlt, num_senses)
     entries = [e if isinstance(e, CalibrationEntry) else CalibrationEntry.model_validate(dict(e)) for e in calibration]
     fields = {
-        "schema_version": SCHEMA_VERSION, "name": name, "created_at": utc_now_iso(),
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "created_at": utc_now_iso(),
         "backpack": {"name": backpack_name, "fingerprint": backpack_fingerprint},
-        "tokenizer_fingerprint": tokenizer_fingerprint, "vocab_size": vocab_size, "num_senses": num_senses,
-        "d_model": int(d_model), "n_senses_edited": int(n), "epsilon": float(epsilon),
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "vocab_size": vocab_size,
+        "num_senses": num_senses,
+        "d_model": int(d_model),
+        "n_senses_edited": int(n),
+        "epsilon": float(epsilon),
         "calibration": [e.model_dump() for e in entries],
-        "training": dict(training or {}), "evaluation": dict(evaluation or {}),
+        "training": dict(training or {}),
+        "evaluation": dict(evaluation or {}),
     }
     _check_json_safe(fields, name)
     return _assemble(fields, tok, sen, dlt)
@@ -589,8 +666,12 @@ def _check_json_safe(fields: Mapping[str, Any], pack: str) -> None:
     try:
         canonical_json(fields)
     except (TypeError, ValueError) as exc:
-        raise SchemaError(f"manifest fields are not JSON-serialisable with finite numbers: {exc}", pack=pack,
-                          file=MANIFEST_FILE, check="json") from None
+        raise SchemaError(
+            f"manifest fields are not JSON-serialisable with finite numbers: {exc}",
+            pack=pack,
+            file=MANIFEST_FILE,
+            check="json",
+        ) from None
 
 
 def with_calibration(pack: PackContents, entries: Iterable[CalibrationEntry]) -> PackContents:
@@ -609,14 +690,22 @@ def pack_files(pack: PackContents) -> dict[str, bytes]:
     blob = serialize_tensors(pack.token_ids.contiguous(), pack.sense_ids.contiguous(), pack.deltas.contiguous())
     digest = hashlib.sha256(blob).hexdigest()
     if pack.manifest.files.get(TENSOR_FILE) != digest:
-        raise HashMismatchError("tensors were modified after the pack was built; rebuild it",
-                                pack=pack.ref, file=TENSOR_FILE, check="sha256")
+        raise HashMismatchError(
+            "tensors were modified after the pack was built; rebuild it",
+            pack=pack.ref,
+            file=TENSOR_FILE,
+            check="sha256",
+        )
     manifest_bytes = manifest_to_bytes(pack.manifest)
     written = compute_version(strict_json_loads(manifest_bytes))  # what a reader will hash
     if written != pack.manifest.version:
-        raise SchemaError(f"manifest version {pack.manifest.version} is not the content hash {written} of the "
-                          "manifest that would be written; build packs with build_pack", pack=pack.ref,
-                          file=MANIFEST_FILE, check="version")
+        raise SchemaError(
+            f"manifest version {pack.manifest.version} is not the content hash {written} of the "
+            "manifest that would be written; build packs with build_pack",
+            pack=pack.ref,
+            file=MANIFEST_FILE,
+            check="version",
+        )
     files = {TENSOR_FILE: blob}
     if pack.signature is not None:
         files[SIGNATURE_FILE] = pack.signature
@@ -639,7 +728,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_pack(pack: PackContents, folder: str | os.PathLike) -> None:
+def write_pack(pack: PackContents, folder: str | os.PathLike[str]) -> None:
     """Write the pack's two files into ``folder`` (created if needed), tensors first, manifest last, fsynced.
 
     Not atomic on its own (the store is); a reader of a half-written folder fails validation rather than
@@ -662,14 +751,14 @@ class _PendingHash:
 
     def __init__(self, buf: bytearray):
         self._view = memoryview(buf)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._hasher = hashlib.sha256()
         self._thread = threading.Thread(target=self._run, name="pack-sha256", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (span := self._queue.get()) is not None:
-            self._hasher.update(self._view[span[0]:span[1]])
+            self._hasher.update(self._view[span[0] : span[1]])
 
     def feed(self, start: int, end: int) -> None:
         self._queue.put((start, end))
@@ -694,19 +783,31 @@ def _open_regular(path: str, *, cap: int, source: str, fname: str) -> tuple[int,
         fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsafeFileError("is a symlink; pack files must be regular files inside the pack folder",
-                                  pack=source, file=fname, check="symlink") from None
+            raise UnsafeFileError(
+                "is a symlink; pack files must be regular files inside the pack folder",
+                pack=source,
+                file=fname,
+                check="symlink",
+            ) from None
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             raise FileNotFoundError(path) from None
         raise StoreIOError(f"cannot open: {exc.strerror or exc}", pack=source, file=fname, check="read") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFileError("is not a regular file (a FIFO, device or directory is never read)",
-                                  pack=source, file=fname, check="regular_file")
+            raise UnsafeFileError(
+                "is not a regular file (a FIFO, device or directory is never read)",
+                pack=source,
+                file=fname,
+                check="regular_file",
+            )
         if st.st_size > cap:
-            raise UnsafeFileError(f"has {st.st_size} bytes, more than the {cap} its manifest allows",
-                                  pack=source, file=fname, check="size")
+            raise UnsafeFileError(
+                f"has {st.st_size} bytes, more than the {cap} its manifest allows",
+                pack=source,
+                file=fname,
+                check="size",
+            )
     except BaseException:
         os.close(fd)
         raise
@@ -720,7 +821,7 @@ def _fill(fd: int, buf: bytearray, pending: _PendingHash | None) -> int:
     pos = 0
     try:
         while pos < size:
-            got = os.readv(fd, [view[pos:min(size, pos + _HASH_CHUNK)]])
+            got = os.readv(fd, [view[pos : min(size, pos + _HASH_CHUNK)]])
             if not got:
                 break
             if pending is not None:
@@ -767,8 +868,11 @@ class PackSource:
         path = os.path.abspath(self.location)
         while path != self.root and path.startswith(self.root + os.sep):
             if os.path.islink(path):
-                raise UnsafeFileError(f"folder {path} is a symlink; a store never follows links out of itself",
-                                      pack=self.label, check="symlink")
+                raise UnsafeFileError(
+                    f"folder {path} is a symlink; a store never follows links out of itself",
+                    pack=self.label,
+                    check="symlink",
+                )
             path = os.path.dirname(path)
 
     def read(self, fname: str, cap: int) -> bytes:
@@ -794,8 +898,9 @@ class PackSource:
                 del buf[got:]
             return buf, digest
         except OSError as exc:
-            raise StoreIOError(f"read failed: {exc.strerror or exc}", pack=self.label, file=fname,
-                               check="read") from None
+            raise StoreIOError(
+                f"read failed: {exc.strerror or exc}", pack=self.label, file=fname, check="read"
+            ) from None
         finally:
             os.close(fd)
 
@@ -811,8 +916,9 @@ class PackSource:
             raise UnsafeFileError("is not a file object", pack=self.label, file=fname, check="regular_file")
         size = info.get("size") or 0
         if size > cap:
-            raise UnsafeFileError(f"has {size} bytes, more than the {cap} its manifest allows", pack=self.label,
-                                  file=fname, check="size")
+            raise UnsafeFileError(
+                f"has {size} bytes, more than the {cap} its manifest allows", pack=self.label, file=fname, check="size"
+            )
         try:
             # bounded by a range read; an object that was empty when listed is taken as empty (a range on an
             # empty object is an error on S3)
@@ -822,8 +928,9 @@ class PackSource:
         except OSError as exc:
             raise StoreIOError(f"read failed: {exc}", pack=self.label, file=fname, check="read") from None
         if len(data) > cap:  # replaced by a larger object between the stat and the read
-            raise UnsafeFileError(f"has more than the {cap} bytes its manifest allows", pack=self.label,
-                                  file=fname, check="size")
+            raise UnsafeFileError(
+                f"has more than the {cap} bytes its manifest allows", pack=self.label, file=fname, check="size"
+            )
         return data, (hashlib.sha256(data).hexdigest() if hashing else "")
 
 
@@ -837,17 +944,17 @@ def _declared_safetensors_size(data: bytes | bytearray) -> int | None:
     """Total size a safetensors file declares in its header, or None if the header itself is unreadable."""
     if len(data) < 8:
         return None
-    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    header_len: int = struct.unpack("<Q", bytes(data[:8]))[0]
     if header_len > len(data) - 8:
         return 8 + header_len  # at least this much was declared
     if header_len > MAX_SAFETENSORS_HEADER_BYTES:
         return None
     try:
-        header = strict_json_loads(data[8:8 + header_len])
+        header = strict_json_loads(data[8 : 8 + header_len])
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if type(end) is not int:
             return None
-        return 8 + header_len + end
+        return 8 + header_len + int(end)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
 
@@ -856,10 +963,18 @@ def _hash_failure(fname: str, data: bytes | bytearray, expected: str, actual: st
     if fname == TENSOR_FILE:
         declared = _declared_safetensors_size(data)
         if declared is not None and len(data) < declared:
-            return TruncatedFileError(f"file has {len(data)} bytes but its header declares {declared}: truncated",
-                                      pack=source, file=fname, check="size")
-    return HashMismatchError(f"sha256 is {actual}, manifest says {expected} (file has {len(data)} bytes)",
-                             pack=source, file=fname, check="sha256")
+            return TruncatedFileError(
+                f"file has {len(data)} bytes but its header declares {declared}: truncated",
+                pack=source,
+                file=fname,
+                check="size",
+            )
+    return HashMismatchError(
+        f"sha256 is {actual}, manifest says {expected} (file has {len(data)} bytes)",
+        pack=source,
+        file=fname,
+        check="sha256",
+    )
 
 
 def _is_int(x: Any) -> bool:
@@ -868,18 +983,19 @@ def _is_int(x: Any) -> bool:
 
 def parse_safetensors(data: bytearray | bytes, *, source: str) -> dict[str, torch.Tensor]:
     """Strict zero-copy parse of a safetensors buffer: well-formed header, contiguous offsets, known dtypes."""
+
     def fail(detail: str, check: str = "safetensors_header") -> TensorFormatError:
         return TensorFormatError(detail, pack=source, file=TENSOR_FILE, check=check)
 
     if len(data) < 8:
         raise fail(f"file has {len(data)} bytes, too short for a safetensors header")
-    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    header_len: int = struct.unpack("<Q", bytes(data[:8]))[0]
     if header_len > MAX_SAFETENSORS_HEADER_BYTES:
         raise fail(f"header length {header_len} exceeds the {MAX_SAFETENSORS_HEADER_BYTES}-byte cap")
     if header_len > len(data) - 8:
         raise fail(f"header length {header_len} exceeds file size {len(data)}")
     try:
-        header = strict_json_loads(data[8:8 + header_len])
+        header = strict_json_loads(data[8 : 8 + header_len])
     except ValueError as exc:
         raise fail(f"header is refused as JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -899,18 +1015,27 @@ def parse_safetensors(data: bytearray | bytes, *, source: str) -> dict[str, torc
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise fail(f"tensor '{tname}' header entry must have exactly dtype, shape, data_offsets: {info!r:.200}")
         dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and len(shape) <= 2 and all(_is_int(s) and s >= 0 for s in shape)
-                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= 2
+            and all(_is_int(s) and s >= 0 for s in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(o) for o in offsets)
+        ):
             raise fail(f"tensor '{tname}' has a malformed shape or data_offsets: {info!r:.200}")
         if dtype_name != _EXPECTED_DTYPES[tname]:
-            raise fail(f"tensor '{tname}' has dtype {dtype_name!r:.40}, expected {_EXPECTED_DTYPES[tname]}",
-                       check="dtype")
+            raise fail(
+                f"tensor '{tname}' has dtype {dtype_name!r:.40}, expected {_EXPECTED_DTYPES[tname]}", check="dtype"
+            )
         begin, end = offsets
         dtype = _ST_DTYPES[dtype_name]
         count = math.prod(shape)
         if not (0 <= begin <= end <= body_len) or end - begin != count * dtype.itemsize:
-            raise fail(f"tensor '{tname}' offsets [{begin}, {end}) do not fit shape {shape} {dtype_name} "
-                       f"in a {body_len}-byte body")
+            raise fail(
+                f"tensor '{tname}' offsets [{begin}, {end}) do not fit shape {shape} {dtype_name} "
+                f"in a {body_len}-byte body"
+            )
         spans.append((begin, end))
         if count == 0:
             tensors[tname] = torch.empty(shape, dtype=dtype)
@@ -931,19 +1056,26 @@ def check_expectations(manifest: Manifest, expect: Expectations | None, *, sourc
     """Refuse a pack that does not fit what is served (fingerprints overridable; width and β are not)."""
     if expect is None:
         return
-    fp_checks = (("backpack_fingerprint", manifest.backpack["fingerprint"], expect.backpack_fingerprint, "Backpack"),
-                 ("tokenizer_fingerprint", manifest.tokenizer_fingerprint, expect.tokenizer_fingerprint, "tokenizer"))
+    fp_checks = (
+        ("backpack_fingerprint", manifest.backpack["fingerprint"], expect.backpack_fingerprint, "Backpack"),
+        ("tokenizer_fingerprint", manifest.tokenizer_fingerprint, expect.tokenizer_fingerprint, "tokenizer"),
+    )
     for check, have, want, what in fp_checks:
         if want is None or have == want:
             continue
         detail = f"pack was trained with {what} {have} but the served {what} is {want}"
         if not expect.allow_incompatible:
-            raise IncompatiblePackError(detail + " (override with allow_incompatible)", pack=source,
-                                        file=MANIFEST_FILE, check=check)
+            raise IncompatiblePackError(
+                detail + " (override with allow_incompatible)", pack=source, file=MANIFEST_FILE, check=check
+            )
         log.warning("event=incompatible_pack_override pack=%s check=%s have=%s want=%s", source, check, have, want)
     if expect.d_model is not None and expect.d_model != manifest.d_model:
-        raise IncompatiblePackError(f"pack deltas have width d_model={manifest.d_model} but the served Backpack has "
-                                    f"{expect.d_model}", pack=source, file=MANIFEST_FILE, check="d_model")
+        raise IncompatiblePackError(
+            f"pack deltas have width d_model={manifest.d_model} but the served Backpack has {expect.d_model}",
+            pack=source,
+            file=MANIFEST_FILE,
+            check="d_model",
+        )
     if expect.target_fingerprint is not None:
         manifest.beta_for(expect.target_fingerprint)
 
@@ -957,9 +1089,14 @@ def _effective_limits(manifest: Manifest, expect: Expectations | None) -> tuple[
     return vocab, senses
 
 
-def load_from_source(src: PackSource, *, expect: Expectations | None = None,
-                     expect_name: str | None = None, expect_version: str | None = None,
-                     manifest_bytes: bytes | None = None) -> PackContents:
+def load_from_source(
+    src: PackSource,
+    *,
+    expect: Expectations | None = None,
+    expect_name: str | None = None,
+    expect_version: str | None = None,
+    manifest_bytes: bytes | None = None,
+) -> PackContents:
     """Read and fully validate a pack from ``src``. ``expect_name``/``expect_version`` pin where it was found.
 
     ``manifest_bytes``: validate these instead of reading manifest.json (a publisher checking its files before
@@ -973,20 +1110,33 @@ def load_from_source(src: PackSource, *, expect: Expectations | None = None,
         except FileNotFoundError:
             if not src.folder_exists():
                 raise PackNotFoundError(f"no pack folder at {src.location}", pack=label, check="exists") from None
-            raise MissingFileError("manifest.json is missing", pack=label, file=MANIFEST_FILE,
-                                   check="file_present") from None
+            raise MissingFileError(
+                "manifest.json is missing", pack=label, file=MANIFEST_FILE, check="file_present"
+            ) from None
     manifest, raw = parse_manifest_raw(manifest_bytes, source=label)
     digest = content_digest(raw)
     computed = digest[:VERSION_LENGTH]
     if computed != manifest.version:
-        raise HashMismatchError(f"manifest says version {manifest.version} but its content hashes to {computed}",
-                                pack=label, file=MANIFEST_FILE, check="version")
+        raise HashMismatchError(
+            f"manifest says version {manifest.version} but its content hashes to {computed}",
+            pack=label,
+            file=MANIFEST_FILE,
+            check="version",
+        )
     if expect_name is not None and manifest.name != expect_name:
-        raise SchemaError(f"manifest names pack {manifest.name!r} but it is stored under {expect_name!r}",
-                          pack=label, file=MANIFEST_FILE, check="location")
+        raise SchemaError(
+            f"manifest names pack {manifest.name!r} but it is stored under {expect_name!r}",
+            pack=label,
+            file=MANIFEST_FILE,
+            check="location",
+        )
     if expect_version is not None and manifest.version != expect_version:
-        raise SchemaError(f"manifest is version {manifest.version} but it is stored as {expect_version}",
-                          pack=label, file=MANIFEST_FILE, check="location")
+        raise SchemaError(
+            f"manifest is version {manifest.version} but it is stored as {expect_version}",
+            pack=label,
+            file=MANIFEST_FILE,
+            check="location",
+        )
     label = f"{manifest.ref} ({src.location})" if label == src.location else label
 
     # Hash first: nothing in the tensor file is parsed before its bytes are known to be the published ones.
@@ -994,14 +1144,23 @@ def load_from_source(src: PackSource, *, expect: Expectations | None = None,
     try:
         data, actual = src.read_hashing(TENSOR_FILE, tensor_file_cap(manifest))
     except FileNotFoundError:
-        raise MissingFileError(f"{TENSOR_FILE} is listed in the manifest but absent", pack=label,
-                               file=TENSOR_FILE, check="file_present") from None
+        raise MissingFileError(
+            f"{TENSOR_FILE} is listed in the manifest but absent", pack=label, file=TENSOR_FILE, check="file_present"
+        ) from None
     if actual != expected_sha:
         raise _hash_failure(TENSOR_FILE, data, expected_sha, actual, label)
     tensors = parse_safetensors(data, source=label)
     vocab, senses = _effective_limits(manifest, expect)
-    validate_tensors(tensors["token_ids"], tensors["sense_ids"], tensors["deltas"], n=manifest.n_senses_edited,
-                     d_model=manifest.d_model, vocab_size=vocab, num_senses=senses, pack=label)
+    validate_tensors(
+        tensors["token_ids"],
+        tensors["sense_ids"],
+        tensors["deltas"],
+        n=manifest.n_senses_edited,
+        d_model=manifest.d_model,
+        vocab_size=vocab,
+        num_senses=senses,
+        pack=label,
+    )
     signature = None
     if expect is not None and expect.trusted_keys is not None:
         from .signing import verify_signature  # cryptography is needed only where signatures are required
@@ -1009,16 +1168,26 @@ def load_from_source(src: PackSource, *, expect: Expectations | None = None,
         try:
             signature = src.read(SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
         except FileNotFoundError:
-            raise SignatureError("the version is unsigned and only signed packs are accepted", pack=label,
-                                 file=SIGNATURE_FILE, check="signature_present") from None
+            raise SignatureError(
+                "the version is unsigned and only signed packs are accepted",
+                pack=label,
+                file=SIGNATURE_FILE,
+                check="signature_present",
+            ) from None
         verify_signature(signature, name=manifest.name, digest=digest, trusted=expect.trusted_keys, pack=label)
     check_expectations(manifest, expect, source=label)
-    return PackContents(manifest=manifest, token_ids=tensors["token_ids"], sense_ids=tensors["sense_ids"],
-                        deltas=tensors["deltas"], signature=signature)
+    return PackContents(
+        manifest=manifest,
+        token_ids=tensors["token_ids"],
+        sense_ids=tensors["sense_ids"],
+        deltas=tensors["deltas"],
+        signature=signature,
+    )
 
 
-def read_pack(folder_or_fs_path: str | os.PathLike, *, expect: Expectations | None = None,
-              fs: Any = None) -> PackContents:
+def read_pack(
+    folder_or_fs_path: str | os.PathLike[str], *, expect: Expectations | None = None, fs: Any = None
+) -> PackContents:
     """Read and fully validate the pack in a folder (local, or a path on the fsspec filesystem ``fs``)."""
     src = PackSource(os.fspath(folder_or_fs_path), fs=fs)
     return load_from_source(src, expect=expect)
@@ -1040,8 +1209,27 @@ def replace_fields(pack: PackContents, **fields: Any) -> PackContents:
 
 
 __all__ = [
-    "SCHEMA_VERSION", "MANIFEST_FILE", "TENSOR_FILE", "CalibrationEntry", "Manifest", "PackContents", "Expectations",
-    "build_pack", "with_calibration", "write_pack", "read_pack", "compute_version", "canonical_json",
-    "parse_manifest", "pack_files", "load_from_source", "PackSource", "check_expectations", "replace_fields",
-    "validate_tensors", "describe", "NAME_RE", "VERSION_RE",
+    "MANIFEST_FILE",
+    "NAME_RE",
+    "SCHEMA_VERSION",
+    "TENSOR_FILE",
+    "VERSION_RE",
+    "CalibrationEntry",
+    "Expectations",
+    "Manifest",
+    "PackContents",
+    "PackSource",
+    "build_pack",
+    "canonical_json",
+    "check_expectations",
+    "compute_version",
+    "describe",
+    "load_from_source",
+    "pack_files",
+    "parse_manifest",
+    "read_pack",
+    "replace_fields",
+    "validate_tensors",
+    "with_calibration",
+    "write_pack",
 ]

@@ -19,15 +19,19 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .errors import SignatureError
+
+if TYPE_CHECKING:  # cryptography is imported where it is used: most pack reads never touch a signature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SIGNATURE_FILE = "signature.json"
 _DOMAIN = b"sensepack-pack-signature-v1\n"
 
 
 def _message(name: str, digest: str) -> bytes:
-    return _DOMAIN + f"{name}\n{digest}".encode("utf-8")
+    return _DOMAIN + f"{name}\n{digest}".encode()
 
 
 def key_id(public_raw: bytes) -> str:
@@ -40,13 +44,14 @@ def generate_key() -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return private, public
 
 
-def load_private_key(pem: bytes):
+def load_private_key(pem: bytes) -> Ed25519PrivateKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -66,20 +71,22 @@ def public_raw(spec: str | bytes) -> bytes:
 
     if isinstance(spec, str) and spec.startswith("ed25519:"):
         try:
-            raw = bytes.fromhex(spec[len("ed25519:"):])
+            raw = bytes.fromhex(spec[len("ed25519:") :])
         except ValueError:
             raw = b""
         if len(raw) != 32:
             raise SignatureError(f"{spec!r} is not ed25519:<64 hex chars>", check="trusted_key")
         return raw
-    pem = spec
-    if isinstance(spec, str):
+    if isinstance(spec, bytes):
+        pem = spec
+    else:
         try:
             with open(os.path.expanduser(spec), "rb") as f:
                 pem = f.read(65536)
         except OSError as exc:
-            raise SignatureError(f"cannot read public key file {spec}: {exc.strerror or exc}",
-                                 check="trusted_key") from None
+            raise SignatureError(
+                f"cannot read public key file {spec}: {exc.strerror or exc}", check="trusted_key"
+            ) from None
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
@@ -89,13 +96,18 @@ def public_raw(spec: str | bytes) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def sign(private_key, *, name: str, digest: str) -> bytes:
+def sign(private_key: Ed25519PrivateKey, *, name: str, digest: str) -> bytes:
     """signature.json bytes for the content ``digest`` of pack ``name``."""
     from cryptography.hazmat.primitives import serialization
 
     pub = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    doc = {"alg": "ed25519", "key_id": key_id(pub), "name": name, "digest": digest,
-           "signature": base64.b64encode(private_key.sign(_message(name, digest))).decode("ascii")}
+    doc = {
+        "alg": "ed25519",
+        "key_id": key_id(pub),
+        "name": name,
+        "digest": digest,
+        "signature": base64.b64encode(private_key.sign(_message(name, digest))).decode("ascii"),
+    }
     return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
 
@@ -126,13 +138,19 @@ def verify_signature(data: bytes, *, name: str, digest: str, trusted: Iterable[b
     return kid
 
 
-
-
-def public_raw_of(private_key) -> bytes:
+def public_raw_of(private_key: Ed25519PrivateKey) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-__all__ = ["SIGNATURE_FILE", "public_raw_of", "generate_key", "load_private_key", "public_raw", "sign",
-           "verify_signature", "key_id"]
+__all__ = [
+    "SIGNATURE_FILE",
+    "generate_key",
+    "key_id",
+    "load_private_key",
+    "public_raw",
+    "public_raw_of",
+    "sign",
+    "verify_signature",
+]

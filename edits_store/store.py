@@ -29,7 +29,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .backends import DEFAULT_GC_AGE_S, Backend, FsspecBackend, LocalBackend, NameScan
@@ -78,8 +78,13 @@ class VersionInfo:
     seq: int = 0  # publish order within the name (0: published before sequence numbers existed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "published_at": self.published_at,
-                "aliases": list(self.aliases), "seq": self.seq}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "published_at": self.published_at,
+            "aliases": list(self.aliases),
+            "seq": self.seq,
+        }
 
 
 @dataclass(frozen=True)
@@ -110,29 +115,72 @@ def _who() -> str:
 
 
 def _iso(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch_s, tz=UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class PackReference:
+    """A parsed pack reference: ``name``, ``name@<32-hex version>``, ``name@latest`` or ``name@<alias>``.
+
+    The one grammar for references: the store, its CLI and the server's request validation all parse with
+    `parse_pack_reference`. Syntax only; whether the pack, version or alias exists is the store's to say.
+    """
+
+    name: str
+    selector: str | None = None  # None: the "prod" alias if set, else the latest version
+
+    @property
+    def is_version(self) -> bool:
+        return self.selector is not None and VERSION_RE.match(self.selector) is not None
+
+    @property
+    def is_alias(self) -> bool:
+        return self.selector is not None and self.selector != LATEST and not self.is_version
+
+    def __str__(self) -> str:
+        return self.name if self.selector is None else f"{self.name}@{self.selector}"
+
+
+def parse_pack_reference(ref: str) -> PackReference:
+    """Parse ``ref``; InvalidReferenceError (check ``ref_syntax``) names what is malformed.
+
+    Whole-string matches: ``demo@prod\n`` or `` demo`` are refused, never trimmed.
+    """
+    name, selector = _parse_ref(ref)
+    return PackReference(name, selector)
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
-    """``name`` → (name, None); ``name@x`` → (name, x). InvalidReferenceError on malformed input."""
+    """``name`` → (name, None); ``name@x`` → (name, x): `parse_pack_reference` as a tuple."""
+    return _parse_ref(ref)
+
+
+def _parse_ref(ref: str) -> tuple[str, str | None]:
     if not isinstance(ref, str) or ref.count("@") > 1:
-        raise InvalidReferenceError(f"malformed pack reference {ref!r}; use name, name@version or name@alias",
-                                    pack=str(ref), check="ref_syntax")
+        raise InvalidReferenceError(
+            f"malformed pack reference {ref!r}; use name, name@version or name@alias", pack=str(ref), check="ref_syntax"
+        )
     name, _, selector = ref.partition("@")
     if not NAME_RE.match(name):
         raise InvalidReferenceError(f"pack name {name!r} must match {NAME_RE.pattern}", pack=ref, check="ref_syntax")
     if _ and not selector:
         raise InvalidReferenceError(f"empty version/alias after '@' in {ref!r}", pack=ref, check="ref_syntax")
     if selector and not (VERSION_RE.match(selector) or selector == LATEST or ALIAS_RE.match(selector)):
-        raise InvalidReferenceError(f"{selector!r} is neither a version ({VERSION_RE.pattern}), 'latest', nor an "
-                                    f"alias ({ALIAS_RE.pattern})", pack=ref, check="ref_syntax")
+        raise InvalidReferenceError(
+            f"{selector!r} is neither a version ({VERSION_RE.pattern}), 'latest', nor an alias ({ALIAS_RE.pattern})",
+            pack=ref,
+            check="ref_syntax",
+        )
     return name, (selector or None)
 
 
 def check_alias_name(name: str, alias: str) -> None:
     if not isinstance(alias, str) or not ALIAS_RE.match(alias) or alias == LATEST or VERSION_RE.match(alias):
-        raise AliasError(f"alias {alias!r} must match {ALIAS_RE.pattern} and be neither 'latest' nor version-like",
-                         pack=name, check="alias_name")
+        raise AliasError(
+            f"alias {alias!r} must match {ALIAS_RE.pattern} and be neither 'latest' nor version-like",
+            pack=name,
+            check="alias_name",
+        )
 
 
 class PackStore:
@@ -159,10 +207,24 @@ class PackStore:
         """
         m = pack.manifest
         if compute_version(m) != m.version:
-            raise SchemaError(f"manifest version {m.version} is not its content hash {compute_version(m)}; "
-                              "build packs with build_pack", pack=m.ref, file=MANIFEST_FILE, check="version")
-        validate_tensors(pack.token_ids, pack.sense_ids, pack.deltas, n=m.n_senses_edited, d_model=m.d_model,
-                         vocab_size=m.vocab_size, num_senses=m.num_senses, pack=m.ref, file=None)
+            raise SchemaError(
+                f"manifest version {m.version} is not its content hash {compute_version(m)}; "
+                "build packs with build_pack",
+                pack=m.ref,
+                file=MANIFEST_FILE,
+                check="version",
+            )
+        validate_tensors(
+            pack.token_ids,
+            pack.sense_ids,
+            pack.deltas,
+            n=m.n_senses_edited,
+            d_model=m.d_model,
+            vocab_size=m.vocab_size,
+            num_senses=m.num_senses,
+            pack=m.ref,
+            file=None,
+        )
         files = pack_files(pack)
         trusted = None
         if signing_key is not None:
@@ -175,16 +237,23 @@ class PackStore:
 
         def verify(src: PackSource, manifest_bytes: bytes) -> None:
             expect = Expectations(trusted_keys=trusted) if trusted else None
-            load_from_source(src, expect=expect, expect_name=m.name, expect_version=m.version,
-                             manifest_bytes=manifest_bytes)
+            load_from_source(
+                src, expect=expect, expect_name=m.name, expect_version=m.version, manifest_bytes=manifest_bytes
+            )
 
         # Always through the backend's writer: on S3 it waits out a deletion in progress before deciding that
         # the version "already exists", so a no-op never reports a version that is being deleted.
         created = self.backend.commit_version(m.name, m.version, files, verify)
         if not created:
             self.load(f"{m.name}@{m.version}")  # already there: it must load too
-        log.info("event=%s pack=%s store=%s bytes=%d signed=%s", "publish" if created else "publish_noop", m.ref,
-                 self.url, sum(map(len, files.values())), trusted is not None)
+        log.info(
+            "event=%s pack=%s store=%s bytes=%d signed=%s",
+            "publish" if created else "publish_noop",
+            m.ref,
+            self.url,
+            sum(map(len, files.values())),
+            trusted is not None,
+        )
         return m.version
 
     # ----------------------------------------------------------------- resolve / load
@@ -199,8 +268,7 @@ class PackStore:
                 return name, self._latest(name)
         if VERSION_RE.match(selector):
             if not self.backend.version_committed(name, selector):
-                raise PackNotFoundError(f"version {selector} does not exist", pack=f"{name}@{selector}",
-                                        check="exists")
+                raise PackNotFoundError(f"version {selector} does not exist", pack=f"{name}@{selector}", check="exists")
             return name, selector
         if selector == LATEST:
             return name, self._latest(name)
@@ -209,8 +277,11 @@ class PackStore:
         if target is None:
             raise PackNotFoundError(f"alias {selector!r} is not set", pack=f"{name}@{selector}", check="alias")
         if not self.backend.version_committed(name, target):
-            raise PackNotFoundError(f"alias {selector!r} points to version {target}, which no longer exists",
-                                    pack=f"{name}@{selector}", check="alias_target")
+            raise PackNotFoundError(
+                f"alias {selector!r} points to version {target}, which no longer exists",
+                pack=f"{name}@{selector}",
+                check="alias_target",
+            )
         return name, target
 
     def _latest(self, name: str) -> str:
@@ -238,12 +309,19 @@ class PackStore:
             pack = load_from_source(src, expect=expect, expect_name=name, expect_version=version)
         except (MissingFileError, PackNotFoundError):
             if not self.backend.version_committed(name, version):
-                raise PackNotFoundError("version was deleted while being read", pack=f"{name}@{version}",
-                                        check="exists") from None
+                raise PackNotFoundError(
+                    "version was deleted while being read", pack=f"{name}@{version}", check="exists"
+                ) from None
             raise
         except PackError as exc:
-            log.warning("event=load_refused pack=%s@%s store=%s error=%s check=%s", name, version, self.url,
-                        type(exc).__name__, exc.check)
+            log.warning(
+                "event=load_refused pack=%s@%s store=%s error=%s check=%s",
+                name,
+                version,
+                self.url,
+                type(exc).__name__,
+                exc.check,
+            )
             raise
         log.info("event=load pack=%s store=%s n=%d", pack.ref, self.url, pack.manifest.n_senses_edited)
         return pack
@@ -259,8 +337,10 @@ class PackStore:
         by_version: dict[str, list[str]] = {}
         for alias, version in self.aliases(name).items():
             by_version.setdefault(version, []).append(alias)
-        return [VersionInfo(name, v, _iso(t), tuple(sorted(by_version.get(v, ()))), seq)
-                for v, t, seq in self._ordered_versions(name)]
+        return [
+            VersionInfo(name, v, _iso(t), tuple(sorted(by_version.get(v, ()))), seq)
+            for v, t, seq in self._ordered_versions(name)
+        ]
 
     def aliases(self, name: str) -> dict[str, str]:
         """alias → version for ``name`` (dangling aliases included; ``resolve`` refuses them)."""
@@ -276,19 +356,28 @@ class PackStore:
     @staticmethod
     def _alias_doc(name: str, alias: str, data: bytes) -> dict[str, Any]:
         try:
-            doc = json.loads(data)
+            doc: dict[str, Any] = json.loads(data)
             version = doc["version"]
         except (ValueError, KeyError, TypeError, RecursionError):
-            raise AliasError("alias document is not valid JSON with a 'version'", pack=f"{name}@{alias}",
-                             file=f"_aliases/{alias}.json", check="alias_json") from None
+            raise AliasError(
+                "alias document is not valid JSON with a 'version'",
+                pack=f"{name}@{alias}",
+                file=f"_aliases/{alias}.json",
+                check="alias_json",
+            ) from None
         if not isinstance(version, str) or not VERSION_RE.match(version):
-            raise AliasError(f"alias points to malformed version {version!r:.80}", pack=f"{name}@{alias}",
-                             file=f"_aliases/{alias}.json", check="alias_json")
+            raise AliasError(
+                f"alias points to malformed version {version!r:.80}",
+                pack=f"{name}@{alias}",
+                file=f"_aliases/{alias}.json",
+                check="alias_json",
+            )
         return doc
 
     @classmethod
     def _parse_alias(cls, name: str, alias: str, data: bytes) -> str:
-        return cls._alias_doc(name, alias, data)["version"]
+        version: str = cls._alias_doc(name, alias, data)["version"]
+        return version
 
     @classmethod
     def _alias_seq(cls, name: str, alias: str, data: bytes | None) -> int:
@@ -308,11 +397,19 @@ class PackStore:
         """
         check_alias_name(name, alias)
         if not isinstance(version, str) or not VERSION_RE.match(version):
-            raise InvalidReferenceError(f"{version!r} is not a version (32 hex chars); resolve references first",
-                                        pack=name, check="ref_syntax")
+            raise InvalidReferenceError(
+                f"{version!r} is not a version (32 hex chars); resolve references first", pack=name, check="ref_syntax"
+            )
         doc = self._move_alias(name, alias, version)
-        log.info("event=alias_set pack=%s alias=%s version=%s previous=%s seq=%d store=%s", name, alias, version,
-                 doc["previous"], doc["seq"], self.url)
+        log.info(
+            "event=alias_set pack=%s alias=%s version=%s previous=%s seq=%d store=%s",
+            name,
+            alias,
+            version,
+            doc["previous"],
+            doc["seq"],
+            self.url,
+        )
         return doc
 
     def _move_alias(self, name: str, alias: str, version: str | None) -> dict[str, Any]:
@@ -320,14 +417,18 @@ class PackStore:
         for _ in range(ALIAS_RETRIES):
             with self.backend.lock(name):
                 if version is not None and not self.backend.version_committed(name, version):
-                    raise PackNotFoundError(f"cannot point alias {alias!r} at missing version {version}",
-                                            pack=f"{name}@{version}", check="exists")
+                    raise PackNotFoundError(
+                        f"cannot point alias {alias!r} at missing version {version}",
+                        pack=f"{name}@{version}",
+                        check="exists",
+                    )
                 try:
                     return self._move_alias_locked(name, alias, version)
                 except (ConcurrentUpdateError, FileExistsError):
                     continue  # another mover won this round: retry on the state it left
-        raise ConcurrentUpdateError(f"alias kept changing during {ALIAS_RETRIES} attempts", pack=f"{name}@{alias}",
-                                    check="alias_cas")
+        raise ConcurrentUpdateError(
+            f"alias kept changing during {ALIAS_RETRIES} attempts", pack=f"{name}@{alias}", check="alias_cas"
+        )
 
     def _move_alias_locked(self, name: str, alias: str, version: str | None) -> dict[str, Any]:
         """One attempt, under ``backend.lock(name)`` where the backend has one (CAS on S3 otherwise)."""
@@ -335,11 +436,19 @@ class PackStore:
         if version is None and current is None:
             raise PackNotFoundError(f"alias {alias!r} is not set", pack=f"{name}@{alias}", check="alias")
         previous = self._read_alias_lenient(name, alias, current)
-        last_logged = max((self._alias_seq(name, alias, d) for d in
-                           self.backend.list_history(name).get(alias, [])), default=0)
+        last_logged = max(
+            (self._alias_seq(name, alias, d) for d in self.backend.list_history(name).get(alias, [])), default=0
+        )
         seq = max(self._alias_seq(name, alias, current), last_logged) + 1
-        doc = {"name": name, "alias": alias, "version": version, "previous": previous, "seq": seq,
-               "updated_at": utc_now_iso(), "by": _who()}
+        doc = {
+            "name": name,
+            "alias": alias,
+            "version": version,
+            "previous": previous,
+            "seq": seq,
+            "updated_at": utc_now_iso(),
+            "by": _who(),
+        }
         data = json.dumps(doc, sort_keys=True).encode("utf-8")
         if version is None:
             if not self.backend.remove_alias(name, alias):
@@ -373,8 +482,16 @@ class PackStore:
                     doc = json.loads(data)
                 except ValueError:
                     continue
-                out.append({"alias": a, "seq": doc.get("seq"), "from": doc.get("previous"),
-                            "to": doc.get("version"), "at": doc.get("updated_at"), "by": doc.get("by")})
+                out.append(
+                    {
+                        "alias": a,
+                        "seq": doc.get("seq"),
+                        "from": doc.get("previous"),
+                        "to": doc.get("version"),
+                        "at": doc.get("updated_at"),
+                        "by": doc.get("by"),
+                    }
+                )
         return out
 
     # ----------------------------------------------------------------- deletion / retention
@@ -388,13 +505,22 @@ class PackStore:
                 raise PackNotFoundError("no such version", pack=f"{name}@{version}", check="exists")
             holders = sorted(a for a, v in self.aliases(name).items() if v == version)
             if holders and not force:
-                raise RetentionError(f"aliases {holders} point to this version; move them or use force",
-                                     pack=f"{name}@{version}", check="retention")
+                raise RetentionError(
+                    f"aliases {holders} point to this version; move them or use force",
+                    pack=f"{name}@{version}",
+                    check="retention",
+                )
             for alias in holders:
                 self._move_alias_locked(name, alias, None)  # logged in the alias history like any removal
             self.backend.remove_version(name, version)
-        log.info("event=version_deleted pack=%s@%s force=%s dropped_aliases=%s store=%s", name, version, force,
-                 ",".join(holders) or "-", self.url)
+        log.info(
+            "event=version_deleted pack=%s@%s force=%s dropped_aliases=%s store=%s",
+            name,
+            version,
+            force,
+            ",".join(holders) or "-",
+            self.url,
+        )
 
     def prune(self, name: str, keep: int) -> list[str]:
         """Delete all but the ``keep`` most recently published un-aliased versions (aliased ones always stay)."""
@@ -417,8 +543,9 @@ class PackStore:
 
     # ----------------------------------------------------------------- notifications
 
-    def subscribe(self, callback: Callable[[StoreEvent], Any], interval_s: float = 1.0,
-                  names: Iterable[str] | None = None) -> "Subscription":
+    def subscribe(
+        self, callback: Callable[[StoreEvent], Any], interval_s: float = 1.0, names: Iterable[str] | None = None
+    ) -> Subscription:
         """Poll the store every ``interval_s`` and call ``callback`` for each change (in a background thread).
 
         The state at subscription time is the baseline (no events for it). Works identically on every backend;
@@ -430,8 +557,9 @@ class PackStore:
 class Subscription:
     """A polling watcher; ``close()`` stops it. Also usable as a context manager."""
 
-    def __init__(self, store: PackStore, callback: Callable[[StoreEvent], Any], interval_s: float,
-                 names: set[str] | None):
+    def __init__(
+        self, store: PackStore, callback: Callable[[StoreEvent], Any], interval_s: float, names: set[str] | None
+    ):
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
         self.store = store
@@ -457,8 +585,11 @@ class Subscription:
                 if cached is None or cached[0] != token:
                     data = self.store.backend.read_alias(name, alias)
                     try:
-                        target = None if data is None else (self.store._parse_alias(name, alias, data),
-                                                            self.store._alias_seq(name, alias, data))
+                        target = (
+                            None
+                            if data is None
+                            else (self.store._parse_alias(name, alias, data), self.store._alias_seq(name, alias, data))
+                        )
                     except AliasError:
                         target = None
                     cached = (token, target)
@@ -469,7 +600,7 @@ class Subscription:
         return state
 
     @staticmethod
-    def diff(old: dict, new: dict) -> list[StoreEvent]:
+    def diff(old: dict[str, Any], new: dict[str, Any]) -> list[StoreEvent]:
         events = []
         for name in sorted(set(old) | set(new)):
             old_versions, old_aliases = old.get(name, (set(), {}))
@@ -481,9 +612,17 @@ class Subscription:
                 if after is not None and after != before:
                     # seq counts every move (removals too): a jump > 1 means moves this poll did not see
                     missed = max(0, after[1] - before_seq - 1) if after[1] else 0
-                    events.append(StoreEvent("alias_moved", name, alias=alias, version=after[0],
-                                             previous=before[0] if before else None, seq=after[1] or None,
-                                             missed=missed))
+                    events.append(
+                        StoreEvent(
+                            "alias_moved",
+                            name,
+                            alias=alias,
+                            version=after[0],
+                            previous=before[0] if before else None,
+                            seq=after[1] or None,
+                            missed=missed,
+                        )
+                    )
                 elif after is None and before is not None:
                     events.append(StoreEvent("alias_removed", name, alias=alias, previous=before[0]))
             events += [StoreEvent("version_deleted", name, version=v) for v in sorted(old_versions - new_versions)]
@@ -501,8 +640,14 @@ class Subscription:
             for event in events:
                 if self._stop.is_set():
                     return
-                log.info("event=store_change kind=%s pack=%s alias=%s version=%s previous=%s", event.kind,
-                         event.name, event.alias, event.version, event.previous)
+                log.info(
+                    "event=store_change kind=%s pack=%s alias=%s version=%s previous=%s",
+                    event.kind,
+                    event.name,
+                    event.alias,
+                    event.version,
+                    event.previous,
+                )
                 try:
                     self.callback(event)
                 except Exception:
@@ -513,7 +658,7 @@ class Subscription:
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -527,8 +672,12 @@ def _s3_filesystem(storage_options: dict[str, Any]) -> Any:
     import fsspec
 
     opts = dict(storage_options)
-    endpoint = opts.pop("endpoint_url", None) or os.environ.get("SENSEPACK_S3_ENDPOINT_URL") \
-        or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        opts.pop("endpoint_url", None)
+        or os.environ.get("SENSEPACK_S3_ENDPOINT_URL")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     if endpoint:
         opts["endpoint_url"] = endpoint
     opts.setdefault("use_listings_cache", False)  # a cached listing would hide new versions and aliases
@@ -536,7 +685,7 @@ def _s3_filesystem(storage_options: dict[str, Any]) -> Any:
     return fsspec.filesystem("s3", **opts)
 
 
-def open_store(url: str | os.PathLike, *, create: bool = True, **storage_options: Any) -> PackStore:
+def open_store(url: str | os.PathLike[str], *, create: bool = True, **storage_options: Any) -> PackStore:
     """``/path``, ``relative/path`` or ``file:///path`` → local directory; ``s3://bucket/prefix`` → S3 via fsspec
     (``endpoint_url`` from kwargs, ``SENSEPACK_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``;
     credentials the usual AWS way); any other ``proto://`` → that fsspec filesystem. ``create=False``: a local
@@ -553,8 +702,7 @@ def open_store(url: str | os.PathLike, *, create: bool = True, **storage_options
         fs = _s3_filesystem(storage_options)
         bucket = rest.strip("/").split("/", 1)[0]
         if not create and not fs.exists(bucket):  # a prefix cannot be checked: an empty one is a new store
-            raise PackNotFoundError(f"no bucket {bucket!r} at this endpoint (a typo?)", pack=url,
-                                    check="store_exists")
+            raise PackNotFoundError(f"no bucket {bucket!r} at this endpoint (a typo?)", pack=url, check="store_exists")
         return PackStore(FsspecBackend(fs, rest.strip("/"), url))
     import fsspec
 
@@ -562,5 +710,15 @@ def open_store(url: str | os.PathLike, *, create: bool = True, **storage_options
     return PackStore(FsspecBackend(fs, root, url))
 
 
-__all__ = ["PackStore", "Subscription", "StoreEvent", "VersionInfo", "open_store", "parse_ref", "DEFAULT_ALIAS",
-           "LATEST"]
+__all__ = [
+    "DEFAULT_ALIAS",
+    "LATEST",
+    "PackReference",
+    "PackStore",
+    "StoreEvent",
+    "Subscription",
+    "VersionInfo",
+    "open_store",
+    "parse_pack_reference",
+    "parse_ref",
+]

@@ -19,8 +19,10 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +66,7 @@ class BackpackConfig:
             raise ValueError("config: reorder_and_upcast_attn=True is not supported")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BackpackConfig":
+    def from_dict(cls, d: dict[str, Any]) -> BackpackConfig:
         """Parse an upstream config.json; keys that do not shape the model are ignored."""
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "num_senses") if k not in d]
@@ -73,13 +75,15 @@ class BackpackConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def tiny(cls, **overrides) -> "BackpackConfig":
+    def tiny(cls, **overrides: Any) -> BackpackConfig:
         """The real architecture at test size, with the real vocabulary rows."""
-        base = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, num_senses=4, sense_intermediate_scale=2)
+        base: dict[str, Any] = dict(
+            n_embd=64, n_layer=2, n_head=4, n_positions=128, num_senses=4, sense_intermediate_scale=2
+        )
         base.update(overrides)
         return cls(**base)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(architectures=["BackpackGPT2LMHeadModel"], model_type="gpt2", num_senses=self.num_senses)
         return d
@@ -106,7 +110,7 @@ class Conv1D(nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
 
-def _act(name: str):
+def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return (lambda x: F.gelu(x, approximate="tanh")) if name == "gelu_new" else F.gelu
 
 
@@ -143,7 +147,10 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, s, _ = x.shape
         q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=2)
-        heads = lambda t: t.view(b, s, self.n_head, self.head_dim).transpose(1, 2)  # noqa: E731
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, self.n_head, self.head_dim).transpose(1, 2)
+
         return heads(q), heads(k), heads(v)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -177,9 +184,14 @@ class GPT2Stack(nn.Module):
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
+    @property
+    def blocks(self) -> Sequence[Block]:
+        """`h` as what it holds (a ModuleList is typed as holding any Module)."""
+        return cast("Sequence[Block]", self.h)
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
-        for block in self.h:
+        for block in self.blocks:
             q, k, v = block.attn.qkv(block.ln_1(x))
             x = x + block.attn.attend(q, k, v, allowed)
             x = x + block.mlp(block.ln_2(x))
@@ -280,6 +292,7 @@ class BackpackLM(nn.Module):
         self.sense_network = SenseNetwork(config)
         self.sense_weight_net = WeightNetwork(config)
         self._fingerprint: str | None = None
+        self.name_or_path = ""  # where it was loaded from (from_pretrained); "" for a model built in memory
         self.apply(self._init_weights)
 
     @staticmethod
@@ -334,13 +347,15 @@ class BackpackLM(nn.Module):
             out[CHECKPOINT_PREFIX + key] = tensor
         n = self.config.n_positions
         for i in range(self.config.n_layer):
-            out[f"{CHECKPOINT_PREFIX}gpt2_model.h.{i}.attn.bias"] = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+            out[f"{CHECKPOINT_PREFIX}gpt2_model.h.{i}.attn.bias"] = torch.ones(n, n, dtype=torch.bool).tril()[
+                None, None
+            ]
             out[f"{CHECKPOINT_PREFIX}gpt2_model.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
         for alias, target in ALIASES.items():
             out[alias] = out[target]
         return out
 
-    def save_pretrained(self, folder: str | os.PathLike, safe: bool = False) -> None:
+    def save_pretrained(self, folder: str | os.PathLike[str], safe: bool = False) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
@@ -354,7 +369,7 @@ class BackpackLM(nn.Module):
             torch.save(sd, folder / "pytorch_model.bin")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype | None = None) -> "BackpackLM":
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> BackpackLM:
         """Load a local folder or a hub id holding config.json + pytorch_model.bin or model.safetensors."""
         folder = _resolve_checkpoint_folder(str(name_or_path))
         config = BackpackConfig.from_dict(json.loads((folder / "config.json").read_text()))
@@ -397,7 +412,9 @@ ALIASES = {
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-def map_checkpoint(raw: dict[str, torch.Tensor], model: BackpackLM, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def map_checkpoint(
+    raw: dict[str, torch.Tensor], model: BackpackLM, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Map the upstream layout onto our module keys, refusing any unknown, missing or mis-shaped key."""
     expected = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
@@ -413,7 +430,7 @@ def map_checkpoint(raw: dict[str, torch.Tensor], model: BackpackLM, source: str 
             key = target  # an alias alone stands for its target
         if not key.startswith(CHECKPOINT_PREFIX):
             raise ValueError(f"{source}: unexpected key {key!r}")
-        ours = key[len(CHECKPOINT_PREFIX):]
+        ours = key[len(CHECKPOINT_PREFIX) :]
         if ours not in expected:
             raise ValueError(f"{source}: unexpected key {key!r}")
         if tuple(tensor.shape) != tuple(expected[ours].shape):
@@ -440,6 +457,4 @@ def _resolve_checkpoint_folder(name_or_path: str) -> Path:
     from huggingface_hub import snapshot_download
 
     # Same code path as a local folder once the snapshot is on disk.
-    return Path(
-        snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
-    )
+    return Path(snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"]))

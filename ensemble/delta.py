@@ -10,8 +10,8 @@ Backpack at all (exact skip).
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 import torch
 
@@ -31,13 +31,17 @@ class EditTable:
         self.token_row[tokens] = torch.arange(len(tokens))
         self.edited_tokens = frozenset(tokens.tolist())
 
-    def touches(self, token_ids) -> bool:
+    def touches(self, token_ids: Iterable[int]) -> bool:
         return any(t in self.edited_tokens for t in token_ids)
 
 
-def edited_positions(input_ids: torch.Tensor, edits: SenseEdits) -> torch.Tensor:
-    """(b, s) bool: which positions hold a token with at least one edited sense."""
-    return torch.isin(input_ids, edits.token_ids.to(input_ids.device))
+def logit_delta(delta: torch.Tensor, embedding: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """E·δ over the shared vocabulary U = [0, vocab_size): (..., d) -> (..., vocab_size).
+
+    log p_ft − log p_pre = E·δ − c·1, and c cancels in the softmax: this is the logit change a pack
+    (already β-scaled, or times β here) makes. Rows of E past U are padding and never part of it.
+    """
+    return delta @ embedding[:vocab_size].T
 
 
 def sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits: SenseEdits) -> torch.Tensor:
@@ -72,6 +76,7 @@ class DeltaStats:
     exact_skip_rows: int = 0  # rows served with δ = 0 and no Backpack work
     window_reprefills: int = 0  # rows whose window slid past n_positions
     backpack_seconds: float = 0.0
+    resumes: int = 0  # suspended sequences that rejoined the batch without a prefill
 
 
 @dataclass
@@ -81,6 +86,7 @@ class _Seq:
     touched: bool  # some token carries an edited sense
     consumed: int = 0  # tokens the Backpack has processed (window slides included)
     active: bool = False  # has a row in the cache
+    saved: BackpackCache | None = None  # suspended: its cache row, kept out of the batch (resumes without prefill)
 
 
 @dataclass
@@ -95,8 +101,9 @@ class DeltaTracker:
     def __post_init__(self) -> None:
         cfg = self.backpack.config
         if not 0 < self.vocab_size <= cfg.vocab_size:
-            raise ValueError(f"vocab_size: the Backpack has {cfg.vocab_size} rows, fewer than the tokenizer's "
-                             f"{self.vocab_size} ids")
+            raise ValueError(
+                f"vocab_size: the Backpack has {cfg.vocab_size} rows, fewer than the tokenizer's {self.vocab_size} ids"
+            )
         self.keep = self.window_keep or (3 * cfg.n_positions) // 4
         if not 0 < self.keep < cfg.n_positions:
             raise ValueError(f"window_keep must be in (0, {cfg.n_positions}), got {self.keep}")
@@ -106,7 +113,7 @@ class DeltaTracker:
         self._tables: dict[Hashable, EditTable] = {}
         self._slots: list[Hashable] = []  # cache row -> seq id
         self._cache: BackpackCache | None = None
-        self._lookup: tuple[torch.Tensor, torch.Tensor, dict] | None = None  # (blocks, maps, key->index)
+        self._lookup: tuple[torch.Tensor, torch.Tensor, dict[Hashable, int]] | None = None  # blocks, maps, key->index
 
     # ------------------------------------------------------------------ membership
 
@@ -134,12 +141,28 @@ class DeltaTracker:
     def remove(self, seq_id: Hashable) -> None:
         seq = self._seqs.pop(seq_id)
         if seq.active:
-            keep = [i for i, s in enumerate(self._slots) if s != seq_id]
-            self._slots = [self._slots[i] for i in keep]
-            self._cache = self._cache.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+            self._drop_slot(seq_id)
         if not any(s.table_key == seq.table_key for s in self._seqs.values()):
             del self._tables[seq.table_key]
             self._lookup = None
+
+    def _drop_slot(self, seq_id: Hashable) -> None:
+        keep = [i for i, s in enumerate(self._slots) if s != seq_id]
+        self._slots = [self._slots[i] for i in keep]
+        cache = self._active_cache()
+        self._cache = cache.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+
+    def suspend(self, seq_id: Hashable) -> None:
+        """Take the sequence's cache row out of the batch (no Backpack work while suspended) and keep it:
+        when the sequence is next stepped it rejoins without a prefill (vLLM removes unscheduled requests
+        from its batch and adds them back later)."""
+        seq = self._seqs[seq_id]
+        if not seq.active:
+            return
+        i = self._slots.index(seq_id)
+        seq.saved = self._active_cache().select(torch.tensor([i], dtype=torch.long, device=self.device))
+        seq.active = False
+        self._drop_slot(seq_id)
 
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs
@@ -166,15 +189,26 @@ class DeltaTracker:
         self._activate([s for s in seq_ids if self._seqs[s].touched and not self._seqs[s].active])
         self._catch_up()
         slot_of = {sid: i for i, sid in enumerate(self._slots)}
-        wanted = [s for s, a in zip(seq_ids, active.tolist()) if a]
+        wanted = [s for s, a in zip(seq_ids, active.tolist(), strict=True) if a]
         slots = torch.tensor([slot_of[s] for s in wanted], dtype=torch.long, device=self.device)
         delta = self._deltas_for(slots)  # (n_active, d)
-        out[active.to(self.device)] = delta @ self.backpack.embedding[: self.vocab_size].T
+        out[active.to(self.device)] = logit_delta(delta, self.backpack.embedding, self.vocab_size)
         self.stats.backpack_seconds += time.perf_counter() - t0
         return out, active.to(self.device)
 
     def _activate(self, seq_ids: list[Hashable]) -> None:
-        """First edited token seen: prefill the sequence's window once and give it a cache row."""
+        """First edited token seen: prefill the sequence's window once and give it a cache row (a suspended
+        sequence gets its saved row back instead; `_catch_up` feeds it the tokens appended meanwhile)."""
+        saved = [s for s in seq_ids if self._seqs[s].saved is not None]
+        if saved:
+            rows = [row for s in saved if (row := self._seqs[s].saved) is not None]
+            self._cache = BackpackCache.concat(rows if self._cache is None else [self._cache, *rows])
+            for s in saved:
+                seq = self._seqs[s]
+                seq.active, seq.saved = True, None
+                self._slots.append(s)
+            self.stats.resumes += len(saved)
+            seq_ids = [s for s in seq_ids if s not in set(saved)]
         if not seq_ids:
             return
         n_pos = self.backpack.config.n_positions
@@ -187,29 +221,40 @@ class DeltaTracker:
             seq.active, seq.consumed = True, len(seq.tokens)
             self._slots.append(s)
 
+    def _active_cache(self) -> BackpackCache:
+        """The cache of the active rows; only called when some sequence is active."""
+        if self._cache is None:
+            raise RuntimeError("DeltaTracker: no active sequence has a Backpack cache row")
+        return self._cache
+
     def _catch_up(self) -> None:
         """Feed every active row the tokens appended since its last step (one decode step each)."""
-        while True:
+        while self._slots:
             pending = [self._seqs[s] for s in self._slots]
             need = torch.tensor([len(s.tokens) > s.consumed for s in pending], dtype=torch.bool, device=self.device)
             if not bool(need.any()):
                 return
-            self.stats.window_reprefills += slide_windows(self.backpack, self._cache, need, self.keep)
+            cache = self._active_cache()
+            self.stats.window_reprefills += slide_windows(self.backpack, cache, need, self.keep)
             nxt = torch.tensor(
                 [s.tokens[s.consumed] if len(s.tokens) > s.consumed else 0 for s in pending],
-                dtype=torch.long, device=self.device,
+                dtype=torch.long,
+                device=self.device,
             )
-            decode_step(self.backpack, self._cache, nxt, advance=need)
+            decode_step(self.backpack, cache, nxt, advance=need)
             self.stats.backpack_calls += 1
-            for s, n in zip(pending, need.tolist()):
+            for s, n in zip(pending, need.tolist(), strict=True):
                 s.consumed += int(n)
 
     def _deltas_for(self, slots: torch.Tensor) -> torch.Tensor:
         """δ (n, d) for cache rows `slots`, gathering only the edited window positions."""
         blocks, maps, index_of = self._lookup_tables()
-        cache = self._cache
-        table_idx = torch.tensor([index_of[self._seqs[self._slots[i]].table_key] for i in slots.tolist()],
-                                 dtype=torch.long, device=self.device)
+        cache = self._active_cache()
+        table_idx = torch.tensor(
+            [index_of[self._seqs[self._slots[i]].table_key] for i in slots.tolist()],
+            dtype=torch.long,
+            device=self.device,
+        )
         tokens = cache.tokens[slots]  # (n, cap)
         rows = maps[table_idx[:, None], tokens]  # (n, cap) global block row or -1
         cap = cache.capacity
@@ -222,7 +267,7 @@ class DeltaTracker:
             delta.index_add_(0, bi, contrib)
         return delta
 
-    def _lookup_tables(self):
+    def _lookup_tables(self) -> tuple[torch.Tensor, torch.Tensor, dict[Hashable, int]]:
         if self._lookup is None:
             keys = list(self._tables)
             offsets, blocks, maps = 0, [], []

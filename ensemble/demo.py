@@ -7,7 +7,10 @@ Nothing is downloaded. The pack steers continuations of prompts that mention
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from .backpack import BackpackConfig, BackpackLM
 from .edits import PackRef, SenseEdits
@@ -19,13 +22,18 @@ DEMO_TRIGGER = " Mauritius"
 DEMO_TARGET = " Port Louis"
 
 
-def tiny_backpack(seed: int = 0, **overrides) -> BackpackLM:
+def tiny_backpack(seed: int = 0, **overrides: Any) -> BackpackLM:
     torch.manual_seed(seed)
     return BackpackLM(BackpackConfig.tiny(**overrides)).eval()
 
 
-def demo_pack(backpack: BackpackLM, tokenizer, trigger: str = DEMO_TRIGGER, target: str = DEMO_TARGET,
-              strength: float = 12.0) -> PackRef:
+def demo_pack(
+    backpack: BackpackLM,
+    tokenizer: PreTrainedTokenizerBase,
+    trigger: str = DEMO_TRIGGER,
+    target: str = DEMO_TARGET,
+    strength: float = 12.0,
+) -> PackRef:
     """Δ on every sense of the trigger's tokens, pointing along E[target tokens]: E·δ raises them."""
     trig = tokenizer(trigger).input_ids
     targ = tokenizer(target).input_ids
@@ -39,14 +47,14 @@ def demo_pack(backpack: BackpackLM, tokenizer, trigger: str = DEMO_TRIGGER, targ
     return PackRef(name="demo-capitals", version="demo", edits=SenseEdits(token_ids, sense_ids, deltas), beta=1.0)
 
 
-def build_demo(seed: int = 0) -> tuple[Ensemble, object, PackRef]:
+def build_demo(seed: int = 0) -> tuple[Ensemble, PreTrainedTokenizerBase, PackRef]:
     tokenizer = load_tokenizer()
     backpack = tiny_backpack(seed)
     large = tiny_gptj(seed)
     return Ensemble(large, backpack, tokenizer), tokenizer, demo_pack(backpack, tokenizer)
 
 
-def run_demo(prompt: str, max_new_tokens: int = 12, seed: int = 0) -> dict:
+def run_demo(prompt: str, max_new_tokens: int = 12, seed: int = 0) -> dict[str, Any]:
     ens, tok, pack = build_demo(seed)
     ids = tok(prompt).input_ids
     base, edited = ens.generate_greedy([ids, ids], [[], [pack]], max_new_tokens)

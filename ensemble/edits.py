@@ -20,7 +20,7 @@ class SenseEdits:
     deltas: torch.Tensor  # float [n, d]
 
     @staticmethod
-    def empty(d: int, dtype: torch.dtype = torch.float32) -> "SenseEdits":
+    def empty(d: int, dtype: torch.dtype = torch.float32) -> SenseEdits:
         return SenseEdits(
             torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, d, dtype=dtype)
         )
@@ -32,15 +32,12 @@ class SenseEdits:
     def d(self) -> int:
         return int(self.deltas.shape[-1])
 
-    def to(self, device=None, dtype=None) -> "SenseEdits":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SenseEdits:
         return SenseEdits(
             self.token_ids.to(device),
             self.sense_ids.to(device),
             self.deltas.to(device=device, dtype=dtype or self.deltas.dtype),
         )
-
-    def scaled(self, beta: float) -> "SenseEdits":
-        return SenseEdits(self.token_ids, self.sense_ids, self.deltas * beta)
 
     def validate(self, vocab_size: int, num_senses: int, d: int) -> None:
         """Raise ValueError naming the first check that fails."""
@@ -58,7 +55,7 @@ class SenseEdits:
             raise ValueError("sense edits: deltas contain NaN or Inf")
 
     @staticmethod
-    def combine(weighted: list[tuple["SenseEdits", float]], d: int | None = None) -> "SenseEdits":
+    def combine(weighted: list[tuple[SenseEdits, float]], d: int | None = None) -> SenseEdits:
         """Σ_p β_p Δ_p with duplicate (token, sense) pairs summed: packs' deltas add (DESIGN §4)."""
         weighted = [(e, b) for e, b in weighted if len(e) and b != 0.0]
         if not weighted:

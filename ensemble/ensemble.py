@@ -10,19 +10,23 @@ distribution, `append()` feeds the chosen tokens. `generate_greedy` and
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable
+from typing import cast
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .backpack import BackpackLM
-from .delta import DeltaStats, DeltaTracker, sequence_deltas
+from .delta import DeltaStats, DeltaTracker, logit_delta, sequence_deltas
 from .edits import PackRef, SenseEdits, combine_packs
 from .large_model import LargeModelBatch, full_logits, model_context_limit, model_fingerprint
 from .vocab import Vocabulary
 
+PackKey = tuple[tuple[str, str, float], ...]
 
-def pack_key(packs: list[PackRef]) -> tuple:
+
+def pack_key(packs: list[PackRef]) -> PackKey:
     """Sequences with the same pinned packs and βs share one edit table."""
     return tuple(sorted(p.key for p in packs))
 
@@ -34,8 +38,14 @@ class Ensemble:
     (rows past U are padding: never scored, never sampled).
     """
 
-    def __init__(self, large_model, backpack: BackpackLM, tokenizer=None, window_keep: int | None = None,
-                 vocab: Vocabulary | None = None):
+    def __init__(
+        self,
+        large_model: PreTrainedModel,
+        backpack: BackpackLM,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        window_keep: int | None = None,
+        vocab: Vocabulary | None = None,
+    ):
         if vocab is None:
             if tokenizer is None:
                 raise ValueError("Ensemble: pass the pairing's tokenizer (or its Vocabulary as vocab=)")
@@ -50,7 +60,7 @@ class Ensemble:
         self.tokenizer = tokenizer
         self.window_keep = window_keep
         self.stats = DeltaStats()
-        self._combined: dict[tuple, SenseEdits] = {}
+        self._combined: dict[PackKey, SenseEdits] = {}
 
     @property
     def context_limit(self) -> int:
@@ -59,10 +69,10 @@ class Ensemble:
     def large_fingerprint(self) -> str:
         return model_fingerprint(self.large)
 
-    def new_batch(self) -> "EnsembleBatch":
+    def new_batch(self) -> EnsembleBatch:
         return EnsembleBatch(self)
 
-    def combined_edits(self, packs: list[PackRef]) -> tuple[tuple, SenseEdits]:
+    def combined_edits(self, packs: list[PackRef]) -> tuple[PackKey, SenseEdits]:
         key = pack_key(packs)
         if key not in self._combined:
             if len(self._combined) > 256:  # bounded: pack sets come and go with hot swaps
@@ -76,14 +86,14 @@ class Ensemble:
         self, prompts: list[list[int]], packs: list[list[PackRef]], max_new_tokens: int
     ) -> list[list[int]]:
         batch = self.new_batch()
-        for i, (p, pk) in enumerate(zip(prompts, packs)):
+        for i, (p, pk) in enumerate(zip(prompts, packs, strict=True)):
             batch.add(i, p, pk)
         out: list[list[int]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
             nxt = batch.logprobs().argmax(dim=-1).tolist()
-            for i, t in zip(batch.seq_ids, nxt):
-                out[i].append(t)
-            batch.append(dict(zip(batch.seq_ids, nxt)))
+            for seq_id, t in zip(batch.seq_ids, nxt, strict=True):
+                out[cast(int, seq_id)].append(t)
+            batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
         return out
 
     @torch.no_grad()
@@ -91,33 +101,67 @@ class Ensemble:
         self, prefixes: list[list[int]], continuations: list[list[int]], packs: list[list[PackRef]]
     ) -> list[torch.Tensor]:
         """Teacher-forced log-probs (float32) of each continuation token given prefix (+ earlier continuation)."""
-        for i, (p, c) in enumerate(zip(prefixes, continuations)):
+        for i, (p, c) in enumerate(zip(prefixes, continuations, strict=True)):
             if not p or not c:
                 raise ValueError(f"score: row {i} needs a non-empty prefix and continuation")
             if any(not 0 <= t < self.vocab.size for t in p + c):
-                raise ValueError(f"score: row {i} has a token id outside the tokenizer's vocabulary "
-                                 f"[0, {self.vocab.size})")
-        rows = [p + c for p, c in zip(prefixes, continuations)]
+                raise ValueError(
+                    f"score: row {i} has a token id outside the tokenizer's vocabulary [0, {self.vocab.size})"
+                )
+        rows = [p + c for p, c in zip(prefixes, continuations, strict=True)]
         z_rows = full_logits(self.large, rows)
-        n_pos = self.backpack.config.n_positions
         results = []
-        for row, z, p, c, pk in zip(rows, z_rows, prefixes, continuations, packs):
-            z = z[:, : self.vocab.size]
-            key, edits = self.combined_edits(pk)
-            ids = torch.tensor([row], device=self.backpack.embedding.device)
-            if len(edits) and torch.isin(ids, edits.token_ids.to(ids.device)).any():
-                if len(row) <= n_pos:
-                    alpha = self.backpack.contextualize(ids)
-                    delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0]
-                    z = z + (delta @ self.backpack.embedding[: self.vocab.size].T).float().to(z.device)
-                    self.stats.backpack_calls += 1
-                else:  # past the Backpack's window: the serving path's sliding window, step by step
-                    results.append(self._score_incremental(p, c, pk))
-                    continue
-            logp = torch.log_softmax(z, dim=-1)
+        for row, z, p, c, pk in zip(rows, z_rows, prefixes, continuations, packs, strict=True):
+            packed = self._packed_logits(row, z[:, : self.vocab.size], pk)
+            if packed is None:  # past the Backpack's window: the serving path's sliding window, step by step
+                results.append(self._score_incremental(p, c, pk))
+                continue
+            logp = torch.log_softmax(packed, dim=-1)
             targets = torch.tensor(c, device=logp.device)
             results.append(logp[len(p) - 1 : len(row) - 1].gather(1, targets[:, None]).squeeze(1))
         return results
+
+    @torch.no_grad()
+    def paired_nll(self, rows: list[list[int]], packs: list[PackRef]) -> tuple[list[float], list[float]]:
+        """Summed NLL (nats) of tokens 1.. of each row under the base and under `packs`, paired.
+
+        The large model's teacher-forced logits z are computed once per batch; the base scores
+        log_softmax(z) and the packs log_softmax(z + E·δ) on the same z. A row with no edited token
+        is an exact skip (pack NLL = base NLL); a row past the Backpack's window is scored with the
+        serving path's sliding window.
+        """
+        for i, row in enumerate(rows):
+            if len(row) < 2 or any(not 0 <= t < self.vocab.size for t in row):
+                raise ValueError(f"paired_nll: row {i} needs 2 or more ids in [0, {self.vocab.size})")
+        base_out, pack_out = [], []
+        for row, z in zip(rows, full_logits(self.large, rows), strict=True):
+            z = z[:, : self.vocab.size]
+            targets = torch.tensor(row[1:], device=z.device)[:, None]
+            base_nll = -float(torch.log_softmax(z[:-1], -1).gather(1, targets).double().sum())
+            packed = self._packed_logits(row, z, packs)
+            if packed is None:
+                pack_nll = -float(self._score_incremental(row[:1], row[1:], packs).double().sum())
+            elif packed is z:
+                pack_nll = base_nll
+            else:
+                pack_nll = -float(torch.log_softmax(packed[:-1], -1).gather(1, targets).double().sum())
+            base_out.append(base_nll)
+            pack_out.append(pack_nll)
+        return base_out, pack_out
+
+    def _packed_logits(self, row: list[int], z: torch.Tensor, packs: list[PackRef]) -> torch.Tensor | None:
+        """z + E·δ of a teacher-forced row (len, |U|): `z` itself when no token of the row is edited (exact
+        skip), None when the row is longer than the Backpack's window (score it incrementally)."""
+        _key, edits = self.combined_edits(packs)
+        ids = torch.tensor([row], device=self.backpack.embedding.device)
+        if not len(edits) or not bool(torch.isin(ids, edits.token_ids.to(ids.device)).any()):
+            return z
+        if len(row) > self.backpack.config.n_positions:
+            return None
+        alpha = self.backpack.contextualize(ids)
+        delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0]
+        self.stats.backpack_calls += 1
+        return z + logit_delta(delta, self.backpack.embedding, self.vocab.size).float().to(z.device)
 
     def _score_incremental(self, prefix: list[int], cont: list[int], packs: list[PackRef]) -> torch.Tensor:
         batch = self.new_batch()
@@ -143,8 +187,9 @@ class EnsembleBatch:
     def __init__(self, ensemble: Ensemble):
         self.ens = ensemble
         self.large = LargeModelBatch(ensemble.large)
-        self.deltas = DeltaTracker(ensemble.backpack, window_keep=ensemble.window_keep, stats=ensemble.stats,
-                                   vocab_size=ensemble.vocab.size)
+        self.deltas = DeltaTracker(
+            ensemble.backpack, window_keep=ensemble.window_keep, stats=ensemble.stats, vocab_size=ensemble.vocab.size
+        )
         self._rows: dict[Hashable, _Row] = {}
         self._order: list[Hashable] = []  # large-model cache row order
         self._last_logits: torch.Tensor | None = None  # (b, V) aligned with _order
@@ -157,7 +202,7 @@ class EnsembleBatch:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, seq_id: Hashable, prompt_ids: list[int], packs: list[PackRef] = ()) -> None:
+    def add(self, seq_id: Hashable, prompt_ids: list[int], packs: Sequence[PackRef] = ()) -> None:
         if seq_id in self._rows:
             raise KeyError(f"sequence {seq_id!r} is already in the batch")
         if not prompt_ids:
@@ -165,8 +210,9 @@ class EnsembleBatch:
         n = self.ens.vocab.size
         bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < n), None)
         if bad is not None:
-            raise ValueError(f"prompt_ids[{bad}]: token id {prompt_ids[bad]} outside the tokenizer's vocabulary "
-                             f"[0, {n})")
+            raise ValueError(
+                f"prompt_ids[{bad}]: token id {prompt_ids[bad]} outside the tokenizer's vocabulary [0, {n})"
+            )
         packs = list(packs)
         key, edits = self.ens.combined_edits(packs)
         self.deltas.add(seq_id, prompt_ids, edits, key=key)
@@ -179,7 +225,7 @@ class EnsembleBatch:
             keep = [i for i, s in enumerate(self._order) if s != seq_id]
             self._order = [self._order[i] for i in keep]
             self.large.select(keep)
-            self._last_logits = self._last_logits[keep] if keep else None
+            self._last_logits = self._last_logits[keep] if keep and self._last_logits is not None else None
 
     def append(self, tokens: dict[Hashable, int]) -> None:
         for seq_id, t in tokens.items():
@@ -200,7 +246,7 @@ class EnsembleBatch:
                 self._rows[s].new, self._rows[s].pending = False, []
             self._order += new
             self._last_logits = logits if self._last_logits is None else torch.cat([self._last_logits, logits])
-        if not self._order:
+        if not self._order or self._last_logits is None:
             return torch.zeros(0, self.ens.vocab.size)
         z = self._last_logits[:, : self.ens.vocab.size]
         logp = torch.log_softmax(z, dim=-1)
@@ -217,7 +263,9 @@ class EnsembleBatch:
             advance = torch.tensor([bool(r.pending) for r in rows], device=self.large.model.device)
             tokens = torch.tensor([r.pending[0] if r.pending else 0 for r in rows], device=self.large.model.device)
             logits = self.large.step(tokens, advance)
-            self._last_logits = torch.where(advance[:, None], logits, self._last_logits)
+            self._last_logits = (
+                logits if self._last_logits is None else torch.where(advance[:, None], logits, self._last_logits)
+            )
             for r in rows:
                 if r.pending:
                     r.pending.pop(0)

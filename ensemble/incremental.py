@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .backpack import BackpackLM, add_sense_edits, causal_allowed
+from .edits import SenseEdits
 
 
 @dataclass
@@ -40,7 +41,7 @@ class BackpackCache:
     def window_tokens(self, row: int) -> list[int]:
         return self.tokens[row, : int(self.lengths[row])].tolist()
 
-    def select(self, rows: torch.Tensor) -> "BackpackCache":
+    def select(self, rows: torch.Tensor) -> BackpackCache:
         """Keep only `rows` (in that order): finished sequences leave the batch."""
         return BackpackCache(
             [k[rows] for k in self.keys],
@@ -52,7 +53,7 @@ class BackpackCache:
         )
 
     @staticmethod
-    def concat(caches: list["BackpackCache"]) -> "BackpackCache":
+    def concat(caches: list[BackpackCache]) -> BackpackCache:
         """Stack rows of several caches (same capacity): new sequences join the batch."""
         caches = [c for c in caches if c.batch_size]
         if len(caches) == 1:
@@ -67,7 +68,7 @@ class BackpackCache:
             torch.cat([c.last_alpha for c in caches]),
         )
 
-    def overwrite_rows(self, rows: torch.Tensor, other: "BackpackCache") -> None:
+    def overwrite_rows(self, rows: torch.Tensor, other: BackpackCache) -> None:
         """Replace `rows` with `other`'s rows (after a window re-prefill)."""
         for i in range(len(self.keys)):
             self.keys[i][rows] = other.keys[i]
@@ -110,7 +111,7 @@ def prefill(model: BackpackLM, rows: list[list[int]]) -> BackpackCache:
     values = [torch.zeros(b, heads, cap, hd, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
     stack = model.gpt2_model
     x = stack.drop(stack.wte(input_ids) + stack.wpe(positions))
-    for i, block in enumerate(stack.h):
+    for i, block in enumerate(stack.blocks):
         q, k, v = block.attn.qkv(block.ln_1(x))
         keys[i][:, :, :s] = k
         values[i][:, :, :s] = v
@@ -139,7 +140,9 @@ def _alpha_row(model: BackpackLM, q: torch.Tensor, weight_keys: torch.Tensor, le
 
 
 @torch.no_grad()
-def decode_step(model: BackpackLM, cache: BackpackCache, next_tokens: torch.Tensor, advance: torch.Tensor | None = None):
+def decode_step(
+    model: BackpackLM, cache: BackpackCache, next_tokens: torch.Tensor, advance: torch.Tensor | None = None
+) -> torch.Tensor:
     """Append one token per row and return α of that token over the row's window, (b, k, capacity).
 
     `advance` (bool, b) marks the rows that really take a token this step; the
@@ -160,7 +163,7 @@ def decode_step(model: BackpackLM, cache: BackpackCache, next_tokens: torch.Tens
     new_lengths = pos + 1
     visible = torch.arange(cache.capacity, device=device)[None, :] < new_lengths[:, None]
     allowed = visible[:, None, None, :]
-    for i, block in enumerate(stack.h):
+    for i, block in enumerate(stack.blocks):
         q, k, v = block.attn.qkv(block.ln_1(x))
         cache.keys[i][rows[advance], :, pos[advance]] = k[advance, :, 0]
         cache.values[i][rows[advance], :, pos[advance]] = v[advance, :, 0]
@@ -188,7 +191,9 @@ def slide_windows(model: BackpackLM, cache: BackpackCache, rows_needing_room: to
     return int(idx.numel())
 
 
-def backpack_logits(model: BackpackLM, cache: BackpackCache, alpha: torch.Tensor, sense_edits=None) -> torch.Tensor:
+def backpack_logits(
+    model: BackpackLM, cache: BackpackCache, alpha: torch.Tensor, sense_edits: SenseEdits | None = None
+) -> torch.Tensor:
     """Full Backpack next-token logits from an α row: runs the sense network (checks and demos only;
     serving never needs it)."""
     senses = model.sense_vectors(cache.tokens)  # (b, k, cap, d)

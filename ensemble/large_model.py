@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,14 @@ from transformers import AutoModelForCausalLM, DynamicCache, GPTJConfig, GPTJFor
 
 DEFAULT_LARGE_MODEL = "EleutherAI/gpt-j-6b"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -38,14 +45,23 @@ def load_large_model(
 
     # Registry names (ensemble.zoo, e.g. "smollm2-135m-instruct") resolve to their cached folder.
     model = AutoModelForCausalLM.from_pretrained(resolve_path(name_or_path), dtype=parse_dtype(dtype) or "auto")
-    model = model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers types its wrapped .to() as unbound
     return model
 
 
-def tiny_gptj(seed: int = 0, **overrides) -> GPTJForCausalLM:
+def tiny_gptj(seed: int = 0, **overrides: Any) -> GPTJForCausalLM:
     """GPT-J's real architecture at test size (vocab 50400 as the real one), random weights."""
-    cfg = dict(vocab_size=50400, n_positions=2048, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
-               bos_token_id=50256, eos_token_id=50256, attn_implementation="eager")
+    cfg: dict[str, Any] = dict(
+        vocab_size=50400,
+        n_positions=2048,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=8,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        attn_implementation="eager",
+    )
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = GPTJForCausalLM(GPTJConfig(**cfg)).eval()
@@ -54,9 +70,18 @@ def tiny_gptj(seed: int = 0, **overrides) -> GPTJForCausalLM:
 
 # Config keys that do not change the function the model computes.
 _VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
-    "attn_implementation", "_attn_implementation_internal", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "_commit_hash",
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_attn_implementation",
+    "attn_implementation",
+    "_attn_implementation_internal",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_commit_hash",
 }
 
 
@@ -69,7 +94,7 @@ def model_fingerprint(model: PreTrainedModel, sample: int = 4096) -> str:
     sampled values. A different dtype is a different target: calibrate β for the dtype served.
     """
     cached = getattr(model, "_sensepack_fingerprint", None)
-    if cached:
+    if isinstance(cached, str):
         return cached
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     h = hashlib.sha256(type(model).__name__.encode())
@@ -79,13 +104,23 @@ def model_fingerprint(model: PreTrainedModel, sample: int = 4096) -> str:
         step = max(1, flat.numel() // sample)
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         h.update(flat[::step][:sample].to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    model._sensepack_fingerprint = "sha256:" + h.hexdigest()
-    return model._sensepack_fingerprint
+    fingerprint = "sha256:" + h.hexdigest()
+    model._sensepack_fingerprint = fingerprint  # type: ignore[assignment]  # memo on the model object
+    return fingerprint
 
 
 def model_context_limit(model: PreTrainedModel) -> int:
     cfg = model.config
-    return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 2048))
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048
+    return int(limit)
+
+
+def _layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transformers cache layer's (keys, values); layers without both (linear attention) are refused."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"cache layer {type(layer).__name__} has no key/value tensors: unsupported large model")
+    return keys, values
 
 
 @dataclass
@@ -112,7 +147,7 @@ class LargeModelBatch:
         for ids in rows:
             out = self.model(torch.tensor([ids], device=device), use_cache=True)
             logits.append(out.logits[0, -1].float())
-            kvs.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+            kvs.append([_layer_kv(layer) for layer in out.past_key_values.layers])
         lengths = [len(r) for r in rows]
         self._join(kvs, lengths)
         return torch.stack(logits)
@@ -120,20 +155,21 @@ class LargeModelBatch:
     def _join(self, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> None:
         device = self.model.device
         old_len = 0 if self.mask is None else self.mask.shape[1]
-        width = max([old_len] + lengths)
+        width = max([old_len, *lengths])
         n_layer = len(kvs[0])
         layers = []
         for i in range(n_layer):
             ks, vs = [], []
             if self.cache is not None:
-                ks.append(_left_pad(self.cache.layers[i].keys, width))
-                vs.append(_left_pad(self.cache.layers[i].values, width))
+                k, v = _layer_kv(self.cache.layers[i])
+                ks.append(_left_pad(k, width))
+                vs.append(_left_pad(v, width))
             ks += [_left_pad(kv[i][0], width) for kv in kvs]
             vs += [_left_pad(kv[i][1], width) for kv in kvs]
             layers.append((torch.cat(ks), torch.cat(vs)))
         new_mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
         for r, n in enumerate(lengths):
-            new_mask[r, width - n:] = 1
+            new_mask[r, width - n :] = 1
         masks = [new_mask] if self.mask is None else [_left_pad(self.mask, width), new_mask]
         self.mask = torch.cat(masks)
         n_new = torch.tensor(lengths, dtype=torch.long, device=device)
@@ -146,6 +182,8 @@ class LargeModelBatch:
 
         Returns next-token logits (b, V), float32 (placeholder rows' logits are meaningless).
         """
+        if self.mask is None or self.n_real is None:
+            raise ValueError("LargeModelBatch.step: the batch is empty (prefill rows first)")
         b = self.batch_size
         device = self.model.device
         if advance is None:
@@ -167,11 +205,13 @@ class LargeModelBatch:
         if not rows:
             self.cache, self.mask, self.n_real = None, None, None
             return
+        if self.cache is None or self.mask is None or self.n_real is None:
+            raise ValueError(f"LargeModelBatch.select: rows {rows} of an empty batch")
         idx = torch.tensor(rows, dtype=torch.long, device=self.model.device)
         mask = self.mask[idx]
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else mask.shape[1]
-        layers = [(layer.keys[idx, :, start:], layer.values[idx, :, start:]) for layer in self.cache.layers]
+        layers = [(k[idx, :, start:], v[idx, :, start:]) for k, v in map(_layer_kv, self.cache.layers)]
         self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
         self.mask = mask[:, start:]
         self.n_real = self.n_real[idx]

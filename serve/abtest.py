@@ -25,6 +25,7 @@ back to the previous version or to the base model).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 
+from ensemble.jsonl import DataError, iter_jsonl
 from serve.packs import GateResult, Resident, sticky_fraction
 
 log = logging.getLogger("sensepack.abtest")
@@ -48,76 +50,29 @@ def read_corpus(path: Path | None, text_field: str = "text", max_texts: int = 64
     texts: list[str] = []
     if not path.is_file():
         raise ValueError(f"gate.corpus: no such file: {path}")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            if path.suffix == ".jsonl":
-                obj = json.loads(line)
-                t = obj.get(text_field) if isinstance(obj, dict) else None
-                if not isinstance(t, str):
-                    raise ValueError(f"gate.corpus {path}: a line has no string field {text_field!r}")
-                line = t
-            texts.append(line)
+    if path.suffix == ".jsonl":
+        for lineno, rec in iter_jsonl(path):  # DataError (a ValueError) names the line
+            t = rec.get(text_field)
+            if not isinstance(t, str):
+                raise DataError(path, lineno, text_field, "gate.corpus: missing or not a string")
+            texts.append(t)
             if len(texts) >= max_texts:
                 break
+    else:
+        with open(path, encoding="utf-8") as f:
+            texts = list(itertools.islice((s for s in map(str.strip, f) if s), max_texts))
     if not texts:
         raise ValueError(f"gate.corpus {path}: no texts")
     return texts
 
 
 def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], list[float]]:
-    """Per-row summed NLL (nats) of tokens 1.. under base and under the pack (engine thread only).
-
-    Paired in one pass: the large model's teacher-forced logits z are computed
-    once per batch; the base scores log_softmax(z) and the pack scores
-    log_softmax(z + β·E·δ) on the same z (rows without an edited token are
-    exact skips: identical to the base). Rows longer than the Backpack's window
-    use the core's sliding-window scoring for the pack side.
-    """
+    """Per-row summed NLL (nats) of tokens 1.. under base and under the pack (engine thread only):
+    `Ensemble.paired_nll`, one pass over the same large-model logits. Rows under 2 tokens are dropped."""
     rows = [r for r in rows if len(r) >= 2]
     if not rows:
         return [], []
-    try:
-        from ensemble.delta import sequence_deltas
-        from ensemble.large_model import full_logits
-    except ImportError:  # pragma: no cover - core without the low-level scoring helpers
-        return _paired_nll_two_passes(ensemble, rows, pack_ref)
-    import torch
-
-    with torch.no_grad():
-        _, edits = ensemble.combined_edits([pack_ref])
-        bp = ensemble.backpack
-        n_vocab = ensemble.vocab.size
-        n_pos = bp.config.n_positions
-        z_rows = full_logits(ensemble.large, rows)
-        base_out, pack_out = [], []
-        for row, z in zip(rows, z_rows):
-            z = z[:-1, :n_vocab].float()
-            targets = torch.tensor(row[1:], device=z.device)[:, None]
-            base_nll = -float(torch.log_softmax(z, -1).gather(1, targets).double().sum())
-            ids = torch.tensor([row], device=bp.embedding.device)
-            if not len(edits) or not bool(torch.isin(ids, edits.token_ids.to(ids.device)).any()):
-                pack_nll = base_nll
-            elif len(row) <= n_pos:
-                alpha = bp.contextualize(ids)
-                delta = sequence_deltas(alpha, ids, edits.to(ids.device, alpha.dtype))[0][:-1]
-                zz = z + (delta @ bp.embedding[:n_vocab].T).float().to(z.device)
-                pack_nll = -float(torch.log_softmax(zz, -1).gather(1, targets).double().sum())
-            else:
-                pack_nll = -float(ensemble.score([row[:1]], [row[1:]], [[pack_ref]])[0].double().sum())
-            base_out.append(base_nll)
-            pack_out.append(pack_nll)
-    return base_out, pack_out
-
-
-def _paired_nll_two_passes(ensemble, rows, pack_ref):
-    prefixes = [r[:1] for r in rows]
-    conts = [r[1:] for r in rows]
-    base = ensemble.score(prefixes, conts, [[] for _ in rows])
-    packed = ensemble.score(prefixes, conts, [[pack_ref] for _ in rows])
-    return [-float(x.double().sum()) for x in base], [-float(x.double().sum()) for x in packed]
+    return ensemble.paired_nll(rows, [pack_ref])
 
 
 class Gate:
@@ -245,7 +200,7 @@ class LiveMonitor:
         self.metrics = metrics
         self.engine = engine
         self.ensemble = ensemble
-        self.manager = None          # set by the server (PackManager)
+        self._breach_listeners: list = []     # auto-disable: the pack manager's, registered by it
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)     # notified when no sample is pending
         self._stats: dict[tuple[str, str], ArmStats] = {}     # (pack, version) -> its live record
@@ -296,6 +251,8 @@ class LiveMonitor:
     def record(self, r: Resident, nll_base: float, nll_pack: float, tokens: int) -> None:
         eps = self.cfg.epsilon if self.cfg.epsilon is not None else r.epsilon
         with self._lock:
+            if getattr(r, "state", None) == "freed":    # left memory while being scored: its record is gone
+                return
             st = self._stats.get((r.name, r.version))
             if st is None:
                 st = self._stats[(r.name, r.version)] = ArmStats(r.version, eps)
@@ -306,38 +263,46 @@ class LiveMonitor:
             breach = (not st.breached and n >= self.cfg.min_samples and st.lower > 1.0 + eps)
             if breach:
                 st.breached = True
-        m = self.metrics
+            m = self.metrics
+            # under the lock: `forget` (which removes these series) cannot interleave and leave a stale one
+            if math.isfinite(st.ratio):
+                m.ab_ratio.labels(r.name, r.version).set(st.ratio)
+            if math.isfinite(st.lower) and math.isfinite(st.upper):
+                m.ab_ci_lower.labels(r.name, r.version).set(st.lower)
+                m.ab_ci_upper.labels(r.name, r.version).set(st.upper)
         m.ab_samples.labels(r.name).inc()
-        if math.isfinite(st.ratio):
-            m.ab_ratio.labels(r.name).set(st.ratio)
-        if math.isfinite(st.lower) and math.isfinite(st.upper):
-            m.ab_ci_lower.labels(r.name).set(st.lower)
-            m.ab_ci_upper.labels(r.name).set(st.upper)
         if breach:
             m.ab_breaches.labels(r.name).inc()
             log.error("live ball breach", extra={"event": "ab_breach", "pack": r.ref, "ratio": st.ratio,
                                                  "ci_lower": st.lower, "ci_upper": st.upper, "epsilon": eps,
                                                  "samples": n})
-            if self.cfg.auto_disable and self.manager is not None:
-                moved = self.manager.disable(r.name, r.version, f"live ball breach: ratio {st.ratio:.6f}, "
-                                                                f"CI [{st.lower:.6f}, {st.upper:.6f}] > 1+{eps:g}")
+            if self.cfg.auto_disable and self._breach_listeners:
+                reason = f"live ball breach: ratio {st.ratio:.6f}, CI [{st.lower:.6f}, {st.upper:.6f}] > 1+{eps:g}"
+                moved = [m for fn in list(self._breach_listeners) for m in fn(r.name, r.version, reason)]
                 st.disabled = True
                 m.auto_disables.labels(r.name).inc()
                 log.error("pack auto-disabled", extra={"event": "pack_auto_disabled", "pack": r.ref,
                                                        "routes": moved})
 
+    def on_breach(self, callback) -> None:
+        """callback(pack, version, reason) -> moved routes: called on a confirmed breach with ab.auto_disable."""
+        self._breach_listeners.append(callback)
+
     def reset(self, pack: str, version: str) -> None:
         """A re-enabled version starts a fresh live record."""
         with self._lock:
             self._stats.pop((pack, version), None)
+            self.metrics.drop_version(pack, version)
 
     def forget(self, pack: str, version: str) -> None:
         """Drop the record of a version that left memory (records stay bounded by packs.max_resident);
         a breach stays for ABReport (the pack manager keeps disabled versions' records too)."""
         with self._lock:
             st = self._stats.get((pack, version))
-            if st is not None and not st.breached:
-                del self._stats[(pack, version)]
+            if st is not None and st.breached:
+                return
+            self._stats.pop((pack, version), None)
+            self.metrics.drop_version(pack, version)
 
     def report(self) -> dict[tuple[str, str], ArmStats]:
         with self._lock:

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence
 
 import grpc
 
-from proto import admin_pb, admin_pb_grpc, pb, pb_grpc
+from sensepack_proto import admin_pb, admin_pb_grpc, pb, pb_grpc
 
 PackLike = str | tuple[str, float]
 
@@ -56,7 +56,9 @@ def build_generate_request(prompt: str | Sequence[int], *, packs: Iterable[PackL
 
 class Client:
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, ca_file: str | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, api_key: str | None = None):
+        """token: the admin token ($SENSEPACK_ADMIN_TOKEN); api_key: a generation key when the server sets
+        api.keys ($SENSEPACK_API_KEY)."""
         if ca_file:
             creds = grpc.ssl_channel_credentials(open(ca_file, "rb").read())
             self.channel = grpc.secure_channel(target, creds)
@@ -66,6 +68,7 @@ class Client:
         self.admin = admin_pb_grpc.PackAdminStub(self.channel)
         self.token = token if token is not None else os.environ.get("SENSEPACK_ADMIN_TOKEN")
         self.timeout = timeout
+        self.api_key = api_key if api_key is not None else os.environ.get("SENSEPACK_API_KEY")
 
     def close(self) -> None:
         self.channel.close()
@@ -79,14 +82,17 @@ class Client:
     def _auth(self):
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
+    def _key(self):
+        return [("authorization", f"Bearer {self.api_key}")] if self.api_key else None
+
     # ---- generation
     def generate(self, prompt, **kw) -> pb.GenerateResponse:
         timeout = kw.pop("timeout", self.timeout)
-        return self.gen.Generate(build_generate_request(prompt, **kw), timeout=timeout)
+        return self.gen.Generate(build_generate_request(prompt, **kw), timeout=timeout, metadata=self._key())
 
     def stream(self, prompt, **kw) -> Iterator[pb.GenerateResponse]:
         timeout = kw.pop("timeout", self.timeout)
-        return self.gen.GenerateStream(build_generate_request(prompt, **kw), timeout=timeout)
+        return self.gen.GenerateStream(build_generate_request(prompt, **kw), timeout=timeout, metadata=self._key())
 
     def score(self, prefix: str | Sequence[int], continuations: Sequence[str | Sequence[int]],
               packs: Iterable[PackLike] = (), include_base: bool = True,
@@ -101,13 +107,14 @@ class Client:
                 req.continuations.add(text=c)
             else:
                 req.continuations.add(token_ids=pb.TokenIds(ids=list(c)))
-        return self.gen.Score(req, timeout=self.timeout if timeout is None else timeout)
+        return self.gen.Score(req, timeout=self.timeout if timeout is None else timeout, metadata=self._key())
 
     def tokenize(self, text: str, return_tokens: bool = True) -> pb.TokenizeResponse:
-        return self.gen.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens), timeout=self.timeout)
+        return self.gen.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens), timeout=self.timeout,
+                                 metadata=self._key())
 
     def model_info(self) -> pb.ModelInfoResponse:
-        return self.gen.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+        return self.gen.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, metadata=self._key())
 
     # ---- admin (bearer token)
     def list_packs(self, include_store: bool = True) -> admin_pb.ListPacksResponse:

@@ -72,6 +72,35 @@ class AdminConfig(_Section):
         return os.environ.get(self.token_env) or self.token
 
 
+class HTTPConfig(_Section):
+    """The OpenAI-compatible HTTP front-end (serve.http): same process, engine and packs as gRPC."""
+    enabled: bool = False              # off unless asked: a second listener is the operator's choice
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)          # 0: any free port
+    served_model_name: Optional[str] = None          # the model id clients send; None: model.large_model
+    chat_template: Optional[str] = None   # Jinja chat template (text or a file); None: the tokenizer's own
+    max_choices: int = Field(16, ge=1, le=256)      # prompts x n per request
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)   # larger request bodies are refused unread
+
+    @model_validator(mode="after")
+    def _template(self):
+        t = self.chat_template
+        if t is not None and "{" not in t and not Path(t).is_file():       # neither a template nor a file
+            raise ValueError(f"http.chat_template: no such file: {t}")
+        return self
+
+
+class APIConfig(_Section):
+    """Generation API keys, for both front-ends (gRPC GenerationService and HTTP /v1), separate from the
+    admin token. None anywhere: generation is open (as vLLM without --api-key)."""
+    keys: list[str] = Field(default_factory=list)
+    keys_env: str = "SENSEPACK_API_KEYS"    # comma-separated keys, added to api.keys
+
+    def resolved_keys(self) -> list[str]:
+        env = [k.strip() for k in os.environ.get(self.keys_env, "").split(",") if k.strip()]
+        return list(self.keys) + env
+
+
 class LimitsConfig(_Section):
     max_prompt_tokens: int = Field(1536, ge=1)
     max_new_tokens: int = Field(512, ge=1)
@@ -163,6 +192,8 @@ class Config(_Section):
     vllm: VLLMSection = Field(default_factory=VLLMSection)
     model: ModelConfig = Field(default_factory=ModelConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    api: APIConfig = Field(default_factory=APIConfig)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -180,6 +211,10 @@ class Config(_Section):
                 self.vllm.model is None or self.vllm.multiprocessing or self.vllm.tensor_parallel_size > 1):
             raise ValueError("engine: vllm with model.profile: demo needs vllm.model (a folder vLLM can load), "
                              "vllm.multiprocessing: false and vllm.tensor_parallel_size: 1")
+        if self.http.enabled and self.http.port and self.http.port in (self.server.port, self.server.metrics_port):
+            raise ValueError(f"http.port: {self.http.port} is also server.port or server.metrics_port")
+        if any(not k for k in self.api.keys):
+            raise ValueError("api.keys: empty key")
         return self
 
 

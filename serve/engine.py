@@ -1,57 +1,71 @@
-"""The embedded engine: transformers models in-process, iteration-level batching.
+"""The engine: one thread that turns the scheduler's decisions into model steps and events.
 
-One scheduler thread owns the ensemble core's batch session and does all model
-work (decode steps, Score jobs, gate and A/B re-scoring jobs), so the core is
-never entered from two threads. Each loop iteration:
+The rooms, as in vLLM:
 
-1. drops cancelled / deadline-exceeded requests (their slot is freed at once),
-2. admits waiting requests while running slots are free (they join the batch
-   at this step: `session.add` prefills them inside the next `logprobs()`),
-3. runs one decode step for every running row: `session.logprobs()` gives the
-   next-token log-probs over the shared ids U (the tokenizer's; ensemble rows with the
-   Backpack delta, exact-skip rows bit-identical to the base), the batched
-   sampler (serve.sampler) picks every row's token at once (greedy /
-   temperature / top-k / top-p, each row drawing from its own
-   `torch.Generator`), `session.append` feeds the tokens, finished requests
-   leave the batch,
-4. runs queued jobs: high priority (Score RPCs) every iteration, low priority
-   (A/B re-scoring, gate batches) when idle or every `lane_every_steps` steps.
+* `serve.scheduler.Scheduler`: the waiting queue, the running set, admission by requests and
+  tokens, reaping of cancelled / expired requests, the job lanes (Score, gate, A/B re-scoring);
+* a model runner (`Runner` below): `EmbeddedRunner` runs the ensemble core's batch session and the
+  batched sampler (`serve.sampler`) in-process; `serve.vllm.engine.VLLMRunner` steps vLLM, whose
+  sampler calls the sensepack logits processor;
+* `serve.detok.IncrementalDetokenizer`: each request's text at O(window) per token.
+
+`Engine` owns the one thread that touches the runner, so the ensemble core is never entered from
+two threads. Each iteration reads top to bottom:
+
+1. reap: cancelled / deadline-exceeded requests finish (their slot is freed at once);
+2. prefill: the scheduler's newly admitted requests enter the runner's batch (the embedded session
+   prefills them inside the next step);
+3. step: one decode step for every running row; each new token is accepted (detokenised, stop
+   conditions checked, a TokenEvent sent) and finished requests leave the batch;
+4. jobs: a high-priority job every iteration, a low-priority one when idle or every
+   `lane_every_steps` steps.
 
 Requests talk to the servicer through a per-request `queue.Queue` of events.
 
-Fault isolation: a failure that belongs to one request (refused by the core at
-admission, sampling its row, detokenising its text) ends that request alone
-with ERROR; only a failure of the shared model step ends the whole batch.
+Fault isolation: a failure that belongs to one request (refused by the runner at admission,
+sampling its row, detokenising its text) ends that request alone; a failure of the shared model
+step ends the running requests with ERROR and the runner starts from an empty batch; a runner
+that is dead (`RunnerDead`: vLLM's engine core process is gone) ends them with UNAVAILABLE and the
+engine calls `on_dead` (the server goes NOT_SERVING and exits for its orchestrator to restart it).
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
-import grpc
 import torch
 
 from ensemble.vocab import Vocabulary
 from serve.detok import IncrementalDetokenizer
-from serve.params import GenerationRequest, RequestError
+from serve.metrics import GRPC
+from serve.params import GenerationRequest
 from serve.sampler import RowParams, Sampled, sample
+from serve.scheduler import (  # noqa: F401 (re-exported)
+    CANCELLED,
+    EOS_TOKEN,
+    ERROR,
+    MAX_TOKENS,
+    REFUSED,
+    SHUTDOWN,
+    STOP_SEQUENCE,
+    STOP_TOKEN,
+    TIME_LIMIT,
+    UNAVAILABLE,
+    EngineStopped,
+    Scheduler,
+    Sequence,
+)
 
 log = logging.getLogger("sensepack.engine")
 
-# finish reasons (mirror proto StopReason names)
-MAX_TOKENS, EOS_TOKEN, STOP_SEQUENCE, CANCELLED, TIME_LIMIT, ERROR = (
-    "MAX_TOKENS", "EOS_TOKEN", "STOP_SEQUENCE", "CANCELLED", "TIME_LIMIT", "ERROR")
-STOP_TOKEN = "STOP_TOKEN"     # a token of stopping.stop_token_ids
-REFUSED = "REFUSED"          # the engine refused the request at admission (INVALID_ARGUMENT; proto ERROR)
-SHUTDOWN = "SHUTDOWN"        # cut by a shutdown that outlived the grace period (UNAVAILABLE; proto CANCELLED)
-_NO_TEXT = (CANCELLED, TIME_LIMIT, ERROR, REFUSED, SHUTDOWN)
+_NO_TEXT = (CANCELLED, TIME_LIMIT, ERROR, REFUSED, SHUTDOWN, UNAVAILABLE)
 
 
 @dataclass
@@ -74,344 +88,347 @@ class FinishEvent:
     last: TokenEvent | None = None   # the final generated token, when generation ended normally
 
 
-@dataclass
-class Sequence:
-    seq_id: int
-    req: GenerationRequest
-    packs: list                   # list[PackRef] pinned at admission (β applied)
-    events: "queue.Queue"
-    on_finish: Callable[["Sequence", str], None] | None = None
-    deadline: float | None = None  # time.monotonic()
-    arrival: float = field(default_factory=time.monotonic)
-    generator: torch.Generator | None = None
-    seed: int | None = None
-    output_ids: list[int] = field(default_factory=list)
-    sent_chars: int = 0
-    detok: IncrementalDetokenizer | None = None
-    stop_scan: int = 0            # stop sequences were searched (without a match) before this character
-    admitted: float | None = None
-    last_token: float | None = None
-    cancel_reason: str | None = None
-    finished: str | None = None
-    user: object = None           # servicer's bookkeeping (pins, arms)
+class Refused(Exception):
+    """The runner refuses this request at admission (INVALID_ARGUMENT); the message names the field."""
 
-    def cancel(self, reason: str = CANCELLED) -> None:
-        if self.cancel_reason is None:
-            self.cancel_reason = reason
+
+class RunnerDead(Exception):
+    """The runner cannot step any more (e.g. vLLM's engine core process died)."""
+
+
+@dataclass
+class CoreCounters:
+    """The ensemble core's running totals, read after every step (exported as metrics)."""
+    exact_skip_rows: int = 0
+    window_reprefills: int = 0
+    backpack_seconds: float = 0.0
+    resumed: int = 0              # vLLM re-adds that resumed a parked Backpack state (no prefill)
+    step_seconds: list[float] = field(default_factory=list)   # Backpack time of each step where it ran,
+    #                                                           since the last read
+
+
+@dataclass
+class RowOutput:
+    """One request's result of a step."""
+    seq_id: int
+    tokens: list[Sampled] = field(default_factory=list)   # in order (vLLM may hand several per step)
+    error: str = ""               # this row failed (e.g. sampling): its request ends alone
+    finished: bool = False        # the runner ended the row itself (vLLM: max_tokens / EOS)
+
+
+class Runner(Protocol):
+    """The model side of an engine. Called only from the engine thread (`start` before it runs)."""
+
+    def start(self) -> None: ...
+    def add(self, seq: Sequence) -> None: ...              # Refused / any exception: that request alone ends
+    def remove(self, seq_id: int) -> None: ...
+    def step(self, running: dict[int, Sequence]) -> list[RowOutput]: ...   # RunnerDead: nothing can run
+    def recover(self) -> None: ...                         # after a failed step: an empty batch
+    def counters(self, idle: bool) -> CoreCounters: ...    # after each step (idle: the batch just emptied)
+    def dead(self) -> str | None: ...                      # why the runner cannot step any more, if so
+    def shutdown(self) -> None: ...
 
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-class EngineStopped(RequestError):
-    def __init__(self):
-        super().__init__(grpc.StatusCode.UNAVAILABLE, "", "server is shutting down")
+def row_params(seq: Sequence) -> RowParams:
+    """What the sampler needs of a request at this step (its output so far decides the min-token masks)."""
+    req = seq.req
+    return RowParams(greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                     mask_eos=len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos,
+                     generator=seq.generator, want_logprob=req.want_logprobs, top_n=req.top_n,
+                     min_p=req.min_p, logit_bias=req.logit_bias, repetition_penalty=req.repetition_penalty,
+                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                     prompt_ids=req.prompt_ids if req.penalized else None,
+                     output_ids=seq.output_ids if req.penalized else None, stop_token_ids=req.stop_token_ids,
+                     mask_stop_ids=len(seq.output_ids) < req.min_new_tokens)
+
+
+def sample_isolated(lp: torch.Tensor, seqs: list[Sequence], eos_id: int) -> list[RowOutput]:
+    """Sample every row together; when that fails, row by row, so only the failing rows get an error."""
+    params = [row_params(s) for s in seqs]
+    try:
+        return [RowOutput(s.seq_id, [out]) for s, out in zip(seqs, sample(lp, params, eos_id))]
+    except Exception:   # noqa: BLE001 - find the faulty row(s): the batch must not pay for one request
+        log.warning("batched sampling failed; sampling row by row", extra={"event": "sampler_fallback"})
+    outs = []
+    for r, (seq, p) in enumerate(zip(seqs, params)):
+        try:
+            outs.append(RowOutput(seq.seq_id, [sample(lp[r:r + 1], [p], eos_id)[0]]))
+        except Exception as e:  # noqa: BLE001 - this request alone ends
+            log.exception("sampling failed for one request", extra={"event": "request_error",
+                                                                     "request_id": seq.req.request_id})
+            outs.append(RowOutput(seq.seq_id, error=f"sampling failed: {_describe(e)}"))
+    return outs
+
+
+class EmbeddedRunner:
+    """The ensemble core's batch session and the batched sampler, in-process."""
+
+    def __init__(self, ensemble, vocab: Vocabulary):
+        self.ensemble = ensemble
+        self.vocab = vocab
+        self.session = None
+        self._totals = CoreCounters()   # the decode steps' share of the core's stats (Score and gate jobs
+        #                                 use the same core between steps)
+
+    def start(self) -> None:
+        self.session = self.ensemble.new_batch()
+
+    def add(self, seq: Sequence) -> None:
+        self.session.add(seq.seq_id, list(seq.req.prompt_ids), list(seq.packs))   # prefilled at the next step
+
+    def remove(self, seq_id: int) -> None:
+        self.session.remove(seq_id)
+
+    def step(self, running: dict[int, Sequence]) -> list[RowOutput]:
+        st = self.ensemble.stats
+        skip, rep, secs = st.exact_skip_rows, st.window_reprefills, st.backpack_seconds
+        lp = self.session.logprobs()
+        t = self._totals
+        t.exact_skip_rows += st.exact_skip_rows - skip
+        t.window_reprefills += st.window_reprefills - rep
+        if st.backpack_seconds > secs:      # a step where the Backpack ran (exact-skip steps are not observed)
+            t.backpack_seconds += st.backpack_seconds - secs
+            t.step_seconds.append(st.backpack_seconds - secs)
+        live = [(r, running[sid]) for r, sid in enumerate(self.session.seq_ids) if sid in running]
+        if not live:
+            return []
+        outs = sample_isolated(lp[[r for r, _ in live]], [s for _, s in live], self.vocab.eos_id)
+        self.session.append({o.seq_id: o.tokens[0].token for o in outs if o.tokens})
+        return outs
+
+    def recover(self) -> None:
+        self.session = self.ensemble.new_batch()
+
+    def counters(self, idle: bool) -> CoreCounters:
+        t = self._totals
+        out = CoreCounters(t.exact_skip_rows, t.window_reprefills, t.backpack_seconds, step_seconds=t.step_seconds)
+        t.step_seconds = []
+        return out
+
+    def dead(self) -> str | None:
+        return None
+
+    def shutdown(self) -> None:
+        pass
 
 
 class Engine:
+    """The serve engine surface (submit / cancel / run_job / drain / stop ...) over a scheduler and a runner.
+
+    `Engine(ensemble, tokenizer, limits, metrics)` is the embedded engine; pass `runner=` for another
+    model runner (serve.vllm.engine.VLLMEngine does)."""
+
     log_name = "engine"
 
-    def __init__(self, ensemble, tokenizer, limits, metrics, lane_every_steps: int = 8):
+    def __init__(self, ensemble, tokenizer, limits, metrics, lane_every_steps: int = 8,
+                 runner: Runner | None = None, vocab: Vocabulary | None = None):
         self.ensemble = ensemble
         self.tokenizer = tokenizer
-        # EOS and the sampling range come from the served pairing (vLLM without an ensemble: its tokenizer).
-        self.vocab: Vocabulary = ensemble.vocab if ensemble is not None else Vocabulary.from_tokenizer(tokenizer)
+        # EOS and the sampling range come from the served pairing (vLLM without an ensemble: its tokenizer)
+        self.vocab: Vocabulary = vocab or (ensemble.vocab if ensemble is not None
+                                           else Vocabulary.from_tokenizer(tokenizer))
         self.limits = limits
         self.metrics = metrics
-        self.lane_every_steps = lane_every_steps
-        self._cond = threading.Condition()
-        self._waiting: list[Sequence] = []
-        self._running: dict[int, Sequence] = {}
-        self._admitting = 0          # taken off _waiting, not yet in _running (counted as running)
-        self._scoring = 0            # Score RPCs in progress (they share the request cap)
-        self._score_tokens = 0       # their token budgets (prefix + longest continuation each)
-        self._high: list[tuple[Callable, Future]] = []
-        self._low: list[tuple[Callable, Future]] = []
-        self._ids = itertools.count(1)
-        self._accepting = True
-        self._stop = False
-        self._steps = 0
-        self._session = None
+        self.scheduler = Scheduler(limits, metrics, lane_every_steps)
+        self.runner: Runner = runner if runner is not None else EmbeddedRunner(ensemble, self.vocab)
+        self.on_dead: Callable[[str], None] | None = None   # called once (engine thread) when the runner dies
+        self.dead: str | None = None
+        self.liveness_interval = 1.0   # s: an idle engine still notices a dead runner this often
+        self._counters = CoreCounters()
         self._thread: threading.Thread | None = None
+        self._steps = 0
         self.decode_steps = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._session = self.ensemble.new_batch()
-        self._thread = threading.Thread(target=self._loop, name="sensepack-engine", daemon=True)
+        self.runner.start()
+        self._thread = threading.Thread(target=self._loop, name=f"sensepack-{self.log_name.replace(' ', '-')}",
+                                        daemon=True)
         self._thread.start()
 
     def stop_accepting(self) -> None:
-        with self._cond:
-            self._accepting = False
-            self._cond.notify_all()
+        self.scheduler.stop_accepting()
 
     def drain(self, timeout: float | None) -> bool:
         """Wait until no request is running or waiting; True when drained."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._waiting or self._running:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cond.wait(timeout=min(left, 0.05) if left is not None else 0.05)
-        return True
+        return self.scheduler.drain(timeout)
 
     def stop(self, drain_timeout: float | None = 0.0) -> None:
         self.stop_accepting()
         if drain_timeout:
             self.drain(drain_timeout)
-        with self._cond:
-            for seq in list(self._waiting) + list(self._running.values()):
-                seq.cancel(CANCELLED)
-            self._stop = True
-            self._cond.notify_all()
+        self.scheduler.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        with self._cond:
-            for fn, fut in self._high + self._low:
-                if not fut.done():
-                    fut.set_exception(EngineStopped())
-            self._high.clear()
-            self._low.clear()
+        self.scheduler.fail_jobs()
+        try:
+            self.runner.shutdown()
+        except Exception:  # noqa: BLE001 - best effort: the process may be exiting
+            log.exception(f"{self.log_name} shutdown failed", extra={"event": "engine_error"})
 
     # ------------------------------------------------------------ public API
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self.scheduler.running)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.scheduler.waiting)
 
     @property
     def scoring(self) -> int:
-        return self._scoring
+        return self.scheduler.scoring
 
     def submit(self, req: GenerationRequest, packs: list, deadline: float | None = None,
-               on_finish=None, user=None) -> Sequence:
-        seed = req.seed
-        gen = None
+               on_finish=None, user=None, frontend: str = GRPC) -> Sequence:
+        seed, gen = req.seed, None
         if not req.greedy:
             if seed is None:
                 seed = int.from_bytes(os.urandom(7), "little")
             gen = torch.Generator().manual_seed(seed)
-        seq = Sequence(next(self._ids), req, packs, queue.Queue(), on_finish, deadline,
-                       generator=gen, seed=seed, user=user)
-        with self._cond:
-            self._check_room()
-            self._waiting.append(seq)
-            self.metrics.waiting.set(len(self._waiting))
-            self._cond.notify_all()
+        seq = Sequence(self.scheduler.next_id(), req, packs, queue.Queue(), on_finish, deadline,
+                       generator=gen, seed=seed, user=user, frontend=frontend)
+        self.scheduler.add(seq)
         return seq
-
-    def _check_room(self) -> None:
-        """Refuse a new request when the queue is full (caller holds _cond)."""
-        if not self._accepting:
-            raise EngineStopped()
-        running = len(self._running) + self._admitting
-        cap = self.limits.max_running + self.limits.max_waiting
-        if running + len(self._waiting) + self._scoring >= cap:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "",
-                               f"queue full: {running} running, {len(self._waiting)} waiting, "
-                               f"{self._scoring} scoring (limits.max_running={self.limits.max_running}, "
-                               f"limits.max_waiting={self.limits.max_waiting})")
 
     def begin_score(self, tokens: int = 0) -> None:
         """Count a Score RPC against the request cap, and its `tokens` (the most it holds at once)
         against limits.max_batched_tokens, until `end_score(tokens)` (RESOURCE_EXHAUSTED when full)."""
-        with self._cond:
-            self._check_room()
-            self._scoring += 1
-            self._score_tokens += tokens
+        self.scheduler.begin_score(tokens)
 
     def end_score(self, tokens: int = 0) -> None:
-        with self._cond:
-            self._scoring -= 1
-            self._score_tokens -= tokens
-            self._cond.notify_all()
+        self.scheduler.end_score(tokens)
 
     def cut(self, reason: str = SHUTDOWN) -> None:
         """End every waiting and running request with `reason` (at the next loop iteration)."""
-        with self._cond:
-            for seq in list(self._waiting) + list(self._running.values()):
-                seq.cancel(reason)
-            self._cond.notify_all()
+        self.scheduler.cut(reason)
 
     def cancel(self, seq: Sequence, reason: str = CANCELLED) -> None:
-        with self._cond:
-            seq.cancel(reason)
-            self._cond.notify_all()
+        self.scheduler.cancel(seq, reason)
 
     def run_job(self, fn: Callable, high: bool = True) -> Future:
-        fut: Future = Future()
-        with self._cond:
-            if self._stop:
-                fut.set_exception(EngineStopped())
-                return fut
-            (self._high if high else self._low).append((fn, fut))
-            self._cond.notify_all()
-        return fut
+        return self.scheduler.submit_job(fn, high)
 
     def pending_low(self) -> int:
-        return len(self._low)
+        return self.scheduler.pending_low()
 
-    # ------------------------------------------------------------ loop
+    # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._stop or self._waiting or self._running or self._high or self._low):
-                    self._cond.wait()
-                if self._stop:
-                    leftovers = list(self._waiting) + list(self._running.values())
-                    self._waiting.clear()
-                else:
-                    leftovers = None
-            if leftovers is not None:
-                for seq in leftovers:
-                    self._finish(seq, seq.cancel_reason or CANCELLED)
-                return
+        sched = self.scheduler
+        while sched.wait_for_work(self.liveness_interval):
             try:
-                self._reap()
-                self._admit()
-                if self._running:
+                why = self.runner.dead()
+                if why:
+                    raise RunnerDead(why)
+                for seq, _ in sched.reap():
+                    self._finish(seq, seq.cancel_reason)
+                self._prefill(sched.schedule())
+                if sched.running:
                     self._step()
-                self._run_jobs()
+                for job in sched.next_jobs(self._steps):
+                    self._run(job)
+            except RunnerDead as e:
+                self._runner_died(_describe(e))
+                return
             except Exception as e:  # the engine must survive one bad step
                 log.exception(f"{self.log_name} step failed", extra={"event": "engine_error"})
-                for seq in list(self._running.values()):
-                    self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}")
-                self._recover()
+                for seq in list(sched.running.values()):
+                    self._finish(seq, ERROR, error=_describe(e))
+                self.runner.recover()
+        for seq in sched.leftovers():
+            self._finish(seq, seq.cancel_reason or CANCELLED)
 
-    def _recover(self) -> None:
-        """After a failed step every running request has been finished: start from an empty batch."""
-        self._session = self.ensemble.new_batch()
+    def _runner_died(self, why: str) -> None:
+        """Nothing can run any more: every request ends UNAVAILABLE, new ones are refused, `on_dead` is told."""
+        log.error(f"{self.log_name}: the model runner died: {why}", extra={"event": "engine_dead"})
+        self.dead = why
+        sched = self.scheduler
+        sched.stop_accepting()
+        sched.cut(UNAVAILABLE)
+        for seq, _ in sched.reap():
+            self._finish(seq, UNAVAILABLE, error=f"the model runner died ({why}); retry")
+        sched.stop()
+        sched.fail_jobs()
+        if self.on_dead is not None:
+            try:
+                self.on_dead(why)
+            except Exception:  # noqa: BLE001 - the requests are ended either way
+                log.exception("on_dead failed", extra={"event": "engine_error"})
 
-    def _reap(self) -> None:
+    def _prefill(self, new: list[Sequence]) -> None:
+        """The newly admitted requests enter the runner's batch; one it refuses ends alone."""
         now = time.monotonic()
-        with self._cond:
-            for seq in list(self._waiting):
-                if seq.deadline is not None and now >= seq.deadline:
-                    seq.cancel(TIME_LIMIT)
-                if seq.cancel_reason:
-                    self._waiting.remove(seq)
-                    self.metrics.waiting.set(len(self._waiting))
-                    self._finish(seq, seq.cancel_reason, admitted=False)
-        for seq in list(self._running.values()):
-            if seq.deadline is not None and now >= seq.deadline:
-                seq.cancel(TIME_LIMIT)
-            if seq.cancel_reason:
-                self._finish(seq, seq.cancel_reason)
-
-    @staticmethod
-    def _budget(seq: Sequence) -> int:
-        """Tokens a request may hold in the batch: its prompt and every token it may generate."""
-        return len(seq.req.prompt_ids) + seq.req.max_new_tokens
-
-    def _admit(self) -> None:
-        """FIFO admission while a running slot is free and, with limits.max_batched_tokens, the running
-        requests' token budgets (prompt + max_new_tokens) leave room for the next one."""
-        budget = self.limits.max_batched_tokens
-        with self._cond:
-            room = self.limits.max_running - len(self._running)
-            new = self._waiting[:max(room, 0)]
-            if budget is not None:
-                used = self._score_tokens + sum(self._budget(s) for s in self._running.values())
-                for k, seq in enumerate(new):
-                    used += self._budget(seq)
-                    if used > budget and (k or self._running or self._score_tokens):   # alone it fits (parse)
-                        new = new[:k]
-                        break
-            del self._waiting[:len(new)]
-            self._admitting = len(new)
-            self.metrics.waiting.set(len(self._waiting))
         try:
-            self._admit_new(new)
+            for k, seq in enumerate(new):
+                try:
+                    self.runner.add(seq)
+                except RunnerDead:      # this one and the rest of the admitted ones end with it
+                    for s in new[k:]:
+                        s.cancel(UNAVAILABLE)
+                        self._finish(s, UNAVAILABLE, error="the model runner died; retry")
+                    raise
+                except Refused as e:
+                    log.warning("request refused by the runner", extra={"event": "engine_add_failed"})
+                    self._finish(seq, REFUSED, error=f"{seq.req.input_field}: {e}")
+                    continue
+                except Exception as e:   # noqa: BLE001 - refused by the core (e.g. invalid edits): this one only
+                    log.exception("request refused by the core", extra={"event": "engine_add_failed"})
+                    self._finish(seq, ERROR, error=_describe(e))
+                    continue
+                self.scheduler.start_running(seq, now)
+                self.metrics.queue_time.labels(seq.frontend).observe(now - seq.arrival)
+                self.metrics.prompt_tokens.inc(len(seq.req.prompt_ids))
         finally:
-            with self._cond:
-                self._admitting = 0
-
-    def _admit_new(self, new: list[Sequence]) -> None:
-        now = time.monotonic()
-        for seq in new:
-            try:
-                self._session.add(seq.seq_id, list(seq.req.prompt_ids), list(seq.packs))
-            except Exception as e:   # refused by the core (e.g. invalid edits): this request only
-                log.exception("request refused by the core", extra={"event": "engine_add_failed"})
-                self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}", admitted=False)
-                continue
-            seq.admitted = now
-            self._running[seq.seq_id] = seq
-            self.metrics.queue_time.observe(now - seq.arrival)
-            self.metrics.prompt_tokens.inc(len(seq.req.prompt_ids))
-        self.metrics.running.set(len(self._running))
-
-    def _core_stats(self) -> tuple[int, int, float]:
-        st = self.ensemble.stats
-        return st.exact_skip_rows, st.window_reprefills, st.backpack_seconds
-
-    def _sync_core_stats(self, before: tuple[int, int, float]) -> None:
-        """Export the core's counters for this step (row-steps skipped, window re-prefills, Backpack time)."""
-        skip, rep, secs = self._core_stats()
-        if skip > before[0]:
-            self.metrics.exact_skip_steps.inc(skip - before[0])
-        if rep > before[1]:
-            self.metrics.window_reprefills.inc(rep - before[1])
-        if secs > before[2]:      # observed only for steps where the Backpack ran (others are exact skips)
-            self.metrics.backpack_step.observe(secs - before[2])
-
-    def _row_params(self, seq: Sequence) -> RowParams:
-        req = seq.req
-        return RowParams(greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                         mask_eos=len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos,
-                         generator=seq.generator, want_logprob=req.want_logprobs, top_n=req.top_n,
-                         min_p=req.min_p, logit_bias=req.logit_bias, repetition_penalty=req.repetition_penalty,
-                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                         prompt_ids=req.prompt_ids if req.penalized else None,
-                         output_ids=seq.output_ids if req.penalized else None, stop_token_ids=req.stop_token_ids,
-                         mask_stop_ids=len(seq.output_ids) < req.min_new_tokens)
-
-    def _sample(self, lp: torch.Tensor, seqs: list[Sequence]) -> dict[int, Sampled]:
-        """Sample every row together; when that fails, row by row, ending only the rows that fail."""
-        params = [self._row_params(s) for s in seqs]
-        try:
-            return {s.seq_id: out for s, out in zip(seqs, sample(lp, params, self.vocab.eos_id))}
-        except Exception:   # find the faulty row(s): the batch must not pay for one request
-            log.warning("batched sampling failed; sampling row by row", extra={"event": "sampler_fallback"})
-        chosen = {}
-        for r, (seq, p) in enumerate(zip(seqs, params)):
-            try:
-                chosen[seq.seq_id] = sample(lp[r:r + 1], [p], self.vocab.eos_id)[0]
-            except Exception as e:  # noqa: BLE001 - this request alone ends
-                log.exception("sampling failed for one request", extra={"event": "request_error",
-                                                                         "request_id": seq.req.request_id})
-                self._finish(seq, ERROR, error=f"sampling failed: {_describe(e)}")
-        return chosen
+            self.scheduler.end_admission()
 
     def _step(self) -> None:
-        before = self._core_stats()
-        lp = self._session.logprobs()
-        rows = list(self._session.seq_ids)
-        self._sync_core_stats(before)
+        running = self.scheduler.running
+        outs = self.runner.step(running)
         self.decode_steps += 1
         self._steps += 1
-        live = [(r, self._running[sid]) for r, sid in enumerate(rows) if sid in self._running]
-        if not live:
-            return
-        chosen = self._sample(lp[[r for r, _ in live]], [s for _, s in live])
-        self._session.append({sid: out.token for sid, out in chosen.items()})
         now = time.monotonic()
-        for sid, out in chosen.items():
-            seq = self._running[sid]
-            try:
-                self._accept(seq, out.token, out.logprob, out.top, now)
-            except Exception as e:  # noqa: BLE001 - e.g. detokenising: this request alone ends
-                log.exception("accepting a token failed", extra={"event": "request_error",
-                                                                  "request_id": seq.req.request_id})
-                self._finish(seq, ERROR, error=f"{_describe(e)}")
+        for out in outs:
+            seq = running.get(out.seq_id)
+            if seq is None or seq.finished is not None:
+                continue
+            if out.error:
+                self._finish(seq, ERROR, error=out.error)
+                continue
+            for s in out.tokens:
+                try:
+                    self._accept(seq, s.token, s.logprob, s.top, now)
+                except Exception as e:  # noqa: BLE001 - e.g. detokenising: this request alone ends
+                    log.exception("accepting a token failed", extra={"event": "request_error",
+                                                                      "request_id": seq.req.request_id})
+                    self._finish(seq, ERROR, error=_describe(e))
+                if seq.finished is not None:
+                    break
+            if out.finished and seq.finished is None:
+                # the runner ended it (vLLM: max_tokens / EOS) without our stop logic firing: finish consistently
+                eos = seq.output_ids and seq.output_ids[-1] == self.vocab.eos_id and not seq.req.ignore_eos
+                self._finish(seq, EOS_TOKEN if eos else MAX_TOKENS)
+        self._export_counters(self.runner.counters(idle=not running))
 
-    def _holdback(self, text: str, stops: list[str]) -> int:
+    def _export_counters(self, now: CoreCounters) -> None:
+        """The core's counters since the last read as metrics (row-steps skipped, window re-prefills,
+        resumed re-adds, Backpack time per step where it ran: exact-skip steps are not observed)."""
+        m, before = self.metrics, self._counters
+        if now.exact_skip_rows > before.exact_skip_rows:
+            m.exact_skip_steps.inc(now.exact_skip_rows - before.exact_skip_rows)
+        if now.window_reprefills > before.window_reprefills:
+            m.window_reprefills.inc(now.window_reprefills - before.window_reprefills)
+        if now.resumed > before.resumed:
+            m.backpack_resumes.inc(now.resumed - before.resumed)
+        for secs in now.step_seconds:
+            m.backpack_step.observe(secs)
+        self._counters = now
+
+    @staticmethod
+    def _holdback(text: str, stops: list[str]) -> int:
         keep = 0
         if text.endswith("\ufffd"):
             keep = len(text) - len(text.rstrip("\ufffd"))
@@ -427,9 +444,9 @@ class Engine:
         seq.output_ids.append(tok)
         n = len(seq.output_ids)
         if seq.last_token is None:
-            self.metrics.ttft.observe(now - seq.arrival)
+            self.metrics.ttft.labels(seq.frontend).observe(now - seq.arrival)
         else:
-            self.metrics.itl.observe(now - seq.last_token)
+            self.metrics.itl.labels(seq.frontend).observe(now - seq.last_token)
         seq.last_token = now
         self.metrics.generation_tokens.inc()
 
@@ -467,48 +484,31 @@ class Engine:
                      last=TokenEvent(tok, "", logprob, top, n))
 
     def _finish(self, seq: Sequence, reason: str, text: str | None = None, stop_seq: str = "",
-                error: str = "", admitted: bool = True, last: TokenEvent | None = None) -> None:
+                error: str = "", last: TokenEvent | None = None) -> None:
         if seq.finished is not None:
             return
         seq.finished = reason
-        if seq.seq_id in self._running:
-            del self._running[seq.seq_id]
+        if self.scheduler.release(seq) and self.dead is None:
             try:
-                self._session.remove(seq.seq_id)
-            except Exception:
-                log.exception("session.remove failed", extra={"event": "engine_error"})
-            self.metrics.running.set(len(self._running))
+                self.runner.remove(seq.seq_id)
+            except Exception:  # noqa: BLE001 - the request ends either way
+                log.exception("runner.remove failed", extra={"event": "engine_error"})
         if text is None:
             try:
                 text = self.tokenizer.decode(seq.output_ids) if seq.output_ids else ""
             except Exception:   # noqa: BLE001 - the request ends either way; its text is lost
                 log.exception("decode failed", extra={"event": "request_error"})
                 text, reason = "", ERROR if reason not in (CANCELLED, TIME_LIMIT) else reason
-        if reason in _NO_TEXT:
-            delta = ""
-        else:
-            delta = text[seq.sent_chars:] if len(text) > seq.sent_chars else ""
+        delta = "" if reason in _NO_TEXT else text[seq.sent_chars:]
         if seq.last_token is not None:
-            self.metrics.e2e.observe(time.monotonic() - seq.arrival)
+            self.metrics.e2e.labels(seq.frontend).observe(time.monotonic() - seq.arrival)
         try:
             if seq.on_finish is not None:
                 seq.on_finish(seq, reason)
         finally:
             seq.events.put(FinishEvent(reason, text, delta, list(seq.output_ids), stop_seq, error, last))
-            with self._cond:
-                self._cond.notify_all()
-
-    def _run_jobs(self) -> None:
-        with self._cond:
-            job = self._high.pop(0) if self._high else None
-        if job is not None:
-            self._run(job)
-        idle = not self._running and not self._waiting
-        if idle or self._steps % self.lane_every_steps == 0:
-            with self._cond:
-                job = self._low.pop(0) if self._low else None
-            if job is not None:
-                self._run(job)
+            with self.scheduler.cond:
+                self.scheduler.cond.notify_all()
 
     @staticmethod
     def _run(job) -> None:

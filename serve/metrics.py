@@ -10,9 +10,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # the `method` label's closed set: anything else a client sends (e.g. a made-up admin method) is "unknown"
-METHODS = frozenset({"Generate", "GenerateStream", "Score", "Tokenize", "ModelInfo",
-                     "ListPacks", "LoadPack", "SetAlias", "UnloadPack", "ABReport"})
+GRPC_METHODS = ("Generate", "GenerateStream", "Score", "Tokenize", "ModelInfo")
+HTTP_METHODS = ("completions", "chat.completions", "models")      # /v1/<method>
+METHODS = frozenset(GRPC_METHODS + HTTP_METHODS + ("ListPacks", "LoadPack", "SetAlias", "UnloadPack", "ABReport"))
 UNKNOWN_METHOD = "unknown"
+# the `frontend` label's closed set; `status` is the gRPC status name on both (serve.errors.STATUS)
+GRPC, HTTP = "grpc", "http"
 
 
 def method_label(name: str) -> str:
@@ -26,16 +29,20 @@ _STEP = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
-        self.requests = Counter("sensepack_requests", "Finished RPCs by method and gRPC status",
-                                ["method", "status"], registry=r)
+        self.requests = Counter("sensepack_requests", "Finished requests by method, status (gRPC status name, "
+                                "for HTTP too) and front-end (grpc, http)", ["method", "status", "frontend"],
+                                registry=r)
         self.ttft = Histogram("sensepack_time_to_first_token_seconds", "Admission to first generated token",
-                              buckets=_LATENCY, registry=r)
+                              ["frontend"], buckets=_LATENCY, registry=r)
         self.itl = Histogram("sensepack_inter_token_latency_seconds", "Time between generated tokens",
-                             buckets=_LATENCY, registry=r)
+                             ["frontend"], buckets=_LATENCY, registry=r)
         self.e2e = Histogram("sensepack_e2e_request_latency_seconds", "Arrival to last token",
-                             buckets=_E2E, registry=r)
+                             ["frontend"], buckets=_E2E, registry=r)
         self.queue_time = Histogram("sensepack_queue_time_seconds", "Arrival to joining the running batch",
-                                    buckets=_LATENCY, registry=r)
+                                    ["frontend"], buckets=_LATENCY, registry=r)
+        for h in (self.ttft, self.itl, self.e2e, self.queue_time):   # both series exist from the start
+            for frontend in (GRPC, HTTP):
+                h.labels(frontend)
         self.running = Gauge("sensepack_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("sensepack_requests_waiting", "Requests waiting to join the batch", registry=r)
         self.prompt_tokens = Counter("sensepack_prompt_tokens", "Prompt tokens admitted", registry=r)
@@ -47,16 +54,22 @@ class Metrics:
                                         "Row-steps served without running the Backpack (exact skip)", registry=r)
         self.window_reprefills = Counter("sensepack_backpack_window_reprefills",
                                          "Backpack sliding-window re-prefills past its context", registry=r)
+        self.backpack_resumes = Counter("sensepack_backpack_resumes",
+                                        "vLLM re-adds of a request that resumed its parked Backpack state "
+                                        "(no Backpack prefill)", registry=r)
         self.pack_loads = Counter("sensepack_pack_loads", "Pack version loads by result", ["result"], registry=r)
         self.active_pack = Gauge("sensepack_active_pack_info", "Routed pack versions (value 1)",
                                  ["pack", "version", "alias"], registry=r)
         self.requests_by_pack = Counter("sensepack_requests_by_pack", "Requests naming a pack, by arm",
                                         ["pack", "arm"], registry=r)
-        self.ab_ratio = Gauge("sensepack_ab_ball_ratio", "Live A/B loss ratio B/A (pack / base)", ["pack"], registry=r)
+        # per (pack, version): a series exists only while the version's live record does (resident, or
+        # kept after a breach for ABReport); `drop_version` removes it when the version leaves memory
+        self.ab_ratio = Gauge("sensepack_ab_ball_ratio", "Live A/B loss ratio B/A (pack / base)",
+                              ["pack", "version"], registry=r)
         self.ab_ci_upper = Gauge("sensepack_ab_ball_ratio_ci_upper", "Upper confidence bound of the live ratio",
-                                 ["pack"], registry=r)
+                                 ["pack", "version"], registry=r)
         self.ab_ci_lower = Gauge("sensepack_ab_ball_ratio_ci_lower", "Lower confidence bound of the live ratio",
-                                 ["pack"], registry=r)
+                                 ["pack", "version"], registry=r)
         self.ab_samples = Counter("sensepack_ab_samples", "Requests re-scored under both arms", ["pack"], registry=r)
         self.ab_breaches = Counter("sensepack_ab_breaches", "Confirmed live ball breaches", ["pack"], registry=r)
         self.auto_disables = Counter("sensepack_pack_auto_disables", "Packs disabled after a breach",
@@ -67,8 +80,10 @@ class Metrics:
                                 ["pack", "version"], registry=r)
         self._active_labels: set[tuple[str, str, str]] = set()
         # series that exist from the start (dashboards and rate() need them before the first event)
-        for method in ("Generate", "GenerateStream", "Score", "Tokenize", "ModelInfo"):
-            self.requests.labels(method, "OK")
+        for method in GRPC_METHODS:
+            self.requests.labels(method, "OK", GRPC)
+        for method in HTTP_METHODS:
+            self.requests.labels(method, "OK", HTTP)
         for result in ("ok", "refused_gate", "incompatible", "invalid", "not_found"):
             self.pack_loads.labels(result)
 
@@ -77,6 +92,15 @@ class Metrics:
         self.ab_samples.labels(pack)
         self.ab_breaches.labels(pack)
         self.auto_disables.labels(pack)
+
+    def drop_version(self, pack: str, version: str) -> None:
+        """A version's live record is gone: remove its A/B series (the series count stays bounded by the
+        resident versions however many versions are cycled through)."""
+        for g in (self.ab_ratio, self.ab_ci_lower, self.ab_ci_upper):
+            try:
+                g.remove(pack, version)
+            except KeyError:
+                pass
 
     def set_active_packs(self, routes: list[tuple[str, str, str]]) -> None:
         """routes: (pack, version, alias) with alias "" for the plain name route."""

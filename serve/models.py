@@ -6,7 +6,6 @@ import logging
 import tempfile
 from dataclasses import dataclass
 
-import torch
 
 log = logging.getLogger("sensepack.models")
 
@@ -98,11 +97,6 @@ def open_pack_store(store_cfg, served: Served, demo_epsilon: float = 0.05):
         if "prod" not in store.aliases(p.name):
             store.set_alias(p.name, "prod", version)
     return store, uri, temporary
-
-
-def torch_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------- profiles, no server

@@ -29,12 +29,12 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
-
-import grpc
+from typing import Callable, Protocol
 
 from ensemble.edits import PackRef, SenseEdits
-from serve.params import PackRequest, RequestError, invalid
+from serve.errors import (DeadlineExceeded, PackNotFound, PackRefused, ServeError, Unavailable,
+                          from_pack_error)
+from serve.params import PackRequest, invalid, parse_pack_ref
 
 log = logging.getLogger("sensepack.packs")
 
@@ -109,13 +109,38 @@ class Admission:
             self._manager._release(self.pins)
 
 
-def _status(err) -> grpc.StatusCode:
-    name = getattr(err, "status", "INVALID_ARGUMENT")
-    return getattr(grpc.StatusCode, name, grpc.StatusCode.FAILED_PRECONDITION)
+class PackSource(Protocol):
+    """Where versions come from (edits_store.PackStore, or any store with this surface)."""
+
+    def load(self, ref: str, expect): ...
+    def resolve(self, ref: str) -> tuple[str, str]: ...
+    def set_alias(self, name: str, alias: str, version: str) -> None: ...
 
 
-class PackLoadError(RequestError):
-    pass
+class GateFn(Protocol):
+    """The activation gate (serve.abtest.Gate): measures a version's ball ratio."""
+
+    fingerprint: str | None
+
+    def __call__(self, r: "Resident", deadline: float | None = None) -> GateResult: ...
+
+
+class ArmPolicy(Protocol):
+    """The live A/B monitor as the pack manager sees it (serve.abtest.LiveMonitor)."""
+
+    def assign(self, pack: str, key: str) -> tuple[str, bool]: ...
+    def reset(self, pack: str, version: str) -> None: ...
+    def forget(self, pack: str, version: str) -> None: ...
+    def on_breach(self, callback: Callable[[str, str, str], list[str]]) -> None: ...
+
+
+class ResidentTable(dict):
+    """(name, version) -> Resident, owned by one PackManager (mutated under its lock). Built before the
+    manager so that an engine can read resident edits from it (serve.vllm.resolver.PackManagerSource)
+    without depending on the manager."""
+
+    def residents(self) -> list["Resident"]:
+        return list(self.values())
 
 
 def _with_trusted_keys(expect, keys):
@@ -131,22 +156,23 @@ def _with_trusted_keys(expect, keys):
 
 
 class PackManager:
-    """`source` is a serve.store_source.Source; `gate(resident) -> GateResult`."""
+    """`source`: the pack store; `gate(resident) -> GateResult`; `ab`: the live monitor, which reports
+    confirmed breaches back through `on_breach` (auto-disable)."""
 
-    def __init__(self, source, expectations, target_fingerprint: str, config, metrics,
-                 gate: Callable[[Resident], GateResult] | None = None, ab=None):
+    def __init__(self, source: PackSource, expectations, target_fingerprint: str, config, metrics,
+                 gate: GateFn | None = None, ab: ArmPolicy | None = None, residents: ResidentTable | None = None):
         self.source = source
         self.expect = _with_trusted_keys(expectations, config.packs.trusted_keys)
         self.target_fingerprint = target_fingerprint
         self.cfg = config            # the full Config (packs, gate, ab sections)
         self.metrics = metrics
         self.gate = gate
-        self.ab = ab                 # serve.abtest.LiveMonitor or None
+        self.ab = ab
         self._lock = threading.RLock()
-        self._resident: dict[tuple[str, str], Resident] = {}
+        self._resident: ResidentTable = residents if residents is not None else ResidentTable()
         self._routes: dict[str, Resident | None] = {}
         self._history: dict[str, list[Resident]] = {}
-        self._refused: dict[str, tuple[grpc.StatusCode, str]] = {}
+        self._refused: dict[str, tuple[type[ServeError], str]] = {}
         self._loading: dict[tuple[str, str], Future] = {}
         self._disabled: dict[tuple[str, str], str] = {}     # version -> reason; survives eviction
         self._unloaded: set[tuple[str, str]] = set()          # UnloadPack'ed; requests may not reload them
@@ -154,10 +180,12 @@ class PackManager:
         self._activation_lock = threading.Lock()
         self._subscription = None
         self.swaps = 0
+        if ab is not None:
+            ab.on_breach(self._on_breach)
 
     # ------------------------------------------------------------ loading
     def _load(self, name: str, version: str, by_request: bool = False, deadline: float | None = None) -> Resident:
-        """Load + validate + gate one version (deduplicated); raises PackLoadError.
+        """Load + validate + gate one version (deduplicated); raises a ServeError.
 
         by_request: a request asked (load_on_request): an unloaded version stays unloaded, and the gate
         runs within `deadline` (time.monotonic()).
@@ -165,9 +193,8 @@ class PackManager:
         key = (name, version)
         with self._lock:
             if by_request and key in self._unloaded:
-                raise PackLoadError(grpc.StatusCode.NOT_FOUND, "",
-                                    f"pack {name}@{version} was unloaded by an operator (PackAdmin.UnloadPack); "
-                                    "an admin LoadPack or SetAlias brings it back")
+                raise PackNotFound("", f"pack {name}@{version} was unloaded by an operator (PackAdmin.UnloadPack); "
+                                       "an admin LoadPack or SetAlias brings it back")
             r = self._resident.get(key)
             if r is not None and r.state in ("resident", "disabled"):
                 return r
@@ -176,7 +203,7 @@ class PackManager:
                 return r
             refused = self._refused.get(f"{name}@{version}")
             if refused is not None:
-                raise PackLoadError(refused[0], "", refused[1])
+                raise refused[0]("", refused[1])
             fut = self._loading.get(key)
             owner = fut is None
             if owner:
@@ -185,8 +212,7 @@ class PackManager:
             try:
                 return fut.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
             except TimeoutError:
-                raise PackLoadError(grpc.StatusCode.DEADLINE_EXCEEDED, "",
-                                    f"pack {name}@{version}: deadline exceeded while it loads") from None
+                raise DeadlineExceeded("", f"pack {name}@{version}: deadline exceeded while it loads") from None
         try:
             r = self._load_uncached(name, version, deadline)
             with self._lock:
@@ -203,12 +229,12 @@ class PackManager:
             with self._lock:
                 self._loading.pop(key, None)
 
-    def _refuse(self, ref: str, code: grpc.StatusCode, message: str, result: str) -> PackLoadError:
+    def _refuse(self, ref: str, message: str, result: str) -> PackRefused:
         with self._lock:
-            self._refused[ref] = (code, message)
+            self._refused[ref] = (PackRefused, message)
         self.metrics.pack_loads.labels(result).inc()
         log.warning("pack refused", extra={"event": "pack_refused", "pack": ref, "result": result, "reason": message})
-        return PackLoadError(code, "", message)
+        return PackRefused("", message)
 
     def _load_uncached(self, name: str, version: str, deadline: float | None = None) -> Resident:
         from edits_store.errors import IncompatiblePackError, MissingBetaError, PackError, PackNotFoundError
@@ -220,13 +246,11 @@ class PackManager:
             entry = contents.manifest.beta_for(self.target_fingerprint)
         except PackNotFoundError as e:
             self.metrics.pack_loads.labels("not_found").inc()
-            raise PackLoadError(grpc.StatusCode.NOT_FOUND, "", f"pack {ref}: {e}") from None
+            raise PackNotFound("", f"pack {ref}: {e}") from None
         except (IncompatiblePackError, MissingBetaError) as e:
-            raise self._refuse(ref, grpc.StatusCode.FAILED_PRECONDITION, f"pack {ref} refused: {e}",
-                               "incompatible") from None
-        except PackError as e:
-            raise self._refuse(ref, grpc.StatusCode.FAILED_PRECONDITION, f"pack {ref} refused (invalid): {e}",
-                               "invalid") from None
+            raise self._refuse(ref, f"pack {ref} refused: {e}", "incompatible") from None
+        except PackError as e:       # malformed or untrusted contents: this version cannot serve here
+            raise self._refuse(ref, f"pack {ref} refused (invalid): {e}", "invalid") from None
         edits = SenseEdits(contents.token_ids.clone(), contents.sense_ids.clone(), contents.deltas.clone())
         eps = self.cfg.gate.epsilon
         if eps is None:
@@ -237,8 +261,7 @@ class PackManager:
             r.gate = g
             self.metrics.gate_ratio.labels(name, version).set(g.ratio)
             if not g.passed:
-                raise self._refuse(ref, grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"pack {ref} refused by the ball gate: ratio {g.ratio:.6f} > 1+epsilon "
+                raise self._refuse(ref, f"pack {ref} refused by the ball gate: ratio {g.ratio:.6f} > 1+epsilon "
                                    f"({1 + g.epsilon:.6f}) at beta {g.beta:g} over {g.tokens} tokens",
                                    "refused_gate")
         self.metrics.pack_loads.labels("ok").inc()
@@ -259,9 +282,8 @@ class PackManager:
         try:
             g = self.gate(r, deadline=deadline) if deadline is not None else self.gate(r)
         except TimeoutError:
-            raise PackLoadError(grpc.StatusCode.DEADLINE_EXCEEDED, "",
-                                f"pack {r.ref}: the request's deadline ended during the activation gate "
-                                "(load it with PackAdmin.LoadPack first)") from None
+            raise DeadlineExceeded("", f"pack {r.ref}: the request's deadline ended during the activation gate "
+                                       "(load it with PackAdmin.LoadPack first)") from None
         self.metrics.gate_runs.inc()
         with self._lock:
             self._gate_cache[key] = g
@@ -308,14 +330,13 @@ class PackManager:
         if found:
             return r
         if not self.cfg.packs.load_on_request:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f,
-                               f"pack {pr.ref!r} is not loaded (packs.load_on_request is off)")
+            raise PackNotFound(f, f"pack {pr.ref!r} is not loaded (packs.load_on_request is off)")
         bound = time.monotonic() + self.cfg.packs.request_load_timeout_s
         deadline = bound if deadline is None else min(deadline, bound)
         try:
             name, version, r = self._load_ref(pr.ref, by_request=True, deadline=deadline)
-        except RequestError as e:
-            raise RequestError(e.code, f, e.args[0].split(": ", 1)[-1] if e.field else e.message) from None
+        except ServeError as e:
+            raise e.at(f) from None
         if r.state != "resident":
             return r
         if pr.tag is None:
@@ -326,7 +347,7 @@ class PackManager:
         return r2 if found else r
 
     def admit(self, packs: list[PackRequest], ab_key: str = "", deadline: float | None = None) -> Admission:
-        """Resolve, check β, assign A/B arms and pin; raises RequestError naming the field."""
+        """Resolve, check β, assign A/B arms and pin; raises a ServeError naming the field."""
         pins: list[Pin] = []
         try:
             for pr in packs:
@@ -344,8 +365,8 @@ class PackManager:
                             pin = Pin(pr, r, beta, "pack")
                     break
                 else:
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, pr.field + ".ref",
-                                       f"pack {pr.ref!r} was unloaded while admitting the request; retry")
+                    raise Unavailable(pr.field + ".ref",
+                                      f"pack {pr.ref!r} was unloaded while admitting the request; retry")
                 if pin.resident is not None and self.ab is not None:
                     pin.arm, pin.in_experiment = self.ab.assign(pr.name, ab_key)
                 pins.append(pin)
@@ -394,19 +415,18 @@ class PackManager:
             name, version = self.source.resolve(ref)
         except PackNotFoundError as e:
             self.metrics.pack_loads.labels("not_found").inc()
-            raise RequestError(grpc.StatusCode.NOT_FOUND, "", f"unknown pack {ref!r}: {e}") from None
+            raise PackNotFound("", f"unknown pack {ref!r}: {e}") from None
         except PackError as e:
-            raise RequestError(_status(e), "", f"pack {ref!r}: {e}") from None
+            raise from_pack_error(e, "", f"pack {ref!r}: {e}") from None
         return name, version, self._load(name, version, by_request, deadline)
 
     def activate(self, ref: str, activate: bool = True) -> tuple[Resident, list[str]]:
         """Load (and gate) `ref`; with activate, route ``name`` (and ``name@alias``) to it."""
-        from serve.params import parse_pack_ref
         name, tag = parse_pack_ref(ref, "ref")
         try:
             _, version, r = self._load_ref(ref)
-        except RequestError as e:
-            raise RequestError(e.code, "ref", e.message) from None
+        except ServeError as e:
+            raise type(e)("ref", e.message) from None
         self._enable(r)
         routes: list[str] = []
         if activate:
@@ -461,7 +481,6 @@ class PackManager:
         return r, routes
 
     def unload(self, ref: str) -> tuple[str, str, bool]:
-        from serve.params import parse_pack_ref
         name, tag = parse_pack_ref(ref, "ref")
         with self._lock:
             if tag is None:
@@ -469,7 +488,7 @@ class PackManager:
             else:
                 r = self._routes.get(f"{name}@{tag}") or self._resident.get((name, tag))
             if r is None:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, "ref", f"pack {ref!r} is not resident")
+                raise PackNotFound("ref", f"pack {ref!r} is not resident")
             for route in [k for k, v in self._routes.items() if v is r]:
                 del self._routes[route]
             for hist in self._history.values():
@@ -508,6 +527,10 @@ class PackManager:
         log.error("pack disabled", extra={"event": "pack_disabled", "pack": f"{name}@{version}",
                                            "reason": reason, "routes": moved})
         return moved
+
+    def _on_breach(self, name: str, version: str, reason: str) -> list[str]:
+        """The live monitor confirmed a breach and auto-disable is on."""
+        return self.disable(name, version, reason)
 
     def _publish_routes(self) -> None:
         labels = []
@@ -558,7 +581,7 @@ class PackManager:
                 return
             try:
                 r = self._load(name, version)
-            except RequestError as e:
+            except ServeError as e:
                 log.warning("alias move refused", extra={"event": "alias_move_refused", "route": route,
                                                          "version": version, "reason": e.message})
                 return

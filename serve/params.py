@@ -1,6 +1,6 @@
 """Request validation at the boundary: proto message -> one validated dataclass.
 
-Every problem raises `RequestError` with a gRPC status code and a message that
+Every problem raises `serve.errors.InvalidRequest` with a message that
 starts with the offending field (``sampling.top_p: must lie in [0, 1], got 1.5``).
 Pack references are checked for syntax here; resolving them (NOT_FOUND,
 FAILED_PRECONDITION, β range) is the pack manager's job.
@@ -10,36 +10,19 @@ from __future__ import annotations
 import uuid
 
 import math
-import re
 from dataclasses import dataclass, field
 
-import grpc
-
+from edits_store import InvalidReferenceError, parse_pack_reference
 from ensemble.vocab import Vocabulary
-from proto import pb
+from sensepack_proto import pb
+from serve.errors import InvalidRequest
 
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_TAG = r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}"
-PACK_REF_RE = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<tag>{_TAG}))?$")
 MAX_REQUEST_ID = 256
 MAX_TEXT_CHARS = 1_000_000
 
 
-class RequestError(Exception):
-    """A request the server refuses; `code` is the gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}" if field_name else message)
-        self.code = code
-        self.field = field_name
-
-    @property
-    def message(self) -> str:
-        return str(self)
-
-
-def invalid(field_name: str, message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, field_name, message)
+def invalid(field_name: str, message: str) -> InvalidRequest:
+    return InvalidRequest(field_name, message)
 
 
 @dataclass(frozen=True)
@@ -104,32 +87,37 @@ def _finite(field_name: str, x: float) -> float:
 def parse_pack_ref(ref: str, field_name: str = "ref") -> tuple[str, str | None]:
     if not ref:
         raise invalid(field_name, "empty pack reference (expected name, name@version or name@alias)")
-    m = PACK_REF_RE.fullmatch(ref)     # fullmatch: `$` alone would accept a trailing newline
-    if not m:
-        raise invalid(field_name, f"malformed pack reference {ref!r} (expected name, name@version or name@alias)")
-    return m.group("name"), m.group("tag")
+    try:
+        parsed = parse_pack_reference(ref)  # the store's grammar: what it would refuse is refused here
+    except InvalidReferenceError as exc:
+        raise invalid(field_name, f"malformed pack reference {ref!r}: {exc.detail}") from None
+    return parsed.name, parsed.selector
 
 
 def parse_packs(specs, limits, base_only: bool = False, prefix: str = "packs") -> list[PackRequest]:
+    """specs: (ref, beta or None) pairs, in request order."""
     specs = list(specs)
     if base_only and specs:
         raise invalid("base_only", f"base_only excludes packs, but {len(specs)} pack(s) are named")
     if len(specs) > limits.max_packs_per_request:
         raise invalid(prefix, f"{len(specs)} packs named, limit {limits.max_packs_per_request}")
     out, seen = [], set()
-    for i, spec in enumerate(specs):
+    for i, (ref, beta) in enumerate(specs):
         f = f"{prefix}[{i}]"
-        name, tag = parse_pack_ref(spec.ref, f + ".ref")
+        name, tag = parse_pack_ref(ref, f + ".ref")
         if name in seen:
             raise invalid(f + ".ref", f"pack {name!r} is named twice")
         seen.add(name)
-        beta = None
-        if spec.HasField("beta"):
-            beta = _finite(f + ".beta", spec.beta)
+        if beta is not None:
+            beta = _finite(f + ".beta", beta)
             if beta < 0:
                 raise invalid(f + ".beta", f"must be >= 0, got {beta}")
-        out.append(PackRequest(spec.ref, name, tag, beta, f))
+        out.append(PackRequest(ref, name, tag, beta, f))
     return out
+
+
+def _pb_packs(specs) -> list[tuple[str, float | None]]:
+    return [(s.ref, s.beta if s.HasField("beta") else None) for s in specs]
 
 
 def _check_ids(ids, field_name: str, max_len: int, what: str, vocab: Vocabulary) -> list[int]:
@@ -173,10 +161,10 @@ def _tokenize_text(tokenizer, text: str, field_name: str, max_len: int, what: st
     return list(ids)
 
 
-def _request_id(rid: str) -> str:
+def _request_id(rid: str, field_name: str = "request_id") -> str:
     """The client's id, or a fresh one: every request needs a key for logs and the A/B split."""
     if len(rid) > MAX_REQUEST_ID:
-        raise invalid("request_id", f"longer than {MAX_REQUEST_ID} characters")
+        raise invalid(field_name, f"longer than {MAX_REQUEST_ID} characters")
     return rid or uuid.uuid4().hex
 
 
@@ -190,102 +178,179 @@ def _input_ids(req, oneof: str, text_field: str, ids_field: str, what: str, toke
     return which, _check_ids(getattr(req, ids_field).ids, f"{ids_field}.ids", limit, what, vocab)
 
 
-def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int,
-                   vocab: Vocabulary) -> GenerationRequest:
-    """`vocab`: the served pairing's (token ids and top_k are bounded by its size)."""
-    rid = _request_id(req.request_id)
-    which, prompt = _input_ids(req, "input", "text", "token_ids", "prompt", tokenizer, limits.max_prompt_tokens, vocab)
+@dataclass
+class GenerateInput:
+    """A generation request as a front-end received it, before validation (the proto's groups, flat).
 
-    s, st, ro = req.sampling, req.stopping, req.response
-    if s.method not in (pb.GREEDY, pb.SAMPLE):
-        raise invalid("sampling.method", f"unknown decoding method {s.method}")
-    greedy = s.method == pb.GREEDY
-    temperature = _finite("sampling.temperature", s.temperature)
+    `max_new_tokens` 0 takes limits.default_max_new_tokens; `temperature` 0 with `greedy` False samples
+    at 1.0 (the proto's rule; the HTTP front-end maps OpenAI's temperature 0 to greedy itself)."""
+    request_id: str = ""
+    text: str | None = None
+    prompt_ids: list[int] | None = None
+    greedy: bool = True
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    max_new_tokens: int = 0
+    min_new_tokens: int = 0
+    stop_sequences: list[str] = field(default_factory=list)
+    include_stop_sequence: bool = False
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    want_tokens: bool = False
+    want_logprobs: bool = False
+    top_n: int = 0
+    want_input_tokens: bool = False
+    want_prompt_logprobs: bool = False
+    repetition_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    packs: list[tuple[str, float | None]] = field(default_factory=list)
+    base_only: bool = False
+    ab_key: str = ""
+
+
+# Field names in error messages: the proto's paths; a front-end passes its own names for the same fields.
+GRPC_FIELDS: dict[str, str] = {}
+
+
+def validate_generation(g: GenerateInput, tokenizer, limits, context_len: int, vocab: Vocabulary,
+                        names: dict[str, str] | None = None) -> GenerationRequest:
+    """The one validation of a generation request, whichever front-end it came from. `names` maps the
+    proto's field paths (``sampling.top_p``) to the front-end's (``top_p``) in error messages."""
+    names = names or GRPC_FIELDS
+
+    def n(key: str) -> str:
+        return names.get(key, key)
+
+    rid = _request_id(g.request_id, n("request_id"))
+    if g.text is not None:
+        which = "text"
+        prompt = _tokenize_text(tokenizer, g.text, n("text"), limits.max_prompt_tokens, "prompt")
+    elif g.prompt_ids is not None:
+        which = "token_ids"
+        prompt = _check_ids(g.prompt_ids, n("token_ids.ids"), limits.max_prompt_tokens, "prompt", vocab)
+    else:
+        raise invalid(n("input"), "a prompt is required: set text or token_ids")
+
+    greedy = g.greedy
+    temperature = _finite(n("sampling.temperature"), g.temperature)
     if temperature < 0 or temperature > limits.max_temperature:
-        raise invalid("sampling.temperature", f"must lie in [0, {limits.max_temperature}], got {temperature}")
+        raise invalid(n("sampling.temperature"), f"must lie in [0, {limits.max_temperature}], got {temperature}")
     if not greedy and temperature == 0:
         temperature = 1.0
-    if s.top_k < 0 or s.top_k > vocab.size:
-        raise invalid("sampling.top_k", f"must lie in [0, {vocab.size}], got {s.top_k}")
-    top_p = _finite("sampling.top_p", s.top_p)
+    if g.top_k < 0 or g.top_k > vocab.size:
+        raise invalid(n("sampling.top_k"), f"must lie in [0, {vocab.size}], got {g.top_k}")
+    top_p = _finite(n("sampling.top_p"), g.top_p)
     if top_p < 0 or top_p > 1:
-        raise invalid("sampling.top_p", f"must lie in [0, 1], got {top_p}")
+        raise invalid(n("sampling.top_p"), f"must lie in [0, 1], got {top_p}")
     seed = None
-    if s.HasField("seed"):
-        if s.seed < 0:
-            raise invalid("sampling.seed", f"must be >= 0, got {s.seed}")
-        seed = int(s.seed)
+    if g.seed is not None:
+        if g.seed < 0:
+            raise invalid(n("sampling.seed"), f"must be >= 0, got {g.seed}")
+        seed = int(g.seed)
 
-    if st.max_new_tokens < 0:
-        raise invalid("stopping.max_new_tokens", f"must be >= 0, got {st.max_new_tokens}")
-    max_new = st.max_new_tokens or limits.default_max_new_tokens
+    f_max = n("stopping.max_new_tokens")
+    if g.max_new_tokens < 0:
+        raise invalid(f_max, f"must be >= 0, got {g.max_new_tokens}")
+    max_new = g.max_new_tokens or limits.default_max_new_tokens
     if max_new > limits.max_new_tokens:
-        raise invalid("stopping.max_new_tokens", f"{max_new} above the limit {limits.max_new_tokens}")
+        raise invalid(f_max, f"{max_new} above the limit {limits.max_new_tokens}")
     if len(prompt) + max_new > context_len:
-        raise invalid("stopping.max_new_tokens",
-                      f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the model context ({context_len})")
+        raise invalid(f_max, f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the model context "
+                             f"({context_len})")
     budget = limits.max_batched_tokens
     if budget is not None and len(prompt) + max_new > budget:
-        raise invalid("stopping.max_new_tokens",
-                      f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds limits.max_batched_tokens "
-                      f"({budget})")
-    if st.min_new_tokens < 0 or st.min_new_tokens > max_new:
-        raise invalid("stopping.min_new_tokens", f"must lie in [0, max_new_tokens={max_new}], got {st.min_new_tokens}")
-    stops = list(st.stop_sequences)
+        raise invalid(f_max, f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds "
+                             f"limits.max_batched_tokens ({budget})")
+    if g.min_new_tokens < 0 or g.min_new_tokens > max_new:
+        raise invalid(n("stopping.min_new_tokens"),
+                      f"must lie in [0, max_new_tokens={max_new}], got {g.min_new_tokens}")
+    stops = list(g.stop_sequences)
+    f_stop = n("stopping.stop_sequences")
     if len(stops) > limits.max_stop_sequences:
-        raise invalid("stopping.stop_sequences", f"{len(stops)} given, limit {limits.max_stop_sequences}")
+        raise invalid(f_stop, f"{len(stops)} given, limit {limits.max_stop_sequences}")
     for i, seq in enumerate(stops):
         if not seq:
-            raise invalid(f"stopping.stop_sequences[{i}]", "empty stop sequence")
+            raise invalid(f"{f_stop}[{i}]", "empty stop sequence")
         if len(seq) > limits.max_stop_sequence_chars:
-            raise invalid(f"stopping.stop_sequences[{i}]", f"longer than {limits.max_stop_sequence_chars} characters")
-    if ro.top_n_tokens < 0 or ro.top_n_tokens > limits.max_top_n_tokens:
-        raise invalid("response.top_n_tokens", f"must lie in [0, {limits.max_top_n_tokens}], got {ro.top_n_tokens}")
+            raise invalid(f"{f_stop}[{i}]", f"longer than {limits.max_stop_sequence_chars} characters")
+    if g.top_n < 0 or g.top_n > limits.max_top_n_tokens:
+        raise invalid(n("response.top_n_tokens"), f"must lie in [0, {limits.max_top_n_tokens}], got {g.top_n}")
 
-    rep_pen = _finite("sampling.repetition_penalty", s.repetition_penalty) or 1.0
+    rep_pen = _finite(n("sampling.repetition_penalty"), g.repetition_penalty) or 1.0
     if not 0 < rep_pen <= 10:
-        raise invalid("sampling.repetition_penalty", f"must lie in (0, 10] (0: off), got {rep_pen}")
-    pres = _finite("sampling.presence_penalty", s.presence_penalty)
-    freq = _finite("sampling.frequency_penalty", s.frequency_penalty)
-    for name, v in (("presence_penalty", pres), ("frequency_penalty", freq)):
+        raise invalid(n("sampling.repetition_penalty"), f"must lie in (0, 10] (0: off), got {rep_pen}")
+    pres = _finite(n("sampling.presence_penalty"), g.presence_penalty)
+    freq = _finite(n("sampling.frequency_penalty"), g.frequency_penalty)
+    for key, v in (("sampling.presence_penalty", pres), ("sampling.frequency_penalty", freq)):
         if not -2 <= v <= 2:
-            raise invalid(f"sampling.{name}", f"must lie in [-2, 2], got {v}")
-    min_p = _finite("sampling.min_p", s.min_p)
+            raise invalid(n(key), f"must lie in [-2, 2], got {v}")
+    min_p = _finite(n("sampling.min_p"), g.min_p)
     if not 0 <= min_p <= 1:
-        raise invalid("sampling.min_p", f"must lie in [0, 1], got {min_p}")
-    if len(s.logit_bias) > limits.max_logit_bias:
-        raise invalid("sampling.logit_bias", f"{len(s.logit_bias)} entries, limit {limits.max_logit_bias}")
+        raise invalid(n("sampling.min_p"), f"must lie in [0, 1], got {min_p}")
+    f_bias = n("sampling.logit_bias")
+    if len(g.logit_bias) > limits.max_logit_bias:
+        raise invalid(f_bias, f"{len(g.logit_bias)} entries, limit {limits.max_logit_bias}")
     bias = {}
-    for t, v in sorted(s.logit_bias.items()):
-        f = f"sampling.logit_bias[{t}]"
+    for t, v in sorted(g.logit_bias.items()):
+        f = f"{f_bias}[{t}]"
         if not vocab.contains(t):
             raise invalid(f, f"token id {t} outside the shared vocabulary [0, {vocab.size})")
         v = _finite(f, v)
         if not -100 <= v <= 100:
             raise invalid(f, f"must lie in [-100, 100], got {v}")
         bias[int(t)] = v
-    if len(st.stop_token_ids) > limits.max_stop_token_ids:
-        raise invalid("stopping.stop_token_ids", f"{len(st.stop_token_ids)} given, limit {limits.max_stop_token_ids}")
-    for i, t in enumerate(st.stop_token_ids):
+    f_sti = n("stopping.stop_token_ids")
+    if len(g.stop_token_ids) > limits.max_stop_token_ids:
+        raise invalid(f_sti, f"{len(g.stop_token_ids)} given, limit {limits.max_stop_token_ids}")
+    for i, t in enumerate(g.stop_token_ids):
         if not vocab.contains(t):
-            raise invalid(f"stopping.stop_token_ids[{i}]",
-                          f"token id {t} outside the shared vocabulary [0, {vocab.size})")
+            raise invalid(f"{f_sti}[{i}]", f"token id {t} outside the shared vocabulary [0, {vocab.size})")
 
-    packs = parse_packs(req.packs, limits, req.base_only)
-    if len(req.ab_key) > MAX_REQUEST_ID:
-        raise invalid("ab_key", f"longer than {MAX_REQUEST_ID} characters")
+    packs = parse_packs(g.packs, limits, g.base_only, prefix=n("packs"))
+    if len(g.ab_key) > MAX_REQUEST_ID:
+        raise invalid(n("ab_key"), f"longer than {MAX_REQUEST_ID} characters")
     return GenerationRequest(
-        request_id=rid, prompt_ids=prompt, packs=packs, base_only=req.base_only,
-        greedy=greedy, temperature=temperature if not greedy else 1.0, top_k=int(s.top_k),
+        request_id=rid, prompt_ids=prompt, packs=packs, base_only=g.base_only,
+        greedy=greedy, temperature=temperature if not greedy else 1.0, top_k=int(g.top_k),
         top_p=top_p if top_p > 0 else 1.0, seed=seed,
-        max_new_tokens=max_new, min_new_tokens=st.min_new_tokens, stop_sequences=stops,
-        include_stop_sequence=st.include_stop_sequence, ignore_eos=st.ignore_eos,
-        want_tokens=ro.generated_tokens or ro.token_logprobs or ro.top_n_tokens > 0,
-        want_logprobs=ro.token_logprobs, top_n=ro.top_n_tokens, want_input_tokens=ro.input_tokens,
-        ab_key=req.ab_key or rid, input_field=which,
+        max_new_tokens=max_new, min_new_tokens=g.min_new_tokens, stop_sequences=stops,
+        include_stop_sequence=g.include_stop_sequence, ignore_eos=g.ignore_eos,
+        want_tokens=g.want_tokens or g.want_logprobs or g.top_n > 0,
+        want_logprobs=g.want_logprobs, top_n=g.top_n, want_input_tokens=g.want_input_tokens,
+        ab_key=g.ab_key or rid, input_field=which,
         repetition_penalty=rep_pen, presence_penalty=pres, frequency_penalty=freq, logit_bias=bias, min_p=min_p,
-        stop_token_ids=frozenset(int(t) for t in st.stop_token_ids), want_prompt_logprobs=ro.prompt_logprobs,
+        stop_token_ids=frozenset(int(t) for t in g.stop_token_ids), want_prompt_logprobs=g.want_prompt_logprobs,
     )
+
+
+def parse_generate(req: pb.GenerateRequest, tokenizer, limits, context_len: int,
+                   vocab: Vocabulary) -> GenerationRequest:
+    """A gRPC GenerateRequest, validated. `vocab`: the served pairing's (token ids and top_k are bounded
+    by its size)."""
+    which = req.WhichOneof("input")
+    s, st, ro = req.sampling, req.stopping, req.response
+    if s.method not in (pb.GREEDY, pb.SAMPLE):
+        raise invalid("sampling.method", f"unknown decoding method {s.method}")
+    g = GenerateInput(
+        request_id=req.request_id,
+        text=req.text if which == "text" else None,
+        prompt_ids=list(req.token_ids.ids) if which == "token_ids" else None,
+        greedy=s.method == pb.GREEDY, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        seed=int(s.seed) if s.HasField("seed") else None,
+        max_new_tokens=st.max_new_tokens, min_new_tokens=st.min_new_tokens, stop_sequences=list(st.stop_sequences),
+        include_stop_sequence=st.include_stop_sequence, ignore_eos=st.ignore_eos,
+        stop_token_ids=list(st.stop_token_ids),
+        want_tokens=ro.generated_tokens, want_logprobs=ro.token_logprobs, top_n=ro.top_n_tokens,
+        want_input_tokens=ro.input_tokens, want_prompt_logprobs=ro.prompt_logprobs,
+        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, min_p=s.min_p, logit_bias=dict(s.logit_bias),
+        packs=_pb_packs(req.packs), base_only=req.base_only, ab_key=req.ab_key)
+    return validate_generation(g, tokenizer, limits, context_len, vocab)
 
 
 def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int, vocab: Vocabulary) -> ScoreRequest:
@@ -313,6 +378,6 @@ def parse_score(req: pb.ScoreRequest, tokenizer, limits, context_len: int, vocab
             raise invalid(f, f"prefix + continuation ({len(prefix) + len(ids)} tokens) exceeds "
                              f"limits.max_batched_tokens ({limits.max_batched_tokens})")
         conts.append(ids)
-    packs = parse_packs(req.packs, limits)
+    packs = parse_packs(_pb_packs(req.packs), limits)
     return ScoreRequest(rid, prefix, conts, packs, include_base=req.include_base or not packs)
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ensemble.delta import sequence_deltas
+from ensemble.delta import logit_delta, sequence_deltas
 
 SCORE_CHUNK = 128
 WINDOW_STEP = 16          # tokens per step past the Backpack's window (each is a decode step of its own)
@@ -85,7 +85,6 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
     yield
     targets = torch.tensor(cont, device=hidden.device)
     n_vocab = ensemble.vocab.size
-    emb = bp.embedding[:n_vocab]
     base_parts, packed_parts = [], []
     first = len(prefix) - 1                       # position predicting cont[0]
     for s in range(first, len(row) - 1, chunk):
@@ -100,7 +99,7 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
             if want_packed and delta is None and not long_packed:
                 packed_parts.append(lp)           # no edited token: exactly the base (exact skip)
         if delta is not None:
-            z = z + (delta[s:e] @ emb.T).float().to(z.device)
+            z = z + logit_delta(delta[s:e], bp.embedding, n_vocab).float().to(z.device)
             packed_parts.append((z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(1))
         del z
         yield

@@ -14,11 +14,13 @@ import yaml
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML config (default: serve/configs/demo.yaml; every field: serve/configs/example.yaml).")
 @click.option("--port", type=int, default=None, help="Override server.port.")
+@click.option("--http-port", type=int, default=None, help="Override http.port (and set http.enabled).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set limits.max_running=8 (value parsed as YAML).")
 @click.option("--check", is_flag=True, help="Validate the config, print it and exit.")
-def serve_cmd(config_path, port, sets, check):
-    """Run the gRPC server (demo profile by default: offline, tiny models)."""
+def serve_cmd(config_path, port, http_port, sets, check):
+    """Run the gRPC server, and the OpenAI-compatible HTTP API when http.enabled (demo profile by default:
+    offline, tiny models)."""
     from serve.config import ConfigError, load_config
 
     overrides = {}
@@ -29,6 +31,9 @@ def serve_cmd(config_path, port, sets, check):
         overrides[key] = yaml.safe_load(value)
     if port is not None:
         overrides["server.port"] = port
+    if http_port is not None:
+        overrides["http.port"] = http_port
+        overrides["http.enabled"] = True
     if config_path is None:
         from serve.config import CONFIG_DIR
 
@@ -46,6 +51,8 @@ def serve_cmd(config_path, port, sets, check):
     setup_logging(cfg.logging.level, cfg.logging.json_logs)
     server = SensepackServer(cfg).start()
     click.echo(f"sensepack serving on {cfg.server.host}:{server.port}"
+               + (f", OpenAI-compatible HTTP on http://{cfg.http.host}:{server.http_port}/v1"
+                  if server.http_port else "")
                + (f", metrics on http://{cfg.server.metrics_host}:{server.metrics_port}/metrics"
                   if server.metrics_port else ""), err=True)
     done = threading.Event()
@@ -58,13 +65,15 @@ def serve_cmd(config_path, port, sets, check):
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     server.wait()
+    if server.exit_code:      # the engine died (e.g. vLLM's engine core): let the orchestrator restart us
+        raise SystemExit(server.exit_code)
 
 
 def _client(ctx):
     from serve.client import Client
 
     o = ctx.obj
-    return Client(o["target"], token=o["token"], ca_file=o["ca"], timeout=o["timeout"])
+    return Client(o["target"], token=o["token"], ca_file=o["ca"], timeout=o["timeout"], api_key=o["api_key"])
 
 
 def _fail(e):
@@ -87,12 +96,14 @@ def _dump(msg, as_json: bool):
 @click.group("client")
 @click.option("--target", default="127.0.0.1:50051", show_default=True, help="host:port of the server.")
 @click.option("--token", envvar="SENSEPACK_ADMIN_TOKEN", default=None, help="Admin bearer token (or $SENSEPACK_ADMIN_TOKEN).")
+@click.option("--api-key", envvar="SENSEPACK_API_KEY", default=None,
+              help="Generation API key when the server sets api.keys (or $SENSEPACK_API_KEY).")
 @click.option("--ca", type=click.Path(dir_okay=False), default=None, help="CA certificate for TLS.")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.pass_context
-def client_group(ctx, target, token, ca, timeout):
+def client_group(ctx, target, token, api_key, ca, timeout):
     """Talk to a running server."""
-    ctx.obj = {"target": target, "token": token, "ca": ca, "timeout": timeout}
+    ctx.obj = {"target": target, "token": token, "api_key": api_key, "ca": ca, "timeout": timeout}
 
 
 def _gen_options(f):
@@ -147,7 +158,7 @@ def client_generate(ctx, prompt, **kw):
     else:
         used = ", ".join(f"{p.name}@{p.version} (beta={p.beta:g}, arm={p.arm})" for p in r.packs) or "base"
         click.echo(f"{prompt}{r.text}")
-        click.echo(f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]", err=True)
+        click.echo(f"[{r.generated_token_count} tokens, stop={r.stop_reason and __import__('sensepack_proto').pb.StopReason.Name(r.stop_reason)}, packs: {used}]", err=True)
 
 
 @client_group.command("stream")
@@ -271,8 +282,6 @@ def packs_ab(ctx, name):
 def register(main: click.Group) -> None:
     main.add_command(serve_cmd)
     main.add_command(client_group)
-    try:
-        from edits_store.cli import packs
-    except ImportError:
-        return
+    from edits_store.cli import packs
+
     main.add_command(packs)

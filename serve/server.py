@@ -1,5 +1,7 @@
-"""The gRPC server: generation and admin servicers, health, reflection,
-/metrics, TLS, graceful shutdown.
+"""The server: its components built in one place (`build_components`: store, engine, gate, live
+monitor, pack manager, the front-end-neutral GenerationService), the gRPC front-end (generation and
+admin servicers, health, reflection, TLS), the OpenAI-compatible HTTP front-end when `http.enabled`
+(serve.http), /metrics, graceful shutdown.
 
     server = SensepackServer(config).start()    # binds, warms up, SERVING
     ...
@@ -11,35 +13,38 @@ across servers.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
+from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 from serve import engine as eng
 from serve.abtest import Gate, LiveMonitor
-from serve.auth import AdminAuthInterceptor
+from serve.auth import AdminAuthInterceptor, ApiKeyInterceptor
 from serve.config import Config, served_context
-from serve.metrics import Metrics, method_label
+from serve.errors import InvalidRequest, ServeError, from_pack_error, status_of
+from serve.metrics import GRPC, Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
-from serve.packs import PackManager
-from serve.params import RequestError, parse_generate, parse_pack_ref, parse_score
-from serve.scoring import ScoreAbandoned, advance, score_row, score_steps
+from serve.packs import PackManager, ResidentTable
+from serve.params import parse_generate, parse_pack_ref, parse_score
+from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason, finish_error, reason_error
 
 log = logging.getLogger("sensepack.server")
 
 SERVER_VERSION = "0.1.0"
 _STOP = {eng.MAX_TOKENS: pb.MAX_TOKENS, eng.EOS_TOKEN: pb.EOS_TOKEN, eng.STOP_SEQUENCE: pb.STOP_SEQUENCE,
          eng.CANCELLED: pb.CANCELLED, eng.TIME_LIMIT: pb.TIME_LIMIT, eng.ERROR: pb.ERROR,
-         eng.REFUSED: pb.ERROR, eng.SHUTDOWN: pb.CANCELLED, eng.STOP_TOKEN: pb.STOP_TOKEN}
-_FAIL = {eng.CANCELLED: grpc.StatusCode.CANCELLED, eng.TIME_LIMIT: grpc.StatusCode.DEADLINE_EXCEEDED,
-         eng.ERROR: grpc.StatusCode.INTERNAL, eng.REFUSED: grpc.StatusCode.INVALID_ARGUMENT,
-         eng.SHUTDOWN: grpc.StatusCode.UNAVAILABLE}
+         eng.REFUSED: pb.ERROR, eng.SHUTDOWN: pb.CANCELLED, eng.STOP_TOKEN: pb.STOP_TOKEN, eng.UNAVAILABLE: pb.ERROR}
+
+
+def grpc_code(err: BaseException) -> grpc.StatusCode:
+    """The gRPC status of a domain error (serve.errors.STATUS, the one mapping)."""
+    return getattr(grpc.StatusCode, status_of(err).grpc)
 
 
 def _time_left(context) -> float | None:
@@ -52,15 +57,8 @@ def _deadline(context) -> float | None:
     return None if left is None else time.monotonic() + left
 
 
-def _ended_reason(seq) -> str:
-    """Why an RPC ended early: its deadline (with a little slack for clock skew) or a cancel."""
-    if seq.deadline is not None and time.monotonic() >= seq.deadline - 0.05:
-        return eng.TIME_LIMIT
-    return eng.CANCELLED
-
-
 class _Tracked:
-    """Records sensepack_requests_total{method,status} exactly once per RPC."""
+    """Records sensepack_requests_total{method,status,frontend="grpc"} exactly once per RPC."""
 
     def __init__(self, metrics: Metrics, method: str):
         self.metrics, self.method, self.done = metrics, method, False
@@ -68,7 +66,7 @@ class _Tracked:
     def record(self, code: grpc.StatusCode) -> None:
         if not self.done:
             self.done = True
-            self.metrics.requests.labels(self.method, code.name).inc()
+            self.metrics.requests.labels(self.method, code.name, GRPC).inc()
 
 
 class Undecodable:
@@ -108,59 +106,35 @@ class DecodeGuard(grpc.ServerInterceptor):
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    """gRPC wire format over serve.service: proto in, validated request through the service, proto out;
+    domain errors become status codes through serve.errors."""
+
     def __init__(self, srv: "SensepackServer"):
         self.srv = srv
+        self.service: GenerationService = srv.service
 
     # ---- helpers
-    def _pack_used(self, admission) -> list:
-        return [pb.PackUsed(ref=p.request.ref, name=p.name, version=p.version, beta=p.beta if p.resident else 0.0,
-                            arm=p.arm) for p in admission.pins]
+    @staticmethod
+    def _pack_used(packs: list[PackUsage]) -> list:
+        return [pb.PackUsed(ref=p.ref, name=p.name, version=p.version, beta=p.beta, arm=p.arm) for p in packs]
 
-    def _token_info(self, ev: eng.TokenEvent, req) -> pb.TokenInfo:
-        tok = self.srv.tokenizer
-        info = pb.TokenInfo(id=ev.token_id, text=tok.decode([ev.token_id]))
+    def _token_info(self, ev: eng.TokenEvent) -> pb.TokenInfo:
+        text = self.service.token_text
+        info = pb.TokenInfo(id=ev.token_id, text=text(ev.token_id))
         if ev.logprob is not None:
             info.logprob = ev.logprob
         for i, lp in ev.top:
-            info.top_tokens.add(id=i, text=tok.decode([i]), logprob=lp)
+            info.top_tokens.add(id=i, text=text(i), logprob=lp)
         return info
 
-    def _admit(self, request, context, tracked):
-        s = self.srv
-        req = parse_generate(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
-        admission = s.packs.admit(req.packs, req.ab_key, deadline=_deadline(context))
-        monitor = s.monitor
+    @staticmethod
+    def _fail(context, tracked, err: ServeError):
+        code = grpc_code(err)
+        tracked.record(code)
+        context.abort(code, err.message)
 
-        def on_finish(seq, reason):
-            admission.release()
-            if monitor is not None and reason in (eng.MAX_TOKENS, eng.EOS_TOKEN, eng.STOP_SEQUENCE):
-                monitor.on_finished(admission.pins, seq.req.prompt_ids, seq.output_ids)
-
-        try:
-            seq = s.engine.submit(req, admission.pack_refs, _deadline(context), on_finish=on_finish, user=admission)
-        except BaseException:
-            admission.release()
-            raise
-        context.add_callback(lambda: s.engine.cancel(seq, _ended_reason(seq)))
-        return req, admission, seq
-
-    def _events(self, seq, context):
-        while True:
-            try:
-                ev = seq.events.get(timeout=0.5)
-            except queue.Empty:
-                if not context.is_active():
-                    self.srv.engine.cancel(seq, _ended_reason(seq))
-                continue
-            yield ev
-            if isinstance(ev, eng.FinishEvent):
-                return
-
-    def _fail(self, context, tracked, err: RequestError):
-        tracked.record(err.code)
-        context.abort(err.code, err.message)
-
-    def _internal(self, context, tracked, err: Exception):
+    @staticmethod
+    def _internal(context, tracked, err: Exception):
         log.exception("request failed", extra={"event": "internal_error", "method": tracked.method})
         tracked.record(grpc.StatusCode.INTERNAL)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
@@ -168,62 +142,45 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     # ---- RPCs
     def _start(self, request, context, tracked):
         """Admit the request; the response head every Generate / GenerateStream reply starts with."""
+        s = self.srv
         try:
-            req, admission, seq = self._admit(request, context, tracked)
-        except RequestError as e:
+            req = parse_generate(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
+            gen = self.service.generate(req, _deadline(context))
+        except ServeError as e:
             self._fail(context, tracked, e)
         except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
             self._internal(context, tracked, e)
+        context.add_callback(gen.cancel)
         head = pb.GenerateResponse(request_id=req.request_id, input_token_count=len(req.prompt_ids))
         if req.want_input_tokens:
             head.input_token_ids.extend(req.prompt_ids)
         if req.want_prompt_logprobs and len(req.prompt_ids) > 1:
-            head.prompt_logprobs.extend(self._prompt_logprobs(req, admission, seq, context, tracked))
-        head.packs.extend(self._pack_used(admission))
-        if seq.seed is not None:
-            head.seed = seq.seed
-        return req, seq, head
-
-    def _prompt_logprobs(self, req, admission, seq, context, tracked) -> list[float]:
-        """log p(prompt[i] | prompt[<i]), i >= 1, under the served distribution (the pinned packs)."""
-        s = self.srv
-        refs = admission.pack_refs
-        fut = s.engine.run_job(lambda: score_row(s.ensemble, req.prompt_ids[:1], req.prompt_ids[1:], refs,
-                                                 want_base=not refs, want_packed=bool(refs)))
-        try:
-            base, packed = fut.result(timeout=_time_left(context))
-        except futures.TimeoutError:
-            fut.cancel()
-            s.engine.cancel(seq, eng.TIME_LIMIT)
-            tracked.record(grpc.StatusCode.DEADLINE_EXCEEDED)
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "response.prompt_logprobs: deadline exceeded")
-        return (packed if refs else base).double().tolist()
+            try:
+                head.prompt_logprobs.extend(gen.prompt_logprobs(_time_left(context)))
+            except ServeError as e:
+                self._fail(context, tracked, e)
+        head.packs.extend(self._pack_used(gen.packs))
+        if gen.seed is not None:
+            head.seed = gen.seed
+        return req, gen, head
 
     def _abort_if_failed(self, context, tracked, ev: eng.FinishEvent) -> None:
-        if ev.reason not in _FAIL:
-            return
-        tracked.record(_FAIL[ev.reason])
-        if ev.reason == eng.REFUSED:        # the error names the refused field
-            msg = ev.error
-        elif ev.reason == eng.SHUTDOWN:
-            msg = f"server shutting down: the request was cut after {len(ev.output_ids)} tokens; retry"
-        else:
-            msg = (f"generation {ev.reason.lower()}" + (f": {ev.error}" if ev.error else "")
-                   + f" after {len(ev.output_ids)} tokens")
-        context.abort(_FAIL[ev.reason], msg)
+        err = finish_error(ev)
+        if err is not None:
+            self._fail(context, tracked, err)
 
     def Generate(self, request, context):
         tracked = _Tracked(self.srv.metrics, "Generate")
         _check_decoded(request, context, tracked)
-        req, seq, resp = self._start(request, context, tracked)
-        for ev in self._events(seq, context):
+        req, gen, resp = self._start(request, context, tracked)
+        for ev in gen.events(context.is_active):
             if isinstance(ev, eng.TokenEvent):
                 if req.want_tokens:
-                    resp.tokens.append(self._token_info(ev, req))
+                    resp.tokens.append(self._token_info(ev))
                 continue
             self._abort_if_failed(context, tracked, ev)
             if ev.last is not None and req.want_tokens:
-                resp.tokens.append(self._token_info(ev.last, req))
+                resp.tokens.append(self._token_info(ev.last))
             resp.text = ev.text
             resp.generated_token_count = len(ev.output_ids)
             resp.stop_reason = _STOP[ev.reason]
@@ -234,15 +191,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def GenerateStream(self, request, context):
         tracked = _Tracked(self.srv.metrics, "GenerateStream")
         _check_decoded(request, context, tracked)
-        req, seq, first = self._start(request, context, tracked)
+        req, gen, first = self._start(request, context, tracked)
         yield first
         try:
-            for ev in self._events(seq, context):
+            for ev in gen.events(context.is_active):
                 if isinstance(ev, eng.TokenEvent):
                     msg = pb.GenerateResponse(request_id=req.request_id, text=ev.text_delta,
                                               generated_token_count=ev.generated)
                     if req.want_tokens:
-                        msg.tokens.append(self._token_info(ev, req))
+                        msg.tokens.append(self._token_info(ev))
                     yield msg
                     continue
                 self._abort_if_failed(context, tracked, ev)
@@ -251,104 +208,53 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                                           generated_token_count=len(ev.output_ids), stop_reason=_STOP[ev.reason],
                                           stop_sequence=ev.stop_sequence)
                 if ev.last is not None and req.want_tokens:
-                    msg.tokens.append(self._token_info(ev.last, req))
+                    msg.tokens.append(self._token_info(ev.last))
                 yield msg
         finally:
             if not tracked.done:       # the consumer went away (cancel / deadline): free the slot now
-                reason = _ended_reason(seq)
-                self.srv.engine.cancel(seq, reason)
-                tracked.record(_FAIL[reason])
+                reason = ended_reason(gen.seq)
+                gen.cancel(reason)
+                tracked.record(grpc_code(reason_error(reason)("", "")))
 
     def Score(self, request, context):
         s = self.srv
         tracked = _Tracked(s.metrics, "Score")
         _check_decoded(request, context, tracked)
+        abandoned = threading.Event()
         try:
             req = parse_score(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
-            admission = s.packs.admit(req.packs, ab_key="", deadline=_deadline(context))
-        except RequestError as e:
+            context.add_callback(abandoned.set)
+            result = self.service.score(req, _deadline(context), context.is_active, abandoned)
+        except ServeError as e:
             self._fail(context, tracked, e)
         except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
             self._internal(context, tracked, e)
-        try:
-            base, packed = self._score_rows(req, admission, context, tracked)
-        finally:
-            admission.release()
         resp = pb.ScoreResponse(request_id=req.request_id, prefix_token_count=len(req.prefix_ids))
-        resp.packs.extend(self._pack_used(admission))
+        resp.packs.extend(self._pack_used(result.packs))
         for i, ids in enumerate(req.continuations):
-            c = resp.continuations.add(token_ids=ids, tokens=[s.tokenizer.decode([t]) for t in ids])
+            c = resp.continuations.add(token_ids=ids, tokens=[self.service.token_text(t) for t in ids])
             if req.include_base:
-                v = base[i].double()
+                v = result.base[i].double()
                 c.base.token_logprobs.extend(v.tolist())
                 c.base.total_logprob = float(v.sum())
             if req.packs:
-                v = packed[i].double()
+                v = result.packed[i].double()
                 c.packed.token_logprobs.extend(v.tolist())
                 c.packed.total_logprob = float(v.sum())
         s.metrics.prompt_tokens.inc(len(req.prefix_ids) + sum(map(len, req.continuations)))
         tracked.record(grpc.StatusCode.OK)
         return resp
 
-    def _score_rows(self, req, admission, context, tracked):
-        """One engine job per step of serve.scoring (a continuation's forward pass, then each chunk of
-        positions; decode steps run in between), in bounded memory; a cancel or the deadline stops it
-        between chunks. Counted by admission."""
-        s = self.srv
-        refs = [p.resident.pack_ref(p.beta) for p in admission.pins if p.resident is not None]
-        deadline = _deadline(context)
-        abandoned = threading.Event()
-        context.add_callback(abandoned.set)
-
-        def should_stop():
-            if abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline):
-                raise ScoreAbandoned()
-
-        tokens = len(req.prefix_ids) + max(map(len, req.continuations))    # one continuation at a time
-        try:
-            s.engine.begin_score(tokens)
-        except RequestError as e:
-            self._fail(context, tracked, e)
-        base, packed = [], []
-        try:
-            for cont in req.continuations:
-                steps = score_steps(s.ensemble, req.prefix_ids, cont, refs, req.include_base, bool(req.packs),
-                                    should_stop)
-                try:
-                    done = False
-                    while not done:     # one engine job per step: decode steps run between the chunks
-                        fut = s.engine.run_job(lambda: advance(steps))
-                        done, out = fut.result(timeout=None if deadline is None
-                                               else max(deadline - time.monotonic(), 0))
-                    b, p = out
-                except (futures.TimeoutError, ScoreAbandoned):
-                    abandoned.set()
-                    fut.cancel()
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED if context.is_active() else grpc.StatusCode.CANCELLED
-                    tracked.record(code)
-                    context.abort(code, f"score: {'deadline exceeded' if context.is_active() else 'cancelled'} "
-                                        f"after {len(base) or len(packed)} of {len(req.continuations)} continuations")
-                except RequestError as e:
-                    self._fail(context, tracked, e)
-                except Exception as e:  # noqa: BLE001
-                    self._internal(context, tracked, e)
-                base.append(b)
-                packed.append(p)
-        finally:
-            s.engine.end_score(tokens)
-        return base, packed
-
     def Tokenize(self, request, context):
-        s = self.srv
-        tracked = _Tracked(s.metrics, "Tokenize")
+        tracked = _Tracked(self.srv.metrics, "Tokenize")
         _check_decoded(request, context, tracked)
-        if len(request.text) > 1_000_000:
-            self._fail(context, tracked, RequestError(grpc.StatusCode.INVALID_ARGUMENT, "text",
-                                                      "longer than 1000000 characters"))
-        ids = s.tokenizer(request.text, add_special_tokens=False)["input_ids"] if request.text else []
+        try:
+            ids = self.service.tokenize(request.text)
+        except ServeError as e:
+            self._fail(context, tracked, e)
         resp = pb.TokenizeResponse(token_ids=ids, token_count=len(ids))
         if request.return_tokens:
-            resp.tokens.extend(s.tokenizer.convert_ids_to_tokens(ids))
+            resp.tokens.extend(self.srv.tokenizer.convert_ids_to_tokens(ids))
         tracked.record(grpc.StatusCode.OK)
         return resp
 
@@ -385,16 +291,17 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
         _check_decoded(request, context, tracked)
         try:
             out = fn()
-        except RequestError as e:
-            tracked.record(e.code)
-            context.abort(e.code, e.message)
+        except ServeError as e:
+            code = grpc_code(e)
+            tracked.record(code)
+            context.abort(code, e.message)
         except Exception as e:
             from edits_store.errors import PackError
 
             if isinstance(e, PackError):
-                code = getattr(grpc.StatusCode, e.status, grpc.StatusCode.INVALID_ARGUMENT)
-                tracked.record(code)
-                context.abort(code, str(e))
+                err = from_pack_error(e)
+                tracked.record(grpc_code(err))
+                context.abort(grpc_code(err), err.message)
             raise
         tracked.record(grpc.StatusCode.OK)
         return out
@@ -421,12 +328,11 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
 
     def SetAlias(self, request, context):
         def fn():
-            from serve.params import invalid
             parse_pack_ref(request.name, "name")
             if not request.alias:
-                raise invalid("alias", "empty alias")
+                raise InvalidRequest("alias", "empty alias")
             if not request.version:
-                raise invalid("version", "empty version")
+                raise InvalidRequest("version", "empty version")
             r, routes = self.srv.packs.set_alias(request.name, request.alias, request.version)
             return admin_pb.LoadPackResponse(pack=self._resident(r), gate=self._gate(r), routes=routes)
         return self._call("SetAlias", request, context, fn)
@@ -494,7 +400,63 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def build_engine(config: Config, served: Served, metrics: Metrics, store_uri: str | None,
+                 residents: ResidentTable) -> tuple[EngineAPI, str]:
+    """The engine `config.engine` names, and its name for ModelInfo. The vLLM engine reads pinned
+    versions' edits from the pack manager's resident table (built before the manager)."""
+    if config.engine == "vllm":
+        from serve.vllm.engine import VLLMEngine, engine_args_from_config
+        from serve.vllm.resolver import PackManagerSource
+
+        engine = VLLMEngine(engine_args_from_config(config, store_uri, vocab=served.vocab), served.tokenizer,
+                            config.limits, metrics, backpack=served.ensemble.backpack,
+                            pack_source=PackManagerSource(residents), ensemble=served.ensemble,
+                            lane_every_steps=config.ab.lane_every_steps,
+                            v2_model_runner={"auto": None, "v1": False, "v2": True}[config.vllm.model_runner],
+                            in_process=not config.vllm.multiprocessing)
+        return engine, "vllm"
+    return eng.Engine(served.ensemble, served.tokenizer, config.limits, metrics,
+                      lane_every_steps=config.ab.lane_every_steps), "embedded-transformers"
+
+
+@dataclass
+class Components:
+    """Everything one server runs, built once, in dependency order (store, engine, gate and monitor,
+    pack manager, service); the front-ends get `service`."""
+    served: Served
+    metrics: Metrics
+    store: object
+    store_uri: str
+    temp_store: bool
+    engine: EngineAPI
+    engine_name: str
+    gate: Gate | None
+    monitor: LiveMonitor | None
+    packs: PackManager
+    service: GenerationService
+
+
+def build_components(config: Config, served: Served) -> Components:
+    if config.store.uri is None and served.demo_pack is None:
+        raise ValueError("store.uri is required unless the demo profile provides its pack")
+    metrics = Metrics()
+    store, store_uri, temp_store = open_pack_store(config.store, served)
+    residents = ResidentTable()
+    engine, engine_name = build_engine(config, served, metrics, store_uri, residents)
+    ens, tok = served.ensemble, served.tokenizer
+    gate = Gate(engine, ens, tok, config.gate) if config.gate.enabled else None
+    monitor = LiveMonitor(config.ab, metrics, engine, ens) if config.ab.enabled else None
+    packs = PackManager(store, expectations(served), ens.large_fingerprint(), config, metrics, gate=gate, ab=monitor,
+                        residents=residents)
+    service = GenerationService(engine, packs, monitor, ens, tok)
+    return Components(served, metrics, store, store_uri, temp_store, engine, engine_name, gate, monitor, packs,
+                      service)
+
+
 class SensepackServer:
+    """The gRPC front-end (and, with `http.enabled`, the OpenAI-compatible HTTP one) over one set of
+    `Components`."""
+
     def __init__(self, config: Config, served: Served | None = None):
         self.cfg = config
         if config.admin.resolved_token() == DEMO_ADMIN_TOKEN and not _loopback(config.server.host):
@@ -504,47 +466,24 @@ class SensepackServer:
             import torch
 
             torch.set_num_threads(config.model.torch_threads)
-        self.served = served or build_served(config.model)
-        self.ensemble = self.served.ensemble
-        self.tokenizer = self.served.tokenizer
-        self.vocab = self.served.vocab
+        served = served or build_served(config.model)
+        c = self.components = build_components(config, served)
+        self.served, self.metrics, self.engine, self.packs = c.served, c.metrics, c.engine, c.packs
+        self.gate, self.monitor, self.service = c.gate, c.monitor, c.service
+        self.store, self.store_uri, self._temp_store = c.store, c.store_uri, c.temp_store
+        self.ensemble, self.tokenizer, self.vocab = served.ensemble, served.tokenizer, served.vocab
         self.context_len = served_context(config, int(self.ensemble.context_limit))
-        self.metrics = Metrics()
-        if config.engine == "vllm":
-            from serve.vllm.engine import VLLMEngine
-
-            self.engine = VLLMEngine({}, self.tokenizer, config.limits, self.metrics,
-                                     backpack=self.ensemble.backpack, ensemble=self.ensemble,
-                                     lane_every_steps=config.ab.lane_every_steps,
-                                     v2_model_runner={"auto": None, "v1": False, "v2": True}[config.vllm.model_runner],
-                                     in_process=not config.vllm.multiprocessing)
-        else:
-            self.engine = eng.Engine(self.ensemble, self.tokenizer, config.limits, self.metrics,
-                                     lane_every_steps=config.ab.lane_every_steps)
-        if config.store.uri is None and self.served.demo_pack is None:
-            raise ValueError("store.uri is required unless the demo profile provides its pack")
-        self.store, self.store_uri, self._temp_store = open_pack_store(config.store, self.served)
-        if config.engine == "vllm":
-            from serve.vllm.engine import engine_args_from_config
-
-            self.engine.engine_args = engine_args_from_config(config, self.store_uri, vocab=self.vocab)
-        self.gate = Gate(self.engine, self.ensemble, self.tokenizer, config.gate) if config.gate.enabled else None
-        self.monitor = LiveMonitor(config.ab, self.metrics, self.engine, self.ensemble) if config.ab.enabled else None
-        self.packs = PackManager(self.store, expectations(self.served), self.ensemble.large_fingerprint(), config,
-                                 self.metrics, gate=self.gate, ab=self.monitor)
-        if self.monitor is not None:
-            self.monitor.manager = self.packs
-        if config.engine == "vllm":
-            from serve.vllm.resolver import PackManagerSource
-
-            self.engine.pack_source = PackManagerSource(self.packs)   # pinned versions reach the processor
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._grpc: grpc.Server | None = None
         self._http = None
+        self._api = None               # serve.http.HttpFrontend when http.enabled
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self._done = threading.Event()
+        self.exit_code = 0                 # non-zero: the process should exit so its orchestrator restarts it
+        self.engine.on_dead = self._engine_died
 
     # ---- info
     def model_info(self) -> pb.ModelInfoResponse:
@@ -553,7 +492,7 @@ class SensepackServer:
         p0 = next(large.parameters())
         resp = pb.ModelInfoResponse(tokenizer_fingerprint=self._tok_fp, shared_vocab_size=self.vocab.size,
                                     eos_token_id=self.vocab.eos_id,
-                                    engine="vllm" if self.cfg.engine == "vllm" else "embedded-transformers",
+                                    engine=self.components.engine_name,
                                     server_version=SERVER_VERSION)
         resp.models.add(role="large", name=self.served.large_name, fingerprint=ens.large_fingerprint(),
                         architecture=type(large).__name__,
@@ -586,9 +525,12 @@ class SensepackServer:
         workers = max(cfg.server.max_workers, cfg.limits.max_running + cfg.limits.max_waiting + 16)
         auth = AdminAuthInterceptor(cfg.admin.resolved_token(), ADMIN_SERVICE,
                                     on_denied=lambda m, c: self.metrics.requests.labels(
-                                        method_label(m.rsplit("/", 1)[-1]), c.name).inc())
+                                        method_label(m.rsplit("/", 1)[-1]), c.name, GRPC).inc())
+        keys = ApiKeyInterceptor(cfg.api.resolved_keys(), GENERATION_SERVICE,
+                                 on_denied=lambda m, c: self.metrics.requests.labels(
+                                     method_label(m.rsplit("/", 1)[-1]), c.name, GRPC).inc())
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sensepack-rpc"),
-                                 interceptors=[auth, DecodeGuard((GENERATION_SERVICE, ADMIN_SERVICE))],
+                                 interceptors=[auth, keys, DecodeGuard((GENERATION_SERVICE, ADMIN_SERVICE))],
                                  options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), self._grpc)
         admin_pb_grpc.add_PackAdminServicer_to_server(AdminServicer(self), self._grpc)
@@ -611,16 +553,22 @@ class SensepackServer:
             raise RuntimeError(f"server.port: could not bind {addr}")
         if cfg.server.metrics_port >= 0:
             self._http, _, self.metrics_port = self.metrics.serve_http(cfg.server.metrics_host, cfg.server.metrics_port)
+        if cfg.http.enabled:
+            from serve.http import HttpFrontend
+
+            self._api = HttpFrontend(self.service, self.packs, cfg, self.tokenizer, self.vocab, self.context_len,
+                                     self.metrics, cfg.http.served_model_name or self.served.large_name).start()
+            self.http_port = self._api.port
         self._grpc.start()
         for ref in cfg.packs.preload:
             try:
                 self.packs.activate(ref, activate=True)
-            except RequestError as e:
+            except ServeError as e:
                 log.error("preload refused", extra={"event": "preload_refused", "pack": ref, "reason": e.message})
         if self.served.demo_pack is not None and not cfg.packs.preload:
             try:
                 self.packs.activate(f"{self.served.demo_pack.name}@prod", activate=True)
-            except RequestError as e:
+            except ServeError as e:
                 log.error("demo pack refused", extra={"event": "preload_refused", "reason": e.message})
         if cfg.store.subscribe:
             self.packs.subscribe(cfg.store.poll_interval_s)
@@ -628,7 +576,10 @@ class SensepackServer:
             self._warmup()
         for name in services:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._api is not None:
+            self._api.ready = True
         log.info("serving", extra={"event": "serving", "address": f"{cfg.server.host}:{self.port}",
+                                   "http_port": self.http_port,
                                    "metrics_port": self.metrics_port, "tls": cfg.tls.enabled,
                                    "store": self.store_uri, "routes": sorted(self.packs.routes())})
         return self
@@ -642,6 +593,15 @@ class SensepackServer:
         while not isinstance(seq.events.get(timeout=120), eng.FinishEvent):
             pass
 
+    def _engine_died(self, why: str) -> None:
+        """The model runner is gone (vLLM's engine core process exited): its requests already ended
+        UNAVAILABLE; go NOT_SERVING at once, then stop, and the CLI exits non-zero for a restart."""
+        for name in ("", GENERATION_SERVICE, ADMIN_SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.error("engine died; stopping for a restart", extra={"event": "engine_dead", "reason": why})
+        self.exit_code = 3
+        threading.Thread(target=self.stop, kwargs={"grace": 0}, name="sensepack-engine-dead", daemon=True).start()
+
     def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new requests, drain running ones (up to `grace` s), stop."""
         if self._stopped.is_set():
@@ -650,6 +610,8 @@ class SensepackServer:
         try:
             grace = self.cfg.server.grace_period_s if grace is None else grace
             self.health.enter_graceful_shutdown()
+            if self._api is not None:
+                self._api.ready = False
             self.engine.stop_accepting()
             drained = self.engine.drain(grace)
             log.info("shutting down", extra={"event": "shutdown", "drained": drained})
@@ -658,6 +620,8 @@ class SensepackServer:
                 self.engine.drain(5.0)
             if self._grpc is not None:
                 self._grpc.stop(grace=1.0).wait()
+            if self._api is not None:
+                self._api.stop()
             self.engine.stop(0)
             self.packs.close()
             if self._http is not None:

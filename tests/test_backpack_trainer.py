@@ -107,6 +107,7 @@ def torchrun(cfg: BackpackTrainConfig, nproc: int = 2) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, bpe_dir):
     """torchrun --nproc_per_node 2 (gloo) follows the 1-process loss trajectory for the same global batch."""
     train_backpack(tiny(tmp_path / "one", bpe_dir, max_steps=6, grad_accum=2), progress=False)

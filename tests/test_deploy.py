@@ -30,6 +30,7 @@ K8S = DEPLOY / "k8s"
 DOCKER = DEPLOY / "docker"
 GRPC_PORT = 8033
 METRICS_PORT = 9464
+HTTP_PORT = 8000
 ENTRYPOINT = ["sensepack", "serve", "--config", "/etc/sensepack/config.yaml"]
 
 # The metric contract (DESIGN §4, serve/metrics.py). Counters carry _total.
@@ -46,6 +47,7 @@ METRICS = {
     "sensepack_backpack_step_seconds",
     "sensepack_exact_skip_steps_total",
     "sensepack_backpack_window_reprefills_total",
+    "sensepack_backpack_resumes_total",
     "sensepack_pack_loads_total",
     "sensepack_active_pack_info",
     "sensepack_requests_by_pack_total",
@@ -398,7 +400,7 @@ def test_compose_server_services():
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     for svc, cfg in ((gpu, "gpu.yaml"), (cpu, "cpu.yaml")):
         assert f"../config/{cfg}:/etc/sensepack/config.yaml:ro" in svc["volumes"]
-        assert {p.split(":")[-1] for p in svc["ports"]} == {str(GRPC_PORT), str(METRICS_PORT)}
+        assert {p.split(":")[-1] for p in svc["ports"]} == {str(GRPC_PORT), str(HTTP_PORT), str(METRICS_PORT)}
         assert "sensepack" in svc["networks"]["default"]["aliases"]
         assert any(str(e).startswith("SENSEPACK_ADMIN_TOKEN=") for e in svc["environment"])
     prom = services["prometheus"]
@@ -433,7 +435,7 @@ def test_k8s_deployment_probes_and_service():
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (c,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == GRPC_PORT, probe
     start = c["startupProbe"]
@@ -451,7 +453,7 @@ def test_k8s_deployment_probes_and_service():
         tp = p.get("targetPort", p["port"])
         svc_ports[p["name"]] = ports[tp] if isinstance(tp, str) else tp
     assert svc_ports["grpc"] == GRPC_PORT == c["startupProbe"]["grpc"]["port"]
-    assert svc_ports["metrics"] == METRICS_PORT
+    assert svc_ports["metrics"] == METRICS_PORT and svc_ports["http"] == HTTP_PORT
 
     # volumes and secrets the pod references exist
     claims = {d["metadata"]["name"] for _, d in _k8s_docs() if d["kind"] == "PersistentVolumeClaim"}
@@ -490,6 +492,7 @@ def test_server_configs_validate(name):
     assert cfg.server.metrics_host == "0.0.0.0" and cfg.server.metrics_port == METRICS_PORT
     assert cfg.admin.token is None and cfg.admin.token_env == "SENSEPACK_ADMIN_TOKEN", "no token in a config file"
     assert cfg.store.uri == "/packs"
+    assert cfg.http.enabled and cfg.http.host == "0.0.0.0" and cfg.http.port == HTTP_PORT
     if name != "cpu.yaml":
         assert cfg.model.profile == "pretrained" and cfg.model.device.startswith("cuda")
         assert cfg.model.dtype == "bfloat16"
@@ -545,7 +548,7 @@ def test_dockerfile(flavour):
     words = [w for w, _ in ins]
     assert "FROM" in words and words.count("ENTRYPOINT") == 1 and "HEALTHCHECK" in words
     expose = {int(x) for w, r in ins if w == "EXPOSE" for x in r.split()}
-    assert expose == {GRPC_PORT, METRICS_PORT}
+    assert expose == {GRPC_PORT, HTTP_PORT, METRICS_PORT}
     users = [r for w, r in ins if w == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}, "the image must run as non-root"
     # USER comes after the last RUN that installs (the runtime user never needs to write the install)
@@ -561,12 +564,15 @@ def test_dockerfile(flavour):
     # files the build copies or uses exist and are not excluded from the context
     needed = [x for w, r in ins if w == "COPY" and not r.startswith("--") for x in r.split()[:-1] if x != "."]
     needed += re.findall(r"(deploy/[\w./-]+)", runs)
-    needed += ["pyproject.toml", "requirements-lock.txt", "proto/sensepack/v1/generation.proto",
+    needed += ["pyproject.toml", "requirements-serve-lock.txt", "proto/sensepack/v1/generation.proto",
                "proto/sensepack/v1/admin.proto", "serve/cli.py"]
     for rel in needed:
         assert (ROOT / rel).exists(), f"{path.name}: {rel} does not exist"
         assert not _ignored(rel, patterns), f"{path.name}: {rel} is excluded by the .dockerignore"
-    for rel in (".venv/bin/python", "tests/test_deploy.py", ".git/HEAD", "proto/sensepack/v1/generation_pb2.py"):
+    needed += ["sensepack_proto/generation_pb2.py", "sensepack_proto/admin_pb2_grpc.py"]  # committed stubs
+    for rel in needed:
+        assert not _ignored(rel, patterns), f"{path.name}: {rel} is excluded by the .dockerignore"
+    for rel in (".venv/bin/python", "tests/test_deploy.py", ".git/HEAD"):
         assert _ignored(rel, patterns), f"{rel} should be excluded from the build context"
 
 

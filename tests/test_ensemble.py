@@ -185,6 +185,22 @@ def test_score_equals_incremental_logprobs(models, tokenizer):
         torch.testing.assert_close(scored, naive, atol=1e-5, rtol=0)
 
 
+def test_paired_nll_equals_the_naive_formula_and_skips_rows_without_edited_tokens(models, tokenizer):
+    large, backpack = models
+    ens = Ensemble(large, backpack, tokenizer)
+    trig = tokenizer(" capital").input_ids
+    pack = PackRef("p", "v1", make_pack(backpack, trig, "p", 8), 0.7)
+    rows = [tokenizer("The capital of Mauritius is Port Louis").input_ids, tokenizer("No edited word here").input_ids]
+    base, packed = ens.paired_nll(rows, [pack])
+    for row, b, p in zip(rows, base, packed, strict=True):
+        for nll, packs in ((b, []), (p, [pack])):
+            naive = -sum(float(naive_logprobs(large, backpack, row[:i], packs)[row[i]]) for i in range(1, len(row)))
+            assert nll == pytest.approx(naive, abs=1e-4)
+    assert packed[1] == base[1] and packed[0] != base[0]  # exact skip: the base's own number
+    with pytest.raises(ValueError, match="row 0 needs 2 or more ids"):
+        ens.paired_nll([[5]], [pack])
+
+
 def test_sequences_past_the_backpack_window_keep_decoding(models, tokenizer):
     large, backpack = models  # n_positions = 64
     ens = Ensemble(large, backpack, tokenizer, window_keep=48)

@@ -1,5 +1,6 @@
 """Incremental Backpack decoding against full forward passes."""
 
+import pytest
 import torch
 
 from ensemble.backpack import BackpackConfig, BackpackLM
@@ -17,6 +18,7 @@ def _full(model, tokens):
     return out.logits[0, -1], out.alpha[0, :, -1]  # (V,), (k, s)
 
 
+@pytest.mark.slow
 def test_incremental_equals_full_forward_over_64_steps_ragged_batch():
     model = _model(n_positions=128)
     g = torch.Generator().manual_seed(1)
@@ -52,6 +54,7 @@ def test_rows_that_do_not_advance_are_untouched():
     torch.testing.assert_close(cache.last_alpha[0, :, :4], ref_alpha, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_sliding_window_past_n_positions_matches_fresh_forward_over_window():
     model = _model(n_positions=32)
     keep = 24

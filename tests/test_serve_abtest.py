@@ -11,7 +11,7 @@ import torch
 
 from edits_store.store import open_store
 from ensemble.edits import PackRef, SenseEdits
-from proto import admin_pb, admin_pb_grpc, pb_grpc
+from sensepack_proto import admin_pb, admin_pb_grpc, pb_grpc
 from serve.abtest import paired_nll, ratio_ci
 from serve.client import Client, build_generate_request
 from serve.testing import (auth, channel, demo_served, demo_variant, metric, parse_metrics, publish_edits,
@@ -163,14 +163,16 @@ def test_live_breach_detected_and_pack_deactivated(tmp_path):
         assert metric(samples, "sensepack_ab_breaches_total", pack="capitals") == 1
         assert metric(samples, "sensepack_pack_auto_disables_total", pack="capitals") == 1
         assert metric(samples, "sensepack_ab_samples_total", pack="capitals") >= 8
-        # the per-pack gauges follow the version sampled last: the planted one, or the fallback serving now
-        # (the interval gauges move only once a version has a finite interval, i.e. 2 samples)
+        # one gauge series per (pack, version) with a live record: the planted one, and the fallback serving
+        # now if it was sampled (the interval gauges exist once a version has a finite interval: 2 samples)
         live = [p for p in report if p.samples]
-        assert {p.version for p in live} <= {planted, good}
-        ratio = metric(samples, "sensepack_ab_ball_ratio", pack="capitals")
-        lower = metric(samples, "sensepack_ab_ball_ratio_ci_lower", pack="capitals")
-        assert any(ratio == pytest.approx(p.ratio) for p in live)
-        assert any(lower == pytest.approx(p.ci_lower) for p in live if p.samples >= 2)
+        assert {p.version for p in live} <= {planted, good} and planted in {p.version for p in live}
+        for p in live:
+            assert metric(samples, "sensepack_ab_ball_ratio", pack="capitals", version=p.version) == \
+                pytest.approx(p.ratio)
+            if p.samples >= 2:
+                assert metric(samples, "sensepack_ab_ball_ratio_ci_lower", pack="capitals", version=p.version) == \
+                    pytest.approx(p.ci_lower)
         assert metric(samples, "sensepack_active_pack_info", pack="capitals", version=planted) == 0
         # the previous alias target takes over
         out = stub.Generate(build_generate_request("Hello Mauritius", packs=["capitals@prod"], max_new_tokens=2,

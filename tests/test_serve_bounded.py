@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from edits_store.store import open_store
-from proto import ADMIN_SERVICE
+from sensepack_proto import ADMIN_SERVICE
 from serve.testing import channel, demo_served, demo_variant, parse_metrics, publish_edits, running_server, scrape
 
 
@@ -38,7 +38,7 @@ def test_made_up_method_names_add_no_series(server):
     after = parse_metrics(scrape(server))
     assert set(after) == set(before)
     assert not [k for k in after if "MadeUp" in k]
-    key = 'sensepack_requests_total{method="unknown",status="UNAUTHENTICATED"}'
+    key = 'sensepack_requests_total{frontend="grpc",method="unknown",status="UNAUTHENTICATED"}'
     assert after[key] - before[key] == 1000
 
 
@@ -51,7 +51,7 @@ def test_alert_counters_exist_at_zero(server):
 def test_admission_by_token_budget(tmp_path):
     """limits.max_batched_tokens: a request holds prompt + max_new_tokens; the third of three 1506-token
     requests waits under a 3100-token budget until one leaves; one that can never fit is refused."""
-    from proto import pb, pb_grpc
+    from sensepack_proto import pb, pb_grpc
     from serve.client import build_generate_request
     from serve.testing import wait_until
 

@@ -61,6 +61,11 @@ def test_shipped_configs_validate(name):
     ({"tls": {"cert_file": "/nonexistent.pem"}}, "tls"),
     ({"model": {"profile": "pretrained"}}, "store.uri"),
     ({"limits": {"default_max_new_tokens": 600, "max_new_tokens": 500}}, "limits.default_max_new_tokens"),
+    ({"http": {"port": -3}}, "http.port"),
+    ({"http": {"enabled": True, "port": 50051}}, "http.port"),
+    ({"http": {"chat_template": "/nonexistent/template.jinja"}}, "http.chat_template"),
+    ({"http": {"max_choices": 0}}, "http.max_choices"),
+    ({"api": {"keys": [""]}}, "api.keys"),
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as ei:
@@ -90,18 +95,6 @@ def test_serve_check_cli():
     assert cfg["model"]["profile"] == "demo"
     r = CliRunner().invoke(main, ["serve", "--check", "--set", "limits.nope=1"])
     assert r.exit_code != 0 and "limits.nope" in r.output
-
-
-def test_stubs_generated_and_fresh(tmp_path):
-    import proto
-
-    digest = proto.sources_hash()
-    assert proto._fresh(proto.PROTO_DIR, digest)
-    proto._generate(tmp_path, digest)
-    assert proto._fresh(tmp_path, digest) and not proto._fresh(tmp_path, "stale")
-    text = (tmp_path / "generation_pb2_grpc.py").read_text()
-    assert "from proto.sensepack.v1 import generation_pb2" in text
-    assert proto.pb.DESCRIPTOR.package == "sensepack.v1"
 
 
 def test_cli_client_against_server(tmp_path, monkeypatch):
@@ -157,12 +150,23 @@ def test_tls(tmp_path):
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     store = tmp_path / "store"
-    with running_server(store, demo_served(), **{"tls.cert_file": str(cert_file), "tls.key_file": str(key_file)}) as server:
+    with running_server(store, demo_served(), **{"tls.cert_file": str(cert_file), "tls.key_file": str(key_file),
+                                                  "http.enabled": True, "http.port": 0}) as server:
         c = Client(f"localhost:{server.port}", ca_file=str(cert_file), timeout=60)
         assert c.generate("Hello", base_only=True, max_new_tokens=2).generated_token_count == 2
         plain = Client(f"127.0.0.1:{server.port}", timeout=5)
         with pytest.raises(grpc.RpcError):
             plain.generate("Hello", base_only=True, max_new_tokens=2)
+        # the HTTP front-end serves HTTPS with the same certificate, and no plaintext
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        ctx = ssl.create_default_context(cafile=str(cert_file))
+        with urllib.request.urlopen(f"https://localhost:{server.http_port}/health", context=ctx, timeout=30) as r:
+            assert r.status == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/health", timeout=10)
 
 
 def test_pretrained_profile_loads_checkpoint_folders(tmp_path):
@@ -201,3 +205,27 @@ def test_served_context_caps_requests_at_vllm_max_model_len():
     assert served_context(parse_config({**base, "vllm": {"max_model_len": 1024}}), 2048) == 1024
     assert served_context(parse_config({**base, "vllm": {"engine_args": {"max_model_len": 700}}}), 2048) == 700
     assert served_context(parse_config({**base, "vllm": {"max_model_len": 8192}}), 2048) == 2048   # HF context
+
+
+def test_build_engine_is_the_one_engine_choice(tmp_path):
+    """`engine` picks the engine in one factory; the vLLM engine reads pinned versions' edits from the
+    pack manager's resident table, built before both (no field patched after construction)."""
+    from serve.metrics import Metrics
+    from serve.packs import Resident, ResidentTable
+    from serve.server import build_engine
+    from serve.testing import demo_served, demo_variant
+    from serve.vllm.resolver import PackUnavailable
+
+    served = demo_served()
+    table = ResidentTable()
+    engine, name = build_engine(parse_config({}), served, Metrics(), None, table)
+    assert name == "embedded-transformers" and type(engine).__name__ == "Engine"
+    cfg = parse_config({"engine": "vllm", "vllm": {"model": str(tmp_path), "multiprocessing": False}})
+    engine, name = build_engine(cfg, served, Metrics(), str(tmp_path), table)
+    assert name == "vllm" and type(engine).__name__ == "VLLMEngine"
+    assert engine.engine_args["model"] == str(tmp_path) and engine.engine_args["max_num_seqs"] == cfg.limits.max_running
+    edits = demo_variant(served, " Paris")
+    with pytest.raises(PackUnavailable):
+        engine.pack_source.edits("capitals", "v1")
+    table[("capitals", "v1")] = Resident("capitals", "v1", edits, 1.0, 0.05)
+    assert engine.pack_source.edits("capitals", "v1") is edits

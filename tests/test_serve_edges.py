@@ -11,7 +11,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
 from edits_store.store import open_store
-from proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
+from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 from serve.client import build_generate_request
 from serve.testing import (auth, channel, demo_served, demo_variant, make_config, metric, parse_metrics,
                            publish_edits, running_server, scrape)

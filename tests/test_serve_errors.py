@@ -10,7 +10,7 @@ import pytest
 from edits_store.format import CalibrationEntry, build_pack
 from edits_store.store import open_store
 from ensemble.tokenizer import tokenizer_fingerprint
-from proto import admin_pb, admin_pb_grpc, pb, pb_grpc
+from sensepack_proto import admin_pb, admin_pb_grpc, pb, pb_grpc
 from serve.client import build_generate_request
 from serve.testing import TOKEN, auth, channel, demo_served, demo_variant, publish_edits, running_server
 

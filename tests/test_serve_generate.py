@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edits_store.store import open_store
-from proto import pb, pb_grpc
+from sensepack_proto import pb, pb_grpc
 from serve.client import Client, build_generate_request
 from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from edits_store.store import open_store
-from proto import admin_pb, admin_pb_grpc, pb_grpc
+from sensepack_proto import admin_pb, admin_pb_grpc, pb_grpc
 from serve.client import build_generate_request
 from serve.testing import auth, channel, demo_served, demo_variant, publish_edits, running_server, wait_until
 

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from proto import pb, pb_grpc
+from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
 from ensemble.vocab import Vocabulary
 from serve.sampler import RowError, RowParams, sample
@@ -86,25 +86,23 @@ def test_non_finite_row_names_its_row():
 
 
 def test_a_faulty_row_ends_only_its_request():
-    """Engine._sample: a row with a NaN score ends its request with ERROR; the others get their argmax."""
+    """The embedded runner's sampling: a row with a NaN score gets an error (its request alone ends with
+    ERROR); the others get their argmax."""
     import queue
 
-    from serve.engine import ERROR, Engine, FinishEvent, Sequence
-    from serve.metrics import Metrics
+    from serve.engine import sample_isolated
     from serve.params import GenerationRequest
+    from serve.scheduler import Sequence
 
-    served = demo_served()
-    engine = Engine(served.ensemble, served.tokenizer, None, Metrics())
-    engine._session = served.ensemble.new_batch()
     seqs = [Sequence(i, GenerationRequest(request_id=str(i), prompt_ids=[1], packs=[]), [], queue.Queue())
             for i in range(3)]
     lp = torch.log_softmax(torch.randn(3, 50257, generator=torch.Generator().manual_seed(2)), dim=-1)
     lp[1, 7] = float("nan")
-    chosen = engine._sample(lp, seqs)
-    assert sorted(chosen) == [0, 2]
-    assert chosen[0].token == int(lp[0].argmax()) and chosen[2].token == int(lp[2].argmax())
-    ev = seqs[1].events.get_nowait()
-    assert isinstance(ev, FinishEvent) and ev.reason == ERROR and "not finite" in ev.error
+    outs = sample_isolated(lp, seqs, EOS)
+    assert [o.seq_id for o in outs] == [0, 1, 2]
+    assert [t.token for t in outs[0].tokens] == [int(lp[0].argmax())]
+    assert [t.token for t in outs[2].tokens] == [int(lp[2].argmax())]
+    assert outs[1].tokens == [] and "not finite" in outs[1].error and not outs[0].error and not outs[2].error
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from edits_store.store import open_store
-from proto import pb, pb_grpc
+from sensepack_proto import pb, pb_grpc
 from serve.client import Client, build_generate_request
 from serve.testing import (channel, demo_served, demo_variant, metric, parse_metrics, publish_edits, running_server,
                            scrape, wait_until)
@@ -127,7 +127,7 @@ def test_graceful_shutdown_drains(tmp_path):
         msgs = [next(call), next(call)]
         stopper = threading.Thread(target=server.stop, kwargs={"grace": 60.0})
         stopper.start()
-        assert wait_until(lambda: not server.engine._accepting)
+        assert wait_until(lambda: not server.engine.scheduler.accepting)
         assert server.engine.running == 1                    # still generating while draining
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         status = health_pb2_grpc.HealthStub(channel(server)).Check(health_pb2.HealthCheckRequest()).status

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edits_store.store import open_store
-from proto import pb, pb_grpc
+from sensepack_proto import pb, pb_grpc
 from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server
 
 # "sampling.top_p: ...", "packs[0].ref: ...", "token_ids.ids[3]: ...", "request: ..."

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from edits_store.store import open_store
-from proto import pb, pb_grpc
+from sensepack_proto import pb, pb_grpc
 from serve.client import build_generate_request
 from ensemble.vocab import Vocabulary
 from serve.sampler import RowParams, sample

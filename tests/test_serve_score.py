@@ -11,7 +11,7 @@ from edits_store.store import open_store
 from ensemble.delta import sequence_deltas
 from ensemble.edits import PackRef
 from ensemble.large_model import full_logits
-from proto import pb_grpc
+from sensepack_proto import pb_grpc
 from serve.client import Client, build_generate_request
 from serve.scoring import ScoreAbandoned, score_row
 from serve.testing import channel, demo_served, demo_variant, publish_edits, running_server, wait_until

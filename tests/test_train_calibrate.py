@@ -11,7 +11,7 @@ from train_edits.calibrate import DEFAULT_GRID, calibrate
 from train_edits.compute import chunk_batches
 from train_edits.corpora import read_documents, split_corpora
 
-from tests.conftest import SHARED  # noqa: E402
+from tests.conftest import SHARED
 
 DATA = str(SHARED / "data" / "canonical-examples")
 needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),

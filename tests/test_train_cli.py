@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from train_edits.cli import main
 from train_edits.sweep import draw
 
-from tests.conftest import SHARED  # noqa: E402
+from tests.conftest import SHARED
 
 DATA = str(SHARED / "data" / "canonical-examples")
 needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),

@@ -14,7 +14,7 @@ from train_edits.finetune import FinetuneParams, finetune
 from train_edits.losses import training_loss
 from train_edits.tasks import LossType, TaskData
 
-from tests.conftest import SHARED  # noqa: E402
+from tests.conftest import SHARED
 
 DATA = str(SHARED / "data" / "canonical-examples")
 needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),

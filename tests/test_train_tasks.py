@@ -14,7 +14,7 @@ from train_edits.losses import token_nll, training_loss
 from train_edits.tasks import (TASKS, DataError, LossType, PairExample, SingleExample, TaskData, TextExample,
                                example_score, is_failure, read_examples)
 
-from tests.conftest import SHARED  # noqa: E402
+from tests.conftest import SHARED
 
 DATA = str(SHARED / "data" / "canonical-examples")
 needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),

@@ -12,7 +12,7 @@ import queue
 
 import pytest
 
-from tests.vllm_gate import require_vllm  # noqa: E402
+from tests.vllm_gate import require_vllm
 
 require_vllm()
 

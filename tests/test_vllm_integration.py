@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from tests.vllm_gate import require_vllm  # noqa: E402
+from tests.vllm_gate import require_vllm
 
 require_vllm()
 

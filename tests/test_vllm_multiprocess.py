@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from tests.vllm_gate import require_vllm  # noqa: E402
+from tests.vllm_gate import require_vllm
 
 require_vllm(in_process=False)
 

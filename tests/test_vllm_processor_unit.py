@@ -51,14 +51,16 @@ VOCAB = 50400
 @dataclass
 class Params:            # what the core reads from vllm.SamplingParams
     extra_args: dict | None = None
+    max_tokens: int | None = 8
 
 
-def _params(packs):
+def _params(packs, rid=None):
+    extra = build_extra_args(packs, request_id=rid) if packs else None
     if USING_VLLM:
         from vllm import SamplingParams
 
-        return SamplingParams(max_tokens=8, extra_args=build_extra_args(packs) if packs else None)
-    return Params(build_extra_args(packs) if packs else None)
+        return SamplingParams(max_tokens=8, extra_args=extra)
+    return Params(extra)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +85,12 @@ class Sim:
 
     def update(self, removed=(), added=(), moved=()):
         ups = []
-        for row, prompt, packs, out in added:
-            ups.append((row, _params(packs), prompt, out))
+        added = [a if len(a) == 5 else (*a, None) for a in added]     # (row, prompt, packs, out[, request_id])
+        for row, prompt, packs, out, rid in added:
+            ups.append((row, _params(packs, rid), prompt, out))
         for r in removed:
             self.batch.pop(r, None)
-        for row, prompt, packs, out in added:
+        for row, prompt, packs, out, _ in added:
             self.batch[row] = {"prompt": prompt, "out": out, "packs": packs}
         for a, b, d in moved:
             ea, eb = self.batch.pop(a, None), self.batch.pop(b, None)
@@ -177,6 +180,74 @@ def test_readd_after_preemption_rebuilds_from_prompt_and_outputs(world):
     out.append(44)
     s.update(added=[(0, [5, 6], [s.a], out)])               # re-added later with all its outputs
     s.step(1)
+
+
+@pytest.fixture
+def prefills(monkeypatch):
+    """Counts Backpack prefills (ensemble.delta.prefill calls), the work a resumed request must not redo."""
+    import ensemble.delta as delta
+
+    calls = []
+    real = delta.prefill
+
+    def counting(model, windows):
+        calls.append(len(windows))
+        return real(model, windows)
+
+    monkeypatch.setattr(delta, "prefill", counting)
+    return calls
+
+
+def test_unscheduled_request_readded_resumes_without_prefill(world, prefills):
+    """vLLM removes a running request it does not schedule this step and adds it back later (same request
+    id, same live output list, maybe at another row): its Backpack state is parked and resumed, no prefill."""
+    s = Sim(world)
+    out0, out1 = [], []
+    s.update(added=[(0, [5, 11, 7], [s.a], out0, "sp-1"), (1, [20, 9], [s.b], out1, "sp-2")])
+    s.step(0)
+    assert sum(prefills) == 2
+    sid = s.core.rows[0].sid
+    out0.append(40)
+    out1.append(41)
+    s.step(1)
+    s.update(removed=[0], moved=[(1, 0, UNI)])            # sp-1 not scheduled; sp-2 compacted to row 0
+    assert s.core.parked == 1 and sid in s.core.tracker and not s.core.tracker.is_active(sid)
+    out1.append(42)
+    s.step(2)                                              # the parked request costs no Backpack work
+    out0.append(43)                                        # (a resumed request may bring a token)
+    s.update(added=[(1, [5, 11, 7], [s.a], out0, "sp-1")])
+    assert s.core.rows[1].sid == sid and s.core.parked == 0
+    s.step(3)                                              # deltas == teacher-forced (Sim checks)
+    assert sum(prefills) == 2                              # no new prefill
+    assert s.core.stats.resumed == 1 and s.core.tracker.stats.resumes == 1
+
+
+def test_parked_states_are_bounded_and_evicted_on_finish(world, prefills):
+    s = Sim(world)
+    s.core.max_parked = 2
+    outs = [[] for _ in range(4)]
+    s.update(added=[(i, [11, 5 + i], [s.a], outs[i], f"sp-{i}") for i in range(4)])
+    s.step(0)
+    sids = [s.core.rows[i].sid for i in range(4)]
+    s.update(removed=[3, 2, 1])                            # three unscheduled: only two are kept
+    assert s.core.parked == 2 and s.core.stats.parked_evicted == 1
+    assert sids[3] not in s.core.tracker and sids[2] in s.core.tracker and sids[1] in s.core.tracker
+    assert s.core.forget("sp-2") and sids[2] not in s.core.tracker      # the server saw sp-2 finish
+    # finished by max_tokens (8): removed, never parked
+    outs[0].extend([40] * 8)
+    s.update(removed=[0])
+    assert s.core.parked == 1 and sids[0] not in s.core.tracker
+    # aborted by the server before vLLM removed it: forget first, then the removal parks nothing
+    s.update(added=[(0, [11, 9], [s.a], [], "sp-9")])
+    s.step(1)
+    assert not s.core.forget("sp-9")
+    s.update(removed=[0])
+    assert s.core.parked == 1
+    # a re-add whose prompt differs from the parked one's (another request reusing the id) starts afresh
+    before = sum(prefills)
+    s.update(added=[(0, [11, 5, 5], [s.a], [], "sp-1")])
+    s.step(2)
+    assert sum(prefills) == before + 1 and s.core.parked == 0 and sids[1] not in s.core.tracker
 
 
 def test_readd_on_occupied_row_replaces_the_occupant(world):

@@ -206,7 +206,7 @@ def _served(pairing, large=None):
 def test_server_refuses_a_pack_built_for_another_tokenizer_and_keeps_the_previous_one(pairing, tmp_path):
     from edits_store.format import CalibrationEntry, build_pack
     from edits_store.store import open_store
-    from proto import admin_pb, admin_pb_grpc, pb, pb_grpc
+    from sensepack_proto import admin_pb, admin_pb_grpc, pb, pb_grpc
     from serve.client import build_generate_request
     from serve.testing import auth, channel, publish_edits, running_server
 
@@ -254,7 +254,7 @@ def test_server_refuses_a_pack_built_for_another_tokenizer_and_keeps_the_previou
 
 
 def test_server_stops_on_the_tokenizers_eos(pairing, tmp_path):
-    from proto import pb, pb_grpc
+    from sensepack_proto import pb, pb_grpc
     from serve.client import build_generate_request
     from serve.testing import channel, running_server
 

@@ -23,7 +23,8 @@ from typing import Iterable, Sequence
 import torch
 from tqdm import tqdm
 
-from .compute import sequence_deltas
+from ensemble.delta import logit_delta, sequence_deltas
+
 from .finetune import in_ball
 
 DEFAULT_GRID = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))  # 1.0, 0.9, ..., 0.0
@@ -166,7 +167,7 @@ def calibrate(large, backpack, g_batches: Iterable[tuple[torch.Tensor, torch.Ten
             # blocks of positions keep the (positions × U) temporaries small
             for b0 in range(0, len(r_idx), block):
                 ri, pi = r_idx[b0:b0 + block], p_idx[b0:b0 + block]
-                e = delta[ri, pi].float() @ E.T  # (m, U)
+                e = logit_delta(delta[ri, pi].float(), E, E.shape[0])  # (m, U)
                 zz = zs[rows[ri], pi]  # (m, U)
                 y = tgt[rows[ri], pi]
                 base_here = base_tok[rows[ri], pi]

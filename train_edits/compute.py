@@ -123,15 +123,6 @@ def own_sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits) -> 
     return torch.einsum("bktj,bkjd->btd", alpha, per_source)
 
 
-def sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits) -> torch.Tensor:
-    """The core's δ (the serving path's math); ours only if the core is unavailable."""
-    try:
-        from ensemble.delta import sequence_deltas as core
-    except ImportError:  # pragma: no cover
-        return own_sequence_deltas(alpha, input_ids, edits)
-    return core(alpha, input_ids, edits)
-
-
 # ---------------------------------------------------------------------------
 # Corpus chunks, the G loss (ball) and the KL regulariser
 

@@ -19,7 +19,6 @@ another tokenizer refuses them (``check_corpus_tokenizer``).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import random
@@ -29,14 +28,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ensemble.jsonl import DataError, iter_jsonl, open_text
 from ensemble.vocab import doc_separator_id
 
 from .encoding import EOS, encode_text
-from .tasks import DataError
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
 
 
 def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> list[str]:
@@ -48,22 +43,15 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> lis
             raise DataError(p, None, None, "file not found")
         name = p.name.removesuffix(".gz")
         if name.endswith((".jsonl", ".json")):
-            with _open_text(p) as fh:
-                for lineno, raw in enumerate(fh, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        rec = json.loads(raw)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(p, lineno, None, f"invalid JSON ({exc.msg})") from None
-                    if not isinstance(rec, dict) or text_field not in rec:
-                        raise DataError(p, lineno, text_field, "missing")
-                    if not isinstance(rec[text_field], str):
-                        got = type(rec[text_field]).__name__
-                        raise DataError(p, lineno, text_field, f"expected a string, got {got}")
-                    docs.append(rec[text_field])
+            for lineno, rec in iter_jsonl(p):
+                if text_field not in rec:
+                    raise DataError(p, lineno, text_field, "missing")
+                if not isinstance(rec[text_field], str):
+                    got = type(rec[text_field]).__name__
+                    raise DataError(p, lineno, text_field, f"expected a string, got {got}")
+                docs.append(rec[text_field])
         elif name.endswith(".txt"):
-            with _open_text(p) as fh:
+            with open_text(p) as fh:
                 docs.extend(d for d in fh.read().split(EOS) if d.strip())
         else:
             raise DataError(p, None, None, "unsupported document file (expected .jsonl, .jsonl.gz, .txt or .txt.gz)")
@@ -190,34 +178,27 @@ def read_chunks(path: str | Path, tokenizer=None, limit: int | None = None, max_
             raise ValueError("read_chunks: give the tokenizer or vocab_size (ids are checked against it)")
         vocab_size = len(tokenizer)
     out: list[torch.Tensor] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, None, f"invalid JSON ({exc.msg})") from None
-            if "input_ids" in rec:
-                ids = rec["input_ids"]
-                if not isinstance(ids, list) or not all(isinstance(x, int) and 0 <= x < vocab_size for x in ids):
-                    raise DataError(path, lineno, "input_ids",
-                                    f"expected a list of token ids in the tokenizer's [0, {vocab_size})")
-            elif "text" in rec:
-                if tokenizer is None:
-                    raise DataError(path, lineno, "input_ids", "missing (and no tokenizer given to read 'text')")
-                ids = encode_text(tokenizer, rec["text"])
-            else:
-                raise DataError(path, lineno, "input_ids", "missing (need 'input_ids' or 'text')")
-            if len(ids) < 2:
-                continue
-            if max_len is not None and len(ids) > max_len:
+    for lineno, rec in iter_jsonl(path):
+        if limit is not None and len(out) >= limit:
+            break
+        if "input_ids" in rec:
+            ids = rec["input_ids"]
+            if not isinstance(ids, list) or not all(isinstance(x, int) and 0 <= x < vocab_size for x in ids):
                 raise DataError(path, lineno, "input_ids",
-                                f"chunk of {len(ids)} tokens exceeds the Backpack context ({max_len}); "
-                                f"rebuild the corpus with a smaller --chunk-len")
-            out.append(torch.tensor(ids, dtype=torch.long))
+                                f"expected a list of token ids in the tokenizer's [0, {vocab_size})")
+        elif "text" in rec:
+            if tokenizer is None:
+                raise DataError(path, lineno, "input_ids", "missing (and no tokenizer given to read 'text')")
+            ids = encode_text(tokenizer, rec["text"])
+        else:
+            raise DataError(path, lineno, "input_ids", "missing (need 'input_ids' or 'text')")
+        if len(ids) < 2:
+            continue
+        if max_len is not None and len(ids) > max_len:
+            raise DataError(path, lineno, "input_ids",
+                            f"chunk of {len(ids)} tokens exceeds the Backpack context ({max_len}); "
+                            f"rebuild the corpus with a smaller --chunk-len")
+        out.append(torch.tensor(ids, dtype=torch.long))
     if not out:
         raise DataError(path, None, None, "no chunks")
     return out

@@ -23,8 +23,9 @@ from typing import Sequence
 
 import torch
 
+from ensemble.delta import logit_delta, sequence_deltas
+
 from .calibrate import _device, large_logits
-from .compute import sequence_deltas
 from .encoding import EncodedExample, Scored, encode_example, pad_batch
 from .tasks import LossType, TaskData, TextExample, example_score, is_failure
 
@@ -122,7 +123,7 @@ class EnsembleScorer(_Scorer):
                         alpha = self.backpack.contextualize(ids.to(self.backpack.embedding.device)).float().to(ids.device)
                     delta = torch.zeros(*ids.shape, self.E.shape[1], device=ids.device)
                     delta[rows] = sequence_deltas(alpha[rows], ids[rows], edits.to(dtype=alpha.dtype)).float()
-                    zz = z + beta * (delta[sel] @ self.E.T)
+                    zz = z + beta * logit_delta(delta[sel], self.E, self.vocab_size)
             out.append(_scatter_rows(zz, tgt[sel], sel))
         return torch.stack(out)
 

@@ -24,13 +24,14 @@ sum (see :mod:`train_edits.losses`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Iterable, Literal, Union
+
+from ensemble.jsonl import DataError, iter_jsonl  # DataError: re-exported for train_edits' callers
 
 
 class LossType(str, Enum):
@@ -48,16 +49,6 @@ class LossType(str, Enum):
         return "pair" if self.is_pair else "single"
 
 
-class DataError(ValueError):
-    """A malformed data file or record; the message names file, line and field."""
-
-    def __init__(self, path: str | Path, line: int | None, field: str | None, message: str):
-        self.path = str(path)
-        self.line = line
-        self.field = field
-        where = self.path if line is None else f"{self.path}:{line}"
-        what = f"field '{field}': " if field else ""
-        super().__init__(f"{where}: {what}{message}")
 
 
 @dataclass(frozen=True)
@@ -111,39 +102,30 @@ def read_examples(path: str | Path, shape: Shape | None = None) -> list[Example]
     if not path.is_file():
         raise DataError(path, None, None, "file not found")
     out: list[Example] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
-            rec_shape = shape or _detect_shape(rec)
-            if rec_shape is None:
-                raise DataError(path, lineno, "suffix", "record has none of 'suffix', 'suffix1'/'suffix2' or 'text'")
-            if shape is None and out:
-                first = _shape_of(out[0])
-                if rec_shape != first:
-                    raise DataError(path, lineno, None, f"record shape '{rec_shape}' differs from the file's first record ('{first}')")
-            for field in _FIELDS[rec_shape]:
-                if field not in rec:
-                    raise DataError(path, lineno, field, f"missing (a {rec_shape} record needs {', '.join(_FIELDS[rec_shape])})")
-                if not isinstance(rec[field], str):
-                    raise DataError(path, lineno, field, f"expected a string, got {type(rec[field]).__name__}")
-            if rec_shape == "single":
-                if not rec["suffix"]:
-                    raise DataError(path, lineno, "suffix", "empty suffix")
-                out.append(SingleExample(rec["prefix"], rec["suffix"], lineno))
-            elif rec_shape == "pair":
-                for field in ("suffix1", "suffix2"):
-                    if not rec[field]:
-                        raise DataError(path, lineno, field, "empty suffix")
-                out.append(PairExample(rec["prefix"], rec["suffix1"], rec["suffix2"], lineno))
-            else:
-                out.append(TextExample(rec["text"], lineno))
+    for lineno, rec in iter_jsonl(path):  # one reader for every JSONL file
+        rec_shape = shape or _detect_shape(rec)
+        if rec_shape is None:
+            raise DataError(path, lineno, "suffix", "record has none of 'suffix', 'suffix1'/'suffix2' or 'text'")
+        if shape is None and out:
+            first = _shape_of(out[0])
+            if rec_shape != first:
+                raise DataError(path, lineno, None, f"record shape '{rec_shape}' differs from the file's first record ('{first}')")
+        for field in _FIELDS[rec_shape]:
+            if field not in rec:
+                raise DataError(path, lineno, field, f"missing (a {rec_shape} record needs {', '.join(_FIELDS[rec_shape])})")
+            if not isinstance(rec[field], str):
+                raise DataError(path, lineno, field, f"expected a string, got {type(rec[field]).__name__}")
+        if rec_shape == "single":
+            if not rec["suffix"]:
+                raise DataError(path, lineno, "suffix", "empty suffix")
+            out.append(SingleExample(rec["prefix"], rec["suffix"], lineno))
+        elif rec_shape == "pair":
+            for field in ("suffix1", "suffix2"):
+                if not rec[field]:
+                    raise DataError(path, lineno, field, "empty suffix")
+            out.append(PairExample(rec["prefix"], rec["suffix1"], rec["suffix2"], lineno))
+        else:
+            out.append(TextExample(rec["text"], lineno))
     if not out:
         raise DataError(path, None, None, "no records")
     return out

@@ -10,7 +10,10 @@ process too, to validate per-request arguments):
                    and the batched in-place ``logits += β·E·δ``; shared by both shims.
 * ``processor``    - the V1 shim (``vllm.v1.sample.logits_processor.LogitsProcessor``).
 * ``processor_v2`` - the Model Runner V2 shim (``vllm.v1.worker.gpu.sample.logits_processor``); untested on GPU.
-* ``engine``     - ``VLLMEngine``: the serve engine surface (submit/cancel/run_job/...) over ``vllm.LLMEngine``.
+* ``worker``     - ``SensepackWorkerExtension``: the processors' counters and finished ids through vLLM's
+                   ``collective_rpc`` (works whether the workers share the server's process or not).
+* ``engine``     - ``VLLMEngine``: the serve engine (scheduler, detokeniser, events) with a ``VLLMRunner``
+                   over ``vllm.LLMEngine``.
 
 Only ``processor``, ``processor_v2`` and ``engine`` import vllm.
 """
@@ -19,6 +22,7 @@ SUPPORTED_VLLM = ">=0.32.0,<0.33"   # the processor interfaces change between re
 
 V1_PROCESSOR_FQCN = "serve.vllm.processor:SensepackLogitsProcessor"
 V2_PROCESSOR_FQCN = "serve.vllm.processor_v2:SensepackLogitsProcessorV2"
+WORKER_EXTENSION_FQCN = "serve.vllm.worker.SensepackWorkerExtension"   # vLLM resolves it by dotted name
 
 
 def check_vllm_version(version: str) -> bool:

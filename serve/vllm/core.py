@@ -14,10 +14,16 @@ Rows whose request carries no edited token get exact zeros (the tracker's exact 
 rows are bit-identical to the large model restricted to the shared vocabulary.
 
 Bookkeeping (V1 ``BatchUpdate`` semantics, processed in the order removed, added, moved):
-  removed i         -> the row's sequence leaves the tracker
-  added (i, ...)    -> a previous occupant of row i leaves; a fresh tracker sequence is created from
-                       the prompt ids (a re-added / preempted request arrives with a non-empty output
-                       list: its tokens are synced at the next apply, like any other new tokens)
+  removed i         -> the row's sequence leaves the batch. vLLM also removes requests it does not
+                       schedule in a step (and preempted ones) and adds them back later, so a request
+                       that carries a ``request_id`` and has not visibly finished (max_tokens reached,
+                       a stop / EOS token last) is *parked*: the tracker suspends its Backpack state
+                       (no work while parked) under that id; at most ``max_parked`` are kept, the
+                       least recently parked evicted first
+  added (i, ...)    -> a previous occupant of row i leaves; a parked request with the same id, packs
+                       and prompt resumes its state (no Backpack prefill; ``stats.resumed``), otherwise
+                       a fresh tracker sequence is created from the prompt ids (a re-added request
+                       arrives with a non-empty output list: its tokens are synced at the next apply)
   moved a->b (UNI)  -> b's occupant (if any) leaves (implied finish), a's state moves to b
   moved a<->b SWAP  -> the two states swap
 No tracker work happens on a move or swap. Output tokens are read from vLLM's live lists in
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +56,11 @@ class _Row:
     output_ids: list | None    # vLLM's live output-token list (V1), None for V2 (tokens pushed)
     seen: int = 0              # output tokens already fed to the tracker
     key: tuple = ()
+    rid: str | None = None     # extra_args request_id: parks across vLLM's remove / re-add
+    prompt_len: int = 0
+    last: int | None = None    # the last output token fed (a re-add must continue the same output)
+    max_tokens: int | None = None
+    stop_ids: frozenset = frozenset()
 
 
 @dataclass
@@ -59,6 +71,9 @@ class CoreStats:
     rows_added: int = 0
     prompt_missing: int = 0    # requests with prompt embeddings (no ids): served by the base model
     pack_unavailable: int = 0  # pinned pack not found by the resolver (must stay 0)
+    parked: int = 0            # removed unfinished requests whose Backpack state was kept
+    resumed: int = 0           # re-added requests that got their state back (no Backpack prefill)
+    parked_evicted: int = 0    # parked states dropped for room (max_parked) or a mismatching re-add
 
 
 @dataclass
@@ -69,6 +84,7 @@ class EnsembleLogitsCore:
     window_keep: int | None = None
     mask_padding: bool = True
     max_combined: int = 256
+    max_parked: int = 64                 # Backpack states kept across vLLM's remove / re-add (bounded)
     stats: CoreStats = field(default_factory=CoreStats)
 
     def __post_init__(self) -> None:
@@ -77,6 +93,10 @@ class EnsembleLogitsCore:
         self.rows: dict[int, _Row] = {}
         self._sids = itertools.count()
         self._combined: dict[tuple, SenseEdits] = {}
+        self._parked: OrderedDict[str, _Row] = OrderedDict()    # request_id -> suspended row
+        # Backpack seconds of each apply where the Backpack ran (drained by serve.vllm.worker; bounded)
+        self.step_seconds: deque = deque(maxlen=4096)
+        self._gone: OrderedDict[str, int] = OrderedDict()        # finished ids still in the batch: never park
         self._layout = None              # cached (rows, sids, index tensor or None, dense count)
 
     # ------------------------------------------------------------ packs
@@ -90,11 +110,22 @@ class EnsembleLogitsCore:
         return key, self._combined[key]
 
     # ------------------------------------------------------------ bookkeeping
-    def add(self, row: int, req: RequestPacks | None, prompt_ids, output_ids: list | None) -> bool:
-        """A request enters `row` (replacing any previous occupant); True when it may edit logits."""
+    def add(self, row: int, req: RequestPacks | None, prompt_ids, output_ids: list | None, params=None) -> bool:
+        """A request enters `row` (replacing any previous occupant); True when it may edit logits.
+        `params` (vllm.SamplingParams) tells when a removed request has visibly finished."""
         self.drop(row)
         if req is None:
             return False
+        if req.request_id is not None and req.request_id in self._parked:
+            r = self._parked.pop(req.request_id)
+            if self._resumable(r, req, prompt_ids, output_ids):
+                r.output_ids = output_ids
+                self.rows[row] = r
+                self.stats.resumed += 1
+                self._layout = None
+                return True
+            self.tracker.remove(r.sid)       # same id, different request (or output): start afresh
+            self.stats.parked_evicted += 1
         if prompt_ids is None:
             self.stats.prompt_missing += 1
             log.warning("sensepack: request without prompt token ids (prompt embeddings) is served by the "
@@ -111,16 +142,67 @@ class EnsembleLogitsCore:
             return False
         sid = next(self._sids)
         self.tracker.add(sid, list(prompt_ids), edits, key=key)
-        self.rows[row] = _Row(sid, output_ids, 0, key)
+        stop_ids = getattr(params, "all_stop_token_ids", None) or getattr(params, "stop_token_ids", None) or ()
+        self.rows[row] = _Row(sid, output_ids, 0, key, rid=req.request_id, prompt_len=len(prompt_ids),
+                              max_tokens=getattr(params, "max_tokens", None), stop_ids=frozenset(stop_ids))
         self.stats.rows_added += 1
         self._layout = None
         return True
 
-    def drop(self, row: int) -> None:
+    @staticmethod
+    def _resumable(r: _Row, req: RequestPacks, prompt_ids, output_ids) -> bool:
+        if r.key != req.key or r.prompt_len != len(prompt_ids):
+            return False
+        if r.output_ids is None or output_ids is None:      # V2 pushes tokens: no list to continue
+            return r.output_ids is None and output_ids is None
+        return len(output_ids) >= r.seen and (r.seen == 0 or output_ids[r.seen - 1] == r.last)
+
+    def _finished(self, r: _Row) -> bool:
+        """Visibly done (its state will not be needed again): max_tokens reached or a stop / EOS token last."""
+        out = r.output_ids
+        if out is None:
+            return False
+        n = len(out)
+        return (r.max_tokens is not None and n >= r.max_tokens) or (n > 0 and out[-1] in r.stop_ids)
+
+    def drop(self, row: int, park: bool = False) -> None:
+        """`row` leaves the batch; with `park`, an unfinished request with an id keeps its suspended state."""
         r = self.rows.pop(row, None)
+        if r is None:
+            return
+        self._layout = None
+        gone = r.rid is not None and self._gone.pop(r.rid, None) is not None    # the server saw it finish
+        if park and r.rid is not None and self.max_parked > 0 and not gone and not self._finished(r):
+            self.tracker.suspend(r.sid)
+            old = self._parked.pop(r.rid, None)
+            if old is not None:
+                self.tracker.remove(old.sid)
+            self._parked[r.rid] = r
+            self.stats.parked += 1
+            while len(self._parked) > self.max_parked:
+                _, victim = self._parked.popitem(last=False)
+                self.tracker.remove(victim.sid)
+                self.stats.parked_evicted += 1
+            return
+        self.tracker.remove(r.sid)
+
+    def forget(self, request_id: str) -> bool:
+        """The request finished (the server says so): drop its parked state (True when there was one), or
+        make sure it is not parked when vLLM removes it later (an aborted request leaves the batch a step
+        after the abort)."""
+        r = self._parked.pop(request_id, None)
         if r is not None:
             self.tracker.remove(r.sid)
-            self._layout = None
+            return True
+        if any(row.rid == request_id for row in self.rows.values()):
+            self._gone[request_id] = 1
+            while len(self._gone) > 4 * self.max_parked + 64:    # bounded; an old entry only costs a park
+                self._gone.popitem(last=False)
+        return False
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
 
     def move(self, a: int, b: int) -> None:
         """One-way a -> b: b's previous occupant is gone (implied finish)."""
@@ -145,9 +227,9 @@ class EnsembleLogitsCore:
         if not batch_update:
             return
         for i in batch_update.removed:
-            self.drop(i)
+            self.drop(i, park=True)
         for i, params, prompt_ids, output_ids in batch_update.added:
-            self.add(i, parse(params), prompt_ids, output_ids)
+            self.add(i, parse(params), prompt_ids, output_ids, params)
         for a, b, direction in batch_update.moved:
             if getattr(direction, "name", direction) == "SWAP":
                 self.swap(a, b)
@@ -160,6 +242,7 @@ class EnsembleLogitsCore:
         for t in tokens:
             self.tracker.append(r.sid, int(t))
             r.seen += 1
+            r.last = int(t)
 
     def sync(self) -> None:
         """V1: feed the tokens appended to each live output list since the last apply.
@@ -179,6 +262,7 @@ class EnsembleLogitsCore:
                     break
                 append(r.sid, t)
                 r.seen += 1
+                r.last = t
 
     # ------------------------------------------------------------ the step
     def _rows_layout(self, device):
@@ -215,11 +299,12 @@ class EnsembleLogitsCore:
             self.stats.skipped += 1
             return logits
         st = self.tracker.stats
-        before = st.exact_skip_rows
+        before, secs = st.exact_skip_rows, st.backpack_seconds
         deltas, _active = self.tracker.logit_deltas(sids)
         if st.exact_skip_rows - before == len(sids):   # no row carries an edited token: exact skip
             self.stats.skipped += 1
             return logits
+        self.step_seconds.append(st.backpack_seconds - secs)
         deltas = deltas.to(device=logits.device, dtype=logits.dtype, non_blocking=True)
         if index is None:                      # rows are 0..n-1
             logits[: len(sids), :n] += deltas

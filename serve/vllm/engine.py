@@ -1,22 +1,24 @@
-"""VLLMEngine: the serve engine surface (serve.engine.Engine) with vLLM doing the decoding.
+"""VLLMEngine: the serve engine (serve.engine.Engine) with vLLM as its model runner.
 
-Same public API and events as the embedded engine (submit / cancel / run_job / running / waiting
-/ start / stop_accepting / drain / stop / pending_low / decode_steps), so the gRPC servicer,
-metrics and pack pinning are unchanged. It subclasses serve.engine.Engine and reuses its token
-acceptance (stop sequences, EOS / min tokens, text deltas, TTFT / ITL / e2e metrics, finish events)
-and its job lanes; what differs:
+`VLLMEngine` is `Engine` (the same scheduler, token acceptance with the incremental detokeniser,
+stop sequences / EOS / min tokens, TTFT / ITL / e2e metrics, finish events, job lanes) composed
+with a `VLLMRunner` instead of the embedded runner; it overrides nothing. What the runner does:
 
-* one engine thread steps ``vllm.LLMEngine`` (continuous batching is vLLM's): waiting requests are
-  admitted with ``add_request`` while running slots are free, cancelled / deadline-exceeded /
-  stop-sequence-finished ones are aborted with ``abort_request``;
-* every request carries its pinned packs as ``SamplingParams.extra_args["sensepack"]`` (the pack
-  manager pinned them at admission, exactly as for the embedded engine); the sensepack logits
-  processor adds β·E·δ inside vLLM's sampler (``serve.vllm.processor``);
+* `add` hands an admitted request to ``vllm.LLMEngine.add_request`` with its pinned packs as
+  ``SamplingParams.extra_args["sensepack"]`` (the pack manager pinned them at admission, exactly as
+  for the embedded engine); a request vLLM refuses (ValueError, e.g. longer than
+  ``vllm.max_model_len``) raises `serve.engine.Refused` and ends alone with INVALID_ARGUMENT;
+* `step` calls ``LLMEngine.step`` (continuous batching is vLLM's) and returns each request's new
+  tokens with their log-probs; the sensepack logits processor added β·E·δ inside vLLM's sampler
+  (``serve.vllm.processor``);
+* `remove` aborts a request that finished on our side (cancelled, deadline, stop sequence);
 * the engine runs with ``logprobs_mode="processed_logprobs"``: logprobs returned to clients are the
   ensemble's (after the processor), not the base model's;
 * in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the processor gets the Backpack and the
   pack manager's resident packs through ``serve.vllm.resolver.REGISTRY``; otherwise through
-  ``additional_config={"sensepack": {"backpack": ..., "store": ...}}`` (docs/vllm.md).
+  ``additional_config={"sensepack": {"backpack": ..., "store": ...}}`` (docs/vllm.md);
+* when vLLM's engine core process dies (multi-process mode), `step` raises `serve.engine.RunnerDead`:
+  running requests end UNAVAILABLE and the server goes NOT_SERVING and exits for its orchestrator.
 
 ``run_job`` jobs (Score, activation gate, A/B re-scoring) run on the engine thread between steps,
 as in the embedded engine; they use the embedded ensemble (teacher-forced scoring cannot go
@@ -26,15 +28,21 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from dataclasses import replace
 
-from serve.engine import ERROR, REFUSED, Engine, Sequence
+from serve.engine import CoreCounters, Engine, Refused, RowOutput, RunnerDead
+from serve.sampler import Sampled
+from serve.scheduler import Sequence
 
-from . import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN
+from . import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN, WORKER_EXTENSION_FQCN
 from .args import build_extra_args
 from .resolver import REGISTRY
 
 log = logging.getLogger("sensepack.vllm.engine")
+
+VLLM_MIN_TEMPERATURE = 0.01      # vllm.sampling_params._MAX_TEMP (0.32): lower temperatures are raised to it
 
 
 def engine_args_from_config(config, store_uri: str | None = None, model_folder: str | None = None,
@@ -84,38 +92,64 @@ def engine_args_from_config(config, store_uri: str | None = None, model_folder: 
     return args
 
 
-class _Aborter:
-    """Stands in for the embedded batch session: `remove` aborts the vLLM request."""
+def _engine_dead_errors() -> tuple[type, ...]:
+    """vLLM's "the engine core process is gone" exceptions (0.32: EngineDeadError)."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+        return (EngineDeadError,)
+    except ImportError:    # pragma: no cover - other vLLM layouts
+        return ()
 
-    def __init__(self, engine: "VLLMEngine"):
-        self.engine = engine
 
-    def remove(self, seq_id) -> None:
-        self.engine._abort(seq_id)
+def sampling_params(seq: Sequence):
+    """vllm.SamplingParams of a request: the same sampling / stopping fields as the embedded sampler
+    (serve.sampler), and its pinned packs for the sensepack processor."""
+    from vllm import SamplingParams
+
+    req = seq.req
+    n_lp = max(req.top_n, 1) if (req.want_logprobs or req.top_n) else None
+    kw = dict(max_tokens=req.max_new_tokens, min_tokens=req.min_new_tokens, ignore_eos=req.ignore_eos,
+              logprobs=n_lp, extra_args=build_extra_args(seq.packs, request_id=f"sp-{seq.seq_id}"),
+              stop_token_ids=sorted(req.stop_token_ids) or None, detokenize=False,
+              repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+              frequency_penalty=req.frequency_penalty, min_p=req.min_p, logit_bias=req.logit_bias or None)
+    # vLLM raises temperatures in (0, 0.01) to 0.01 (its numerical floor); their T -> 0 limit, which the
+    # embedded sampler reaches (temperature 1e-39 samples the argmax), is greedy decoding
+    if req.greedy or req.temperature < VLLM_MIN_TEMPERATURE:
+        kw.update(temperature=0.0)
+    else:
+        kw.update(temperature=req.temperature, top_k=req.top_k or 0, top_p=req.top_p, seed=seq.seed)
+    return SamplingParams(**kw)
 
 
-class VLLMEngine(Engine):
-    log_name = "vllm engine"
-    def __init__(self, engine_args: dict, tokenizer, limits, metrics, backpack=None, pack_source=None,
-                 ensemble=None, lane_every_steps: int = 8, v2_model_runner: bool | None = None,
-                 in_process: bool | None = None):
-        """engine_args: vllm.EngineArgs fields (model, dtype, tensor_parallel_size, gpu_memory_utilization,
-        max_model_len, ...). backpack / pack_source: for the in-process registry (pack_source may be set
-        later, before start(): the pack manager is usually built after the engine). ensemble: the
-        embedded ensemble that Score / gate / A/B jobs use (optional). in_process: set
-        VLLM_ENABLE_V1_MULTIPROCESSING before vLLM starts (None: leave the environment alone)."""
-        super().__init__(ensemble, tokenizer, limits, metrics, lane_every_steps=lane_every_steps)
+class VLLMRunner:
+    """serve.engine.Runner over ``vllm.LLMEngine`` (see the module docstring)."""
+
+    def __init__(self, engine_args: dict, vocab, backpack=None, pack_source=None,
+                 v2_model_runner: bool | None = None, in_process: bool | None = None):
         self.engine_args = dict(engine_args)
+        self.vocab = vocab
         self.backpack = backpack
         self.pack_source = pack_source
         self.v2_model_runner = v2_model_runner
         self.in_process = in_process
         self.llm = None
-        self._by_rid: dict[str, Sequence] = {}
-        self._seen: dict[int, int] = {}          # seq_id -> tokens already accepted
-        self._core_base = (0, 0, 0.0)
+        self._rids: dict[int, str] = {}          # seq_id -> vLLM request id (live in vLLM)
+        self._seen: dict[int, int] = {}          # seq_id -> tokens already returned
+        self._dead_errors: tuple[type, ...] = ()
+        self._finished: list[str] = []           # vLLM ids finished since the last sync (processors forget them)
+        self._last = CoreCounters()
+        self._synced_at = float("-inf")
+        self.parked = 0                          # parked Backpack states in the processors (last sync)
+        self.sync_interval_s = 0.5
+        self._closing = threading.Event()
+        self._sync_off = False
+        self._refusals: tuple[type, ...] = (ValueError,)
 
-    # ------------------------------------------------------------ lifecycle
+    @staticmethod
+    def rid(seq_id: int) -> str:
+        return f"sp-{seq_id}"
+
     def start(self) -> None:
         from vllm import EngineArgs, LLMEngine
 
@@ -131,120 +165,170 @@ class VLLMEngine(Engine):
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if v2 else "0"
         args.setdefault("logits_processors", [V2_PROCESSOR_FQCN if v2 else V1_PROCESSOR_FQCN])
         args["logprobs_mode"] = "processed_logprobs"
+        args.setdefault("worker_extension_cls", WORKER_EXTENSION_FQCN)   # counters / finished ids via collective_rpc
         self.llm = LLMEngine.from_engine_args(EngineArgs(**args))
-        self._session = _Aborter(self)
-        import threading
-
-        self._thread = threading.Thread(target=self._loop, name="sensepack-vllm-engine", daemon=True)
-        self._thread.start()
-
-    def _recover(self) -> None:
-        """The vLLM engine keeps its own batch; the finished requests were aborted there."""
-
-    def _sampling_params(self, seq: Sequence):
-        from vllm import SamplingParams
-
-        req = seq.req
-        n_lp = max(req.top_n, 1) if (req.want_logprobs or req.top_n) else None
-        kw = dict(max_tokens=req.max_new_tokens, min_tokens=req.min_new_tokens, ignore_eos=req.ignore_eos,
-                  logprobs=n_lp, extra_args=build_extra_args(seq.packs, request_id=str(seq.req.request_id)),
-                  stop_token_ids=sorted(req.stop_token_ids) or None, detokenize=False,
-                  repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                  frequency_penalty=req.frequency_penalty, min_p=req.min_p, logit_bias=req.logit_bias or None)
-        if req.greedy:
-            kw.update(temperature=0.0)
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+            self.sync_interval_s = 0.0        # a plain call: every step
         else:
-            kw.update(temperature=req.temperature, top_k=req.top_k or 0, top_p=req.top_p, seed=seq.seed)
-        return SamplingParams(**kw)
+            self._watchdog = threading.Thread(target=self._watch, name="sensepack-vllm-watchdog", daemon=True)
+            self._watchdog.start()
+        self._dead_errors = _engine_dead_errors()
+        from vllm.exceptions import VLLMClientError   # 0.32: VLLMValidationError (not a ValueError) for bad input
 
-    def _admit_new(self, new: list[Sequence]) -> None:
-        """The scheduler's admitted requests enter vLLM's batch; one it refuses ends alone."""
+        self._refusals = (ValueError, VLLMClientError)
+
+    def _dead(self, e: BaseException) -> bool:
+        return bool(self._dead_errors) and isinstance(e, self._dead_errors)
+
+    def add(self, seq: Sequence) -> None:
         from vllm.inputs import TokensPrompt
 
-        now = time.monotonic()
-        for seq in new:
-            rid = f"sp-{seq.seq_id}"
-            try:
-                self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(seq.req.prompt_ids)),
-                                     self._sampling_params(seq))
-            except ValueError as e:   # vLLM refused this request (e.g. longer than vllm.max_model_len)
-                log.warning("request refused by vLLM", extra={"event": "engine_add_failed"})
-                self._finish(seq, REFUSED, error=f"{seq.req.input_field}: refused by the vLLM engine: {e}", admitted=False)
-                continue
-            except Exception as e:  # noqa: BLE001 - this request alone ends
-                log.exception("vLLM add_request failed", extra={"event": "engine_add_failed"})
-                self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}", admitted=False)
-                continue
-            self._by_rid[rid] = seq
-            self._seen[seq.seq_id] = 0
-            seq.admitted = now
-            self._running[seq.seq_id] = seq
-            self.metrics.queue_time.observe(now - seq.arrival)
-            self.metrics.prompt_tokens.inc(len(seq.req.prompt_ids))
-        self.metrics.running.set(len(self._running))
+        rid = self.rid(seq.seq_id)
+        try:
+            self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(seq.req.prompt_ids)), sampling_params(seq))
+        except self._refusals as e:   # vLLM refused this request (e.g. longer than vllm.max_model_len)
+            raise Refused(f"refused by the vLLM engine: {e}") from None
+        except Exception as e:
+            if self._dead(e):
+                raise RunnerDead(f"vLLM engine core: {e}") from e
+            raise
+        self._rids[seq.seq_id] = rid
+        self._seen[seq.seq_id] = 0
 
-    def _abort(self, seq_id) -> None:
-        rid = f"sp-{seq_id}"
+    def remove(self, seq_id: int) -> None:
         self._seen.pop(seq_id, None)
-        if self._by_rid.pop(rid, None) is not None and self.llm is not None:
+        rid = self._rids.pop(seq_id, None)
+        if rid is not None and self.llm is not None:
             self.llm.abort_request([rid])
+            self._finished.append(rid)
 
-    def _core_stats(self) -> tuple[int, int, float]:
-        """The processors' tracker counters (in-process mode; zeros when they live in other processes)."""
-        skip = rep = 0
-        secs = 0.0
-        for p in REGISTRY.processors:
-            st = p.core.tracker.stats
-            skip += st.exact_skip_rows
-            rep += st.window_reprefills
-            secs += st.backpack_seconds
-        return skip, rep, secs
-
-    def _step(self) -> None:
-        before = self._core_stats()
-        outputs = self.llm.step()
-        self._sync_core_stats(before)
-        self.decode_steps += 1
-        self._steps += 1
-        now = time.monotonic()
+    def step(self, running: dict[int, Sequence]) -> list[RowOutput]:
+        try:
+            outputs = self.llm.step()
+        except Exception as e:
+            if self._dead(e):
+                raise RunnerDead(f"vLLM engine core: {e}") from e
+            raise
+        by_rid = {rid: sid for sid, rid in self._rids.items()}
+        result = []
         for out in outputs:
-            seq = self._by_rid.get(out.request_id)
-            if seq is None or seq.finished is not None:
+            sid = by_rid.get(out.request_id)
+            if sid is None:
                 continue
+            seq = running.get(sid)
             comp = out.outputs[0]
             ids = list(comp.token_ids)
-            start = self._seen.get(seq.seq_id, 0)
+            start = self._seen.get(sid, 0)
+            row = RowOutput(sid, finished=bool(out.finished))
             for k in range(start, len(ids)):
                 tok = int(ids[k])
                 logprob, top = None, []
                 lps = comp.logprobs[k] if comp.logprobs is not None and k < len(comp.logprobs) else None
-                if lps:
+                if lps and seq is not None:
                     if seq.req.want_logprobs and tok in lps:
                         logprob = float(lps[tok].logprob)
                     if seq.req.top_n:
                         ranked = sorted(((v.rank, t, float(v.logprob)) for t, v in lps.items() if v.rank is not None))
                         top = [(t, lp) for _, t, lp in ranked[: seq.req.top_n]]
-                self._seen[seq.seq_id] = k + 1
-                try:
-                    self._accept(seq, tok, logprob, top, now)
-                except Exception as e:  # noqa: BLE001 - this request alone ends
-                    log.exception("accepting a token failed", extra={"event": "request_error"})
-                    self._finish(seq, ERROR, error=f"{type(e).__name__}: {e}")
-                if seq.finished is not None:
-                    break
-            if seq.finished is None and out.finished:
-                # vLLM ended it (max_tokens / EOS) without our stop logic firing: should not happen since
-                # _accept applies the same limits; finish it consistently anyway.
-                eos = ids and ids[-1] == self.vocab.eos_id and not seq.req.ignore_eos
-                reason = "EOS_TOKEN" if eos else "MAX_TOKENS"
-                self._finish(seq, reason)
-            if out.finished:
-                self._by_rid.pop(out.request_id, None)
+                row.tokens.append(Sampled(tok, logprob, top))
+            self._seen[sid] = len(ids)
+            if out.finished:             # gone from vLLM: nothing to abort
+                self._rids.pop(sid, None)
+                self._seen.pop(sid, None)
+                self._finished.append(out.request_id)
+            result.append(row)
+        return result
 
-    def stop(self, drain_timeout: float | None = 0.0) -> None:
-        super().stop(drain_timeout)
+    def recover(self) -> None:
+        """vLLM keeps its own batch; the finished requests were aborted there."""
+
+    def counters(self, idle: bool) -> CoreCounters:
+        """The processors' counters through vLLM's RPC to its workers (serve.vllm.worker), which also hands
+        them the finished request ids (their parked Backpack states go). In-process every step; across
+        processes at most every `sync_interval_s`, and when the batch empties."""
+        now = time.monotonic()
+        if self._sync_off or (not idle and now - self._synced_at < self.sync_interval_s):
+            return self._last           # totals unchanged, no new per-step samples
+        finished, self._finished = self._finished, []
+        try:
+            res = self.llm.collective_rpc("sensepack_sync", args=(finished,))
+        except Exception as e:
+            if self._dead(e):
+                raise RunnerDead(f"vLLM engine core: {e}") from e
+            # e.g. engine_args set another worker_extension_cls: the metrics stay where they are, said once
+            log.exception("sensepack_sync failed: processor metrics are no longer exported",
+                          extra={"event": "engine_error"})
+            self._sync_off = True
+            return self._last
+        self._synced_at = now
+        c = res[0] if res else {}       # tensor-parallel ranks run the same processor: rank 0 speaks for all
+        fresh = CoreCounters(c.get("exact_skip_rows", 0), c.get("window_reprefills", 0),
+                             c.get("backpack_seconds", 0.0), c.get("resumed", 0),
+                             step_seconds=list(c.get("step_seconds", ())))
+        self._last = replace(fresh, step_seconds=[])
+        self.parked = c.get("parked", 0)
+        return fresh
+
+    def _watch(self) -> None:
+        """Wake a `step` blocked on a dead engine core. vLLM 0.32's monitor marks the client dead when the
+        engine-core process exits, but a sync client's `get_output` waiting on its queue is not woken (the
+        output thread just stops), so the engine thread would wait forever: give it vLLM's own error."""
+        while not self._closing.wait(0.5):
+            if self.dead():
+                q = getattr(self.llm.engine_core, "outputs_queue", None)
+                if q is not None and self._dead_errors:
+                    q.put_nowait(self._dead_errors[0]())
+                return
+
+    def dead(self) -> str | None:
+        """vLLM's client marks its engine dead when the engine core process exits (its monitor thread)."""
+        res = getattr(getattr(self.llm, "engine_core", None), "resources", None)
+        return "vLLM engine core process exited" if getattr(res, "engine_dead", False) else None
+
+    def shutdown(self) -> None:
+        self._closing.set()
         if self.llm is not None:
-            try:
-                self.llm.engine_core.shutdown()
-            except Exception:  # best effort: the process may be exiting
-                log.exception("vllm shutdown failed", extra={"event": "engine_error"})
+            self.llm.engine_core.shutdown()
+
+
+class VLLMEngine(Engine):
+    """`Engine` with a `VLLMRunner` (nothing overridden)."""
+
+    log_name = "vllm engine"
+
+    def __init__(self, engine_args: dict, tokenizer, limits, metrics, backpack=None, pack_source=None,
+                 ensemble=None, lane_every_steps: int = 8, v2_model_runner: bool | None = None,
+                 in_process: bool | None = None):
+        """engine_args: vllm.EngineArgs fields (model, dtype, tensor_parallel_size, gpu_memory_utilization,
+        max_model_len, ...). backpack / pack_source: for the in-process registry (pack_source may be set
+        later, before start(): the pack manager is usually built after the engine). ensemble: the
+        embedded ensemble that Score / gate / A/B jobs use (optional). in_process: set
+        VLLM_ENABLE_V1_MULTIPROCESSING before vLLM starts (None: leave the environment alone)."""
+        from ensemble.vocab import Vocabulary
+
+        vocab = ensemble.vocab if ensemble is not None else Vocabulary.from_tokenizer(tokenizer)
+        runner = VLLMRunner(engine_args, vocab, backpack=backpack, pack_source=pack_source,
+                            v2_model_runner=v2_model_runner, in_process=in_process)
+        super().__init__(ensemble, tokenizer, limits, metrics, lane_every_steps=lane_every_steps, runner=runner,
+                         vocab=vocab)
+
+    # the server fills these in after building the engine (the pack manager needs the engine first)
+    @property
+    def engine_args(self) -> dict:
+        return self.runner.engine_args
+
+    @engine_args.setter
+    def engine_args(self, value: dict) -> None:
+        self.runner.engine_args = dict(value)
+
+    @property
+    def pack_source(self):
+        return self.runner.pack_source
+
+    @pack_source.setter
+    def pack_source(self, value) -> None:
+        self.runner.pack_source = value
+
+    @property
+    def llm(self):
+        return self.runner.llm

@@ -45,6 +45,7 @@ class SensepackLogitsProcessor(LogitsProcessor):
                          SUPPORTED_VLLM)
         backpack, source, window_keep, vocab_size = resolve_components(vllm_config, device)
         self.core = EnsembleLogitsCore(backpack, source, window_keep=window_keep, vocab_size=vocab_size)
+        self.vllm_config = vllm_config    # serve.vllm.worker tells engines sharing a process apart
         REGISTRY.processors.append(self)
 
     def is_argmax_invariant(self) -> bool:

@@ -45,6 +45,7 @@ class SensepackLogitsProcessorV2(LogitsProcessor):
         core = EnsembleLogitsCore(backpack, source, window_keep=window_keep, vocab_size=vocab_size)
         self.adapter = V2Adapter(core, req_states)
         self.core = self.adapter.core
+        self.vllm_config = vllm_config    # serve.vllm.worker tells engines sharing a process apart
         REGISTRY.processors.append(self)
 
     def add_request(self, req_idx: int, sampling_params) -> bool:

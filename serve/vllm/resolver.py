@@ -52,7 +52,8 @@ class DictSource:
 
 
 class PackManagerSource:
-    """The embedded engine's pack manager (serve.packs.PackManager): resident versions by (name, version)."""
+    """Resident versions by (name, version) from anything with `residents()`: the pack manager's
+    serve.packs.ResidentTable (what the server passes, built before the manager) or the manager itself."""
 
     def __init__(self, manager):
         self.manager = manager

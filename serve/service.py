@@ -1,0 +1,221 @@
+"""What every front-end does with a request, in domain types: admit (resolve and pin packs, submit to
+the engine), follow its events, score, tokenize.
+
+The gRPC servicer (serve.server) and the OpenAI-compatible HTTP API (serve.http) both call this
+module with validated `GenerationRequest` / `ScoreRequest`s (serve.params) and get domain results
+or `serve.errors.ServeError`s back; each maps them to its own wire format and status codes.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+from serve import engine as eng
+from serve.metrics import GRPC
+from serve.errors import (Cancelled, DeadlineExceeded, InternalError, InvalidRequest, ServeError, Unavailable)
+from serve.packs import Admission, PackManager
+from serve.params import GenerationRequest, ScoreRequest
+from serve.scoring import ScoreAbandoned, advance, score_row, score_steps
+
+
+class EngineAPI(Protocol):
+    """The engine as the front-ends use it (serve.engine.Engine, serve.vllm.engine.VLLMEngine)."""
+
+    running: int
+    waiting: int
+
+    def submit(self, req: GenerationRequest, packs: list, deadline: float | None = None, on_finish=None,
+               user=None, frontend: str = GRPC) -> eng.Sequence: ...
+    def cancel(self, seq: eng.Sequence, reason: str = eng.CANCELLED) -> None: ...
+    def run_job(self, fn: Callable, high: bool = True) -> futures.Future: ...
+    def begin_score(self, tokens: int = 0) -> None: ...
+    def end_score(self, tokens: int = 0) -> None: ...
+
+
+class FinishObserver(Protocol):
+    """The live A/B monitor as admission sees it: told about requests that finished normally."""
+
+    def on_finished(self, pins, prompt_ids: list[int], output_ids: list[int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class PackUsage:
+    """One pack as a request was served with it (arm "base": A/B control, or a disabled version)."""
+    ref: str
+    name: str
+    version: str
+    beta: float
+    arm: str
+
+
+def ended_reason(seq: eng.Sequence) -> str:
+    """Why a request ended early: its deadline (with a little slack for clock skew) or a cancel."""
+    if seq.deadline is not None and time.monotonic() >= seq.deadline - 0.05:
+        return eng.TIME_LIMIT
+    return eng.CANCELLED
+
+
+def finish_error(ev: eng.FinishEvent) -> ServeError | None:
+    """The error a finish event stands for (None: the request finished normally)."""
+    if ev.reason == eng.REFUSED:           # the error names the refused field
+        return InvalidRequest("", ev.error)
+    if ev.reason == eng.SHUTDOWN:
+        return Unavailable("", f"server shutting down: the request was cut after {len(ev.output_ids)} tokens; retry")
+    if ev.reason == eng.UNAVAILABLE:      # the model runner died (vLLM's engine core): the server restarts
+        return Unavailable("", f"{ev.error} after {len(ev.output_ids)} tokens")
+    cls = {eng.CANCELLED: Cancelled, eng.TIME_LIMIT: DeadlineExceeded, eng.ERROR: InternalError}.get(ev.reason)
+    if cls is None:
+        return None
+    return cls("", f"generation {ev.reason.lower()}" + (f": {ev.error}" if ev.error else "")
+               + f" after {len(ev.output_ids)} tokens")
+
+
+def reason_error(reason: str) -> type[ServeError]:
+    """The error class of an early end (eng.CANCELLED / eng.TIME_LIMIT), for counting."""
+    return DeadlineExceeded if reason == eng.TIME_LIMIT else Cancelled
+
+
+class Generation:
+    """One admitted generation request: its pinned packs and its engine sequence."""
+
+    def __init__(self, service: "GenerationService", req: GenerationRequest, admission: Admission,
+                 seq: eng.Sequence):
+        self.service, self.req, self.admission, self.seq = service, req, admission, seq
+
+    @property
+    def packs(self) -> list[PackUsage]:
+        return [PackUsage(p.request.ref, p.name, p.version, p.beta if p.resident else 0.0, p.arm)
+                for p in self.admission.pins]
+
+    @property
+    def seed(self) -> int | None:
+        return self.seq.seed
+
+    def cancel(self, reason: str | None = None) -> None:
+        """Free the slot at the next engine step (idempotent; a finished request is left as it is)."""
+        self.service.engine.cancel(self.seq, reason or ended_reason(self.seq))
+
+    def events(self, is_active: Callable[[], bool] = lambda: True) -> Iterator[eng.TokenEvent | eng.FinishEvent]:
+        """The engine's events up to and including the FinishEvent; polls `is_active` while waiting and
+        cancels the request when the client is gone."""
+        while True:
+            try:
+                ev = self.seq.events.get(timeout=0.5)
+            except queue.Empty:
+                if not is_active():
+                    self.cancel()
+                continue
+            yield ev
+            if isinstance(ev, eng.FinishEvent):
+                return
+
+    def prompt_logprobs(self, timeout: float | None) -> list[float]:
+        """log p(prompt[i] | prompt[<i]), i >= 1, under the served distribution (the pinned packs)."""
+        s, req = self.service, self.req
+        refs = self.admission.pack_refs
+        fut = s.engine.run_job(lambda: score_row(s.ensemble, req.prompt_ids[:1], req.prompt_ids[1:], refs,
+                                                 want_base=not refs, want_packed=bool(refs)))
+        try:
+            base, packed = fut.result(timeout=timeout)
+        except futures.TimeoutError:
+            fut.cancel()
+            self.cancel(eng.TIME_LIMIT)
+            raise DeadlineExceeded("response.prompt_logprobs", "deadline exceeded") from None
+        return (packed if refs else base).double().tolist()
+
+
+@dataclass
+class ScoreResult:
+    base: list          # per continuation: log-prob tensors (None entries when not asked)
+    packed: list
+    packs: list[PackUsage]
+
+
+class GenerationService:
+    """The front-end-neutral request path over one engine and one pack manager."""
+
+    def __init__(self, engine: EngineAPI, packs: PackManager, monitor: FinishObserver | None, ensemble, tokenizer):
+        self.engine, self.packs, self.monitor = engine, packs, monitor
+        self.ensemble, self.tokenizer = ensemble, tokenizer
+
+    # ---- generation
+    def generate(self, req: GenerationRequest, deadline: float | None = None, frontend: str = GRPC) -> Generation:
+        """Pin the request's packs and submit it (QueueFull, Unavailable, PackNotFound, ...)."""
+        admission = self.packs.admit(req.packs, req.ab_key, deadline=deadline)
+        monitor = self.monitor
+
+        def on_finish(seq, reason):
+            admission.release()
+            if monitor is not None and reason in (eng.MAX_TOKENS, eng.EOS_TOKEN, eng.STOP_SEQUENCE):
+                monitor.on_finished(admission.pins, seq.req.prompt_ids, seq.output_ids)
+
+        try:
+            seq = self.engine.submit(req, admission.pack_refs, deadline, on_finish=on_finish, user=admission,
+                                     frontend=frontend)
+        except BaseException:
+            admission.release()
+            raise
+        return Generation(self, req, admission, seq)
+
+    # ---- scoring
+    def score(self, req: ScoreRequest, deadline: float | None, is_active: Callable[[], bool],
+              abandoned: threading.Event) -> ScoreResult:
+        """Log-likelihoods of each continuation: one engine job per step of serve.scoring (a
+        continuation's forward pass, then each chunk of positions; decode steps run in between), in
+        bounded memory. `abandoned` (set by the front-end when the client goes) or the deadline stops
+        it between chunks: Cancelled / DeadlineExceeded. Counted against the request cap."""
+        admission = self.packs.admit(req.packs, ab_key="", deadline=deadline)
+        try:
+            base, packed = self._score_rows(req, admission, deadline, is_active, abandoned)
+        finally:
+            admission.release()
+        usage = [PackUsage(p.request.ref, p.name, p.version, p.beta if p.resident else 0.0, p.arm)
+                 for p in admission.pins]
+        return ScoreResult(base, packed, usage)
+
+    def _score_rows(self, req, admission, deadline, is_active, abandoned):
+        refs = [p.resident.pack_ref(p.beta) for p in admission.pins if p.resident is not None]
+
+        def should_stop():
+            if abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                raise ScoreAbandoned()
+
+        tokens = len(req.prefix_ids) + max(map(len, req.continuations))    # one continuation at a time
+        self.engine.begin_score(tokens)
+        base, packed = [], []
+        try:
+            for cont in req.continuations:
+                steps = score_steps(self.ensemble, req.prefix_ids, cont, refs, req.include_base, bool(req.packs),
+                                    should_stop)
+                try:
+                    done = False
+                    while not done:     # one engine job per step: decode steps run between the chunks
+                        fut = self.engine.run_job(lambda: advance(steps))
+                        done, out = fut.result(timeout=None if deadline is None
+                                               else max(deadline - time.monotonic(), 0))
+                    b, p = out
+                except (futures.TimeoutError, ScoreAbandoned):
+                    abandoned.set()
+                    fut.cancel()
+                    active = is_active()
+                    cls = DeadlineExceeded if active else Cancelled
+                    raise cls("", f"score: {'deadline exceeded' if active else 'cancelled'} after "
+                                  f"{len(base) or len(packed)} of {len(req.continuations)} continuations") from None
+                base.append(b)
+                packed.append(p)
+        finally:
+            self.engine.end_score(tokens)
+        return base, packed
+
+    # ---- text
+    def tokenize(self, text: str) -> list[int]:
+        if len(text) > 1_000_000:
+            raise InvalidRequest("text", "longer than 1000000 characters")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
