@@ -29,8 +29,8 @@ import logging
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from .tasks import LossType
 log = logging.getLogger("train_edits.baselines")
 
 from .config import METHODS  # noqa: E402,F401 - re-exported
+
 # upstream's LoRA targets: the MLP projections of the numbered transformer layers (not the sense network)
 LORA_TARGETS = r".*\.(h|layers)\.\d+\.mlp\.(c_fc|c_proj|fc_in|fc_out|gate_proj|up_proj|down_proj)"
 
@@ -86,7 +87,7 @@ class Conv1DLinear(torch.nn.Linear):
     """GPT-2's Conv1D (weight [in, out]) as the equivalent nn.Linear (weight [out, in]), so peft can adapt it."""
 
     @classmethod
-    def of(cls, conv) -> "Conv1DLinear":
+    def of(cls, conv) -> Conv1DLinear:
         w = conv.weight  # (in, out)
         lin = cls(w.shape[0], w.shape[1], bias=conv.bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():

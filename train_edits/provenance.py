@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .config import ConfigError
 
@@ -77,7 +78,7 @@ def _file_input(path: str | None, limit: int | None = None) -> str | None:
     return file_sha(path) + (f" (first {limit})" if limit else "")
 
 
-def current_inputs(run: "Run", step: str, with_large: bool = False) -> dict:
+def current_inputs(run: Run, step: str, with_large: bool = False) -> dict:
     """The fingerprints of the inputs `step` reads, as the run is configured now."""
     cfg = run.cfg
     t = cfg.task
@@ -119,7 +120,7 @@ def step_fingerprint(rec: dict) -> str:
     return _sha_bytes(json.dumps(rec["outputs"], sort_keys=True).encode())
 
 
-def record(run: "Run", step: str, outputs: list[Path], earlier: dict[str, str], with_large: bool = False) -> str:
+def record(run: Run, step: str, outputs: list[Path], earlier: dict[str, str], with_large: bool = False) -> str:
     """Write `step`'s record (inputs now, earlier steps consumed, sha256 of its outputs); its fingerprint."""
     steps = read_steps(run.dir)
     rec = {"inputs": current_inputs(run, step, with_large), "earlier": earlier,
@@ -135,7 +136,7 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:28] + "…" + s[-28:]
 
 
-def staleness(run: "Run", step: str, with_large: bool = False) -> list[str]:
+def staleness(run: Run, step: str, with_large: bool = False) -> list[str]:
     """Why `step`'s recorded output cannot be used as is ([] when it is fresh). Earlier steps not checked."""
     rec = read_steps(run.dir).get(step)
     if rec is None:
@@ -162,7 +163,7 @@ def staleness(run: "Run", step: str, with_large: bool = False) -> list[str]:
     return why
 
 
-def ensure_earlier(run: "Run", step: str, runners: dict[str, Callable[["Run"], object]],
+def ensure_earlier(run: Run, step: str, runners: dict[str, Callable[[Run], object]],
                    with_large: bool = False) -> dict[str, str]:
     """Make sure every earlier step `step` consumes is fresh; return their fingerprints.
 

@@ -8,8 +8,8 @@ after − before of a metric is averaged over the seeds:
 
 as upstream's test protocol (10 seeds per task and ball, ``configs/test/make_test.py:27``) and its
 report (``plotting/report_test_backpack.py:62``: ``np.std(...) / np.sqrt(n)``, numpy's default
-ddof = 0). ``ddof=1`` (``table --sample-sd``) uses the unbiased sample variance instead. The "Avg" column is the mean of the task means, with SE √(Σ_t SE_t²) / T
-(tasks independent). Side ``backpack`` is Table 3 (the Backpack: sense finetuning, full finetuning,
+ddof = 0). ``ddof=1`` (``table --sample-sd``) uses the unbiased sample variance instead. The "Avg"
+column is the mean of the task means, with SE √(Σ_t SE_t²) / T (tasks independent). Side ``backpack`` is Table 3 (the Backpack: sense finetuning, full finetuning,
 LoRA); side ``ensemble`` is Table 4 (the large model: the sense-finetuned ensemble, full finetuning and
 LoRA of the large model).
 """
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from .report import eps_key
 from .tasks import TABLE_NAMES
@@ -144,14 +144,14 @@ def plot(rows: Sequence[dict], path: Path) -> None:
     sides = [s for s in SIDES if any(r["side"] == s for r in rows)]
     if not sides:
         return
-    methods, tasks, eps = _order(rows)
+    methods, tasks, _ = _order(rows)
     fig, axes = plt.subplots(len(sides), len(tasks), figsize=(3.2 * len(tasks), 2.8 * len(sides)), squeeze=False)
     for i, side in enumerate(sides):
         for j, t in enumerate(tasks):
             ax = axes[i][j]
             for m in methods:
-                pts = sorted(((float(r["epsilon"]), 100 * r["mean"], 100 * (r["se"] or 0.0)) for r in rows
-                              if r["side"] == side and r["method"] == m and r["task"] == t))
+                pts = sorted((float(r["epsilon"]), 100 * r["mean"], 100 * (r["se"] or 0.0)) for r in rows
+                              if r["side"] == side and r["method"] == m and r["task"] == t)
                 if pts:
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                                 capsize=3, label=m)
