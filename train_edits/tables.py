@@ -10,7 +10,8 @@ as upstream's test protocol (10 seeds per task and ball, ``configs/test/make_tes
 report (``plotting/report_test_backpack.py:62``: ``np.std(...) / np.sqrt(n)``, numpy's default
 ddof = 0). ``ddof=1`` (``table --sample-sd``) uses the unbiased sample variance instead. The "Avg"
 column is the mean of the task means, with SE √(Σ_t SE_t²) / T (tasks independent). Side ``backpack``
-is Table 3 (the Backpack: sense finetuning, full finetuning, LoRA); side ``ensemble`` is Table 4 (the large model: the sense-finetuned ensemble, full finetuning and
+is Table 3 (the Backpack: sense finetuning, full finetuning, LoRA); side ``ensemble`` is Table 4 (the
+large model: the sense-finetuned ensemble, full finetuning and
 LoRA of the large model).
 """
 
