@@ -170,7 +170,7 @@ def test_sweep_selects_on_one_split_and_caps_epochs(corpora, tmp_path):
         "sweep", "--task", "pronoun_gender_bias", "--data-dir", DATA, "--backpack", "tiny", "--large", "none",
         "--g", str(corpora / "G.jsonl"), "--r", str(corpora / "R.jsonl"), "--g-limit", "4", "--r-limit", "6",
         "--max-train", "3", "--max-eval", "4", "--epochs", "2", "--epsilon", "0.5", "--trials", "2",
-        "--run-dir", str(run_dir), "--no-progress", "--seed", "11"])
+        "--run-dir", str(run_dir), "--no-progress", "--seed", "11", "--cap-epochs"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     sw = json.loads((run_dir / "sweep.json").read_text())
     assert [t["hyperparameters"] for t in sw["trials"]] == [draw(11, 0), draw(11, 1)]

@@ -215,3 +215,32 @@ def test_reproducible(tiny, tok, country, corpora):
     a = finetune(tiny, country[:4], LossType.GOOD, pairs, corpora[0][:2], corpora[1][:6], p, progress=False)
     b = finetune(tiny, country[:4], LossType.GOOD, pairs, corpora[0][:2], corpora[1][:6], p, progress=False)
     assert torch.equal(a.deltas[10.0], b.deltas[10.0])
+
+
+def test_kl_includes_last_position_against_full_forward(tiny, tok, country, corpora):
+    """KL(p_orig ‖ p_new) summed over every position of the chunk, the last one included (upstream
+    regularize.py:26-32), against a plain full forward with and without the edits."""
+    from train_edits.compute import KLRegularizer
+
+    r = corpora[1]
+    pairs = pairs_for(country, tok, corpora[0])
+    idx = EditIndex(pairs, 4)
+    torch.manual_seed(4)
+    deltas = torch.randn(len(idx), 64)
+    # a chunk whose last token is edited too: only the last position sees that token's senses
+    last_tok = pairs[0][0]
+    chunk = torch.cat([r[0][:20], torch.tensor([last_tok])])
+    chunks = [chunk] + list(r[:3])
+    kl = KLRegularizer(tiny, chunks, idx)
+    for i, c in enumerate(chunks):
+        with torch.no_grad():
+            lp0 = torch.log_softmax(tiny(c[None]).logits[0].float(), -1)
+            lp1 = torch.log_softmax(tiny(c[None], sense_edits=idx.edits(deltas)).logits[0].float(), -1)
+        ref = float((lp0.exp() * (lp0 - lp1)).sum())  # every position 0 .. len-1
+        got = kl.loss(i, tiny.embedding, deltas)
+        assert (0.0 if got is None else float(got)) == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    # the edited last token alone moves only the last position: a KL that skipped it would be 0 here
+    only_last = torch.cat([torch.tensor([t for t in r[0][:20].tolist() if t not in idx.tokens][:10]),
+                           torch.tensor([last_tok])])
+    kl2 = KLRegularizer(tiny, [only_last], idx)
+    assert float(kl2.loss(0, tiny.embedding, deltas)) > 1e-6

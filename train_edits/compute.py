@@ -203,12 +203,13 @@ class GLoss:
 
 
 class KLRegularizer:
-    """KL(p_orig ‖ p_new) summed over the positions of one R chunk.
+    """KL(p_orig ‖ p_new) summed over the positions of one R chunk, the last one included.
 
-    Positions before a chunk's first edited token have δ = 0, so p_new = p_orig
-    there and their KL is exactly zero: only positions from the first edited
-    token on are computed, and a chunk without edited tokens costs nothing.
-    α and o_t for touched chunks are cached (bounded).
+    Upstream (``regularize.py:26-32``) takes the KL over every position of the input, the last one
+    too (it predicts past the chunk's end, but its distribution still moves with δ); so do we.
+    Positions before a chunk's first edited token have δ = 0, so p_new = p_orig there and their KL
+    is exactly zero: only positions from the first edited token on are computed, and a chunk
+    without edited tokens costs nothing. α and o_t for touched chunks are cached (bounded).
     """
 
     def __init__(self, model, chunks: Sequence[torch.Tensor], index: EditIndex, max_cache: int = 64):
@@ -219,19 +220,28 @@ class KLRegularizer:
         self._cache: dict[int, CachedSeq] = {}
         self.first = [index.first_edited(c.tolist()) for c in self.chunks]
 
+    @torch.no_grad()
     def _cached(self, i: int) -> CachedSeq:
         if i not in self._cache:
             if len(self._cache) >= self.max_cache:
                 self._cache.pop(next(iter(self._cache)))
             ids = self.chunks[i].tolist()
             f = self.first[i]
-            # rows f .. len-2: every position with δ ≠ 0 that predicts a next token
-            self._cache[i] = cache_sequences(self.model, [Scored(tuple(ids), f + 1, len(ids) - 1 - f)], self.index)[0]
+            dev = self.model.embedding.device
+            alpha, hidden = alpha_hidden(self.model, torch.tensor([ids], device=dev))
+            pos = torch.arange(f, len(ids), device=dev)  # rows f .. len-1: every position with δ ≠ 0
+            cols, idx = self.index.index_map(ids)
+            cols, idx = cols.to(dev), idx.to(dev)
+            a = alpha[0][:, pos][:, :, cols]
+            # no targets: the KL needs only the distributions (the last row has no next token in the chunk)
+            self._cache[i] = CachedSeq(Scored(tuple(ids), f + 1, len(ids) - 1 - f),
+                                       torch.zeros(0, dtype=torch.long, device=dev), a.contiguous(),
+                                       hidden[0, pos].contiguous(), idx)
         return self._cache[i]
 
     def loss(self, i: int, embedding: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor | None:
         f = self.first[i]
-        if f is None or f >= len(self.chunks[i]) - 1:
+        if f is None:
             return None
         cs = self._cached(i)
         with torch.no_grad():

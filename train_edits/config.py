@@ -128,14 +128,36 @@ class CalibrateConfig(_Strict):
         return sorted(set(float(b) for b in v), reverse=True)
 
 
+class EvalConfig(_Strict):
+    # Hard negatives: "suffix-sum" (mean over records of the summed suffix NLL; upstream's test configs,
+    # configs/test/make_test.py:10-17, for all six tasks) or "hard-neg-config" (upstream's
+    # configs/hard_neg/make_hard_neg_config.py:10-17: verb_conjugation and stereoset as whole texts
+    # prefix+suffix, per-token mean NLL; the other four as suffix sums).
+    hard_neg_scoring: Literal["suffix-sum", "hard-neg-config"] = "suffix-sum"
+
+
+class BaselineConfig(_Strict):
+    # LoRA baselines (method lora-backpack / lora-large): rank and α of the adapters (peft)
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+
+
+METHODS = ("senses", "full-backpack", "lora-backpack", "full-large", "lora-large")
+
+
 class RunConfig(_Strict):
     name: str | None = None
+    # senses (the paper's method, packs) or a baseline of Tables 3/4: full finetuning or LoRA of the
+    # Backpack or of the large model (train_edits.baselines), same loss, ball and epoch selection
+    method: Literal["senses", "full-backpack", "lora-backpack", "full-large", "lora-large"] = "senses"
     task: TaskConfig
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     corpora: CorporaConfig = Field(default_factory=CorporaConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     store: str | None = None
 
     @property

@@ -9,7 +9,9 @@ Scorers return the summed NLL (nats) of each scored span:
   large model alone (exact skip). β = 0 or no edits is the large model.
 
 Metrics of one task: ``success`` (fraction of eval examples that do not fail),
-``hard_neg`` (mean over hard negatives of the summed suffix NLL),
+``hard_neg`` (mean over hard negatives of the summed suffix NLL; with ``hard_neg_text`` the
+records are scored as whole texts prefix+suffix and ``hard_neg`` is the per-token mean NLL over
+all of them, as upstream's ``configs/hard_neg`` do for verb_conjugation and stereoset),
 ``rest_of_prompt`` (per-token mean NLL over the unconditional texts, first
 token of each text not scored).
 """
@@ -25,7 +27,7 @@ from ensemble.delta import logit_delta, sequence_deltas
 
 from .calibrate import _device, large_logits
 from .encoding import EncodedExample, Scored, encode_example, pad_batch
-from .tasks import LossType, TaskData, example_score, is_failure
+from .tasks import LossType, TaskData, TextExample, example_score, is_failure
 
 
 class _Scorer:
@@ -63,8 +65,8 @@ class _Scorer:
 
 
 class BackpackScorer(_Scorer):
-    def __init__(self, model, edits=None, batch_size: int = 8):
-        self.model, self.batch_size = model, batch_size
+    def __init__(self, model, edits=None, batch_size: int = 8, progress: str | None = None):
+        self.model, self.batch_size, self.progress = model, batch_size, progress
         self.device = model.embedding.device
         self.edits = None if edits is None else edits.to(self.device)
 
@@ -153,16 +155,20 @@ class EncodedTask:
     hard_neg: list[EncodedExample]
     unconditional: list[EncodedExample]
     truncated: int = 0
+    hard_neg_text: bool = False  # hard negatives as whole texts, per-token mean (upstream configs/hard_neg)
 
     @classmethod
     def encode(cls, tokenizer, data: TaskData, max_len: int, max_eval: int | None = None,
-               max_train: int | None = None) -> "EncodedTask":
+               max_train: int | None = None, hard_neg_text: bool = False) -> "EncodedTask":
         def enc(exs, limit=None):
             out = [encode_example(tokenizer, e, max_len, data.name) for e in (exs[:limit] if limit else exs)]
             return [e for e in out if e is not None]
 
+        hard_neg = data.hard_neg
+        if hard_neg_text:  # upstream's unconditional iterator: one text, tokenized whole (utils.py:180-196)
+            hard_neg = [TextExample(e.prefix + e.suffix, e.line) for e in hard_neg]
         t = cls(data.name, data.loss_type, data.threshold, enc(data.train, max_train), enc(data.eval, max_eval),
-                enc(data.hard_neg, max_eval), enc(data.unconditional, max_eval))
+                enc(hard_neg, max_eval), enc(data.unconditional, max_eval), hard_neg_text=hard_neg_text)
         t.truncated = sum(s.truncated for group in (t.train, t.eval, t.hard_neg, t.unconditional)
                           for e in group for s in e.seqs)
         return t
@@ -195,9 +201,12 @@ def task_metrics_all(scorer, task: EncodedTask) -> list[dict]:
     for out, rate in zip(outs, _successes(scorer.nll_sums_all(flat), task.eval, task.loss_type, task.threshold)):
         out.update(success=rate, n_eval=len(task.eval))
     if task.hard_neg:
-        sums = scorer.nll_sums_all([e.seqs[0] for e in task.hard_neg])
+        seqs = [e.seqs[0] for e in task.hard_neg]
+        sums = scorer.nll_sums_all(seqs)
         for out, row in zip(outs, sums):
-            out.update(hard_neg=float(row.mean()), n_hard_neg=int(row.numel()))
+            # whole texts: per-token mean over all records (upstream normalize='token'); else per-record mean
+            hn = float(row.sum()) / sum(s.n for s in seqs) if task.hard_neg_text else float(row.mean())
+            out.update(hard_neg=hn, n_hard_neg=int(row.numel()))
     else:
         for out in outs:
             out["hard_neg"] = None

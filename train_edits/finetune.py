@@ -114,8 +114,9 @@ def _make_optimizer(params, p: FinetuneParams):
     if p.optimizer == "adam8bit":
         try:
             import bitsandbytes as bnb  # type: ignore
-        except ImportError as exc:  # pragma: no cover - optional dependency
-            raise RuntimeError("optimizer 'adam8bit' needs the bitsandbytes package") from exc
+        except ImportError as exc:
+            raise RuntimeError("train.optimizer 'adam8bit' needs bitsandbytes, which is not installed: "
+                               "pip install 'sensepack[adam8bit]' (or use --optimizer adamw)") from exc
         return bnb.optim.Adam(params, lr=p.lr, betas=p.adam_betas, optim_bits=8)
     if p.optimizer != "adamw":
         raise ValueError(f"optimizer: unknown '{p.optimizer}' (adamw, adam8bit)")

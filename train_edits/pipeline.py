@@ -27,16 +27,19 @@ from safetensors.torch import load_file, save_file
 
 from .calibrate import calibrate
 from .compute import chunk_batches
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .corpora import check_corpus_tokenizer, corpus_fingerprint, read_chunks
 from .encoding import EncodedExample
 from .evaluate import BackpackScorer, EncodedTask, EnsembleScorer, task_metrics, task_metrics_all
 from .finetune import FinetuneParams, finetune
+from .provenance import ensure_earlier, record
 from .report import eps_key, write_reports
 from .selection import background_table, select_senses
 from .tasks import TaskData
 
 log = logging.getLogger("train_edits")
+# upstream configs/hard_neg/make_hard_neg_config.py:15-16: these two score hard negatives as whole texts
+HARD_NEG_TEXT_TASKS = ("verb_conjugation", "stereoset")
 
 
 # --------------------------------------------------------------------------- logging
@@ -118,11 +121,12 @@ def load_large(spec: str | None, dtype: str | None = None, device: str = "cpu"):
 class Run:
     """A run directory with its config, lazily loaded models, data and corpora."""
 
-    def __init__(self, run_dir: str | Path, cfg: RunConfig, progress: bool = True):
+    def __init__(self, run_dir: str | Path, cfg: RunConfig, progress: bool = True, recompute: bool = False):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.progress = progress
+        self.recompute = recompute  # recompute stale earlier steps instead of refusing them (provenance.py)
         (self.dir / "config.json").write_text(cfg.model_dump_json(indent=1))
         self._backpack = self._large = self._tok = self._vocab = self._task = None
         self._g = self._r = None
@@ -171,7 +175,10 @@ class Run:
         if self._task is None:
             t = self.cfg.task
             data = TaskData.load(t.name, t.loss_type, t.threshold, t.train, t.eval, t.hard_neg, t.unconditional)
-            self._task = EncodedTask.encode(self.tokenizer, data, self.max_len, t.max_eval, t.max_train)
+            hard_neg_text = (self.cfg.eval.hard_neg_scoring == "hard-neg-config"
+                             and t.builtin in HARD_NEG_TEXT_TASKS)
+            self._task = EncodedTask.encode(self.tokenizer, data, self.max_len, t.max_eval, t.max_train,
+                                            hard_neg_text=hard_neg_text)
             if self._task.truncated:
                 event("truncated", count=self._task.truncated, max_len=self.max_len)
             if data.repaired:
@@ -229,7 +236,8 @@ def step_select(run: Run) -> dict:
                         progress=run.progress)
     out = sel.to_json(run.tokenizer)
     out.update(k=run.cfg.select.k, lam=run.cfg.select.lam, n_examples=len(task.train), r_chunks=len(run.r))
-    run.write_json("selection.json", out)
+    p = run.write_json("selection.json", out)
+    record(run, "select", [p], {})
     event("selected", pairs=len(sel.pairs), examples=len(task.train), seconds=round(time.time() - t0, 2))
     return out
 
@@ -247,8 +255,7 @@ def edits_path(run: Run, eps: float) -> Path:
 
 
 def step_train(run: Run) -> dict:
-    if not (run.dir / "selection.json").is_file():
-        step_select(run)
+    earlier = ensure_earlier(run, "train", RUNNERS)
     sel = run.read_json("selection.json")
     pairs = [tuple(p) for p in sel["pairs"]]
     task = run.task
@@ -261,8 +268,10 @@ def step_train(run: Run) -> dict:
     (run.dir / "edits").mkdir(exist_ok=True)
     tok = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     sen = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    written = []
     for eps, d in res.deltas.items():
         save_file({"token_ids": tok, "sense_ids": sen, "deltas": d.float().contiguous()}, str(edits_path(run, eps)))
+        written.append(edits_path(run, eps))
     history = [asdict(h) for h in res.history]
     out = {
         "history": history,
@@ -274,7 +283,8 @@ def step_train(run: Run) -> dict:
                    if k != "epoch_cap"},
         "g_chunks": len(run.g), "r_chunks": len(run.r), "g_fingerprint": corpus_fingerprint(run.g),
     }
-    run.write_json("training.json", out)
+    written.append(run.write_json("training.json", out))
+    record(run, "train", written, earlier)
     event("trained", seconds=round(seconds, 2), chosen=out["chosen_epoch"])
     _plot_training(run, out)
     return out
@@ -312,6 +322,7 @@ def step_calibrate(run: Run) -> dict | None:
     if run.large is None:
         event("calibrate_skipped", reason="no large model configured")
         return None
+    earlier = ensure_earlier(run, "calibrate", RUNNERS)
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
     bs = run.cfg.corpora.batch_size
 
@@ -328,7 +339,7 @@ def step_calibrate(run: Run) -> dict | None:
     out.update(target_model=run.cfg.models.large, target_fingerprint=model_fingerprint(run.large),
                g_fingerprint=corpus_fingerprint(run.g), tokenizer_fingerprint=run.vocab.fingerprint,
                vocab_size=run.vocab.size, seconds=time.time() - t0)
-    run.write_json("calibration.json", out)
+    record(run, "calibrate", [run.write_json("calibration.json", out)], earlier, with_large=True)
     from .plots import plot_calibration
 
     (run.dir / "plots").mkdir(exist_ok=True)
@@ -338,21 +349,24 @@ def step_calibrate(run: Run) -> dict | None:
 
 
 def step_eval(run: Run) -> dict:
+    earlier = ensure_earlier(run, "eval", RUNNERS, with_large=True)
     task = run.task
     tr = run.read_json("training.json")
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
-    bp_before = task_metrics(BackpackScorer(run.backpack), task)
+    label = (lambda what: f"eval {task.name} (Backpack, {what})") if run.progress else (lambda what: None)
+    bp_before = task_metrics(BackpackScorer(run.backpack, progress=label("before")), task)
     bp_before["g_ratio"] = 1.0
     bp_after = {}
     for e, ed in edits.items():
-        m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None), task)
+        m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None, progress=label(f"ε {eps_key(e)}")), task)
         m.update(epoch=tr["chosen_epoch"][eps_key(e)], g_ratio=tr["g_ratio"][eps_key(e)], n_senses=len(ed))
         bp_after[eps_key(e)] = m
     report = {"task": task.name, "loss_type": task.loss_type.value, "threshold": task.threshold,
+              "method": "senses", "seed": run.cfg.train.seed,
               "backpack": {"name": run.cfg.models.backpack, "before": bp_before, "after": bp_after},
               "ensemble": None}
     cal_path = run.dir / "calibration.json"
-    if run.large is not None and cal_path.is_file():
+    if run.large is not None and cal_path.is_file() and "calibrate" in earlier:
         cal = json.loads(cal_path.read_text())
         # Before and every ε in one pass: the large model runs once per batch for all of them.
         eps_list = list(edits)
@@ -368,7 +382,7 @@ def step_eval(run: Run) -> dict:
             m.update(beta=info["beta"], g_ratio=info["ratio"])
             after[eps_key(e)] = m
         report["ensemble"] = {"target": run.cfg.models.large, "before": before, "after": after}
-    write_reports([report], run.dir)
+    record(run, "eval", list(write_reports([report], run.dir)), earlier, with_large=True)
     event("evaluated", success_before=bp_before["success"],
           success_after={k: v["success"] for k, v in bp_after.items()})
     return report
@@ -378,13 +392,14 @@ def step_pack(run: Run, names: dict[float, str] | None = None) -> list[Path]:
     """One pack per ε, named `<name>-eps<ε>`; `names` ({ε: pack name}) writes only those ε under those names."""
     from edits_store.format import CalibrationEntry, build_pack, with_calibration, write_pack
 
+    earlier = ensure_earlier(run, "pack", RUNNERS)  # the pack records exactly these step fingerprints
     tr = run.read_json("training.json")
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
-    cal = json.loads((run.dir / "calibration.json").read_text()) if (run.dir / "calibration.json").is_file() else None
+    cal = json.loads((run.dir / "calibration.json").read_text()) if "calibrate" in earlier else None
     if cal and cal.get("tokenizer_fingerprint") and cal["tokenizer_fingerprint"] != run.vocab.fingerprint:
         raise ValueError(f"{run.dir / 'calibration.json'}: calibrated with tokenizer {cal['tokenizer_fingerprint']}, "
                          f"but the run's tokenizer is {run.vocab.fingerprint}; run `calibrate` again")
-    rep = json.loads((run.dir / "report.json").read_text()) if (run.dir / "report.json").is_file() else None
+    rep = json.loads((run.dir / "report.json").read_text()) if "eval" in earlier else None
     bp = run.backpack
     out = []
     store = None
@@ -400,7 +415,7 @@ def step_pack(run: Run, names: dict[float, str] | None = None) -> list[Path]:
                     "hyperparameters": tr["params"] | {"k": run.cfg.select.k, "lam": run.cfg.select.lam},
                     "selected_senses": tr["n_senses"], "epochs": len(tr["history"]) - 1,
                     "last_in_ball_epoch": tr["chosen_epoch"][k], "backpack_ball_ratio": tr["g_ratio"][k],
-                    "g_fingerprint": tr["g_fingerprint"]}
+                    "g_fingerprint": tr["g_fingerprint"], "steps": earlier}
         evaluation = {}
         if rep:
             evaluation = {"backpack": {"before": rep["backpack"]["before"], "after": rep["backpack"]["after"][k]}}
@@ -433,7 +448,64 @@ def _json_safe(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+RUNNERS = {"select": step_select, "train": step_train, "calibrate": step_calibrate, "eval": step_eval}
+
+
+def step_baseline(run: Run) -> dict:
+    """A Table 3/4 baseline (full finetuning or LoRA of the Backpack or of the large model): train with the
+    same loss, KL, ball and last-in-ball-epoch selection, evaluate before/after; writes baseline.json and
+    report.json/.md. One step that recomputes everything it reports, so nothing stale can be mixed in."""
+    from .baselines import BaselineParams, finetune_baseline
+
+    cfg, task = run.cfg, run.task
+    kind, side = cfg.method.split("-")
+    t = cfg.train
+    p = BaselineParams(kind=kind, lr=t.lr, kl_weight=t.kl_weight, epochs=t.epochs, grad_accum=t.grad_accum,
+                       weight_decay=t.weight_decay, seed=t.seed, epsilons=tuple(t.epsilons),
+                       lora_rank=cfg.baseline.lora_rank, lora_alpha=cfg.baseline.lora_alpha)
+    if side == "large" and run.large is None:
+        raise ConfigError(f"method {cfg.method}: no large model configured (--large)")
+    orig = run.backpack if side == "backpack" else run.large
+    vocab = None if side == "backpack" else run.vocab.size
+    seed_everything(t.seed)
+    t0 = time.time()
+    res = finetune_baseline(orig, task.train, task.loss_type, run.g, run.r, p, vocab_size=vocab,
+                            progress=run.progress)
+    seconds = time.time() - t0
+    if side == "backpack":
+        def scorer(m, label):
+            return BackpackScorer(m, progress=f"eval {task.name} ({label})" if run.progress else None)
+    else:
+        def scorer(m, label):
+            return EnsembleScorer(m, run.backpack, vocab_size=run.vocab.size, variants=[(None, 0.0)],
+                                  progress=f"eval {task.name} ({label})" if run.progress else None)
+    before = task_metrics(scorer(orig, "before"), task)
+    before["g_ratio"] = 1.0
+    after = {}
+    for e in t.epsilons:
+        m = task_metrics(scorer(res.load(e), f"ε {e:g}"), task)
+        c = res.chosen_epoch[e]
+        m.update(epoch=c, g_ratio=res.history[c].g_ratio)
+        after[eps_key(e)] = m
+    name = cfg.models.backpack if side == "backpack" else cfg.models.large
+    report = {"task": task.name, "loss_type": task.loss_type.value, "threshold": task.threshold,
+              "method": cfg.method, "seed": t.seed, "backpack": None, "ensemble": None}
+    report["backpack" if side == "backpack" else "ensemble"] = {
+        "name": name, "target": name, "before": before, "after": after}
+    run.write_json("baseline.json", {
+        "method": cfg.method, "params": _json_safe(asdict(p)), "trainable_parameters": res.trainable,
+        "history": [asdict(h) for h in res.history],
+        "chosen_epoch": {eps_key(e): c for e, c in res.chosen_epoch.items()},
+        "g_ratio": {eps_key(e): res.history[c].g_ratio for e, c in res.chosen_epoch.items()},
+        "seconds": seconds, "g_chunks": len(run.g), "r_chunks": len(run.r)})
+    write_reports([report], run.dir)
+    event("baseline", method=cfg.method, seconds=round(seconds, 2), chosen={k: v["epoch"] for k, v in after.items()})
+    return report
+
+
 def run_all(run: Run) -> dict:
+    if run.cfg.method != "senses":
+        return step_baseline(run)
     step_select(run)
     step_train(run)
     step_calibrate(run)

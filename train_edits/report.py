@@ -64,9 +64,9 @@ def markdown(reports: Sequence[dict]) -> str:
         if h:
             out += ["Δ hard-negative mean summed NLL (nats, lower is better):", ""] + h + [""]
     out += ["## Details", "",
-            "| task | side | ε | epoch / β | success before → after | hard neg before → after | "
+            "| task | method | side | ε | epoch / β | success before → after | hard neg before → after | "
             "rest-of-prompt before → after | G ratio |",
-            "|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         for side in ("backpack", "ensemble"):
             s = r.get(side)
@@ -74,9 +74,9 @@ def markdown(reports: Sequence[dict]) -> str:
                 continue
             b = s["before"]
             for e, a in sorted(s["after"].items(), key=lambda kv: float(kv[0]), reverse=True):
-                sel = f"epoch {a['epoch']}" if side == "backpack" else f"β = {a['beta']:g}"
+                sel = f"β = {a['beta']:g}" if "beta" in a else f"epoch {a['epoch']}"
                 out.append(
-                    f"| {r['task']} | {side} | {e} | {sel} | {_fmt(100 * b['success'], 1, False)}% → "
+                    f"| {r['task']} | {r.get('method', 'senses')} | {side} | {e} | {sel} | {_fmt(100 * b['success'], 1, False)}% → "
                     f"{_fmt(100 * a['success'], 1, False)}% | {_fmt(b.get('hard_neg'), 3, False)} → "
                     f"{_fmt(a.get('hard_neg'), 3, False)} | {_fmt(b.get('rest_of_prompt'), 3, False)} → "
                     f"{_fmt(a.get('rest_of_prompt'), 3, False)} | {a['g_ratio']:.7f} |")
