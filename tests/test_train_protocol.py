@@ -22,8 +22,10 @@ from click.testing import CliRunner  # noqa: E402
 from tests.conftest import SHARED  # noqa: E402
 
 DATA = str(SHARED / "data" / "canonical-examples")
-needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),
-                                reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)")
+needs_data = pytest.mark.skipif(
+    not (SHARED / "data" / "canonical-examples").is_dir(),
+    reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,42 @@ def _cli(*args):
 
 
 def _base(corpora, run_dir, task="country_capital"):
-    return ["--task", task, "--data-dir", DATA, "--backpack", "tiny", "--large", "tiny-gptj",
-            "--g", corpora / "G.jsonl", "--g-limit", "6", "--r", corpora / "R.jsonl", "--r-limit", "6",
-            "--max-train", "4", "--max-eval", "4", "--epochs", "2", "--lr", "0.5", "--grad-accum", "1", "-k", "3",
-            "--epsilon", "0.5", "--run-dir", run_dir, "--no-progress", "--no-eval-every-epoch"]
+    return [
+        "--task",
+        task,
+        "--data-dir",
+        DATA,
+        "--backpack",
+        "tiny",
+        "--large",
+        "tiny-gptj",
+        "--g",
+        corpora / "G.jsonl",
+        "--g-limit",
+        "6",
+        "--r",
+        corpora / "R.jsonl",
+        "--r-limit",
+        "6",
+        "--max-train",
+        "4",
+        "--max-eval",
+        "4",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.5",
+        "--grad-accum",
+        "1",
+        "-k",
+        "3",
+        "--epsilon",
+        "0.5",
+        "--run-dir",
+        run_dir,
+        "--no-progress",
+        "--no-eval-every-epoch",
+    ]
 
 
 @needs_data
@@ -93,8 +127,10 @@ def test_stale_steps_refused_as_in_the_issue(corpora, tmp_path):
 
     pack = read_pack(next((run_dir / "packs").iterdir()))
     assert pack.manifest.training["steps"] == {s: steps[s]["fingerprint"] for s in ("train", "calibrate", "eval")}
-    assert steps["eval"]["earlier"] == {"train": steps["train"]["fingerprint"],
-                                        "calibrate": steps["calibrate"]["fingerprint"]}
+    assert steps["eval"]["earlier"] == {
+        "train": steps["train"]["fingerprint"],
+        "calibrate": steps["calibrate"]["fingerprint"],
+    }
     assert steps["train"]["earlier"] == {"select": steps["select"]["fingerprint"]}
 
 
@@ -102,11 +138,37 @@ def test_stale_steps_refused_as_in_the_issue(corpora, tmp_path):
 def test_changed_data_file_or_edited_output_is_refused(corpora, tmp_path):
     run_dir = tmp_path / "run"
     data = tmp_path / "mine.jsonl"
-    data.write_text('{"prefix": "The capital of Peru is", "suffix": " Lima"}\n'
-                    '{"prefix": "The capital of Chile is", "suffix": " Santiago"}\n')
-    args = ["--train", data, "--loss-type", "good", "--threshold", "1.6", "--backpack", "tiny", "--large", "none",
-            "--g", corpora / "G.jsonl", "--g-limit", "4", "--r", corpora / "R.jsonl", "--r-limit", "4",
-            "--epochs", "1", "-k", "2", "--run-dir", run_dir, "--no-progress"]
+    data.write_text(
+        '{"prefix": "The capital of Peru is", "suffix": " Lima"}\n'
+        '{"prefix": "The capital of Chile is", "suffix": " Santiago"}\n'
+    )
+    args = [
+        "--train",
+        data,
+        "--loss-type",
+        "good",
+        "--threshold",
+        "1.6",
+        "--backpack",
+        "tiny",
+        "--large",
+        "none",
+        "--g",
+        corpora / "G.jsonl",
+        "--g-limit",
+        "4",
+        "--r",
+        corpora / "R.jsonl",
+        "--r-limit",
+        "4",
+        "--epochs",
+        "1",
+        "-k",
+        "2",
+        "--run-dir",
+        run_dir,
+        "--no-progress",
+    ]
     assert _cli("select", *args).exit_code == 0
     with data.open("a") as fh:
         fh.write('{"prefix": "The capital of France is", "suffix": " Paris"}\n')
@@ -139,7 +201,7 @@ def test_country_sweep_draws_lambda_as_upstream():
         expect = math.floor(10 ** rng.uniform(2, 3.5))
         assert (d["lr"], d["kl_weight"], d["k"]) == (lr, kl, k) and d["lam"] == expect
         lams.append(d["lam"])
-    assert all(100 <= x <= 10 ** 3.5 and x == int(x) for x in lams)
+    assert all(100 <= x <= 10**3.5 and x == int(x) for x in lams)
     logs = sorted(math.log10(x) for x in lams)
     assert logs[0] < 2.1 and logs[-1] > 3.4 and 2.6 < logs[len(logs) // 2] < 2.9  # log-uniform: median ≈ 2.75
     for task in ("company_ceo", "stereoset", "pronoun_gender_bias", "temporal", "verb_conjugation", None):
@@ -159,12 +221,26 @@ def test_sweep_lambda_report_data_dir_and_uncapped_last_in_ball_epoch(corpora, t
     for f in (SHARED / "data" / "canonical-examples" / "country_capital" / "split").glob("*-val.jsonl"):
         shutil.copy(f, test_dir / "country_capital" / "split" / f.name.replace("-val.jsonl", "-test.jsonl"))
     run_dir = tmp_path / "sw"
-    res = _cli("sweep", *_base(corpora, run_dir), "--large", "none", "--trials", "2", "--seed", "5",
-               "--report-split", "test", "--report-data-dir", test_dir)
+    res = _cli(
+        "sweep",
+        *_base(corpora, run_dir),
+        "--large",
+        "none",
+        "--trials",
+        "2",
+        "--seed",
+        "5",
+        "--report-split",
+        "test",
+        "--report-data-dir",
+        test_dir,
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     sw = json.loads((run_dir / "sweep.json").read_text())
-    assert [t["hyperparameters"] for t in sw["trials"]] == [draw(5, 0, "country_capital"),
-                                                          draw(5, 1, "country_capital")]
+    assert [t["hyperparameters"] for t in sw["trials"]] == [
+        draw(5, 0, "country_capital"),
+        draw(5, 1, "country_capital"),
+    ]
     for t in sw["trials"]:
         cfg = json.loads((run_dir / "trials" / f"trial-{t['trial']:02d}" / "config.json").read_text())
         assert cfg["select"]["lam"] == t["hyperparameters"]["lam"]
@@ -188,14 +264,21 @@ def small_task():
     from train_edits.tasks import SingleExample
 
     tok = load_tokenizer()
-    train = [encode_example(tok, SingleExample(p, s)) for p, s in (
-        ("The capital of Peru is", " Lima"), ("The capital of Chile is", " Santiago"),
-        ("The capital of Kenya is", " Nairobi"))]
-    text = (" The city council met on Tuesday to discuss the budget for the coming year, and the mayor said"
-            " that the capital of the region would need new roads, schools and a larger hospital soon.")
+    train = [
+        encode_example(tok, SingleExample(p, s))
+        for p, s in (
+            ("The capital of Peru is", " Lima"),
+            ("The capital of Chile is", " Santiago"),
+            ("The capital of Kenya is", " Nairobi"),
+        )
+    ]
+    text = (
+        " The city council met on Tuesday to discuss the budget for the coming year, and the mayor said"
+        " that the capital of the region would need new roads, schools and a larger hospital soon."
+    )
     ids = tok.encode(text * 3, add_special_tokens=False)
-    g = [torch.tensor(ids[i:i + 24]) for i in range(0, 96, 24)]
-    r = [torch.tensor(ids[i + 5:i + 29]) for i in range(0, 72, 24)]
+    g = [torch.tensor(ids[i : i + 24]) for i in range(0, 96, 24)]
+    r = [torch.tensor(ids[i + 5 : i + 29]) for i in range(0, 72, 24)]
     return train, g, r
 
 
@@ -242,11 +325,23 @@ def test_baseline_keeps_g_inside_the_ball_it_was_selected_for(small_task, side, 
 
 
 def _report(task, method, seed, before, afters, side="backpack"):
-    s = {"name": "bp", "before": {"success": before, "hard_neg": 10.0, "rest_of_prompt": 3.0},
-         "after": {e: {"success": a, "hard_neg": 9.0 + seed, "rest_of_prompt": 3.0, "epoch": 1, "g_ratio": 1.0}
-                   for e, a in afters.items()}}
-    return {"task": task, "method": method, "seed": seed, "loss_type": "good", "threshold": 1.0,
-            "backpack": s if side == "backpack" else None, "ensemble": s if side == "ensemble" else None}
+    s = {
+        "name": "bp",
+        "before": {"success": before, "hard_neg": 10.0, "rest_of_prompt": 3.0},
+        "after": {
+            e: {"success": a, "hard_neg": 9.0 + seed, "rest_of_prompt": 3.0, "epoch": 1, "g_ratio": 1.0}
+            for e, a in afters.items()
+        },
+    }
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "loss_type": "good",
+        "threshold": 1.0,
+        "backpack": s if side == "backpack" else None,
+        "ensemble": s if side == "ensemble" else None,
+    }
 
 
 def test_table_mean_and_standard_error_against_hand_computation(tmp_path):
@@ -297,8 +392,16 @@ def test_table_mean_and_standard_error_against_hand_computation(tmp_path):
 def test_protocol_runs_methods_and_seeds_into_one_table(corpora, tmp_path):
     pytest.importorskip("peft", reason="LoRA baselines need peft (sensepack[train])")
     run_dir = tmp_path / "proto"
-    res = _cli("protocol", *_base(corpora, run_dir), "--seeds", "2", "--methods", "senses,lora-backpack,full-large",
-               "--epochs", "1")
+    res = _cli(
+        "protocol",
+        *_base(corpora, run_dir),
+        "--seeds",
+        "2",
+        "--methods",
+        "senses,lora-backpack,full-large",
+        "--epochs",
+        "1",
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     for m in ("senses", "lora-backpack", "full-large"):
         for s in (0, 1):
@@ -306,8 +409,12 @@ def test_protocol_runs_methods_and_seeds_into_one_table(corpora, tmp_path):
             assert rep["method"] == m and rep["seed"] == s
     rows = json.loads((run_dir / "tables.json").read_text())["rows"]
     got = {(r["side"], r["method"]) for r in rows if r["metric"] == "success"}
-    assert got == {("backpack", "senses"), ("backpack", "lora-backpack"), ("ensemble", "senses"),
-                   ("ensemble", "full-large")}
+    assert got == {
+        ("backpack", "senses"),
+        ("backpack", "lora-backpack"),
+        ("ensemble", "senses"),
+        ("ensemble", "full-large"),
+    }
     assert all(r["n"] == 2 and r["seeds"] == [0, 1] for r in rows)
     md = (run_dir / "tables.md").read_text()
     assert "## Table 3: the Backpack" in md and "## Table 4: the large model" in md
@@ -326,8 +433,10 @@ def test_hard_negatives_whole_text_per_token_mean_against_naive():
     from train_edits.tasks import LossType, SingleExample, TaskData
 
     tok, bp = load_tokenizer(), load_backpack("tiny")
-    hn = [SingleExample("The definition of mover is ", "workman employed to move furniture"),
-          SingleExample("The", " senator presented a compelling argument.")]
+    hn = [
+        SingleExample("The definition of mover is ", "workman employed to move furniture"),
+        SingleExample("The", " senator presented a compelling argument."),
+    ]
     data = TaskData("stereoset", LossType.BAD, -6.9, [SingleExample("A", " b")], [SingleExample("A", " b")], hn, [])
 
     def nll(ids, start):

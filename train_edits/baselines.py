@@ -164,9 +164,16 @@ class _GRatio:
         return self._total(model) / self.base
 
 
-def finetune_baseline(orig: torch.nn.Module, train: Sequence[EncodedExample], loss_type: LossType,
-                      g_chunks: Sequence[torch.Tensor], r_chunks: Sequence[torch.Tensor], p: BaselineParams,
-                      vocab_size: int | None = None, progress: bool = True) -> BaselineResult:
+def finetune_baseline(
+    orig: torch.nn.Module,
+    train: Sequence[EncodedExample],
+    loss_type: LossType,
+    g_chunks: Sequence[torch.Tensor],
+    r_chunks: Sequence[torch.Tensor],
+    p: BaselineParams,
+    vocab_size: int | None = None,
+    progress: bool = True,
+) -> BaselineResult:
     """Train a copy of `orig` (full or LoRA) with ball tracking; `orig` itself is never changed."""
     lt = LossType(loss_type)
     orig.eval()

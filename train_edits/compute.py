@@ -13,8 +13,8 @@ built: per sequence we gather the deltas of the (x_j, ℓ) pairs that occur.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ def cache_sequences(model, seqs: Sequence[Scored], index: EditIndex, batch_size:
     out: list[CachedSeq] = []
     dev = model.embedding.device
     for b0 in range(0, len(seqs), batch_size):
-        chunk = list(seqs[b0:b0 + batch_size])
+        chunk = list(seqs[b0 : b0 + batch_size])
         ids, _, _ = pad_batch(chunk)
         alpha, hidden = alpha_hidden(model, ids.to(dev))
         for i, s in enumerate(chunk):
@@ -110,8 +110,15 @@ def cache_sequences(model, seqs: Sequence[Scored], index: EditIndex, batch_size:
             cols, idx = index.index_map(s.ids)
             cols, idx = cols.to(dev), idx.to(dev)
             a = alpha[i][:, pos][:, :, cols] if len(cols) else alpha.new_zeros(alpha.shape[1], len(pos), 0)
-            out.append(CachedSeq(s, torch.tensor(s.targets, dtype=torch.long, device=dev), a.contiguous(),
-                                 hidden[i, pos].contiguous(), idx))
+            out.append(
+                CachedSeq(
+                    s,
+                    torch.tensor(s.targets, dtype=torch.long, device=dev),
+                    a.contiguous(),
+                    hidden[i, pos].contiguous(),
+                    idx,
+                )
+            )
     return out
 
 
@@ -127,7 +134,9 @@ def own_sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits) -> 
 # Corpus chunks, the G loss (ball) and the KL regulariser
 
 
-def chunk_batches(chunks: Sequence[torch.Tensor], batch_size: int) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def chunk_batches(
+    chunks: Sequence[torch.Tensor], batch_size: int
+) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Yield (chunk indices, right-padded ids, scored-position mask) batches.
 
     The mask marks positions 0..len-2 (each predicts the next token): the first
@@ -171,7 +180,9 @@ class GLoss:
         self.index = index
         self.batch_size = batch_size
         self.count = int(sum(len(c) - 1 for c in self.chunks))
-        tokset = torch.tensor(sorted(index.tokens), dtype=torch.long) if len(index) else torch.zeros(0, dtype=torch.long)
+        tokset = (
+            torch.tensor(sorted(index.tokens), dtype=torch.long) if len(index) else torch.zeros(0, dtype=torch.long)
+        )
         self.touched = [i for i, c in enumerate(self.chunks) if len(tokset) and bool(torch.isin(c, tokset).any())]
         touched_set = set(self.touched)
         untouched = [c for i, c in enumerate(self.chunks) if i not in touched_set]
@@ -234,9 +245,13 @@ class KLRegularizer:
             cols, idx = cols.to(dev), idx.to(dev)
             a = alpha[0][:, pos][:, :, cols]
             # no targets: the KL needs only the distributions (the last row has no next token in the chunk)
-            self._cache[i] = CachedSeq(Scored(tuple(ids), f + 1, len(ids) - 1 - f),
-                                       torch.zeros(0, dtype=torch.long, device=dev), a.contiguous(),
-                                       hidden[0, pos].contiguous(), idx)
+            self._cache[i] = CachedSeq(
+                Scored(tuple(ids), f + 1, len(ids) - 1 - f),
+                torch.zeros(0, dtype=torch.long, device=dev),
+                a.contiguous(),
+                hidden[0, pos].contiguous(),
+                idx,
+            )
         return self._cache[i]
 
     def loss(self, i: int, embedding: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor | None:

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .calibrate import DEFAULT_GRID
@@ -50,7 +51,7 @@ class TaskConfig(_Strict):
     max_train: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
-    def _complete(self) -> "TaskConfig":
+    def _complete(self) -> TaskConfig:
         if self.builtin is not None:
             if self.builtin not in TASKS:
                 raise ValueError(f"builtin: unknown task '{self.builtin}' (known: {', '.join(TASKS)})")
@@ -176,12 +177,10 @@ def load_config_file(path: str | Path) -> dict:
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text)
-    except Exception as exc:  # yaml / json syntax
+    except (ValueError, yaml.YAMLError) as exc:  # json / yaml syntax (JSONDecodeError is a ValueError)
         raise ConfigError(f"{p}: cannot parse: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")

@@ -1,15 +1,15 @@
 """The steps of a run, each reading and writing files in the run directory.
 
-    run_dir/
-      config.json            resolved, validated config
-      log.jsonl              structured log (one JSON object per line)
-      selection.json         chosen (token, sense) pairs, per-example top-k with scores
-      training.json          epoch history (train loss, G ratio, success), chosen epoch per ε
-      edits/eps-<ε>.safetensors   token_ids, sense_ids, deltas of the chosen epoch
-      calibration.json       β grid ratios and chosen β per ε (when a large model is configured)
-      report.json, report.md evaluation before/after, Backpack and ensemble
-      packs/<name>-eps<ε>/   edit packs (edits_store format), one per ε
-      plots/*.png            g_ratio.png, success.png, calibration.png
+run_dir/
+  config.json            resolved, validated config
+  log.jsonl              structured log (one JSON object per line)
+  selection.json         chosen (token, sense) pairs, per-example top-k with scores
+  training.json          epoch history (train loss, G ratio, success), chosen epoch per ε
+  edits/eps-<ε>.safetensors   token_ids, sense_ids, deltas of the chosen epoch
+  calibration.json       β grid ratios and chosen β per ε (when a large model is configured)
+  report.json, report.md evaluation before/after, Backpack and ensemble
+  packs/<name>-eps<ε>/   edit packs (edits_store format), one per ε
+  plots/*.png            g_ratio.png, success.png, calibration.png
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ class JsonLines(logging.Handler):
         self.path = path
 
     def emit(self, record: logging.LogRecord) -> None:
-        obj = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-               "event": record.getMessage()}
+        obj = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
         obj.update(getattr(record, "fields", {}) or {})
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(obj, default=str) + "\n")
@@ -143,8 +147,9 @@ class Run:
     def large(self):
         if self._large is None and self.cfg.models.large:
             large = load_large(self.cfg.models.large, self.cfg.models.large_dtype, self.cfg.models.device)
-            self.vocab.check_covers(f"large model {self.cfg.models.large}",
-                                    large.get_output_embeddings().weight.shape[0])
+            self.vocab.check_covers(
+                f"large model {self.cfg.models.large}", large.get_output_embeddings().weight.shape[0]
+            )
             self._large = large
         return self._large
 
@@ -175,25 +180,31 @@ class Run:
         if self._task is None:
             t = self.cfg.task
             data = TaskData.load(t.name, t.loss_type, t.threshold, t.train, t.eval, t.hard_neg, t.unconditional)
-            hard_neg_text = (self.cfg.eval.hard_neg_scoring == "hard-neg-config"
-                             and t.builtin in HARD_NEG_TEXT_TASKS)
-            self._task = EncodedTask.encode(self.tokenizer, data, self.max_len, t.max_eval, t.max_train,
-                                            hard_neg_text=hard_neg_text)
+            hard_neg_text = self.cfg.eval.hard_neg_scoring == "hard-neg-config" and t.builtin in HARD_NEG_TEXT_TASKS
+            self._task = EncodedTask.encode(
+                self.tokenizer, data, self.max_len, t.max_eval, t.max_train, hard_neg_text=hard_neg_text
+            )
             if self._task.truncated:
                 event("truncated", count=self._task.truncated, max_len=self.max_len)
             if data.repaired:
-                event("repaired_examples", count=data.repaired,
-                      why="subject moved from the suffix to the prefix (tasks.repair_split_subjects)")
+                event(
+                    "repaired_examples",
+                    count=data.repaired,
+                    why="subject moved from the suffix to the prefix (tasks.repair_split_subjects)",
+                )
         return self._task
 
     def _corpus(self, which: str) -> list[torch.Tensor]:
         path = getattr(self.cfg.corpora, which)
         if path is None:
-            raise FileNotFoundError(f"corpora.{which}: no {which.upper()} corpus configured (--{which} FILE); "
-                                    f"build one with `train_edits prepare-corpora`")
+            raise FileNotFoundError(
+                f"corpora.{which}: no {which.upper()} corpus configured (--{which} FILE); "
+                f"build one with `train_edits prepare-corpora`"
+            )
         check_corpus_tokenizer(path, self.vocab.fingerprint)
-        return read_chunks(path, self.tokenizer, getattr(self.cfg.corpora, f"{which}_limit"), self.max_len,
-                           vocab_size=self.vocab.size)
+        return read_chunks(
+            path, self.tokenizer, getattr(self.cfg.corpora, f"{which}_limit"), self.max_len, vocab_size=self.vocab.size
+        )
 
     @property
     def g(self) -> list[torch.Tensor]:
@@ -232,8 +243,9 @@ def step_select(run: Run) -> dict:
     t0 = time.time()
     task = run.task
     bg = background_table(run.backpack, run.r, run.cfg.corpora.batch_size, progress=run.progress)
-    sel = select_senses(run.backpack, task.train, bg, task.loss_type, run.cfg.select.k, run.cfg.select.lam,
-                        progress=run.progress)
+    sel = select_senses(
+        run.backpack, task.train, bg, task.loss_type, run.cfg.select.k, run.cfg.select.lam, progress=run.progress
+    )
     out = sel.to_json(run.tokenizer)
     out.update(k=run.cfg.select.k, lam=run.cfg.select.lam, n_examples=len(task.train), r_chunks=len(run.r))
     p = run.write_json("selection.json", out)
@@ -244,10 +256,19 @@ def step_select(run: Run) -> dict:
 
 def finetune_params(cfg: RunConfig) -> FinetuneParams:
     t = cfg.train
-    return FinetuneParams(lr=t.lr, kl_weight=t.kl_weight, epochs=t.epochs, grad_accum=t.grad_accum,
-                          weight_decay=t.weight_decay, optimizer=t.optimizer, upstream_grad_bug=t.upstream_grad_bug,
-                          seed=t.seed, epsilons=tuple(t.epsilons), eval_every_epoch=t.eval_every_epoch,
-                          epoch_cap={float(k): v for k, v in t.epoch_cap.items()} if t.epoch_cap else None)
+    return FinetuneParams(
+        lr=t.lr,
+        kl_weight=t.kl_weight,
+        epochs=t.epochs,
+        grad_accum=t.grad_accum,
+        weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        upstream_grad_bug=t.upstream_grad_bug,
+        seed=t.seed,
+        epsilons=tuple(t.epsilons),
+        eval_every_epoch=t.eval_every_epoch,
+        epoch_cap={float(k): v for k, v in t.epoch_cap.items()} if t.epoch_cap else None,
+    )
 
 
 def edits_path(run: Run, eps: float) -> Path:
@@ -262,8 +283,18 @@ def step_train(run: Run) -> dict:
     params = finetune_params(run.cfg)
     seed_everything(params.seed)
     t0 = time.time()
-    res = finetune(run.backpack, task.train, task.loss_type, pairs, run.g, run.r, params,
-                   eval_examples=task.eval, threshold=task.threshold, progress=run.progress)
+    res = finetune(
+        run.backpack,
+        task.train,
+        task.loss_type,
+        pairs,
+        run.g,
+        run.r,
+        params,
+        eval_examples=task.eval,
+        threshold=task.threshold,
+        progress=run.progress,
+    )
     seconds = time.time() - t0
     (run.dir / "edits").mkdir(exist_ok=True)
     tok = torch.tensor([p[0] for p in pairs], dtype=torch.long)
@@ -277,11 +308,15 @@ def step_train(run: Run) -> dict:
         "history": history,
         "chosen_epoch": {eps_key(e): c for e, c in res.chosen_epoch.items()},
         "g_ratio": {eps_key(e): res.history[c].g_ratio for e, c in res.chosen_epoch.items()},
-        "n_senses": len(pairs), "optimizer_steps": res.optimizer_steps, "examples_counted": res.examples_counted,
-        "seconds": seconds, "seconds_per_epoch": seconds / max(len(history) - 1, 1),
-        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()
-                   if k != "epoch_cap"},
-        "g_chunks": len(run.g), "r_chunks": len(run.r), "g_fingerprint": corpus_fingerprint(run.g),
+        "n_senses": len(pairs),
+        "optimizer_steps": res.optimizer_steps,
+        "examples_counted": res.examples_counted,
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / max(len(history) - 1, 1),
+        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items() if k != "epoch_cap"},
+        "g_chunks": len(run.g),
+        "r_chunks": len(run.r),
+        "g_fingerprint": corpus_fingerprint(run.g),
     }
     written.append(run.write_json("training.json", out))
     record(run, "train", written, earlier)
@@ -331,14 +366,27 @@ def step_calibrate(run: Run) -> dict | None:
             yield ids, mask
 
     t0 = time.time()
-    res = calibrate(run.large, run.backpack, batches(), edits, run.cfg.calibrate.grid, progress=run.progress,
-                    total=math.ceil(len(run.g) / bs), vocab_size=run.vocab.size)
+    res = calibrate(
+        run.large,
+        run.backpack,
+        batches(),
+        edits,
+        run.cfg.calibrate.grid,
+        progress=run.progress,
+        total=math.ceil(len(run.g) / bs),
+        vocab_size=run.vocab.size,
+    )
     from ensemble.large_model import model_fingerprint
 
     out = res.to_json()
-    out.update(target_model=run.cfg.models.large, target_fingerprint=model_fingerprint(run.large),
-               g_fingerprint=corpus_fingerprint(run.g), tokenizer_fingerprint=run.vocab.fingerprint,
-               vocab_size=run.vocab.size, seconds=time.time() - t0)
+    out.update(
+        target_model=run.cfg.models.large,
+        target_fingerprint=model_fingerprint(run.large),
+        g_fingerprint=corpus_fingerprint(run.g),
+        tokenizer_fingerprint=run.vocab.fingerprint,
+        vocab_size=run.vocab.size,
+        seconds=time.time() - t0,
+    )
     record(run, "calibrate", [run.write_json("calibration.json", out)], earlier, with_large=True)
     from .plots import plot_calibration
 
@@ -361,30 +409,41 @@ def step_eval(run: Run) -> dict:
         m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None, progress=label(f"ε {eps_key(e)}")), task)
         m.update(epoch=tr["chosen_epoch"][eps_key(e)], g_ratio=tr["g_ratio"][eps_key(e)], n_senses=len(ed))
         bp_after[eps_key(e)] = m
-    report = {"task": task.name, "loss_type": task.loss_type.value, "threshold": task.threshold,
-              "method": "senses", "seed": run.cfg.train.seed,
-              "backpack": {"name": run.cfg.models.backpack, "before": bp_before, "after": bp_after},
-              "ensemble": None}
+    report = {
+        "task": task.name,
+        "loss_type": task.loss_type.value,
+        "threshold": task.threshold,
+        "method": "senses",
+        "seed": run.cfg.train.seed,
+        "backpack": {"name": run.cfg.models.backpack, "before": bp_before, "after": bp_after},
+        "ensemble": None,
+    }
     cal_path = run.dir / "calibration.json"
     if run.large is not None and cal_path.is_file() and "calibrate" in earlier:
         cal = json.loads(cal_path.read_text())
         # Before and every ε in one pass: the large model runs once per batch for all of them.
         eps_list = list(edits)
         infos = [cal["per_epsilon"][eps_key(e)] for e in eps_list]
-        variants = [(None, 0.0)] + [(edits[e], info["beta"]) for e, info in zip(eps_list, infos)]
-        scorer = EnsembleScorer(run.large, run.backpack, vocab_size=run.vocab.size, variants=variants,
-                                progress=f"eval {task.name} (ensemble)" if run.progress else None)
+        variants = [(None, 0.0)] + [(edits[e], info["beta"]) for e, info in zip(eps_list, infos, strict=True)]
+        scorer = EnsembleScorer(
+            run.large,
+            run.backpack,
+            vocab_size=run.vocab.size,
+            variants=variants,
+            progress=f"eval {task.name} (ensemble)" if run.progress else None,
+        )
         metrics = task_metrics_all(scorer, task)
         before = metrics[0]
         before["g_ratio"] = 1.0
         after = {}
-        for e, info, m in zip(eps_list, infos, metrics[1:]):
+        for e, info, m in zip(eps_list, infos, metrics[1:], strict=True):
             m.update(beta=info["beta"], g_ratio=info["ratio"])
             after[eps_key(e)] = m
         report["ensemble"] = {"target": run.cfg.models.large, "before": before, "after": after}
     record(run, "eval", list(write_reports([report], run.dir)), earlier, with_large=True)
-    event("evaluated", success_before=bp_before["success"],
-          success_after={k: v["success"] for k, v in bp_after.items()})
+    event(
+        "evaluated", success_before=bp_before["success"], success_after={k: v["success"] for k, v in bp_after.items()}
+    )
     return report
 
 
@@ -397,8 +456,10 @@ def step_pack(run: Run, names: dict[float, str] | None = None) -> list[Path]:
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
     cal = json.loads((run.dir / "calibration.json").read_text()) if "calibrate" in earlier else None
     if cal and cal.get("tokenizer_fingerprint") and cal["tokenizer_fingerprint"] != run.vocab.fingerprint:
-        raise ValueError(f"{run.dir / 'calibration.json'}: calibrated with tokenizer {cal['tokenizer_fingerprint']}, "
-                         f"but the run's tokenizer is {run.vocab.fingerprint}; run `calibrate` again")
+        raise ValueError(
+            f"{run.dir / 'calibration.json'}: calibrated with tokenizer {cal['tokenizer_fingerprint']}, "
+            f"but the run's tokenizer is {run.vocab.fingerprint}; run `calibrate` again"
+        )
     rep = json.loads((run.dir / "report.json").read_text()) if "eval" in earlier else None
     bp = run.backpack
     out = []
@@ -411,29 +472,57 @@ def step_pack(run: Run, names: dict[float, str] | None = None) -> list[Path]:
         if names is not None and e not in names:
             continue
         k = eps_key(e)
-        training = {"task": run.cfg.task.name, "loss_type": run.cfg.task.loss_type.value,
-                    "hyperparameters": tr["params"] | {"k": run.cfg.select.k, "lam": run.cfg.select.lam},
-                    "selected_senses": tr["n_senses"], "epochs": len(tr["history"]) - 1,
-                    "last_in_ball_epoch": tr["chosen_epoch"][k], "backpack_ball_ratio": tr["g_ratio"][k],
-                    "g_fingerprint": tr["g_fingerprint"], "steps": earlier}
+        training = {
+            "task": run.cfg.task.name,
+            "loss_type": run.cfg.task.loss_type.value,
+            "hyperparameters": tr["params"] | {"k": run.cfg.select.k, "lam": run.cfg.select.lam},
+            "selected_senses": tr["n_senses"],
+            "epochs": len(tr["history"]) - 1,
+            "last_in_ball_epoch": tr["chosen_epoch"][k],
+            "backpack_ball_ratio": tr["g_ratio"][k],
+            "g_fingerprint": tr["g_fingerprint"],
+            "steps": earlier,
+        }
         evaluation = {}
         if rep:
             evaluation = {"backpack": {"before": rep["backpack"]["before"], "after": rep["backpack"]["after"][k]}}
             if rep.get("ensemble"):
-                evaluation["ensemble"] = {"target": rep["ensemble"]["target"], "before": rep["ensemble"]["before"],
-                                          "after": rep["ensemble"]["after"][k]}
+                evaluation["ensemble"] = {
+                    "target": rep["ensemble"]["target"],
+                    "before": rep["ensemble"]["before"],
+                    "after": rep["ensemble"]["after"][k],
+                }
         pack_name = names[e] if names is not None else f"{run.cfg.pack_name}-eps{k}"
-        pack = build_pack(pack_name, ed.token_ids.long(), ed.sense_ids.long(),
-                          ed.deltas.float(), backpack_name=run.cfg.models.backpack,
-                          backpack_fingerprint=bp.fingerprint(), tokenizer_fingerprint=run.vocab.fingerprint,
-                          vocab_size=int(bp.config.vocab_size), num_senses=int(bp.config.num_senses), epsilon=float(e),
-                          training=_json_safe(training), evaluation=_json_safe(evaluation))
+        pack = build_pack(
+            pack_name,
+            ed.token_ids.long(),
+            ed.sense_ids.long(),
+            ed.deltas.float(),
+            backpack_name=run.cfg.models.backpack,
+            backpack_fingerprint=bp.fingerprint(),
+            tokenizer_fingerprint=run.vocab.fingerprint,
+            vocab_size=int(bp.config.vocab_size),
+            num_senses=int(bp.config.num_senses),
+            epsilon=float(e),
+            training=_json_safe(training),
+            evaluation=_json_safe(evaluation),
+        )
         if cal:
             info = cal["per_epsilon"][k]
-            pack = with_calibration(pack, [CalibrationEntry(
-                target_model=str(cal["target_model"]), target_fingerprint=cal["target_fingerprint"],
-                beta=float(info["beta"]), ball_ratio=float(info["ratio"]), g_fingerprint=cal["g_fingerprint"],
-                g_tokens=int(cal["tokens"]), epsilon=float(e))])
+            pack = with_calibration(
+                pack,
+                [
+                    CalibrationEntry(
+                        target_model=str(cal["target_model"]),
+                        target_fingerprint=cal["target_fingerprint"],
+                        beta=float(info["beta"]),
+                        ball_ratio=float(info["ratio"]),
+                        g_fingerprint=cal["g_fingerprint"],
+                        g_tokens=int(cal["tokens"]),
+                        epsilon=float(e),
+                    )
+                ],
+            )
         folder = run.dir / "packs" / pack.name
         write_pack(pack, folder)
         out.append(folder)
@@ -460,25 +549,41 @@ def step_baseline(run: Run) -> dict:
     cfg, task = run.cfg, run.task
     kind, side = cfg.method.split("-")
     t = cfg.train
-    p = BaselineParams(kind=kind, lr=t.lr, kl_weight=t.kl_weight, epochs=t.epochs, grad_accum=t.grad_accum,
-                       weight_decay=t.weight_decay, seed=t.seed, epsilons=tuple(t.epsilons),
-                       lora_rank=cfg.baseline.lora_rank, lora_alpha=cfg.baseline.lora_alpha)
+    p = BaselineParams(
+        kind=kind,
+        lr=t.lr,
+        kl_weight=t.kl_weight,
+        epochs=t.epochs,
+        grad_accum=t.grad_accum,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        epsilons=tuple(t.epsilons),
+        lora_rank=cfg.baseline.lora_rank,
+        lora_alpha=cfg.baseline.lora_alpha,
+    )
     if side == "large" and run.large is None:
         raise ConfigError(f"method {cfg.method}: no large model configured (--large)")
     orig = run.backpack if side == "backpack" else run.large
     vocab = None if side == "backpack" else run.vocab.size
     seed_everything(t.seed)
     t0 = time.time()
-    res = finetune_baseline(orig, task.train, task.loss_type, run.g, run.r, p, vocab_size=vocab,
-                            progress=run.progress)
+    res = finetune_baseline(orig, task.train, task.loss_type, run.g, run.r, p, vocab_size=vocab, progress=run.progress)
     seconds = time.time() - t0
     if side == "backpack":
+
         def scorer(m, label):
             return BackpackScorer(m, progress=f"eval {task.name} ({label})" if run.progress else None)
     else:
+
         def scorer(m, label):
-            return EnsembleScorer(m, run.backpack, vocab_size=run.vocab.size, variants=[(None, 0.0)],
-                                  progress=f"eval {task.name} ({label})" if run.progress else None)
+            return EnsembleScorer(
+                m,
+                run.backpack,
+                vocab_size=run.vocab.size,
+                variants=[(None, 0.0)],
+                progress=f"eval {task.name} ({label})" if run.progress else None,
+            )
+
     before = task_metrics(scorer(orig, "before"), task)
     before["g_ratio"] = 1.0
     after = {}
@@ -488,16 +593,35 @@ def step_baseline(run: Run) -> dict:
         m.update(epoch=c, g_ratio=res.history[c].g_ratio)
         after[eps_key(e)] = m
     name = cfg.models.backpack if side == "backpack" else cfg.models.large
-    report = {"task": task.name, "loss_type": task.loss_type.value, "threshold": task.threshold,
-              "method": cfg.method, "seed": t.seed, "backpack": None, "ensemble": None}
+    report = {
+        "task": task.name,
+        "loss_type": task.loss_type.value,
+        "threshold": task.threshold,
+        "method": cfg.method,
+        "seed": t.seed,
+        "backpack": None,
+        "ensemble": None,
+    }
     report["backpack" if side == "backpack" else "ensemble"] = {
-        "name": name, "target": name, "before": before, "after": after}
-    run.write_json("baseline.json", {
-        "method": cfg.method, "params": _json_safe(asdict(p)), "trainable_parameters": res.trainable,
-        "history": [asdict(h) for h in res.history],
-        "chosen_epoch": {eps_key(e): c for e, c in res.chosen_epoch.items()},
-        "g_ratio": {eps_key(e): res.history[c].g_ratio for e, c in res.chosen_epoch.items()},
-        "seconds": seconds, "g_chunks": len(run.g), "r_chunks": len(run.r)})
+        "name": name,
+        "target": name,
+        "before": before,
+        "after": after,
+    }
+    run.write_json(
+        "baseline.json",
+        {
+            "method": cfg.method,
+            "params": _json_safe(asdict(p)),
+            "trainable_parameters": res.trainable,
+            "history": [asdict(h) for h in res.history],
+            "chosen_epoch": {eps_key(e): c for e, c in res.chosen_epoch.items()},
+            "g_ratio": {eps_key(e): res.history[c].g_ratio for e, c in res.chosen_epoch.items()},
+            "seconds": seconds,
+            "g_chunks": len(run.g),
+            "r_chunks": len(run.r),
+        },
+    )
     write_reports([report], run.dir)
     event("baseline", method=cfg.method, seconds=round(seconds, 2), chosen={k: v["epoch"] for k, v in after.items()})
     return report
@@ -514,5 +638,16 @@ def run_all(run: Run) -> dict:
     return rep
 
 
-__all__ = ["Run", "setup_logging", "step_select", "step_train", "step_calibrate", "step_eval", "step_pack",
-           "run_all", "load_backpack", "load_large", "EncodedExample"]
+__all__ = [
+    "EncodedExample",
+    "Run",
+    "load_backpack",
+    "load_large",
+    "run_all",
+    "setup_logging",
+    "step_calibrate",
+    "step_eval",
+    "step_pack",
+    "step_select",
+    "step_train",
+]

@@ -40,8 +40,12 @@ DEPENDS = {
     "eval": [("train", True), ("calibrate", False)],
     "pack": [("train", True), ("calibrate", False), ("eval", False)],
 }
-MAIN_FILE = {"select": "selection.json", "train": "training.json", "calibrate": "calibration.json",
-             "eval": "report.json"}
+MAIN_FILE = {
+    "select": "selection.json",
+    "train": "training.json",
+    "calibrate": "calibration.json",
+    "eval": "report.json",
+}
 # inputs compared only when this process computed them (a model it has loaded anyway)
 OPTIONAL_INPUTS = {"models.large.fingerprint"}
 
@@ -82,11 +86,22 @@ def current_inputs(run: Run, step: str, with_large: bool = False) -> dict:
     """The fingerprints of the inputs `step` reads, as the run is configured now."""
     cfg = run.cfg
     t = cfg.task
-    task = {"task.name": t.name, "task.loss_type": t.loss_type.value, "task.threshold": t.threshold,
-            "task.train": _file_input(t.train), "task.max_train": t.max_train}
-    evald = {"task.eval": _file_input(t.eval), "task.hard_neg": _file_input(t.hard_neg),
-             "task.unconditional": _file_input(t.unconditional), "task.max_eval": t.max_eval,
-             "task.name": t.name, "task.loss_type": t.loss_type.value, "task.threshold": t.threshold}
+    task = {
+        "task.name": t.name,
+        "task.loss_type": t.loss_type.value,
+        "task.threshold": t.threshold,
+        "task.train": _file_input(t.train),
+        "task.max_train": t.max_train,
+    }
+    evald = {
+        "task.eval": _file_input(t.eval),
+        "task.hard_neg": _file_input(t.hard_neg),
+        "task.unconditional": _file_input(t.unconditional),
+        "task.max_eval": t.max_eval,
+        "task.name": t.name,
+        "task.loss_type": t.loss_type.value,
+        "task.threshold": t.threshold,
+    }
     models = {"tokenizer": run.vocab.fingerprint, "models.backpack": run.backpack.fingerprint()}
     g = {"corpora.g": _file_input(cfg.corpora.g, cfg.corpora.g_limit)}
     r = {"corpora.r": _file_input(cfg.corpora.r, cfg.corpora.r_limit)}
@@ -123,8 +138,12 @@ def step_fingerprint(rec: dict) -> str:
 def record(run: Run, step: str, outputs: list[Path], earlier: dict[str, str], with_large: bool = False) -> str:
     """Write `step`'s record (inputs now, earlier steps consumed, sha256 of its outputs); its fingerprint."""
     steps = read_steps(run.dir)
-    rec = {"inputs": current_inputs(run, step, with_large), "earlier": earlier,
-           "outputs": {str(Path(p).relative_to(run.dir)): file_sha(p) for p in outputs}, "at": time.time()}
+    rec = {
+        "inputs": current_inputs(run, step, with_large),
+        "earlier": earlier,
+        "outputs": {str(Path(p).relative_to(run.dir)): file_sha(p) for p in outputs},
+        "at": time.time(),
+    }
     rec["fingerprint"] = step_fingerprint(rec)
     steps[step] = rec
     (run.dir / STEPS_FILE).write_text(json.dumps(steps, indent=1))
@@ -163,8 +182,9 @@ def staleness(run: Run, step: str, with_large: bool = False) -> list[str]:
     return why
 
 
-def ensure_earlier(run: Run, step: str, runners: dict[str, Callable[[Run], object]],
-                   with_large: bool = False) -> dict[str, str]:
+def ensure_earlier(
+    run: Run, step: str, runners: dict[str, Callable[[Run], object]], with_large: bool = False
+) -> dict[str, str]:
     """Make sure every earlier step `step` consumes is fresh; return their fingerprints.
 
     Missing required steps are computed; stale ones are recomputed with ``run.recompute`` and refused
@@ -188,7 +208,8 @@ def ensure_earlier(run: Run, step: str, runners: dict[str, Callable[[Run], objec
                         f"step `{step}` refuses the output of step `{dep}` ({run.dir / MAIN_FILE[dep]}): "
                         + "; ".join(why)
                         + f". Recompute it with `train_edits {dep} --run-dir {run.dir}` (same options), "
-                          f"or add --recompute to recompute every stale step")
+                        f"or add --recompute to recompute every stale step"
+                    )
                 runners[dep](run)
         used[dep] = read_steps(run.dir)[dep]["fingerprint"]
     return used

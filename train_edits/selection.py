@@ -26,8 +26,8 @@ Ties break towards the smaller (token, sense).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -59,7 +59,9 @@ def example_table(model, seqs: Sequence[Scored], loss_type: LossType) -> dict[tu
 
 
 @torch.no_grad()
-def background_table(model, chunks: Sequence[torch.Tensor], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+def background_table(
+    model, chunks: Sequence[torch.Tensor], batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
     """(vocab, senses) α mass over R, averaged per chunk (all next-token-predicting rows)."""
     vocab = model.embedding.shape[0]
     k = model.config.num_senses
@@ -94,16 +96,26 @@ class Selection:
         }
 
 
-def rank_pairs(table: dict[tuple[int, int], float], background: torch.Tensor, lam: float,
-               k: int) -> list[tuple[float, int, int]]:
+def rank_pairs(
+    table: dict[tuple[int, int], float], background: torch.Tensor, lam: float, k: int
+) -> list[tuple[float, int, int]]:
     """The top k (score, token, sense) of one example's mass table, among pairs with mass > 0 (upstream)."""
-    scored = sorted(((m - lam * float(background[t, s]), t, s) for (t, s), m in table.items() if m > 0),
-                    key=lambda x: (-x[0], x[1], x[2]))
+    scored = sorted(
+        ((m - lam * float(background[t, s]), t, s) for (t, s), m in table.items() if m > 0),
+        key=lambda x: (-x[0], x[1], x[2]),
+    )
     return scored[:k]
 
 
-def select_senses(model, examples: Sequence[EncodedExample], background: torch.Tensor, loss_type: LossType,
-                  k: int, lam: float, progress: bool = False) -> Selection:
+def select_senses(
+    model,
+    examples: Sequence[EncodedExample],
+    background: torch.Tensor,
+    loss_type: LossType,
+    k: int,
+    lam: float,
+    progress: bool = False,
+) -> Selection:
     """Top-k (token, sense) per example among pairs with positive mass in it; union over examples."""
     chosen: list[tuple[int, int]] = []
     seen: set[tuple[int, int]] = set()

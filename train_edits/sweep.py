@@ -35,7 +35,6 @@ from .config import RunConfig, validate
 from .pipeline import Run, event, run_all, step_select, step_train
 from .report import eps_key, write_reports
 
-
 # tasks whose upstream sweep draws λ (the others fix it at 1000)
 LAM_SWEPT = ("country_capital",)
 
@@ -66,8 +65,14 @@ def _hp_changes(hp: dict) -> dict:
     return out
 
 
-def sweep(run: Run, trials: int = 25, report_split: str | None = None, report_data_dir: str | None = None,
-          cap_epochs: bool = False, fixed_lam: bool = False) -> dict:
+def sweep(
+    run: Run,
+    trials: int = 25,
+    report_split: str | None = None,
+    report_data_dir: str | None = None,
+    cap_epochs: bool = False,
+    fixed_lam: bool = False,
+) -> dict:
     cfg = run.cfg
     seed = cfg.train.seed
     rows = []
@@ -89,9 +94,16 @@ def sweep(run: Run, trials: int = 25, report_split: str | None = None, report_da
         top = max(rows, key=lambda r: (r["scores"][e]["success"] or 0.0, -r["trial"]))
         best[e] = {"trial": top["trial"], "epoch": top["scores"][e]["epoch"], **top["hyperparameters"]}
     rsplit, rdir = report_split or cfg.task.split, report_data_dir or cfg.task.data_dir
-    out = {"trials": rows, "best": best, "selection_split": cfg.task.split, "report_split": rsplit,
-           "selection_data_dir": cfg.task.data_dir, "report_data_dir": rdir, "cap_epochs": cap_epochs,
-           "fixed_lam": fixed_lam}
+    out = {
+        "trials": rows,
+        "best": best,
+        "selection_split": cfg.task.split,
+        "report_split": rsplit,
+        "selection_data_dir": cfg.task.data_dir,
+        "report_data_dir": rdir,
+        "cap_epochs": cap_epochs,
+        "fixed_lam": fixed_lam,
+    }
     if rsplit == cfg.task.split and rdir == cfg.task.data_dir:
         out["warning"] = "report split equals the selection split: the report is not held out"
     run.write_json("sweep.json", out)

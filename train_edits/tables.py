@@ -25,9 +25,11 @@ from pathlib import Path
 from .report import eps_key
 from .tasks import TABLE_NAMES
 
-METRICS = {"success": (100.0, 1, "Δ success rate (points, after − before)"),
-           "hard_neg": (1.0, 3, "Δ hard-negative NLL (nats, lower is better)"),
-           "rest_of_prompt": (1.0, 3, "Δ rest-of-prompt NLL (nats/token)")}
+METRICS = {
+    "success": (100.0, 1, "Δ success rate (points, after − before)"),
+    "hard_neg": (1.0, 3, "Δ hard-negative NLL (nats, lower is better)"),
+    "rest_of_prompt": (1.0, 3, "Δ rest-of-prompt NLL (nats/token)"),
+}
 SIDES = {"backpack": "Table 3: the Backpack", "ensemble": "Table 4: the large model"}
 METHOD_ORDER = ["full-backpack", "lora-backpack", "full-large", "lora-large", "senses"]
 
@@ -50,8 +52,10 @@ def find_reports(paths: Iterable[str | Path]) -> list[dict]:
             raise FileNotFoundError(f"{p}: not a run directory")
         found = _reports_below(p)
         if not found:
-            raise FileNotFoundError(f"{p / 'report.json'}: missing (and none below); run `train_edits eval "
-                                    f"--run-dir {p}` or `train_edits protocol` first")
+            raise FileNotFoundError(
+                f"{p / 'report.json'}: missing (and none below); run `train_edits eval "
+                f"--run-dir {p}` or `train_edits protocol` first"
+            )
         out += found
     return out
 
@@ -85,8 +89,20 @@ def aggregate(reports: Sequence[dict], ddof: int = 0) -> list[dict]:
     rows = []
     for (side, method, task, e, metric), c in cells.items():
         m, se = mean_se(c["values"], ddof)
-        rows.append({"side": side, "method": method, "task": task, "epsilon": e, "metric": metric,
-                     "n": len(c["values"]), "mean": m, "se": se, "values": c["values"], "seeds": c["seeds"]})
+        rows.append(
+            {
+                "side": side,
+                "method": method,
+                "task": task,
+                "epsilon": e,
+                "metric": metric,
+                "n": len(c["values"]),
+                "mean": m,
+                "se": se,
+                "values": c["values"],
+                "seeds": c["seeds"],
+            }
+        )
     return rows
 
 
@@ -117,9 +133,12 @@ def markdown(rows: Sequence[dict]) -> str:
         for metric, (scale, digits, label) in METRICS.items():
             if not any(r["metric"] == metric for r in srows):
                 continue
-            out += [f"{label}:", "",
-                    "| method | ε | " + " | ".join(TABLE_NAMES.get(t, t) for t in tasks) + " | Avg |",
-                    "|---|---|" + "---|" * (len(tasks) + 1)]
+            out += [
+                f"{label}:",
+                "",
+                "| method | ε | " + " | ".join(TABLE_NAMES.get(t, t) for t in tasks) + " | Avg |",
+                "|---|---|" + "---|" * (len(tasks) + 1),
+            ]
             for m in methods:
                 for e in eps:
                     cs = [idx.get((m, t, e, metric)) for t in tasks]
@@ -129,8 +148,11 @@ def markdown(rows: Sequence[dict]) -> str:
                     avg = sum(c["mean"] for c in got) / len(got)
                     ses = [c["se"] for c in got]
                     avg_se = math.sqrt(sum(x * x for x in ses)) / len(got) if all(x is not None for x in ses) else None
-                    out.append(f"| {m} | {e} | " + " | ".join(_cell(c["mean"], c["se"], scale, digits) if c else "–"
-                                                           for c in cs) + f" | {_cell(avg, avg_se, scale, digits)} |")
+                    out.append(
+                        f"| {m} | {e} | "
+                        + " | ".join(_cell(c["mean"], c["se"], scale, digits) if c else "–" for c in cs)
+                        + f" | {_cell(avg, avg_se, scale, digits)} |"
+                    )
             out.append("")
     return "\n".join(out) + "\n"
 
@@ -151,15 +173,23 @@ def plot(rows: Sequence[dict], path: Path) -> None:
         for j, t in enumerate(tasks):
             ax = axes[i][j]
             for m in methods:
-                pts = sorted((float(r["epsilon"]), 100 * r["mean"], 100 * (r["se"] or 0.0)) for r in rows
-                              if r["side"] == side and r["method"] == m and r["task"] == t)
+                pts = sorted(
+                    (float(r["epsilon"]), 100 * r["mean"], 100 * (r["se"] or 0.0))
+                    for r in rows
+                    if r["side"] == side and r["method"] == m and r["task"] == t
+                )
                 if pts:
-                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                                capsize=3, label=m)
+                    ax.errorbar(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        yerr=[p[2] for p in pts],
+                        marker="o",
+                        capsize=3,
+                        label=m,
+                    )
             ax.set_xscale("log")
             ax.axhline(0, color="grey", lw=0.5)
-            ax.set_title(f"{TABLE_NAMES.get(t, t)} ({'Backpack' if side == 'backpack' else 'large model'})",
-                         fontsize=9)
+            ax.set_title(f"{TABLE_NAMES.get(t, t)} ({'Backpack' if side == 'backpack' else 'large model'})", fontsize=9)
             ax.set_xlabel("ε")
             if j == 0:
                 ax.set_ylabel("Δ success (points)")
