@@ -232,12 +232,12 @@ class KLRegularizer:
         self.first = [index.first_edited(c.tolist()) for c in self.chunks]
 
     @torch.no_grad()
-    def _cached(self, i: int) -> CachedSeq:
+    def _cached(self, i: int, f: int) -> CachedSeq:
+        """α and o_t of chunk ``i`` from its first edited position ``f`` on (only chunks that have one)."""
         if i not in self._cache:
             if len(self._cache) >= self.max_cache:
                 self._cache.pop(next(iter(self._cache)))
             ids = self.chunks[i].tolist()
-            f = self.first[i]
             dev = self.model.embedding.device
             alpha, hidden = alpha_hidden(self.model, torch.tensor([ids], device=dev))
             pos = torch.arange(f, len(ids), device=dev)  # rows f .. len-1: every position with δ ≠ 0
@@ -258,7 +258,7 @@ class KLRegularizer:
         f = self.first[i]
         if f is None:
             return None
-        cs = self._cached(i)
+        cs = self._cached(i, f)
         with torch.no_grad():
             orig = torch.log_softmax(F.linear(cs.hidden, embedding).float(), dim=-1)
         new = torch.log_softmax(F.linear(cs.edited_hidden(deltas), embedding).float(), dim=-1)

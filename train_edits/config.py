@@ -60,14 +60,14 @@ class TaskConfig(_Strict):
             self.loss_type = self.loss_type or spec.loss_type
             if self.threshold is None:
                 self.threshold = spec.threshold
-            paths = spec.paths(self.data_dir, self.split)
-            for key in ("train", "eval", "hard_neg", "unconditional"):
-                if getattr(self, key) is None and paths[key] is not None:
-                    setattr(self, key, str(paths[key]))
+            for key, path in spec.paths(self.data_dir, self.split).items():
+                if getattr(self, key) is None and path is not None:
+                    setattr(self, key, str(path))
         else:
             missing = [k for k in ("train", "loss_type", "threshold") if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"a custom task needs {', '.join(missing)} (or builtin: one of {', '.join(TASKS)})")
+            assert self.train is not None  # checked just above
             self.name = self.name or Path(self.train).stem
         return self
 

@@ -35,6 +35,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
     sep = doc_separator_id(tokenizer) if len(parts) > 1 else None
     for i, part in enumerate(parts):
         if i > 0:
+            assert sep is not None  # set above whenever there is more than one part
             ids.append(sep)
         if part:
             ids.extend(tokenizer.encode(part, add_special_tokens=False))

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from ensemble.jsonl import DataError, iter_jsonl  # DataError: re-exported for train_edits' callers
 
@@ -46,7 +46,7 @@ class LossType(str, Enum):
         return self in (LossType.BALANCE, LossType.GOOD_V_BAD)
 
     @property
-    def shape(self) -> str:
+    def shape(self) -> Shape:
         return "pair" if self.is_pair else "single"
 
 
@@ -200,6 +200,13 @@ def is_failure(score: float, threshold: float) -> bool:
 # The six tasks of the paper
 
 
+class TaskPaths(TypedDict):
+    train: Path
+    eval: Path
+    hard_neg: Path | None
+    unconditional: Path | None
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -210,17 +217,17 @@ class TaskSpec:
     hard_neg: str | None
     unconditional: str | None
 
-    def paths(self, data_dir: str | Path, split: str = "val") -> dict[str, Path | None]:
+    def paths(self, data_dir: str | Path, split: str = "val") -> TaskPaths:
         root = Path(data_dir)
 
-        def p(t: str | None) -> Path | None:
-            return None if t is None else root / t.format(split=split)
+        def p(t: str) -> Path:
+            return root / t.format(split=split)
 
         return {
             "train": p(self.train),
             "eval": p(self.eval),
-            "hard_neg": p(self.hard_neg),
-            "unconditional": p(self.unconditional),
+            "hard_neg": None if self.hard_neg is None else p(self.hard_neg),
+            "unconditional": None if self.unconditional is None else p(self.unconditional),
         }
 
 
