@@ -125,7 +125,8 @@ def prepare(model: torch.nn.Module, p: BaselineParams) -> torch.nn.Module:
     targets = [n for n, m in new.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(p.lora_targets, n)]
     if not targets:
         raise ValueError(f"lora: no nn.Linear module matches {p.lora_targets!r}")
-    cfg = LoraConfig(r=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=targets)
+    # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r): a float is fine
+    cfg = LoraConfig(r=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=targets)  # type: ignore[arg-type]
     new = inject_adapter_in_model(cfg, new)
     for name, prm in new.named_parameters():
         prm.requires_grad_("lora_" in name)
@@ -233,7 +234,7 @@ def finetune_baseline(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 pending = 0
-        lr = sched.get_last_lr()[0]
+        lr = float(sched.get_last_lr()[0])
         sched.step()
         ratio = gr.ratio(model)
         rec = EpochRecord(epoch, loss_sum / max(len(order), 1), gr.base / gr.count * ratio, ratio, lr)

@@ -112,7 +112,7 @@ class _EvalCache:
         return ok / len(self.groups)
 
 
-def _make_optimizer(params, p: FinetuneParams):
+def _make_optimizer(params: list[torch.nn.Parameter], p: FinetuneParams) -> torch.optim.Optimizer:
     if p.optimizer == "adam8bit":
         try:
             import bitsandbytes as bnb  # type: ignore
@@ -183,7 +183,7 @@ def finetune(
         last_epoch = min(params.epochs, max(caps[eps] for eps in params.epsilons))
     bar = tqdm(range(1, last_epoch + 1), desc="epochs", disable=not progress or not len(index))
     for epoch in bar:
-        if not len(index):
+        if opt is None or sched is None:  # no selected senses: nothing to train
             break
         order = list(range(len(train_cache)))
         rng.shuffle(order)
@@ -219,7 +219,7 @@ def finetune(
                 opt.zero_grad(set_to_none=True)
                 steps += 1
                 pending = 0
-        lr = sched.get_last_lr()[0]
+        lr = float(sched.get_last_lr()[0])
         sched.step()
         ratio = gl.ratio(deltas.detach())
         rec = EpochRecord(
