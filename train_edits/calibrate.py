@@ -17,13 +17,14 @@ The β = 0 base is computed in the same pass from the same z (paired).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from ensemble.delta import logit_delta, sequence_deltas
+from ensemble.edits import SenseEdits
 
 from .finetune import in_ball
 
@@ -122,7 +123,7 @@ def calibrate(
     large,
     backpack,
     g_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    edits_by_eps: dict[float, object],
+    edits_by_eps: Mapping[float, SenseEdits],
     grid: Sequence[float] = DEFAULT_GRID,
     progress: bool = False,
     total: int | None = None,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +34,15 @@ DEFAULT_DATA_DIR = os.environ.get("SENSEPACK_CANONICAL_DATA", "../shared/data/ca
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ResolvedTask(NamedTuple):
+    """The task fields a validated TaskConfig always has (``builtin`` fills them; a custom task must give them)."""
+
+    name: str
+    loss_type: LossType
+    threshold: float
+    train: str
 
 
 class TaskConfig(_Strict):
@@ -70,6 +79,12 @@ class TaskConfig(_Strict):
             assert self.train is not None  # checked just above
             self.name = self.name or Path(self.train).stem
         return self
+
+    def resolved(self) -> ResolvedTask:
+        if self.name is None or self.loss_type is None or self.threshold is None or self.train is None:
+            unset = [k for k in ("name", "loss_type", "threshold", "train") if getattr(self, k) is None]
+            raise ConfigError(f"task: {', '.join(unset)} not set (the task config was not validated)")
+        return ResolvedTask(self.name, self.loss_type, self.threshold, self.train)
 
 
 class ModelsConfig(_Strict):

@@ -27,7 +27,7 @@ from ensemble.delta import logit_delta, sequence_deltas
 
 from .calibrate import _device, large_logits
 from .encoding import EncodedExample, Scored, encode_example, pad_batch
-from .tasks import LossType, TaskData, TextExample, example_score, is_failure
+from .tasks import LossType, SingleExample, TaskData, TextExample, example_score, is_failure
 
 
 class _Scorer:
@@ -37,6 +37,7 @@ class _Scorer:
     batch_size = 8
     n_variants = 1
     progress: str | None = None  # a tqdm description, or None for no bar
+    device: torch.device  # where `_batch` wants its inputs; set by each subclass
 
     @torch.no_grad()
     def nll_sums_all(self, seqs: Sequence[Scored]) -> torch.Tensor:
@@ -186,7 +187,12 @@ class EncodedTask:
 
         hard_neg = data.hard_neg
         if hard_neg_text:  # upstream's unconditional iterator: one text, tokenized whole (utils.py:180-196)
-            hard_neg = [TextExample(e.prefix + e.suffix, e.line) for e in hard_neg]
+            singles = [e for e in hard_neg if isinstance(e, SingleExample)]
+            if len(singles) != len(hard_neg):
+                raise ValueError(
+                    f"task {data.name}: hard negatives scored as whole texts must be prefix/suffix records"
+                )
+            hard_neg = [TextExample(e.prefix + e.suffix, e.line) for e in singles]
         t = cls(
             data.name,
             data.loss_type,

@@ -21,6 +21,7 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,6 +38,9 @@ from .report import eps_key, write_reports
 from .selection import background_table, select_senses
 from .tasks import TaskData
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ensemble.edits import SenseEdits
+
 log = logging.getLogger("train_edits")
 # upstream configs/hard_neg/make_hard_neg_config.py:15-16: these two score hard negatives as whole texts
 HARD_NEG_TEXT_TASKS = ("verb_conjugation", "stereoset")
@@ -46,6 +50,8 @@ HARD_NEG_TEXT_TASKS = ("verb_conjugation", "stereoset")
 
 
 class JsonLines(logging.Handler):
+    _train_edits = True  # setup_logging's own handler: replaced, not duplicated, when it runs again
+
     def __init__(self, path: Path):
         super().__init__()
         self.path = path
@@ -62,21 +68,22 @@ class JsonLines(logging.Handler):
             fh.write(json.dumps(obj, default=str) + "\n")
 
 
+class _Console(logging.StreamHandler):
+    _train_edits = True  # as JsonLines
+
+
 def setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
     root = logging.getLogger("train_edits")
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
-        if getattr(h, "_train_edits", False):
+        if getattr(h, "_train_edits", False):  # JsonLines, _Console
             root.removeHandler(h)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        jh = JsonLines(run_dir / "log.jsonl")
-        jh._train_edits = True
-        root.addHandler(jh)
-    sh = logging.StreamHandler()
+        root.addHandler(JsonLines(run_dir / "log.jsonl"))
+    sh = _Console()
     sh.setLevel(logging.INFO if verbose else logging.WARNING)
     sh.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    sh._train_edits = True
     root.addHandler(sh)
     root.propagate = False
 
@@ -118,7 +125,8 @@ def load_large(spec: str | None, dtype: str | None = None, device: str = "cpu"):
 
     if spec == "tiny-gptj" or spec.startswith("tiny-gptj:"):
         seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        return lm.tiny_gptj(seed=seed).to(device)
+        # transformers types PreTrainedModel.to through a decorator that mypy reads as taking the model
+        return lm.tiny_gptj(seed=seed).to(device)  # type: ignore[arg-type]
     return lm.load_large_model(spec, dtype=dtype, device=device)
 
 
@@ -132,8 +140,10 @@ class Run:
         self.progress = progress
         self.recompute = recompute  # recompute stale earlier steps instead of refusing them (provenance.py)
         (self.dir / "config.json").write_text(cfg.model_dump_json(indent=1))
-        self._backpack = self._large = self._tok = self._vocab = self._task = None
-        self._g = self._r = None
+        self._backpack = self._large = self._tok = self._vocab = None
+        self._task: EncodedTask | None = None
+        self._g: list[torch.Tensor] | None = None
+        self._r: list[torch.Tensor] | None = None
 
     @property
     def backpack(self):
@@ -179,7 +189,8 @@ class Run:
     def task(self) -> EncodedTask:
         if self._task is None:
             t = self.cfg.task
-            data = TaskData.load(t.name, t.loss_type, t.threshold, t.train, t.eval, t.hard_neg, t.unconditional)
+            name, loss_type, threshold, train = t.resolved()
+            data = TaskData.load(name, loss_type, threshold, train, t.eval, t.hard_neg, t.unconditional)
             hard_neg_text = self.cfg.eval.hard_neg_scoring == "hard-neg-config" and t.builtin in HARD_NEG_TEXT_TASKS
             self._task = EncodedTask.encode(
                 self.tokenizer, data, self.max_len, t.max_eval, t.max_train, hard_neg_text=hard_neg_text
@@ -334,11 +345,11 @@ def _plot_training(run: Run, tr: dict) -> None:
     plot_success(tr["history"], run.dir / "plots" / "success.png")
 
 
-def load_edits(run: Run) -> dict[float, object]:
+def load_edits(run: Run) -> dict[float, SenseEdits]:
     from ensemble.edits import SenseEdits
 
     tr = run.read_json("training.json")
-    out = {}
+    out: dict[float, SenseEdits] = {}
     for e in tr["chosen_epoch"]:
         t = load_file(str(edits_path(run, float(e))))
         out[float(e)] = SenseEdits(t["token_ids"], t["sense_ids"], t["deltas"])
@@ -409,7 +420,7 @@ def step_eval(run: Run) -> dict:
         m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None, progress=label(f"ε {eps_key(e)}")), task)
         m.update(epoch=tr["chosen_epoch"][eps_key(e)], g_ratio=tr["g_ratio"][eps_key(e)], n_senses=len(ed))
         bp_after[eps_key(e)] = m
-    report = {
+    report: dict[str, object] = {
         "task": task.name,
         "loss_type": task.loss_type.value,
         "threshold": task.threshold,
@@ -472,9 +483,9 @@ def step_pack(run: Run, names: dict[float, str] | None = None) -> list[Path]:
         if names is not None and e not in names:
             continue
         k = eps_key(e)
-        training = {
+        training: dict[str, object] = {
             "task": run.cfg.task.name,
-            "loss_type": run.cfg.task.loss_type.value,
+            "loss_type": run.cfg.task.resolved().loss_type.value,
             "hyperparameters": tr["params"] | {"k": run.cfg.select.k, "lam": run.cfg.select.lam},
             "selected_senses": tr["n_senses"],
             "epochs": len(tr["history"]) - 1,
@@ -593,7 +604,7 @@ def step_baseline(run: Run) -> dict:
         m.update(epoch=c, g_ratio=res.history[c].g_ratio)
         after[eps_key(e)] = m
     name = cfg.models.backpack if side == "backpack" else cfg.models.large
-    report = {
+    report: dict[str, object] = {
         "task": task.name,
         "loss_type": task.loss_type.value,
         "threshold": task.threshold,

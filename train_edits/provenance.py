@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,9 +86,10 @@ def current_inputs(run: Run, step: str, with_large: bool = False) -> dict:
     """The fingerprints of the inputs `step` reads, as the run is configured now."""
     cfg = run.cfg
     t = cfg.task
+    loss_type = t.resolved().loss_type
     task = {
         "task.name": t.name,
-        "task.loss_type": t.loss_type.value,
+        "task.loss_type": loss_type.value,
         "task.threshold": t.threshold,
         "task.train": _file_input(t.train),
         "task.max_train": t.max_train,
@@ -99,7 +100,7 @@ def current_inputs(run: Run, step: str, with_large: bool = False) -> dict:
         "task.unconditional": _file_input(t.unconditional),
         "task.max_eval": t.max_eval,
         "task.name": t.name,
-        "task.loss_type": t.loss_type.value,
+        "task.loss_type": loss_type.value,
         "task.threshold": t.threshold,
     }
     models = {"tokenizer": run.vocab.fingerprint, "models.backpack": run.backpack.fingerprint()}
@@ -144,10 +145,11 @@ def record(run: Run, step: str, outputs: list[Path], earlier: dict[str, str], wi
         "outputs": {str(Path(p).relative_to(run.dir)): file_sha(p) for p in outputs},
         "at": time.time(),
     }
-    rec["fingerprint"] = step_fingerprint(rec)
+    fingerprint = step_fingerprint(rec)
+    rec["fingerprint"] = fingerprint
     steps[step] = rec
     (run.dir / STEPS_FILE).write_text(json.dumps(steps, indent=1))
-    return rec["fingerprint"]
+    return fingerprint
 
 
 def _short(v) -> str:
@@ -183,7 +185,7 @@ def staleness(run: Run, step: str, with_large: bool = False) -> list[str]:
 
 
 def ensure_earlier(
-    run: Run, step: str, runners: dict[str, Callable[[Run], object]], with_large: bool = False
+    run: Run, step: str, runners: Mapping[str, Callable[[Run], object]], with_large: bool = False
 ) -> dict[str, str]:
     """Make sure every earlier step `step` consumes is fresh; return their fingerprints.
 
