@@ -18,6 +18,10 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backpack_trainer import BackpackTrainConfig
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 OWT_CORPUS = DATA_DIR / "owt-val100.jsonl.gz"
@@ -26,7 +30,7 @@ COUNTRY_FIXED = DATA_DIR / "country_capital" / "country_capital_fixed-val.jsonl"
 log = logging.getLogger("train_edits.recipes")
 
 
-def backpack_smollm2_config(out: str | Path) -> object:
+def backpack_smollm2_config(out: str | Path) -> BackpackTrainConfig:
     """The backpack-smollm2 recipe: ~19M parameters (d 256, 4 layers, 16 senses), E started from a PCA
     of SmolLM2's tied embedding, LM loss on the shipped OpenWebText sample; about 6 minutes on 2 CPU cores."""
     from .backpack_trainer import BackpackTrainConfig

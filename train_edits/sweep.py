@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from typing import Any, TypedDict
 
 from .config import RunConfig, validate
 from .pipeline import Run, event, run_all, step_select, step_train
@@ -37,6 +38,13 @@ from .report import eps_key, write_reports
 
 # tasks whose upstream sweep draws λ (the others fix it at 1000)
 LAM_SWEPT = ("country_capital",)
+
+
+class Trial(TypedDict):
+    trial: int
+    hyperparameters: dict
+    seed: int
+    scores: dict[str, dict[str, Any]]  # per ε key: epoch, success, g_ratio of its chosen epoch
 
 
 def draw(seed: int, trial: int, task: str | None = None, fixed_lam: bool = False) -> dict:
@@ -75,7 +83,7 @@ def sweep(
 ) -> dict:
     cfg = run.cfg
     seed = cfg.train.seed
-    rows = []
+    rows: list[Trial] = []
     for t in range(trials):
         hp = draw(seed, t, cfg.task.builtin, fixed_lam)
         tcfg = _with(cfg, **_hp_changes(hp), **{"train.eval_every_epoch": True, "train.seed": seed * 1000 + t})
