@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.vocab import DOC_SEPARATOR, Vocabulary
@@ -290,9 +291,10 @@ def prepare_corpus(cfg: BackpackTrainConfig, tokenizer, vocab: Vocabulary) -> Co
     else:
         docs = read_documents(cfg.inputs, cfg.text_field)
         sources = [{"file": str(p), "sha256": file_sha256(p)} for p in cfg.inputs]
+    where = cfg.hf_dataset or ", ".join(cfg.inputs)  # validated: one or the other
     if len(docs) < 2:
         raise DataError(
-            ", ".join(cfg.inputs) or cfg.hf_dataset,
+            where,
             None,
             None,
             f"{len(docs)} document(s): need at least two to split into train and held-out",
@@ -302,7 +304,6 @@ def prepare_corpus(cfg: BackpackTrainConfig, tokenizer, vocab: Vocabulary) -> Co
     n_held = min(max(1, round(len(docs) * cfg.heldout_fraction)), len(docs) - 1)
     heldout, n_held_tok = pack_blocks(tokenizer, [docs[i] for i in order[:n_held]], vocab.doc_sep_id, cfg.block)
     train, n_train_tok = pack_blocks(tokenizer, [docs[i] for i in order[n_held:]], vocab.doc_sep_id, cfg.block)
-    where = ", ".join(cfg.inputs) or cfg.hf_dataset
     if len(heldout) == 0:
         raise DataError(
             where,
@@ -366,6 +367,8 @@ def lm_losses(
     ce = -logp.gather(-1, targets.unsqueeze(-1)).mean()
     if teacher_ids is None:
         return ce, None
+    if teacher_logprobs is None:
+        raise ValueError("lm_losses: teacher_ids given without teacher_logprobs")
     q = torch.softmax(teacher_logprobs.float(), dim=-1)  # renormalised top-k
     kd = -(q * logp.gather(-1, teacher_ids.long())).sum(-1).mean()
     return ce, kd
@@ -471,7 +474,8 @@ def lr_at(cfg: BackpackTrainConfig, step: int, decay_steps: int | None, time_fra
 
 def param_groups(model: BackpackLM, weight_decay: float) -> list[dict]:
     """Decay the 2-D weights of Conv1D / Linear layers; not biases, LayerNorms or embeddings."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     embeddings = {id(model.gpt2_model.wte.weight), id(model.gpt2_model.wpe.weight)}
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
@@ -594,8 +598,8 @@ def heldout_nll(
         total += -logp.gather(-1, x[:, 1:].long().unsqueeze(-1)).double().sum().item()
         count += x[:, 1:].numel()
     model.train(was_training)
-    total, count = env.all_sum([total, float(count)])
-    return total / count, int(count)
+    total_all, count_all = env.all_sum([total, float(count)])
+    return total_all / count_all, int(count_all)
 
 
 def _rng_state() -> dict:
@@ -752,6 +756,10 @@ class _Trainer:
                 "cache": cfg.distill_cache,
             }
         if init and cfg.init_embeddings != "random":
+            if init_spec is None:  # BackpackTrainConfig.validate refuses this; say so if it was skipped
+                raise ValueError(
+                    f"init_embeddings: {cfg.init_embeddings!r} needs a large model (init_from or distill_from)"
+                )
             if init_spec != spec or large is None:
                 large = _load_large(init_spec, cfg, self.vocab, torch.device("cpu"))
             self.init_info = init_embeddings_from(
@@ -761,6 +769,7 @@ class _Trainer:
             if large is not self.teacher:
                 del large
         if spec and cfg.distill_cache == "on":
+            assert self.teacher_info is not None  # set above whenever spec is
             key = hashlib.sha256(
                 json.dumps(
                     [self.teacher_info["fingerprint"], self.data.fingerprint, cfg.block, cfg.distill_topk]
@@ -811,8 +820,6 @@ class _Trainer:
         self.model.train()
         ddp_model: nn.Module = _LogitsOnly(self.model)
         if env.active:
-            from torch.nn.parallel import DistributedDataParallel
-
             ddp_model = DistributedDataParallel(
                 ddp_model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -881,7 +888,8 @@ class _Trainer:
             frac = elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
             stop = (self.max_steps is not None and step >= self.max_steps) or frac >= 1.0
             if cfg.max_minutes:  # rank 0's clock decides, so all ranks stop and schedule together
-                stop, frac = self.env.broadcast([float(stop), frac])
+                stop_all, frac = self.env.broadcast([float(stop), frac])
+                stop = bool(stop_all)
             if stop:
                 break
             lr = lr_at(cfg, step, self.decay_steps, frac)
@@ -901,7 +909,13 @@ class _Trainer:
                 elif self.teacher is not None:
                     with _autocast(self.device.type, cfg.amp):
                         t_ids, t_lp = teacher_topk(self.teacher, x, self.vocab.size, cfg.distill_topk)
-                sync = contextlib.nullcontext() if (not env.active or m == cfg.grad_accum - 1) else ddp_model.no_sync()
+                # ddp_model is a DistributedDataParallel exactly when env.active; the last micro-step syncs
+                last = m == cfg.grad_accum - 1
+                sync = (
+                    ddp_model.no_sync()
+                    if isinstance(ddp_model, DistributedDataParallel) and not last
+                    else contextlib.nullcontext()
+                )
                 with sync:
                     with _autocast(self.device.type, cfg.amp):
                         logits = ddp_model(x.long())
@@ -951,7 +965,8 @@ class _Trainer:
             self._write_outputs(step, samples, total_seconds, session_steps, session_seconds, history)
             if not cfg.keep_checkpoints:
                 shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-            log.write({"event": "end", "step": step, "seconds": total_seconds})
+            if log:
+                log.write({"event": "end", "step": step, "seconds": total_seconds})
         env.barrier()
         return self.out
 
