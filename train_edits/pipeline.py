@@ -50,8 +50,6 @@ HARD_NEG_TEXT_TASKS = ("verb_conjugation", "stereoset")
 
 
 class JsonLines(logging.Handler):
-    _train_edits = True  # setup_logging's own handler: replaced, not duplicated, when it runs again
-
     def __init__(self, path: Path):
         super().__init__()
         self.path = path
@@ -69,14 +67,14 @@ class JsonLines(logging.Handler):
 
 
 class _Console(logging.StreamHandler):
-    _train_edits = True  # as JsonLines
+    """Ours, as JsonLines: a second setup_logging call replaces them instead of adding more."""
 
 
 def setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
     root = logging.getLogger("train_edits")
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
-        if getattr(h, "_train_edits", False):  # JsonLines, _Console
+        if isinstance(h, (JsonLines, _Console)):
             root.removeHandler(h)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
