@@ -12,11 +12,9 @@ test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow" tests
 
 # ruff (lint + format) over LINT_PATHS and mypy over TYPE_PATHS, configured in pyproject.toml; CI runs it
-# before the tests. tests/ is linted, not type-checked. train_edits/ is not in the gate yet: it joins both
-# lists (and its mypy override and the train tests' ruff exclude in pyproject.toml go) once its findings
-# are fixed (issue 14).
-LINT_PATHS = ensemble edits_store sensepack_proto sensepack_testing bench scripts serve tests
-TYPE_PATHS = ensemble edits_store sensepack_proto sensepack_testing bench scripts serve
+# before the tests. tests/ is linted, not type-checked.
+LINT_PATHS = ensemble edits_store sensepack_proto sensepack_testing bench scripts serve train_edits tests
+TYPE_PATHS = ensemble edits_store sensepack_proto sensepack_testing bench scripts serve train_edits
 lint: setup
 	.venv/bin/ruff check $(LINT_PATHS)
 	.venv/bin/ruff format --check $(LINT_PATHS)

@@ -4,6 +4,11 @@
 # smollm2-135m-instruct at ε ∈ {1e-3, 1e-4, 1e-5}, merged into the layout of the paper's Tables 3 and 4.
 # Needs the canonical-examples data (../shared/data/canonical-examples or $SENSEPACK_CANONICAL_DATA).
 # About an hour on 2 CPU cores; TASKS="country_capital company_ceo" runs a subset.
+# PROTOCOL=1 then runs the multi-seed protocol with the baselines (docs/results-smollm2.md, "Baselines and
+# error bars"): PROTOCOL_TASKS (default country_capital), SEEDS (3), METHODS (senses lora-backpack
+# full-backpack, each with its own lr below), reduced sizes PMAX_TRAIN / PMAX_EVAL / PEPOCHS; tables in
+# $OUT/protocol/tables.md. The full protocol: SEEDS=10 FULL_SEEDS=10, PMAX_TRAIN=0 (all), PMAX_EVAL=0, PEPOCHS=8, and
+# METHODS adding full-large lora-large (hours per seed on CPU: a GPU host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${SENSEPACK_CANONICAL_DATA:-../shared/data/canonical-examples}"
@@ -27,3 +32,25 @@ for task in $TASKS; do
 done
 $TE report $(for t in $TASKS; do echo "$OUT/$t"; done) --out "$OUT" --stem tables
 echo "tables: $OUT/tables.md"
+
+[ "${PROTOCOL:-0}" = 1 ] || exit 0
+SEEDS="${SEEDS:-3}"
+METHODS="${METHODS:-senses lora-backpack full-backpack}"
+PMAX_TRAIN="${PMAX_TRAIN:-40}"; PMAX_EVAL="${PMAX_EVAL:-100}"; PEPOCHS="${PEPOCHS:-3}"
+LIMITS=()
+[ "$PMAX_TRAIN" = 0 ] || LIMITS+=(--max-train "$PMAX_TRAIN")
+[ "$PMAX_EVAL" = 0 ] || LIMITS+=(--max-eval "$PMAX_EVAL")
+for task in ${PROTOCOL_TASKS:-country_capital}; do
+  for m in $METHODS; do
+    case "$m" in  # not swept: the sense lr of the runs above; baselines inside upstream's sweep ranges
+      senses) LR=0.03 ;; lora-backpack) LR=1e-3 ;; full-backpack) LR=1e-5 ;; lora-large) LR=1e-4 ;; full-large) LR=1e-6 ;;
+    esac
+    n="$SEEDS"; [ "$m" = full-backpack ] && n="${FULL_SEEDS:-1}"  # the slowest on CPU: 1 seed unless FULL_SEEDS
+    $TE protocol --task "$task" --data-dir "$DATA" --backpack backpack-smollm2 --large smollm2-135m-instruct \
+      --g "$OUT/corpora/G.jsonl" --r "$OUT/corpora/R.jsonl" --g-limit 32 --r-limit 64 "${LIMITS[@]}" \
+      --epochs "$PEPOCHS" -k 8 --no-eval-every-epoch --methods "$m" --lr "$LR" --seeds "$n" \
+      --run-dir "$OUT/protocol/$task"
+  done
+done
+$TE table $(for t in ${PROTOCOL_TASKS:-country_capital}; do echo "$OUT/protocol/$t"; done) --out "$OUT/protocol"
+echo "protocol tables: $OUT/protocol/tables.md"

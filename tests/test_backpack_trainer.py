@@ -54,20 +54,40 @@ def bpe_dir(tmp_path_factory) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     folder = tmp_path_factory.mktemp("bpe")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>") \
-        .save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(
+        folder
+    )
     return folder
 
 
 def tiny(out: Path, tokenizer, **kw) -> BackpackTrainConfig:
-    base = dict(out=str(out), inputs=INPUTS, tokenizer=str(tokenizer) if tokenizer else None, n_embd=32, n_layer=2,
-                n_head=4, num_senses=4, n_positions=32, sense_intermediate_scale=2, batch_size=4, lr=3e-3,
-                warmup_steps=2, heldout_fraction=0.1, eval_every=0, checkpoint_every=0, eval_max_blocks=16,
-                cache_dir=str(out / "cache"))
+    base = dict(
+        out=str(out),
+        inputs=INPUTS,
+        tokenizer=str(tokenizer) if tokenizer else None,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        num_senses=4,
+        n_positions=32,
+        sense_intermediate_scale=2,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        heldout_fraction=0.1,
+        eval_every=0,
+        checkpoint_every=0,
+        eval_max_blocks=16,
+        cache_dir=str(out / "cache"),
+    )
     base.update(kw)
     return BackpackTrainConfig(**base)
 
@@ -100,9 +120,25 @@ def torchrun(cfg: BackpackTrainConfig, nproc: int = 2) -> None:
     cfg_file = Path(cfg.out + ".json")
     cfg_file.write_text(json.dumps(asdict(cfg)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "train_edits.backpack_cli", "train", "--config", str(cfg_file), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "train_edits.backpack_cli",
+        "train",
+        "--config",
+        str(cfg_file),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -117,7 +153,7 @@ def test_two_processes_match_one_process(tmp_path, bpe_dir):
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert a[-1] < a[0]  # it trained
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5, (a, b)
     assert max_weight_diff(tmp_path / "one", tmp_path / "two") < 1e-5
     nll_one = json.loads((tmp_path / "one" / "training.json").read_text())["heldout"]["nll"]
     assert abs(rec["heldout"]["nll"] - nll_one) < 1e-5
@@ -125,7 +161,7 @@ def test_two_processes_match_one_process(tmp_path, bpe_dir):
     train_backpack(tiny(tmp_path / "mixed", bpe_dir, max_steps=3, decay_steps=6, grad_accum=2), progress=False)
     torchrun(tiny(tmp_path / "mixed", bpe_dir, max_steps=6, decay_steps=6, grad_accum=2, resume=True))
     c = train_losses(tmp_path / "mixed")
-    assert len(c) == 6 and max(abs(x - y) for x, y in zip(a, c)) < 1e-5, (a, c)
+    assert len(c) == 6 and max(abs(x - y) for x, y in zip(a, c, strict=True)) < 1e-5, (a, c)
     assert max_weight_diff(tmp_path / "one", tmp_path / "mixed") < 1e-5
 
 
@@ -143,7 +179,7 @@ def test_resume_equals_straight_through(tmp_path, bpe_dir):
     straight = train_losses(tmp_path / "straight")
     resumed = train_losses(tmp_path / "resumed")
     assert len(straight) == len(resumed) == 2 * n
-    assert max(abs(x - y) for x, y in zip(straight, resumed)) <= 1e-6
+    assert max(abs(x - y) for x, y in zip(straight, resumed, strict=True)) <= 1e-6
     assert max_weight_diff(tmp_path / "straight", tmp_path / "resumed") <= 1e-6
     assert json.loads((tmp_path / "resumed" / "training.json").read_text())["steps"] == 2 * n
 
@@ -260,7 +296,7 @@ def test_distillation_cache_holds_teacher_topk_and_equals_on_the_fly(tmp_path, b
     assert torch.equal(cache["ids"][:2].long(), top.indices)
     assert torch.allclose(cache["logprobs"][:2].double(), top.values, atol=1e-5)
     a, b = train_losses(tmp_path / "cached"), train_losses(tmp_path / "fly")
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
     recs = [json.loads(line) for line in (tmp_path / "cached" / "log.jsonl").read_text().splitlines()]
     first = next(r for r in recs if r["event"] == "train")
     assert abs(first["loss"] - (0.3 * first["ce"] + 0.7 * first["kd"])) < 1e-5
@@ -291,17 +327,17 @@ def test_init_embeddings_copy_and_pca():
 
 
 def test_bad_options_give_clear_errors(tmp_path, bpe_dir):
-    with pytest.raises(DataError, match="nope.jsonl: corpus file not found"):
+    with pytest.raises(DataError, match=r"nope\.jsonl: corpus file not found"):
         train_backpack(tiny(tmp_path / "a", bpe_dir, inputs=[str(tmp_path / "nope.jsonl")], max_steps=1))
     with pytest.raises(TrainConfigError, match=r"block_len: 64 must be in \[2, n_positions=32\]"):
         train_backpack(tiny(tmp_path / "b", bpe_dir, block_len=64, max_steps=1))
     with pytest.raises(TrainConfigError, match="max_steps: give a budget"):
         train_backpack(tiny(tmp_path / "c", bpe_dir))
-    with pytest.raises(TrainConfigError, match="batch_size: 4 is not divisible by grad_accum 3"):
+    with pytest.raises(TrainConfigError, match=r"batch_size: 4 is not divisible by grad_accum 3"):
         train_backpack(tiny(tmp_path / "d", bpe_dir, grad_accum=3, max_steps=1))
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"text": "a"}\n{"body": "b"}\n')
-    with pytest.raises(DataError, match="bad.jsonl:2: field 'text': missing"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'text': missing"):
         train_backpack(tiny(tmp_path / "e", bpe_dir, inputs=[str(bad_jsonl)], max_steps=1))
 
 
@@ -319,11 +355,28 @@ def test_cli_exit_codes_and_help(tmp_path, bpe_dir):
     runner = CliRunner()
     ok = runner.invoke(cli_main, ["backpack", "train", "--help"])
     assert ok.exit_code == 0 and "--distill-from" in ok.output and "--init-embeddings" in ok.output
-    usage = runner.invoke(cli_main, ["backpack", "train", *INPUTS, "--tokenizer", str(bpe_dir), "--n-positions",
-                                     "32", "--block-len", "64", "--max-steps", "1", "--out", str(tmp_path / "u")])
+    usage = runner.invoke(
+        cli_main,
+        [
+            "backpack",
+            "train",
+            *INPUTS,
+            "--tokenizer",
+            str(bpe_dir),
+            "--n-positions",
+            "32",
+            "--block-len",
+            "64",
+            "--max-steps",
+            "1",
+            "--out",
+            str(tmp_path / "u"),
+        ],
+    )
     assert usage.exit_code == 2 and "block_len: 64" in usage.output
-    missing = runner.invoke(cli_main, ["backpack", "train", str(tmp_path / "none.txt"), "--max-steps", "1",
-                                       "--out", str(tmp_path / "m")])
+    missing = runner.invoke(
+        cli_main, ["backpack", "train", str(tmp_path / "none.txt"), "--max-steps", "1", "--out", str(tmp_path / "m")]
+    )
     assert missing.exit_code == 1 and "none.txt: corpus file not found" in missing.output
 
 

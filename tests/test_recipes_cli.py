@@ -1,4 +1,5 @@
 """Named artefacts from the command line: `train_edits build|report`, `sensepack models|generate --profile`."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,12 @@ def test_build_refuses_unknown_names_and_non_empty_folders(tmp_path):
 
 
 def _report(task, before, after, hn_before, hn_after):
-    side = {"before": {"success": before, "hard_neg": hn_before, "rest_of_prompt": 3.0},
-            "after": {"0.001": {"success": after, "hard_neg": hn_after, "rest_of_prompt": 3.0, "beta": 0.5,
-                                "g_ratio": 1.0004}}}
+    side = {
+        "before": {"success": before, "hard_neg": hn_before, "rest_of_prompt": 3.0},
+        "after": {
+            "0.001": {"success": after, "hard_neg": hn_after, "rest_of_prompt": 3.0, "beta": 0.5, "g_ratio": 1.0004}
+        },
+    }
     bp = {"before": dict(side["before"]), "after": {"0.001": dict(side["after"]["0.001"], epoch=3)}}
     return {"task": task, "loss_type": "good", "threshold": 1.6, "backpack": bp, "ensemble": dict(side, target="m")}
 

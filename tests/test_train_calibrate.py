@@ -7,15 +7,16 @@ from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.edits import SenseEdits
 from ensemble.large_model import tiny_gptj
 from ensemble.tokenizer import load_tokenizer
+from tests.conftest import SHARED
 from train_edits.calibrate import DEFAULT_GRID, calibrate
 from train_edits.compute import chunk_batches
 from train_edits.corpora import read_documents, split_corpora
 
-from tests.conftest import SHARED
-
 DATA = str(SHARED / "data" / "canonical-examples")
-needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),
-                                reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)")
+needs_data = pytest.mark.skipif(
+    not (SHARED / "data" / "canonical-examples").is_dir(),
+    reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)",
+)
 pytestmark = needs_data  # every test here reads it (fixtures built from val100 and the task files)
 U = 50257
 
@@ -106,15 +107,16 @@ def test_one_pass_grid_matches_descending_search(setup):
     calls = []
     hook = large.register_forward_hook(lambda *a: calls.append(1))
     try:
-        res = calibrate(large, bp, cg, {eps: edits[name] for name, eps, _ in cases} | {1e-9: SenseEdits.empty(64)},
-                        vocab_size=U)
+        res = calibrate(
+            large, bp, cg, {eps: edits[name] for name, eps, _ in cases} | {1e-9: SenseEdits.empty(64)}, vocab_size=U
+        )
     finally:
         hook.remove()
     assert cg.passes == 1  # G is read once for the whole grid and every ε
     assert len(calls) == res.batches == 2  # one large-model forward per G batch
     assert res.base_nll == pytest.approx(naive.memo[("base", 0.0)], rel=1e-6)
     for name, eps, target in cases:
-        beta, ratio = naive.descending_search(name, edits[name], eps)
+        beta, _ = naive.descending_search(name, edits[name], eps)
         assert beta == target
         assert res.beta[eps] == beta
         for b in DEFAULT_GRID:
@@ -124,7 +126,7 @@ def test_one_pass_grid_matches_descending_search(setup):
 
 
 def test_empty_edits_keep_beta_one_and_ratio_one(setup):
-    tok, bp, large, g = setup
+    _, bp, large, g = setup
     res = calibrate(large, bp, CountingG(g), {1e-5: SenseEdits.empty(64)}, vocab_size=U)
     assert res.beta[1e-5] == 1.0 and res.ratios[1e-5][1.0] == 1.0
     assert res.positions_computed == 0

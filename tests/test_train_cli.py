@@ -9,14 +9,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.conftest import SHARED
 from train_edits.cli import main
 from train_edits.sweep import draw
 
-from tests.conftest import SHARED
-
 DATA = str(SHARED / "data" / "canonical-examples")
-needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),
-                                reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)")
+needs_data = pytest.mark.skipif(
+    not (SHARED / "data" / "canonical-examples").is_dir(),
+    reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)",
+)
 pytestmark = needs_data  # every test here reads it (fixtures built from val100 and the task files)
 
 
@@ -44,7 +45,7 @@ def test_prepare_corpora_disjoint_fixed_length(corpora):
     from ensemble.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
-    docs = [json.loads(x)["text"] for x in open(corpora / "docs.jsonl")]
+    docs = [json.loads(x)["text"] for x in (corpora / "docs.jsonl").read_text().splitlines()]
     flat_g = [t for c in g for t in c]
     flat_r = [t for c in r for t in c]
     sides = []
@@ -58,19 +59,65 @@ def test_prepare_corpora_disjoint_fixed_length(corpora):
 
 def _contains(hay, needle):
     n = len(needle)
-    return any(hay[i:i + n] == needle for i in range(len(hay) - n + 1))
+    return any(hay[i : i + n] == needle for i in range(len(hay) - n + 1))
 
 
 def test_run_end_to_end_pack_loads_and_applies(corpora, tmp_path):
     run_dir, store = tmp_path / "run", tmp_path / "store"
-    args = ["run", "--task", "country_capital", "--data-dir", DATA, "--backpack", "tiny", "--large", "tiny-gptj",
-            "--g", str(corpora / "G.jsonl"), "--g-limit", "8", "--r", str(corpora / "R.jsonl"), "--r-limit", "12",
-            "--max-train", "6", "--max-eval", "6", "--epochs", "3", "--lr", "1.0", "--grad-accum", "1", "-k", "3",
-            "--epsilon", "0.5", "--epsilon", "1e-12", "--run-dir", str(run_dir), "--store", str(store), "--no-progress"]
+    args = [
+        "run",
+        "--task",
+        "country_capital",
+        "--data-dir",
+        DATA,
+        "--backpack",
+        "tiny",
+        "--large",
+        "tiny-gptj",
+        "--g",
+        str(corpora / "G.jsonl"),
+        "--g-limit",
+        "8",
+        "--r",
+        str(corpora / "R.jsonl"),
+        "--r-limit",
+        "12",
+        "--max-train",
+        "6",
+        "--max-eval",
+        "6",
+        "--epochs",
+        "3",
+        "--lr",
+        "1.0",
+        "--grad-accum",
+        "1",
+        "-k",
+        "3",
+        "--epsilon",
+        "0.5",
+        "--epsilon",
+        "1e-12",
+        "--run-dir",
+        str(run_dir),
+        "--store",
+        str(store),
+        "--no-progress",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
-    for f in ("config.json", "log.jsonl", "selection.json", "training.json", "calibration.json", "report.json",
-              "report.md", "plots/g_ratio.png", "plots/success.png", "plots/calibration.png"):
+    for f in (
+        "config.json",
+        "log.jsonl",
+        "selection.json",
+        "training.json",
+        "calibration.json",
+        "report.json",
+        "report.md",
+        "plots/g_ratio.png",
+        "plots/success.png",
+        "plots/calibration.png",
+    ):
         assert (run_dir / f).is_file(), f
     assert all(json.loads(line)["event"] for line in (run_dir / "log.jsonl").read_text().splitlines())
     report = json.loads((run_dir / "report.json").read_text())
@@ -103,7 +150,7 @@ def test_run_end_to_end_pack_loads_and_applies(corpora, tmp_path):
     assert {m.split("/")[0] for m in _published(store)} == set(packs)
 
     ens = Ensemble(large, bp, tok)
-    ex = json.loads(open(f"{DATA}/country_capital/split/country_capital_fixed-val.jsonl").readline())
+    ex = json.loads(Path(f"{DATA}/country_capital/split/country_capital_fixed-val.jsonl").read_text().splitlines()[0])
     prefix = tok.encode(ex["prefix"], add_special_tokens=False)
     cont = tok.encode(ex["suffix"], add_special_tokens=False)
 
@@ -125,21 +172,46 @@ def _published(store: Path):
 def test_custom_task_malformed_record_exit_1(tmp_path, corpora):
     bad = tmp_path / "mine.jsonl"
     bad.write_text('{"prefix": "a", "suffix": " b"}\n{"prefix": "c", "suffix": 7}\n')
-    res = CliRunner().invoke(main, ["select", "--train", str(bad), "--loss-type", "good", "--threshold", "1.6",
-                                    "--backpack", "tiny", "--r", str(corpora / "R.jsonl"), "--r-limit", "2",
-                                    "--run-dir", str(tmp_path / "r"), "--no-progress"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "select",
+            "--train",
+            str(bad),
+            "--loss-type",
+            "good",
+            "--threshold",
+            "1.6",
+            "--backpack",
+            "tiny",
+            "--r",
+            str(corpora / "R.jsonl"),
+            "--r-limit",
+            "2",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 1
     assert "mine.jsonl:2" in res.output and "'suffix'" in res.output
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--epsilon", "-1"], "train.epsilons"),
-    (["--loss-type", "good"], "threshold"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--epsilon", "-1"], "train.epsilons"),
+        (["--loss-type", "good"], "threshold"),
+    ],
+)
 def test_bad_config_exit_2(tmp_path, extra, needle):
-    res = CliRunner().invoke(main, ["select", "--train", "x.jsonl", "--run-dir", str(tmp_path / "r")] + extra
-                             + (["--threshold", "1"] if "--epsilon" in extra else []) + (
-                                 ["--loss-type", "good"] if "--epsilon" in extra else []))
+    res = CliRunner().invoke(
+        main,
+        ["select", "--train", "x.jsonl", "--run-dir", str(tmp_path / "r")]
+        + extra
+        + (["--threshold", "1"] if "--epsilon" in extra else [])
+        + (["--loss-type", "good"] if "--epsilon" in extra else []),
+    )
     assert res.exit_code == 2, res.output
     assert needle in res.output
 
@@ -159,18 +231,51 @@ def test_config_file_and_usage(tmp_path):
 def test_sweep_draws_in_paper_ranges_and_reproducible():
     for t in range(30):
         d = draw(4, t)
-        assert 10 ** -4 <= d["lr"] <= 10 ** -1.5 and 0.1 <= d["kl_weight"] <= 1.0 and 5 <= d["k"] <= 11
+        assert 10**-4 <= d["lr"] <= 10**-1.5 and 0.1 <= d["kl_weight"] <= 1.0 and 5 <= d["k"] <= 11
         assert d == draw(4, t)
     assert draw(4, 0) != draw(5, 0)
 
 
 def test_sweep_selects_on_one_split_and_caps_epochs(corpora, tmp_path):
     run_dir = tmp_path / "sw"
-    res = CliRunner().invoke(main, [
-        "sweep", "--task", "pronoun_gender_bias", "--data-dir", DATA, "--backpack", "tiny", "--large", "none",
-        "--g", str(corpora / "G.jsonl"), "--r", str(corpora / "R.jsonl"), "--g-limit", "4", "--r-limit", "6",
-        "--max-train", "3", "--max-eval", "4", "--epochs", "2", "--epsilon", "0.5", "--trials", "2",
-        "--run-dir", str(run_dir), "--no-progress", "--seed", "11"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            "--task",
+            "pronoun_gender_bias",
+            "--data-dir",
+            DATA,
+            "--backpack",
+            "tiny",
+            "--large",
+            "none",
+            "--g",
+            str(corpora / "G.jsonl"),
+            "--r",
+            str(corpora / "R.jsonl"),
+            "--g-limit",
+            "4",
+            "--r-limit",
+            "6",
+            "--max-train",
+            "3",
+            "--max-eval",
+            "4",
+            "--epochs",
+            "2",
+            "--epsilon",
+            "0.5",
+            "--trials",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--seed",
+            "11",
+            "--cap-epochs",
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     sw = json.loads((run_dir / "sweep.json").read_text())
     assert [t["hyperparameters"] for t in sw["trials"]] == [draw(11, 0), draw(11, 1)]
@@ -181,5 +286,8 @@ def test_sweep_selects_on_one_split_and_caps_epochs(corpora, tmp_path):
     assert rep_cfg["train"]["epoch_cap"] == {"0.5": cap} and rep_cfg["train"]["epochs"] == 2
     rep_tr = json.loads((run_dir / "report-eps0.5" / "training.json").read_text())
     assert len(rep_tr["history"]) - 1 == cap and rep_tr["chosen_epoch"]["0.5"] <= cap
-    assert rep_cfg["train"]["lr"] == best["hyperparameters"]["lr"] and rep_cfg["select"]["k"] == best["hyperparameters"]["k"]
+    assert (
+        rep_cfg["train"]["lr"] == best["hyperparameters"]["lr"]
+        and rep_cfg["select"]["k"] == best["hyperparameters"]["k"]
+    )
     assert (run_dir / "report.md").is_file() and "warning" in sw

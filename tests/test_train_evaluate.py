@@ -8,8 +8,8 @@ from ensemble.edits import SenseEdits
 from ensemble.large_model import tiny_gptj
 from ensemble.tokenizer import load_tokenizer
 from ensemble.vocab import Vocabulary
-from train_edits.evaluate import EncodedTask, EnsembleScorer, task_metrics_all
 from train_edits.encoding import encode_example
+from train_edits.evaluate import EncodedTask, EnsembleScorer, task_metrics_all
 from train_edits.tasks import LossType, SingleExample, TextExample
 
 U = Vocabulary.gpt2().size
@@ -46,9 +46,11 @@ def _naive_nll(large, bp, ids, start, n, edits, beta) -> float:
 
 def test_variants_in_one_pass_equal_the_naive_formula_per_variant(models):
     large, bp, tok = models
-    exs = [SingleExample("The capital of Mauritius is", " Port Louis", 1),
-           SingleExample("In Paris, the capital of France, one finds", " the Louvre", 2),
-           SingleExample("Mauritius lies in the Indian Ocean; its capital is", " Port Louis", 3)]
+    exs = [
+        SingleExample("The capital of Mauritius is", " Port Louis", 1),
+        SingleExample("In Paris, the capital of France, one finds", " the Louvre", 2),
+        SingleExample("Mauritius lies in the Indian Ocean; its capital is", " Port Louis", 3),
+    ]
     enc = [encode_example(tok, e) for e in exs]
     texts = [encode_example(tok, TextExample("Mauritius is an island nation.", 4))]
     task = EncodedTask("t", LossType.GOOD, 3.0, enc, enc, enc, texts)
@@ -60,8 +62,9 @@ def test_variants_in_one_pass_equal_the_naive_formula_per_variant(models):
     for v, (ed, beta) in enumerate(variants):
         for j, e in enumerate(enc):
             s = e.seqs[0]
-            assert float(sums[v, j]) == pytest.approx(_naive_nll(large, bp, list(s.ids), s.start, s.n, ed, beta),
-                                                      rel=1e-5, abs=1e-5)
+            assert float(sums[v, j]) == pytest.approx(
+                _naive_nll(large, bp, list(s.ids), s.start, s.n, ed, beta), rel=1e-5, abs=1e-5
+            )
     # β = 0 and no edits are the large model alone, bit for bit; the Paris row has no edited token.
     assert torch.equal(sums[0], sums[3])
     assert float(sums[1, 1]) == float(sums[0, 1])

@@ -7,6 +7,7 @@ import torch
 
 from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.tokenizer import load_tokenizer
+from tests.conftest import SHARED
 from train_edits.compute import EditIndex, GLoss, cache_sequences, own_sequence_deltas
 from train_edits.corpora import read_documents, split_corpora
 from train_edits.encoding import encode_example
@@ -14,11 +15,11 @@ from train_edits.finetune import FinetuneParams, finetune
 from train_edits.losses import training_loss
 from train_edits.tasks import LossType, TaskData
 
-from tests.conftest import SHARED
-
 DATA = str(SHARED / "data" / "canonical-examples")
-needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),
-                                reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)")
+needs_data = pytest.mark.skipif(
+    not (SHARED / "data" / "canonical-examples").is_dir(),
+    reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)",
+)
 pytestmark = needs_data  # every test here reads it (fixtures built from val100 and the task files)
 
 
@@ -50,6 +51,7 @@ def country(tok):
 def pairs_for(train, tok, g):
     """Senses of the examples' tokens that are rare in G, plus one type that occurs in a few G chunks
     (so the ball is exercised while most chunks stay untouched)."""
+
     def chunks_with(t):
         return sum(bool((c == t).any()) for c in g)
 
@@ -93,7 +95,7 @@ def test_cached_forward_matches_model_forward(tiny, tok, country, corpora):
         ids = torch.tensor([c.scored.ids])
         with torch.no_grad():
             lp = torch.log_softmax(tiny(ids, sense_edits=edits).logits[0], -1)
-        ref = -sum(float(lp[p, t]) for p, t in zip(c.scored.positions, c.scored.targets))
+        ref = -sum(float(lp[p, t]) for p, t in zip(c.scored.positions, c.scored.targets, strict=True))
         with torch.no_grad():
             got = float(c.nll_sum(tiny.embedding, deltas))
         assert got == pytest.approx(ref, rel=1e-5)
@@ -137,7 +139,8 @@ def test_training_loss_falls_and_ball_choice(tiny, tok, country, corpora):
     e_big = 0.5
     assert res.chosen_epoch[e_big] > 0
     assert naive_g_ratio(tiny, g, idx.edits(res.deltas[e_big])) == pytest.approx(
-        ratios[res.chosen_epoch[e_big]], rel=1e-6)
+        ratios[res.chosen_epoch[e_big]], rel=1e-6
+    )
     # ε so small that no trained epoch fits: epoch 0, all-zero deltas, no effect on the model
     assert res.chosen_epoch[1e-12] == 0
     assert torch.count_nonzero(res.deltas[1e-12]) == 0
@@ -173,8 +176,16 @@ def test_gradient_accumulation(tiny, tok, country, corpora, bug):
     the upstream bug steps once on the last example's gradient only."""
     pairs = pairs_for(country, tok, corpora[0])[:20]
     n = len(country)
-    p = FinetuneParams(lr=0.01, epochs=1, kl_weight=0.0, grad_accum=n, upstream_grad_bug=bug, epsilons=(10.0,),
-                       eval_every_epoch=False, seed=7)
+    p = FinetuneParams(
+        lr=0.01,
+        epochs=1,
+        kl_weight=0.0,
+        grad_accum=n,
+        upstream_grad_bug=bug,
+        epsilons=(10.0,),
+        eval_every_epoch=False,
+        seed=7,
+    )
     res = finetune(tiny, country, LossType.GOOD, pairs, corpora[0][:2], [], p, progress=False)
     assert res.optimizer_steps == 1
     assert res.examples_counted == (1 if bug else n)
@@ -203,8 +214,15 @@ def test_gradient_accumulation(tiny, tok, country, corpora, bug):
 def test_remainder_and_bug_counts(tiny, tok, country, corpora):
     pairs = pairs_for(country, tok, corpora[0])[:8]
     for bug, steps, counted in ((False, 2 * 2, 2 * 6), (True, 2 * 1, 2 * 1)):  # 6 examples, accum 4, 2 epochs
-        p = FinetuneParams(lr=0.01, epochs=2, kl_weight=0.0, grad_accum=4, upstream_grad_bug=bug, epsilons=(10.0,),
-                           eval_every_epoch=False)
+        p = FinetuneParams(
+            lr=0.01,
+            epochs=2,
+            kl_weight=0.0,
+            grad_accum=4,
+            upstream_grad_bug=bug,
+            epsilons=(10.0,),
+            eval_every_epoch=False,
+        )
         res = finetune(tiny, country, LossType.GOOD, pairs, corpora[0][:1], [], p, progress=False)
         assert (res.optimizer_steps, res.examples_counted) == (steps, counted)
 
@@ -215,3 +233,33 @@ def test_reproducible(tiny, tok, country, corpora):
     a = finetune(tiny, country[:4], LossType.GOOD, pairs, corpora[0][:2], corpora[1][:6], p, progress=False)
     b = finetune(tiny, country[:4], LossType.GOOD, pairs, corpora[0][:2], corpora[1][:6], p, progress=False)
     assert torch.equal(a.deltas[10.0], b.deltas[10.0])
+
+
+def test_kl_includes_last_position_against_full_forward(tiny, tok, country, corpora):
+    """KL(p_orig ‖ p_new) summed over every position of the chunk, the last one included (upstream
+    regularize.py:26-32), against a plain full forward with and without the edits."""
+    from train_edits.compute import KLRegularizer
+
+    r = corpora[1]
+    pairs = pairs_for(country, tok, corpora[0])
+    idx = EditIndex(pairs, 4)
+    torch.manual_seed(4)
+    deltas = torch.randn(len(idx), 64)
+    # a chunk whose last token is edited too: only the last position sees that token's senses
+    last_tok = pairs[0][0]
+    chunk = torch.cat([r[0][:20], torch.tensor([last_tok])])
+    chunks = [chunk] + list(r[:3])
+    kl = KLRegularizer(tiny, chunks, idx)
+    for i, c in enumerate(chunks):
+        with torch.no_grad():
+            lp0 = torch.log_softmax(tiny(c[None]).logits[0].float(), -1)
+            lp1 = torch.log_softmax(tiny(c[None], sense_edits=idx.edits(deltas)).logits[0].float(), -1)
+        ref = float((lp0.exp() * (lp0 - lp1)).sum())  # every position 0 .. len-1
+        got = kl.loss(i, tiny.embedding, deltas)
+        assert (0.0 if got is None else float(got)) == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    # the edited last token alone moves only the last position: a KL that skipped it would be 0 here
+    only_last = torch.cat(
+        [torch.tensor([t for t in r[0][:20].tolist() if t not in idx.tokens][:10]), torch.tensor([last_tok])]
+    )
+    kl2 = KLRegularizer(tiny, [only_last], idx)
+    assert float(kl2.loss(0, tiny.embedding, deltas)) > 1e-6

@@ -63,7 +63,7 @@ def test_only_types_present_in_example(tok, tiny):
     enc = [encode_example(tok, e) for e in exs]
     bg = torch.zeros(tiny.embedding.shape[0], tiny.config.num_senses, dtype=torch.float64)
     sel = select_senses(tiny, enc, bg, LossType.GOOD, k=6, lam=1000.0)
-    for e, per in zip(enc, sel.per_example):
+    for e, per in zip(enc, sel.per_example, strict=True):
         assert len(per) == 6
         assert all(p["token"] in e.seqs[0].ids for p in per)
     assert len(sel.pairs) == len(set(sel.pairs)) <= 12
@@ -71,8 +71,10 @@ def test_only_types_present_in_example(tok, tiny):
 
 
 def test_background_table_naive(tok, tiny):
-    chunks = [torch.tensor(tok.encode(" the cat sat on the mat and the dog", add_special_tokens=False)),
-              torch.tensor(tok.encode(" a bird flew over the house", add_special_tokens=False))]
+    chunks = [
+        torch.tensor(tok.encode(" the cat sat on the mat and the dog", add_special_tokens=False)),
+        torch.tensor(tok.encode(" a bird flew over the house", add_special_tokens=False)),
+    ]
     got = background_table(tiny, chunks, batch_size=2)  # padded batch
     ref = {}
     for c in chunks:
@@ -92,7 +94,9 @@ def test_background_table_naive(tok, tiny):
 def test_lambda_shifts_choice_away_from_frequent_r_types(tok, tiny):
     ex = encode_example(tok, SingleExample("The capital of the country is", " Paris"))
     k = 3
-    sel0 = select_senses(tiny, [ex], torch.zeros(tiny.embedding.shape[0], 4, dtype=torch.float64), LossType.GOOD, k, 0.0)
+    sel0 = select_senses(
+        tiny, [ex], torch.zeros(tiny.embedding.shape[0], 4, dtype=torch.float64), LossType.GOOD, k, 0.0
+    )
     chosen0 = {t for t, _ in sel0.pairs}
     # an R corpus made of the chosen types (frequent in R) plus unrelated text
     frequent = sorted(chosen0)
@@ -105,3 +109,34 @@ def test_lambda_shifts_choice_away_from_frequent_r_types(tok, tiny):
         chosen = {t for t, _ in sel.pairs}
         assert bool(chosen & chosen0) is expect_overlap
         assert all(t in ex.seqs[0].ids for t in chosen)
+
+
+def test_rank_pairs_keeps_only_positive_mass_hand_built():
+    """Upstream's filter (importance.py:102-103) on a hand-built good-v-bad table: a pair with mass ≤ 0 loses to
+    every pair with mass > 0 whatever their scores, and is never kept even when fewer than k remain."""
+    from train_edits.selection import rank_pairs
+
+    table = {
+        (10, 0): -0.1,  # pulls towards the bad suffix: score -0.1, the best score, but excluded
+        (11, 1): 0.0,  # no net mass: excluded
+        (12, 2): 0.5,  # score 0.5 - 1000 * 0.01 = -9.5
+        (13, 3): 0.2,
+    }  # score 0.2 - 1000 * 0.0 = 0.2
+    bg = torch.zeros(20, 4, dtype=torch.float64)
+    bg[12, 2] = 0.01
+    top = rank_pairs(table, bg, lam=1000.0, k=3)
+    assert [(t, s) for _, t, s in top] == [(13, 3), (12, 2)]
+    assert [sc for sc, _, _ in top] == pytest.approx([0.2, -9.5])
+    # without the filter the ordering by score alone would have put (10, 0) second: the filter changed the top-k
+    naive = sorted(((m - 1000.0 * float(bg[t, s]), t, s) for (t, s), m in table.items()), key=lambda x: -x[0])[:3]
+    assert (10, 0) in [(t, s) for _, t, s in naive]
+
+
+def test_good_v_bad_selection_has_positive_mass_only(tok, tiny):
+    ex = encode_example(tok, PairExample("The keys to the cabinet", " are on the table", " is on the table"))
+    table = example_table(tiny, ex.seqs, LossType.GOOD_V_BAD)
+    assert any(m <= 0 for m in table.values())  # the case exists in this example
+    bg = torch.zeros(tiny.embedding.shape[0], tiny.config.num_senses, dtype=torch.float64)
+    sel = select_senses(tiny, [ex], bg, LossType.GOOD_V_BAD, k=len(table), lam=0.0)
+    assert sel.pairs and all(table[tuple(p)] > 0 for p in sel.pairs)
+    assert len(sel.pairs) == sum(m > 0 for m in table.values())

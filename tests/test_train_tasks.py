@@ -8,17 +8,28 @@ import torch
 
 from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.tokenizer import load_tokenizer
+from tests.conftest import SHARED
 from train_edits.encoding import encode_example, encode_prefix_suffix, encode_text
 from train_edits.evaluate import BackpackScorer, EncodedTask, success_rate, task_metrics
 from train_edits.losses import token_nll, training_loss
-from train_edits.tasks import (TASKS, DataError, LossType, PairExample, SingleExample, TaskData, TextExample,
-                               example_score, is_failure, read_examples)
-
-from tests.conftest import SHARED
+from train_edits.tasks import (
+    TASKS,
+    DataError,
+    LossType,
+    PairExample,
+    SingleExample,
+    TaskData,
+    TextExample,
+    example_score,
+    is_failure,
+    read_examples,
+)
 
 DATA = str(SHARED / "data" / "canonical-examples")
-needs_data = pytest.mark.skipif(not (SHARED / "data" / "canonical-examples").is_dir(),
-                                reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)")
+needs_data = pytest.mark.skipif(
+    not (SHARED / "data" / "canonical-examples").is_dir(),
+    reason=f"the canonical-examples data is not at {DATA} (set SENSEPACK_SHARED)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +48,12 @@ def tiny():
 
 def test_paper_thresholds_and_loss_types():
     expect = {
-        "country_capital": ("good", -math.log(0.2)), "company_ceo": ("good", -math.log(0.05)),
-        "temporal": ("good", -math.log(0.05)), "stereoset": ("bad", math.log(0.001)),
-        "pronoun_gender_bias": ("balance", math.log(1.5)), "verb_conjugation": ("good-v-bad", math.log(1 / 16)),
+        "country_capital": ("good", -math.log(0.2)),
+        "company_ceo": ("good", -math.log(0.05)),
+        "temporal": ("good", -math.log(0.05)),
+        "stereoset": ("bad", math.log(0.001)),
+        "pronoun_gender_bias": ("balance", math.log(1.5)),
+        "verb_conjugation": ("good-v-bad", math.log(1 / 16)),
     }
     assert set(TASKS) == set(expect)
     for name, (lt, thr) in expect.items():
@@ -115,7 +129,9 @@ def test_prefix_and_suffix_tokenized_separately_no_bos(tok):
     assert sc.targets == s
     # separate tokenization differs from joint tokenization where BPE would merge across the boundary
     sep = encode_prefix_suffix(tok, "Hello", "world")
-    assert list(sep.ids) == tok.encode("Hello", add_special_tokens=False) + tok.encode("world", add_special_tokens=False)
+    assert list(sep.ids) == tok.encode("Hello", add_special_tokens=False) + tok.encode(
+        "world", add_special_tokens=False
+    )
     assert list(sep.ids) != tok.encode("Helloworld", add_special_tokens=False)
 
 
@@ -125,11 +141,13 @@ def test_endoftext_literal_is_eos(tok):
 
 def test_eval_scores_sum_over_suffix_tokens_match_naive(tok, tiny):
     """Summed suffix NLL and success through the scorer vs a naive per-example loop on the model's logits."""
-    exs = [SingleExample("The capital of Afghanistan is", " Kabul", 1),
-           SingleExample("The CEO of Accenture is", " Julie Sweet", 2)]
+    exs = [
+        SingleExample("The capital of Afghanistan is", " Kabul", 1),
+        SingleExample("The CEO of Accenture is", " Julie Sweet", 2),
+    ]
     enc = [encode_example(tok, e) for e in exs]
     got = BackpackScorer(tiny).nll_sums([e.seqs[0] for e in enc])
-    for ex, g in zip(exs, got):
+    for ex, g in zip(exs, got, strict=True):
         p = tok.encode(ex.prefix, add_special_tokens=False)
         s = tok.encode(ex.suffix, add_special_tokens=False)
         with torch.no_grad():
@@ -182,13 +200,16 @@ def test_reads_all_six_tasks_shapes():
         assert all(isinstance(e, TextExample) for e in data.unconditional)
 
 
-@pytest.mark.parametrize("lines, line, field", [
-    (['{"prefix": "a", "suffix": " b"}', '{"prefix": "a"}'], 2, "suffix"),
-    (['{"prefix": "a", "suffix": 3}'], 1, "suffix"),
-    (['{"prefix": "a", "suffix": " b"}', '', 'not json'], 3, None),
-    (['{"prefix": "a", "suffix1": " b"}'], 1, "suffix2"),
-    (['["a"]'], 1, None),
-])
+@pytest.mark.parametrize(
+    "lines, line, field",
+    [
+        (['{"prefix": "a", "suffix": " b"}', '{"prefix": "a"}'], 2, "suffix"),
+        (['{"prefix": "a", "suffix": 3}'], 1, "suffix"),
+        (['{"prefix": "a", "suffix": " b"}', "", "not json"], 3, None),
+        (['{"prefix": "a", "suffix1": " b"}'], 1, "suffix2"),
+        (['["a"]'], 1, None),
+    ],
+)
 def test_malformed_records_name_line_and_field(tmp_path, lines, line, field):
     f = tmp_path / "x.jsonl"
     f.write_text("\n".join(lines) + "\n")

@@ -66,8 +66,12 @@ def _dropout_and_flags(f):
     f = click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA (default on)")(f)
     f = click.option("--resume", is_flag=True, help="continue from OUT/checkpoints/latest")(f)
     f = click.option("--no-progress", is_flag=True, help="no progress bar")(f)
-    f = click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True),
-                     help="JSON or YAML file of BackpackTrainConfig fields (options override it)")(f)
+    f = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, exists=True),
+        help="JSON or YAML file of BackpackTrainConfig fields (options override it)",
+    )(f)
     return f
 
 
@@ -124,9 +128,18 @@ def train_cmd(inputs, no_progress, **kwargs):
 
     if int(os.environ.get("RANK", "0")) == 0:
         rec = json.loads((out / "training.json").read_text())
-        click.echo(json.dumps({"out": str(out), "steps": rec["steps"], "tokens_seen": rec["tokens_seen"],
-                               "heldout_nll": rec["heldout"]["nll"], "heldout_ppl": rec["heldout"]["ppl"],
-                               "seconds": round(rec["seconds"], 1)}))
+        click.echo(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "steps": rec["steps"],
+                    "tokens_seen": rec["tokens_seen"],
+                    "heldout_nll": rec["heldout"]["nll"],
+                    "heldout_ppl": rec["heldout"]["ppl"],
+                    "seconds": round(rec["seconds"], 1),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover - `torchrun -m train_edits.backpack_cli train ...`

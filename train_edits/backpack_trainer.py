@@ -61,12 +61,14 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.vocab import DOC_SEPARATOR, Vocabulary
@@ -139,7 +141,7 @@ class BackpackTrainConfig:
     resume: bool = False  # continue from out/checkpoints/latest
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BackpackTrainConfig":
+    def from_dict(cls, d: dict) -> BackpackTrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -152,6 +154,7 @@ class BackpackTrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Check every option that needs no file or model; raise TrainConfigError naming the field."""
+
         def bad(name, msg):
             raise TrainConfigError(f"{name}: {msg}")
 
@@ -167,8 +170,10 @@ class BackpackTrainConfig:
             if getattr(self, name) < 1:
                 bad(name, f"{getattr(self, name)} must be >= 1")
         if self.batch_size % (self.grad_accum * world_size):
-            bad("batch_size", f"{self.batch_size} is not divisible by grad_accum {self.grad_accum} × "
-                              f"world size {world_size}")
+            bad(
+                "batch_size",
+                f"{self.batch_size} is not divisible by grad_accum {self.grad_accum} × world size {world_size}",
+            )
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             bad("max_steps", "give a budget: max_steps, max_tokens and/or max_minutes")
         for name in ("max_steps", "max_tokens", "decay_steps"):
@@ -206,18 +211,27 @@ class BackpackTrainConfig:
 
     def model_config(self, vocab_size: int, bos: int, eos: int) -> BackpackConfig:
         return BackpackConfig(
-            vocab_size=vocab_size, n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head,
-            n_positions=self.n_positions, num_senses=self.num_senses,
-            sense_intermediate_scale=self.sense_intermediate_scale, attn_pdrop=self.attn_pdrop,
-            embd_pdrop=self.embd_pdrop, resid_pdrop=self.resid_pdrop, bos_token_id=bos, eos_token_id=eos,
+            vocab_size=vocab_size,
+            n_embd=self.n_embd,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_positions=self.n_positions,
+            num_senses=self.num_senses,
+            sense_intermediate_scale=self.sense_intermediate_scale,
+            attn_pdrop=self.attn_pdrop,
+            embd_pdrop=self.embd_pdrop,
+            resid_pdrop=self.resid_pdrop,
+            bos_token_id=bos,
+            eos_token_id=eos,
         )
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 
-def read_hf_corpus(name: str, split: str, text_field: str, config: str | None,
-                   limit: int | None) -> Iterator[str]:  # pragma: no cover - needs network and `datasets`
+def read_hf_corpus(
+    name: str, split: str, text_field: str, config: str | None, limit: int | None
+) -> Iterator[str]:  # pragma: no cover - needs network and `datasets`
     """Stream documents of a Hugging Face dataset (not runnable offline; kept minimal)."""
     try:
         import datasets  # type: ignore
@@ -247,7 +261,7 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
 
 def pack_blocks(tokenizer, docs: list[str], sep_id: int, block_len: int) -> tuple[torch.Tensor, int]:
     """[sep, doc0..., sep, doc1..., ...] cut into (n, block_len) int32 blocks; also the stream length."""
-    bodies = [d[len(DOC_SEPARATOR):] if d.startswith(DOC_SEPARATOR) else d for d in docs]
+    bodies = [d[len(DOC_SEPARATOR) :] if d.startswith(DOC_SEPARATOR) else d for d in docs]
     stream: list[int] = []
     for ids in tokenizer(bodies, add_special_tokens=False, verbose=False)["input_ids"] if bodies else []:
         stream.append(sep_id)
@@ -271,29 +285,46 @@ def prepare_corpus(cfg: BackpackTrainConfig, tokenizer, vocab: Vocabulary) -> Co
     """Read, split by document, tokenize and pack (see the module docstring)."""
     if cfg.hf_dataset:
         docs = list(read_hf_corpus(cfg.hf_dataset, cfg.hf_split, cfg.text_field, cfg.hf_config, cfg.hf_limit))
-        sources = [{"hf_dataset": cfg.hf_dataset, "config": cfg.hf_config, "split": cfg.hf_split,
-                    "limit": cfg.hf_limit}]
+        sources = [
+            {"hf_dataset": cfg.hf_dataset, "config": cfg.hf_config, "split": cfg.hf_split, "limit": cfg.hf_limit}
+        ]
     else:
         docs = read_documents(cfg.inputs, cfg.text_field)
         sources = [{"file": str(p), "sha256": file_sha256(p)} for p in cfg.inputs]
+    where = cfg.hf_dataset or ", ".join(cfg.inputs)  # validated: one or the other
     if len(docs) < 2:
-        raise DataError(", ".join(cfg.inputs) or cfg.hf_dataset, None, None,
-                        f"{len(docs)} document(s): need at least two to split into train and held-out")
+        raise DataError(
+            where,
+            None,
+            None,
+            f"{len(docs)} document(s): need at least two to split into train and held-out",
+        )
     order = list(range(len(docs)))
     random.Random(cfg.seed).shuffle(order)
     n_held = min(max(1, round(len(docs) * cfg.heldout_fraction)), len(docs) - 1)
     heldout, n_held_tok = pack_blocks(tokenizer, [docs[i] for i in order[:n_held]], vocab.doc_sep_id, cfg.block)
     train, n_train_tok = pack_blocks(tokenizer, [docs[i] for i in order[n_held:]], vocab.doc_sep_id, cfg.block)
-    where = ", ".join(cfg.inputs) or cfg.hf_dataset
     if len(heldout) == 0:
-        raise DataError(where, None, None, f"held-out split has {n_held_tok} tokens, fewer than one block of "
-                                           f"{cfg.block}: raise heldout_fraction or lower block_len")
+        raise DataError(
+            where,
+            None,
+            None,
+            f"held-out split has {n_held_tok} tokens, fewer than one block of "
+            f"{cfg.block}: raise heldout_fraction or lower block_len",
+        )
     if len(train) == 0:
         raise DataError(where, None, None, f"train split has {n_train_tok} tokens, fewer than one block of {cfg.block}")
-    meta = {"sources": sources, "documents": len(docs), "train_documents": len(docs) - n_held,
-            "heldout_documents": n_held, "train_tokens": n_train_tok, "heldout_tokens": n_held_tok,
-            "train_blocks": len(train), "heldout_blocks": len(heldout),
-            "fingerprint": tensor_sha256(train, heldout)}
+    meta = {
+        "sources": sources,
+        "documents": len(docs),
+        "train_documents": len(docs) - n_held,
+        "heldout_documents": n_held,
+        "train_tokens": n_train_tok,
+        "heldout_tokens": n_held_tok,
+        "train_blocks": len(train),
+        "heldout_blocks": len(heldout),
+        "fingerprint": tensor_sha256(train, heldout),
+    }
     return CorpusData(train, heldout, meta)
 
 
@@ -319,9 +350,13 @@ class BlockOrder:
 # ---------------------------------------------------------------------------------------------- loss
 
 
-def lm_losses(logits: torch.Tensor, blocks: torch.Tensor, vocab_size: int,
-              teacher_ids: torch.Tensor | None = None, teacher_logprobs: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def lm_losses(
+    logits: torch.Tensor,
+    blocks: torch.Tensor,
+    vocab_size: int,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(CE, KD) means over the scored positions (formulas in the module docstring).
 
     logits (b, L, V ≥ |U|) for blocks (b, L); teacher_ids / teacher_logprobs (b, L−1, k) for
@@ -332,14 +367,17 @@ def lm_losses(logits: torch.Tensor, blocks: torch.Tensor, vocab_size: int,
     ce = -logp.gather(-1, targets.unsqueeze(-1)).mean()
     if teacher_ids is None:
         return ce, None
+    if teacher_logprobs is None:
+        raise ValueError("lm_losses: teacher_ids given without teacher_logprobs")
     q = torch.softmax(teacher_logprobs.float(), dim=-1)  # renormalised top-k
     kd = -(q * logp.gather(-1, teacher_ids.long())).sum(-1).mean()
     return ce, kd
 
 
 @torch.no_grad()
-def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, vocab_size: int,
-                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_topk(
+    teacher: nn.Module, blocks: torch.Tensor, vocab_size: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-k (ids int32, log_softmax_U float32) for positions 0..L−2 of each block."""
     device = next(teacher.parameters()).device
     logits = teacher(input_ids=blocks.to(device).long()).logits[:, :-1, :vocab_size].float()
@@ -366,7 +404,7 @@ class DistEnv:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device_type: str) -> "DistEnv":
+    def from_env(cls, device_type: str) -> DistEnv:
         """torchrun's WORLD_SIZE / RANK / LOCAL_RANK; init the process group if nobody has."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         env = cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
@@ -436,7 +474,8 @@ def lr_at(cfg: BackpackTrainConfig, step: int, decay_steps: int | None, time_fra
 
 def param_groups(model: BackpackLM, weight_decay: float) -> list[dict]:
     """Decay the 2-D weights of Conv1D / Linear layers; not biases, LayerNorms or embeddings."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     embeddings = {id(model.gpt2_model.wte.weight), id(model.gpt2_model.wpe.weight)}
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
@@ -450,17 +489,22 @@ def init_embeddings_from(model: BackpackLM, large_embedding: torch.Tensor, how: 
     d = model.config.n_embd
     src = large_embedding[:vocab_size].detach().float().cpu()
     if src.shape[0] < vocab_size:
-        raise TrainConfigError(f"init_embeddings: the large model has {src.shape[0]} embedding rows, "
-                               f"fewer than the tokenizer's {vocab_size}")
+        raise TrainConfigError(
+            f"init_embeddings: the large model has {src.shape[0]} embedding rows, "
+            f"fewer than the tokenizer's {vocab_size}"
+        )
     if how == "large":
         if src.shape[1] != d:
-            raise TrainConfigError(f"init_embeddings: 'large' needs the large model's width {src.shape[1]} to equal "
-                                   f"n_embd {d}; use 'large-pca'")
+            raise TrainConfigError(
+                f"init_embeddings: 'large' needs the large model's width {src.shape[1]} to equal "
+                f"n_embd {d}; use 'large-pca'"
+            )
         rows = src
     else:
         if src.shape[1] < d:
-            raise TrainConfigError(f"init_embeddings: PCA to n_embd {d} needs a large model at least that wide "
-                                   f"(it has {src.shape[1]})")
+            raise TrainConfigError(
+                f"init_embeddings: PCA to n_embd {d} needs a large model at least that wide (it has {src.shape[1]})"
+            )
         centred = src - src.mean(0, keepdim=True)
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
         rows = centred @ vh[:d].T
@@ -477,12 +521,16 @@ def _check_teacher_tokenizer(spec: str, ours_fp: str, ours_size: int) -> str:
     try:
         theirs = load_tokenizer(spec)
     except Exception as exc:  # noqa: BLE001 - any loader failure means: no tokenizer to compare
-        raise TrainConfigError(f"large model {spec}: cannot load its tokenizer to compare with the Backpack's "
-                               f"({type(exc).__name__}: {exc})") from None
+        raise TrainConfigError(
+            f"large model {spec}: cannot load its tokenizer to compare with the Backpack's "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     fp = tokenizer_fingerprint(theirs)
     if fp != ours_fp:
-        raise TrainConfigError(f"large model {spec}: its tokenizer ({len(theirs)} ids, {fp[:19]}…) differs from "
-                               f"the Backpack's ({ours_size} ids, {ours_fp[:19]}…); train with --tokenizer {spec}")
+        raise TrainConfigError(
+            f"large model {spec}: its tokenizer ({len(theirs)} ids, {fp[:19]}…) differs from "
+            f"the Backpack's ({ours_size} ids, {ours_fp[:19]}…); train with --tokenizer {spec}"
+        )
     return fp
 
 
@@ -505,8 +553,9 @@ def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
-def build_distill_cache(teacher, train: torch.Tensor, cfg: BackpackTrainConfig, vocab: Vocabulary, key: str,
-                        progress: bool) -> Path:
+def build_distill_cache(
+    teacher, train: torch.Tensor, cfg: BackpackTrainConfig, vocab: Vocabulary, key: str, progress: bool
+) -> Path:
     """Teacher top-k for every train block, computed once into cache_dir/distill-<key>.safetensors."""
     from tqdm.auto import tqdm
 
@@ -521,7 +570,7 @@ def build_distill_cache(teacher, train: torch.Tensor, cfg: BackpackTrainConfig, 
     device_type = next(teacher.parameters()).device.type
     for i in tqdm(range(0, n, batch), desc="teacher top-k", disable=not progress, unit="batch"):
         with _autocast(device_type, cfg.amp):
-            ids[i:i + batch], lps[i:i + batch] = teacher_topk(teacher, train[i:i + batch], vocab.size, k)
+            ids[i : i + batch], lps[i : i + batch] = teacher_topk(teacher, train[i : i + batch], vocab.size, k)
     _save_safetensors(path, {"ids": ids, "logprobs": lps})
     return path
 
@@ -533,23 +582,24 @@ def _autocast(device_type: str, amp: bool):
 
 
 @torch.no_grad()
-def heldout_nll(model: BackpackLM, blocks: torch.Tensor, vocab_size: int, batch: int, env: DistEnv,
-                device: torch.device, amp: bool) -> tuple[float, int]:
+def heldout_nll(
+    model: BackpackLM, blocks: torch.Tensor, vocab_size: int, batch: int, env: DistEnv, device: torch.device, amp: bool
+) -> tuple[float, int]:
     """Micro-averaged held-out NLL (nats/token) over all blocks, sharded across ranks; (nll, tokens)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    mine = blocks[env.rank::env.world_size]
+    mine = blocks[env.rank :: env.world_size]
     for i in range(0, len(mine), batch):
-        x = mine[i:i + batch].to(device)
+        x = mine[i : i + batch].to(device)
         with _autocast(device.type, amp):
             logits = model(x.long()).logits
         logp = torch.log_softmax(logits[:, :-1, :vocab_size].float(), dim=-1)
         total += -logp.gather(-1, x[:, 1:].long().unsqueeze(-1)).double().sum().item()
         count += x[:, 1:].numel()
     model.train(was_training)
-    total, count = env.all_sum([total, float(count)])
-    return total / count, int(count)
+    total_all, count_all = env.all_sum([total, float(count)])
+    return total_all / count_all, int(count_all)
 
 
 def _rng_state() -> dict:
@@ -572,9 +622,23 @@ def _set_rng_state(state: dict) -> None:
 
 
 # Options a resumed run must share with its checkpoint (the rest, e.g. the budget, may change).
-_RESUME_FIXED = ("tokenizer", "seed", "n_embd", "n_layer", "n_head", "num_senses", "n_positions",
-                 "sense_intermediate_scale", "pad_vocab_multiple", "block_len", "batch_size", "heldout_fraction",
-                 "distill_from", "distill_topk", "init_embeddings")
+_RESUME_FIXED = (
+    "tokenizer",
+    "seed",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "num_senses",
+    "n_positions",
+    "sense_intermediate_scale",
+    "pad_vocab_multiple",
+    "block_len",
+    "batch_size",
+    "heldout_fraction",
+    "distill_from",
+    "distill_topk",
+    "init_embeddings",
+)
 
 
 def _resolve_device(cfg: BackpackTrainConfig, local_rank: int) -> torch.device:
@@ -631,10 +695,24 @@ class _Trainer:
         if len(files) < len(cfg.inputs):
             missing = [p for p in cfg.inputs if not Path(p).is_file()]
             raise DataError(missing[0], None, None, "corpus file not found")
-        key = hashlib.sha256(json.dumps([files, cfg.hf_dataset, cfg.hf_config, cfg.hf_split, cfg.hf_limit,
-                                         cfg.text_field, cfg.heldout_fraction, cfg.seed, cfg.block,
-                                         self.vocab.fingerprint]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    files,
+                    cfg.hf_dataset,
+                    cfg.hf_config,
+                    cfg.hf_split,
+                    cfg.hf_limit,
+                    cfg.text_field,
+                    cfg.heldout_fraction,
+                    cfg.seed,
+                    cfg.block,
+                    self.vocab.fingerprint,
+                ]
+            ).encode()
+        ).hexdigest()[:16]
         path = self.out / "data" / f"blocks-{key}.pt"
+
         def prepare() -> None:
             if path.is_file():
                 return
@@ -670,22 +748,38 @@ class _Trainer:
             large = self.teacher = _load_large(spec, cfg, self.vocab, self.device)
             from ensemble.large_model import model_fingerprint
 
-            self.teacher_info = {"name": spec, "fingerprint": model_fingerprint(large), "topk": cfg.distill_topk,
-                                 "weight": cfg.distill_weight, "cache": cfg.distill_cache}
+            self.teacher_info = {
+                "name": spec,
+                "fingerprint": model_fingerprint(large),
+                "topk": cfg.distill_topk,
+                "weight": cfg.distill_weight,
+                "cache": cfg.distill_cache,
+            }
         if init and cfg.init_embeddings != "random":
+            if init_spec is None:  # BackpackTrainConfig.validate refuses this; say so if it was skipped
+                raise ValueError(
+                    f"init_embeddings: {cfg.init_embeddings!r} needs a large model (init_from or distill_from)"
+                )
             if init_spec != spec or large is None:
                 large = _load_large(init_spec, cfg, self.vocab, torch.device("cpu"))
-            self.init_info = init_embeddings_from(self.model, large.get_input_embeddings().weight,
-                                                  cfg.init_embeddings, self.vocab.size)
+            self.init_info = init_embeddings_from(
+                self.model, large.get_input_embeddings().weight, cfg.init_embeddings, self.vocab.size
+            )
             self.init_info["from"] = init_spec
             if large is not self.teacher:
                 del large
         if spec and cfg.distill_cache == "on":
-            key = hashlib.sha256(json.dumps([self.teacher_info["fingerprint"], self.data.fingerprint, cfg.block,
-                                             cfg.distill_topk]).encode()).hexdigest()[:20]
+            assert self.teacher_info is not None  # set above whenever spec is
+            key = hashlib.sha256(
+                json.dumps(
+                    [self.teacher_info["fingerprint"], self.data.fingerprint, cfg.block, cfg.distill_topk]
+                ).encode()
+            ).hexdigest()[:20]
             path = Path(cfg.cache_dir or default_cache_dir()) / f"distill-{key}.safetensors"
-            self._on_rank0(lambda: build_distill_cache(self.teacher, self.data.train, cfg, self.vocab, key,
-                                                       self.progress), "build the distillation cache")
+            self._on_rank0(
+                lambda: build_distill_cache(self.teacher, self.data.train, cfg, self.vocab, key, self.progress),
+                "build the distillation cache",
+            )
             from safetensors.torch import load_file
 
             self.cache = load_file(str(path))
@@ -712,8 +806,10 @@ class _Trainer:
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
             for name in _RESUME_FIXED:
                 if state["config"].get(name) != getattr(cfg, name):
-                    raise TrainConfigError(f"resume: {name} is {getattr(cfg, name)!r} but the checkpoint "
-                                           f"{ckpt} was trained with {state['config'].get(name)!r}")
+                    raise TrainConfigError(
+                        f"resume: {name} is {getattr(cfg, name)!r} but the checkpoint "
+                        f"{ckpt} was trained with {state['config'].get(name)!r}"
+                    )
             if state["data_fingerprint"] != self.data.fingerprint:
                 raise TrainConfigError(f"resume: the corpus differs from the checkpoint's ({ckpt})")
         if state is None or cfg.distill_from:
@@ -724,12 +820,15 @@ class _Trainer:
         self.model.train()
         ddp_model: nn.Module = _LogitsOnly(self.model)
         if env.active:
-            from torch.nn.parallel import DistributedDataParallel
-
             ddp_model = DistributedDataParallel(
-                ddp_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda" or None)
+                ddp_model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        opt = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=self.device.type == "cuda" or None,
+        )
         step, samples, prior_seconds = 0, 0, 0.0
         history: dict[str, list] = {"train": [], "eval": []}
         if state is not None:
@@ -746,22 +845,41 @@ class _Trainer:
 
         def evaluate(at_step: int) -> float:
             nll, n = heldout_nll(self.model, eval_blocks, self.vocab.size, eval_batch, env, self.device, cfg.amp)
-            rec = {"step": at_step, "tokens": at_step * self.tokens_per_step, "nll": nll, "ppl": math.exp(nll),
-                   "scored_tokens": n}
+            rec = {
+                "step": at_step,
+                "tokens": at_step * self.tokens_per_step,
+                "nll": nll,
+                "ppl": math.exp(nll),
+                "scored_tokens": n,
+            }
             history["eval"].append(rec)
             if log:
                 log.write({"event": "eval", **rec})
             return nll
 
         if log:
-            log.write({"event": "resume" if state else "start", "step": step, "world_size": env.world_size,
-                       "device": str(self.device), "config": asdict(cfg), "data": self.data.meta})
+            log.write(
+                {
+                    "event": "resume" if state else "start",
+                    "step": step,
+                    "world_size": env.world_size,
+                    "device": str(self.device),
+                    "config": asdict(cfg),
+                    "data": self.data.meta,
+                }
+            )
         if state is None:
             evaluate(0)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.max_steps, initial=step, desc="backpack", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.max_steps,
+            initial=step,
+            desc="backpack",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         t_session = time.perf_counter()
         session_steps = 0
         last_nll = history["eval"][-1]["nll"] if history["eval"] else float("nan")
@@ -770,7 +888,8 @@ class _Trainer:
             frac = elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
             stop = (self.max_steps is not None and step >= self.max_steps) or frac >= 1.0
             if cfg.max_minutes:  # rank 0's clock decides, so all ranks stop and schedule together
-                stop, frac = self.env.broadcast([float(stop), frac])
+                stop_all, frac = self.env.broadcast([float(stop), frac])
+                stop = bool(stop_all)
             if stop:
                 break
             lr = lr_at(cfg, step, self.decay_steps, frac)
@@ -790,7 +909,13 @@ class _Trainer:
                 elif self.teacher is not None:
                     with _autocast(self.device.type, cfg.amp):
                         t_ids, t_lp = teacher_topk(self.teacher, x, self.vocab.size, cfg.distill_topk)
-                sync = contextlib.nullcontext() if (not env.active or m == cfg.grad_accum - 1) else ddp_model.no_sync()
+                # ddp_model is a DistributedDataParallel exactly when env.active; the last micro-step syncs
+                last = m == cfg.grad_accum - 1
+                sync = (
+                    ddp_model.no_sync()
+                    if isinstance(ddp_model, DistributedDataParallel) and not last
+                    else contextlib.nullcontext()
+                )
                 with sync:
                     with _autocast(self.device.type, cfg.amp):
                         logits = ddp_model(x.long())
@@ -800,15 +925,24 @@ class _Trainer:
                 ce_sum += ce.item() / cfg.grad_accum
                 kd_sum += (kd.item() if kd is not None else 0.0) / cfg.grad_accum
                 loss_sum += loss.item() / cfg.grad_accum
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
-                         if cfg.grad_clip > 0 else float("nan"))
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+                if cfg.grad_clip > 0
+                else float("nan")
+            )
             opt.step()
             step += 1
             session_steps += 1
             samples += cfg.batch_size
             loss_g, ce_g, kd_g = (v / env.world_size for v in env.all_sum([loss_sum, ce_sum, kd_sum]))
-            rec = {"step": step, "loss": loss_g, "ce": ce_g, "lr": lr, "grad_norm": grad_norm,
-                   "tokens": step * self.tokens_per_step}
+            rec = {
+                "step": step,
+                "loss": loss_g,
+                "ce": ce_g,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": step * self.tokens_per_step,
+            }
             if cfg.distill_from:
                 rec["kd"] = kd_g
             history["train"].append(rec)
@@ -831,7 +965,8 @@ class _Trainer:
             self._write_outputs(step, samples, total_seconds, session_steps, session_seconds, history)
             if not cfg.keep_checkpoints:
                 shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-            log.write({"event": "end", "step": step, "seconds": total_seconds})
+            if log:
+                log.write({"event": "end", "step": step, "seconds": total_seconds})
         env.barrier()
         return self.out
 
@@ -843,10 +978,20 @@ class _Trainer:
         folder = self.out / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:08d}.pt"
-        state = {"model": self.model.state_dict(), "optimizer": opt.state_dict(), "step": step, "samples": samples,
-                 "elapsed": elapsed, "history": history, "rng": _rng_state(), "config": asdict(self.cfg),
-                 "data_fingerprint": self.data.fingerprint, "init": self.init_info,
-                 "world_size": self.env.world_size, "torch": torch.__version__}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "samples": samples,
+            "elapsed": elapsed,
+            "history": history,
+            "rng": _rng_state(),
+            "config": asdict(self.cfg),
+            "data_fingerprint": self.data.fingerprint,
+            "init": self.init_info,
+            "world_size": self.env.world_size,
+            "torch": torch.__version__,
+        }
         torch.save(state, folder / (name + ".tmp"))
         os.replace(folder / (name + ".tmp"), folder / name)
         (folder / "latest.tmp").write_text(name)
@@ -867,20 +1012,35 @@ class _Trainer:
         recipe = {
             "config": asdict(cfg),
             "model_config": asdict(self.model_config),
-            "tokenizer": {"spec": cfg.tokenizer, "fingerprint": tokenizer_fingerprint(self.tokenizer),
-                          "size": self.vocab.size, "doc_sep_id": self.vocab.doc_sep_id, "eos_id": self.vocab.eos_id,
-                          "vocab_rows": self.model_config.vocab_size},
+            "tokenizer": {
+                "spec": cfg.tokenizer,
+                "fingerprint": tokenizer_fingerprint(self.tokenizer),
+                "size": self.vocab.size,
+                "doc_sep_id": self.vocab.doc_sep_id,
+                "eos_id": self.vocab.eos_id,
+                "vocab_rows": self.model_config.vocab_size,
+            },
             "corpus": self.data.meta,
             "teacher": self.teacher_info,
             "init": self.init_info,
-            "steps": step, "samples": samples, "tokens_seen": tokens, "tokens_per_step": self.tokens_per_step,
-            "heldout": {"nll": final["nll"], "ppl": final["ppl"], "scored_tokens": final["scored_tokens"],
-                        "blocks": len(eval_blocks), "initial_nll": history["eval"][0]["nll"],
-                        "file": "heldout_blocks.safetensors"},
+            "steps": step,
+            "samples": samples,
+            "tokens_seen": tokens,
+            "tokens_per_step": self.tokens_per_step,
+            "heldout": {
+                "nll": final["nll"],
+                "ppl": final["ppl"],
+                "scored_tokens": final["scored_tokens"],
+                "blocks": len(eval_blocks),
+                "initial_nll": history["eval"][0]["nll"],
+                "file": "heldout_blocks.safetensors",
+            },
             "seconds": total_seconds,
             "tokens_per_second": session_steps * self.tokens_per_step / session_seconds if session_seconds else None,
-            "world_size": self.env.world_size, "device": str(self.device),
-            "torch": torch.__version__, "parameters": sum(p.numel() for p in self.model.parameters()),
+            "world_size": self.env.world_size,
+            "device": str(self.device),
+            "torch": torch.__version__,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
         }
         (self.out / "training.json").write_text(json.dumps(recipe, indent=1, default=str))
         plot_losses(history, self.out / "loss.png")
@@ -910,7 +1070,7 @@ def plot_losses(history: dict, path: Path) -> None:
         ema, out = 0.0, []
         for i, r in enumerate(tr, start=1):
             ema = 0.95 * ema + 0.05 * r["loss"]
-            out.append(ema / (1 - 0.95 ** i))  # bias-corrected, so the curve does not start at 0
+            out.append(ema / (1 - 0.95**i))  # bias-corrected, so the curve does not start at 0
         ax.plot(steps, out, color="C0", label="train loss (EMA 0.95)")
     ev = history["eval"]
     ax.plot([r["step"] for r in ev], [r["nll"] for r in ev], marker="o", color="C1", label="held-out NLL")

@@ -14,8 +14,12 @@ import click
 
 @click.command("build")
 @click.argument("name")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="output folder (must be empty or absent); ensemble.zoo passes a temporary folder it then caches")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="output folder (must be empty or absent); ensemble.zoo passes a temporary folder it then caches",
+)
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def build(name: str, out: str, no_progress: bool) -> None:
     """Build NAME (backpack-smollm2, capitals-smollm2) by its recipe into --out."""

@@ -17,13 +17,14 @@ The β = 0 base is computed in the same pass from the same z (paired).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from ensemble.delta import logit_delta, sequence_deltas
+from ensemble.edits import SenseEdits
 
 from .finetune import in_ball
 
@@ -43,11 +44,19 @@ class CalibrationResult:
 
     def to_json(self) -> dict:
         return {
-            "grid": self.grid, "base_nll": self.base_nll, "tokens": self.tokens, "batches": self.batches,
+            "grid": self.grid,
+            "base_nll": self.base_nll,
+            "tokens": self.tokens,
+            "batches": self.batches,
             "positions_computed": self.positions_computed,
-            "per_epsilon": {f"{eps:g}": {"beta": self.beta[eps], "ratio": self.ratios[eps][self.beta[eps]],
-                                         "ratios": {f"{b:g}": r for b, r in self.ratios[eps].items()}}
-                            for eps in self.ratios},
+            "per_epsilon": {
+                f"{eps:g}": {
+                    "beta": self.beta[eps],
+                    "ratio": self.ratios[eps][self.beta[eps]],
+                    "ratios": {f"{b:g}": r for b, r in self.ratios[eps].items()},
+                }
+                for eps in self.ratios
+            },
             "notes": self.notes,
         }
 
@@ -74,7 +83,7 @@ def _common_step(betas: Sequence[float], max_steps: int = 64) -> tuple[float, li
     for n in range(1, max_steps + 1):
         h = top / n
         ks = [round(b / h) for b in betas]
-        if all(abs(k * h - b) <= 1e-9 * max(1.0, b) for k, b in zip(ks, betas)):
+        if all(abs(k * h - b) <= 1e-9 * max(1.0, b) for k, b in zip(ks, betas, strict=True)):
             return h, ks
     return None
 
@@ -94,7 +103,7 @@ def grid_logsumexp(z: torch.Tensor, e: torch.Tensor, betas: Sequence[float]) -> 
     M = z.max(-1, keepdim=True).values + e.max(-1, keepdim=True).values.clamp(min=0)
     w = torch.exp(z - M)
     q = torch.exp(e * h)
-    want = {k: b for k, b in zip(ks, betas)}
+    want = {k: b for k, b in zip(ks, betas, strict=True)}
     out = {}
     for k in range(1, max(ks) + 1):
         w.mul_(q)
@@ -110,10 +119,18 @@ def choose_beta(ratios: dict[float, float], eps: float) -> float:
 
 
 @torch.no_grad()
-def calibrate(large, backpack, g_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              edits_by_eps: dict[float, object], grid: Sequence[float] = DEFAULT_GRID,
-              progress: bool = False, total: int | None = None, block: int = 256, *,
-              vocab_size: int) -> CalibrationResult:
+def calibrate(
+    large,
+    backpack,
+    g_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    edits_by_eps: Mapping[float, SenseEdits],
+    grid: Sequence[float] = DEFAULT_GRID,
+    progress: bool = False,
+    total: int | None = None,
+    block: int = 256,
+    *,
+    vocab_size: int,
+) -> CalibrationResult:
     """One pass over ``g_batches`` ((ids (b,s), mask (b,s)) with mask marking scored rows).
 
     ``vocab_size``: |U| of the run's tokenizer (ensemble.vocab.Vocabulary.size).
@@ -166,7 +183,7 @@ def calibrate(large, backpack, g_batches: Iterable[tuple[torch.Tensor, torch.Ten
             computed += len(r_idx)
             # blocks of positions keep the (positions × U) temporaries small
             for b0 in range(0, len(r_idx), block):
-                ri, pi = r_idx[b0:b0 + block], p_idx[b0:b0 + block]
+                ri, pi = r_idx[b0 : b0 + block], p_idx[b0 : b0 + block]
                 e = logit_delta(delta[ri, pi].float(), E, E.shape[0])  # (m, U)
                 zz = zs[rows[ri], pi]  # (m, U)
                 y = tgt[rows[ri], pi]

@@ -38,8 +38,12 @@ _OVERRIDES = [
     ("--backpack", "models.backpack", str, "Backpack checkpoint folder or hub id; 'tiny[:SEED]' for a random tiny one"),
     ("--large", "models.large", str, "large model for calibration/ensemble eval; 'tiny-gptj[:SEED]'; 'none'"),
     ("--large-dtype", "models.large_dtype", str, "dtype of the large model (float32, bfloat16, float16)"),
-    ("--tokenizer", "models.tokenizer", str, "tokenizer folder, hub id or registry name (default: the Backpack "
-     "folder's, else the packaged GPT-2 BPE)"),
+    (
+        "--tokenizer",
+        "models.tokenizer",
+        str,
+        "tokenizer folder, hub id or registry name (default: the Backpack folder's, else the packaged GPT-2 BPE)",
+    ),
     ("--device", "models.device", str, "torch device"),
     ("--g", "corpora.g", str, "general corpus G (JSONL chunks from prepare-corpora)"),
     ("--r", "corpora.r", str, "regularisation corpus R (disjoint from G)"),
@@ -54,6 +58,14 @@ _OVERRIDES = [
     ("--optimizer", "train.optimizer", click.Choice(["adamw", "adam8bit"]), "optimizer"),
     ("--seed", "train.seed", int, "random seed"),
     ("--store", "store", str, "edit-pack store to publish packs to"),
+    (
+        "--method",
+        "method",
+        click.Choice(["senses", "full-backpack", "lora-backpack", "full-large", "lora-large"]),
+        "senses (packs), or a Table 3/4 baseline: full finetuning / LoRA of the Backpack / the large model",
+    ),
+    ("--lora-rank", "baseline.lora_rank", int, "LoRA baselines: adapter rank"),
+    ("--lora-alpha", "baseline.lora_alpha", float, "LoRA baselines: adapter α"),
     ("--name", "name", str, "run / pack name"),
 ]
 
@@ -63,9 +75,24 @@ def _common(f):
     @click.option("--run-dir", type=click.Path(file_okay=False), required=True, help="run directory")
     @click.option("--epsilon", "epsilons", type=float, multiple=True, help="degradation ball ε (repeatable)")
     @click.option("--beta-grid", type=str, help="comma-separated β grid (default 1.0,0.9,...,0.0)")
-    @click.option("--upstream-grad-bug/--no-upstream-grad-bug", default=None,
-                  help="reproduce the upstream accumulation bug (gradients zeroed every example)")
+    @click.option(
+        "--upstream-grad-bug/--no-upstream-grad-bug",
+        default=None,
+        help="reproduce the upstream accumulation bug (gradients zeroed every example)",
+    )
     @click.option("--eval-every-epoch/--no-eval-every-epoch", default=None, help="success rate after every epoch")
+    @click.option(
+        "--recompute",
+        is_flag=True,
+        help="recompute earlier steps whose inputs changed (default: refuse them, naming what changed)",
+    )
+    @click.option(
+        "--hard-neg-scoring",
+        type=click.Choice(["suffix-sum", "hard-neg-config"]),
+        default=None,
+        help="hard negatives: summed suffix NLL (upstream's test configs) or, for verb_conjugation and "
+        "stereoset, whole-text per-token mean (upstream's configs/hard_neg)",
+    )
     @click.option("--no-progress", is_flag=True, help="no progress bars")
     @click.option("-v", "--verbose", is_flag=True, help="log to stderr too")
     @functools.wraps(f)
@@ -92,7 +119,7 @@ def _resolve(kwargs: dict):
             else:
                 data[section] = val
     kwargs.pop("config_file", None)
-    for opt, dest, _, _ in _OVERRIDES:
+    for _, dest, _, _ in _OVERRIDES:
         v = kwargs.pop(dest.replace(".", "__"), None)
         if v is not None:
             if dest == "models.large" and v == "none":
@@ -110,6 +137,8 @@ def _resolve(kwargs: dict):
         set_path(data, "calibrate.grid", grid)
     if kwargs.get("upstream_grad_bug") is not None:
         set_path(data, "train.upstream_grad_bug", kwargs["upstream_grad_bug"])
+    if kwargs.get("hard_neg_scoring"):
+        set_path(data, "eval.hard_neg_scoring", kwargs["hard_neg_scoring"])
     if kwargs.get("eval_every_epoch") is not None:
         set_path(data, "train.eval_every_epoch", kwargs["eval_every_epoch"])
     data.setdefault("task", {})
@@ -122,9 +151,10 @@ def _resolve(kwargs: dict):
 def _make_run(kwargs):
     from .pipeline import Run, setup_logging
 
+    recompute = kwargs.pop("recompute", False)
     run_dir, cfg, progress, verbose = _resolve(kwargs)
     setup_logging(run_dir, verbose)
-    return Run(run_dir, cfg, progress)
+    return Run(run_dir, cfg, progress, recompute=recompute)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,30 +166,44 @@ def main():
 @click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="output folder (G.jsonl, R.jsonl)")
 @click.option("--chunk-len", type=click.IntRange(min=2), default=500, show_default=True, help="tokens per chunk")
-@click.option("--g-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
-              show_default=True, help="fraction of documents that go to G (the rest to R)")
+@click.option(
+    "--g-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.5,
+    show_default=True,
+    help="fraction of documents that go to G (the rest to R)",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--text-field", default="text", show_default=True, help="JSONL field holding the document text")
 @click.option("--hf-dataset", help="a Hugging Face dataset name instead of files (needs network + datasets)")
 @click.option("--hf-config", help="dataset config name")
 @click.option("--hf-split", default="train", show_default=True)
 @click.option("--hf-limit", type=int, help="read only the first N documents")
-@click.option("--tokenizer", "tokenizer_spec", default=None,
-              help="tokenizer folder, hub id or registry name (e.g. smollm2-135m-instruct); default: the packaged "
-                   "GPT-2 BPE. Runs refuse corpora made with another tokenizer")
+@click.option(
+    "--tokenizer",
+    "tokenizer_spec",
+    default=None,
+    help="tokenizer folder, hub id or registry name (e.g. smollm2-135m-instruct); default: the packaged "
+    "GPT-2 BPE. Runs refuse corpora made with another tokenizer",
+)
 @guard
-def prepare_corpora(inputs, out, chunk_len, g_fraction, seed, text_field, hf_dataset, hf_config, hf_split, hf_limit,
-                    tokenizer_spec):
+def prepare_corpora(
+    inputs, out, chunk_len, g_fraction, seed, text_field, hf_dataset, hf_config, hf_split, hf_limit, tokenizer_spec
+):
     """Split documents into disjoint corpora G and R of fixed-length token chunks."""
     from ensemble.tokenizer import load_tokenizer
 
-    from .corpora import prepare_corpora as prepare, read_documents, read_hf_documents
+    from .corpora import prepare_corpora as prepare
+    from .corpora import read_documents, read_hf_documents
 
     if not inputs and not hf_dataset:
         raise click.UsageError("give input files or --hf-dataset")
     tok = load_tokenizer(tokenizer_spec)
-    docs = read_hf_documents(hf_dataset, hf_split, text_field, hf_config, hf_limit) if hf_dataset \
+    docs = (
+        read_hf_documents(hf_dataset, hf_split, text_field, hf_config, hf_limit)
+        if hf_dataset
         else read_documents(inputs, text_field)
+    )
     meta = prepare(tok, docs, out, chunk_len, g_fraction, seed, list(inputs) or [hf_dataset], tokenizer_spec)
     click.echo(json.dumps(meta))
 
@@ -225,21 +269,98 @@ def _run(run):
     from .pipeline import run_all
 
     run_all(run)
-    return {"report": str(run.dir / "report.md"), "packs": sorted(str(p) for p in (run.dir / "packs").iterdir())}
+    packs = run.dir / "packs"
+    return {
+        "report": str(run.dir / "report.md"),
+        "packs": sorted(str(p) for p in packs.iterdir()) if packs.is_dir() else [],
+    }
 
 
 @main.command("sweep")
 @_common
-@click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True, help="random-search trials")
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=25,
+    show_default=True,
+    help="random-search trials (upstream's SWEEP_SIZE)",
+)
 @click.option("--report-split", default=None, help="split for the report runs (default: the selection split)")
+@click.option(
+    "--report-data-dir",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="canonical-examples folder of the report split when it is not --data-dir (e.g. test files "
+    "kept apart from the val files)",
+)
+@click.option(
+    "--cap-epochs",
+    is_flag=True,
+    help="report runs keep the last in-ball epoch only up to the epoch chosen on the selection split "
+    "(default, as upstream: the last in-ball epoch of the full training)",
+)
+@click.option(
+    "--fixed-lam",
+    is_flag=True,
+    help="use the config's λ for every task (default, as upstream: country_capital draws "
+    "λ = floor(10^U(2, 3.5)), the others use λ = 1000)",
+)
 @guard
-def sweep_cmd(trials, report_split, **kwargs):
+def sweep_cmd(trials, report_split, report_data_dir, cap_epochs, fixed_lam, **kwargs):
     """Random search (appendix C): select hyperparameters on one split, report on another."""
     from .sweep import sweep
 
     run = _make_run(kwargs)
-    out = sweep(run, trials, report_split)
+    out = sweep(run, trials, report_split, report_data_dir, cap_epochs, fixed_lam)
     click.echo(json.dumps({"best": out["best"], "report": str(run.dir / "report.md")}, default=str))
+
+
+@main.command("protocol")
+@_common
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="seeds per method (train.seed, train.seed + 1, ...); upstream's test protocol runs 10",
+)
+@click.option(
+    "--methods",
+    default="senses",
+    show_default=True,
+    help="comma-separated: senses, full-backpack, lora-backpack, full-large, lora-large",
+)
+@guard
+def protocol_cmd(seeds, methods, **kwargs):
+    """Run every method on every seed into RUN_DIR/<method>/seed-<s>/ and write Tables 3/4 with standard errors."""
+    from .config import METHODS
+    from .protocol import protocol
+
+    ms = tuple(m.strip() for m in methods.split(",") if m.strip())
+    bad = [m for m in ms if m not in METHODS]
+    if bad or not ms:
+        raise ConfigError(f"--methods: unknown {', '.join(bad) or '(none given)'} (known: {', '.join(METHODS)})")
+    run = _make_run(kwargs)
+    click.echo(json.dumps(protocol(run, seeds, ms)))
+
+
+@main.command("table")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for tables.{md,json,png}")
+@click.option("--stem", default="tables", show_default=True, help="file name stem")
+@click.option(
+    "--sample-sd",
+    is_flag=True,
+    help="standard error from the sample SD (n − 1); default, as upstream's report: numpy's np.std (n)",
+)
+@guard
+def table_cmd(run_dirs, out, stem, sample_sd):
+    """Tables 3 and 4 across tasks, methods and seeds (mean ± standard error) from run or protocol folders."""
+    from .tables import find_reports, write_tables
+
+    reports = find_reports(run_dirs)
+    paths = write_tables(reports, out, stem, ddof=1 if sample_sd else 0)
+    click.echo(json.dumps({k: str(v) for k, v in paths.items()} | {"runs": len(reports)}))
 
 
 from .backpack_cli import backpack  # noqa: E402 - the `train_edits backpack` group

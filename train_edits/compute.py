@@ -13,8 +13,8 @@ built: per sequence we gather the deltas of the (x_j, ℓ) pairs that occur.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ def cache_sequences(model, seqs: Sequence[Scored], index: EditIndex, batch_size:
     out: list[CachedSeq] = []
     dev = model.embedding.device
     for b0 in range(0, len(seqs), batch_size):
-        chunk = list(seqs[b0:b0 + batch_size])
+        chunk = list(seqs[b0 : b0 + batch_size])
         ids, _, _ = pad_batch(chunk)
         alpha, hidden = alpha_hidden(model, ids.to(dev))
         for i, s in enumerate(chunk):
@@ -110,8 +110,15 @@ def cache_sequences(model, seqs: Sequence[Scored], index: EditIndex, batch_size:
             cols, idx = index.index_map(s.ids)
             cols, idx = cols.to(dev), idx.to(dev)
             a = alpha[i][:, pos][:, :, cols] if len(cols) else alpha.new_zeros(alpha.shape[1], len(pos), 0)
-            out.append(CachedSeq(s, torch.tensor(s.targets, dtype=torch.long, device=dev), a.contiguous(),
-                                 hidden[i, pos].contiguous(), idx))
+            out.append(
+                CachedSeq(
+                    s,
+                    torch.tensor(s.targets, dtype=torch.long, device=dev),
+                    a.contiguous(),
+                    hidden[i, pos].contiguous(),
+                    idx,
+                )
+            )
     return out
 
 
@@ -127,7 +134,9 @@ def own_sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits) -> 
 # Corpus chunks, the G loss (ball) and the KL regulariser
 
 
-def chunk_batches(chunks: Sequence[torch.Tensor], batch_size: int) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def chunk_batches(
+    chunks: Sequence[torch.Tensor], batch_size: int
+) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Yield (chunk indices, right-padded ids, scored-position mask) batches.
 
     The mask marks positions 0..len-2 (each predicts the next token): the first
@@ -171,7 +180,9 @@ class GLoss:
         self.index = index
         self.batch_size = batch_size
         self.count = int(sum(len(c) - 1 for c in self.chunks))
-        tokset = torch.tensor(sorted(index.tokens), dtype=torch.long) if len(index) else torch.zeros(0, dtype=torch.long)
+        tokset = (
+            torch.tensor(sorted(index.tokens), dtype=torch.long) if len(index) else torch.zeros(0, dtype=torch.long)
+        )
         self.touched = [i for i, c in enumerate(self.chunks) if len(tokset) and bool(torch.isin(c, tokset).any())]
         touched_set = set(self.touched)
         untouched = [c for i, c in enumerate(self.chunks) if i not in touched_set]
@@ -203,12 +214,13 @@ class GLoss:
 
 
 class KLRegularizer:
-    """KL(p_orig ‖ p_new) summed over the positions of one R chunk.
+    """KL(p_orig ‖ p_new) summed over the positions of one R chunk, the last one included.
 
-    Positions before a chunk's first edited token have δ = 0, so p_new = p_orig
-    there and their KL is exactly zero: only positions from the first edited
-    token on are computed, and a chunk without edited tokens costs nothing.
-    α and o_t for touched chunks are cached (bounded).
+    Upstream (``regularize.py:26-32``) takes the KL over every position of the input, the last one
+    too (it predicts past the chunk's end, but its distribution still moves with δ); so do we.
+    Positions before a chunk's first edited token have δ = 0, so p_new = p_orig there and their KL
+    is exactly zero: only positions from the first edited token on are computed, and a chunk
+    without edited tokens costs nothing. α and o_t for touched chunks are cached (bounded).
     """
 
     def __init__(self, model, chunks: Sequence[torch.Tensor], index: EditIndex, max_cache: int = 64):
@@ -219,21 +231,34 @@ class KLRegularizer:
         self._cache: dict[int, CachedSeq] = {}
         self.first = [index.first_edited(c.tolist()) for c in self.chunks]
 
-    def _cached(self, i: int) -> CachedSeq:
+    @torch.no_grad()
+    def _cached(self, i: int, f: int) -> CachedSeq:
+        """α and o_t of chunk ``i`` from its first edited position ``f`` on (only chunks that have one)."""
         if i not in self._cache:
             if len(self._cache) >= self.max_cache:
                 self._cache.pop(next(iter(self._cache)))
             ids = self.chunks[i].tolist()
-            f = self.first[i]
-            # rows f .. len-2: every position with δ ≠ 0 that predicts a next token
-            self._cache[i] = cache_sequences(self.model, [Scored(tuple(ids), f + 1, len(ids) - 1 - f)], self.index)[0]
+            dev = self.model.embedding.device
+            alpha, hidden = alpha_hidden(self.model, torch.tensor([ids], device=dev))
+            pos = torch.arange(f, len(ids), device=dev)  # rows f .. len-1: every position with δ ≠ 0
+            cols, idx = self.index.index_map(ids)
+            cols, idx = cols.to(dev), idx.to(dev)
+            a = alpha[0][:, pos][:, :, cols]
+            # no targets: the KL needs only the distributions (the last row has no next token in the chunk)
+            self._cache[i] = CachedSeq(
+                Scored(tuple(ids), f + 1, len(ids) - 1 - f),
+                torch.zeros(0, dtype=torch.long, device=dev),
+                a.contiguous(),
+                hidden[0, pos].contiguous(),
+                idx,
+            )
         return self._cache[i]
 
     def loss(self, i: int, embedding: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor | None:
         f = self.first[i]
-        if f is None or f >= len(self.chunks[i]) - 1:
+        if f is None:
             return None
-        cs = self._cached(i)
+        cs = self._cached(i, f)
         with torch.no_grad():
             orig = torch.log_softmax(F.linear(cs.hidden, embedding).float(), dim=-1)
         new = torch.log_softmax(F.linear(cs.edited_hidden(deltas), embedding).float(), dim=-1)

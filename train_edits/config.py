@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .calibrate import DEFAULT_GRID
@@ -33,6 +34,15 @@ DEFAULT_DATA_DIR = os.environ.get("SENSEPACK_CANONICAL_DATA", "../shared/data/ca
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ResolvedTask(NamedTuple):
+    """The task fields a validated TaskConfig always has (``builtin`` fills them; a custom task must give them)."""
+
+    name: str
+    loss_type: LossType
+    threshold: float
+    train: str
 
 
 class TaskConfig(_Strict):
@@ -50,7 +60,7 @@ class TaskConfig(_Strict):
     max_train: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
-    def _complete(self) -> "TaskConfig":
+    def _complete(self) -> TaskConfig:
         if self.builtin is not None:
             if self.builtin not in TASKS:
                 raise ValueError(f"builtin: unknown task '{self.builtin}' (known: {', '.join(TASKS)})")
@@ -59,16 +69,22 @@ class TaskConfig(_Strict):
             self.loss_type = self.loss_type or spec.loss_type
             if self.threshold is None:
                 self.threshold = spec.threshold
-            paths = spec.paths(self.data_dir, self.split)
-            for key in ("train", "eval", "hard_neg", "unconditional"):
-                if getattr(self, key) is None and paths[key] is not None:
-                    setattr(self, key, str(paths[key]))
+            for key, path in spec.paths(self.data_dir, self.split).items():
+                if getattr(self, key) is None and path is not None:
+                    setattr(self, key, str(path))
         else:
             missing = [k for k in ("train", "loss_type", "threshold") if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"a custom task needs {', '.join(missing)} (or builtin: one of {', '.join(TASKS)})")
+            assert self.train is not None  # checked just above
             self.name = self.name or Path(self.train).stem
         return self
+
+    def resolved(self) -> ResolvedTask:
+        if self.name is None or self.loss_type is None or self.threshold is None or self.train is None:
+            unset = [k for k in ("name", "loss_type", "threshold", "train") if getattr(self, k) is None]
+            raise ConfigError(f"task: {', '.join(unset)} not set (the task config was not validated)")
+        return ResolvedTask(self.name, self.loss_type, self.threshold, self.train)
 
 
 class ModelsConfig(_Strict):
@@ -128,14 +144,36 @@ class CalibrateConfig(_Strict):
         return sorted(set(float(b) for b in v), reverse=True)
 
 
+class EvalConfig(_Strict):
+    # Hard negatives: "suffix-sum" (mean over records of the summed suffix NLL; upstream's test configs,
+    # configs/test/make_test.py:10-17, for all six tasks) or "hard-neg-config" (upstream's
+    # configs/hard_neg/make_hard_neg_config.py:10-17: verb_conjugation and stereoset as whole texts
+    # prefix+suffix, per-token mean NLL; the other four as suffix sums).
+    hard_neg_scoring: Literal["suffix-sum", "hard-neg-config"] = "suffix-sum"
+
+
+class BaselineConfig(_Strict):
+    # LoRA baselines (method lora-backpack / lora-large): rank and α of the adapters (peft)
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+
+
+METHODS = ("senses", "full-backpack", "lora-backpack", "full-large", "lora-large")
+
+
 class RunConfig(_Strict):
     name: str | None = None
+    # senses (the paper's method, packs) or a baseline of Tables 3/4: full finetuning or LoRA of the
+    # Backpack or of the large model (train_edits.baselines), same loss, ball and epoch selection
+    method: Literal["senses", "full-backpack", "lora-backpack", "full-large", "lora-large"] = "senses"
     task: TaskConfig
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     corpora: CorporaConfig = Field(default_factory=CorporaConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     store: str | None = None
 
     @property
@@ -154,12 +192,10 @@ def load_config_file(path: str | Path) -> dict:
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text)
-    except Exception as exc:  # yaml / json syntax
+    except (ValueError, yaml.YAMLError) as exc:  # json / yaml syntax (JSONDecodeError is a ValueError)
         raise ConfigError(f"{p}: cannot parse: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -58,27 +58,46 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> lis
     return docs
 
 
-def corpus_meta(tokenizer, split: "CorpusSplit", inputs: Sequence[str], chunk_len: int, g_fraction: float = 0.5,
-                seed: int = 0, tokenizer_spec: str | None = None) -> dict:
+def corpus_meta(
+    tokenizer,
+    split: CorpusSplit,
+    inputs: Sequence[str],
+    chunk_len: int,
+    g_fraction: float = 0.5,
+    seed: int = 0,
+    tokenizer_spec: str | None = None,
+) -> dict:
     """What corpora.json records: inputs, split sizes, fingerprints of G and R, and the tokenizer."""
     from ensemble.vocab import Vocabulary
 
     vocab = Vocabulary.from_tokenizer(tokenizer)
-    return {"inputs": list(inputs), "chunk_len": chunk_len, "g_fraction": g_fraction, "seed": seed,
-            "documents": split.g_docs + split.r_docs, "g_documents": split.g_docs, "r_documents": split.r_docs,
-            "g_chunks": len(split.g), "r_chunks": len(split.r),
-            "g_fingerprint": corpus_fingerprint([torch.tensor(c) for c in split.g]),
-            "r_fingerprint": corpus_fingerprint([torch.tensor(c) for c in split.r]),
-            "tokenizer": tokenizer_spec or "gpt2 (packaged)", "tokenizer_fingerprint": vocab.fingerprint,
-            "vocab_size": vocab.size}
+    return {
+        "inputs": list(inputs),
+        "chunk_len": chunk_len,
+        "g_fraction": g_fraction,
+        "seed": seed,
+        "documents": split.g_docs + split.r_docs,
+        "g_documents": split.g_docs,
+        "r_documents": split.r_docs,
+        "g_chunks": len(split.g),
+        "r_chunks": len(split.r),
+        "g_fingerprint": corpus_fingerprint([torch.tensor(c) for c in split.g]),
+        "r_fingerprint": corpus_fingerprint([torch.tensor(c) for c in split.r]),
+        "tokenizer": tokenizer_spec or "gpt2 (packaged)",
+        "tokenizer_fingerprint": vocab.fingerprint,
+        "vocab_size": vocab.size,
+    }
 
 
-def read_hf_documents(name: str, split: str = "train", text_field: str = "text", config: str | None = None,
-                      limit: int | None = None) -> list[str]:  # pragma: no cover - needs network
+def read_hf_documents(
+    name: str, split: str = "train", text_field: str = "text", config: str | None = None, limit: int | None = None
+) -> list[str]:  # pragma: no cover - needs network
     try:
         import datasets  # type: ignore
     except ImportError as exc:
-        raise RuntimeError("reading a Hugging Face dataset needs the 'datasets' package (pip install datasets)") from exc
+        raise RuntimeError(
+            "reading a Hugging Face dataset needs the 'datasets' package (pip install datasets)"
+        ) from exc
     ds = datasets.load_dataset(name, config, split=split, streaming=limit is not None)
     out = []
     for i, rec in enumerate(ds):
@@ -93,7 +112,7 @@ def tokenize_documents(tokenizer, docs: Iterable[str]) -> list[int]:
     ids: list[int] = []
     sep = doc_separator_id(tokenizer)
     for doc in docs:
-        body = doc[len(EOS):] if doc.startswith(EOS) else doc
+        body = doc[len(EOS) :] if doc.startswith(EOS) else doc
         ids.append(sep)
         ids.extend(encode_text(tokenizer, body))
     return ids
@@ -102,7 +121,7 @@ def tokenize_documents(tokenizer, docs: Iterable[str]) -> list[int]:
 def chunk(ids: Sequence[int], length: int) -> list[list[int]]:
     if length < 2:
         raise ValueError("chunk length must be >= 2")
-    return [list(ids[i:i + length]) for i in range(0, len(ids) - length + 1, length)]
+    return [list(ids[i : i + length]) for i in range(0, len(ids) - length + 1, length)]
 
 
 @dataclass
@@ -113,8 +132,9 @@ class CorpusSplit:
     r_docs: int
 
 
-def split_corpora(tokenizer, docs: Sequence[str], chunk_len: int = 500, g_fraction: float = 0.5,
-                  seed: int = 0) -> CorpusSplit:
+def split_corpora(
+    tokenizer, docs: Sequence[str], chunk_len: int = 500, g_fraction: float = 0.5, seed: int = 0
+) -> CorpusSplit:
     if not 0.0 < g_fraction < 1.0:
         raise ValueError("g_fraction must be in (0, 1)")
     if len(docs) < 2:
@@ -124,8 +144,12 @@ def split_corpora(tokenizer, docs: Sequence[str], chunk_len: int = 500, g_fracti
     n_g = min(max(1, round(len(docs) * g_fraction)), len(docs) - 1)
     g_docs = [docs[i] for i in order[:n_g]]
     r_docs = [docs[i] for i in order[n_g:]]
-    return CorpusSplit(chunk(tokenize_documents(tokenizer, g_docs), chunk_len),
-                       chunk(tokenize_documents(tokenizer, r_docs), chunk_len), len(g_docs), len(r_docs))
+    return CorpusSplit(
+        chunk(tokenize_documents(tokenizer, g_docs), chunk_len),
+        chunk(tokenize_documents(tokenizer, r_docs), chunk_len),
+        len(g_docs),
+        len(r_docs),
+    )
 
 
 def write_chunks(tokenizer, chunks: Sequence[Sequence[int]], path: str | Path) -> None:
@@ -149,13 +173,25 @@ def check_corpus_tokenizer(path: str | Path, fingerprint: str) -> None:
         raise DataError(meta_path, None, None, f"invalid JSON ({exc.msg})") from None
     made_with = meta.get("tokenizer_fingerprint") if isinstance(meta, dict) else None
     if made_with and made_with != fingerprint:
-        raise DataError(path, None, "tokenizer_fingerprint",
-                        f"corpus made with tokenizer {made_with} ({meta_path}), but the run's tokenizer is "
-                        f"{fingerprint}; rebuild it with `train_edits prepare-corpora --tokenizer ...`")
+        raise DataError(
+            path,
+            None,
+            "tokenizer_fingerprint",
+            f"corpus made with tokenizer {made_with} ({meta_path}), but the run's tokenizer is "
+            f"{fingerprint}; rebuild it with `train_edits prepare-corpora --tokenizer ...`",
+        )
 
 
-def prepare_corpora(tokenizer, docs: Sequence[str], out: str | Path, chunk_len: int, g_fraction: float = 0.5,
-                    seed: int = 0, inputs: Sequence[str] = (), tokenizer_spec: str | None = None) -> dict:
+def prepare_corpora(
+    tokenizer,
+    docs: Sequence[str],
+    out: str | Path,
+    chunk_len: int,
+    g_fraction: float = 0.5,
+    seed: int = 0,
+    inputs: Sequence[str] = (),
+    tokenizer_spec: str | None = None,
+) -> dict:
     """Split `docs` into G and R, write out/G.jsonl, out/R.jsonl and out/corpora.json; return the meta."""
     out = Path(out)
     sp = split_corpora(tokenizer, docs, chunk_len, g_fraction, seed)
@@ -166,8 +202,13 @@ def prepare_corpora(tokenizer, docs: Sequence[str], out: str | Path, chunk_len: 
     return meta
 
 
-def read_chunks(path: str | Path, tokenizer=None, limit: int | None = None, max_len: int | None = None,
-                vocab_size: int | None = None) -> list[torch.Tensor]:
+def read_chunks(
+    path: str | Path,
+    tokenizer=None,
+    limit: int | None = None,
+    max_len: int | None = None,
+    vocab_size: int | None = None,
+) -> list[torch.Tensor]:
     """Read a corpus file into LongTensors (one per chunk); ids must lie in [0, vocab_size)
     (default: the tokenizer's size)."""
     path = Path(path)
@@ -184,8 +225,9 @@ def read_chunks(path: str | Path, tokenizer=None, limit: int | None = None, max_
         if "input_ids" in rec:
             ids = rec["input_ids"]
             if not isinstance(ids, list) or not all(isinstance(x, int) and 0 <= x < vocab_size for x in ids):
-                raise DataError(path, lineno, "input_ids",
-                                f"expected a list of token ids in the tokenizer's [0, {vocab_size})")
+                raise DataError(
+                    path, lineno, "input_ids", f"expected a list of token ids in the tokenizer's [0, {vocab_size})"
+                )
         elif "text" in rec:
             if tokenizer is None:
                 raise DataError(path, lineno, "input_ids", "missing (and no tokenizer given to read 'text')")
@@ -195,9 +237,13 @@ def read_chunks(path: str | Path, tokenizer=None, limit: int | None = None, max_
         if len(ids) < 2:
             continue
         if max_len is not None and len(ids) > max_len:
-            raise DataError(path, lineno, "input_ids",
-                            f"chunk of {len(ids)} tokens exceeds the Backpack context ({max_len}); "
-                            f"rebuild the corpus with a smaller --chunk-len")
+            raise DataError(
+                path,
+                lineno,
+                "input_ids",
+                f"chunk of {len(ids)} tokens exceeds the Backpack context ({max_len}); "
+                f"rebuild the corpus with a smaller --chunk-len",
+            )
         out.append(torch.tensor(ids, dtype=torch.long))
     if not out:
         raise DataError(path, None, None, "no chunks")
@@ -212,5 +258,16 @@ def corpus_fingerprint(chunks: Sequence[torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-__all__ = ["read_documents", "read_hf_documents", "tokenize_documents", "chunk", "split_corpora", "write_chunks",
-           "read_chunks", "check_corpus_tokenizer", "corpus_fingerprint", "CorpusSplit", "EOS"]
+__all__ = [
+    "EOS",
+    "CorpusSplit",
+    "check_corpus_tokenizer",
+    "chunk",
+    "corpus_fingerprint",
+    "read_chunks",
+    "read_documents",
+    "read_hf_documents",
+    "split_corpora",
+    "tokenize_documents",
+    "write_chunks",
+]

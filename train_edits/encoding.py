@@ -35,6 +35,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
     sep = doc_separator_id(tokenizer) if len(parts) > 1 else None
     for i, part in enumerate(parts):
         if i > 0:
+            assert sep is not None  # set above whenever there is more than one part
             ids.append(sep)
         if part:
             ids.extend(tokenizer.encode(part, add_special_tokens=False))
@@ -57,16 +58,19 @@ class Scored:
 
     @property
     def targets(self) -> list[int]:
-        return list(self.ids[self.start:self.start + self.n])
+        return list(self.ids[self.start : self.start + self.n])
 
 
-def encode_prefix_suffix(tokenizer, prefix: str, suffix: str, max_len: int | None = None,
-                         where: str = "") -> Scored:
+def encode_prefix_suffix(tokenizer, prefix: str, suffix: str, max_len: int | None = None, where: str = "") -> Scored:
     p = encode_text(tokenizer, prefix)
     s = encode_text(tokenizer, suffix)
     if not p:
-        raise DataError(where or "<example>", None, "prefix",
-                        "empty prefix: the first suffix token cannot be scored (no BOS is added)")
+        raise DataError(
+            where or "<example>",
+            None,
+            "prefix",
+            "empty prefix: the first suffix token cannot be scored (no BOS is added)",
+        )
     if not s:
         raise DataError(where or "<example>", None, "suffix", "suffix encodes to no tokens")
     truncated = False
@@ -76,7 +80,7 @@ def encode_prefix_suffix(tokenizer, prefix: str, suffix: str, max_len: int | Non
             s = s[: max_len - 1]
             p = p[-1:]
         else:
-            p = p[-(max_len - len(s)):]
+            p = p[-(max_len - len(s)) :]
     return Scored(tuple(p + s), len(p), len(s), truncated)
 
 
@@ -104,8 +108,13 @@ def encode_example(tokenizer, ex: Example, max_len: int | None = None, path: str
     if isinstance(ex, SingleExample):
         return EncodedExample((encode_prefix_suffix(tokenizer, ex.prefix, ex.suffix, max_len, where),), ex.line)
     if isinstance(ex, PairExample):
-        return EncodedExample((encode_prefix_suffix(tokenizer, ex.prefix, ex.suffix1, max_len, where),
-                               encode_prefix_suffix(tokenizer, ex.prefix, ex.suffix2, max_len, where)), ex.line)
+        return EncodedExample(
+            (
+                encode_prefix_suffix(tokenizer, ex.prefix, ex.suffix1, max_len, where),
+                encode_prefix_suffix(tokenizer, ex.prefix, ex.suffix2, max_len, where),
+            ),
+            ex.line,
+        )
     if isinstance(ex, TextExample):
         s = encode_whole(tokenizer, ex.text, max_len)
         return None if s is None else EncodedExample((s,), ex.line)

@@ -9,15 +9,17 @@ Scorers return the summed NLL (nats) of each scored span:
   large model alone (exact skip). β = 0 or no edits is the large model.
 
 Metrics of one task: ``success`` (fraction of eval examples that do not fail),
-``hard_neg`` (mean over hard negatives of the summed suffix NLL),
+``hard_neg`` (mean over hard negatives of the summed suffix NLL; with ``hard_neg_text`` the
+records are scored as whole texts prefix+suffix and ``hard_neg`` is the per-token mean NLL over
+all of them, as upstream's ``configs/hard_neg`` do for verb_conjugation and stereoset),
 ``rest_of_prompt`` (per-token mean NLL over the unconditional texts, first
 token of each text not scored).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -25,7 +27,7 @@ from ensemble.delta import logit_delta, sequence_deltas
 
 from .calibrate import _device, large_logits
 from .encoding import EncodedExample, Scored, encode_example, pad_batch
-from .tasks import LossType, TaskData, example_score, is_failure
+from .tasks import LossType, SingleExample, TaskData, TextExample, example_score, is_failure
 
 
 class _Scorer:
@@ -35,6 +37,7 @@ class _Scorer:
     batch_size = 8
     n_variants = 1
     progress: str | None = None  # a tqdm description, or None for no bar
+    device: torch.device  # where `_batch` wants its inputs; set by each subclass
 
     @torch.no_grad()
     def nll_sums_all(self, seqs: Sequence[Scored]) -> torch.Tensor:
@@ -47,7 +50,7 @@ class _Scorer:
 
             starts = tqdm(starts, desc=self.progress, unit="batch", leave=False)
         for b0 in starts:
-            idx = order[b0:b0 + self.batch_size]
+            idx = order[b0 : b0 + self.batch_size]
             ids, tgt, mask = pad_batch([seqs[i] for i in idx])
             dev = self.device
             sums = self._batch(ids.to(dev), tgt.to(dev), mask.to(dev)).cpu().reshape(self.n_variants, len(idx))
@@ -63,8 +66,8 @@ class _Scorer:
 
 
 class BackpackScorer(_Scorer):
-    def __init__(self, model, edits=None, batch_size: int = 8):
-        self.model, self.batch_size = model, batch_size
+    def __init__(self, model, edits=None, batch_size: int = 8, progress: str | None = None):
+        self.model, self.batch_size, self.progress = model, batch_size, progress
         self.device = model.embedding.device
         self.edits = None if edits is None else edits.to(self.device)
 
@@ -87,14 +90,25 @@ class EnsembleScorer(_Scorer):
     the same pass (the large model runs once per batch for every variant; `(None, 0)` is the large
     model alone); without `variants`, the one variant is (edits, beta)."""
 
-    def __init__(self, large, backpack, edits=None, beta: float = 0.0, batch_size: int = 8, *, vocab_size: int,
-                 variants: Sequence[tuple] | None = None, progress: str | None = None):
+    def __init__(
+        self,
+        large,
+        backpack,
+        edits=None,
+        beta: float = 0.0,
+        batch_size: int = 8,
+        *,
+        vocab_size: int,
+        variants: Sequence[tuple] | None = None,
+        progress: str | None = None,
+    ):
         self.large, self.backpack, self.batch_size = large, backpack, batch_size
         self.vocab_size = vocab_size  # |U| of the run's tokenizer
         self.device = _device(large)
         variants = list(variants) if variants is not None else [(edits, beta)]
-        self.variants = [(None if e is None or not len(e) or not b else e.to(self.device), float(b))
-                         for e, b in variants]
+        self.variants = [
+            (None if e is None or not len(e) or not b else e.to(self.device), float(b)) for e, b in variants
+        ]
         self.n_variants = len(self.variants)
         self.progress = progress
         self.E = backpack.embedding.detach()[:vocab_size].float().to(self.device)
@@ -118,7 +132,9 @@ class EnsembleScorer(_Scorer):
                 rows = torch.isin(ids, edits.token_ids).any(-1).nonzero().flatten()
                 if len(rows):
                     if alpha is None:  # α never depends on the edits: one Backpack pass serves every variant
-                        alpha = self.backpack.contextualize(ids.to(self.backpack.embedding.device)).float().to(ids.device)
+                        alpha = (
+                            self.backpack.contextualize(ids.to(self.backpack.embedding.device)).float().to(ids.device)
+                        )
                     delta = torch.zeros(*ids.shape, self.E.shape[1], device=ids.device)
                     delta[rows] = sequence_deltas(alpha[rows], ids[rows], edits.to(dtype=alpha.dtype)).float()
                     zz = z + beta * logit_delta(delta[sel], self.E, self.vocab_size)
@@ -153,29 +169,55 @@ class EncodedTask:
     hard_neg: list[EncodedExample]
     unconditional: list[EncodedExample]
     truncated: int = 0
+    hard_neg_text: bool = False  # hard negatives as whole texts, per-token mean (upstream configs/hard_neg)
 
     @classmethod
-    def encode(cls, tokenizer, data: TaskData, max_len: int, max_eval: int | None = None,
-               max_train: int | None = None) -> "EncodedTask":
+    def encode(
+        cls,
+        tokenizer,
+        data: TaskData,
+        max_len: int,
+        max_eval: int | None = None,
+        max_train: int | None = None,
+        hard_neg_text: bool = False,
+    ) -> EncodedTask:
         def enc(exs, limit=None):
             out = [encode_example(tokenizer, e, max_len, data.name) for e in (exs[:limit] if limit else exs)]
             return [e for e in out if e is not None]
 
-        t = cls(data.name, data.loss_type, data.threshold, enc(data.train, max_train), enc(data.eval, max_eval),
-                enc(data.hard_neg, max_eval), enc(data.unconditional, max_eval))
-        t.truncated = sum(s.truncated for group in (t.train, t.eval, t.hard_neg, t.unconditional)
-                          for e in group for s in e.seqs)
+        hard_neg = data.hard_neg
+        if hard_neg_text:  # upstream's unconditional iterator: one text, tokenized whole (utils.py:180-196)
+            singles = [e for e in hard_neg if isinstance(e, SingleExample)]
+            if len(singles) != len(hard_neg):
+                raise ValueError(
+                    f"task {data.name}: hard negatives scored as whole texts must be prefix/suffix records"
+                )
+            hard_neg = [TextExample(e.prefix + e.suffix, e.line) for e in singles]
+        t = cls(
+            data.name,
+            data.loss_type,
+            data.threshold,
+            enc(data.train, max_train),
+            enc(data.eval, max_eval),
+            enc(hard_neg, max_eval),
+            enc(data.unconditional, max_eval),
+            hard_neg_text=hard_neg_text,
+        )
+        t.truncated = sum(
+            s.truncated for group in (t.train, t.eval, t.hard_neg, t.unconditional) for e in group for s in e.seqs
+        )
         return t
 
 
-def _successes(sums: torch.Tensor, examples: Sequence[EncodedExample], loss_type: LossType,
-                threshold: float) -> list[float]:
+def _successes(
+    sums: torch.Tensor, examples: Sequence[EncodedExample], loss_type: LossType, threshold: float
+) -> list[float]:
     """Success rate per variant from (variants, sequences) summed NLLs."""
     rates = []
     for row in sums.tolist():
         ok, i = 0, 0
         for e in examples:
-            nlls = row[i:i + len(e.seqs)]
+            nlls = row[i : i + len(e.seqs)]
             i += len(e.seqs)
             ok += not is_failure(example_score(loss_type, *nlls), threshold)
         rates.append(ok / max(len(examples), 1))
@@ -192,19 +234,24 @@ def task_metrics_all(scorer, task: EncodedTask) -> list[dict]:
     n = scorer.n_variants
     outs: list[dict] = [{} for _ in range(n)]
     flat = [s for e in task.eval for s in e.seqs]
-    for out, rate in zip(outs, _successes(scorer.nll_sums_all(flat), task.eval, task.loss_type, task.threshold)):
+    for out, rate in zip(
+        outs, _successes(scorer.nll_sums_all(flat), task.eval, task.loss_type, task.threshold), strict=True
+    ):
         out.update(success=rate, n_eval=len(task.eval))
     if task.hard_neg:
-        sums = scorer.nll_sums_all([e.seqs[0] for e in task.hard_neg])
-        for out, row in zip(outs, sums):
-            out.update(hard_neg=float(row.mean()), n_hard_neg=int(row.numel()))
+        seqs = [e.seqs[0] for e in task.hard_neg]
+        sums = scorer.nll_sums_all(seqs)
+        for out, row in zip(outs, sums, strict=True):
+            # whole texts: per-token mean over all records (upstream normalize='token'); else per-record mean
+            hn = float(row.sum()) / sum(s.n for s in seqs) if task.hard_neg_text else float(row.mean())
+            out.update(hard_neg=hn, n_hard_neg=int(row.numel()))
     else:
         for out in outs:
             out["hard_neg"] = None
     if task.unconditional:
         seqs = [e.seqs[0] for e in task.unconditional]
         sums = scorer.nll_sums_all(seqs)
-        for out, row in zip(outs, sums):
+        for out, row in zip(outs, sums, strict=True):
             out["rest_of_prompt"] = float(row.sum()) / sum(s.n for s in seqs)
     else:
         for out in outs:

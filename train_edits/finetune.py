@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,9 @@ class FinetuneResult:
 class _EvalCache:
     """Eval examples with α cached at scored rows: success rate for any deltas, cheaply."""
 
-    def __init__(self, model, examples: Sequence[EncodedExample], index: EditIndex, loss_type: LossType, threshold: float):
+    def __init__(
+        self, model, examples: Sequence[EncodedExample], index: EditIndex, loss_type: LossType, threshold: float
+    ):
         self.loss_type = LossType(loss_type)
         self.threshold = threshold
         flat = [s for ex in examples for s in ex.seqs]
@@ -90,7 +92,7 @@ class _EvalCache:
         self.groups: list[list[CachedSeq]] = []
         i = 0
         for ex in examples:
-            self.groups.append(cached[i:i + len(ex.seqs)])
+            self.groups.append(cached[i : i + len(ex.seqs)])
             i += len(ex.seqs)
 
     @torch.no_grad()
@@ -110,22 +112,34 @@ class _EvalCache:
         return ok / len(self.groups)
 
 
-def _make_optimizer(params, p: FinetuneParams):
+def _make_optimizer(params: list[torch.nn.Parameter], p: FinetuneParams) -> torch.optim.Optimizer:
     if p.optimizer == "adam8bit":
         try:
             import bitsandbytes as bnb  # type: ignore
-        except ImportError as exc:  # pragma: no cover - optional dependency
-            raise RuntimeError("optimizer 'adam8bit' needs the bitsandbytes package") from exc
+        except ImportError as exc:
+            raise RuntimeError(
+                "train.optimizer 'adam8bit' needs bitsandbytes, which is not installed: "
+                "pip install 'sensepack[adam8bit]' (or use --optimizer adamw)"
+            ) from exc
         return bnb.optim.Adam(params, lr=p.lr, betas=p.adam_betas, optim_bits=8)
     if p.optimizer != "adamw":
         raise ValueError(f"optimizer: unknown '{p.optimizer}' (adamw, adam8bit)")
     return torch.optim.AdamW(params, lr=p.lr, betas=p.adam_betas, weight_decay=p.weight_decay)
 
 
-def finetune(model, train: Sequence[EncodedExample], loss_type: LossType, pairs: Sequence[tuple[int, int]],
-             g_chunks: Sequence[torch.Tensor], r_chunks: Sequence[torch.Tensor], params: FinetuneParams,
-             eval_examples: Sequence[EncodedExample] | None = None, threshold: float | None = None,
-             progress: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> FinetuneResult:
+def finetune(
+    model,
+    train: Sequence[EncodedExample],
+    loss_type: LossType,
+    pairs: Sequence[tuple[int, int]],
+    g_chunks: Sequence[torch.Tensor],
+    r_chunks: Sequence[torch.Tensor],
+    params: FinetuneParams,
+    eval_examples: Sequence[EncodedExample] | None = None,
+    threshold: float | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> FinetuneResult:
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -143,13 +157,18 @@ def finetune(model, train: Sequence[EncodedExample], loss_type: LossType, pairs:
     train_cache = [cache_sequences(model, list(ex.seqs), index) for ex in train]
     gl = GLoss(model, g_chunks, index)
     kl = KLRegularizer(model, r_chunks, index)
-    ev = _EvalCache(model, eval_examples, index, lt, threshold) if (eval_examples and params.eval_every_epoch
-                                                                    and threshold is not None) else None
+    ev = (
+        _EvalCache(model, eval_examples, index, lt, threshold)
+        if (eval_examples and params.eval_every_epoch and threshold is not None)
+        else None
+    )
 
     caps = params.epoch_cap or {}
     with torch.no_grad():
-        loss0 = sum(float(training_loss(lt, [c.nll_sum(E, deltas) for c in seqs], [c.scored.n for c in seqs]))
-                    for seqs in train_cache) / max(len(train_cache), 1)
+        loss0 = sum(
+            float(training_loss(lt, [c.nll_sum(E, deltas) for c in seqs], [c.scored.n for c in seqs]))
+            for seqs in train_cache
+        ) / max(len(train_cache), 1)
     history = [EpochRecord(0, loss0, gl.base_mean, 1.0, None, ev.success(E, deltas.detach()) if ev else None)]
     chosen = {eps: 0 for eps in params.epsilons}
     kept = {eps: deltas.detach().float().cpu().clone() for eps in params.epsilons}
@@ -164,7 +183,7 @@ def finetune(model, train: Sequence[EncodedExample], loss_type: LossType, pairs:
         last_epoch = min(params.epochs, max(caps[eps] for eps in params.epsilons))
     bar = tqdm(range(1, last_epoch + 1), desc="epochs", disable=not progress or not len(index))
     for epoch in bar:
-        if not len(index):
+        if opt is None or sched is None:  # no selected senses: nothing to train
             break
         order = list(range(len(train_cache)))
         rng.shuffle(order)
@@ -200,11 +219,17 @@ def finetune(model, train: Sequence[EncodedExample], loss_type: LossType, pairs:
                 opt.zero_grad(set_to_none=True)
                 steps += 1
                 pending = 0
-        lr = sched.get_last_lr()[0]
+        lr = float(sched.get_last_lr()[0])
         sched.step()
         ratio = gl.ratio(deltas.detach())
-        rec = EpochRecord(epoch, loss_sum / max(len(order), 1), gl.base_mean * ratio, ratio, lr,
-                          ev.success(E, deltas.detach()) if ev else None)
+        rec = EpochRecord(
+            epoch,
+            loss_sum / max(len(order), 1),
+            gl.base_mean * ratio,
+            ratio,
+            lr,
+            ev.success(E, deltas.detach()) if ev else None,
+        )
         history.append(rec)
         for eps in params.epsilons:
             if in_ball(ratio, eps) and epoch <= caps.get(eps, math.inf):

@@ -31,7 +31,7 @@ def masked_nll_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
 def training_loss(loss_type: LossType | str, sums: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
     """The per-example training loss from summed NLLs and suffix token counts."""
     lt = LossType(loss_type)
-    means = [s / c for s, c in zip(sums, counts)]
+    means = [s / c for s, c in zip(sums, counts, strict=True)]
     if lt is LossType.GOOD:
         return means[0]
     if lt is LossType.BAD:

@@ -1,15 +1,15 @@
 """The steps of a run, each reading and writing files in the run directory.
 
-    run_dir/
-      config.json            resolved, validated config
-      log.jsonl              structured log (one JSON object per line)
-      selection.json         chosen (token, sense) pairs, per-example top-k with scores
-      training.json          epoch history (train loss, G ratio, success), chosen epoch per ε
-      edits/eps-<ε>.safetensors   token_ids, sense_ids, deltas of the chosen epoch
-      calibration.json       β grid ratios and chosen β per ε (when a large model is configured)
-      report.json, report.md evaluation before/after, Backpack and ensemble
-      packs/<name>-eps<ε>/   edit packs (edits_store format), one per ε
-      plots/*.png            g_ratio.png, success.png, calibration.png
+run_dir/
+  config.json            resolved, validated config
+  log.jsonl              structured log (one JSON object per line)
+  selection.json         chosen (token, sense) pairs, per-example top-k with scores
+  training.json          epoch history (train loss, G ratio, success), chosen epoch per ε
+  edits/eps-<ε>.safetensors   token_ids, sense_ids, deltas of the chosen epoch
+  calibration.json       β grid ratios and chosen β per ε (when a large model is configured)
+  report.json, report.md evaluation before/after, Backpack and ensemble
+  packs/<name>-eps<ε>/   edit packs (edits_store format), one per ε
+  plots/*.png            g_ratio.png, success.png, calibration.png
 """
 
 from __future__ import annotations
@@ -21,22 +21,29 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .calibrate import calibrate
 from .compute import chunk_batches
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .corpora import check_corpus_tokenizer, corpus_fingerprint, read_chunks
 from .encoding import EncodedExample
 from .evaluate import BackpackScorer, EncodedTask, EnsembleScorer, task_metrics, task_metrics_all
 from .finetune import FinetuneParams, finetune
+from .provenance import ensure_earlier, record
 from .report import eps_key, write_reports
 from .selection import background_table, select_senses
 from .tasks import TaskData
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ensemble.edits import SenseEdits
+
 log = logging.getLogger("train_edits")
+# upstream configs/hard_neg/make_hard_neg_config.py:15-16: these two score hard negatives as whole texts
+HARD_NEG_TEXT_TASKS = ("verb_conjugation", "stereoset")
 
 
 # --------------------------------------------------------------------------- logging
@@ -48,28 +55,33 @@ class JsonLines(logging.Handler):
         self.path = path
 
     def emit(self, record: logging.LogRecord) -> None:
-        obj = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-               "event": record.getMessage()}
+        obj = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
         obj.update(getattr(record, "fields", {}) or {})
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(obj, default=str) + "\n")
+
+
+class _Console(logging.StreamHandler):
+    """Ours, as JsonLines: a second setup_logging call replaces them instead of adding more."""
 
 
 def setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
     root = logging.getLogger("train_edits")
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
-        if getattr(h, "_train_edits", False):
+        if isinstance(h, (JsonLines, _Console)):
             root.removeHandler(h)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        jh = JsonLines(run_dir / "log.jsonl")
-        jh._train_edits = True
-        root.addHandler(jh)
-    sh = logging.StreamHandler()
+        root.addHandler(JsonLines(run_dir / "log.jsonl"))
+    sh = _Console()
     sh.setLevel(logging.INFO if verbose else logging.WARNING)
     sh.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    sh._train_edits = True
     root.addHandler(sh)
     root.propagate = False
 
@@ -111,21 +123,25 @@ def load_large(spec: str | None, dtype: str | None = None, device: str = "cpu"):
 
     if spec == "tiny-gptj" or spec.startswith("tiny-gptj:"):
         seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        return lm.tiny_gptj(seed=seed).to(device)
+        # transformers types PreTrainedModel.to through a decorator that mypy reads as taking the model
+        return lm.tiny_gptj(seed=seed).to(device)  # type: ignore[arg-type]
     return lm.load_large_model(spec, dtype=dtype, device=device)
 
 
 class Run:
     """A run directory with its config, lazily loaded models, data and corpora."""
 
-    def __init__(self, run_dir: str | Path, cfg: RunConfig, progress: bool = True):
+    def __init__(self, run_dir: str | Path, cfg: RunConfig, progress: bool = True, recompute: bool = False):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.progress = progress
+        self.recompute = recompute  # recompute stale earlier steps instead of refusing them (provenance.py)
         (self.dir / "config.json").write_text(cfg.model_dump_json(indent=1))
-        self._backpack = self._large = self._tok = self._vocab = self._task = None
-        self._g = self._r = None
+        self._backpack = self._large = self._tok = self._vocab = None
+        self._task: EncodedTask | None = None
+        self._g: list[torch.Tensor] | None = None
+        self._r: list[torch.Tensor] | None = None
 
     @property
     def backpack(self):
@@ -139,8 +155,9 @@ class Run:
     def large(self):
         if self._large is None and self.cfg.models.large:
             large = load_large(self.cfg.models.large, self.cfg.models.large_dtype, self.cfg.models.device)
-            self.vocab.check_covers(f"large model {self.cfg.models.large}",
-                                    large.get_output_embeddings().weight.shape[0])
+            self.vocab.check_covers(
+                f"large model {self.cfg.models.large}", large.get_output_embeddings().weight.shape[0]
+            )
             self._large = large
         return self._large
 
@@ -170,23 +187,33 @@ class Run:
     def task(self) -> EncodedTask:
         if self._task is None:
             t = self.cfg.task
-            data = TaskData.load(t.name, t.loss_type, t.threshold, t.train, t.eval, t.hard_neg, t.unconditional)
-            self._task = EncodedTask.encode(self.tokenizer, data, self.max_len, t.max_eval, t.max_train)
+            name, loss_type, threshold, train = t.resolved()
+            data = TaskData.load(name, loss_type, threshold, train, t.eval, t.hard_neg, t.unconditional)
+            hard_neg_text = self.cfg.eval.hard_neg_scoring == "hard-neg-config" and t.builtin in HARD_NEG_TEXT_TASKS
+            self._task = EncodedTask.encode(
+                self.tokenizer, data, self.max_len, t.max_eval, t.max_train, hard_neg_text=hard_neg_text
+            )
             if self._task.truncated:
                 event("truncated", count=self._task.truncated, max_len=self.max_len)
             if data.repaired:
-                event("repaired_examples", count=data.repaired,
-                      why="subject moved from the suffix to the prefix (tasks.repair_split_subjects)")
+                event(
+                    "repaired_examples",
+                    count=data.repaired,
+                    why="subject moved from the suffix to the prefix (tasks.repair_split_subjects)",
+                )
         return self._task
 
     def _corpus(self, which: str) -> list[torch.Tensor]:
         path = getattr(self.cfg.corpora, which)
         if path is None:
-            raise FileNotFoundError(f"corpora.{which}: no {which.upper()} corpus configured (--{which} FILE); "
-                                    f"build one with `train_edits prepare-corpora`")
+            raise FileNotFoundError(
+                f"corpora.{which}: no {which.upper()} corpus configured (--{which} FILE); "
+                f"build one with `train_edits prepare-corpora`"
+            )
         check_corpus_tokenizer(path, self.vocab.fingerprint)
-        return read_chunks(path, self.tokenizer, getattr(self.cfg.corpora, f"{which}_limit"), self.max_len,
-                           vocab_size=self.vocab.size)
+        return read_chunks(
+            path, self.tokenizer, getattr(self.cfg.corpora, f"{which}_limit"), self.max_len, vocab_size=self.vocab.size
+        )
 
     @property
     def g(self) -> list[torch.Tensor]:
@@ -225,21 +252,32 @@ def step_select(run: Run) -> dict:
     t0 = time.time()
     task = run.task
     bg = background_table(run.backpack, run.r, run.cfg.corpora.batch_size, progress=run.progress)
-    sel = select_senses(run.backpack, task.train, bg, task.loss_type, run.cfg.select.k, run.cfg.select.lam,
-                        progress=run.progress)
+    sel = select_senses(
+        run.backpack, task.train, bg, task.loss_type, run.cfg.select.k, run.cfg.select.lam, progress=run.progress
+    )
     out = sel.to_json(run.tokenizer)
     out.update(k=run.cfg.select.k, lam=run.cfg.select.lam, n_examples=len(task.train), r_chunks=len(run.r))
-    run.write_json("selection.json", out)
+    p = run.write_json("selection.json", out)
+    record(run, "select", [p], {})
     event("selected", pairs=len(sel.pairs), examples=len(task.train), seconds=round(time.time() - t0, 2))
     return out
 
 
 def finetune_params(cfg: RunConfig) -> FinetuneParams:
     t = cfg.train
-    return FinetuneParams(lr=t.lr, kl_weight=t.kl_weight, epochs=t.epochs, grad_accum=t.grad_accum,
-                          weight_decay=t.weight_decay, optimizer=t.optimizer, upstream_grad_bug=t.upstream_grad_bug,
-                          seed=t.seed, epsilons=tuple(t.epsilons), eval_every_epoch=t.eval_every_epoch,
-                          epoch_cap={float(k): v for k, v in t.epoch_cap.items()} if t.epoch_cap else None)
+    return FinetuneParams(
+        lr=t.lr,
+        kl_weight=t.kl_weight,
+        epochs=t.epochs,
+        grad_accum=t.grad_accum,
+        weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        upstream_grad_bug=t.upstream_grad_bug,
+        seed=t.seed,
+        epsilons=tuple(t.epsilons),
+        eval_every_epoch=t.eval_every_epoch,
+        epoch_cap={float(k): v for k, v in t.epoch_cap.items()} if t.epoch_cap else None,
+    )
 
 
 def edits_path(run: Run, eps: float) -> Path:
@@ -247,34 +285,50 @@ def edits_path(run: Run, eps: float) -> Path:
 
 
 def step_train(run: Run) -> dict:
-    if not (run.dir / "selection.json").is_file():
-        step_select(run)
+    earlier = ensure_earlier(run, "train", RUNNERS)
     sel = run.read_json("selection.json")
     pairs = [tuple(p) for p in sel["pairs"]]
     task = run.task
     params = finetune_params(run.cfg)
     seed_everything(params.seed)
     t0 = time.time()
-    res = finetune(run.backpack, task.train, task.loss_type, pairs, run.g, run.r, params,
-                   eval_examples=task.eval, threshold=task.threshold, progress=run.progress)
+    res = finetune(
+        run.backpack,
+        task.train,
+        task.loss_type,
+        pairs,
+        run.g,
+        run.r,
+        params,
+        eval_examples=task.eval,
+        threshold=task.threshold,
+        progress=run.progress,
+    )
     seconds = time.time() - t0
     (run.dir / "edits").mkdir(exist_ok=True)
     tok = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     sen = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    written = []
     for eps, d in res.deltas.items():
         save_file({"token_ids": tok, "sense_ids": sen, "deltas": d.float().contiguous()}, str(edits_path(run, eps)))
+        written.append(edits_path(run, eps))
     history = [asdict(h) for h in res.history]
     out = {
         "history": history,
         "chosen_epoch": {eps_key(e): c for e, c in res.chosen_epoch.items()},
         "g_ratio": {eps_key(e): res.history[c].g_ratio for e, c in res.chosen_epoch.items()},
-        "n_senses": len(pairs), "optimizer_steps": res.optimizer_steps, "examples_counted": res.examples_counted,
-        "seconds": seconds, "seconds_per_epoch": seconds / max(len(history) - 1, 1),
-        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()
-                   if k != "epoch_cap"},
-        "g_chunks": len(run.g), "r_chunks": len(run.r), "g_fingerprint": corpus_fingerprint(run.g),
+        "n_senses": len(pairs),
+        "optimizer_steps": res.optimizer_steps,
+        "examples_counted": res.examples_counted,
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / max(len(history) - 1, 1),
+        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items() if k != "epoch_cap"},
+        "g_chunks": len(run.g),
+        "r_chunks": len(run.r),
+        "g_fingerprint": corpus_fingerprint(run.g),
     }
-    run.write_json("training.json", out)
+    written.append(run.write_json("training.json", out))
+    record(run, "train", written, earlier)
     event("trained", seconds=round(seconds, 2), chosen=out["chosen_epoch"])
     _plot_training(run, out)
     return out
@@ -289,11 +343,11 @@ def _plot_training(run: Run, tr: dict) -> None:
     plot_success(tr["history"], run.dir / "plots" / "success.png")
 
 
-def load_edits(run: Run) -> dict[float, object]:
+def load_edits(run: Run) -> dict[float, SenseEdits]:
     from ensemble.edits import SenseEdits
 
     tr = run.read_json("training.json")
-    out = {}
+    out: dict[float, SenseEdits] = {}
     for e in tr["chosen_epoch"]:
         t = load_file(str(edits_path(run, float(e))))
         out[float(e)] = SenseEdits(t["token_ids"], t["sense_ids"], t["deltas"])
@@ -312,6 +366,7 @@ def step_calibrate(run: Run) -> dict | None:
     if run.large is None:
         event("calibrate_skipped", reason="no large model configured")
         return None
+    earlier = ensure_earlier(run, "calibrate", RUNNERS)
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
     bs = run.cfg.corpora.batch_size
 
@@ -320,15 +375,28 @@ def step_calibrate(run: Run) -> dict | None:
             yield ids, mask
 
     t0 = time.time()
-    res = calibrate(run.large, run.backpack, batches(), edits, run.cfg.calibrate.grid, progress=run.progress,
-                    total=math.ceil(len(run.g) / bs), vocab_size=run.vocab.size)
+    res = calibrate(
+        run.large,
+        run.backpack,
+        batches(),
+        edits,
+        run.cfg.calibrate.grid,
+        progress=run.progress,
+        total=math.ceil(len(run.g) / bs),
+        vocab_size=run.vocab.size,
+    )
     from ensemble.large_model import model_fingerprint
 
     out = res.to_json()
-    out.update(target_model=run.cfg.models.large, target_fingerprint=model_fingerprint(run.large),
-               g_fingerprint=corpus_fingerprint(run.g), tokenizer_fingerprint=run.vocab.fingerprint,
-               vocab_size=run.vocab.size, seconds=time.time() - t0)
-    run.write_json("calibration.json", out)
+    out.update(
+        target_model=run.cfg.models.large,
+        target_fingerprint=model_fingerprint(run.large),
+        g_fingerprint=corpus_fingerprint(run.g),
+        tokenizer_fingerprint=run.vocab.fingerprint,
+        vocab_size=run.vocab.size,
+        seconds=time.time() - t0,
+    )
+    record(run, "calibrate", [run.write_json("calibration.json", out)], earlier, with_large=True)
     from .plots import plot_calibration
 
     (run.dir / "plots").mkdir(exist_ok=True)
@@ -338,39 +406,53 @@ def step_calibrate(run: Run) -> dict | None:
 
 
 def step_eval(run: Run) -> dict:
+    earlier = ensure_earlier(run, "eval", RUNNERS, with_large=True)
     task = run.task
     tr = run.read_json("training.json")
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
-    bp_before = task_metrics(BackpackScorer(run.backpack), task)
+    label = (lambda what: f"eval {task.name} (Backpack, {what})") if run.progress else (lambda what: None)
+    bp_before = task_metrics(BackpackScorer(run.backpack, progress=label("before")), task)
     bp_before["g_ratio"] = 1.0
     bp_after = {}
     for e, ed in edits.items():
-        m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None), task)
+        m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None, progress=label(f"ε {eps_key(e)}")), task)
         m.update(epoch=tr["chosen_epoch"][eps_key(e)], g_ratio=tr["g_ratio"][eps_key(e)], n_senses=len(ed))
         bp_after[eps_key(e)] = m
-    report = {"task": task.name, "loss_type": task.loss_type.value, "threshold": task.threshold,
-              "backpack": {"name": run.cfg.models.backpack, "before": bp_before, "after": bp_after},
-              "ensemble": None}
+    report: dict[str, object] = {
+        "task": task.name,
+        "loss_type": task.loss_type.value,
+        "threshold": task.threshold,
+        "method": "senses",
+        "seed": run.cfg.train.seed,
+        "backpack": {"name": run.cfg.models.backpack, "before": bp_before, "after": bp_after},
+        "ensemble": None,
+    }
     cal_path = run.dir / "calibration.json"
-    if run.large is not None and cal_path.is_file():
+    if run.large is not None and cal_path.is_file() and "calibrate" in earlier:
         cal = json.loads(cal_path.read_text())
         # Before and every ε in one pass: the large model runs once per batch for all of them.
         eps_list = list(edits)
         infos = [cal["per_epsilon"][eps_key(e)] for e in eps_list]
-        variants = [(None, 0.0)] + [(edits[e], info["beta"]) for e, info in zip(eps_list, infos)]
-        scorer = EnsembleScorer(run.large, run.backpack, vocab_size=run.vocab.size, variants=variants,
-                                progress=f"eval {task.name} (ensemble)" if run.progress else None)
+        variants = [(None, 0.0)] + [(edits[e], info["beta"]) for e, info in zip(eps_list, infos, strict=True)]
+        scorer = EnsembleScorer(
+            run.large,
+            run.backpack,
+            vocab_size=run.vocab.size,
+            variants=variants,
+            progress=f"eval {task.name} (ensemble)" if run.progress else None,
+        )
         metrics = task_metrics_all(scorer, task)
         before = metrics[0]
         before["g_ratio"] = 1.0
         after = {}
-        for e, info, m in zip(eps_list, infos, metrics[1:]):
+        for e, info, m in zip(eps_list, infos, metrics[1:], strict=True):
             m.update(beta=info["beta"], g_ratio=info["ratio"])
             after[eps_key(e)] = m
         report["ensemble"] = {"target": run.cfg.models.large, "before": before, "after": after}
-    write_reports([report], run.dir)
-    event("evaluated", success_before=bp_before["success"],
-          success_after={k: v["success"] for k, v in bp_after.items()})
+    record(run, "eval", list(write_reports([report], run.dir)), earlier, with_large=True)
+    event(
+        "evaluated", success_before=bp_before["success"], success_after={k: v["success"] for k, v in bp_after.items()}
+    )
     return report
 
 
@@ -378,13 +460,16 @@ def step_pack(run: Run, names: dict[float, str] | None = None) -> list[Path]:
     """One pack per ε, named `<name>-eps<ε>`; `names` ({ε: pack name}) writes only those ε under those names."""
     from edits_store.format import CalibrationEntry, build_pack, with_calibration, write_pack
 
+    earlier = ensure_earlier(run, "pack", RUNNERS)  # the pack records exactly these step fingerprints
     tr = run.read_json("training.json")
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
-    cal = json.loads((run.dir / "calibration.json").read_text()) if (run.dir / "calibration.json").is_file() else None
+    cal = json.loads((run.dir / "calibration.json").read_text()) if "calibrate" in earlier else None
     if cal and cal.get("tokenizer_fingerprint") and cal["tokenizer_fingerprint"] != run.vocab.fingerprint:
-        raise ValueError(f"{run.dir / 'calibration.json'}: calibrated with tokenizer {cal['tokenizer_fingerprint']}, "
-                         f"but the run's tokenizer is {run.vocab.fingerprint}; run `calibrate` again")
-    rep = json.loads((run.dir / "report.json").read_text()) if (run.dir / "report.json").is_file() else None
+        raise ValueError(
+            f"{run.dir / 'calibration.json'}: calibrated with tokenizer {cal['tokenizer_fingerprint']}, "
+            f"but the run's tokenizer is {run.vocab.fingerprint}; run `calibrate` again"
+        )
+    rep = json.loads((run.dir / "report.json").read_text()) if "eval" in earlier else None
     bp = run.backpack
     out = []
     store = None
@@ -396,29 +481,57 @@ def step_pack(run: Run, names: dict[float, str] | None = None) -> list[Path]:
         if names is not None and e not in names:
             continue
         k = eps_key(e)
-        training = {"task": run.cfg.task.name, "loss_type": run.cfg.task.loss_type.value,
-                    "hyperparameters": tr["params"] | {"k": run.cfg.select.k, "lam": run.cfg.select.lam},
-                    "selected_senses": tr["n_senses"], "epochs": len(tr["history"]) - 1,
-                    "last_in_ball_epoch": tr["chosen_epoch"][k], "backpack_ball_ratio": tr["g_ratio"][k],
-                    "g_fingerprint": tr["g_fingerprint"]}
+        training: dict[str, object] = {
+            "task": run.cfg.task.name,
+            "loss_type": run.cfg.task.resolved().loss_type.value,
+            "hyperparameters": tr["params"] | {"k": run.cfg.select.k, "lam": run.cfg.select.lam},
+            "selected_senses": tr["n_senses"],
+            "epochs": len(tr["history"]) - 1,
+            "last_in_ball_epoch": tr["chosen_epoch"][k],
+            "backpack_ball_ratio": tr["g_ratio"][k],
+            "g_fingerprint": tr["g_fingerprint"],
+            "steps": earlier,
+        }
         evaluation = {}
         if rep:
             evaluation = {"backpack": {"before": rep["backpack"]["before"], "after": rep["backpack"]["after"][k]}}
             if rep.get("ensemble"):
-                evaluation["ensemble"] = {"target": rep["ensemble"]["target"], "before": rep["ensemble"]["before"],
-                                          "after": rep["ensemble"]["after"][k]}
+                evaluation["ensemble"] = {
+                    "target": rep["ensemble"]["target"],
+                    "before": rep["ensemble"]["before"],
+                    "after": rep["ensemble"]["after"][k],
+                }
         pack_name = names[e] if names is not None else f"{run.cfg.pack_name}-eps{k}"
-        pack = build_pack(pack_name, ed.token_ids.long(), ed.sense_ids.long(),
-                          ed.deltas.float(), backpack_name=run.cfg.models.backpack,
-                          backpack_fingerprint=bp.fingerprint(), tokenizer_fingerprint=run.vocab.fingerprint,
-                          vocab_size=int(bp.config.vocab_size), num_senses=int(bp.config.num_senses), epsilon=float(e),
-                          training=_json_safe(training), evaluation=_json_safe(evaluation))
+        pack = build_pack(
+            pack_name,
+            ed.token_ids.long(),
+            ed.sense_ids.long(),
+            ed.deltas.float(),
+            backpack_name=run.cfg.models.backpack,
+            backpack_fingerprint=bp.fingerprint(),
+            tokenizer_fingerprint=run.vocab.fingerprint,
+            vocab_size=int(bp.config.vocab_size),
+            num_senses=int(bp.config.num_senses),
+            epsilon=float(e),
+            training=_json_safe(training),
+            evaluation=_json_safe(evaluation),
+        )
         if cal:
             info = cal["per_epsilon"][k]
-            pack = with_calibration(pack, [CalibrationEntry(
-                target_model=str(cal["target_model"]), target_fingerprint=cal["target_fingerprint"],
-                beta=float(info["beta"]), ball_ratio=float(info["ratio"]), g_fingerprint=cal["g_fingerprint"],
-                g_tokens=int(cal["tokens"]), epsilon=float(e))])
+            pack = with_calibration(
+                pack,
+                [
+                    CalibrationEntry(
+                        target_model=str(cal["target_model"]),
+                        target_fingerprint=cal["target_fingerprint"],
+                        beta=float(info["beta"]),
+                        ball_ratio=float(info["ratio"]),
+                        g_fingerprint=cal["g_fingerprint"],
+                        g_tokens=int(cal["tokens"]),
+                        epsilon=float(e),
+                    )
+                ],
+            )
         folder = run.dir / "packs" / pack.name
         write_pack(pack, folder)
         out.append(folder)
@@ -433,7 +546,99 @@ def _json_safe(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+RUNNERS = {"select": step_select, "train": step_train, "calibrate": step_calibrate, "eval": step_eval}
+
+
+def step_baseline(run: Run) -> dict:
+    """A Table 3/4 baseline (full finetuning or LoRA of the Backpack or of the large model): train with the
+    same loss, KL, ball and last-in-ball-epoch selection, evaluate before/after; writes baseline.json and
+    report.json/.md. One step that recomputes everything it reports, so nothing stale can be mixed in."""
+    from .baselines import BaselineParams, finetune_baseline
+
+    cfg, task = run.cfg, run.task
+    kind, side = cfg.method.split("-")
+    t = cfg.train
+    p = BaselineParams(
+        kind=kind,
+        lr=t.lr,
+        kl_weight=t.kl_weight,
+        epochs=t.epochs,
+        grad_accum=t.grad_accum,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        epsilons=tuple(t.epsilons),
+        lora_rank=cfg.baseline.lora_rank,
+        lora_alpha=cfg.baseline.lora_alpha,
+    )
+    if side == "large" and run.large is None:
+        raise ConfigError(f"method {cfg.method}: no large model configured (--large)")
+    orig = run.backpack if side == "backpack" else run.large
+    vocab = None if side == "backpack" else run.vocab.size
+    seed_everything(t.seed)
+    t0 = time.time()
+    res = finetune_baseline(orig, task.train, task.loss_type, run.g, run.r, p, vocab_size=vocab, progress=run.progress)
+    seconds = time.time() - t0
+    if side == "backpack":
+
+        def scorer(m, label):
+            return BackpackScorer(m, progress=f"eval {task.name} ({label})" if run.progress else None)
+    else:
+
+        def scorer(m, label):
+            return EnsembleScorer(
+                m,
+                run.backpack,
+                vocab_size=run.vocab.size,
+                variants=[(None, 0.0)],
+                progress=f"eval {task.name} ({label})" if run.progress else None,
+            )
+
+    before = task_metrics(scorer(orig, "before"), task)
+    before["g_ratio"] = 1.0
+    after = {}
+    for e in t.epsilons:
+        m = task_metrics(scorer(res.load(e), f"ε {e:g}"), task)
+        c = res.chosen_epoch[e]
+        m.update(epoch=c, g_ratio=res.history[c].g_ratio)
+        after[eps_key(e)] = m
+    name = cfg.models.backpack if side == "backpack" else cfg.models.large
+    report: dict[str, object] = {
+        "task": task.name,
+        "loss_type": task.loss_type.value,
+        "threshold": task.threshold,
+        "method": cfg.method,
+        "seed": t.seed,
+        "backpack": None,
+        "ensemble": None,
+    }
+    report["backpack" if side == "backpack" else "ensemble"] = {
+        "name": name,
+        "target": name,
+        "before": before,
+        "after": after,
+    }
+    run.write_json(
+        "baseline.json",
+        {
+            "method": cfg.method,
+            "params": _json_safe(asdict(p)),
+            "trainable_parameters": res.trainable,
+            "history": [asdict(h) for h in res.history],
+            "chosen_epoch": {eps_key(e): c for e, c in res.chosen_epoch.items()},
+            "g_ratio": {eps_key(e): res.history[c].g_ratio for e, c in res.chosen_epoch.items()},
+            "seconds": seconds,
+            "g_chunks": len(run.g),
+            "r_chunks": len(run.r),
+        },
+    )
+    write_reports([report], run.dir)
+    event("baseline", method=cfg.method, seconds=round(seconds, 2), chosen={k: v["epoch"] for k, v in after.items()})
+    return report
+
+
 def run_all(run: Run) -> dict:
+    if run.cfg.method != "senses":
+        return step_baseline(run)
     step_select(run)
     step_train(run)
     step_calibrate(run)
@@ -442,5 +647,16 @@ def run_all(run: Run) -> dict:
     return rep
 
 
-__all__ = ["Run", "setup_logging", "step_select", "step_train", "step_calibrate", "step_eval", "step_pack",
-           "run_all", "load_backpack", "load_large", "EncodedExample"]
+__all__ = [
+    "EncodedExample",
+    "Run",
+    "load_backpack",
+    "load_large",
+    "run_all",
+    "setup_logging",
+    "step_calibrate",
+    "step_eval",
+    "step_pack",
+    "step_select",
+    "step_train",
+]

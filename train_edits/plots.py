@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _symlog_eps(ax, epsilons: Sequence[float]) -> None:
@@ -23,7 +23,7 @@ def plot_g_ratio(history: Sequence[dict], epsilons: Sequence[float], chosen: dic
     ep = [h["epoch"] for h in history]
     ax.plot(ep, [h["g_ratio"] - 1.0 for h in history], marker="o", label="G ratio − 1 (Backpack)")
     _symlog_eps(ax, epsilons)
-    for e, c in chosen.items():
+    for c in chosen.values():
         ax.axvline(c, ls=":", lw=0.8, color="C1")
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean NLL_G(edited) / NLL_G(original) − 1")

@@ -18,6 +18,10 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backpack_trainer import BackpackTrainConfig
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 OWT_CORPUS = DATA_DIR / "owt-val100.jsonl.gz"
@@ -26,17 +30,34 @@ COUNTRY_FIXED = DATA_DIR / "country_capital" / "country_capital_fixed-val.jsonl"
 log = logging.getLogger("train_edits.recipes")
 
 
-def backpack_smollm2_config(out: str | Path) -> "object":
+def backpack_smollm2_config(out: str | Path) -> BackpackTrainConfig:
     """The backpack-smollm2 recipe: ~19M parameters (d 256, 4 layers, 16 senses), E started from a PCA
     of SmolLM2's tied embedding, LM loss on the shipped OpenWebText sample; about 6 minutes on 2 CPU cores."""
     from .backpack_trainer import BackpackTrainConfig
 
     return BackpackTrainConfig(
-        out=str(out), inputs=[str(OWT_CORPUS)], tokenizer="smollm2-135m-instruct", heldout_fraction=0.05,
-        n_embd=256, n_layer=4, n_head=4, num_senses=16, n_positions=512, sense_intermediate_scale=2,
-        block_len=256, batch_size=4, lr=2e-3, warmup_steps=30, weight_decay=0.0, max_steps=BACKPACK_STEPS,
-        init_embeddings="large-pca", init_from="smollm2-135m-instruct", eval_every=100, checkpoint_every=100,
-        keep_checkpoints=0, seed=0,
+        out=str(out),
+        inputs=[str(OWT_CORPUS)],
+        tokenizer="smollm2-135m-instruct",
+        heldout_fraction=0.05,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        num_senses=16,
+        n_positions=512,
+        sense_intermediate_scale=2,
+        block_len=256,
+        batch_size=4,
+        lr=2e-3,
+        warmup_steps=30,
+        weight_decay=0.0,
+        max_steps=BACKPACK_STEPS,
+        init_embeddings="large-pca",
+        init_from="smollm2-135m-instruct",
+        eval_every=100,
+        checkpoint_every=100,
+        keep_checkpoints=0,
+        seed=0,
     )
 
 
@@ -66,9 +87,11 @@ def capitals_smollm2_recipe() -> PackRecipe:
     return PackRecipe(
         name="capitals",
         task={"name": "capitals", "train": str(COUNTRY_FIXED), "loss_type": "good", "threshold": 1.6094379124341003},
-        backpack="backpack-smollm2", large="smollm2-135m-instruct", tokenizer="smollm2-135m-instruct",
-        select={"k": 8, "lam": 1000.0}, train={"lr": 0.01, "kl_weight": 0.3, "epochs": 4, "epsilons": [1e-3],
-                                              "eval_every_epoch": False},
+        backpack="backpack-smollm2",
+        large="smollm2-135m-instruct",
+        tokenizer="smollm2-135m-instruct",
+        select={"k": 8, "lam": 1000.0},
+        train={"lr": 0.01, "kl_weight": 0.3, "epochs": 4, "epsilons": [1e-3], "eval_every_epoch": False},
         calibrate={"grid": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0]},
     )
 
@@ -88,9 +111,17 @@ def build(name: str, out: str | Path, progress: bool = True) -> Path:
         train_backpack(backpack_smollm2_config(out), progress=progress)
     else:
         build_pack_store(capitals_smollm2_recipe(), out, progress=progress)
-    (out / "sensepack-source.json").write_text(json.dumps(
-        {"name": name, "recipe": f"train_edits.recipes:{name}", "seconds": round(time.time() - t0, 1),
-         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
+    (out / "sensepack-source.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "recipe": f"train_edits.recipes:{name}",
+                "seconds": round(time.time() - t0, 1),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            indent=1,
+        )
+    )
     return out
 
 
@@ -109,14 +140,23 @@ def build_pack_store(recipe: PackRecipe, out: Path, progress: bool = True) -> Pa
     docs = read_documents([OWT_CORPUS])
     corpora = work / "corpora"
     prepare_corpora(tok, docs, corpora, recipe.chunk_len, inputs=[str(OWT_CORPUS)], tokenizer_spec=recipe.tokenizer)
-    cfg = validate({
-        "name": recipe.name, "task": recipe.task,
-        "models": {"backpack": recipe.backpack, "large": recipe.large, "tokenizer": recipe.tokenizer},
-        "corpora": {"g": str(corpora / "G.jsonl"), "r": str(corpora / "R.jsonl"), "g_limit": recipe.g_limit,
-                    "r_limit": recipe.r_limit},
-        "select": recipe.select, "train": recipe.train, "calibrate": recipe.calibrate,
-        "store": str(out / "store"),
-    })
+    cfg = validate(
+        {
+            "name": recipe.name,
+            "task": recipe.task,
+            "models": {"backpack": recipe.backpack, "large": recipe.large, "tokenizer": recipe.tokenizer},
+            "corpora": {
+                "g": str(corpora / "G.jsonl"),
+                "r": str(corpora / "R.jsonl"),
+                "g_limit": recipe.g_limit,
+                "r_limit": recipe.r_limit,
+            },
+            "select": recipe.select,
+            "train": recipe.train,
+            "calibrate": recipe.calibrate,
+            "store": str(out / "store"),
+        }
+    )
     setup_logging(work, verbose=False)
     run = Run(work, cfg, progress)
     step_select(run)

@@ -10,8 +10,8 @@ better), and a detail table gives every number.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .tasks import TABLE_NAMES
 
@@ -52,21 +52,34 @@ def _table(reports: Sequence[dict], side: str, metric: str, scale: float, digits
 
 def markdown(reports: Sequence[dict]) -> str:
     out = ["# Edit evaluation", ""]
-    for side, title in (("backpack", "Backpack alone (layout of the paper's Table 3)"),
-                        ("ensemble", "Ensemble with the large model (layout of the paper's Table 4)")):
+    for side, title in (
+        ("backpack", "Backpack alone (layout of the paper's Table 3)"),
+        ("ensemble", "Ensemble with the large model (layout of the paper's Table 4)"),
+    ):
         t = _table(reports, side, "success", 100.0, 1)
         if not t:
             continue
         target = next((r[side].get("target") for r in reports if r.get(side)), None)
-        out += [f"## {title}" + (f": {target}" if target and side == "ensemble" else ""), "",
-                "Δ success rate (percentage points, after − before) per degradation ball:", ""] + t + [""]
+        out += (
+            [
+                f"## {title}" + (f": {target}" if target and side == "ensemble" else ""),
+                "",
+                "Δ success rate (percentage points, after − before) per degradation ball:",
+                "",
+            ]
+            + t
+            + [""]
+        )
         h = _table(reports, side, "hard_neg", 1.0, 3)
         if h:
             out += ["Δ hard-negative mean summed NLL (nats, lower is better):", ""] + h + [""]
-    out += ["## Details", "",
-            "| task | side | ε | epoch / β | success before → after | hard neg before → after | "
-            "rest-of-prompt before → after | G ratio |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += [
+        "## Details",
+        "",
+        "| task | method | side | ε | epoch / β | success before → after | hard neg before → after | "
+        "rest-of-prompt before → after | G ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
         for side in ("backpack", "ensemble"):
             s = r.get(side)
@@ -74,12 +87,14 @@ def markdown(reports: Sequence[dict]) -> str:
                 continue
             b = s["before"]
             for e, a in sorted(s["after"].items(), key=lambda kv: float(kv[0]), reverse=True):
-                sel = f"epoch {a['epoch']}" if side == "backpack" else f"β = {a['beta']:g}"
+                sel = f"β = {a['beta']:g}" if "beta" in a else f"epoch {a['epoch']}"
                 out.append(
-                    f"| {r['task']} | {side} | {e} | {sel} | {_fmt(100 * b['success'], 1, False)}% → "
+                    f"| {r['task']} | {r.get('method', 'senses')} | {side} | {e} | {sel} | "
+                    f"{_fmt(100 * b['success'], 1, False)}% → "
                     f"{_fmt(100 * a['success'], 1, False)}% | {_fmt(b.get('hard_neg'), 3, False)} → "
                     f"{_fmt(a.get('hard_neg'), 3, False)} | {_fmt(b.get('rest_of_prompt'), 3, False)} → "
-                    f"{_fmt(a.get('rest_of_prompt'), 3, False)} | {a['g_ratio']:.7f} |")
+                    f"{_fmt(a.get('rest_of_prompt'), 3, False)} | {a['g_ratio']:.7f} |"
+                )
     return "\n".join(out) + "\n"
 
 

@@ -11,17 +11,23 @@ token), averaged per chunk. The score is
 
     score(w, ℓ) = A_x(w, ℓ) − λ · A_R(w, ℓ)
 
-and the top k (w, ℓ) among the types present in the example are kept; the
-union over examples is trained. "Present" means visible to a scored row: the
-final token of a sequence is only predicted, never attended, so its senses
-cannot change the example's loss (upstream drops them too, through its
-``mass > 0`` filter). Ties break towards the smaller (token, sense).
+and the top k (w, ℓ) **among the pairs with combined mass A_x(w, ℓ) > 0** are
+kept; the union over examples is trained. As upstream
+(``importance.py:102-103``: ``torch.where(grads>0, normalized_grads, min-1)``),
+a pair whose combined mass is ≤ 0 is never preferred to one with positive
+mass, however large the latter's background: for ``good-v-bad`` that drops
+the pairs that pull more towards the bad suffix than the good one. Upstream
+fills the top k with arbitrary ties at ``min − 1`` when fewer than k pairs
+have positive mass; we keep fewer than k instead (those ties carry no
+information). Pairs only visible through the final token of a sequence have
+zero mass (it is only predicted, never attended), so they are never kept.
+Ties break towards the smaller (token, sense).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -53,7 +59,9 @@ def example_table(model, seqs: Sequence[Scored], loss_type: LossType) -> dict[tu
 
 
 @torch.no_grad()
-def background_table(model, chunks: Sequence[torch.Tensor], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+def background_table(
+    model, chunks: Sequence[torch.Tensor], batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
     """(vocab, senses) α mass over R, averaged per chunk (all next-token-predicting rows)."""
     vocab = model.embedding.shape[0]
     k = model.config.num_senses
@@ -88,18 +96,34 @@ class Selection:
         }
 
 
-def select_senses(model, examples: Sequence[EncodedExample], background: torch.Tensor, loss_type: LossType,
-                  k: int, lam: float, progress: bool = False) -> Selection:
-    """Top-k (token, sense) per example among types present in it; union over examples."""
+def rank_pairs(
+    table: dict[tuple[int, int], float], background: torch.Tensor, lam: float, k: int
+) -> list[tuple[float, int, int]]:
+    """The top k (score, token, sense) of one example's mass table, among pairs with mass > 0 (upstream)."""
+    scored = sorted(
+        ((m - lam * float(background[t, s]), t, s) for (t, s), m in table.items() if m > 0),
+        key=lambda x: (-x[0], x[1], x[2]),
+    )
+    return scored[:k]
+
+
+def select_senses(
+    model,
+    examples: Sequence[EncodedExample],
+    background: torch.Tensor,
+    loss_type: LossType,
+    k: int,
+    lam: float,
+    progress: bool = False,
+) -> Selection:
+    """Top-k (token, sense) per example among pairs with positive mass in it; union over examples."""
     chosen: list[tuple[int, int]] = []
     seen: set[tuple[int, int]] = set()
     per_ex: list[list[dict]] = []
     it = tqdm(examples, desc="select senses", leave=False) if progress else examples
     for ex in it:
         table = example_table(model, ex.seqs, loss_type)
-        scored = sorted(((m - lam * float(background[t, s]), t, s) for (t, s), m in table.items()),
-                        key=lambda x: (-x[0], x[1], x[2]))
-        top = scored[:k]
+        top = rank_pairs(table, background, lam, k)
         per_ex.append([{"token": t, "sense": s, "score": sc} for sc, t, s in top])
         for _, t, s in top:
             if (t, s) not in seen:

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Literal, Union
+from typing import Literal, TypedDict
 
 from ensemble.jsonl import DataError, iter_jsonl  # DataError: re-exported for train_edits' callers
 
@@ -45,10 +46,8 @@ class LossType(str, Enum):
         return self in (LossType.BALANCE, LossType.GOOD_V_BAD)
 
     @property
-    def shape(self) -> str:
+    def shape(self) -> Shape:
         return "pair" if self.is_pair else "single"
-
-
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class TextExample:
     line: int = 0
 
 
-Example = Union[SingleExample, PairExample, TextExample]
+Example = SingleExample | PairExample | TextExample
 Shape = Literal["single", "pair", "text"]
 
 _FIELDS: dict[str, tuple[str, ...]] = {
@@ -109,10 +108,14 @@ def read_examples(path: str | Path, shape: Shape | None = None) -> list[Example]
         if shape is None and out:
             first = _shape_of(out[0])
             if rec_shape != first:
-                raise DataError(path, lineno, None, f"record shape '{rec_shape}' differs from the file's first record ('{first}')")
+                raise DataError(
+                    path, lineno, None, f"record shape '{rec_shape}' differs from the file's first record ('{first}')"
+                )
         for field in _FIELDS[rec_shape]:
             if field not in rec:
-                raise DataError(path, lineno, field, f"missing (a {rec_shape} record needs {', '.join(_FIELDS[rec_shape])})")
+                raise DataError(
+                    path, lineno, field, f"missing (a {rec_shape} record needs {', '.join(_FIELDS[rec_shape])})"
+                )
             if not isinstance(rec[field], str):
                 raise DataError(path, lineno, field, f"expected a string, got {type(rec[field]).__name__}")
         if rec_shape == "single":
@@ -197,6 +200,13 @@ def is_failure(score: float, threshold: float) -> bool:
 # The six tasks of the paper
 
 
+class TaskPaths(TypedDict):
+    train: Path
+    eval: Path
+    hard_neg: Path | None
+    unconditional: Path | None
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -207,14 +217,18 @@ class TaskSpec:
     hard_neg: str | None
     unconditional: str | None
 
-    def paths(self, data_dir: str | Path, split: str = "val") -> dict[str, Path | None]:
+    def paths(self, data_dir: str | Path, split: str = "val") -> TaskPaths:
         root = Path(data_dir)
 
-        def p(t: str | None) -> Path | None:
-            return None if t is None else root / t.format(split=split)
+        def p(t: str) -> Path:
+            return root / t.format(split=split)
 
-        return {"train": p(self.train), "eval": p(self.eval), "hard_neg": p(self.hard_neg),
-                "unconditional": p(self.unconditional)}
+        return {
+            "train": p(self.train),
+            "eval": p(self.eval),
+            "hard_neg": None if self.hard_neg is None else p(self.hard_neg),
+            "unconditional": None if self.unconditional is None else p(self.unconditional),
+        }
 
 
 def _t(name, lt, thr, folder, train, ev, hn, unc) -> TaskSpec:
@@ -225,25 +239,77 @@ def _t(name, lt, thr, folder, train, ev, hn, unc) -> TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        _t("country_capital", "good", -math.log(0.2), "country_capital", "country_capital_fixed",
-           "country_capital_clear_eval", "country_capital_hard_neg", "country_capital_unconditional"),
-        _t("company_ceo", "good", -math.log(0.05), "company_ceo", "company_ceo_train",
-           "company_ceo_eval_clear", "company_ceo_hard_neg_eval_clear", "company_ceo_unconditional"),
-        _t("stereoset", "bad", math.log(0.001), "stereoset", "stereoset_train",
-           "stereoset_eval_clear", "stereoset_hard_neg", "stereoset_unconditional"),
-        _t("pronoun_gender_bias", "balance", math.log(1.5), "pronoun_gender_bias", "pronoun_gender_bias_train",
-           "pronoun_gender_bias_eval", "pronoun_gender_bias_hard_neg_eval", "pronoun_gender_bias_unconditional"),
-        _t("temporal", "good", -math.log(0.05), "temporal", "temporal_train",
-           "temporal_eval_clear", "temporal_hard_neg_eval_clear", "temporal_unconditional"),
-        _t("verb_conjugation", "good-v-bad", math.log(1 / 16), "verb_conjugation", "verb_conjugation_train",
-           "verb_conjugation_eval", "verb_conjugation_hard_neg_eval", "verb_conjugation_eval_unconditional"),
+        _t(
+            "country_capital",
+            "good",
+            -math.log(0.2),
+            "country_capital",
+            "country_capital_fixed",
+            "country_capital_clear_eval",
+            "country_capital_hard_neg",
+            "country_capital_unconditional",
+        ),
+        _t(
+            "company_ceo",
+            "good",
+            -math.log(0.05),
+            "company_ceo",
+            "company_ceo_train",
+            "company_ceo_eval_clear",
+            "company_ceo_hard_neg_eval_clear",
+            "company_ceo_unconditional",
+        ),
+        _t(
+            "stereoset",
+            "bad",
+            math.log(0.001),
+            "stereoset",
+            "stereoset_train",
+            "stereoset_eval_clear",
+            "stereoset_hard_neg",
+            "stereoset_unconditional",
+        ),
+        _t(
+            "pronoun_gender_bias",
+            "balance",
+            math.log(1.5),
+            "pronoun_gender_bias",
+            "pronoun_gender_bias_train",
+            "pronoun_gender_bias_eval",
+            "pronoun_gender_bias_hard_neg_eval",
+            "pronoun_gender_bias_unconditional",
+        ),
+        _t(
+            "temporal",
+            "good",
+            -math.log(0.05),
+            "temporal",
+            "temporal_train",
+            "temporal_eval_clear",
+            "temporal_hard_neg_eval_clear",
+            "temporal_unconditional",
+        ),
+        _t(
+            "verb_conjugation",
+            "good-v-bad",
+            math.log(1 / 16),
+            "verb_conjugation",
+            "verb_conjugation_train",
+            "verb_conjugation_eval",
+            "verb_conjugation_hard_neg_eval",
+            "verb_conjugation_eval_unconditional",
+        ),
     )
 }
 
 # Short names used in the paper's tables.
 TABLE_NAMES = {
-    "country_capital": "Country", "company_ceo": "Company", "stereoset": "Stereoset",
-    "pronoun_gender_bias": "Gender", "temporal": "Temporal", "verb_conjugation": "Verb",
+    "country_capital": "Country",
+    "company_ceo": "Company",
+    "stereoset": "Stereoset",
+    "pronoun_gender_bias": "Gender",
+    "temporal": "Temporal",
+    "verb_conjugation": "Verb",
 }
 
 
@@ -261,9 +327,16 @@ class TaskData:
     repaired: int = 0  # canonical examples whose subject was moved from the suffix to the prefix
 
     @classmethod
-    def load(cls, name: str, loss_type: LossType | str, threshold: float, train: str | Path,
-             eval: str | Path | None = None, hard_neg: str | Path | None = None,
-             unconditional: str | Path | None = None) -> "TaskData":
+    def load(
+        cls,
+        name: str,
+        loss_type: LossType | str,
+        threshold: float,
+        train: str | Path,
+        eval: str | Path | None = None,
+        hard_neg: str | Path | None = None,
+        unconditional: str | Path | None = None,
+    ) -> TaskData:
         lt = LossType(loss_type)
         tr, repaired = repair_split_subjects(read_examples(train, lt.shape))
         ev = read_examples(eval, lt.shape) if eval else list(tr)
@@ -272,7 +345,7 @@ class TaskData:
         return cls(name, lt, float(threshold), tr, ev, hn, un, repaired)
 
     @classmethod
-    def builtin(cls, name: str, data_dir: str | Path, split: str = "val") -> "TaskData":
+    def builtin(cls, name: str, data_dir: str | Path, split: str = "val") -> TaskData:
         if name not in TASKS:
             raise KeyError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
         spec = TASKS[name]
