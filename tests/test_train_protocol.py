@@ -375,8 +375,8 @@ def test_table_mean_and_standard_error_against_hand_computation(tmp_path):
     lo = cell[("lora-backpack", "country_capital", "success")]
     assert lo["n"] == 1 and lo["mean"] == pytest.approx(-0.05) and lo["se"] is None
     md = (tmp_path / "out" / "tables.md").read_text()
-    assert "| senses | 0.001 | +23.3 ± 7.2 | +10.0 ± 8.2 | +16.7 ± 5.4 |" in md
-    assert "| lora-backpack | 0.001 | -5.0 | – | -5.0 |" in md
+    assert "| senses (n=3) | 0.001 | +23.3 ± 7.2 | +10.0 ± 8.2 | +16.7 ± 5.4 |" in md
+    assert "| lora-backpack (n=1) | 0.001 | -5.0 | – | -5.0 |" in md
     assert (tmp_path / "out" / "tables.png").stat().st_size > 1000
     res = _cli("table", tmp_path / "proto", "--out", tmp_path / "out1", "--sample-sd")
     assert res.exit_code == 0, res.output
@@ -385,7 +385,7 @@ def test_table_mean_and_standard_error_against_hand_computation(tmp_path):
     assert cell[("senses", "country_capital", "success")]["se"] == pytest.approx(0.088192, abs=1e-6)
     assert cell[("senses", "company_ceo", "success")]["se"] == pytest.approx(0.1, abs=1e-9)
     md1 = (tmp_path / "out1" / "tables.md").read_text()
-    assert "| senses | 0.001 | +23.3 ± 8.8 | +10.0 ± 10.0 | +16.7 ± 6.7 |" in md1
+    assert "| senses (n=3) | 0.001 | +23.3 ± 8.8 | +10.0 ± 10.0 | +16.7 ± 6.7 |" in md1
 
 
 @needs_data

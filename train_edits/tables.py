@@ -148,11 +148,9 @@ def markdown(rows: Sequence[dict]) -> str:
                     avg = sum(c["mean"] for c in got) / len(got)
                     ses = [c["se"] for c in got]
                     avg_se = math.sqrt(sum(x * x for x in ses)) / len(got) if all(x is not None for x in ses) else None
-                    out.append(
-                        f"| {m} | {e} | "
-                        + " | ".join(_cell(c["mean"], c["se"], scale, digits) if c else "–" for c in cs)
-                        + f" | {_cell(avg, avg_se, scale, digits)} |"
-                    )
+                    n = "/".join(str(x) for x in sorted({c["n"] for c in got}))  # seeds behind the row
+                    cells = " | ".join(_cell(c["mean"], c["se"], scale, digits) if c else "–" for c in cs)
+                    out.append(f"| {m} (n={n}) | {e} | {cells} | {_cell(avg, avg_se, scale, digits)} |")
             out.append("")
     return "\n".join(out) + "\n"
 
