@@ -136,6 +136,11 @@ class Metrics:
         self.ab_breaches.labels(pack)
         self.auto_disables.labels(pack)
 
+    def drop_gate(self, pack: str, version: str) -> None:
+        """A version left memory: remove its gate series (bounded by the resident versions, as the A/B ones)."""
+        with contextlib.suppress(KeyError):  # never gated (gate off) or already gone
+            self.gate_ratio.remove(pack, version)
+
     def drop_version(self, pack: str, version: str) -> None:
         """A version's live record is gone: remove its A/B series (the series count stays bounded by the
         resident versions however many versions are cycled through)."""

@@ -344,6 +344,7 @@ class PackManager:
         for r in victims[:over]:
             r.state = "freed"
             del self._resident[(r.name, r.version)]
+            self.metrics.drop_gate(r.name, r.version)
             if self.ab is not None and (r.name, r.version) not in self._disabled:
                 self.ab.forget(r.name, r.version)
 
@@ -450,6 +451,7 @@ class PackManager:
     def _free(self, r: Resident) -> None:
         r.state = "freed"
         self._resident.pop((r.name, r.version), None)
+        self.metrics.drop_gate(r.name, r.version)
         if self.ab is not None and (r.name, r.version) not in self._disabled:
             self.ab.forget(r.name, r.version)
         log.info("pack freed", extra={"event": "pack_freed", "pack": r.ref})

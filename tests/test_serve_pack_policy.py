@@ -181,9 +181,9 @@ def test_ab_gauges_per_version_only_while_resident(tmp_path):
     with running_server(tmp_path, demo_served(), **{"packs.max_resident": 2, "store.subscribe": False}) as server:
         c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
 
-        def series():
+        def series(name="sensepack_ab_ball_ratio"):  # the capitals pack's (the server also preloads the demo pack)
             s = parse_metrics(scrape(server))
-            return sorted(k for k in s if k.startswith("sensepack_ab_ball_ratio{"))
+            return sorted(k for k in s if k.startswith(name + '{pack="capitals"'))
 
         for v in versions:
             c.load_pack(f"capitals@{v}", activate=False)
@@ -194,7 +194,10 @@ def test_ab_gauges_per_version_only_while_resident(tmp_path):
             assert len(resident) <= 2
             got = series()
             assert got == sorted(f'sensepack_ab_ball_ratio{{pack="capitals",version="{x}"}}' for x in resident)
+            gated = sorted(f'sensepack_gate_ball_ratio{{pack="capitals",version="{x}"}}' for x in resident)
+            assert series("sensepack_gate_ball_ratio") == gated  # the gate's series follow the same rule
             samples = parse_metrics(scrape(server))
             assert metric(samples, "sensepack_ab_ball_ratio_ci_lower", pack="capitals", version=v) > 0
         assert c.unload_pack(f"capitals@{versions[-1]}").freed
         assert versions[-1] not in "".join(series())
+        assert versions[-1] not in "".join(series("sensepack_gate_ball_ratio"))
