@@ -21,6 +21,14 @@ from serve.errors import PermissionDenied, ServeError, Unauthenticated, status_o
 log = logging.getLogger("sensepack.auth")
 
 
+def _authorization(handler_call_details) -> str | None:
+    """The call's `authorization` metadata value (keys are case-insensitive), or None."""
+    for key, value in handler_call_details.invocation_metadata or ():
+        if key.lower() == "authorization":
+            return value
+    return None
+
+
 def _deny(code: grpc.StatusCode, message: str):
     def handler(request, context):
         context.abort(code, message)
@@ -38,11 +46,7 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if not method.startswith(self._prefix):
             return continuation(handler_call_details)
-        header = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key.lower() == "authorization":
-                header = value
-                break
+        header = _authorization(handler_call_details)
         code, msg = None, None
         if self._token is None:
             code, msg = (
@@ -94,11 +98,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if not self._keys or not method.startswith(self._prefix):
             return continuation(handler_call_details)
-        header = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key.lower() == "authorization":
-                header = value
-                break
+        header = _authorization(handler_call_details)
         err = check_api_key(header, self._keys)
         if err is None:
             return continuation(handler_call_details)

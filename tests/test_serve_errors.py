@@ -225,7 +225,10 @@ def test_admin_auth(env):
         adm.ListPacks(admin_pb.ListPacksRequest(), metadata=auth("wrong-token"))
     assert ei.value.code() == C.PERMISSION_DENIED
     assert adm.ListPacks(admin_pb.ListPacksRequest(), metadata=auth(TOKEN)).resident
-    # the refused packs of the table are listed with their reasons
+    # refused packs are listed with their reasons (refuse one here: the test must not rely on an earlier one)
+    with pytest.raises(grpc.RpcError) as ei:
+        adm.LoadPack(admin_pb.LoadPackRequest(ref="alien"), metadata=auth(TOKEN))
+    assert ei.value.code() == C.FAILED_PRECONDITION
     refused = adm.ListPacks(admin_pb.ListPacksRequest(), metadata=auth(TOKEN)).refused
     assert any(k.startswith("alien@") and "backpack_fingerprint" in v for k, v in refused.items())
 
