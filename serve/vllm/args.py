@@ -123,3 +123,14 @@ def parse_extra_args(extra_args) -> RequestPacks | None:
     if base_only or not parsed:
         return None
     return RequestPacks(tuple(parsed), rid)
+
+
+def validate_sampling_params(sampling_params) -> None:
+    """Both processors' `validate_params` (vLLM's frontend calls it at admission): bad `extra_args` become
+    vLLM's own validation error, naming the field, so vLLM refuses that request alone."""
+    try:
+        parse_extra_args(sampling_params.extra_args)
+    except ArgsError as e:
+        from vllm.exceptions import VLLMValidationError  # this module stays importable without vLLM
+
+        raise VLLMValidationError(str(e), parameter=e.field, value=e.value) from None

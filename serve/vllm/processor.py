@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from . import SUPPORTED_VLLM, check_vllm_version
-from .args import ArgsError, parse_extra_args
+from .args import parse_extra_args, validate_sampling_params
 
 _log = logging.getLogger("sensepack.vllm")
 
@@ -30,10 +29,7 @@ class SensepackLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        try:
-            parse_extra_args(sampling_params.extra_args)
-        except ArgsError as e:
-            raise VLLMValidationError(str(e), parameter=e.field, value=e.value) from None
+        validate_sampling_params(sampling_params)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         import vllm

@@ -15,7 +15,7 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
 
 from . import SUPPORTED_VLLM, check_vllm_version
-from .args import ArgsError, parse_extra_args
+from .args import validate_sampling_params
 
 _log = logging.getLogger("sensepack.vllm")
 
@@ -23,12 +23,7 @@ _log = logging.getLogger("sensepack.vllm")
 class SensepackLogitsProcessorV2(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        try:
-            parse_extra_args(sampling_params.extra_args)
-        except ArgsError as e:
-            from vllm.exceptions import VLLMValidationError
-
-            raise VLLMValidationError(str(e), parameter=e.field, value=e.value) from None
+        validate_sampling_params(sampling_params)
 
     def __init__(self, vllm_config, req_states) -> None:
         if getattr(vllm_config, "speculative_config", None) is not None:
