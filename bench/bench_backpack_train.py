@@ -17,22 +17,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sensepack_testing import backpack_train_command  # noqa: E402 - importable once the repo root is on sys.path
+
 SHARED = Path(os.environ.get("SENSEPACK_SHARED", REPO.parent / "shared"))
 DEFAULT_CORPUS = SHARED / "data" / "canonical-examples" / "val100-val.jsonl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run(nproc: int, cfg: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
@@ -42,24 +38,7 @@ def run(nproc: int, cfg: dict[str, Any], out: Path, threads: int) -> dict[str, A
     cfg_file = out.parent / f"config-{nproc}.json"
     cfg_file.write_text(json.dumps({**cfg, "out": str(out)}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    cli = ["-m", "train_edits.backpack_cli", "train", "--config", str(cfg_file), "--no-progress"]
-    if nproc == 1:
-        cmd = [sys.executable, *cli]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--nnodes",
-            "1",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            *cli,
-        ]
+    cmd = backpack_train_command(str(cfg_file), nproc)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     record: dict[str, Any] = json.loads((out / "training.json").read_text())
     return record

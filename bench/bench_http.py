@@ -136,7 +136,8 @@ def main() -> None:
     ap.add_argument("--server-log", default=None)
     args = ap.parse_args()
 
-    from sensepack_testing.serve import free_port, server_process
+    from sensepack_testing import free_port
+    from sensepack_testing.serve import server_process
 
     with demo_store() as (_, _, store_dir):
         http_port = free_port()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from sensepack_testing import free_port
 from serve.config import load_config
 from serve.models import Served, build_served, pack_from_edits
 
@@ -138,14 +139,6 @@ def wait_until(cond, timeout: float = 30.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return cond()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file
 
 from ensemble.backpack import BackpackLM
 from ensemble.tokenizer import load_tokenizer, tokenizer_fingerprint
+from sensepack_testing import backpack_train_command
 from train_edits.backpack_trainer import (
     BackpackTrainConfig,
     TrainConfigError,
@@ -107,12 +106,6 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------- (a) 2 processes
 
 
@@ -120,25 +113,7 @@ def torchrun(cfg: BackpackTrainConfig, nproc: int = 2) -> None:
     cfg_file = Path(cfg.out + ".json")
     cfg_file.write_text(json.dumps(asdict(cfg)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--nnodes",
-        "1",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "train_edits.backpack_cli",
-        "train",
-        "--config",
-        str(cfg_file),
-        "--no-progress",
-    ]
+    cmd = backpack_train_command(str(cfg_file), nproc)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

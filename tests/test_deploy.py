@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from sensepack_testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -620,15 +621,9 @@ def test_dockerignore_copies_identical():
         assert (DOCKER / f"Dockerfile.{flavour}.dockerignore").read_text() == main
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_healthcheck_fails_without_a_server():
     r = subprocess.run(
-        [sys.executable, str(DOCKER / "healthcheck.py"), f"127.0.0.1:{_free_port()}"],
+        [sys.executable, str(DOCKER / "healthcheck.py"), f"127.0.0.1:{free_port()}"],
         capture_output=True,
         text=True,
         timeout=60,

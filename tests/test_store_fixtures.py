@@ -14,7 +14,6 @@ import atexit
 import hashlib
 import json
 import os
-import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from safetensors.torch import save as st_save
 
 from edits_store import CalibrationEntry, PackContents, PackStore, build_pack, open_store
 from edits_store.format import compute_version
+from sensepack_testing import free_port
 
 VOCAB = 50264
 SENSES = 16
@@ -103,12 +103,6 @@ _moto_lock = threading.Lock()
 _moto: dict[str, Any] = {}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def moto_endpoint() -> str:
     """Start (once per process) moto's S3-compatible server on 127.0.0.1 and return its URL."""
     with _moto_lock:
@@ -118,7 +112,7 @@ def moto_endpoint() -> str:
             from moto.server import ThreadedMotoServer
 
             logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
-            port = _free_port()
+            port = free_port()
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
             server.start()
             _moto.update(server=server, url=f"http://127.0.0.1:{port}")

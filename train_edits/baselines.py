@@ -44,8 +44,6 @@ from .tasks import LossType
 
 log = logging.getLogger("train_edits.baselines")
 
-from .config import METHODS  # noqa: E402,F401 - re-exported
-
 # upstream's LoRA targets: the MLP projections of the numbered transformer layers (not the sense network)
 LORA_TARGETS = r".*\.(h|layers)\.\d+\.mlp\.(c_fc|c_proj|fc_in|fc_out|gate_proj|up_proj|down_proj)"
 
