@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=2000, help="samples timed at each checkpoint")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    mon = LiveMonitor(ABConfig(min_samples=10**9), Metrics(), None, None)  # never breaches: every sample counts
+    mon = LiveMonitor(ABConfig(min_samples=10**9), Metrics(), None)  # never breaches: every sample counts
     r = Resident("p", "v1", SenseEdits.empty(8), 1.0, 0.05)
     rng = random.Random(0)
     rows, n = [], 0

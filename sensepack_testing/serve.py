@@ -95,9 +95,7 @@ def demo_variant(served: Served, target: str, strength: float = 12.0, trigger: s
     """SenseEdits on the trigger's tokens pointing at `target` (ensemble.demo's construction)."""
     from ensemble.demo import demo_pack
 
-    return demo_pack(
-        served.ensemble.backpack, served.tokenizer, trigger=trigger, target=target, strength=strength
-    ).edits
+    return demo_pack(served.backpack, served.tokenizer, trigger=trigger, target=target, strength=strength).edits
 
 
 def scrape(server) -> str:

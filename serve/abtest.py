@@ -2,8 +2,9 @@
 the live A/B monitor.
 
 Both measure paired losses: the same token rows scored under the base model
-(β = 0) and under the pack, with the same batching, in the engine thread, so
-kernel non-determinism can neither fake nor hide a breach.
+(β = 0) and under the pack from the same logits, through the engine's scorer
+(serve.scoring: the embedded ensemble's jobs, or forced decoding in the serving
+vLLM engine), so kernel non-determinism can neither fake nor hide a breach.
 
 **Gate.** Before a pack version becomes routable, its ball ratio
 ``Σ NLL_pack / Σ NLL_base`` (micro-averaged per token, first token of each text
@@ -39,6 +40,7 @@ from statistics import NormalDist
 
 from ensemble.jsonl import DataError, iter_jsonl
 from serve.packs import GateResult, Resident, sticky_fraction
+from serve.scoring import Scorer
 
 log = logging.getLogger("sensepack.abtest")
 
@@ -77,9 +79,8 @@ def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], 
 
 
 class Gate:
-    def __init__(self, engine, ensemble, tokenizer, gate_cfg):
-        self.engine = engine
-        self.ensemble = ensemble
+    def __init__(self, scorer: Scorer, tokenizer, gate_cfg):
+        self.scorer = scorer
         self.cfg = gate_cfg
         texts = read_corpus(gate_cfg.corpus, gate_cfg.text_field, gate_cfg.max_texts)
         rows = []
@@ -92,7 +93,7 @@ class Gate:
         self.rows = rows
         self.tokens = sum(len(r) - 1 for r in rows)
         # what the verdict depends on besides the pack and the model: the scored token rows
-        self.fingerprint = "sha256:" + hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+        self.fingerprint: str | None = "sha256:" + hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def __call__(self, r: Resident, deadline: float | None = None) -> GateResult:
         """The verdict; with `deadline` (time.monotonic()), TimeoutError once it passes (between batches)."""
@@ -104,11 +105,11 @@ class Gate:
             batch = self.rows[i : i + bs]
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("gate: deadline exceeded")
-            fut = self.engine.run_job(lambda batch=batch: paired_nll(self.ensemble, batch, pack_ref), high=True)
+            job = self.scorer.paired_nll(batch, pack_ref, high=True)
             try:
-                a, b = fut.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
+                a, b = job.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
             except TimeoutError:
-                fut.cancel()
+                job.cancel()
                 raise
             base_sum += sum(a)
             packed_sum += sum(b)
@@ -207,11 +208,10 @@ def ratio_ci(a: list[float], b: list[float], confidence: float) -> tuple[float, 
 
 
 class LiveMonitor:
-    def __init__(self, ab_cfg, metrics, engine, ensemble, seed: int | None = None):
+    def __init__(self, ab_cfg, metrics, scorer: Scorer | None, seed: int | None = None):
         self.cfg = ab_cfg
         self.metrics = metrics
-        self.engine = engine
-        self.ensemble = ensemble
+        self.scorer = scorer
         self._breach_listeners: list = []  # auto-disable: the pack manager's, registered by it
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when no sample is pending
@@ -240,20 +240,36 @@ class LiveMonitor:
                     continue
                 self._pending += 1
             row = list(prompt_ids) + (list(output_ids) if pin.arm == "base" else [])
-            r = pin.resident
-            self.engine.run_job(lambda r=r, row=row: self._score(r, row), high=False)
+            self._score(pin.resident, row)
 
     def _score(self, r: Resident, row: list[int]) -> None:
+        """Re-score one sample in the low-priority lane; recorded when the scorer is done."""
+        if len(row) < 2 or r.state in ("freed", "disabled") or self.scorer is None:
+            self._done()  # a disabled version's verdict is final
+            return
         try:
-            if len(row) < 2 or r.state in ("freed", "disabled"):
-                return  # a disabled version's verdict is final; queued samples are dropped
-            a, b = paired_nll(self.ensemble, [row], r.pack_ref(r.calibrated_beta))
-            self.record(r, a[0], b[0], len(row) - 1)
-        finally:
-            with self._lock:
-                self._pending -= 1
-                if self._pending == 0:
-                    self._idle.notify_all()
+            job = self.scorer.paired_nll([row], r.pack_ref(r.calibrated_beta), high=False)
+        except BaseException:
+            self._done()
+            raise
+
+        def recorded(f) -> None:
+            try:
+                if f.cancelled() or f.exception() is not None:
+                    log.warning("A/B sample not scored", extra={"event": "ab_score_failed", "pack": r.ref})
+                elif r.state not in ("freed", "disabled"):  # queued samples of a disabled version are dropped
+                    a, b = f.result()
+                    self.record(r, a[0], b[0], len(row) - 1)
+            finally:
+                self._done()
+
+        job.future.add_done_callback(recorded)
+
+    def _done(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every sample taken so far is scored and recorded; True when none is pending."""

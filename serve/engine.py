@@ -132,6 +132,8 @@ class Runner(Protocol):
     def recover(self) -> None: ...  # after a failed step: an empty batch
     def counters(self, idle: bool) -> CoreCounters: ...  # after each step (idle: the batch just emptied)
     def dead(self) -> str | None: ...  # why the runner cannot step any more, if so
+    def busy(self) -> bool: ...  # work of its own in flight (vLLM: forced scoring): step even with no request
+    def abandon(self, why: str) -> None: ...  # the runner died: fail that work
     def shutdown(self) -> None: ...
 
 
@@ -235,6 +237,12 @@ class EmbeddedRunner:
 
     def dead(self) -> str | None:
         return None
+
+    def busy(self) -> bool:
+        return False  # Score runs as engine jobs (serve.scoring.EmbeddedScorer)
+
+    def abandon(self, why: str) -> None:
+        pass
 
     def shutdown(self) -> None:
         pass
@@ -367,7 +375,7 @@ class Engine:
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
         sched = self.scheduler
-        while sched.wait_for_work(self.liveness_interval):
+        while sched.wait_for_work(self.liveness_interval, busy=self.runner.busy):
             try:
                 why = self.runner.dead()
                 if why:
@@ -377,7 +385,7 @@ class Engine:
                         raise RuntimeError(f"scheduler reaped request {seq.seq_id} without a cancel reason")
                     self._finish(seq, seq.cancel_reason)
                 self._prefill(sched.schedule())
-                if sched.running:
+                if sched.running or self.runner.busy():
                     self._step()
                 for job in sched.next_jobs(self.decode_steps):
                     self._run(job)
@@ -403,6 +411,7 @@ class Engine:
             self._finish(seq, UNAVAILABLE, error=f"the model runner died ({why}); retry")
         sched.stop()
         sched.fail_jobs()
+        self.runner.abandon(why)
         if self.on_dead is not None:
             try:
                 self.on_dead(why)
@@ -461,7 +470,7 @@ class Engine:
                 # the runner ended it (vLLM: max_tokens / EOS) without our stop logic firing: finish consistently
                 eos = seq.output_ids and seq.output_ids[-1] == self.vocab.eos_id and not seq.req.ignore_eos
                 self._finish(seq, EOS_TOKEN if eos else MAX_TOKENS)
-        self._export_counters(self.runner.counters(idle=not running))
+        self._export_counters(self.runner.counters(idle=not running and not self.runner.busy()))
 
     def _export_counters(self, now: CoreCounters) -> None:
         """The core's counters since the last read as metrics (row-steps skipped, window re-prefills,

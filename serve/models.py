@@ -1,5 +1,10 @@
 """Building what the server serves: the ensemble (by profile), the pack
-store, and the compatibility expectations packs are checked against."""
+store, and the compatibility expectations packs are checked against.
+
+With `engine: vllm` the large model runs inside vLLM only: `build_served(..., large_from_checkpoint=PATH)`
+loads the tokenizer and the Backpack, and describes the large model from its checkpoint
+(`ensemble.large_model.large_model_info_from_checkpoint`: the same fingerprint packs are
+calibrated against, read without loading the weights), so the server holds one copy of it."""
 
 from __future__ import annotations
 
@@ -15,8 +20,15 @@ from ensemble.backpack import BackpackLM
 from ensemble.demo import build_demo
 from ensemble.edits import PackRef
 from ensemble.ensemble import Ensemble
-from ensemble.large_model import load_large_model, parse_dtype
+from ensemble.large_model import (
+    LargeModelInfo,
+    large_model_info,
+    large_model_info_from_checkpoint,
+    load_large_model,
+    parse_dtype,
+)
 from ensemble.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_fingerprint
+from ensemble.vocab import Vocabulary
 from ensemble.zoo import resolve_path
 from serve.config import CONFIG_DIR, load_config
 from serve.packs import served_edits
@@ -24,28 +36,42 @@ from serve.packs import served_edits
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ensemble.vocab import Vocabulary
-
 log = logging.getLogger("sensepack.models")
 
 
 @dataclass
 class Served:
-    ensemble: Ensemble
+    """The pairing a server serves. `ensemble` is None when the large model runs elsewhere (vLLM): then
+    `backpack` and `large` (its info, read from the checkpoint) are given, and the vocabulary comes
+    from the tokenizer, checked against both models' rows."""
+
+    ensemble: Ensemble | None
     tokenizer: PreTrainedTokenizerBase
     large_name: str
     backpack_name: str
     demo_pack: PackRef | None = None  # the demo profile's pack
     dtype: str = "float32"
     device: str = "cpu"
+    backpack: BackpackLM = None  # type: ignore[assignment]  # filled from the ensemble when not given
+    large: LargeModelInfo = None  # type: ignore[assignment]
+    vocab: Vocabulary = None  # type: ignore[assignment]  # the shared vocabulary: ids, top_k and EOS
 
-    @property
-    def vocab(self) -> Vocabulary:
-        """The pairing's shared vocabulary (ensemble.vocab.Vocabulary): ids, top_k and EOS come from it."""
-        return self.ensemble.vocab
+    def __post_init__(self) -> None:
+        if self.ensemble is not None:
+            self.backpack = self.backpack or self.ensemble.backpack
+            self.large = self.large or large_model_info(self.ensemble.large, self.large_name)
+            self.vocab = self.ensemble.vocab
+            return
+        if self.backpack is None or self.large is None:
+            raise ValueError("Served: without an ensemble, give the backpack and the large model's info")
+        self.vocab = Vocabulary.from_tokenizer(self.tokenizer)
+        self.vocab.check_covers(f"large model {self.large.name}", self.large.vocab_rows)
+        self.vocab.check_covers("backpack", self.backpack.config.vocab_size)
 
 
-def build_served(model_cfg) -> Served:
+def build_served(model_cfg, large_from_checkpoint: str | None = None) -> Served:
+    """The configured pairing. `large_from_checkpoint` (engine: vllm, the folder or hub id vLLM loads):
+    the large model is not loaded here, only described from that checkpoint."""
     if model_cfg.profile == "demo":
         ens, tok, pack = build_demo(model_cfg.demo_seed)
         return Served(
@@ -57,8 +83,19 @@ def build_served(model_cfg) -> Served:
         )
     # The pairing's tokenizer: the configured one, else the one saved beside the Backpack, else GPT-2's.
     tok = load_tokenizer(model_cfg.tokenizer or tokenizer_beside(model_cfg.backpack))
-    large = load_large_model(model_cfg.large_model, dtype=model_cfg.dtype, device=model_cfg.device)
     bp = BackpackLM.from_pretrained(model_cfg.backpack, dtype=parse_dtype(model_cfg.dtype)).to(model_cfg.device).eval()
+    if large_from_checkpoint is not None:
+        return Served(
+            None,
+            tok,
+            str(large_from_checkpoint),
+            model_cfg.backpack,
+            dtype=model_cfg.dtype,
+            device=model_cfg.device,
+            backpack=bp,
+            large=large_model_info_from_checkpoint(large_from_checkpoint, dtype=model_cfg.dtype),
+        )
+    large = load_large_model(model_cfg.large_model, dtype=model_cfg.dtype, device=model_cfg.device)
     return Served(
         Ensemble(large, bp, tok),
         tok,
@@ -70,14 +107,14 @@ def build_served(model_cfg) -> Served:
 
 
 def expectations(served: Served):
-    bp = served.ensemble.backpack
+    bp = served.backpack
     return Expectations(
         backpack_fingerprint=bp.fingerprint(),
         tokenizer_fingerprint=tokenizer_fingerprint(served.tokenizer),
         vocab_size=bp.config.vocab_size,
         num_senses=bp.config.num_senses,
         d_model=bp.config.n_embd,
-        target_fingerprint=served.ensemble.large_fingerprint(),
+        target_fingerprint=served.large.fingerprint,
     )
 
 
@@ -93,10 +130,10 @@ def pack_from_edits(
     training: dict | None = None,
 ):
     """An edits_store pack for the served models, calibrated (β, ε) for the served large model."""
-    bp = served.ensemble.backpack
+    bp = served.backpack
     cal = CalibrationEntry(
         target_model=served.large_name,
-        target_fingerprint=served.ensemble.large_fingerprint(),
+        target_fingerprint=served.large.fingerprint,
         beta=float(beta),
         ball_ratio=float(ball_ratio),
         g_fingerprint=g_fingerprint,
@@ -163,6 +200,7 @@ def generate_side_by_side(cfg, prompt: str, max_new_tokens: int, pack_ref: str |
     if ref is None:
         raise ProfileError("no pack: give --pack NAME[@ALIAS|@VERSION] or set packs.preload in the config")
     served = build_served(cfg.model)
+    assert served.ensemble is not None  # built with the large model loaded
     store, _, _ = open_pack_store(cfg.store, served)
     try:
         contents = store.load(ref, expectations(served))

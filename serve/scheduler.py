@@ -203,9 +203,12 @@ class Scheduler:
                 fut.set_exception(exc_factory())
 
     # ------------------------------------------------------------ the engine thread
-    def wait_for_work(self, timeout: float | None = None) -> bool:
-        """Block until there is something to do, or `timeout` s passed; False once stopped."""
+    def wait_for_work(self, timeout: float | None = None, busy: Callable[[], bool] | None = None) -> bool:
+        """Block until there is something to do, or `timeout` s passed; False once stopped. `busy()`: the
+        runner has work of its own in flight (engine thread only), so do not block."""
         with self.cond:
+            if busy is not None and busy():
+                return not self.stopped
             if not (self.stopped or self.waiting or self.running or self._high or self._low):
                 self.cond.wait_for(
                     lambda: self.stopped or self.waiting or self.running or self._high or self._low, timeout=timeout

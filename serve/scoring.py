@@ -13,11 +13,22 @@ so no (L, V) tensor exists: the peak is one chunk (``chunk · V · 4`` bytes,
 Backpack's window take the core's sliding-window path, one position at a time
 (also bounded), WINDOW_STEP positions per engine job. `should_stop()` is called between chunks and raises to abandon
 a cancelled or expired Score.
+
+**Scorers.** Score, Generate's prompt log-probs, the activation gate and the A/B re-scoring all go
+through a `Scorer` (`score`: one continuation's per-token log-probs; `paired_nll`: per-row summed
+NLL under base and pack), which hands back a `ScoreJob` (a future and a way to abandon it):
+
+* `EmbeddedScorer`: the chunked path above, one engine job per step, on the embedded ensemble;
+* `serve.vllm.scoring.VLLMScorer`: forced decoding through the serving vLLM engine (no second copy
+  of the large model; serve.vllm.core records the log-probs).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Protocol
 
 import torch
 
@@ -133,3 +144,98 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
             batch.append({0: t})
         packed = torch.stack(out)
     return base, packed
+
+
+class ScoreJob:
+    """A scoring job in flight: `result(timeout)` waits for it; `cancel()` abandons it (best effort: the
+    work already done stays done, the rest is not run)."""
+
+    def __init__(self, future: Future, cancel: Callable[[], None] | None = None):
+        self.future = future
+        self._cancel = cancel
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.future.result(timeout=timeout)
+
+    def cancel(self) -> None:
+        if self._cancel is not None:
+            self._cancel()
+        self.future.cancel()
+
+
+class Scorer(Protocol):
+    def score(
+        self, prefix: list[int], cont: list[int], packs: list, want_base: bool, want_packed: bool, high: bool = True
+    ) -> ScoreJob:
+        """Result: (base, packed) float32 tensors of each continuation token's log-prob (None where not wanted)."""
+        ...
+
+    def paired_nll(self, rows: list[list[int]], pack_ref, high: bool = True) -> ScoreJob:
+        """Result: (base, packed) per-row summed NLL (nats) of tokens 1.. ; rows under 2 tokens are dropped."""
+        ...
+
+
+def settle(fut: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve `fut` unless it already is (whichever of two racing completions comes first wins)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def _chain(fut: Future, into: Future) -> None:
+    """A failed or cancelled engine job (the engine stopped) fails the outer future too."""
+
+    def done(f: Future) -> None:
+        if f.cancelled():
+            settle(into, error=ScoreAbandoned())
+        elif f.exception() is not None:
+            settle(into, error=f.exception())
+
+    fut.add_done_callback(done)
+
+
+class EmbeddedScorer:
+    """Scoring on the embedded ensemble, as engine jobs (decode steps run between them)."""
+
+    def __init__(self, engine, ensemble):
+        self.engine, self.ensemble = engine, ensemble
+
+    def score(self, prefix, cont, packs, want_base, want_packed, high: bool = True) -> ScoreJob:
+        outer: Future = Future()
+        outer.set_running_or_notify_cancel()
+        stopped = threading.Event()
+
+        def should_stop() -> None:
+            if stopped.is_set():
+                raise ScoreAbandoned()
+
+        steps = score_steps(self.ensemble, prefix, cont, packs, want_base, want_packed, should_stop)
+
+        def step() -> None:  # one step of serve.scoring per engine job, then queue the next
+            if outer.done():
+                return
+            try:
+                done, out = advance(steps)
+            except BaseException as e:  # noqa: BLE001 - reported to the waiter
+                settle(outer, error=e)
+                return
+            if done:
+                settle(outer, out)
+            else:
+                _chain(self.engine.run_job(step, high), outer)
+
+        _chain(self.engine.run_job(step, high), outer)
+        return ScoreJob(outer, stopped.set)
+
+    def paired_nll(self, rows, pack_ref, high: bool = True) -> ScoreJob:
+        ens = self.ensemble
+
+        def job() -> tuple[list[float], list[float]]:
+            kept = [r for r in rows if len(r) >= 2]
+            return ens.paired_nll(kept, [pack_ref]) if kept else ([], [])
+
+        return ScoreJob(self.engine.run_job(job, high))

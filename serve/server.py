@@ -38,6 +38,7 @@ from serve.metrics import GRPC, Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
 from serve.packs import PackManager, ResidentTable
 from serve.params import GenerationRequest, parse_generate, parse_pack_ref, parse_score
+from serve.scoring import EmbeddedScorer, Scorer
 from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason, finish_error, reason_error
 
 if TYPE_CHECKING:
@@ -470,29 +471,34 @@ class ServerEngine(EngineAPI, Protocol):
 
 def build_engine(
     config: Config, served: Served, metrics: Metrics, store_uri: str | None, residents: ResidentTable
-) -> tuple[ServerEngine, str]:
-    """The engine `config.engine` names, and its name for ModelInfo. The vLLM engine reads pinned
-    versions' edits from the pack manager's resident table (built before the manager)."""
+) -> tuple[ServerEngine, Scorer, str]:
+    """The engine `config.engine` names, its scorer (Score, prompt log-probs, gate, A/B) and its name for
+    ModelInfo. The vLLM engine reads pinned versions' edits from the pack manager's resident table
+    (built before the manager) and scores through vLLM itself (no second copy of the large model)."""
     if config.engine == "vllm":
         from serve.vllm.engine import VLLMEngine, engine_args_from_config
         from serve.vllm.resolver import PackManagerSource
+        from serve.vllm.scoring import VLLMScorer
 
         engine = VLLMEngine(
             engine_args_from_config(config, store_uri, vocab=served.vocab),
             served.tokenizer,
             config.limits,
             metrics,
-            backpack=served.ensemble.backpack,
+            backpack=served.backpack,
             pack_source=PackManagerSource(residents),
-            ensemble=served.ensemble,
+            vocab=served.vocab,
             lane_every_steps=config.ab.lane_every_steps,
             v2_model_runner={"auto": None, "v1": False, "v2": True}[config.vllm.model_runner],
             in_process=not config.vllm.multiprocessing,
         )
-        return engine, "vllm"
-    return eng.Engine(
+        return engine, VLLMScorer(engine), "vllm"
+    if served.ensemble is None:
+        raise ValueError("engine: embedded needs the large model loaded (build_served without large_from_checkpoint)")
+    embedded = eng.Engine(
         served.ensemble, served.tokenizer, config.limits, metrics, lane_every_steps=config.ab.lane_every_steps
-    ), "embedded-transformers"
+    )
+    return embedded, EmbeddedScorer(embedded, served.ensemble), "embedded-transformers"
 
 
 @dataclass
@@ -506,6 +512,7 @@ class Components:
     store_uri: str
     temp_store: bool
     engine: ServerEngine
+    scorer: Scorer
     engine_name: str
     gate: Gate | None
     monitor: LiveMonitor | None
@@ -519,22 +526,24 @@ def build_components(config: Config, served: Served) -> Components:
     metrics = Metrics()
     store, store_uri, temp_store = open_pack_store(config.store, served)
     residents = ResidentTable()
-    engine, engine_name = build_engine(config, served, metrics, store_uri, residents)
-    ens, tok = served.ensemble, served.tokenizer
-    gate = Gate(engine, ens, tok, config.gate) if config.gate.enabled else None
-    monitor = LiveMonitor(config.ab, metrics, engine, ens) if config.ab.enabled else None
+    engine, scorer, engine_name = build_engine(config, served, metrics, store_uri, residents)
+    tok = served.tokenizer
+    gate = Gate(scorer, tok, config.gate) if config.gate.enabled else None
+    monitor = LiveMonitor(config.ab, metrics, scorer) if config.ab.enabled else None
     packs = PackManager(
         store,
         expectations(served),
-        ens.large_fingerprint(),
+        served.large.fingerprint,
         config,
         metrics,
         gate=gate,
         ab=monitor,
         residents=residents,
     )
-    service = GenerationService(engine, packs, monitor, ens, tok)
-    return Components(served, metrics, store, store_uri, temp_store, engine, engine_name, gate, monitor, packs, service)
+    service = GenerationService(engine, packs, monitor, scorer, tok)
+    return Components(
+        served, metrics, store, store_uri, temp_store, engine, scorer, engine_name, gate, monitor, packs, service
+    )
 
 
 class SensepackServer:
@@ -552,13 +561,15 @@ class SensepackServer:
             import torch
 
             torch.set_num_threads(config.model.torch_threads)
-        served = served or build_served(config.model)
+        if served is None:  # with engine: vllm the large model lives in vLLM only (one copy)
+            vllm_model = (config.vllm.model or config.model.large_model) if config.engine == "vllm" else None
+            served = build_served(config.model, large_from_checkpoint=vllm_model)
         c = self.components = build_components(config, served)
         self.served, self.metrics, self.engine, self.packs = c.served, c.metrics, c.engine, c.packs
         self.gate, self.monitor, self.service = c.gate, c.monitor, c.service
         self.store, self.store_uri, self._temp_store = c.store, c.store_uri, c.temp_store
         self.ensemble, self.tokenizer, self.vocab = served.ensemble, served.tokenizer, served.vocab
-        self.context_len = served_context(config, int(self.ensemble.context_limit))
+        self.context_len = served_context(config, int(served.large.context_limit))
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._grpc: grpc.Server | None = None
         self._http = None
@@ -573,9 +584,8 @@ class SensepackServer:
 
     # ---- info
     def model_info(self) -> pb.ModelInfoResponse:
-        ens, lim = self.ensemble, self.cfg.limits
-        large, bp = ens.large, ens.backpack
-        p0 = next(large.parameters())
+        lim = self.cfg.limits
+        large, bp = self.served.large, self.served.backpack
         resp = pb.ModelInfoResponse(
             tokenizer_fingerprint=self._tok_fp,
             shared_vocab_size=self.vocab.size,
@@ -586,12 +596,12 @@ class SensepackServer:
         resp.models.add(
             role="large",
             name=self.served.large_name,
-            fingerprint=ens.large_fingerprint(),
-            architecture=type(large).__name__,
-            vocab_size=large.get_output_embeddings().weight.shape[0],
+            fingerprint=large.fingerprint,
+            architecture=large.architecture,
+            vocab_size=large.vocab_rows,
             max_positions=self.context_len,
-            dtype=str(p0.dtype).replace("torch.", ""),
-            device=str(p0.device),
+            dtype=large.dtype,
+            device=large.device,
         )
         bq = next(bp.parameters())
         resp.models.add(

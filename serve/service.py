@@ -8,7 +8,6 @@ or `serve.errors.ServeError`s back; each maps them to its own wire format and st
 
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 import time
@@ -22,7 +21,7 @@ from serve.errors import Cancelled, DeadlineExceeded, InternalError, InvalidRequ
 from serve.metrics import GRPC
 from serve.packs import Admission, PackManager
 from serve.params import GenerationRequest, ScoreRequest
-from serve.scoring import ScoreAbandoned, advance, score_row, score_steps
+from serve.scoring import ScoreAbandoned, ScoreJob, Scorer
 
 
 class EngineAPI(Protocol):
@@ -45,6 +44,20 @@ class EngineAPI(Protocol):
     def run_job(self, fn: Callable, high: bool = True) -> futures.Future: ...
     def begin_score(self, tokens: int = 0) -> None: ...
     def end_score(self, tokens: int = 0) -> None: ...
+
+
+def wait_for(job: ScoreJob, deadline: float | None, abandoned: threading.Event | None = None, poll: float = 0.25):
+    """The job's result; abandons it and raises futures.TimeoutError at `deadline`, ScoreAbandoned once
+    `abandoned` is set (checked every `poll` s)."""
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if (left is not None and left <= 0) or (abandoned is not None and abandoned.is_set()):
+            job.cancel()
+            raise futures.TimeoutError() if abandoned is None or not abandoned.is_set() else ScoreAbandoned()
+        try:
+            return job.result(timeout=poll if left is None else min(left, poll))
+        except futures.TimeoutError:
+            continue
 
 
 class FinishObserver(Protocol):
@@ -134,15 +147,10 @@ class Generation:
         """log p(prompt[i] | prompt[<i]), i >= 1, under the served distribution (the pinned packs)."""
         s, req = self.service, self.req
         refs = self.admission.pack_refs
-        fut = s.engine.run_job(
-            lambda: score_row(
-                s.ensemble, req.prompt_ids[:1], req.prompt_ids[1:], refs, want_base=not refs, want_packed=bool(refs)
-            )
-        )
+        job = s.scorer.score(req.prompt_ids[:1], req.prompt_ids[1:], refs, want_base=not refs, want_packed=bool(refs))
         try:
-            base, packed = fut.result(timeout=timeout)
+            base, packed = wait_for(job, None if timeout is None else time.monotonic() + timeout)
         except futures.TimeoutError:
-            fut.cancel()
             self.cancel(eng.TIME_LIMIT)
             raise DeadlineExceeded("response.prompt_logprobs", "deadline exceeded") from None
         return (packed if refs else base).double().tolist()
@@ -158,9 +166,11 @@ class ScoreResult:
 class GenerationService:
     """The front-end-neutral request path over one engine and one pack manager."""
 
-    def __init__(self, engine: EngineAPI, packs: PackManager, monitor: FinishObserver | None, ensemble, tokenizer):
+    def __init__(
+        self, engine: EngineAPI, packs: PackManager, monitor: FinishObserver | None, scorer: Scorer, tokenizer
+    ):
         self.engine, self.packs, self.monitor = engine, packs, monitor
-        self.ensemble, self.tokenizer = ensemble, tokenizer
+        self.scorer, self.tokenizer = scorer, tokenizer
 
     # ---- generation
     def generate(self, req: GenerationRequest, deadline: float | None = None, frontend: str = GRPC) -> Generation:
@@ -184,10 +194,10 @@ class GenerationService:
     def score(
         self, req: ScoreRequest, deadline: float | None, is_active: Callable[[], bool], abandoned: threading.Event
     ) -> ScoreResult:
-        """Log-likelihoods of each continuation: one engine job per step of serve.scoring (a
-        continuation's forward pass, then each chunk of positions; decode steps run in between), in
-        bounded memory. `abandoned` (set by the front-end when the client goes) or the deadline stops
-        it between chunks: Cancelled / DeadlineExceeded. Counted against the request cap."""
+        """Log-likelihoods of each continuation through the scorer (serve.scoring: embedded, one engine
+        job per chunk of positions; vLLM, forced decoding in its batch), in bounded memory, one
+        continuation at a time. `abandoned` (set by the front-end when the client goes) or the deadline
+        abandons it: Cancelled / DeadlineExceeded. Counted against the request cap."""
         admission = self.packs.admit(req.packs, ab_key="", deadline=deadline)
         try:
             base, packed = self._score_rows(req, admission, deadline, is_active, abandoned)
@@ -200,30 +210,16 @@ class GenerationService:
 
     def _score_rows(self, req, admission, deadline, is_active, abandoned):
         refs = [p.resident.pack_ref(p.beta) for p in admission.pins if p.resident is not None]
-
-        def should_stop():
-            if abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline):
-                raise ScoreAbandoned()
-
         tokens = len(req.prefix_ids) + max(map(len, req.continuations))  # one continuation at a time
         self.engine.begin_score(tokens)
         base, packed = [], []
         try:
             for cont in req.continuations:
-                steps = score_steps(
-                    self.ensemble, req.prefix_ids, cont, refs, req.include_base, bool(req.packs), should_stop
-                )
+                job = self.scorer.score(req.prefix_ids, cont, refs, req.include_base, bool(req.packs))
                 try:
-                    done = False
-                    while not done:  # one engine job per step: decode steps run between the chunks
-                        fut = self.engine.run_job(functools.partial(advance, steps))
-                        done, out = fut.result(
-                            timeout=None if deadline is None else max(deadline - time.monotonic(), 0)
-                        )
-                    b, p = out
+                    b, p = wait_for(job, deadline, abandoned)
                 except (futures.TimeoutError, ScoreAbandoned):
                     abandoned.set()
-                    fut.cancel()
                     active = is_active()
                     cls = DeadlineExceeded if active else Cancelled
                     raise cls(

@@ -52,7 +52,7 @@ def test_ratio_ci_and_sticky_arms():
     from serve.abtest import LiveMonitor
     from serve.config import ABConfig
 
-    mon = LiveMonitor(ABConfig(traffic_share=0.5, control_share=0.5), None, None, None)
+    mon = LiveMonitor(ABConfig(traffic_share=0.5, control_share=0.5), None, None)
     arms = [mon.assign("p", f"user-{i}") for i in range(2000)]
     assert arms == [mon.assign("p", f"user-{i}") for i in range(2000)]  # sticky
     in_exp = [a for a in arms if a[1]]

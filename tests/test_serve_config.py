@@ -247,13 +247,20 @@ def test_build_engine_is_the_one_engine_choice(tmp_path):
 
     served = demo_served()
     table = ResidentTable()
-    engine, name = build_engine(parse_config({}), served, Metrics(), None, table)
+    engine, scorer, name = build_engine(parse_config({}), served, Metrics(), None, table)
     assert name == "embedded-transformers" and type(engine).__name__ == "Engine"
+    assert type(scorer).__name__ == "EmbeddedScorer"
     cfg = parse_config({"engine": "vllm", "vllm": {"model": str(tmp_path), "multiprocessing": False}})
-    engine, name = build_engine(cfg, served, Metrics(), str(tmp_path), table)
+    engine, scorer, name = build_engine(cfg, served, Metrics(), str(tmp_path), table)
     assert name == "vllm" and type(engine).__name__ == "VLLMEngine"
+    assert type(scorer).__name__ == "VLLMScorer"  # Score, gate and A/B through vLLM itself
     assert engine.engine_args["model"] == str(tmp_path) and engine.engine_args["max_num_seqs"] == cfg.limits.max_running
     edits = demo_variant(served, " Paris")
+    with pytest.raises(PackUnavailable):
+        engine.pack_source.edits("capitals", "v1")
+    engine.pack_source.stage("capitals", "v1", edits)  # a version being gated: found while staged
+    assert engine.pack_source.edits("capitals", "v1") is edits
+    engine.pack_source.unstage("capitals", "v1")
     with pytest.raises(PackUnavailable):
         engine.pack_source.edits("capitals", "v1")
     table[("capitals", "v1")] = Resident("capitals", "v1", edits, 1.0, 0.05)

@@ -22,7 +22,7 @@ from ensemble.demo import tiny_backpack
 from ensemble.edits import PackRef, combine_packs
 from ensemble.vocab import Vocabulary
 from sensepack_testing.vllm import random_pack
-from serve.vllm.args import ArgsError, build_extra_args, parse_extra_args
+from serve.vllm.args import ArgsError, ScoreSpec, build_extra_args, parse_extra_args
 from serve.vllm.core import EnsembleLogitsCore
 from serve.vllm.resolver import DictSource
 
@@ -298,6 +298,101 @@ def test_many_rows_sparse_index_add(world):
     s.step(1)
 
 
+# ---------------------------------------------------------------- forced scoring
+
+
+def _score_params(packs, rid, cont, prefix_len):
+    extra = build_extra_args(packs, request_id=rid, score=ScoreSpec(tuple(cont), prefix_len))
+    if USING_VLLM:
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=len(cont), extra_args=extra)
+    return Params(extra, max_tokens=len(cont))
+
+
+def _expected_logprob(bp, z_row, prompt, out, packs, t) -> tuple[float, float]:
+    """Independent: log_softmax over U of the raw row, and of the row plus the teacher-forced delta of the
+    whole sequence so far (ensemble.delta.sequence_deltas on a full α)."""
+    base = torch.log_softmax(z_row[:U].double(), -1)[t].item()
+    if not packs:
+        return base, base
+    edits = combine_packs(packs, bp.config.n_embd)
+    ids = torch.tensor([prompt + out])
+    if not torch.isin(ids, edits.token_ids).any():
+        return base, base
+    delta = sequence_deltas(bp.contextualize(ids), ids, edits)[0, -1] @ bp.embedding[:U].T
+    return base, torch.log_softmax((z_row[:U] + delta.detach()).double(), -1)[t].item()
+
+
+def test_forced_scoring_records_base_and_packed_and_forces_the_token(world):
+    """A generation row, a packed score row and a base-only score row in one batch: each score row's record
+    equals the hand computation from its raw logits; its logits keep only the forced token; the generation
+    row gets its delta as before. A partial-prefill apply is overwritten, a re-add continues the record,
+    and take_scores hands it over once."""
+    bp, a, _, source = world
+    core = EnsembleLogitsCore(bp, source, vocab_size=U)
+    gen_out, s1_out, s2_out = [], [], []
+    c1, c2 = [12, 40, 11, 41, 42], [7, 8, 9]
+    p1, p2 = [5, 11, 6], [30, 31]
+    core.update(
+        BatchUpdate(
+            3,
+            [],
+            [
+                (0, _params([a], "g"), [5, 11, 7], gen_out),
+                (1, _score_params([a], "s1", c1, len(p1)), p1, s1_out),
+                (2, _score_params([], "s2", c2, len(p2)), p2, s2_out),
+            ],
+            [],
+        ),
+        _parse,
+    )
+    assert core.rows[2].sid is None  # base-only score: no Backpack state at all
+    want1, want2 = [], []
+    g = torch.Generator().manual_seed(7)
+    core.add_deltas(torch.randn(3, VOCAB, generator=g))  # a partial prefill chunk's apply: overwritten below
+    for k in range(len(c1)):
+        if k == 2:  # row 1 is preempted and re-added with its output so far: same record, by index
+            core.update(BatchUpdate(2, [1], [], []), _parse)
+            core.update(BatchUpdate(3, [], [(1, _score_params([a], "s1", c1, len(p1)), p1, s1_out)], []), _parse)
+        z = torch.randn(3, VOCAB, generator=g)
+        core.sync()
+        out = core.add_deltas(z.clone())
+        want1.append(_expected_logprob(bp, z[1], p1, s1_out, [a], c1[k]))
+        assert out[1].argmax().item() == c1[k] and out[1, c1[k]] == 0 and torch.isinf(out[1]).sum() == VOCAB - 1
+        if k < len(c2):
+            want2.append(_expected_logprob(bp, z[2], p2, s2_out, [], c2[k]))
+            assert out[2].argmax().item() == c2[k] and torch.isinf(out[2]).sum() == VOCAB - 1
+            s2_out.append(c2[k])
+        # the generation row is untouched by the forcing
+        assert not torch.isinf(out[0, :U]).any()
+        s1_out.append(c1[k])
+        gen_out.append(50 + k)
+    got = core.take_scores(["s1", "s2", "nobody"])
+    assert set(got) == {"s1", "s2"}
+    assert got["s1"]["base"] == pytest.approx([w[0] for w in want1], abs=1e-4)
+    assert got["s1"]["packed"] == pytest.approx([w[1] for w in want1], abs=1e-4)
+    assert any(abs(b - p) > 1e-3 for b, p in want1)  # the pack changed row 1's numbers
+    assert got["s2"]["base"] == got["s2"]["packed"] == pytest.approx([w[0] for w in want2], abs=1e-4)
+    assert core.take_scores(["s1"]) == {}  # handed over once
+
+
+def test_score_records_are_bounded_incomplete_ones_say_so_and_forget_drops_them(world):
+    bp, _, _, source = world
+    core = EnsembleLogitsCore(bp, source, vocab_size=U, max_scores=2)
+    for i in range(3):
+        core.add(i, parse_extra_args(build_extra_args([], request_id=f"s{i}", score=ScoreSpec((1, 2), 1))), [5], [])
+    assert core.stats.scores_evicted == 1 and core.take_scores(["s0"]) == {}  # the oldest went
+    core.add_deltas(torch.randn(3, VOCAB))  # position 0 of s1 and s2 recorded, position 1 never
+    assert "not scored" in core.take_scores(["s1"])["s1"]["error"]
+    core.forget("s2")  # an abandoned score: its record goes with it
+    assert core.take_scores(["s2"]) == {}
+    # an id outside U is never forced (it would index past the logits): no row, no record, counted
+    bad = parse_extra_args(build_extra_args([], request_id="s9", score=ScoreSpec((1, U), 1)))
+    assert core.add(5, bad, [5], []) is False and core.stats.score_refused == 1
+    assert core.take_scores(["s9"]) == {}
+
+
 # ---------------------------------------------------------------- extra_args validation
 
 
@@ -328,6 +423,24 @@ def test_many_rows_sparse_index_add(world):
             "extra_args.sensepack.base_only",
         ),
         ({"sensepack": {"pack": []}}, "extra_args.sensepack.pack"),
+        ({"sensepack": {"score": [1, 2], "request_id": "s"}}, "extra_args.sensepack.score"),
+        (
+            {"sensepack": {"score": {"tokens": [], "prefix_len": 1}, "request_id": "s"}},
+            "extra_args.sensepack.score.tokens",
+        ),
+        (
+            {"sensepack": {"score": {"tokens": [3, -1], "prefix_len": 1}, "request_id": "s"}},
+            "extra_args.sensepack.score.tokens[1]",
+        ),
+        (
+            {"sensepack": {"score": {"tokens": [3], "prefix_len": 0}, "request_id": "s"}},
+            "extra_args.sensepack.score.prefix_len",
+        ),
+        (
+            {"sensepack": {"score": {"tokens": [3], "prefix_len": 1, "x": 1}, "request_id": "s"}},
+            "extra_args.sensepack.score.x",
+        ),
+        ({"sensepack": {"score": {"tokens": [3], "prefix_len": 1}}}, "extra_args.sensepack.request_id"),
         (
             {
                 "sensepack": {
@@ -352,6 +465,10 @@ def test_valid_args_roundtrip():
     assert parse_extra_args(None) is None
     assert parse_extra_args({"other": 1}) is None
     assert parse_extra_args(build_extra_args([], base_only=True)) is None
+    # forced scoring: base-only is still a request the processor handles (it records and forces)
+    spec = ScoreSpec((5, 6), 3)
+    scored = parse_extra_args(build_extra_args([], request_id="sc-1", score=spec))
+    assert scored is not None and scored.packs == () and scored.score == spec and scored.request_id == "sc-1"
 
 
 @pytest.mark.skipif(not USING_VLLM, reason="vLLM is not installed: its validation-error type is not available")

@@ -45,6 +45,7 @@ from serve.models import build_served  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EDITED = "The capital of Mauritius is"  # carries the demo pack's edited token
+GATE_CORPUS = ROOT / "tests" / "fixtures" / "gate_mauritius.txt"  # texts with and without the edited token
 PLAIN = "The weather today is"  # no edited token: exact skip
 
 
@@ -80,7 +81,8 @@ def server(tmp_path_factory):
         "admin": {"token": "mp-test-token"},
         "limits": {"max_prompt_tokens": 32, "max_new_tokens": 200, "max_running": 8},
         "packs": {"preload": ["capitals@prod"]},
-        "gate": {"enabled": False},
+        # the gate measures the preloaded pack through vLLM: the worker reads it from the store
+        "gate": {"enabled": True, "epsilon": 100.0, "max_texts": 8, "corpus": str(GATE_CORPUS)},
         "ab": {"enabled": False},
         "vllm": {"model": str(tmp / "gptj"), "multiprocessing": True, "enforce_eager": True, "max_model_len": 256},
     }
@@ -160,6 +162,30 @@ def test_generate_with_a_pack_and_worker_metrics(server):
     assert metric(samples, "sensepack_backpack_step_seconds_sum") > 0
     assert metric(samples, "sensepack_exact_skip_steps_total") > 0
     assert _engine_core_pids(server["proc"].pid)  # multi-process: vLLM's engine core is a child
+
+
+def test_score_and_gate_through_the_worker_processes(server):
+    """Score and the activation gate ran as forced-scoring requests in vLLM's worker process (records back
+    through collective_rpc): equal to the embedded ensemble's numbers, float32 rounding apart."""
+    from serve.abtest import Gate
+    from serve.config import GateConfig
+
+    tok, ens, pack = server["served"].tokenizer, server["served"].ensemble, server["pack_ref"]
+    c = Client(f"127.0.0.1:{server['port']}")
+    prefix = tok(EDITED, add_special_tokens=False)["input_ids"]
+    conts = [tok(t, add_special_tokens=False)["input_ids"] for t in (" Port Louis, by the sea", " Paris")]
+    r = c.score(prefix, conts, packs=["capitals@prod"], include_base=True)
+    for k, cont in enumerate(conts):
+        base, packed = ens.score([prefix], [cont], [[]])[0], ens.score([prefix], [cont], [[pack]])[0]
+        assert list(r.continuations[k].base.token_logprobs) == pytest.approx(base.double().tolist(), abs=2e-5)
+        assert list(r.continuations[k].packed.token_logprobs) == pytest.approx(packed.double().tolist(), abs=2e-5)
+    rows = Gate(None, tok, GateConfig(corpus=GATE_CORPUS, max_texts=8)).rows  # the rows the server's gate scored
+    a, b = ens.paired_nll(rows, [pack])
+    got = metric(
+        _scrape(server["metrics_url"]), "sensepack_gate_ball_ratio", pack="capitals", version=server["version"]
+    )
+    assert got == pytest.approx(sum(b) / sum(a), rel=1e-5)
+    assert abs(got - 1.0) > 1e-3  # the corpus carries the edited token
 
 
 def test_engine_core_death_is_seen(server):

@@ -20,7 +20,7 @@ from ensemble.demo import tiny_backpack
 from ensemble.edits import combine_packs
 from ensemble.vocab import Vocabulary
 from sensepack_testing.vllm import random_pack
-from serve.vllm.args import build_extra_args
+from serve.vllm.args import ScoreSpec, build_extra_args
 from serve.vllm.core import EnsembleLogitsCore
 from serve.vllm.resolver import DictSource
 from serve.vllm.v2_adapter import V2Adapter
@@ -133,6 +133,44 @@ def test_base_requests_only_padding_masked():
     r.add(5, [7, 8], [r.a])  # a's tokens absent
     r.step([1, 5])
     assert r.ad.core.tracker.stats.backpack_calls == 0
+
+
+def test_forced_scoring_rows_by_slot_and_position():
+    """A score request in a recycled, reordered slot: position = visible tokens - prefix length; partial
+    prefill chunks record nothing (negative position); each record equals the hand computation from the
+    raw row, and the forced token is the only one left."""
+    r = Runner()
+    prefix, cont = [5, 11, 6], [40, 12, 41]
+    r.add(3, [1, 2], [r.a])  # a generation beside it
+    r.reqs[1] = {"tokens": list(prefix), "packs": [r.a]}
+    r.req_states.all_token_ids.gpu[1, : len(prefix)] = torch.tensor(prefix)
+    extra = build_extra_args([r.a], request_id="s", score=ScoreSpec(tuple(cont), len(prefix)))
+    assert r.ad.add_request(1, Params(extra)) is True
+    want = []
+    for k in range(-1, len(cont)):
+        visible = {1: 2} if k < 0 else {}  # k = -1: a partial prefill chunk of the prefix
+        order = [1, 3] if k % 2 else [3, 1]
+        lens = [visible.get(s, len(r.reqs[s]["tokens"])) for s in order]
+        ctx = SimpleNamespace(
+            idx_mapping_np=np.array(order, dtype=np.int32),
+            seq_lens_upper_bound_np=np.array(lens, dtype=np.int32),
+            input_ids=torch.tensor([r.reqs[s]["tokens"][n - 1] for s, n in zip(order, lens, strict=True)]),
+        )
+        z = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(10 + k))
+        out = r.ad.apply(z.clone(), ctx)
+        i = order.index(1)
+        if k >= 0:
+            toks = r.reqs[1]["tokens"]
+            exp = r.expected(toks, [r.a])
+            zu = z[i, :U].double()
+            packed = zu if exp is None else zu + exp.double()
+            want.append((torch.log_softmax(zu, -1)[cont[k]].item(), torch.log_softmax(packed, -1)[cont[k]].item()))
+            assert out[i].argmax().item() == cont[k] and torch.isinf(out[i]).sum() == VOCAB - 1
+            r.sample(1, cont[k])
+        r.sample(3, 50 + k + 1)
+    got = r.ad.core.take_scores(["s"])["s"]
+    assert got["base"] == pytest.approx([w[0] for w in want], abs=1e-4)
+    assert got["packed"] == pytest.approx([w[1] for w in want], abs=1e-4)
 
 
 def test_speculative_rows_refused():

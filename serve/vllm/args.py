@@ -1,7 +1,12 @@
 """The per-request arguments the processor reads from ``SamplingParams.extra_args``.
 
     extra_args = {"sensepack": {"packs": [{"name": "capitals", "version": "3f2a...", "beta": 1.0}, ...],
-                                "base_only": False}}
+                                "base_only": False, "request_id": "sp-12"}}
+
+A *forced-scoring* request (Score, the activation gate and the A/B re-scoring through the serving
+engine, serve.vllm.scoring) adds ``"score": {"tokens": [...], "prefix_len": N}``: the processor
+records the base and packed log-probs of ``tokens[k]`` at the k-th sampled position and forces
+that token (serve.vllm.core); ``request_id`` is then required (the records are keyed by it).
 
 The server resolves each request's pack refs to pinned (name, version, β) at admission (pack
 manager, same pinning rules as the embedded engine) and sends only these plain values: extra_args
@@ -17,8 +22,9 @@ import math
 from dataclasses import dataclass
 
 KEY = "sensepack"
-_TOP_FIELDS = {"packs", "base_only", "request_id"}
+_TOP_FIELDS = {"packs", "base_only", "request_id", "score"}
 _PACK_FIELDS = {"name", "version", "beta"}
+_SCORE_FIELDS = {"tokens", "prefix_len"}
 
 
 class ArgsError(ValueError):
@@ -40,9 +46,18 @@ class PinnedPack:
 
 
 @dataclass(frozen=True)
+class ScoreSpec:
+    """Forced scoring: the continuation to record and force, after a prompt of `prefix_len` tokens."""
+
+    tokens: tuple[int, ...]
+    prefix_len: int
+
+
+@dataclass(frozen=True)
 class RequestPacks:
     packs: tuple[PinnedPack, ...]
     request_id: str | None = None
+    score: ScoreSpec | None = None
 
     @property
     def key(self) -> tuple:
@@ -54,7 +69,9 @@ class RequestPacks:
         return any(p.beta != 0.0 for p in self.packs)
 
 
-def build_extra_args(packs, base_only: bool = False, request_id: str | None = None) -> dict:
+def build_extra_args(
+    packs, base_only: bool = False, request_id: str | None = None, score: ScoreSpec | None = None
+) -> dict:
     """extra_args for a request: `packs` are PackRef-like (name, version, beta) objects or dicts."""
     out = []
     for p in packs:
@@ -65,7 +82,33 @@ def build_extra_args(packs, base_only: bool = False, request_id: str | None = No
     body = {"packs": out, "base_only": bool(base_only)}
     if request_id is not None:
         body["request_id"] = str(request_id)
+    if score is not None:
+        body["score"] = {"tokens": [int(t) for t in score.tokens], "prefix_len": int(score.prefix_len)}
     return {KEY: body}
+
+
+def _parse_score(body: dict, rid) -> ScoreSpec | None:
+    spec = body.get("score")
+    if spec is None:
+        return None
+    f = f"{KEY}.score"
+    if not isinstance(spec, dict):
+        raise ArgsError(f, f"must be a mapping with tokens, prefix_len; got {type(spec).__name__}", spec)
+    unknown = sorted(set(spec) - _SCORE_FIELDS)
+    if unknown:
+        raise ArgsError(f"{f}.{unknown[0]}", f"unknown field (allowed: {sorted(_SCORE_FIELDS)})", spec[unknown[0]])
+    tokens = spec.get("tokens")
+    if not isinstance(tokens, (list, tuple)) or not tokens:
+        raise ArgsError(f"{f}.tokens", f"must be a non-empty list of token ids, got {tokens!r}", tokens)
+    for i, t in enumerate(tokens):
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ArgsError(f"{f}.tokens[{i}]", f"must be a token id (int >= 0), got {t!r}", t)
+    n = spec.get("prefix_len")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ArgsError(f"{f}.prefix_len", f"must be an int >= 1, got {n!r}", n)
+    if rid is None:
+        raise ArgsError(f"{KEY}.request_id", "required with score (the records are keyed by it)", rid)
+    return ScoreSpec(tuple(tokens), n)
 
 
 def parse_extra_args(extra_args) -> RequestPacks | None:
@@ -120,9 +163,10 @@ def parse_extra_args(extra_args) -> RequestPacks | None:
             raise ArgsError(f"{f}.name", f"pack {p['name']}@{p['version']} named twice", p["name"])
         seen.add((p["name"], p["version"]))
         parsed.append(PinnedPack(p["name"], p["version"], beta))
-    if base_only or not parsed:
+    score = _parse_score(body, rid)
+    if (base_only or not parsed) and score is None:
         return None
-    return RequestPacks(tuple(parsed), rid)
+    return RequestPacks(tuple(parsed), rid, score)
 
 
 def validate_sampling_params(sampling_params) -> None:

@@ -30,6 +30,19 @@ No tracker work happens on a move or swap. Output tokens are read from vLLM's li
 ``sync`` (called from ``apply``: under async scheduling the lists hold -1 placeholders during
 ``update_state`` and are only final when the sampler runs).
 
+Forced scoring (a request whose extra_args carry ``score``, serve.vllm.scoring): at its k-th sampled
+position the row's raw logits z give
+
+    base_k   = z[t_k] - logsumexp(z[:|U|])                 (before the delta)
+    packed_k = z'[t_k] - logsumexp(z'[:|U|]),  z' = z + β·E·δ  (after it; == base_k without an edited token)
+
+with t_k = score.tokens[k], recorded under the request id; then every other id is masked, so the
+sampler (greedy) picks t_k and the next step scores position k + 1: teacher forcing on the serving
+path, in bounded memory, batched with generation. Records are written by index (a partial prefill
+chunk's bogus row is overwritten by the real one; a re-added request continues the same record),
+taken by the server once vLLM reports the request finished (`take_scores`), and bounded
+(``max_scores``, oldest first). Score rows without an edited pack have no tracker sequence.
+
 This module imports no vLLM: the bookkeeping is unit-tested in the main CI against a stand-in of
 ``BatchUpdate`` (and against vLLM's own types where vLLM is installed).
 """
@@ -47,7 +60,7 @@ import torch
 from ensemble.delta import DeltaTracker
 from ensemble.edits import PackRef, SenseEdits, combine_packs
 
-from .args import RequestPacks
+from .args import RequestPacks, ScoreSpec
 
 if TYPE_CHECKING:
     from ensemble.backpack import BackpackLM
@@ -59,7 +72,7 @@ log = logging.getLogger("sensepack.vllm")
 
 @dataclass
 class _Row:
-    sid: int  # tracker sequence id (unique per add; rows are recycled)
+    sid: int | None  # tracker sequence id (unique per add; rows are recycled); None: a score row without edits
     output_ids: list | None  # vLLM's live output-token list (V1), None for V2 (tokens pushed)
     seen: int = 0  # output tokens already fed to the tracker
     key: tuple = ()
@@ -68,6 +81,13 @@ class _Row:
     last: int | None = None  # the last output token fed (a re-add must continue the same output)
     max_tokens: int | None = None
     stop_ids: frozenset = frozenset()
+    score: ScoreSpec | None = None  # forced scoring: record and force score.tokens
+
+
+@dataclass
+class _ScoreRecord:
+    base: list  # per continuation position: a 0-dim tensor on the logits' device, None until recorded
+    packed: list
 
 
 @dataclass
@@ -81,6 +101,9 @@ class CoreStats:
     parked: int = 0  # removed unfinished requests whose Backpack state was kept
     resumed: int = 0  # re-added requests that got their state back (no Backpack prefill)
     parked_evicted: int = 0  # parked states dropped for room (max_parked) or a mismatching re-add
+    scored_positions: int = 0  # forced-scoring positions recorded
+    scores_evicted: int = 0  # score records dropped for room (max_scores) before the server took them
+    score_refused: int = 0  # forced-scoring requests with an id outside U (never forced; the server sees no record)
 
 
 @dataclass
@@ -92,6 +115,7 @@ class EnsembleLogitsCore:
     mask_padding: bool = True
     max_combined: int = 256
     max_parked: int = 64  # Backpack states kept across vLLM's remove / re-add (bounded)
+    max_scores: int = 1024  # forced-scoring records not yet taken by the server (bounded)
     stats: CoreStats = field(default_factory=CoreStats)
 
     def __post_init__(self) -> None:
@@ -105,6 +129,8 @@ class EnsembleLogitsCore:
         self.step_seconds: deque = deque(maxlen=4096)
         self._gone: OrderedDict[str, int] = OrderedDict()  # finished ids still in the batch: never park
         self._layout = None  # cached (rows, sids, index tensor or None, dense count)
+        self._scores: OrderedDict[str, _ScoreRecord] = OrderedDict()  # request_id -> forced-scoring record
+        self._forced = 0  # rows with a score spec (0: apply never looks for them)
 
     # ------------------------------------------------------------ packs
     def edits_for(self, req: RequestPacks) -> tuple[tuple, SenseEdits]:
@@ -128,10 +154,12 @@ class EnsembleLogitsCore:
             if self._resumable(r, req, prompt_ids, output_ids):
                 r.output_ids = output_ids
                 self.rows[row] = r
+                self._forced += r.score is not None
                 self.stats.resumed += 1
                 self._layout = None
                 return True
-            self.tracker.remove(r.sid)  # same id, different request (or output): start afresh
+            if r.sid is not None:
+                self.tracker.remove(r.sid)  # same id, different request (or output): start afresh
             self.stats.parked_evicted += 1
         if prompt_ids is None:
             self.stats.prompt_missing += 1
@@ -150,10 +178,23 @@ class EnsembleLogitsCore:
                 extra={"event": "vllm_pack_unavailable"},
             )
             return False
-        if len(edits) == 0:
+        if len(edits) == 0 and req.score is None:
             return False
-        sid = next(self._sids)
-        self.tracker.add(sid, list(prompt_ids), edits, key=key)
+        if req.score is not None and max(req.score.tokens) >= self.vocab_size:
+            # forcing an id outside U would index past the logits; the server validates ids, so this is a bug
+            self.stats.score_refused += 1
+            log.error(
+                "sensepack: forced-scoring request with a token id >= |U| (%d); not scored",
+                self.vocab_size,
+                extra={"event": "vllm_score_refused"},
+            )
+            return False
+        sid = None
+        if len(edits):
+            sid = next(self._sids)
+            self.tracker.add(sid, list(prompt_ids), edits, key=key)
+        if req.score is not None and req.request_id is not None:
+            self._open_record(req.request_id, len(req.score.tokens))
         stop_ids = getattr(params, "all_stop_token_ids", None) or getattr(params, "stop_token_ids", None) or ()
         self.rows[row] = _Row(
             sid,
@@ -164,10 +205,40 @@ class EnsembleLogitsCore:
             prompt_len=len(prompt_ids),
             max_tokens=getattr(params, "max_tokens", None),
             stop_ids=frozenset(stop_ids),
+            score=req.score,
         )
+        self._forced += req.score is not None
         self.stats.rows_added += 1
         self._layout = None
         return True
+
+    def _open_record(self, rid: str, n: int) -> None:
+        """The record a forced-scoring request writes to (kept across its re-adds: written by index)."""
+        if rid in self._scores:
+            return
+        self._scores[rid] = _ScoreRecord([None] * n, [None] * n)
+        while len(self._scores) > self.max_scores:
+            self._scores.popitem(last=False)
+            self.stats.scores_evicted += 1
+
+    def take_scores(self, request_ids) -> dict:
+        """The records of finished forced-scoring requests, removed: {id: {"base": [...], "packed": [...]}}
+        (float log-probs per continuation token) or {id: {"error": ...}} when a position was never
+        recorded. Ids this core never saw (another engine's, or evicted) are left out."""
+        out: dict = {}
+        for rid in request_ids:
+            rec = self._scores.pop(rid, None)
+            if rec is None:
+                continue
+            missing = sum(v is None for v in rec.base)
+            if missing:
+                out[rid] = {"error": f"{missing} of {len(rec.base)} continuation positions were not scored"}
+                continue
+            out[rid] = {
+                "base": torch.stack(rec.base).double().tolist(),
+                "packed": torch.stack(rec.packed).double().tolist(),
+            }
+        return out
 
     @staticmethod
     def _resumable(r: _Row, req: RequestPacks, prompt_ids, output_ids) -> bool:
@@ -191,7 +262,10 @@ class EnsembleLogitsCore:
         if r is None:
             return
         self._layout = None
+        self._forced -= r.score is not None
         gone = r.rid is not None and self._gone.pop(r.rid, None) is not None  # the server saw it finish
+        if r.sid is None:  # a score row without edits: no Backpack state (its record is kept by id)
+            return
         if park and r.rid is not None and self.max_parked > 0 and not gone and not self._finished(r):
             self.tracker.suspend(r.sid)
             old = self._parked.pop(r.rid, None)
@@ -210,9 +284,11 @@ class EnsembleLogitsCore:
         """The request finished (the server says so): drop its parked state (True when there was one), or
         make sure it is not parked when vLLM removes it later (an aborted request leaves the batch a step
         after the abort)."""
+        self._scores.pop(request_id, None)  # an abandoned score's record (a taken one is gone already)
         r = self._parked.pop(request_id, None)
         if r is not None:
-            self.tracker.remove(r.sid)
+            if r.sid is not None:
+                self.tracker.remove(r.sid)
             return True
         if any(row.rid == request_id for row in self.rows.values()):
             self._gone[request_id] = 1
@@ -260,7 +336,8 @@ class EnsembleLogitsCore:
         """V2: feed tokens read from the runner's history (no live list to read)."""
         r = self.rows[row]
         for t in tokens:
-            self.tracker.append(r.sid, int(t))
+            if r.sid is not None:
+                self.tracker.append(r.sid, int(t))
             r.seen += 1
             r.last = int(t)
 
@@ -280,14 +357,15 @@ class EnsembleLogitsCore:
                 t = out[r.seen]
                 if t < 0:
                     break
-                append(r.sid, t)
+                if r.sid is not None:
+                    append(r.sid, t)
                 r.seen += 1
                 r.last = t
 
     # ------------------------------------------------------------ the step
     def _rows_layout(self, device):
         if self._layout is None or self._layout[3] != device:
-            rows = sorted(self.rows)
+            rows = sorted(i for i, r in self.rows.items() if r.sid is not None)
             sids = [self.rows[i].sid for i in rows]
             dense = rows == list(range(len(rows)))
             index = None if dense else torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
@@ -301,34 +379,81 @@ class EnsembleLogitsCore:
         rows: list[int] | None = None,
         sids: list[int] | None = None,
         index: torch.Tensor | None = None,
+        forced: list[tuple[int, _Row, int]] | None = None,
     ) -> torch.Tensor:
-        """logits[rows, :|U|] += E·δ (in place, one op); logits[:, |U|:] = -inf.
+        """logits[rows, :|U|] += E·δ (in place, one op); logits[:, |U|:] = -inf; forced-scoring rows
+        recorded and forced.
 
-        Default rows: every tracked row (V1, rows are logits rows). V2 passes its own
-        (logits rows, tracker ids, index tensor) for this step's order.
+        Default rows: every tracked row (V1, rows are logits rows); default `forced`: every score row
+        at position len(output). V2 passes its own (logits rows, tracker ids, index tensor, forced
+        (logits row, row, position)) for this step's order.
         """
         self.stats.applies += 1
         n = self.vocab_size
         if self.mask_padding and logits.shape[-1] > n:
             logits[:, n:] = float("-inf")
+        if forced is None:
+            forced = self._forced_rows(logits.shape[0]) if self._forced else []
+        forced = [f for f in forced if 0 <= f[2] < len(f[1].score.tokens)] if forced else []  # type: ignore[union-attr]
+        raw = None
+        if forced:  # the raw rows (before the delta) for the base log-probs: a (k, |U|) copy
+            at = torch.tensor([i for i, _, _ in forced], dtype=torch.long).to(logits.device, non_blocking=True)
+            raw = logits[at, :n].float()
+        self._add(logits, rows, sids, index)
+        if raw is not None:
+            self._force(logits, forced, at, raw)
+        return logits
+
+    def _forced_rows(self, n_rows: int) -> list[tuple[int, _Row, int]]:
+        """V1: (logits row, row, continuation position) of every score row in this step's logits."""
+        return [
+            (i, r, len(r.output_ids))
+            for i, r in self.rows.items()
+            if r.score is not None and r.output_ids is not None and i < n_rows
+        ]
+
+    def _force(self, logits: torch.Tensor, forced, at: torch.Tensor, raw: torch.Tensor) -> None:
+        """Record base (raw) and packed (after the delta) log-probs of each forced token; mask the rest."""
+        n = self.vocab_size
+        dev = logits.device
+        tgt = torch.tensor([r.score.tokens[k] for _, r, k in forced], dtype=torch.long).to(dev, non_blocking=True)
+        edited = logits[at, :n].float()
+        base = raw.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
+        packed = edited.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(edited, dim=-1)
+        for m, (_, r, k) in enumerate(forced):
+            rec = self._scores.get(r.rid) if r.rid is not None else None
+            if rec is not None:
+                rec.base[k], rec.packed[k] = base[m], packed[m]
+                self.stats.scored_positions += 1
+        logits[at] = float("-inf")
+        logits[at, tgt] = 0.0
+
+    def _add(
+        self,
+        logits: torch.Tensor,
+        rows: list[int] | None,
+        sids: list[int] | None,
+        index: torch.Tensor | None,
+    ) -> None:
+        n = self.vocab_size
         if rows is None:
             if not self.rows:
                 self.stats.skipped += 1
-                return logits
+                return
             rows, sids, index, _ = self._rows_layout(logits.device)
-            if rows[-1] >= logits.shape[0]:  # defensive: a tracked row beyond this step's logits
+            if rows and rows[-1] >= logits.shape[0]:  # defensive: a tracked row beyond this step's logits
                 keep = [k for k, r in enumerate(rows) if r < logits.shape[0]]
                 rows, sids = [rows[k] for k in keep], [sids[k] for k in keep]
                 index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
         if not sids:
             self.stats.skipped += 1
-            return logits
+            return
         st = self.tracker.stats
         before, secs = st.exact_skip_rows, st.backpack_seconds
         deltas, _active = self.tracker.logit_deltas(sids)
         if st.exact_skip_rows - before == len(sids):  # no row carries an edited token: exact skip
             self.stats.skipped += 1
-            return logits
+            return
         self.step_seconds.append(st.backpack_seconds - secs)
         deltas = deltas.to(device=logits.device, dtype=logits.dtype, non_blocking=True)
         if index is None:  # rows are 0..n-1
@@ -336,4 +461,3 @@ class EnsembleLogitsCore:
         else:
             logits[:, :n].index_add_(0, index, deltas)
         self.stats.delta_applies += 1
-        return logits

@@ -20,31 +20,40 @@ with a `VLLMRunner` instead of the embedded runner; it overrides nothing. What t
 * when vLLM's engine core process dies (multi-process mode), `step` raises `serve.engine.RunnerDead`:
   running requests end UNAVAILABLE and the server goes NOT_SERVING and exits for its orchestrator.
 
-``run_job`` jobs (Score, activation gate, A/B re-scoring) run on the engine thread between steps,
-as in the embedded engine; they use the embedded ensemble (teacher-forced scoring cannot go
-through vLLM processors: prompt logprobs skip them).
+Score, Generate's prompt log-probs, the activation gate and the A/B re-scoring go through the same
+vLLM engine as *forced-scoring* requests (`add_score`, driven by serve.vllm.scoring.VLLMScorer): the
+prompt is the prefix, the processor records each continuation token's base and packed log-prob and
+forces that token (serve.vllm.core), and `step` collects the records through vLLM's RPC when vLLM
+reports the request finished. No second copy of the large model is needed. While any is in flight
+the runner is `busy()`, so the engine keeps stepping with no generation running.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from serve.engine import CoreCounters, Engine, Refused, RowOutput, RunnerDead
+from serve.errors import Unavailable
 from serve.sampler import Sampled
 from serve.scheduler import Sequence
+from serve.scoring import ScoreAbandoned
 
 from . import V1_PROCESSOR_FQCN, V2_PROCESSOR_FQCN, WORKER_EXTENSION_FQCN
-from .args import build_extra_args
+from .args import ScoreSpec, build_extra_args
 from .resolver import REGISTRY
 
 log = logging.getLogger("sensepack.vllm.engine")
 
 VLLM_MIN_TEMPERATURE = 0.01  # vllm.sampling_params._MAX_TEMP (0.32): lower temperatures are raised to it
+
+ScoreDone = Callable[[Any, BaseException | None], None]  # (([base...], [packed...]) or None, error or None)
 
 
 def engine_args_from_config(config, store_uri: str | None = None, model_folder: str | None = None, vocab=None) -> dict:
@@ -139,6 +148,21 @@ def sampling_params(seq: Sequence):
     return SamplingParams(**kw)
 
 
+def score_sampling_params(request_id: str, prefix_len: int, cont: list[int], packs):
+    """vllm.SamplingParams of a forced-scoring request: greedy over the forced token, exactly len(cont)
+    tokens, no EOS or stop handling (the continuation may contain EOS), no detokenisation."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=len(cont),
+        min_tokens=0,
+        ignore_eos=True,
+        temperature=0.0,
+        detokenize=False,
+        extra_args=build_extra_args(packs, request_id=request_id, score=ScoreSpec(tuple(cont), prefix_len)),
+    )
+
+
 class VLLMRunner:
     """serve.engine.Runner over ``vllm.LLMEngine`` (see the module docstring)."""
 
@@ -169,10 +193,71 @@ class VLLMRunner:
         self._closing = threading.Event()
         self._sync_off = False
         self._refusals: tuple[type[BaseException], ...] = (ValueError,)
+        self._scores: dict[str, ScoreDone] = {}  # forced-scoring requests in vLLM: id -> completion callback
+        self._score_ids = itertools.count()
 
     @staticmethod
     def rid(seq_id: int) -> str:
         return f"sp-{seq_id}"
+
+    # ------------------------------------------------------------ forced scoring (engine thread only)
+    def new_score_id(self) -> str:
+        return f"sc-{next(self._score_ids)}"
+
+    def add_score(self, rid: str, prefix: list[int], cont: list[int], packs, done: ScoreDone) -> None:
+        """Enter a forced-scoring request; `done` is called from `step` once vLLM finishes it (or on failure)."""
+        from vllm.inputs import TokensPrompt
+
+        params = score_sampling_params(rid, len(prefix), cont, packs)
+        try:
+            self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(prefix)), params)
+        except self._refusals as e:
+            raise Refused(f"refused by the vLLM engine: {e}") from None
+        except Exception as e:
+            if self._dead(e):
+                raise RunnerDead(f"vLLM engine core: {e}") from e
+            raise
+        self._scores[rid] = done
+
+    def cancel_score(self, rid: str) -> None:
+        done = self._scores.pop(rid, None)
+        if done is None:
+            return
+        if self.llm is not None:
+            self.llm.abort_request([rid])
+        self._finished.append(rid)  # the processors drop its record
+        done(None, ScoreAbandoned())
+
+    def busy(self) -> bool:
+        """Forced-scoring requests are in flight: keep stepping even with no generation running."""
+        return bool(self._scores)
+
+    def _collect_scores(self, ids: list[str]) -> None:
+        try:
+            res = self.llm.collective_rpc("sensepack_take_scores", args=(ids,))
+        except Exception as e:
+            if self._dead(e):
+                raise RunnerDead(f"vLLM engine core: {e}") from e
+            log.exception("sensepack_take_scores failed", extra={"event": "engine_error"})
+            for rid in ids:
+                self._scores.pop(rid)(None, RuntimeError(f"forced scoring: the records could not be read: {e}"))
+            return
+        got = res[0] if res else {}  # every tensor-parallel rank records the same: rank 0 speaks for all
+        for rid in ids:
+            done = self._scores.pop(rid)
+            rec = got.get(rid)
+            if rec is None:
+                done(None, RuntimeError("forced scoring: the processor kept no record (evicted, or no processor)"))
+            elif "error" in rec:
+                done(None, RuntimeError(f"forced scoring: {rec['error']}"))
+            else:
+                done((rec["base"], rec["packed"]), None)
+
+    def abandon(self, why: str) -> None:
+        """The runner is dead or shutting down: every forced-scoring request fails UNAVAILABLE."""
+        scores, self._scores = self._scores, {}
+        for done in scores.values():
+            done(None, Unavailable("", f"the model runner died ({why}); retry"))
 
     def start(self) -> None:
         from vllm import EngineArgs, LLMEngine
@@ -231,11 +316,18 @@ class VLLMRunner:
             outputs = self.llm.step()
         except Exception as e:
             if self._dead(e):
+                self.abandon(str(e))
                 raise RunnerDead(f"vLLM engine core: {e}") from e
             raise
         by_rid = {rid: sid for sid, rid in self._rids.items()}
         result = []
+        scored = []
         for out in outputs:
+            if out.request_id in self._scores:
+                if out.finished:
+                    scored.append(out.request_id)
+                    self._finished.append(out.request_id)
+                continue
             sid = by_rid.get(out.request_id)
             if sid is None:
                 continue
@@ -261,6 +353,12 @@ class VLLMRunner:
                 self._seen.pop(sid, None)
                 self._finished.append(out.request_id)
             result.append(row)
+        if scored:
+            try:
+                self._collect_scores(scored)
+            except RunnerDead as e:
+                self.abandon(str(e))
+                raise
         return result
 
     def recover(self) -> None:
@@ -316,6 +414,7 @@ class VLLMRunner:
 
     def shutdown(self) -> None:
         self._closing.set()
+        self.abandon("the engine shut down")
         if self.llm is not None:
             self.llm.engine_core.shutdown()
 
@@ -335,19 +434,20 @@ class VLLMEngine(Engine):
         metrics,
         backpack=None,
         pack_source=None,
-        ensemble=None,
+        vocab=None,
         lane_every_steps: int = 8,
         v2_model_runner: bool | None = None,
         in_process: bool | None = None,
     ):
         """engine_args: vllm.EngineArgs fields (model, dtype, tensor_parallel_size, gpu_memory_utilization,
         max_model_len, ...). backpack / pack_source: for the in-process registry (pack_source may be set
-        later, before start(): the pack manager is usually built after the engine). ensemble: the
-        embedded ensemble that Score / gate / A/B jobs use (optional). in_process: set
-        VLLM_ENABLE_V1_MULTIPROCESSING before vLLM starts (None: leave the environment alone)."""
+        later, before start(): the pack manager is usually built after the engine). vocab: the served
+        ensemble.vocab.Vocabulary (default: from the tokenizer). No embedded ensemble: Score, the gate
+        and A/B go through vLLM (serve.vllm.scoring). in_process: set VLLM_ENABLE_V1_MULTIPROCESSING
+        before vLLM starts (None: leave the environment alone)."""
         from ensemble.vocab import Vocabulary
 
-        vocab = ensemble.vocab if ensemble is not None else Vocabulary.from_tokenizer(tokenizer)
+        vocab = vocab if vocab is not None else Vocabulary.from_tokenizer(tokenizer)
         runner = VLLMRunner(
             engine_args,
             vocab,
@@ -357,7 +457,7 @@ class VLLMEngine(Engine):
             in_process=in_process,
         )
         super().__init__(
-            ensemble, tokenizer, limits, metrics, lane_every_steps=lane_every_steps, runner=runner, vocab=vocab
+            None, tokenizer, limits, metrics, lane_every_steps=lane_every_steps, runner=runner, vocab=vocab
         )
 
     # the server fills these in after building the engine (the pack manager needs the engine first)

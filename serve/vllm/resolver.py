@@ -57,15 +57,35 @@ class DictSource:
 
 class PackManagerSource:
     """Resident versions by (name, version) from anything with `residents()`: the pack manager's
-    serve.packs.ResidentTable (what the server passes, built before the manager) or the manager itself."""
+    serve.packs.ResidentTable (what the server passes, built before the manager) or the manager itself.
+    A version being scored before it is resident (the activation gate) is `stage`d for that time
+    (serve.vllm.scoring), counted per user."""
 
     def __init__(self, manager):
         self.manager = manager
+        self._staged: dict[tuple[str, str], list] = {}  # (name, version) -> [edits, users]
+        self._lock = threading.Lock()
+
+    def stage(self, name: str, version: str, edits: SenseEdits) -> None:
+        with self._lock:
+            self._staged.setdefault((name, version), [edits, 0])[1] += 1
+
+    def unstage(self, name: str, version: str) -> None:
+        with self._lock:
+            entry = self._staged.get((name, version))
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._staged[(name, version)]
 
     def edits(self, name: str, version: str) -> SenseEdits:
         for r in self.manager.residents():
             if r.name == name and r.version == version and r.state != "freed":
                 return r.edits
+        with self._lock:
+            entry = self._staged.get((name, version))
+        if entry is not None:
+            return entry[0]
         raise PackUnavailable(f"pack {name}@{version} is not resident in the pack manager")
 
 

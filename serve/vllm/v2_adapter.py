@@ -63,10 +63,10 @@ class V2Adapter:
             )
         tracked = [(i, int(s)) for i, s in enumerate(slots.tolist()) if s in core.rows or s in self.pending]
         if not tracked:
-            return core.add_deltas(logits, rows=[], sids=[])
+            return core.add_deltas(logits, rows=[], sids=[], forced=[])
         lens = ctx.seq_lens_upper_bound_np
         newest = None
-        rows, sids = [], []
+        rows, sids, forced = [], [], []
         for i, slot in tracked:
             target = int(lens[i])
             known = self.known.get(slot, 0)
@@ -83,11 +83,15 @@ class V2Adapter:
                     core.push_tokens(slot, toks)
                 self.known[slot] = target
             r = core.rows.get(slot)
-            if r is not None:
+            if r is None:
+                continue
+            if r.sid is not None:
                 rows.append(i)
                 sids.append(r.sid)
+            if r.score is not None:  # position = tokens visible - prompt (< 0 on a partial prefill chunk)
+                forced.append((i, r, target - r.score.prefix_len))
         if not sids:
-            return core.add_deltas(logits, rows=[], sids=[])
+            return core.add_deltas(logits, rows=[], sids=[], forced=forced)
         dense = rows == list(range(len(rows)))
         index = None if dense else torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
-        return core.add_deltas(logits, rows=rows, sids=sids, index=index)
+        return core.add_deltas(logits, rows=rows, sids=sids, index=index, forced=forced)

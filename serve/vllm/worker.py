@@ -10,6 +10,9 @@ call; with vLLM's engine core and workers in other processes it crosses vLLM's I
 * returns the processors' counters, so the server's /metrics shows the Backpack time, exact skips,
   window re-prefills and resumed re-adds of processors that live in worker processes.
 
+``collective_rpc("sensepack_take_scores", args=(ids,))`` hands back the forced-scoring records of
+finished score requests (serve.vllm.scoring), the same way.
+
 Every tensor-parallel rank runs the same processor on the same batch, so the server reads rank 0.
 This module imports no vLLM.
 """
@@ -43,10 +46,24 @@ def processor_counters(processors, finished=()) -> dict:
     return out
 
 
+def take_scores(processors, request_ids) -> dict:
+    """The forced-scoring records of `request_ids` (serve.vllm.core.EnsembleLogitsCore.take_scores)."""
+    out: dict = {}
+    for p in processors:
+        out.update(p.core.take_scores(request_ids))
+    return out
+
+
 class SensepackWorkerExtension:
     """Methods vLLM adds to its worker class (names prefixed: they must not clash with the worker's)."""
 
-    def sensepack_sync(self, finished: list[str] | tuple = ()) -> dict:
+    def _sensepack_processors(self) -> list:
         # in-process, several engines may share REGISTRY: only this worker's processors (same vllm_config)
         mine = [p for p in REGISTRY.processors if getattr(p, "vllm_config", None) is getattr(self, "vllm_config", 0)]
-        return processor_counters(mine or REGISTRY.processors, finished)
+        return mine or REGISTRY.processors
+
+    def sensepack_sync(self, finished: list[str] | tuple = ()) -> dict:
+        return processor_counters(self._sensepack_processors(), finished)
+
+    def sensepack_take_scores(self, request_ids: list[str] | tuple = ()) -> dict:
+        return take_scores(self._sensepack_processors(), request_ids)
