@@ -439,7 +439,7 @@ class Engine:
                     self._finish(seq, ERROR, error=_describe(e))
                     continue
                 self.scheduler.start_running(seq, now)
-                self.metrics.queue_time.labels(seq.frontend).observe(now - seq.arrival)
+                self.metrics.latency[seq.frontend].queue_time.observe(now - seq.arrival)
                 self.metrics.prompt_tokens.inc(len(seq.req.prompt_ids))
         finally:
             self.scheduler.end_admission()
@@ -503,9 +503,9 @@ class Engine:
         seq.output_ids.append(tok)
         n = len(seq.output_ids)
         if seq.last_token is None:
-            self.metrics.ttft.labels(seq.frontend).observe(now - seq.arrival)
+            self.metrics.latency[seq.frontend].ttft.observe(now - seq.arrival)
         else:
-            self.metrics.itl.labels(seq.frontend).observe(now - seq.last_token)
+            self.metrics.latency[seq.frontend].itl.observe(now - seq.last_token)
         seq.last_token = now
         self.metrics.generation_tokens.inc()
 
@@ -572,7 +572,7 @@ class Engine:
                 text, reason = "", ERROR if reason not in (CANCELLED, TIME_LIMIT) else reason
         delta = "" if reason in _NO_TEXT else text[seq.sent_chars :]
         if seq.last_token is not None:
-            self.metrics.e2e.labels(seq.frontend).observe(time.monotonic() - seq.arrival)
+            self.metrics.latency[seq.frontend].e2e.observe(time.monotonic() - seq.arrival)
         try:
             if seq.on_finish is not None:
                 seq.on_finish(seq, reason)

@@ -21,6 +21,16 @@ UNKNOWN_METHOD = "unknown"
 GRPC, HTTP = "grpc", "http"
 
 
+class FrontendLatency:
+    """One front-end's children of the four latency histograms, resolved once."""
+
+    def __init__(self, m: Metrics, frontend: str):
+        self.ttft = m.ttft.labels(frontend)
+        self.itl = m.itl.labels(frontend)
+        self.e2e = m.e2e.labels(frontend)
+        self.queue_time = m.queue_time.labels(frontend)
+
+
 def method_label(name: str) -> str:
     """A request's method as a metrics label: one of METHODS or "unknown" (bounded series)."""
     return name if name in METHODS else UNKNOWN_METHOD
@@ -62,9 +72,8 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
-        for h in (self.ttft, self.itl, self.e2e, self.queue_time):  # both series exist from the start
-            for frontend in (GRPC, HTTP):
-                h.labels(frontend)
+        # both series exist from the start; the engine observes through these children (no labels() per token)
+        self.latency = {f: FrontendLatency(self, f) for f in (GRPC, HTTP)}
         self.running = Gauge("sensepack_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("sensepack_requests_waiting", "Requests waiting to join the batch", registry=r)
         self.prompt_tokens = Counter("sensepack_prompt_tokens", "Prompt tokens admitted", registry=r)

@@ -135,6 +135,26 @@ def test_stale_steps_refused_as_in_the_issue(corpora, tmp_path):
 
 
 @needs_data
+def test_pack_refuses_a_large_checkpoint_changed_since_calibration(corpora, tmp_path):
+    """`pack` does not load the large model, yet a checkpoint folder rewritten after `calibrate` (same name,
+    same dtype, other weights) is refused: its fingerprint is read from the safetensors without loading it."""
+    from sensepack_testing.vllm import save_tiny_gptj
+
+    large = tmp_path / "gptj"
+    save_tiny_gptj(large, seed=0)
+    run_dir = tmp_path / "run"
+    args = _base(corpora, run_dir)
+    args[args.index("tiny-gptj")] = str(large)
+    res = _cli("run", *args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert _cli("pack", "--run-dir", run_dir, "--no-progress").exit_code == 0  # unchanged: fresh
+    save_tiny_gptj(large, seed=1)  # same folder, same config, other weights
+    res = _cli("pack", "--run-dir", run_dir, "--no-progress")
+    assert res.exit_code == 2, res.output
+    assert "step `calibrate`" in res.output and "models.large.fingerprint" in res.output
+
+
+@needs_data
 def test_changed_data_file_or_edited_output_is_refused(corpora, tmp_path):
     run_dir = tmp_path / "run"
     data = tmp_path / "mine.jsonl"

@@ -120,11 +120,36 @@ def current_inputs(run: Run, step: str, with_large: bool = False) -> dict:
         else:
             out.update(evald)
             out["eval.hard_neg_scoring"] = cfg.eval.hard_neg_scoring
-        if with_large and cfg.models.large:
-            from ensemble.large_model import model_fingerprint
-
-            out["models.large.fingerprint"] = model_fingerprint(run.large)
+        fingerprint = large_fingerprint(run, with_large)
+        if fingerprint is not None:
+            out["models.large.fingerprint"] = fingerprint
     return json.loads(json.dumps(out, default=str))
+
+
+def large_fingerprint(run: Run, loaded: bool) -> str | None:
+    """The large model's fingerprint: of the loaded model when this process loads it anyway (`loaded`),
+    else read from its local safetensors checkpoint without loading it (a folder, or a cached zoo name;
+    ensemble.large_model.large_model_info_from_checkpoint, the same value); None when neither is at hand
+    (a hub id, an in-memory test model), and then the input is not compared."""
+    cfg = run.cfg
+    if not cfg.models.large or cfg.models.large == "none":
+        return None
+    from ensemble import large_model as lm
+
+    if loaded:
+        return lm.model_fingerprint(run.large)
+    spec = cfg.models.large
+    from ensemble import zoo
+
+    if zoo.is_named(spec):
+        if not zoo.is_cached(spec):
+            return None
+    elif not Path(spec).is_dir():
+        return None
+    try:
+        return lm.large_model_info_from_checkpoint(spec, dtype=cfg.models.large_dtype).fingerprint
+    except (ValueError, OSError):  # no safetensors (e.g. .bin only): compared by name and dtype only
+        return None
 
 
 def read_steps(run_dir: Path) -> dict:
