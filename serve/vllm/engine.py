@@ -242,7 +242,9 @@ class VLLMRunner:
             for rid in ids:
                 self._scores.pop(rid)(None, RuntimeError(f"forced scoring: the records could not be read: {e}"))
             return
-        got = res[0] if res else {}  # every tensor-parallel rank records the same: rank 0 speaks for all
+        got: dict = {}  # tensor-parallel ranks record the same; with pipeline parallelism only the last stage
+        for rank in reversed(res or []):  # samples, so take each id from whichever rank has it
+            got.update(rank)
         for rid in ids:
             done = self._scores.pop(rid)
             rec = got.get(rid)
