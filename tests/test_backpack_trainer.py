@@ -9,6 +9,7 @@ import os
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def bpe_dir(tmp_path_factory) -> Path:
 
 
 def tiny(out: Path, tokenizer, **kw) -> BackpackTrainConfig:
-    base = dict(
+    base: dict[str, Any] = dict(  # BackpackTrainConfig's fields, of mixed types
         out=str(out),
         inputs=INPUTS,
         tokenizer=str(tokenizer) if tokenizer else None,

@@ -21,7 +21,7 @@ HASHED_PIN = re.compile(r"^(\S+)==\S+ \\\n(?:\s+--hash=sha256:[0-9a-f]{64}(?: \\
 
 
 def pins(lock: str) -> dict[str, Version]:
-    out = {}
+    out: dict[str, Version] = {}
     for line in (REPO / lock).read_text().splitlines():
         m = PIN.match(line)
         if m:

@@ -21,6 +21,7 @@ import random
 import time
 
 from edits_store import ConcurrentUpdateError, PackNotFoundError, PackStore
+from edits_store.backends import FsspecBackend
 from edits_store.format import VERSION_RE
 from tests.test_store_fixtures import (  # noqa: F401  (fixture)
     StoreSpec,
@@ -63,11 +64,14 @@ def publisher_loop(spec: StoreSpec, start: int, ready, phase) -> None:
 def leftovers(spec: StoreSpec, store: PackStore) -> list[str]:
     """Invisible remains of killed writes: staging dirs (local) or objects of uncommitted versions (S3)."""
     if spec.kind == "local":
+        assert spec.root is not None, "a local StoreSpec carries its root"
         staging = list((spec.root / ".staging").glob("*"))
         alias_temps = list((spec.root / "demo" / "_aliases").glob(".*.tmp"))  # killed mid alias flip
         return [str(p) for p in staging + alias_temps]
-    committed = set(store.backend.list_versions("demo"))
-    found = store.backend.fs.find(store.backend._path("demo"))
+    backend = store.backend
+    assert isinstance(backend, FsspecBackend), "an s3 store runs on the fsspec backend"
+    committed = set(backend.list_versions("demo"))
+    found = backend.fs.find(backend._path("demo"))
     folders = [p.rstrip("/").split("/")[-2] for p in found]
     return [p for p, f in zip(found, folders, strict=True) if VERSION_RE.match(f) and f not in committed]
 
@@ -152,6 +156,7 @@ def _open_for_child(spec: StoreSpec) -> PackStore:
     torch.set_num_threads(1)
     store = spec.open()
     if spec.kind == "s3":
+        assert isinstance(store.backend, FsspecBackend), "an s3 store runs on the fsspec backend"
         store.backend.fence_ttl_s = 5.0  # a killed gc's fence must not stall the next round for a minute
     store.backend.version_committed("demo", "0" * 32)  # connect before signalling ready
     return store

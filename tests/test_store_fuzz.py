@@ -15,6 +15,7 @@ import os
 import random
 import struct
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ CASES = int(os.environ.get("SENSEPACK_FUZZ_CASES", "400"))
 ORIGINAL = make_pack(7, n=6, d=4)
 FILES = pack_files(ORIGINAL)
 
-_WEIRD = [
+_WEIRD: list[Any] = [  # JSON values of every kind (and some no JSON parser makes)
     None,
     True,
     False,
@@ -69,15 +70,15 @@ def _mutate_json(rng: random.Random, obj):
         return out
     if isinstance(obj, list) and obj and rng.random() < 0.8:
         i = rng.randrange(len(obj))
-        out = list(obj)
+        items = list(obj)
         op = rng.random()
         if op < 0.2:
-            del out[i]
+            del items[i]
         elif op < 0.4:
-            out.insert(i, rng.choice(_WEIRD))
+            items.insert(i, rng.choice(_WEIRD))
         else:
-            out[i] = _mutate_json(rng, obj[i])
-        return out
+            items[i] = _mutate_json(rng, obj[i])
+        return items
     if isinstance(obj, bool) or obj is None:
         return rng.choice(_WEIRD)
     if isinstance(obj, int):

@@ -25,7 +25,7 @@ def naive_table(model, scored) -> dict:
     """Σ over suffix-predicting rows t of α[ℓ, t, j], summed per (x_j, ℓ): plain loops over the forward's α."""
     with torch.no_grad():
         alpha = model(torch.tensor([scored.ids])).alpha[0]
-    out = {}
+    out: dict[tuple[int, int], float] = {}  # (token id, sense) -> summed α
     for t in scored.positions:
         for j in range(t + 1):
             for ell in range(alpha.shape[0]):

@@ -35,16 +35,19 @@ try:
 except Exception:  # noqa: BLE001 - main CI (no vLLM, or one that fails to import): a stand-in of the same shape
     USING_VLLM = False
 
-    class MoveDirectionality(enum.Enum):
+    class _MoveDirectionality(enum.Enum):
         UNIDIRECTIONAL = enum.auto()
         SWAP = enum.auto()
 
     @dataclass(frozen=True)
-    class BatchUpdate:
+    class _BatchUpdate:
         batch_size: int
         removed: Sequence[int]
         added: Sequence[tuple]
         moved: Sequence[tuple]
+
+    # bound by assignment, not by `class BatchUpdate`: mypy sees vLLM's names (Any while it is not installed)
+    MoveDirectionality, BatchUpdate = _MoveDirectionality, _BatchUpdate
 
 
 UNI, SWAP = MoveDirectionality.UNIDIRECTIONAL, MoveDirectionality.SWAP

@@ -54,7 +54,9 @@ def tiny_llama(rows: int, seed: int = 0, pad_bias: float | None = None, eos: tup
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    # transformers types LlamaConfig by its declared fields (dataclass_transform), but at runtime its wrapped
+    # __init__ also takes PreTrainedConfig's kwargs (attn_implementation among them): the signature is wrong.
+    cfg = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=rows,
         hidden_size=32,
         intermediate_size=64,
