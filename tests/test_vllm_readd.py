@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import queue
 
+import pytest
+
 from tests.vllm_gate import require_vllm
 
 require_vllm()
@@ -95,6 +97,57 @@ def test_readded_requests_resume_without_backpack_prefill(tmp_path, monkeypatch)
             > 0
         )
         assert proc.core.parked == 0  # finished requests keep no parked state
+    finally:
+        engine.stop(0)
+        REGISTRY.clear()
+
+
+def test_forced_scores_survive_preemption(tmp_path, monkeypatch):
+    """Forced-scoring requests (serve.vllm.scoring) in the same starved KV cache: vLLM removes and re-adds
+    them mid-continuation; their records continue by position and their Backpack state resumes, so every
+    score still equals `Ensemble.score` (base and packed), with one Backpack prefill per packed row."""
+    from serve.vllm.scoring import VLLMScorer
+
+    prefills = []
+    real = delta.prefill
+    monkeypatch.setattr(delta, "prefill", lambda model, windows: prefills.append(len(windows)) or real(model, windows))
+    large = save_tiny_gptj(tmp_path / "gptj", seed=0)
+    tok = load_tokenizer()
+    bp = tiny_backpack(0)
+    pack = demo_pack(bp, tok)
+    engine = VLLMEngine(
+        dict(
+            model=str(tmp_path / "gptj"),
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=96,
+            max_num_seqs=8,
+            block_size=32,
+            num_gpu_blocks_override=5,
+            seed=0,
+        ),
+        tok,
+        LimitsConfig(max_running=8, max_waiting=8),
+        Metrics(),
+        backpack=bp,
+        pack_source=DictSource({(pack.name, pack.version): pack.edits}),
+    )
+    engine.start()
+    try:
+        scorer = VLLMScorer(engine)
+        text = tok(" Mauritius is an island in the Indian Ocean, and its capital is Port Louis." * 4).input_ids
+        rows = [(tok(p).input_ids, text[i : i + N]) for i, p in enumerate(PROMPTS)]
+        jobs = [scorer.score(prefix, cont, [pack], True, True) for prefix, cont in rows]
+        got = [j.result(timeout=300) for j in jobs]
+        ens = Ensemble(large, bp, tok)
+        for (prefix, cont), (base, packed) in zip(rows, got, strict=True):
+            ref_b, ref_p = ens.score([prefix], [cont], [[]])[0], ens.score([prefix], [cont], [[pack]])[0]
+            assert base.tolist() == pytest.approx(ref_b.tolist(), abs=2e-5)
+            assert packed.tolist() == pytest.approx(ref_p.tolist(), abs=2e-5)
+        proc = [p for p in REGISTRY.processors if p.core.stats.rows_added][-1]
+        assert proc.core.stats.resumed >= 1  # vLLM did remove and re-add score rows ...
+        assert proc.core.stats.rows_added == len(rows) and sum(prefills) == len(rows)  # ... none rebuilt
+        assert not proc.core._scores and not engine.runner.busy()  # every record handed over
     finally:
         engine.stop(0)
         REGISTRY.clear()

@@ -211,6 +211,26 @@ def test_ab_samples_are_scored_through_vllm(world, server, client):
     assert sum(b) != pytest.approx(sum(a), rel=1e-4)  # the prompt carries the edited token
 
 
+def test_decoding_goes_on_while_a_long_score_runs(world, server):
+    """A 200-token Score and a 10-token generation enter together: the generation finishes while the Score
+    is still being scored (forced rows are ordinary rows of vLLM's batch; nothing waits for the Score)."""
+    from serve import engine as eng
+    from serve.params import GenerationRequest
+
+    ids = _ids(world, PROMPT)
+    long = (_ids(world, " and the sea is blue") * 50)[:200]
+    job = server.components.scorer.score(ids, long, [world["pack"]], True, True)
+    seq = server.engine.submit(
+        GenerationRequest(request_id="beside", prompt_ids=ids, packs=[], max_new_tokens=10, ignore_eos=True), []
+    )
+    while not isinstance(ev := seq.events.get(timeout=120), eng.FinishEvent):
+        pass
+    assert len(ev.output_ids) == 10
+    assert not job.future.done()  # the Score is still running: the generation did not wait for it
+    base, packed = job.result(timeout=300)
+    assert len(base) == len(packed) == 200
+
+
 def test_an_abandoned_score_leaves_nothing_behind(world, server, client):
     long = (_ids(world, " and so on") * 80)[:240]
     with pytest.raises(grpc.RpcError) as ei:
