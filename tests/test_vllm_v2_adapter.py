@@ -135,42 +135,88 @@ def test_base_requests_only_padding_masked():
     assert r.ad.core.tracker.stats.backpack_calls == 0
 
 
+def _ctx(r, order, visible):
+    lens = [visible.get(s, len(r.reqs[s]["tokens"])) for s in order]
+    return SimpleNamespace(
+        idx_mapping_np=np.array(order, dtype=np.int32),
+        seq_lens_upper_bound_np=np.array(lens, dtype=np.int32),
+        input_ids=torch.tensor([r.reqs[s]["tokens"][n - 1] for s, n in zip(order, lens, strict=True)]),
+    )
+
+
+def _move_history(r, old, new):
+    """MRV2 preempts the request in `old` (its slot is freed, processors are not told) and re-adds it in `new`
+    with its whole history (prompt and outputs), recomputed."""
+    r.reqs[new] = r.reqs.pop(old)
+    toks = r.reqs[new]["tokens"]
+    r.req_states.all_token_ids.gpu[new].zero_()
+    r.req_states.all_token_ids.gpu[new, : len(toks)] = torch.tensor(toks)
+
+
 def test_forced_scoring_rows_by_slot_and_position():
     """A score request in a recycled, reordered slot: position = visible tokens - prefix length; partial
     prefill chunks record nothing (negative position); each record equals the hand computation from the
-    raw row, and the forced token is the only one left."""
+    raw row, and the forced token is the only one left. Preempted after two positions and re-added in
+    another slot, it keeps its state and record; the recompute's chunk overwrites nothing."""
     r = Runner()
-    prefix, cont = [5, 11, 6], [40, 12, 41]
+    prefix, cont = [5, 11, 6], [40, 12, 41, 43]
     r.add(3, [1, 2], [r.a])  # a generation beside it
     r.reqs[1] = {"tokens": list(prefix), "packs": [r.a]}
     r.req_states.all_token_ids.gpu[1, : len(prefix)] = torch.tensor(prefix)
     extra = build_extra_args([r.a], request_id="s", score=ScoreSpec(tuple(cont), len(prefix)))
     assert r.ad.add_request(1, Params(extra)) is True
-    want = []
+    want, slot = [], 1
     for k in range(-1, len(cont)):
-        visible = {1: 2} if k < 0 else {}  # k = -1: a partial prefill chunk of the prefix
-        order = [1, 3] if k % 2 else [3, 1]
-        lens = [visible.get(s, len(r.reqs[s]["tokens"])) for s in order]
-        ctx = SimpleNamespace(
-            idx_mapping_np=np.array(order, dtype=np.int32),
-            seq_lens_upper_bound_np=np.array(lens, dtype=np.int32),
-            input_ids=torch.tensor([r.reqs[s]["tokens"][n - 1] for s, n in zip(order, lens, strict=True)]),
-        )
+        if k == 2:  # preempted; re-added in slot 5, a recompute chunk first (its logits are discarded)
+            _move_history(r, 1, 5)
+            slot = 5
+            assert r.ad.add_request(5, Params(extra)) is True and r.ad.core.stats.resumed == 1
+            r.ad.apply(torch.randn(2, VOCAB), _ctx(r, [3, 5], {3: len(r.reqs[3]["tokens"]), 5: 4}))
+        visible = {slot: 2} if k < 0 else {}  # k = -1: a partial prefill chunk of the prefix
+        order = [slot, 3] if k % 2 else [3, slot]
         z = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(10 + k))
-        out = r.ad.apply(z.clone(), ctx)
-        i = order.index(1)
+        out = r.ad.apply(z.clone(), _ctx(r, order, visible))
+        i = order.index(slot)
         if k >= 0:
-            toks = r.reqs[1]["tokens"]
+            toks = r.reqs[slot]["tokens"]
             exp = r.expected(toks, [r.a])
             zu = z[i, :U].double()
             packed = zu if exp is None else zu + exp.double()
             want.append((torch.log_softmax(zu, -1)[cont[k]].item(), torch.log_softmax(packed, -1)[cont[k]].item()))
             assert out[i].argmax().item() == cont[k] and torch.isinf(out[i]).sum() == VOCAB - 1
-            r.sample(1, cont[k])
+            r.sample(slot, cont[k])
         r.sample(3, 50 + k + 1)
+    assert r.ad.core.stats.rows_added == 2  # the score row and the generation: the re-add built nothing
     got = r.ad.core.take_scores(["s"])["s"]
     assert got["base"] == pytest.approx([w[0] for w in want], abs=1e-4)
     assert got["packed"] == pytest.approx([w[1] for w in want], abs=1e-4)
+
+
+def test_preempted_request_readded_in_another_slot_keeps_its_state():
+    """MRV2 frees a preempted request's slot without telling processors and re-adds it elsewhere: its row
+    (Backpack state) moves there, no new tracker sequence, and its deltas stay the teacher-forced ones. A
+    different request with the same packs in a recycled slot starts afresh."""
+    r = Runner()
+    extra = build_extra_args([r.a], request_id="g1")
+    prompt = [5, 11, 7]
+    r.reqs[0] = {"tokens": list(prompt), "packs": [r.a]}
+    r.req_states.all_token_ids.gpu[0, : len(prompt)] = torch.tensor(prompt)
+    r.ad.add_request(0, Params(extra))
+    r.step([0])
+    r.sample(0, 40)
+    r.step([0], seed=1)
+    r.sample(0, 41)
+    sid = r.ad.core.rows[0].sid
+    _move_history(r, 0, 4)
+    r.ad.add_request(4, Params(extra))
+    assert r.ad.core.rows[4].sid == sid and 0 not in r.ad.core.rows and r.ad.core.stats.resumed == 1
+    r.ad.apply(torch.randn(1, VOCAB), _ctx(r, [4], {4: 2}))  # a recompute chunk: feeds nothing
+    r.step([4], seed=2)  # the full recompute: the newest token is fed, deltas as teacher-forced
+    r.sample(4, 42)
+    r.step([4], seed=3)
+    assert r.ad.core.stats.rows_added == 1
+    r.add(4, [20, 21], [r.a])  # slot recycled for another request: not a resumption
+    assert sid not in r.ad.core.tracker and r.ad.core.stats.resumed == 1
 
 
 def test_speculative_rows_refused():

@@ -49,8 +49,9 @@ class VLLMScorer:
             for name, version in staged:
                 unstage(name, version)
 
-    def _row(self, prefix: list[int], cont: list[int], packs, high: bool, done) -> tuple[str, Future]:
-        """Queue one forced-scoring request (added to vLLM on the engine thread); `done(result, error)`."""
+    def _row(self, prefix: list[int], cont: list[int], packs, high: bool, done) -> str:
+        """Queue one forced-scoring request (added to vLLM on the engine thread); `done(result, error)` is
+        called once. Returns its request id."""
         runner = self.engine.runner
         rid = runner.new_score_id()
         staged = self._stage(packs)
@@ -75,9 +76,8 @@ class VLLMScorer:
             elif f.exception() is not None:
                 finish(None, f.exception())
 
-        job = self.engine.run_job(add, high)
-        job.add_done_callback(never_ran)
-        return rid, job
+        self.engine.run_job(add, high).add_done_callback(never_ran)
+        return rid
 
     def _cancel(self, rids: list[str]) -> None:
         runner = self.engine.runner
@@ -105,7 +105,7 @@ class VLLMScorer:
                 ),
             )
 
-        rid, _ = self._row(prefix, cont, packs, high, done)
+        rid = self._row(prefix, cont, packs, high, done)
         return ScoreJob(fut, lambda: self._cancel([rid]))
 
     def paired_nll(self, rows, pack_ref, high: bool = True) -> ScoreJob:
@@ -137,5 +137,5 @@ class VLLMScorer:
             return done
 
         rids: list[str] = []
-        rids.extend(self._row(r[:1], r[1:], [pack_ref], high, done_for(i))[0] for i, r in enumerate(rows))
+        rids.extend(self._row(r[:1], r[1:], [pack_ref], high, done_for(i)) for i, r in enumerate(rows))
         return ScoreJob(fut, lambda: self._cancel(rids))

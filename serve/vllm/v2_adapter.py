@@ -10,6 +10,11 @@ MRV2 differs from V1 (vllm/v1/worker/gpu/sample/logits_processor/interface.py, v
   visible to the token being sampled (exact without speculative decoding), ``ctx.input_ids[i]`` the
   token at that row's position (the newest token).
 
+A preempted request is re-added with ``add_request`` (MRV2 frees its slot without telling processors):
+when its request id, packs and score spec match a row still held (its old slot not recycled yet), that row
+moves to the new slot with its Backpack state and score record (``stats.resumed``), and the recompute's
+chunks, which show tokens the tracker has already seen, neither feed it nor record a position.
+
 So each step, for the tracked rows: tokens the tracker has not seen are the newest token
 (``ctx.input_ids``: one batched device->host copy per step, the only sync, needed because the
 tracker's bookkeeping is host-side) plus, on a slot's first step or after a resumption, a slice of
@@ -39,13 +44,31 @@ class V2Adapter:
 
     def add_request(self, slot: int, sampling_params) -> bool:
         slot = int(slot)
+        req = parse_extra_args(getattr(sampling_params, "extra_args", None))
+        prev = self._slot_of(req)
+        if prev is not None:  # preempted and re-added (any slot): keep its Backpack state and score record
+            if prev != slot:
+                self.core.move(prev, slot)  # drops the slot's previous occupant
+                self.pending.pop(slot, None)
+                self.known[slot] = self.known.pop(prev, 0)
+            self.core.stats.resumed += 1
+            return True
         self.core.drop(slot)
         self.pending.pop(slot, None)
         self.known.pop(slot, None)
-        req = parse_extra_args(getattr(sampling_params, "extra_args", None))
         if req is not None:
             self.pending[slot] = req
         return True
+
+    def _slot_of(self, req: RequestPacks | None) -> int | None:
+        """The slot still holding this request's row (MRV2 sends no removal: a preempted request's row stays
+        until its slot is recycled), when its id and packs match."""
+        if req is None or req.request_id is None:
+            return None
+        for s, r in self.core.rows.items():
+            if r.rid == req.request_id and r.key == req.key and r.score == req.score:
+                return s
+        return None
 
     def _history(self, slot: int, start: int, end: int) -> list[int]:
         if end <= start:
@@ -70,7 +93,8 @@ class V2Adapter:
         for i, slot in tracked:
             target = int(lens[i])
             known = self.known.get(slot, 0)
-            if target > known:
+            fresh = target > known  # False: a re-added request recomputing tokens the tracker has seen
+            if fresh:
                 if newest is None:
                     newest = ctx.input_ids[:n].to("cpu").tolist()  # the step's one device->host copy
                 toks = self._history(slot, known, target - 1) + [int(newest[i])]
@@ -88,7 +112,7 @@ class V2Adapter:
             if r.sid is not None:
                 rows.append(i)
                 sids.append(r.sid)
-            if r.score is not None:  # position = tokens visible - prompt (< 0 on a partial prefill chunk)
+            if r.score is not None and fresh:  # position = visible - prompt (< 0 on a partial prefill chunk)
                 forced.append((i, r, target - r.score.prefix_len))
         if not sids:
             return core.add_deltas(logits, rows=[], sids=[], forced=forced)
