@@ -293,19 +293,22 @@ def _read_strided(mm: mmap.mmap, t: _StoredTensor, step: int, count: int) -> tor
     return out.view(view) if view is not None else out
 
 
-def _local_folder(name_or_path: str | os.PathLike[str]) -> Path:
-    """A folder, or a hub id already in the local HF cache (nothing is downloaded)."""
+def _local_folder(name_or_path: str | os.PathLike[str], download: bool = False) -> Path:
+    """A folder, or a hub id in the local HF cache; with `download`, a hub id not cached yet is fetched into
+    that cache (its config and safetensors only: what vLLM, using the same cache, then finds there)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     try:
         from huggingface_hub import snapshot_download
 
+        if download:
+            return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
         return Path(snapshot_download(str(name_or_path), local_files_only=True))
     except Exception as e:
         raise ValueError(
-            f"{name_or_path}: not a local folder nor a hub id in the local cache ({e}); "
-            "large_model_info_from_checkpoint downloads nothing"
+            f"{name_or_path}: not a local folder nor a hub id in the local cache ({e})"
+            + ("" if download else "; nothing is downloaded without download=True")
         ) from e
 
 
@@ -330,7 +333,7 @@ def _auto_dtype(
 
 
 def large_model_info_from_checkpoint(
-    name_or_path: str, dtype: str | torch.dtype | None = None, device: str = "vllm"
+    name_or_path: str, dtype: str | torch.dtype | None = None, device: str = "vllm", download: bool = False
 ) -> LargeModelInfo:
     """The info (fingerprint included) of `load_large_model(name_or_path, dtype)`, without loading it.
 
@@ -338,11 +341,12 @@ def large_model_info_from_checkpoint(
     meta device to learn the state_dict's keys, shapes, dtypes and tied weights, and each
     entry's strided sample is read from the safetensors file(s) through a memory map, so
     only the sampled pages are read. The fingerprint equals `model_fingerprint` of the loaded
-    model exactly (same sample, same dtype cast).
+    model exactly (same sample, same dtype cast). `download`: a hub id not in the local HF cache is
+    fetched into it (the server does, as loading the model would; train_edits does not).
     """
     from .zoo import resolve_path
 
-    folder = _local_folder(resolve_path(name_or_path))
+    folder = _local_folder(resolve_path(name_or_path), download)
     tensors, files, index_meta = _checkpoint_tensors(folder)
     config = AutoConfig.from_pretrained(folder)
     target = parse_dtype(dtype) or _auto_dtype(config, files, tensors, index_meta)

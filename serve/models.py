@@ -93,7 +93,7 @@ def build_served(model_cfg, large_from_checkpoint: str | None = None) -> Served:
             dtype=model_cfg.dtype,
             device=model_cfg.device,
             backpack=bp,
-            large=large_model_info_from_checkpoint(large_from_checkpoint, dtype=model_cfg.dtype),
+            large=large_model_info_from_checkpoint(large_from_checkpoint, dtype=model_cfg.dtype, download=True),
         )
     large = load_large_model(model_cfg.large_model, dtype=model_cfg.dtype, device=model_cfg.device)
     return Served(

@@ -189,6 +189,13 @@ def test_a_folder_without_safetensors_is_refused_clearly(tmp_path):
         large_model_info_from_checkpoint(str(tmp_path))
 
 
+def test_a_hub_id_not_in_the_local_cache_is_named(tmp_path, monkeypatch):
+    """train_edits asks without download: a hub id missing from the (empty) cache is refused, named."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ValueError, match=r"no-such-org/no-such-model: not a local folder nor a hub id in the local"):
+        large_model_info_from_checkpoint("no-such-org/no-such-model")
+
+
 def test_a_weight_missing_from_the_checkpoint_is_named(tmp_path):
     model = tiny_gptj(seed=1)
     model.config.save_pretrained(tmp_path)
