@@ -386,7 +386,9 @@ class VLLMRunner:
             self._sync_off = True
             return self._last
         self._synced_at = now
-        c = res[0] if res else {}  # tensor-parallel ranks run the same processor: rank 0 speaks for all
+        # tensor-parallel ranks run the same processor on the same batch; under pipeline parallelism only the
+        # last stage samples, and vLLM lists workers by global rank (pp_rank * tp_size + tp_rank): the last speaks
+        c = res[-1] if res else {}
         fresh = CoreCounters(
             c.get("exact_skip_rows", 0),
             c.get("window_reprefills", 0),

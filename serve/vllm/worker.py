@@ -13,7 +13,9 @@ call; with vLLM's engine core and workers in other processes it crosses vLLM's I
 ``collective_rpc("sensepack_take_scores", args=(ids,))`` hands back the forced-scoring records of
 finished score requests (serve.vllm.scoring), the same way.
 
-Every tensor-parallel rank runs the same processor on the same batch, so the server reads rank 0.
+Every tensor-parallel rank runs the same processor on the same batch; under pipeline parallelism only the
+last stage samples. The server reads the counters of the last worker (the last stage) and takes each score
+record from whichever worker holds it.
 This module imports no vLLM.
 """
 
