@@ -69,15 +69,6 @@ def read_corpus(path: Path | None, text_field: str = "text", max_texts: int = 64
     return texts
 
 
-def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], list[float]]:
-    """Per-row summed NLL (nats) of tokens 1.. under base and under the pack (engine thread only):
-    `Ensemble.paired_nll`, one pass over the same large-model logits. Rows under 2 tokens are dropped."""
-    rows = [r for r in rows if len(r) >= 2]
-    if not rows:
-        return [], []
-    return ensemble.paired_nll(rows, [pack_ref])
-
-
 class Gate:
     def __init__(self, scorer: Scorer, tokenizer, gate_cfg):
         self.scorer = scorer

@@ -146,6 +146,15 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
     return base, packed
 
 
+def paired_nll(ensemble, rows: list[list[int]], pack_ref) -> tuple[list[float], list[float]]:
+    """Per-row summed NLL (nats) of tokens 1.. under base and under the pack (engine thread only):
+    `Ensemble.paired_nll`, one pass over the same large-model logits. Rows under 2 tokens are dropped."""
+    rows = [r for r in rows if len(r) >= 2]
+    if not rows:
+        return [], []
+    return ensemble.paired_nll(rows, [pack_ref])
+
+
 class ScoreJob:
     """A scoring job in flight: `result(timeout)` waits for it; `cancel()` abandons it (best effort: the
     work already done stays done, the rest is not run)."""
@@ -232,10 +241,4 @@ class EmbeddedScorer:
         return ScoreJob(outer, stopped.set)
 
     def paired_nll(self, rows, pack_ref, high: bool = True) -> ScoreJob:
-        ens = self.ensemble
-
-        def job() -> tuple[list[float], list[float]]:
-            kept = [r for r in rows if len(r) >= 2]
-            return ens.paired_nll(kept, [pack_ref]) if kept else ([], [])
-
-        return ScoreJob(self.engine.run_job(job, high))
+        return ScoreJob(self.engine.run_job(lambda: paired_nll(self.ensemble, rows, pack_ref), high))

@@ -25,8 +25,9 @@ from sensepack_testing.serve import (
     scrape,
     wait_until,
 )
-from serve.abtest import paired_nll, ratio_ci
+from serve.abtest import ratio_ci
 from serve.client import Client, build_generate_request
+from serve.scoring import paired_nll
 
 EPS = 0.01
 
