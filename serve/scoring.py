@@ -173,6 +173,8 @@ class ScoreJob:
 
 
 class Scorer(Protocol):
+    concurrent: bool  # takes several rows at once without more memory per row (vLLM batches them itself)
+
     def score(
         self, prefix: list[int], cont: list[int], packs: list, want_base: bool, want_packed: bool, high: bool = True
     ) -> ScoreJob:
@@ -209,6 +211,8 @@ def _chain(fut: Future, into: Future) -> None:
 
 class EmbeddedScorer:
     """Scoring on the embedded ensemble, as engine jobs (decode steps run between them)."""
+
+    concurrent = False  # one continuation at a time keeps Score's memory to one chunk
 
     def __init__(self, engine, ensemble):
         self.engine, self.ensemble = engine, ensemble

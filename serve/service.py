@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from serve import engine as eng
 from serve.errors import Cancelled, DeadlineExceeded, InternalError, InvalidRequest, ServeError, Unavailable
@@ -44,6 +44,8 @@ class EngineAPI(Protocol):
     def run_job(self, fn: Callable, high: bool = True) -> futures.Future: ...
     def begin_score(self, tokens: int = 0) -> None: ...
     def end_score(self, tokens: int = 0) -> None: ...
+    @property
+    def limits(self) -> Any: ...  # serve.config.LimitsConfig
 
 
 def wait_for(job: ScoreJob, deadline: float | None, abandoned: threading.Event | None = None, poll: float = 0.25):
@@ -210,25 +212,41 @@ class GenerationService:
 
     def _score_rows(self, req, admission, deadline, is_active, abandoned):
         refs = [p.resident.pack_ref(p.beta) for p in admission.pins if p.resident is not None]
-        tokens = len(req.prefix_ids) + max(map(len, req.continuations))  # one continuation at a time
+        sizes = [len(req.prefix_ids) + len(c) for c in req.continuations]
+        budget = self.engine.limits.max_batched_tokens
+        # a scorer that batches rows itself (vLLM) takes every continuation at once when they fit the token
+        # budget; otherwise one continuation at a time (bounded memory on the embedded engine)
+        together = self.scorer.concurrent and (budget is None or sum(sizes) <= budget)
+        groups = [list(range(len(sizes)))] if together else [[i] for i in range(len(sizes))]
+        tokens = max(sum(sizes[i] for i in g) for g in groups)
         self.engine.begin_score(tokens)
         base, packed = [], []
         try:
-            for cont in req.continuations:
-                job = self.scorer.score(req.prefix_ids, cont, refs, req.include_base, bool(req.packs))
+            for group in groups:
+                jobs = [
+                    self.scorer.score(req.prefix_ids, req.continuations[i], refs, req.include_base, bool(req.packs))
+                    for i in group
+                ]
                 try:
-                    b, p = wait_for(job, deadline, abandoned)
+                    for job in jobs:
+                        b, p = wait_for(job, deadline, abandoned)
+                        base.append(b)
+                        packed.append(p)
                 except (futures.TimeoutError, ScoreAbandoned):
                     abandoned.set()
+                    for job in jobs:
+                        job.cancel()
                     active = is_active()
                     cls = DeadlineExceeded if active else Cancelled
                     raise cls(
                         "",
                         f"score: {'deadline exceeded' if active else 'cancelled'} after "
-                        f"{len(base) or len(packed)} of {len(req.continuations)} continuations",
+                        f"{len(base)} of {len(req.continuations)} continuations",
                     ) from None
-                base.append(b)
-                packed.append(p)
+                except BaseException:
+                    for job in jobs:
+                        job.cancel()
+                    raise
         finally:
             self.engine.end_score(tokens)
         return base, packed

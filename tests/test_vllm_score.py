@@ -211,6 +211,21 @@ def test_ab_samples_are_scored_through_vllm(world, server, client):
     assert sum(b) != pytest.approx(sum(a), rel=1e-4)  # the prompt carries the edited token
 
 
+def test_a_scores_continuations_run_together(world, server, client):
+    """On vLLM a Score's continuations are rows of one batch: three 60-token continuations take about 60
+    engine steps, not 180 (one after another, as the embedded engine scores them)."""
+    prefix = _ids(world, PROMPT)
+    conts = [(_ids(world, f" and the {w} is calm") * 20)[:60] for w in ("sea", "sky", "town")]
+    before = server.engine.decode_steps
+    r = client.score(prefix, conts, packs=["capitals@prod"], include_base=True)
+    steps = server.engine.decode_steps - before
+    assert [len(c.packed.token_logprobs) for c in r.continuations] == [60, 60, 60]
+    assert 60 <= steps < 120, steps
+    ref = world["ens"].score([prefix] * 3, conts, [[world["pack"]]] * 3)
+    for k in range(3):
+        assert list(r.continuations[k].packed.token_logprobs) == pytest.approx(ref[k].double().tolist(), abs=ABS)
+
+
 def test_decoding_goes_on_while_a_long_score_runs(world, server):
     """A 200-token Score and a 10-token generation enter together: the generation finishes while the Score
     is still being scored (forced rows are ordinary rows of vLLM's batch; nothing waits for the Score)."""

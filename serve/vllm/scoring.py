@@ -30,6 +30,8 @@ from serve.scoring import ScoreAbandoned, ScoreJob, settle
 
 
 class VLLMScorer:
+    concurrent = True  # rows are ordinary rows of vLLM's batch: a Score's continuations run together
+
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # serve.vllm.engine.VLLMEngine
 
