@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ensemble.delta import sequence_deltas
 from ensemble.demo import tiny_backpack
@@ -394,6 +396,87 @@ def test_score_records_are_bounded_incomplete_ones_say_so_and_forget_drops_them(
     bad = parse_extra_args(build_extra_args([], request_id="s9", score=ScoreSpec((1, U), 1)))
     assert core.add(5, bad, [5], []) is False and core.stats.score_refused == 1
     assert core.take_scores(["s9"]) == {}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_forced_score_records_survive_any_batch_history(world, data):
+    """Random V1 batch histories (adds, preemptions and re-adds with the output so far, swaps, compaction
+    moves, repeated applies at one position as partial prefill chunks do), score rows with and without a
+    pack beside a generation row: every record equals the hand computation of the last apply at each
+    position, whatever happened to the row in between."""
+    bp, a, _, source = world
+    core = EnsembleLogitsCore(bp, source, vocab_size=U, max_parked=2)
+    reqs = []
+    for i in range(3):
+        prefix = data.draw(st.lists(st.sampled_from([5, 6, 11, 12, 30]), min_size=1, max_size=3), label=f"prefix{i}")
+        cont = data.draw(st.lists(st.sampled_from([7, 11, 12, 40]), min_size=1, max_size=4), label=f"cont{i}")
+        packs = [a] if data.draw(st.booleans(), label=f"packed{i}") else []
+        reqs.append({"rid": f"s{i}", "prefix": prefix, "cont": cont, "packs": packs, "out": [], "want": {}})
+    batch: dict[int, dict | None] = {}  # row -> request (dense 0..n-1, as vLLM keeps it); generation rows: None
+    waiting = list(reqs)
+    gen_out: list[int] = []
+    core.update(BatchUpdate(1, [], [(0, _params([a], "g"), [5, 11], gen_out)], []), _parse)
+    batch[0] = None
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000), label="seed"))
+
+    def add(q):
+        row = len(batch)
+        params = _score_params(q["packs"], q["rid"], q["cont"], len(q["prefix"]))
+        core.update(BatchUpdate(row + 1, [], [(row, params, q["prefix"], q["out"])], []), _parse)
+        batch[row] = q
+
+    def remove(row):  # the last row moves into the gap (vLLM's compaction)
+        last = len(batch) - 1
+        moved = [(last, row, UNI)] if row != last else []
+        core.update(BatchUpdate(last, [row], [], moved), _parse)
+        batch[row] = batch.pop(last)
+        if row == last:
+            batch.pop(row, None)
+
+    for _ in range(40):
+        if not waiting and all(q is None for q in batch.values()):
+            break
+        op = data.draw(st.sampled_from(["add", "preempt", "swap", "apply", "apply", "apply"]), label="op")
+        scoring = [r for r, q in batch.items() if q is not None]
+        if op == "add" and waiting:
+            add(waiting.pop(0))
+        elif op == "preempt" and scoring:
+            row = data.draw(st.sampled_from(scoring), label="preempted")
+            waiting.append(batch[row])
+            remove(row)
+        elif op == "swap" and len(batch) >= 2:
+            r1, r2 = data.draw(st.lists(st.sampled_from(sorted(batch)), min_size=2, max_size=2, unique=True))
+            core.update(BatchUpdate(len(batch), [], [], [(r1, r2, SWAP)]), _parse)
+            batch[r1], batch[r2] = batch[r2], batch[r1]
+        elif op == "apply":
+            z = torch.randn(len(batch), VOCAB, generator=g)
+            core.sync()
+            out = core.add_deltas(z.clone())
+            sample = data.draw(st.booleans(), label="sampled")  # False: a partial prefill chunk (no token)
+            for row, q in sorted(batch.items()):
+                if q is None:
+                    if sample:
+                        gen_out.append(50)
+                    continue
+                k = len(q["out"])
+                t = q["cont"][k]
+                q["want"][k] = _expected_logprob(bp, z[row], q["prefix"], q["out"], q["packs"], t)
+                assert out[row].argmax().item() == t and torch.isinf(out[row]).sum() == VOCAB - 1
+                if sample:
+                    q["out"].append(t)
+            if sample:  # finished score rows leave the batch at the next update
+                for row in sorted(
+                    (r for r, q in batch.items() if q is not None and len(q["out"]) == len(q["cont"])), reverse=True
+                ):
+                    remove(row)
+    done = [q for q in reqs if len(q["out"]) == len(q["cont"])]
+    got = core.take_scores([q["rid"] for q in done])
+    for q in done:
+        want = [q["want"][k] for k in range(len(q["cont"]))]
+        assert got[q["rid"]]["base"] == pytest.approx([w[0] for w in want], abs=1e-4)
+        assert got[q["rid"]]["packed"] == pytest.approx([w[1] for w in want], abs=1e-4)
+    assert core._forced == sum(1 for q in batch.values() if q is not None)
 
 
 # ---------------------------------------------------------------- extra_args validation
