@@ -46,8 +46,10 @@ def _run(seq, timeout=300):
             return ev
 
 
-def test_readded_requests_resume_without_backpack_prefill(tmp_path, monkeypatch):
-    prefills = []
+def _starved(tmp_path, monkeypatch):
+    """A started VLLMEngine whose KV cache (5 blocks of 32 tokens) forces preemptions, the tiny pairing and
+    its demo pack, and the list of Backpack prefill sizes (delta.prefill counted)."""
+    prefills: list[int] = []
     real = delta.prefill
     monkeypatch.setattr(delta, "prefill", lambda model, windows: prefills.append(len(windows)) or real(model, windows))
     large = save_tiny_gptj(tmp_path / "gptj", seed=0)
@@ -73,6 +75,11 @@ def test_readded_requests_resume_without_backpack_prefill(tmp_path, monkeypatch)
         pack_source=DictSource({(pack.name, pack.version): pack.edits}),
     )
     engine.start()
+    return engine, large, tok, bp, pack, metrics, prefills
+
+
+def test_readded_requests_resume_without_backpack_prefill(tmp_path, monkeypatch):
+    engine, large, tok, bp, pack, metrics, prefills = _starved(tmp_path, monkeypatch)
     try:
         prompts = [tok(p).input_ids for p in PROMPTS]
         seqs = [
@@ -108,31 +115,7 @@ def test_forced_scores_survive_preemption(tmp_path, monkeypatch):
     score still equals `Ensemble.score` (base and packed), with one Backpack prefill per packed row."""
     from serve.vllm.scoring import VLLMScorer
 
-    prefills = []
-    real = delta.prefill
-    monkeypatch.setattr(delta, "prefill", lambda model, windows: prefills.append(len(windows)) or real(model, windows))
-    large = save_tiny_gptj(tmp_path / "gptj", seed=0)
-    tok = load_tokenizer()
-    bp = tiny_backpack(0)
-    pack = demo_pack(bp, tok)
-    engine = VLLMEngine(
-        dict(
-            model=str(tmp_path / "gptj"),
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=96,
-            max_num_seqs=8,
-            block_size=32,
-            num_gpu_blocks_override=5,
-            seed=0,
-        ),
-        tok,
-        LimitsConfig(max_running=8, max_waiting=8),
-        Metrics(),
-        backpack=bp,
-        pack_source=DictSource({(pack.name, pack.version): pack.edits}),
-    )
-    engine.start()
+    engine, large, tok, bp, pack, _, prefills = _starved(tmp_path, monkeypatch)
     try:
         scorer = VLLMScorer(engine)
         text = tok(" Mauritius is an island in the Indian Ocean, and its capital is Port Louis." * 4).input_ids
