@@ -29,10 +29,14 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # sensepack_testing lives at the repo root
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -78,22 +82,12 @@ def main() -> None:
         large = save_tiny_gptj(folder, seed=0)
         bp = BackpackLM(BackpackConfig.tiny()).eval()
     elif shapes in ("gptj-6b", "dummy-small"):
-        from transformers import GPTJConfig, GPTJForCausalLM
+        from transformers import GPTJForCausalLM
 
-        from ensemble.tokenizer import load_tokenizer
+        from sensepack_testing.vllm import save_dummy_gptj
 
         big = shapes == "gptj-6b"
-        cfg = GPTJConfig(
-            n_embd=4096 if big else 128,
-            n_layer=28 if big else 2,
-            n_head=16 if big else 2,
-            rotary_dim=64 if big else 16,
-            n_positions=2048,
-            vocab_size=50400,
-            architectures=["GPTJForCausalLM"],
-        )  # vLLM picks the model class from this
-        cfg.save_pretrained(folder)
-        load_tokenizer().save_pretrained(folder)
+        cfg = save_dummy_gptj(folder, big)
         with torch.device("meta"):  # parameter count only; vLLM makes the random weights itself
             large = GPTJForCausalLM(cfg)
         dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -84,7 +84,7 @@ def main() -> None:
     from ensemble.demo import demo_pack, tiny_backpack
     from ensemble.ensemble import Ensemble
     from ensemble.tokenizer import load_tokenizer
-    from sensepack_testing.vllm import save_tiny_gptj
+    from sensepack_testing.vllm import save_dummy_gptj, save_tiny_gptj
     from serve.config import LimitsConfig
     from serve.metrics import Metrics
     from serve.vllm.engine import VLLMEngine
@@ -105,19 +105,8 @@ def main() -> None:
         ens = Ensemble(large, bp, tok)
         engine_args.update(dtype="float32", enforce_eager=True)
     else:  # config only: vLLM makes random weights itself (as bench/bench_vllm.py --shapes gptj-6b)
-        from transformers import GPTJConfig
-
         big = args.shapes == "gptj-6b"
-        GPTJConfig(
-            n_embd=4096 if big else 128,
-            n_layer=28 if big else 2,
-            n_head=16 if big else 2,
-            rotary_dim=64 if big else 16,
-            n_positions=2048,
-            vocab_size=50400,
-            architectures=["GPTJForCausalLM"],
-        ).save_pretrained(folder)
-        tok.save_pretrained(folder)
+        save_dummy_gptj(folder, big)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         bp = BackpackLM(BackpackConfig() if big else BackpackConfig.tiny()).eval()
         bp = bp.to(dev, torch.bfloat16 if dev == "cuda" else torch.float32)

@@ -29,6 +29,28 @@ def save_tiny_gptj(folder: str | Path, seed: int = 0, **overrides):
     return model
 
 
+def save_dummy_gptj(folder: str | Path, big: bool):
+    """Write only config.json and the tokenizer for vLLM's dummy (random) weights (`load_format="dummy"`):
+    GPT-J-6B's architecture when `big`, else the same code path at toy size (n_embd 128, 2 layers, head_dim
+    64). Returns the GPTJConfig."""
+    from transformers import GPTJConfig
+
+    from ensemble.tokenizer import load_tokenizer
+
+    cfg = GPTJConfig(
+        n_embd=4096 if big else 128,
+        n_layer=28 if big else 2,
+        n_head=16 if big else 2,
+        rotary_dim=64 if big else 16,
+        n_positions=2048,
+        vocab_size=50400,
+        architectures=["GPTJForCausalLM"],
+    )  # vLLM picks the model class from this
+    cfg.save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    return cfg
+
+
 def random_pack(
     backpack,
     token_ids: list[int],
