@@ -206,17 +206,7 @@ class VLLMRunner:
 
     def add_score(self, rid: str, prefix: list[int], cont: list[int], packs, done: ScoreDone) -> None:
         """Enter a forced-scoring request; `done` is called from `step` once vLLM finishes it (or on failure)."""
-        from vllm.inputs import TokensPrompt
-
-        params = score_sampling_params(rid, len(prefix), cont, packs)
-        try:
-            self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(prefix)), params)
-        except self._refusals as e:
-            raise Refused(f"refused by the vLLM engine: {e}") from None
-        except Exception as e:
-            if self._dead(e):
-                raise RunnerDead(f"vLLM engine core: {e}") from e
-            raise
+        self._add_request(rid, prefix, score_sampling_params(rid, len(prefix), cont, packs))
         self._scores[rid] = done
 
     def cancel_score(self, rid: str) -> None:
@@ -291,18 +281,23 @@ class VLLMRunner:
     def _dead(self, e: BaseException) -> bool:
         return bool(self._dead_errors) and isinstance(e, self._dead_errors)
 
-    def add(self, seq: Sequence) -> None:
+    def _add_request(self, rid: str, prompt_ids, params) -> None:
+        """`LLMEngine.add_request`: Refused when vLLM refuses this request (e.g. longer than vllm.max_model_len),
+        RunnerDead when its engine core is gone."""
         from vllm.inputs import TokensPrompt
 
-        rid = self.rid(seq.seq_id)
         try:
-            self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(seq.req.prompt_ids)), sampling_params(seq))
-        except self._refusals as e:  # vLLM refused this request (e.g. longer than vllm.max_model_len)
+            self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(prompt_ids)), params)
+        except self._refusals as e:
             raise Refused(f"refused by the vLLM engine: {e}") from None
         except Exception as e:
             if self._dead(e):
                 raise RunnerDead(f"vLLM engine core: {e}") from e
             raise
+
+    def add(self, seq: Sequence) -> None:
+        rid = self.rid(seq.seq_id)
+        self._add_request(rid, seq.req.prompt_ids, sampling_params(seq))
         self._rids[seq.seq_id] = rid
         self._seen[seq.seq_id] = 0
 
