@@ -142,6 +142,8 @@ class Run:
         self._task: EncodedTask | None = None
         self._g: list[torch.Tensor] | None = None
         self._r: list[torch.Tensor] | None = None
+        # (fingerprint or None,) once provenance read the large checkpoint's (every step's check asks for it)
+        self.large_checkpoint_fingerprint: tuple[str | None] | None = None
 
     @property
     def backpack(self):

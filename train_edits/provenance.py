@@ -138,7 +138,13 @@ def large_fingerprint(run: Run, loaded: bool) -> str | None:
 
     if loaded:
         return lm.model_fingerprint(run.large)
-    spec = cfg.models.large
+    if run.large_checkpoint_fingerprint is None:  # read once per run: every step's check asks
+        run.large_checkpoint_fingerprint = (_checkpoint_fingerprint(cfg.models.large, cfg.models.large_dtype),)
+    return run.large_checkpoint_fingerprint[0]
+
+
+def _checkpoint_fingerprint(spec: str, dtype: str | None) -> str | None:
+    from ensemble import large_model as lm
     from ensemble import zoo
 
     if zoo.is_named(spec):
@@ -147,7 +153,7 @@ def large_fingerprint(run: Run, loaded: bool) -> str | None:
     elif not Path(spec).is_dir():
         return None
     try:
-        return lm.large_model_info_from_checkpoint(spec, dtype=cfg.models.large_dtype).fingerprint
+        return lm.large_model_info_from_checkpoint(spec, dtype=dtype).fingerprint
     except (ValueError, OSError):  # no safetensors (e.g. .bin only): compared by name and dtype only
         return None
 
