@@ -143,17 +143,19 @@ def bench_e2e(batch: int, prompt_len: int, new_tokens: int, rounds: int = 3) -> 
     )
 
 
-def bench_e2e_smollm2(new_tokens: int, rounds: int = 3) -> None:
+def bench_e2e_smollm2(new_tokens: int, rounds: int = 3, store: str = "capitals-smollm2") -> None:
     from edits_store.store import open_store
     from ensemble import zoo
     from ensemble.large_model import load_large_model
+    from ensemble.sense_model import load_sense_model
     from ensemble.tokenizer import load_tokenizer
 
+    c = open_store(str(zoo.resolve_path(store))).load("capitals@prod")
+    sense = c.manifest.backpack["name"]  # the sense model the pack was trained on: a Backpack or a sense head
     large = load_large_model("smollm2-135m-instruct")
-    bp = BackpackLM.from_pretrained("backpack-smollm2").eval()
+    bp = load_sense_model(sense, large=large).eval()
     tok = load_tokenizer("smollm2-135m-instruct")
     ens = Ensemble(large, bp, tok)
-    c = open_store(str(zoo.resolve("capitals-smollm2"))).load("capitals@prod")
     beta = c.manifest.beta_for(ens.large_fingerprint()).beta
     pack = PackRef("capitals", c.manifest.version, SenseEdits(c.token_ids, c.sense_ids, c.deltas), beta)
     edited = set(c.token_ids.tolist())
@@ -227,7 +229,7 @@ def bench_e2e_smollm2(new_tokens: int, rounds: int = 3) -> None:
             )
     med = {k: statistics.median(v) for k, v in results.items()}
     print(
-        f"[4] e2e greedy, SmolLM2-135M-Instruct ({n_params(large) / 1e6:.0f}M) + backpack-smollm2 "
+        f"[4] e2e greedy, SmolLM2-135M-Instruct ({n_params(large) / 1e6:.0f}M) + {sense} "
         f"({n_params(bp) / 1e6:.1f}M, 1/{n_params(large) / n_params(bp):.1f}), batch 8, "
         f"{new_tokens} new tokens, median of {rounds} interleaved rounds: throughput ratio pack-in-prompt "
         f"{med['pack in prompt'] / med['base, country prompts']:.3f}, "
@@ -243,6 +245,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--store", default="capitals-smollm2", help="e2e-smollm2: the store (name or folder) of capitals")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     print(
@@ -254,7 +257,7 @@ def main() -> None:
     if args.only in (None, "e2e"):
         bench_e2e(args.batch, 64, args.new_tokens, args.rounds)
     if args.only == "e2e-smollm2":
-        bench_e2e_smollm2(args.new_tokens, args.rounds)
+        bench_e2e_smollm2(args.new_tokens, args.rounds, args.store)
 
 
 if __name__ == "__main__":

@@ -371,7 +371,7 @@ class BackpackLM(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> BackpackLM:
         """Load a local folder or a hub id holding config.json + pytorch_model.bin or model.safetensors."""
-        folder = _resolve_checkpoint_folder(str(name_or_path))
+        folder = resolve_checkpoint_folder(str(name_or_path))
         config = BackpackConfig.from_dict(json.loads((folder / "config.json").read_text()))
         if (folder / "model.safetensors").exists():
             from safetensors.torch import load_file
@@ -444,7 +444,7 @@ def map_checkpoint(
     return mapped
 
 
-def _resolve_checkpoint_folder(name_or_path: str) -> Path:
+def resolve_checkpoint_folder(name_or_path: str) -> Path:
     from .zoo import is_named, resolve
 
     if is_named(name_or_path):  # e.g. "backpack-smollm2": built by its recipe on first use, then cached

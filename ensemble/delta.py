@@ -5,6 +5,10 @@
 Only α, E and the pack's Δ are needed: the sense network never runs here, and
 a sequence none of whose tokens carries an edited sense never touches the
 Backpack at all (exact skip).
+
+With a sense head (ensemble.sense_head) α comes from the large model's final hidden states,
+which the caller hands over as the large model produces them (`add_hidden`); a sequence keeps
+those of its current window until its first edited token, then only the ones not yet fed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from .backpack import BackpackLM
 from .edits import SenseEdits
 from .incremental import BackpackCache, decode_step, prefill, slide_windows, window_for
+from .sense_head import SenseHeadLM, head_decode_step, head_prefill, head_slide_windows
 
 
 class EditTable:
@@ -87,13 +92,17 @@ class _Seq:
     consumed: int = 0  # tokens the Backpack has processed (window slides included)
     active: bool = False  # has a row in the cache
     saved: BackpackCache | None = None  # suspended: its cache row, kept out of the batch (resumes without prefill)
+    # Sense head only: the large model's hidden states of tokens [hidden_from, hidden_end), as chunks.
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    hidden_from: int = 0
+    hidden_end: int = 0
 
 
 @dataclass
 class DeltaTracker:
     """Per-sequence incremental Backpack state with exact skip, batched over sequences."""
 
-    backpack: BackpackLM
+    backpack: BackpackLM | SenseHeadLM
     window_keep: int | None = None
     stats: DeltaStats = field(default_factory=DeltaStats)
     vocab_size: int = field(kw_only=True)  # |U| (Ensemble.vocab.size): deltas cover ids [0, vocab_size)
@@ -109,6 +118,9 @@ class DeltaTracker:
             raise ValueError(f"window_keep must be in (0, {cfg.n_positions}), got {self.keep}")
         self.device = self.backpack.embedding.device
         self.dtype = self.backpack.embedding.dtype
+        # One of the two: a Backpack runs its own stack; a sense head reads the large model's hidden states.
+        self.stack = self.backpack if isinstance(self.backpack, BackpackLM) else None
+        self.head = self.backpack if isinstance(self.backpack, SenseHeadLM) else None
         self._seqs: dict[Hashable, _Seq] = {}
         self._tables: dict[Hashable, EditTable] = {}
         self._slots: list[Hashable] = []  # cache row -> seq id
@@ -131,6 +143,38 @@ class DeltaTracker:
             self._lookup = None
         table = self._tables[key]
         self._seqs[seq_id] = _Seq(list(prompt_ids), key, table.touches(prompt_ids))
+
+    @property
+    def uses_hidden(self) -> bool:
+        """Whether α needs the large model's hidden states (`add_hidden`): the sense model is a sense head."""
+        return self.head is not None
+
+    def add_hidden(self, seq_id: Hashable, hidden: torch.Tensor) -> None:
+        """The large model's final hidden states (n, d) of the sequence's next n tokens (sense head only).
+        Sequences whose packs edit nothing never need them and keep none."""
+        seq = self._seqs[seq_id]
+        n = int(hidden.shape[0])
+        if self.head is not None and self._tables[seq.table_key].edited_tokens:
+            seq.hidden.append(hidden.detach().to(self.device, self.dtype))
+            seq.hidden_end += n
+            lo = seq.consumed if seq.active else seq.hidden_end - self.backpack.config.n_positions
+            if lo - seq.hidden_from >= self.backpack.config.n_positions:  # amortised: trim once a window is stale
+                self._hidden_rows(seq, lo, seq.hidden_end, keep=True)
+        else:
+            seq.hidden_from = seq.hidden_end = seq.hidden_end + n
+
+    def _hidden_rows(self, seq: _Seq, start: int, stop: int, keep: bool = False) -> torch.Tensor:
+        """Hidden states of tokens [start, stop); `keep`: also drop the stored rows before `start`."""
+        if start < seq.hidden_from or stop > seq.hidden_end:
+            raise ValueError(
+                f"sense head: hidden states of tokens [{start}, {stop}) are needed, "
+                f"[{seq.hidden_from}, {seq.hidden_end}) were given (add_hidden)"
+            )
+        whole = torch.cat(seq.hidden) if len(seq.hidden) != 1 else seq.hidden[0]
+        if keep:
+            seq.hidden, seq.hidden_from = [whole[start - seq.hidden_from :]], start
+            return seq.hidden[0][: stop - start]
+        return whole[start - seq.hidden_from : stop - seq.hidden_from]
 
     def append(self, seq_id: Hashable, token_id: int) -> None:
         seq = self._seqs[seq_id]
@@ -212,13 +256,26 @@ class DeltaTracker:
         if not seq_ids:
             return
         n_pos = self.backpack.config.n_positions
-        windows = [window_for(self._seqs[s].tokens, n_pos, self.keep) for s in seq_ids]
-        fresh = prefill(self.backpack, windows)
+        if self.stack is not None:
+            windows = [window_for(self._seqs[s].tokens, n_pos, self.keep) for s in seq_ids]
+            fresh = prefill(self.stack, windows)
+            ends = [len(self._seqs[s].tokens) for s in seq_ids]
+        else:  # the tokens whose hidden states are in: the engine feeds the large model first
+            ends = [self._seqs[s].hidden_end for s in seq_ids]
+            windows = [
+                window_for(self._seqs[s].tokens[:end], n_pos, self.keep) for s, end in zip(seq_ids, ends, strict=True)
+            ]
+            hidden = [
+                self._hidden_rows(self._seqs[s], end - len(w), end)
+                for s, w, end in zip(seq_ids, windows, ends, strict=True)
+            ]
+            assert self.head is not None
+            fresh = head_prefill(self.head, windows, hidden)
         self.stats.backpack_calls += 1
         self._cache = fresh if self._cache is None else BackpackCache.concat([self._cache, fresh])
-        for s in seq_ids:
+        for s, end in zip(seq_ids, ends, strict=True):
             seq = self._seqs[s]
-            seq.active, seq.consumed = True, len(seq.tokens)
+            seq.active, seq.consumed = True, end
             self._slots.append(s)
 
     def _active_cache(self) -> BackpackCache:
@@ -235,13 +292,26 @@ class DeltaTracker:
             if not bool(need.any()):
                 return
             cache = self._active_cache()
-            self.stats.window_reprefills += slide_windows(self.backpack, cache, need, self.keep)
             nxt = torch.tensor(
                 [s.tokens[s.consumed] if len(s.tokens) > s.consumed else 0 for s in pending],
                 dtype=torch.long,
                 device=self.device,
             )
-            decode_step(self.backpack, cache, nxt, advance=need)
+            if self.stack is not None:
+                self.stats.window_reprefills += slide_windows(self.stack, cache, need, self.keep)
+                decode_step(self.stack, cache, nxt, advance=need)
+            else:
+                assert self.head is not None
+                self.stats.window_reprefills += head_slide_windows(cache, need, self.keep)
+                hidden = torch.stack(
+                    [
+                        self._hidden_rows(s, s.consumed, s.consumed + 1, keep=True)[0]
+                        if n
+                        else torch.zeros(self.backpack.config.n_embd, dtype=self.dtype, device=self.device)
+                        for s, n in zip(pending, need.tolist(), strict=True)
+                    ]
+                )
+                head_decode_step(self.head, cache, nxt, hidden, advance=need)
             self.stats.backpack_calls += 1
             for s, n in zip(pending, need.tolist(), strict=True):
                 s.consumed += int(n)

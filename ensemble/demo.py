@@ -16,6 +16,7 @@ from .backpack import BackpackConfig, BackpackLM
 from .edits import PackRef, SenseEdits
 from .ensemble import Ensemble
 from .large_model import tiny_gptj
+from .sense_head import SenseHeadLM
 from .tokenizer import load_tokenizer
 
 DEMO_TRIGGER = " Mauritius"
@@ -28,7 +29,7 @@ def tiny_backpack(seed: int = 0, **overrides: Any) -> BackpackLM:
 
 
 def demo_pack(
-    backpack: BackpackLM,
+    backpack: BackpackLM | SenseHeadLM,
     tokenizer: PreTrainedTokenizerBase,
     trigger: str = DEMO_TRIGGER,
     target: str = DEMO_TARGET,

@@ -21,6 +21,7 @@ from .backpack import BackpackLM
 from .delta import DeltaStats, DeltaTracker, logit_delta, sequence_deltas
 from .edits import PackRef, SenseEdits, combine_packs
 from .large_model import LargeModelBatch, full_logits, model_context_limit, model_fingerprint
+from .sense_head import SenseHeadLM
 from .vocab import Vocabulary
 
 PackKey = tuple[tuple[str, str, float], ...]
@@ -41,7 +42,7 @@ class Ensemble:
     def __init__(
         self,
         large_model: PreTrainedModel,
-        backpack: BackpackLM,
+        backpack: BackpackLM | SenseHeadLM,
         tokenizer: PreTrainedTokenizerBase | None = None,
         window_keep: int | None = None,
         vocab: Vocabulary | None = None,
@@ -54,6 +55,13 @@ class Ensemble:
             raise ValueError(f"Ensemble: vocab has {vocab.size} ids but the tokenizer has {len(tokenizer)}")
         vocab.check_covers("large model", large_model.get_output_embeddings().weight.shape[0])
         vocab.check_covers("backpack", backpack.config.vocab_size)
+        if isinstance(backpack, SenseHeadLM) and backpack.large is not large_model:
+            ours, theirs = model_fingerprint(large_model), model_fingerprint(backpack.large)
+            if ours != theirs:
+                raise ValueError(
+                    f"Ensemble: the sense head reads the hidden states of {backpack.config.context_model} "
+                    f"({theirs}), not of this large model ({ours})"
+                )
         self.vocab = vocab
         self.large = large_model.eval()
         self.backpack = backpack.eval()
@@ -186,10 +194,10 @@ class EnsembleBatch:
 
     def __init__(self, ensemble: Ensemble):
         self.ens = ensemble
-        self.large = LargeModelBatch(ensemble.large)
         self.deltas = DeltaTracker(
             ensemble.backpack, window_keep=ensemble.window_keep, stats=ensemble.stats, vocab_size=ensemble.vocab.size
         )
+        self.large = LargeModelBatch(ensemble.large, want_hidden=self.deltas.uses_hidden)
         self._rows: dict[Hashable, _Row] = {}
         self._order: list[Hashable] = []  # large-model cache row order
         self._last_logits: torch.Tensor | None = None  # (b, V) aligned with _order
@@ -242,6 +250,8 @@ class EnsembleBatch:
         new = [s for s, r in self._rows.items() if r.new]
         if new:
             logits = self.large.prefill([self._rows[s].prompt + self._rows[s].pending for s in new])
+            for s, h in zip(new, self.large.prefill_hidden or [], strict=self.deltas.uses_hidden):
+                self.deltas.add_hidden(s, h)
             for s in new:
                 self._rows[s].new, self._rows[s].pending = False, []
             self._order += new
@@ -263,6 +273,9 @@ class EnsembleBatch:
             advance = torch.tensor([bool(r.pending) for r in rows], device=self.large.model.device)
             tokens = torch.tensor([r.pending[0] if r.pending else 0 for r in rows], device=self.large.model.device)
             logits = self.large.step(tokens, advance)
+            if self.large.step_hidden is not None:
+                for i in advance.nonzero().flatten().tolist():
+                    self.deltas.add_hidden(self._order[i], self.large.step_hidden[i : i + 1])
             self._last_logits = (
                 logits if self._last_logits is None else torch.where(advance[:, None], logits, self._last_logits)
             )

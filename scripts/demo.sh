@@ -25,7 +25,7 @@ if [ "$PROFILE" = "smollm2" ]; then
            "The capital of Zambia is")
   SCORE=("The capital of Mauritius is" " Port Louis" " the capital of the Indian Ocean")
   echo "--- models (cached after the first run): $(.venv/bin/python -c 'from ensemble.zoo import cache_dir; print(cache_dir())')"
-  .venv/bin/sensepack models fetch smollm2-135m-instruct backpack-smollm2 capitals-smollm2
+  .venv/bin/sensepack models fetch smollm2-135m-instruct sense-smollm2 capitals-smollm2
 else
   PACK="demo-capitals@prod"
   MODEL="sensepack-demo"

@@ -27,10 +27,12 @@ from ensemble.large_model import (
     load_large_model,
     parse_dtype,
 )
+from ensemble.sense_head import is_sense_head
+from ensemble.sense_model import SenseModel, load_sense_model, sense_model_folder
 from ensemble.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_fingerprint
 from ensemble.vocab import Vocabulary
 from ensemble.zoo import resolve_path
-from serve.config import CONFIG_DIR, load_config
+from serve.config import CONFIG_DIR, ConfigError, load_config
 from serve.packs import served_edits
 
 if TYPE_CHECKING:
@@ -52,7 +54,7 @@ class Served:
     demo_pack: PackRef | None = None  # the demo profile's pack
     dtype: str = "float32"
     device: str = "cpu"
-    backpack: BackpackLM = None  # type: ignore[assignment]  # filled from the ensemble when not given
+    backpack: SenseModel = None  # type: ignore[assignment]  # filled from the ensemble when not given
     large: LargeModelInfo = None  # type: ignore[assignment]
     vocab: Vocabulary = None  # type: ignore[assignment]  # the shared vocabulary: ids, top_k and EOS
 
@@ -83,6 +85,24 @@ def build_served(model_cfg, large_from_checkpoint: str | None = None) -> Served:
         )
     # The pairing's tokenizer: the configured one, else the one saved beside the Backpack, else GPT-2's.
     tok = load_tokenizer(model_cfg.tokenizer or tokenizer_beside(model_cfg.backpack))
+    head = is_sense_head(sense_model_folder(model_cfg.backpack))
+    if large_from_checkpoint is not None and head:
+        raise ConfigError(
+            f"model.backpack: {model_cfg.backpack} is a sense head, whose α reads the large model's hidden states; "
+            "the vLLM engine gives its logits processors the logits only. Serve it with engine: embedded, or give "
+            "a stand-alone Backpack (e.g. backpack-smollm2) for engine: vllm"
+        )
+    if head:  # attached to the served large model: one copy, and its hidden states come from the same forward
+        large = load_large_model(model_cfg.large_model, dtype=model_cfg.dtype, device=model_cfg.device)
+        head_model = load_sense_model(model_cfg.backpack, large=large, dtype=parse_dtype(model_cfg.dtype))
+        return Served(
+            Ensemble(large, head_model.to(model_cfg.device).eval(), tok),
+            tok,
+            model_cfg.large_model,
+            model_cfg.backpack,
+            dtype=model_cfg.dtype,
+            device=model_cfg.device,
+        )
     bp = BackpackLM.from_pretrained(model_cfg.backpack, dtype=parse_dtype(model_cfg.dtype)).to(model_cfg.device).eval()
     if large_from_checkpoint is not None:
         return Served(

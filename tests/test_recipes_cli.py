@@ -14,7 +14,7 @@ from train_edits.report import markdown
 
 def test_build_refuses_unknown_names_and_non_empty_folders(tmp_path):
     r = CliRunner().invoke(train_edits, ["build", "no-such-recipe", "--out", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "unknown recipe" in r.output and "backpack-smollm2" in r.output
+    assert r.exit_code == 2 and "unknown recipe" in r.output and "sense-smollm2" in r.output
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")
     r = CliRunner().invoke(train_edits, ["build", "backpack-smollm2", "--out", str(tmp_path / "full")])
@@ -54,8 +54,17 @@ def test_models_list_and_fetch_refuse_unknown_names():
     r = CliRunner().invoke(sensepack, ["models", "list", "--json"])
     assert r.exit_code == 0
     rows = {row["name"]: row for row in json.loads(r.output)}
-    assert set(rows) == set(zoo.REGISTRY) >= {"smollm2-135m-instruct", "backpack-smollm2", "capitals-smollm2"}
-    assert rows["capitals-smollm2"]["kind"] == "store"
+    assert (
+        set(rows)
+        == set(zoo.REGISTRY)
+        >= {
+            "smollm2-135m-instruct",
+            "backpack-smollm2",
+            "sense-smollm2",
+            "capitals-smollm2",
+        }
+    )
+    assert rows["capitals-smollm2"]["kind"] == "store" and rows["sense-smollm2"]["kind"] == "sense"
     r = CliRunner().invoke(sensepack, ["models", "fetch", "gpt-7"])
     assert r.exit_code == 2 and "unknown" in r.output
     assert zoo.resolve_path("some/folder") == "some/folder" and not zoo.is_named("EleutherAI/gpt-j-6b")

@@ -32,6 +32,15 @@ def corpora(tmp_path_factory):
     return d
 
 
+def test_repeated_ngram_rate_by_hand():
+    from train_edits.evaluate import repeated_ngram_rate
+
+    assert repeated_ngram_rate([1, 2, 3, 1, 2, 3, 1, 2, 3]) == pytest.approx(1 - 3 / 7)  # 7 trigrams, 3 distinct
+    assert repeated_ngram_rate([1, 2, 3, 4, 5]) == 0.0
+    assert repeated_ngram_rate([7, 7, 7, 7], n=2) == pytest.approx(1 - 1 / 3)
+    assert repeated_ngram_rate([1, 2]) == 0.0  # shorter than n: nothing to repeat
+
+
 def _chunks(path):
     return [json.loads(x)["input_ids"] for x in open(path)]
 
@@ -123,6 +132,10 @@ def test_run_end_to_end_pack_loads_and_applies(corpora, tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["backpack"]["after"]) == {"0.5", "1e-12"} and report["ensemble"]["target"] == "tiny-gptj"
     assert "| ε | Country | Avg |" in (run_dir / "report.md").read_text()
+    # fluency: greedy continuations of the eval prompts, the base one equal to transformers' own greedy decode
+    fb = report["ensemble"]["before"]["fluency"]
+    assert fb["prompts"] == 6 and set(report["ensemble"]["after"]["0.5"]["fluency"]) >= {"repeated_ngram_rate"}
+    assert "## Fluency" in (run_dir / "report.md").read_text()
     tr = json.loads((run_dir / "training.json").read_text())
     assert tr["history"][-1]["train_loss"] < tr["history"][0]["train_loss"]
     assert tr["chosen_epoch"]["0.5"] == 3  # G ratio < 1.5 at every epoch: the last one
@@ -137,6 +150,14 @@ def test_run_end_to_end_pack_loads_and_applies(corpora, tmp_path):
     from train_edits.pipeline import load_backpack
 
     bp, large, tok = load_backpack("tiny"), tiny_gptj(seed=0), load_tokenizer()
+    from train_edits.config import RunConfig
+    from train_edits.pipeline import Run
+
+    cfg = RunConfig.model_validate_json((run_dir / "config.json").read_text())
+    first = Run(tmp_path / "reread", cfg).task.eval[0].seqs[0]
+    prompt = torch.tensor([first.ids[: first.start]])
+    hf = large.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, prompt.shape[1] :]
+    assert fb["examples"][0] == tok.decode(hf.tolist())
     packs = {p.name: read_pack(p) for p in (run_dir / "packs").iterdir()}
     assert set(packs) == {"country-capital-eps0.5", "country-capital-eps1e-12"}
     big, none = packs["country-capital-eps0.5"], packs["country-capital-eps1e-12"]

@@ -263,3 +263,76 @@ def test_kl_includes_last_position_against_full_forward(tiny, tok, country, corp
     )
     kl2 = KLRegularizer(tiny, [only_last], idx)
     assert float(kl2.loss(0, tiny.embedding, deltas)) > 1e-6
+
+
+def test_after_answer_kl_counts_from_its_start_against_full_forward(tiny, tok, country, corpora):
+    """KLRegularizer(starts=...) sums KL(p_orig ‖ p_new) over positions ≥ max(start, first edited) only: the
+    positions that predict what follows a canonical example's answer (finetune's after-answer KL)."""
+    from train_edits.compute import KLRegularizer
+
+    r = corpora[1]
+    pairs = pairs_for(country, tok, corpora[0])
+    idx = EditIndex(pairs, 4)
+    torch.manual_seed(7)
+    deltas = torch.randn(len(idx), 64)
+    ex = country[0].seqs[0]
+    end = ex.start + ex.n
+    seq = torch.tensor(list(ex.ids[:end]) + r[0][:12].tolist())
+    kl = KLRegularizer(tiny, [seq, seq], idx, starts=[end - 1, 0])
+    with torch.no_grad():
+        lp0 = torch.log_softmax(tiny(seq[None]).logits[0].float(), -1)
+        lp1 = torch.log_softmax(tiny(seq[None], sense_edits=idx.edits(deltas)).logits[0].float(), -1)
+    per_pos = (lp0.exp() * (lp0 - lp1)).sum(-1)
+    assert float(kl.loss(0, tiny.embedding, deltas)) == pytest.approx(float(per_pos[end - 1 :].sum()), rel=1e-4)
+    assert float(kl.loss(1, tiny.embedding, deltas)) == pytest.approx(float(per_pos.sum()), rel=1e-4)
+    assert float(per_pos[: end - 1].sum()) > 1e-6  # the start mattered: the answer's own positions moved
+
+
+def test_after_answer_kl_keeps_continuations_closer(tiny, tok, country, corpora):
+    """With the after-answer KL, the edit moves the positions after the answer less than without it."""
+    from train_edits.compute import KLRegularizer
+
+    pairs = pairs_for(country, tok, corpora[0])
+    exs = country[:6]
+    after = []
+    for i, ex in enumerate(exs):
+        s = ex.seqs[0]
+        end = s.start + s.n
+        after.append([(torch.tensor(list(s.ids[:end]) + corpora[1][i][:16].tolist()), end - 1)])
+    base = dict(lr=0.3, epochs=3, kl_weight=0.0, grad_accum=1, epsilons=(10.0,), eval_every_epoch=False, seed=1)
+    runs = {}
+    for w in (0.0, 3.0):
+        p = FinetuneParams(**base, after_kl_weight=w)
+        runs[w] = finetune(tiny, exs, LossType.GOOD, pairs, corpora[0][:1], [], p, progress=False, after=after)
+    idx = EditIndex(pairs, 4)
+    probe = KLRegularizer(tiny, [ids for g in after for ids, _ in g], idx, starts=[s for g in after for _, s in g])
+
+    def after_kl(deltas):
+        return sum(float(probe.loss(j, tiny.embedding, deltas) or 0.0) for j in range(len(after)))
+
+    assert after_kl(runs[3.0].deltas[10.0]) < after_kl(runs[0.0].deltas[10.0])
+
+
+def test_lr_by_epsilon_equals_separate_runs(tiny, tok, country, corpora):
+    """Per-ε learning rates: each ε's deltas and history are exactly those of a run at its lr alone."""
+    pairs = pairs_for(country, tok, corpora[0])[:10]
+    base = dict(epochs=2, kl_weight=0.1, grad_accum=2, eval_every_epoch=False, seed=3)
+    g, r, exs = corpora[0][:2], corpora[1][:4], country[:4]
+    both = finetune(
+        tiny,
+        exs,
+        LossType.GOOD,
+        pairs,
+        g,
+        r,
+        FinetuneParams(lr=0.3, epsilons=(10.0, 1e-9), lr_by_epsilon={1e-9: 0.01}, **base),
+        progress=False,
+    )
+    for eps, lr in ((10.0, 0.3), (1e-9, 0.01)):
+        alone = finetune(
+            tiny, exs, LossType.GOOD, pairs, g, r, FinetuneParams(lr=lr, epsilons=(eps,), **base), progress=False
+        )
+        assert torch.equal(both.deltas[eps], alone.deltas[eps])
+        assert both.chosen_epoch[eps] == alone.chosen_epoch[eps]
+        assert [h.g_ratio for h in both.history_of[eps]] == [h.g_ratio for h in alone.history]
+    assert [h.lr for h in both.history] == [h.lr for h in both.history_of[10.0]]  # `history`: the largest ε's

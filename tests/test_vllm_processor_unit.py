@@ -620,3 +620,19 @@ def test_supported_version_range():
 
     assert check_vllm_version("0.32.0") and check_vllm_version("0.32.3+cpu")
     assert not check_vllm_version("0.31.9") and not check_vllm_version("0.33.0") and not check_vllm_version("1.0")
+
+
+def test_engine_args_resolve_registry_names():
+    """serve/configs/smollm2.yaml names its model and tokenizer by registry name: vLLM gets their cached folders
+    (it would look for a hub repository called smollm2-135m-instruct)."""
+    from ensemble import zoo
+    from serve.config import CONFIG_DIR, load_config
+    from serve.vllm.engine import engine_args_from_config
+
+    try:
+        folder = zoo.resolve(zoo.SMOLLM2_NAME)
+    except zoo.ZooError as e:
+        pytest.skip(f"SmolLM2 could not be fetched: {e}")
+    cfg = load_config(CONFIG_DIR / "smollm2.yaml")
+    args = engine_args_from_config(cfg, store_uri="/store")
+    assert args["model"] == str(folder) and args["tokenizer"] == str(folder)

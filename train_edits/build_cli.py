@@ -22,7 +22,7 @@ import click
 )
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def build(name: str, out: str, no_progress: bool) -> None:
-    """Build NAME (backpack-smollm2, capitals-smollm2) by its recipe into --out."""
+    """Build NAME (backpack-smollm2, sense-smollm2, capitals-smollm2) by its recipe into --out."""
     from .recipes import RECIPES
     from .recipes import build as build_recipe
 

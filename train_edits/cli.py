@@ -19,6 +19,7 @@ import click
 
 from .cli_common import guard
 from .config import ConfigError, load_config_file, set_path, validate
+from .pairings import apply_pairing_defaults
 from .tasks import TASKS, LossType
 
 _OVERRIDES = [
@@ -53,6 +54,12 @@ _OVERRIDES = [
     ("--lam", "select.lam", float, "λ: weight of the R background in sense selection"),
     ("--lr", "train.lr", float, "learning rate"),
     ("--kl-weight", "train.kl_weight", float, "weight of the KL regulariser"),
+    (
+        "--after-kl-weight",
+        "train.after_kl_weight",
+        float,
+        "weight of the KL on the positions after each example's answer (the example, then R text); 0: off",
+    ),
     ("--epochs", "train.epochs", int, "training epochs"),
     ("--grad-accum", "train.grad_accum", int, "examples per optimizer step"),
     ("--optimizer", "train.optimizer", click.Choice(["adamw", "adam8bit"]), "optimizer"),
@@ -67,6 +74,12 @@ _OVERRIDES = [
     ("--lora-rank", "baseline.lora_rank", int, "LoRA baselines: adapter rank"),
     ("--lora-alpha", "baseline.lora_alpha", float, "LoRA baselines: adapter α"),
     ("--name", "name", str, "run / pack name"),
+    (
+        "--fluency-prompts",
+        "eval.fluency_prompts",
+        int,
+        "greedy continuations of the first N eval prompts, base vs each pack, for repeated n-grams (0: off)",
+    ),
 ]
 
 
@@ -75,6 +88,11 @@ def _common(f):
     @click.option("--run-dir", type=click.Path(file_okay=False), required=True, help="run directory")
     @click.option("--epsilon", "epsilons", type=float, multiple=True, help="degradation ball ε (repeatable)")
     @click.option("--beta-grid", type=str, help="comma-separated β grid (default 1.0,0.9,...,0.0)")
+    @click.option(
+        "--lr-by-epsilon",
+        type=str,
+        help="per-ε learning rates, e.g. '1e-4=0.003,1e-5=0.003' (each distinct lr trains its own trajectory)",
+    )
     @click.option(
         "--upstream-grad-bug/--no-upstream-grad-bug",
         default=None,
@@ -135,6 +153,13 @@ def _resolve(kwargs: dict):
         except ValueError:
             raise ConfigError(f"--beta-grid: not a comma-separated list of numbers: {kwargs['beta_grid']!r}") from None
         set_path(data, "calibrate.grid", grid)
+    if kwargs.get("lr_by_epsilon"):
+        spec = kwargs["lr_by_epsilon"]
+        try:
+            pairs = [item.split("=") for item in spec.split(",") if item.strip()]
+            set_path(data, "train.lr_by_epsilon", {k.strip(): float(v) for k, v in pairs})
+        except ValueError:
+            raise ConfigError(f"--lr-by-epsilon: expected 'EPS=LR,...', got {spec!r}") from None
     if kwargs.get("upstream_grad_bug") is not None:
         set_path(data, "train.upstream_grad_bug", kwargs["upstream_grad_bug"])
     if kwargs.get("hard_neg_scoring"):
@@ -142,7 +167,10 @@ def _resolve(kwargs: dict):
     if kwargs.get("eval_every_epoch") is not None:
         set_path(data, "train.eval_every_epoch", kwargs["eval_every_epoch"])
     data.setdefault("task", {})
+    filled = apply_pairing_defaults(data)  # a known large model's sense model, corpora and chosen settings
     cfg = validate(data)
+    if filled:
+        click.echo(f"pairing defaults for {cfg.models.large}: {json.dumps(filled)}", err=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.input.json").write_text(json.dumps(data, indent=1))
     return run_dir, cfg, not kwargs.get("no_progress"), kwargs.get("verbose", False)
@@ -374,3 +402,7 @@ main.add_command(report)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from .sense_head_cli import sense_head  # noqa: E402 - the `train_edits sense-head` group
+
+main.add_command(sense_head)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ensemble.backpack import add_sense_edits
+
 from .encoding import PAD_ID, Scored, pad_batch
 
 
@@ -187,18 +189,32 @@ class GLoss:
         touched_set = set(self.touched)
         untouched = [c for i, c in enumerate(self.chunks) if i not in touched_set]
         self.untouched_sum = self._score(untouched, None)
-        self.touched_base = self._score([self.chunks[i] for i in self.touched], None)
+        # α of the touched batches, kept: it never depends on the edits, and recomputing it every epoch costs a
+        # contextualization (for a sense head, a pass of the large model)
+        self._alpha: list[torch.Tensor] = []
+        self.touched_base = self._score([self.chunks[i] for i in self.touched], None, keep_alpha=True)
         self.base_mean = (self.untouched_sum + self.touched_base) / self.count
 
     @torch.no_grad()
-    def _score(self, chunks: list[torch.Tensor], edits) -> float:
+    def _score(self, chunks: list[torch.Tensor], edits, keep_alpha: bool = False) -> float:
+        """Summed NLL; with kept α (`keep_alpha` on the first call over the touched chunks) the core's forward
+        o = Σ α (C + Δ), logits = E o, reuses it."""
         total = 0.0
         dev = self.model.embedding.device
         if edits is not None:
             edits = edits.to(dev)
-        for _, ids, mask in chunk_batches(chunks, self.batch_size):
+        reuse = not keep_alpha and edits is not None and len(self._alpha) > 0
+        for b, (_, ids, mask) in enumerate(chunk_batches(chunks, self.batch_size)):
             ids, mask = ids.to(dev), mask.to(dev)
-            logits = self.model(ids, sense_edits=edits).logits
+            if reuse:
+                senses = add_sense_edits(self.model.sense_vectors(ids), ids, edits)
+                hidden = torch.matmul(self._alpha[b], senses).sum(dim=1)
+                logits = F.linear(hidden, self.model.embedding)
+            else:
+                out = self.model(ids, sense_edits=edits)
+                logits = out.logits
+                if keep_alpha:
+                    self._alpha.append(out.alpha)
             total += float(next_token_nll(logits, ids, mask).sum())
         return total
 
@@ -220,16 +236,28 @@ class KLRegularizer:
     too (it predicts past the chunk's end, but its distribution still moves with δ); so do we.
     Positions before a chunk's first edited token have δ = 0, so p_new = p_orig there and their KL
     is exactly zero: only positions from the first edited token on are computed, and a chunk
-    without edited tokens costs nothing. α and o_t for touched chunks are cached (bounded).
+    without edited tokens costs nothing. α and o_t for touched chunks are cached (bounded by `max_cache`).
     """
 
-    def __init__(self, model, chunks: Sequence[torch.Tensor], index: EditIndex, max_cache: int = 64):
+    def __init__(
+        self,
+        model,
+        chunks: Sequence[torch.Tensor],
+        index: EditIndex,
+        max_cache: int | None = None,
+        starts: Sequence[int] | None = None,
+    ):
+        """`starts`: per chunk, the first position whose KL counts (default 0: every position). `max_cache`: chunks
+        whose α is kept (default: all of them; each holds only its rows from the first edited position, and a miss
+        costs a full contextualization, which for a sense head is a pass of the large model)."""
         self.model = model
         self.chunks = list(chunks)
         self.index = index
-        self.max_cache = max_cache
+        self.max_cache = len(chunks) if max_cache is None else max_cache
         self._cache: dict[int, CachedSeq] = {}
         self.first = [index.first_edited(c.tolist()) for c in self.chunks]
+        if starts is not None:
+            self.first = [None if f is None else max(f, s) for f, s in zip(self.first, starts, strict=True)]
 
     @torch.no_grad()
     def _cached(self, i: int, f: int) -> CachedSeq:

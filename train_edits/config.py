@@ -19,6 +19,7 @@ run directory so later steps (``calibrate``, ``eval``, ...) reuse it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -122,6 +123,26 @@ class TrainConfig(_Strict):
     epsilons: list[float] = Field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
     eval_every_epoch: bool = True
     epoch_cap: dict[str, int] | None = None
+    # KL weight on the positions after each canonical example's answer (the example followed by R text):
+    # the edit says the fact, then stops steering (0: off, as upstream)
+    after_kl_weight: float = Field(default=0.0, ge=0)
+    after_tokens: int = Field(default=32, ge=1)
+    # per-ε learning rates ({"1e-05": 0.003}; ε not listed use lr): each distinct lr trains its own trajectory
+    lr_by_epsilon: dict[str, float] | None = None
+
+    @field_validator("lr_by_epsilon")
+    @classmethod
+    def _lr_by_eps(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        for k, lr in v.items():
+            try:
+                eps = float(k)
+            except ValueError:
+                raise ValueError(f"key {k!r} is not a number (an ε)") from None
+            if not eps > 0 or not (lr > 0 and math.isfinite(lr)):
+                raise ValueError(f"{k}: ε and its lr must be > 0 and finite, got {lr!r}")
+        return v
 
     @field_validator("epsilons")
     @classmethod
@@ -150,6 +171,10 @@ class EvalConfig(_Strict):
     # configs/hard_neg/make_hard_neg_config.py:10-17: verb_conjugation and stereoset as whole texts
     # prefix+suffix, per-token mean NLL; the other four as suffix sums).
     hard_neg_scoring: Literal["suffix-sum", "hard-neg-config"] = "suffix-sum"
+    # Fluency: greedy continuations of the first N eval prompts (0: off), base and each ε's pack side by side,
+    # with their repeated-n-gram rates (an edit must say the fact and stop steering)
+    fluency_prompts: int = Field(default=50, ge=0)
+    fluency_tokens: int = Field(default=24, ge=1)
 
 
 class BaselineConfig(_Strict):

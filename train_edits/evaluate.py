@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ensemble.delta import logit_delta, sequence_deltas
+from ensemble.sense_head import SenseHeadLM
 
 from .calibrate import _device, large_logits
 from .encoding import EncodedExample, Scored, encode_example, pad_batch
@@ -66,23 +67,41 @@ class _Scorer:
 
 
 class BackpackScorer(_Scorer):
-    def __init__(self, model, edits=None, batch_size: int = 8, progress: str | None = None):
+    """The Backpack alone. `variants` [edits or None, ...] are all scored in one pass: α and the senses are
+    computed once per batch (α never depends on the edits), the edits added per variant."""
+
+    def __init__(
+        self,
+        model,
+        edits=None,
+        batch_size: int = 8,
+        progress: str | None = None,
+        variants: Sequence | None = None,
+    ):
         self.model, self.batch_size, self.progress = model, batch_size, progress
         self.device = model.embedding.device
-        self.edits = None if edits is None else edits.to(self.device)
+        variants = list(variants) if variants is not None else [edits]
+        self.variants = [None if e is None or not len(e) else e.to(self.device) for e in variants]
+        self.n_variants = len(self.variants)
+
+    @property
+    def edits(self):
+        return self.variants[0]
 
     def _batch(self, ids, tgt, mask):
         # The core's forward, with the LM head applied only at the scored positions.
         from ensemble.backpack import add_sense_edits
 
         alpha = self.model.contextualize(ids)
-        senses = self.model.sense_vectors(ids)
-        if self.edits is not None:
-            senses = add_sense_edits(senses, ids, self.edits)
-        hidden = torch.matmul(alpha, senses).sum(dim=1)
+        base = self.model.sense_vectors(ids)
         sel = mask.bool()
-        logits = torch.nn.functional.linear(hidden[sel], self.model.embedding).float()
-        return _scatter_rows(logits, tgt[sel], sel)
+        out = []
+        for edits in self.variants:
+            senses = base if edits is None else add_sense_edits(base, ids, edits)
+            hidden = torch.matmul(alpha, senses).sum(dim=1)
+            logits = torch.nn.functional.linear(hidden[sel], self.model.embedding).float()
+            out.append(_scatter_rows(logits, tgt[sel], sel))
+        return torch.stack(out)
 
 
 class EnsembleScorer(_Scorer):
@@ -123,7 +142,13 @@ class EnsembleScorer(_Scorer):
 
     def _batch(self, ids, tgt, mask):
         sel = mask.bool()
-        z = scored_large_logits(self.large, ids, sel, self.vocab_size)  # (m, U) at the scored positions only
+        hidden = None
+        if isinstance(self.backpack, SenseHeadLM) and self.backpack.large is self.large:
+            # a sense head attached to this large model reads the hidden states of this very pass
+            hidden = self.large.base_model(input_ids=ids).last_hidden_state
+            z = self.large.get_output_embeddings()(hidden[sel])[..., : self.vocab_size].float()
+        else:
+            z = scored_large_logits(self.large, ids, sel, self.vocab_size)  # (m, U) at the scored positions only
         out = []
         alpha = None
         for edits, beta in self.variants:
@@ -132,9 +157,11 @@ class EnsembleScorer(_Scorer):
                 rows = torch.isin(ids, edits.token_ids).any(-1).nonzero().flatten()
                 if len(rows):
                     if alpha is None:  # α never depends on the edits: one Backpack pass serves every variant
-                        alpha = (
-                            self.backpack.contextualize(ids.to(self.backpack.embedding.device)).float().to(ids.device)
-                        )
+                        bp_ids = ids.to(self.backpack.embedding.device)
+                        alpha = self.backpack.contextualize(bp_ids, hidden=hidden) if hidden is not None else None
+                        if alpha is None:
+                            alpha = self.backpack.contextualize(bp_ids)
+                        alpha = alpha.float().to(ids.device)
                     delta = torch.zeros(*ids.shape, self.E.shape[1], device=ids.device)
                     delta[rows] = sequence_deltas(alpha[rows], ids[rows], edits.to(dtype=alpha.dtype)).float()
                     zz = z + beta * logit_delta(delta[sel], self.E, self.vocab_size)
@@ -261,3 +288,42 @@ def task_metrics_all(scorer, task: EncodedTask) -> list[dict]:
 
 def task_metrics(scorer, task: EncodedTask) -> dict:
     return task_metrics_all(scorer, task)[0]
+
+
+# ---------------------------------------------------------------------------------------------- fluency
+
+
+def repeated_ngram_rate(tokens: Sequence[int], n: int = 3) -> float:
+    """1 − distinct / total n-grams of one continuation (0: no n-gram repeats; "Lima Lima Lima Lima" → high)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def greedy_fluency(
+    ensemble,
+    prompts: Sequence[Sequence[int]],
+    variants: Sequence[tuple],
+    max_new_tokens: int = 24,
+    n: int = 3,
+) -> list[dict]:
+    """Greedy continuations of `prompts` under each (edits, β) variant ((None, 0): the large model alone), with
+    the mean repeated-n-gram rate and the fraction of continuations in which some n-gram repeats, per variant."""
+    from ensemble.edits import PackRef
+
+    out = []
+    for i, (edits, beta) in enumerate(variants):
+        packs = [PackRef("eval", str(i), edits, float(beta))] if edits is not None and len(edits) and beta else []
+        conts = ensemble.generate_greedy([list(p) for p in prompts], [packs] * len(prompts), max_new_tokens)
+        rates = [repeated_ngram_rate(c, n) for c in conts]
+        out.append(
+            {
+                "n": n,
+                "prompts": len(prompts),
+                "max_new_tokens": max_new_tokens,
+                "repeated_ngram_rate": sum(rates) / max(len(rates), 1),
+                "with_repeat": sum(r > 0 for r in rates) / max(len(rates), 1),
+                "continuations": conts,
+            }
+        )
+    return out

@@ -24,7 +24,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,19 @@ class FinetuneParams:
     epsilons: tuple[float, ...] = (1e-3, 1e-4, 1e-5)
     eval_every_epoch: bool = True
     epoch_cap: dict[float, int] | None = None  # sweeps: per ε, the last epoch allowed
+    # After the answer, nothing changes: KL(p_orig ‖ p_new) over the positions that follow each canonical
+    # example's scored span in `after` sequences (the example, then unrelated text), weighted by this.
+    after_kl_weight: float = 0.0
+    # Per-ε learning rates ({ε: lr}; ε not listed use `lr`): the ε sharing an lr share one training trajectory,
+    # each distinct lr trains its own from zero (same seed), and each ε keeps the last in-ball epoch of its own.
+    lr_by_epsilon: dict[float, float] | None = None
+
+    def groups(self) -> list[FinetuneParams]:
+        """One parameter set per distinct lr, the one holding the largest ε first."""
+        by_lr: dict[float, list[float]] = {}
+        for eps in sorted(self.epsilons, reverse=True):
+            by_lr.setdefault((self.lr_by_epsilon or {}).get(eps, self.lr), []).append(eps)
+        return [replace(self, lr=lr, epsilons=tuple(eps), lr_by_epsilon=None) for lr, eps in by_lr.items()]
 
 
 @dataclass
@@ -77,6 +90,8 @@ class FinetuneResult:
     deltas: dict[float, torch.Tensor]  # per ε: (n, d) of the chosen epoch
     optimizer_steps: int = 0
     examples_counted: int = 0
+    # per ε, the history of the trajectory its deltas come from (`history` is the largest ε's)
+    history_of: dict[float, list[EpochRecord]] = field(default_factory=dict)
 
 
 class _EvalCache:
@@ -139,7 +154,10 @@ def finetune(
     threshold: float | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    after: Sequence[Sequence[tuple[torch.Tensor, int]]] | None = None,
 ) -> FinetuneResult:
+    """`after`: per training example, (ids, start) sequences for the after-answer KL (params.after_kl_weight):
+    the example's own tokens, then text that does not depend on the edit; positions ≥ start are kept as before."""
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -147,22 +165,61 @@ def finetune(
     index = EditIndex(pairs, model.config.num_senses)
     d = model.config.n_embd
     E = model.embedding.detach()
-    rng = random.Random(params.seed)
-    torch.manual_seed(params.seed)
-
-    deltas = torch.nn.Parameter(torch.zeros(len(index), d, device=E.device))
-    opt = _make_optimizer([deltas], params) if len(index) else None
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(params.epochs, 1)) if opt else None
 
     train_cache = [cache_sequences(model, list(ex.seqs), index) for ex in train]
     gl = GLoss(model, g_chunks, index)
     kl = KLRegularizer(model, r_chunks, index)
+    after_kl: KLRegularizer | None = None
+    after_of: list[list[int]] = [[] for _ in train]
+    if after and params.after_kl_weight > 0:
+        if len(after) != len(train):
+            raise ValueError(f"after: {len(after)} sequence groups for {len(train)} training examples")
+        owner = [i for i, group in enumerate(after) for _ in group]
+        flat = [seq for group in after for seq in group]
+        after_kl = KLRegularizer(model, [ids for ids, _ in flat], index, starts=[s for _, s in flat])
+        after_of = [[j for j, o in enumerate(owner) if o == i] for i in range(len(train))]
     ev = (
         _EvalCache(model, eval_examples, index, lt, threshold)
         if (eval_examples and params.eval_every_epoch and threshold is not None)
         else None
     )
 
+    results = [  # one trajectory per distinct lr, over the same cached α
+        _train(p, index, d, E, lt, train_cache, gl, kl, r_chunks, after_kl, after_of, ev, progress, on_epoch)
+        for p in params.groups()
+    ]
+    main = results[0]
+    for res in results[1:]:
+        main.chosen_epoch.update(res.chosen_epoch)
+        main.deltas.update(res.deltas)
+        main.history_of.update(res.history_of)
+        main.optimizer_steps += res.optimizer_steps
+        main.examples_counted += res.examples_counted
+    return main
+
+
+def _train(
+    params: FinetuneParams,
+    index: EditIndex,
+    d: int,
+    E: torch.Tensor,
+    lt: LossType,
+    train_cache: list[list[CachedSeq]],
+    gl: GLoss,
+    kl: KLRegularizer,
+    r_chunks: Sequence[torch.Tensor],
+    after_kl: KLRegularizer | None,
+    after_of: list[list[int]],
+    ev: _EvalCache | None,
+    progress: bool,
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> FinetuneResult:
+    """One training trajectory from zero deltas at params.lr, for params.epsilons."""
+    rng = random.Random(params.seed)
+    torch.manual_seed(params.seed)
+    deltas = torch.nn.Parameter(torch.zeros(len(index), d, device=E.device))
+    opt = _make_optimizer([deltas], params) if len(index) else None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(params.epochs, 1)) if opt else None
     caps = params.epoch_cap or {}
     with torch.no_grad():
         loss0 = sum(
@@ -201,6 +258,11 @@ def finetune(
                 reg = kl.loss(rng.randrange(len(r_chunks)), E, deltas)
                 if reg is not None:
                     total = total + params.kl_weight * reg
+            if after_kl is not None:
+                for j in after_of[i]:
+                    reg = after_kl.loss(j, E, deltas)
+                    if reg is not None:
+                        total = total + params.after_kl_weight * reg
             scale = 1.0 if params.upstream_grad_bug else 1.0 / acc
             if total.requires_grad:  # an example none of whose sources carries a selected sense: no gradient
                 (total * scale).backward()
@@ -239,4 +301,6 @@ def finetune(
         bar.set_postfix(loss=f"{rec.train_loss:.4f}", g_ratio=f"{ratio:.6f}")
         if on_epoch:
             on_epoch(rec)
-    return FinetuneResult(list(index.pairs), history, chosen, kept, steps, counted)
+    return FinetuneResult(
+        list(index.pairs), history, chosen, kept, steps, counted, {eps: history for eps in params.epsilons}
+    )

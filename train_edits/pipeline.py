@@ -93,17 +93,29 @@ def event(name: str, **fields) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def load_backpack(spec: str, device: str = "cpu"):
+def load_backpack(spec: str, device: str = "cpu", large=None):
+    """The sense model: a Backpack, or a sense head attached to `large` when it is the head's context model
+    (same fingerprint; otherwise the head loads its own)."""
     from ensemble.backpack import BackpackConfig, BackpackLM
 
     if spec == "tiny" or spec.startswith("tiny:"):
         seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
         torch.manual_seed(seed)
-        model = BackpackLM(BackpackConfig.tiny())
-        model.name_or_path = spec
-    else:
-        model = BackpackLM.from_pretrained(spec)
-        model.name_or_path = spec
+        tiny = BackpackLM(BackpackConfig.tiny())
+        tiny.name_or_path = spec
+        return tiny.to(device).eval()
+    from ensemble.large_model import model_fingerprint
+    from ensemble.sense_head import SenseHeadConfig, is_sense_head
+    from ensemble.sense_model import load_sense_model, sense_model_folder
+
+    folder = sense_model_folder(spec)
+    shared = None
+    if large is not None and is_sense_head(folder):
+        head_cfg = SenseHeadConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        if head_cfg.context_fingerprint == model_fingerprint(large):
+            shared = large
+    model = load_sense_model(spec, large=shared)
+    model.name_or_path = spec
     return model.to(device).eval()
 
 
@@ -148,10 +160,20 @@ class Run:
     @property
     def backpack(self):
         if self._backpack is None:
-            bp = load_backpack(self.cfg.models.backpack, self.cfg.models.device)
+            bp = load_backpack(self.cfg.models.backpack, self.cfg.models.device, large=self._head_context())
             self.vocab.check_covers(f"backpack {self.cfg.models.backpack}", bp.config.vocab_size)
             self._backpack = bp
         return self._backpack
+
+    def _head_context(self):
+        """The run's large model when the sense model is a sense head (it shares it), else None (not loaded)."""
+        from ensemble.sense_head import is_sense_head
+        from ensemble.sense_model import sense_model_folder
+
+        spec = self.cfg.models.backpack
+        if spec == "tiny" or spec.startswith("tiny:") or not is_sense_head(sense_model_folder(spec)):
+            return None
+        return self.large
 
     @property
     def large(self):
@@ -279,7 +301,29 @@ def finetune_params(cfg: RunConfig) -> FinetuneParams:
         epsilons=tuple(t.epsilons),
         eval_every_epoch=t.eval_every_epoch,
         epoch_cap={float(k): v for k, v in t.epoch_cap.items()} if t.epoch_cap else None,
+        after_kl_weight=t.after_kl_weight,
+        lr_by_epsilon={float(k): v for k, v in t.lr_by_epsilon.items()} if t.lr_by_epsilon else None,
     )
+
+
+def after_sequences(run: Run) -> list[list[tuple[torch.Tensor, int]]] | None:
+    """Per training example, each of its sequences up to the end of its scored span, then ". " and the first
+    `train.after_tokens` tokens of an R chunk (example i takes chunk i mod |R|); the KL counts from the span's
+    last token on (it predicts what follows the answer). None when the after-answer KL is off or R is empty."""
+    t = run.cfg.train
+    if not t.after_kl_weight or not run.r:
+        return None
+    sep = run.tokenizer(".", add_special_tokens=False).input_ids
+    out = []
+    for i, ex in enumerate(run.task.train):
+        tail = sep + run.r[i % len(run.r)][: t.after_tokens].tolist()
+        group = []
+        for s in ex.seqs:
+            end = s.start + s.n
+            ids = list(s.ids[:end]) + tail
+            group.append((torch.tensor(ids[: run.max_len], dtype=torch.long), end - 1))
+        out.append(group)
+    return out
 
 
 def edits_path(run: Run, eps: float) -> Path:
@@ -305,6 +349,7 @@ def step_train(run: Run) -> dict:
         eval_examples=task.eval,
         threshold=task.threshold,
         progress=run.progress,
+        after=after_sequences(run),
     )
     seconds = time.time() - t0
     (run.dir / "edits").mkdir(exist_ok=True)
@@ -315,16 +360,20 @@ def step_train(run: Run) -> dict:
         save_file({"token_ids": tok, "sense_ids": sen, "deltas": d.float().contiguous()}, str(edits_path(run, eps)))
         written.append(edits_path(run, eps))
     history = [asdict(h) for h in res.history]
+    lr_of = {e: (params.lr_by_epsilon or {}).get(e, params.lr) for e in res.chosen_epoch}
     out = {
         "history": history,
         "chosen_epoch": {eps_key(e): c for e, c in res.chosen_epoch.items()},
-        "g_ratio": {eps_key(e): res.history[c].g_ratio for e, c in res.chosen_epoch.items()},
+        "g_ratio": {eps_key(e): res.history_of[e][c].g_ratio for e, c in res.chosen_epoch.items()},
         "n_senses": len(pairs),
         "optimizer_steps": res.optimizer_steps,
         "examples_counted": res.examples_counted,
         "seconds": seconds,
         "seconds_per_epoch": seconds / max(len(history) - 1, 1),
         "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items() if k != "epoch_cap"},
+        # per ε: its lr and its trajectory (the same as `history` unless train.lr_by_epsilon gives it another lr)
+        "lr_by_epsilon": {eps_key(e): lr for e, lr in lr_of.items()},
+        "history_by_epsilon": {eps_key(e): [asdict(h) for h in hist] for e, hist in res.history_of.items()},
         "g_chunks": len(run.g),
         "r_chunks": len(run.r),
         "g_fingerprint": corpus_fingerprint(run.g),
@@ -413,11 +462,13 @@ def step_eval(run: Run) -> dict:
     tr = run.read_json("training.json")
     edits = {e: nonzero_edits(x) for e, x in load_edits(run).items()}
     label = (lambda what: f"eval {task.name} (Backpack, {what})") if run.progress else (lambda what: None)
-    bp_before = task_metrics(BackpackScorer(run.backpack, progress=label("before")), task)
+    # before and every ε in one pass: α and the senses once per batch for all of them
+    bp_variants = [None] + [ed if len(ed) else None for ed in edits.values()]
+    bp_metrics = task_metrics_all(BackpackScorer(run.backpack, variants=bp_variants, progress=label("all ε")), task)
+    bp_before = bp_metrics[0]
     bp_before["g_ratio"] = 1.0
     bp_after = {}
-    for e, ed in edits.items():
-        m = task_metrics(BackpackScorer(run.backpack, ed if len(ed) else None, progress=label(f"ε {eps_key(e)}")), task)
+    for (e, ed), m in zip(edits.items(), bp_metrics[1:], strict=True):
         m.update(epoch=tr["chosen_epoch"][eps_key(e)], g_ratio=tr["g_ratio"][eps_key(e)], n_senses=len(ed))
         bp_after[eps_key(e)] = m
     report: dict[str, object] = {
@@ -450,12 +501,34 @@ def step_eval(run: Run) -> dict:
         for e, info, m in zip(eps_list, infos, metrics[1:], strict=True):
             m.update(beta=info["beta"], g_ratio=info["ratio"])
             after[eps_key(e)] = m
+        if run.cfg.eval.fluency_prompts:
+            fluency = _fluency(run, variants)
+            before["fluency"] = fluency[0]
+            for e, f in zip(eps_list, fluency[1:], strict=True):
+                after[eps_key(e)]["fluency"] = f
         report["ensemble"] = {"target": run.cfg.models.large, "before": before, "after": after}
     record(run, "eval", list(write_reports([report], run.dir)), earlier, with_large=True)
     event(
         "evaluated", success_before=bp_before["success"], success_after={k: v["success"] for k, v in bp_after.items()}
     )
     return report
+
+
+def _fluency(run: Run, variants: list[tuple]) -> list[dict]:
+    """Greedy continuations of the first eval prompts (each eval example's prefix, up to its scored span) under
+    the large model alone and each ε's pack: repeated n-grams, side by side (evaluate.greedy_fluency)."""
+    from ensemble.ensemble import Ensemble
+
+    from .evaluate import greedy_fluency
+
+    prompts = [list(ex.seqs[0].ids[: ex.seqs[0].start]) for ex in run.task.eval[: run.cfg.eval.fluency_prompts]]
+    prompts = [p for p in prompts if p]
+    ens = Ensemble(run.large, run.backpack, vocab=run.vocab)
+    results = greedy_fluency(ens, prompts, variants, run.cfg.eval.fluency_tokens)
+    texts = [[run.tokenizer.decode(c) for c in r.pop("continuations")[:5]] for r in results]
+    for r, t in zip(results, texts, strict=True):
+        r["examples"] = t
+    return results
 
 
 def step_pack(run: Run, names: dict[float, str] | None = None) -> list[Path]:

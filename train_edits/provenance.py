@@ -48,6 +48,9 @@ MAIN_FILE = {
 }
 # inputs compared only when this process computed them (a model it has loaded anyway)
 OPTIONAL_INPUTS = {"models.large.fingerprint"}
+# inputs added after steps were first recorded, with the value that computes what the steps did before them:
+# a record without the key is fresh while the run keeps that value
+ADDED_INPUTS = {"train.after_kl_weight": 0.0, "train.after_tokens": 32, "train.lr_by_epsilon": None}
 
 
 class StaleStepError(ConfigError):
@@ -120,6 +123,7 @@ def current_inputs(run: Run, step: str, with_large: bool = False) -> dict:
         else:
             out.update(evald)
             out["eval.hard_neg_scoring"] = cfg.eval.hard_neg_scoring
+            out["eval.fluency"] = [cfg.eval.fluency_prompts, cfg.eval.fluency_tokens]
         fingerprint = large_fingerprint(run, with_large)
         if fingerprint is not None:
             out["models.large.fingerprint"] = fingerprint
@@ -205,6 +209,8 @@ def staleness(run: Run, step: str, with_large: bool = False) -> list[str]:
         if key in OPTIONAL_INPUTS and (key not in now or key not in rec["inputs"]):
             continue
         old, new = rec["inputs"].get(key), now.get(key)
+        if key not in rec["inputs"] and key in ADDED_INPUTS and new == ADDED_INPUTS[key]:
+            continue
         if old != new:
             why.append(f"{key}: {_short(old)} -> {_short(new)}")
     steps = read_steps(run.dir)

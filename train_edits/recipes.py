@@ -1,9 +1,11 @@
 """Named recipes: the artefacts a registry name (ensemble.zoo) is built from, reproducibly.
 
     train_edits build backpack-smollm2 --out DIR     a Backpack on SmolLM2's tokenizer (train_backpack)
+    train_edits build sense-smollm2 --out DIR        a sense head on SmolLM2's hidden states (train_sense_head);
+                                                     the zoo installs the committed weights this reproduces
     train_edits build capitals-smollm2 --out DIR     a pack store holding `capitals` (alias prod):
                                                      country_capital canonical statements, sense-finetuned on
-                                                     backpack-smollm2, β calibrated against SmolLM2
+                                                     sense-smollm2, β calibrated against SmolLM2
 
 Every recipe reads only data the package ships (train_edits/data, see its README), so a clone
 with no ../shared builds the same artefacts. Each output folder records the recipe (its
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backpack_trainer import BackpackTrainConfig
+    from .sense_head_trainer import SenseHeadTrainConfig
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 OWT_CORPUS = DATA_DIR / "owt-val100.jsonl.gz"
@@ -64,6 +67,38 @@ def backpack_smollm2_config(out: str | Path) -> BackpackTrainConfig:
 BACKPACK_STEPS = 300
 
 
+def sense_smollm2_config(out: str | Path) -> SenseHeadTrainConfig:
+    """The sense-smollm2 recipe: a sense head on SmolLM2's final hidden states (16 senses, ~9M parameters),
+    distilled from SmolLM2 on the R documents of the shipped OpenWebText sample (the G documents stay held out).
+    The teacher pass (~210k tokens) is cached on disk and resumes; the weights are stored as float16."""
+    from .sense_head_trainer import SenseHeadTrainConfig
+
+    return SenseHeadTrainConfig(
+        out=str(out),
+        large="smollm2-135m-instruct",
+        inputs=[str(OWT_CORPUS)],
+        block_len=256,
+        num_senses=16,
+        sense_intermediate_scale=1,
+        max_distance=256,
+        n_positions=1024,
+        topk=32,
+        distill_weight=0.9,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=20,
+        max_steps=SENSE_HEAD_STEPS,
+        eval_every=50,
+        checkpoint_every=25,
+        save_dtype="float16",
+        keep_checkpoints=False,
+        seed=0,
+    )
+
+
+SENSE_HEAD_STEPS = 600
+
+
 @dataclass
 class PackRecipe:
     """A pack trained by the train_edits pipeline and published into a store under `alias`."""
@@ -87,16 +122,24 @@ def capitals_smollm2_recipe() -> PackRecipe:
     return PackRecipe(
         name="capitals",
         task={"name": "capitals", "train": str(COUNTRY_FIXED), "loss_type": "good", "threshold": 1.6094379124341003},
-        backpack="backpack-smollm2",
+        backpack="sense-smollm2",
         large="smollm2-135m-instruct",
         tokenizer="smollm2-135m-instruct",
         select={"k": 8, "lam": 1000.0},
-        train={"lr": 0.01, "kl_weight": 0.3, "epochs": 4, "epsilons": [1e-3], "eval_every_epoch": False},
+        # the pairing's defaults chosen on val (train_edits.pairings), fewer epochs to keep `make demo` short
+        train={
+            "lr": 0.03,
+            "kl_weight": 0.3,
+            "after_kl_weight": 1.0,
+            "epochs": 4,
+            "epsilons": [1e-3],
+            "eval_every_epoch": False,
+        },
         calibrate={"grid": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0]},
     )
 
 
-RECIPES = {"backpack-smollm2": "backpack", "capitals-smollm2": "pack"}
+RECIPES = {"backpack-smollm2": "backpack", "sense-smollm2": "sense head", "capitals-smollm2": "pack"}
 
 
 def build(name: str, out: str | Path, progress: bool = True) -> Path:
@@ -109,6 +152,10 @@ def build(name: str, out: str | Path, progress: bool = True) -> Path:
         from .backpack_trainer import train_backpack
 
         train_backpack(backpack_smollm2_config(out), progress=progress)
+    elif name == "sense-smollm2":
+        from .sense_head_trainer import train_sense_head
+
+        train_sense_head(sense_smollm2_config(out), progress=progress)
     else:
         build_pack_store(capitals_smollm2_recipe(), out, progress=progress)
     (out / "sensepack-source.json").write_text(

@@ -95,6 +95,28 @@ def markdown(reports: Sequence[dict]) -> str:
                     f"{_fmt(a.get('hard_neg'), 3, False)} | {_fmt(b.get('rest_of_prompt'), 3, False)} → "
                     f"{_fmt(a.get('rest_of_prompt'), 3, False)} | {a['g_ratio']:.7f} |"
                 )
+    fluent = [
+        (r, e, a)
+        for r in reports
+        if r.get("ensemble")
+        for e, a in sorted(r["ensemble"]["after"].items(), key=lambda kv: float(kv[0]), reverse=True)
+        if "fluency" in a and "fluency" in r["ensemble"]["before"]
+    ]
+    if fluent:
+        out += [
+            "",
+            "## Fluency (ensemble, greedy continuations of the eval prompts)",
+            "",
+            "| task | ε | β | prompts × tokens | repeated 3-grams before → after | continuations with a repeat |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r, e, a in fluent:
+            fb, fa = r["ensemble"]["before"]["fluency"], a["fluency"]
+            out.append(
+                f"| {r['task']} | {e} | {a.get('beta', 0):g} | {fa['prompts']} × {fa['max_new_tokens']} | "
+                f"{fb['repeated_ngram_rate']:.3f} → {fa['repeated_ngram_rate']:.3f} | "
+                f"{100 * fb['with_repeat']:.0f}% → {100 * fa['with_repeat']:.0f}% |"
+            )
     return "\n".join(out) + "\n"
 
 

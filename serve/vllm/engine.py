@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from ensemble.zoo import resolve_path
 from serve.engine import CoreCounters, Engine, Refused, RowOutput, RunnerDead
 from serve.errors import Unavailable
 from serve.sampler import Sampled
@@ -71,9 +72,13 @@ def engine_args_from_config(config, store_uri: str | None = None, model_folder: 
         return getattr(v, name, default) if v is not None else default
 
     m = config.model
+
+    def local(spec: str | None) -> str | None:  # registry names (smollm2-135m-instruct) -> their cached folders
+        return None if spec is None else str(resolve_path(spec))
+
     args = dict(
-        model=model_folder or g("model", None) or m.large_model,
-        tokenizer=m.tokenizer or None,
+        model=local(model_folder or g("model", None) or m.large_model),
+        tokenizer=local(m.tokenizer or None),
         dtype=m.dtype,
         tensor_parallel_size=g("tensor_parallel_size", 1),
         pipeline_parallel_size=g("pipeline_parallel_size", 1),
