@@ -265,9 +265,10 @@ def test_kl_includes_last_position_against_full_forward(tiny, tok, country, corp
     assert float(kl2.loss(0, tiny.embedding, deltas)) > 1e-6
 
 
-def test_after_answer_kl_counts_from_its_start_against_full_forward(tiny, tok, country, corpora):
-    """KLRegularizer(starts=...) sums KL(p_orig ‖ p_new) over positions ≥ max(start, first edited) only: the
-    positions that predict what follows a canonical example's answer (finetune's after-answer KL)."""
+def test_rest_kl_counts_outside_the_answer_against_full_forward(tiny, tok, country, corpora):
+    """KLRegularizer(starts=..., exclude=...) sums KL(p_orig ‖ p_new) over positions ≥ max(start, first edited) and
+    outside [lo, hi): every position of a canonical example but those predicting its answer (the rest-of-example
+    KL of finetune), against plain full forwards with and without the edits."""
     from train_edits.compute import KLRegularizer
 
     r = corpora[1]
@@ -278,39 +279,43 @@ def test_after_answer_kl_counts_from_its_start_against_full_forward(tiny, tok, c
     ex = country[0].seqs[0]
     end = ex.start + ex.n
     seq = torch.tensor(list(ex.ids[:end]) + r[0][:12].tolist())
-    kl = KLRegularizer(tiny, [seq, seq], idx, starts=[end - 1, 0])
+    lo, hi = ex.start - 1, end - 1  # the positions predicting the answer's tokens
+    kl = KLRegularizer(tiny, [seq, seq, seq], idx, starts=[end - 1, 0, 0], exclude=[(0, 0), (0, 0), (lo, hi)])
     with torch.no_grad():
         lp0 = torch.log_softmax(tiny(seq[None]).logits[0].float(), -1)
         lp1 = torch.log_softmax(tiny(seq[None], sense_edits=idx.edits(deltas)).logits[0].float(), -1)
     per_pos = (lp0.exp() * (lp0 - lp1)).sum(-1)
     assert float(kl.loss(0, tiny.embedding, deltas)) == pytest.approx(float(per_pos[end - 1 :].sum()), rel=1e-4)
     assert float(kl.loss(1, tiny.embedding, deltas)) == pytest.approx(float(per_pos.sum()), rel=1e-4)
-    assert float(per_pos[: end - 1].sum()) > 1e-6  # the start mattered: the answer's own positions moved
+    outside = float(per_pos.sum() - per_pos[lo:hi].sum())
+    assert float(kl.loss(2, tiny.embedding, deltas)) == pytest.approx(outside, rel=1e-4)
+    assert float(per_pos[lo:hi].sum()) > 1e-6  # the exclusion mattered: the answer's own positions moved
 
 
-def test_after_answer_kl_keeps_continuations_closer(tiny, tok, country, corpora):
-    """With the after-answer KL, the edit moves the positions after the answer less than without it."""
+def test_rest_kl_keeps_the_rest_of_the_example_closer(tiny, tok, country, corpora):
+    """With the rest-of-example KL, the edit moves the example's other positions (and the text after it) less."""
     from train_edits.compute import KLRegularizer
 
     pairs = pairs_for(country, tok, corpora[0])
     exs = country[:6]
-    after = []
+    rest = []
     for i, ex in enumerate(exs):
         s = ex.seqs[0]
         end = s.start + s.n
-        after.append([(torch.tensor(list(s.ids[:end]) + corpora[1][i][:16].tolist()), end - 1)])
+        rest.append([(torch.tensor(list(s.ids[:end]) + corpora[1][i][:16].tolist()), s.start - 1, end - 1)])
     base = dict(lr=0.3, epochs=3, kl_weight=0.0, grad_accum=1, epsilons=(10.0,), eval_every_epoch=False, seed=1)
     runs = {}
     for w in (0.0, 3.0):
-        p = FinetuneParams(**base, after_kl_weight=w)
-        runs[w] = finetune(tiny, exs, LossType.GOOD, pairs, corpora[0][:1], [], p, progress=False, after=after)
+        p = FinetuneParams(**base, rest_kl_weight=w)
+        runs[w] = finetune(tiny, exs, LossType.GOOD, pairs, corpora[0][:1], [], p, progress=False, rest=rest)
     idx = EditIndex(pairs, 4)
-    probe = KLRegularizer(tiny, [ids for g in after for ids, _ in g], idx, starts=[s for g in after for _, s in g])
+    flat = [seq for g in rest for seq in g]
+    probe = KLRegularizer(tiny, [ids for ids, _, _ in flat], idx, exclude=[(lo, hi) for _, lo, hi in flat])
 
-    def after_kl(deltas):
-        return sum(float(probe.loss(j, tiny.embedding, deltas) or 0.0) for j in range(len(after)))
+    def rest_kl(deltas):
+        return sum(float(probe.loss(j, tiny.embedding, deltas) or 0.0) for j in range(len(flat)))
 
-    assert after_kl(runs[3.0].deltas[10.0]) < after_kl(runs[0.0].deltas[10.0])
+    assert rest_kl(runs[3.0].deltas[10.0]) < rest_kl(runs[0.0].deltas[10.0])
 
 
 def test_lr_by_epsilon_equals_separate_runs(tiny, tok, country, corpora):

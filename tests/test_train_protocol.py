@@ -490,15 +490,15 @@ def test_table_skips_unfinished_runs_and_refuses_an_empty_folder(tmp_path):
 
 @needs_data
 def test_inputs_added_later_keep_older_records_fresh_at_their_neutral_value(corpora, tmp_path):
-    """A train record written before train.after_kl_weight existed (no such key) stays fresh while the run keeps
+    """A train record written before train.rest_kl_weight existed (no such key) stays fresh while the run keeps
     the value that reproduces it (0: off); another value makes it stale, naming the key."""
     run_dir = tmp_path / "run"
     assert _cli("run", *_base(corpora, run_dir)).exit_code == 0
     steps = json.loads((run_dir / "steps.json").read_text())
-    for key in ("train.after_kl_weight", "train.after_tokens", "train.lr_by_epsilon"):
+    for key in ("train.rest_kl_weight", "train.rest_tokens", "train.rest_scope", "train.lr_by_epsilon"):
         del steps["train"]["inputs"][key]  # as an older sensepack recorded it
     (run_dir / "steps.json").write_text(json.dumps(steps))
     res = _cli("pack", "--run-dir", run_dir, "--no-progress")
     assert res.exit_code == 0, res.output + repr(res.exception)
-    res = _cli("calibrate", "--run-dir", run_dir, "--after-kl-weight", "0.5", "--no-progress")
-    assert res.exit_code == 2 and "train.after_kl_weight: null -> 0.5" in res.output, res.output
+    res = _cli("calibrate", "--run-dir", run_dir, "--rest-kl-weight", "0.5", "--no-progress")
+    assert res.exit_code == 2 and "train.rest_kl_weight: null -> 0.5" in res.output, res.output

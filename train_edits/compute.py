@@ -246,8 +246,10 @@ class KLRegularizer:
         index: EditIndex,
         max_cache: int | None = None,
         starts: Sequence[int] | None = None,
+        exclude: Sequence[tuple[int, int]] | None = None,
     ):
-        """`starts`: per chunk, the first position whose KL counts (default 0: every position). `max_cache`: chunks
+        """`starts`: per chunk, the first position whose KL counts (default 0: every position); `exclude`: per chunk, a
+        range [lo, hi) of positions whose KL does not count (an example's answer). `max_cache`: chunks
         whose α is kept (default: all of them; each holds only its rows from the first edited position, and a miss
         costs a full contextualization, which for a sense head is a pass of the large model)."""
         self.model = model
@@ -258,6 +260,7 @@ class KLRegularizer:
         self.first = [index.first_edited(c.tolist()) for c in self.chunks]
         if starts is not None:
             self.first = [None if f is None else max(f, s) for f, s in zip(self.first, starts, strict=True)]
+        self.exclude = list(exclude) if exclude is not None else [(0, 0)] * len(self.chunks)
 
     @torch.no_grad()
     def _cached(self, i: int, f: int) -> CachedSeq:
@@ -268,7 +271,10 @@ class KLRegularizer:
             ids = self.chunks[i].tolist()
             dev = self.model.embedding.device
             alpha, hidden = alpha_hidden(self.model, torch.tensor([ids], device=dev))
-            pos = torch.arange(f, len(ids), device=dev)  # rows f .. len-1: every position with δ ≠ 0
+            lo, hi = self.exclude[i]
+            pos = torch.tensor(  # rows f .. len-1 (every position with δ ≠ 0) outside [lo, hi)
+                [p for p in range(f, len(ids)) if not lo <= p < hi], dtype=torch.long, device=dev
+            )
             cols, idx = self.index.index_map(ids)
             cols, idx = cols.to(dev), idx.to(dev)
             a = alpha[0][:, pos][:, :, cols]

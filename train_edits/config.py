@@ -123,10 +123,13 @@ class TrainConfig(_Strict):
     epsilons: list[float] = Field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
     eval_every_epoch: bool = True
     epoch_cap: dict[str, int] | None = None
-    # KL weight on the positions after each canonical example's answer (the example followed by R text):
-    # the edit says the fact, then stops steering (0: off, as upstream)
-    after_kl_weight: float = Field(default=0.0, ge=0)
-    after_tokens: int = Field(default=32, ge=1)
+    # KL weight on every position of each canonical example but its answer's, the example followed by R text:
+    # the edit changes the answer and leaves the rest as it was (0: off, as upstream)
+    rest_kl_weight: float = Field(default=0.0, ge=0)
+    rest_tokens: int = Field(default=32, ge=1)
+    # which positions: "after" the answer only (from its last token on), or "around" it (the example's positions
+    # before the answer too, from its first edited token)
+    rest_scope: Literal["after", "around"] = "after"
     # per-ε learning rates ({"1e-05": 0.003}; ε not listed use lr): each distinct lr trains its own trajectory
     lr_by_epsilon: dict[str, float] | None = None
 

@@ -312,9 +312,15 @@ def greedy_fluency(
     from ensemble.edits import PackRef
 
     out = []
+    base: list[list[int]] | None = None
     for i, (edits, beta) in enumerate(variants):
         packs = [PackRef("eval", str(i), edits, float(beta))] if edits is not None and len(edits) and beta else []
-        conts = ensemble.generate_greedy([list(p) for p in prompts], [packs] * len(prompts), max_new_tokens)
+        if packs or base is None:
+            conts = ensemble.generate_greedy([list(p) for p in prompts], [packs] * len(prompts), max_new_tokens)
+        else:  # an empty pack is the large model alone: the same continuations
+            conts = base
+        if not packs:
+            base = conts
         rates = [repeated_ngram_rate(c, n) for c in conts]
         out.append(
             {

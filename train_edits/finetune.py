@@ -57,9 +57,9 @@ class FinetuneParams:
     epsilons: tuple[float, ...] = (1e-3, 1e-4, 1e-5)
     eval_every_epoch: bool = True
     epoch_cap: dict[float, int] | None = None  # sweeps: per ε, the last epoch allowed
-    # After the answer, nothing changes: KL(p_orig ‖ p_new) over the positions that follow each canonical
-    # example's scored span in `after` sequences (the example, then unrelated text), weighted by this.
-    after_kl_weight: float = 0.0
+    # Only the answer changes: KL(p_orig ‖ p_new) over every position of each canonical example except those
+    # predicting its scored span, in `rest` sequences (the example, then unrelated text), weighted by this.
+    rest_kl_weight: float = 0.0
     # Per-ε learning rates ({ε: lr}; ε not listed use `lr`): the ε sharing an lr share one training trajectory,
     # each distinct lr trains its own from zero (same seed), and each ε keeps the last in-ball epoch of its own.
     lr_by_epsilon: dict[float, float] | None = None
@@ -154,10 +154,11 @@ def finetune(
     threshold: float | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
-    after: Sequence[Sequence[tuple[torch.Tensor, int]]] | None = None,
+    rest: Sequence[Sequence[tuple[torch.Tensor, int, int]]] | None = None,
 ) -> FinetuneResult:
-    """`after`: per training example, (ids, start) sequences for the after-answer KL (params.after_kl_weight):
-    the example's own tokens, then text that does not depend on the edit; positions ≥ start are kept as before."""
+    """`rest`: per training example, (ids, lo, hi) sequences for the rest-of-example KL (params.rest_kl_weight): the
+    example's own tokens, then text that does not depend on the edit; every position outside [lo, hi) (those
+    predicting the answer) is kept as before."""
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -169,15 +170,15 @@ def finetune(
     train_cache = [cache_sequences(model, list(ex.seqs), index) for ex in train]
     gl = GLoss(model, g_chunks, index)
     kl = KLRegularizer(model, r_chunks, index)
-    after_kl: KLRegularizer | None = None
-    after_of: list[list[int]] = [[] for _ in train]
-    if after and params.after_kl_weight > 0:
-        if len(after) != len(train):
-            raise ValueError(f"after: {len(after)} sequence groups for {len(train)} training examples")
-        owner = [i for i, group in enumerate(after) for _ in group]
-        flat = [seq for group in after for seq in group]
-        after_kl = KLRegularizer(model, [ids for ids, _ in flat], index, starts=[s for _, s in flat])
-        after_of = [[j for j, o in enumerate(owner) if o == i] for i in range(len(train))]
+    rest_kl: KLRegularizer | None = None
+    rest_of: list[list[int]] = [[] for _ in train]
+    if rest and params.rest_kl_weight > 0:
+        if len(rest) != len(train):
+            raise ValueError(f"rest: {len(rest)} sequence groups for {len(train)} training examples")
+        owner = [i for i, group in enumerate(rest) for _ in group]
+        flat = [seq for group in rest for seq in group]
+        rest_kl = KLRegularizer(model, [ids for ids, _, _ in flat], index, exclude=[(lo, hi) for _, lo, hi in flat])
+        rest_of = [[j for j, o in enumerate(owner) if o == i] for i in range(len(train))]
     ev = (
         _EvalCache(model, eval_examples, index, lt, threshold)
         if (eval_examples and params.eval_every_epoch and threshold is not None)
@@ -185,7 +186,7 @@ def finetune(
     )
 
     results = [  # one trajectory per distinct lr, over the same cached α
-        _train(p, index, d, E, lt, train_cache, gl, kl, r_chunks, after_kl, after_of, ev, progress, on_epoch)
+        _train(p, index, d, E, lt, train_cache, gl, kl, r_chunks, rest_kl, rest_of, ev, progress, on_epoch)
         for p in params.groups()
     ]
     main = results[0]
@@ -208,8 +209,8 @@ def _train(
     gl: GLoss,
     kl: KLRegularizer,
     r_chunks: Sequence[torch.Tensor],
-    after_kl: KLRegularizer | None,
-    after_of: list[list[int]],
+    rest_kl: KLRegularizer | None,
+    rest_of: list[list[int]],
     ev: _EvalCache | None,
     progress: bool,
     on_epoch: Callable[[EpochRecord], None] | None,
@@ -258,11 +259,11 @@ def _train(
                 reg = kl.loss(rng.randrange(len(r_chunks)), E, deltas)
                 if reg is not None:
                     total = total + params.kl_weight * reg
-            if after_kl is not None:
-                for j in after_of[i]:
-                    reg = after_kl.loss(j, E, deltas)
+            if rest_kl is not None:
+                for j in rest_of[i]:
+                    reg = rest_kl.loss(j, E, deltas)
                     if reg is not None:
-                        total = total + params.after_kl_weight * reg
+                        total = total + params.rest_kl_weight * reg
             scale = 1.0 if params.upstream_grad_bug else 1.0 / acc
             if total.requires_grad:  # an example none of whose sources carries a selected sense: no gradient
                 (total * scale).backward()

@@ -301,27 +301,30 @@ def finetune_params(cfg: RunConfig) -> FinetuneParams:
         epsilons=tuple(t.epsilons),
         eval_every_epoch=t.eval_every_epoch,
         epoch_cap={float(k): v for k, v in t.epoch_cap.items()} if t.epoch_cap else None,
-        after_kl_weight=t.after_kl_weight,
+        rest_kl_weight=t.rest_kl_weight,
         lr_by_epsilon={float(k): v for k, v in t.lr_by_epsilon.items()} if t.lr_by_epsilon else None,
     )
 
 
-def after_sequences(run: Run) -> list[list[tuple[torch.Tensor, int]]] | None:
-    """Per training example, each of its sequences up to the end of its scored span, then ". " and the first
-    `train.after_tokens` tokens of an R chunk (example i takes chunk i mod |R|); the KL counts from the span's
-    last token on (it predicts what follows the answer). None when the after-answer KL is off or R is empty."""
+def rest_sequences(run: Run) -> list[list[tuple[torch.Tensor, int, int]]] | None:
+    """Per training example, each of its sequences up to the end of its scored span, then "." and the first
+    `train.rest_tokens` tokens of an R chunk (example i takes chunk i mod |R|), with the range [lo, hi) of
+    positions the KL does not count: those predicting the span, and with `train.rest_scope` "after" everything
+    before them too ("around": the positions before the answer count, e.g. "The capital of Peru" → " is").
+    None when the rest-of-example KL is off or R is empty."""
     t = run.cfg.train
-    if not t.after_kl_weight or not run.r:
+    if not t.rest_kl_weight or not run.r:
         return None
     sep = run.tokenizer(".", add_special_tokens=False).input_ids
     out = []
     for i, ex in enumerate(run.task.train):
-        tail = sep + run.r[i % len(run.r)][: t.after_tokens].tolist()
+        tail = sep + run.r[i % len(run.r)][: t.rest_tokens].tolist()
         group = []
         for s in ex.seqs:
             end = s.start + s.n
             ids = list(s.ids[:end]) + tail
-            group.append((torch.tensor(ids[: run.max_len], dtype=torch.long), end - 1))
+            lo = s.start - 1 if t.rest_scope == "around" else 0
+            group.append((torch.tensor(ids[: run.max_len], dtype=torch.long), lo, end - 1))
         out.append(group)
     return out
 
@@ -349,7 +352,7 @@ def step_train(run: Run) -> dict:
         eval_examples=task.eval,
         threshold=task.threshold,
         progress=run.progress,
-        after=after_sequences(run),
+        rest=rest_sequences(run),
     )
     seconds = time.time() - t0
     (run.dir / "edits").mkdir(exist_ok=True)

@@ -50,7 +50,12 @@ MAIN_FILE = {
 OPTIONAL_INPUTS = {"models.large.fingerprint"}
 # inputs added after steps were first recorded, with the value that computes what the steps did before them:
 # a record without the key is fresh while the run keeps that value
-ADDED_INPUTS = {"train.after_kl_weight": 0.0, "train.after_tokens": 32, "train.lr_by_epsilon": None}
+ADDED_INPUTS = {
+    "train.rest_kl_weight": 0.0,
+    "train.rest_tokens": 32,
+    "train.rest_scope": "after",
+    "train.lr_by_epsilon": None,
+}
 
 
 class StaleStepError(ConfigError):

@@ -130,7 +130,8 @@ def capitals_smollm2_recipe() -> PackRecipe:
         train={
             "lr": 0.03,
             "kl_weight": 0.3,
-            "after_kl_weight": 1.0,
+            "rest_kl_weight": 1.0,
+            "rest_scope": "after",
             "epochs": 4,
             "epsilons": [1e-3],
             "eval_every_epoch": False,
