@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Edit quality on the SmolLM2 pairing (docs/results-smollm2.md): the six canonical-example tasks of
-# Hewitt et al. (2024) on val splits, sense-finetuned on backpack-smollm2, ensembled with
-# smollm2-135m-instruct at ε ∈ {1e-3, 1e-4, 1e-5}, merged into the layout of the paper's Tables 3 and 4.
+# Hewitt et al. (2024) on val splits, sense-finetuned on the pairing's sense model (SENSE, default sense-smollm2 with
+# the pairing's defaults from train_edits/pairings.py; SENSE=backpack-smollm2 for the stand-alone Backpack with its
+# hand-set hyperparameters), ensembled with smollm2-135m-instruct at ε ∈ {1e-3, 1e-4, 1e-5}, merged into the
+# layout of the paper's Tables 3 and 4.
 # Needs the canonical-examples data (../shared/data/canonical-examples or $SENSEPACK_CANONICAL_DATA).
 # About an hour on 2 CPU cores; TASKS="country_capital company_ceo" runs a subset.
 # PROTOCOL=1 then runs the multi-seed protocol with the baselines (docs/results-smollm2.md, "Baselines and
@@ -17,16 +19,22 @@ TASKS="${TASKS:-country_capital company_ceo stereoset pronoun_gender_bias tempor
 MAX_EVAL="${MAX_EVAL:-300}"
 TE=.venv/bin/train_edits
 [ -d "$DATA/country_capital" ] || { echo "no canonical-examples data at $DATA (set SENSEPACK_CANONICAL_DATA)" >&2; exit 2; }
-.venv/bin/sensepack models fetch smollm2-135m-instruct backpack-smollm2
+SENSE="${SENSE:-sense-smollm2}"
+.venv/bin/sensepack models fetch smollm2-135m-instruct "$SENSE"
 [ -f "$OUT/corpora/G.jsonl" ] || $TE prepare-corpora train_edits/data/owt-val100.jsonl.gz --out "$OUT/corpora" \
   --chunk-len 256 --tokenizer smollm2-135m-instruct
 for task in $TASKS; do
-  # Hyperparameters chosen on the val split by the Backpack's own success (train_edits sweep is the full search).
-  case "$task" in
-    country_capital|company_ceo) HP=(-k 8 --lr 0.03 --epochs 8 --max-eval "$MAX_EVAL") ;;
-    *)                           HP=(-k 8 --lr 0.01 --epochs 8 --max-eval "$MAX_EVAL") ;;
-  esac
-  $TE run --task "$task" --data-dir "$DATA" --backpack backpack-smollm2 --large smollm2-135m-instruct \
+  # sense-smollm2: the pairing's defaults (chosen on country_capital val); backpack-smollm2: hyperparameters
+  # chosen on the val split by the Backpack's own success (train_edits sweep is the full search).
+  if [ "$SENSE" = sense-smollm2 ]; then
+    HP=(--max-eval "$MAX_EVAL")
+  else
+    case "$task" in
+      country_capital|company_ceo) HP=(-k 8 --lr 0.03 --epochs 8 --max-eval "$MAX_EVAL") ;;
+      *)                           HP=(-k 8 --lr 0.01 --epochs 8 --max-eval "$MAX_EVAL") ;;
+    esac
+  fi
+  $TE run --task "$task" --data-dir "$DATA" --backpack "$SENSE" --large smollm2-135m-instruct \
     --g "$OUT/corpora/G.jsonl" --r "$OUT/corpora/R.jsonl" --g-limit 64 --r-limit 256 "${HP[@]}" \
     --no-eval-every-epoch --run-dir "$OUT/$task"
 done
@@ -46,7 +54,7 @@ for task in ${PROTOCOL_TASKS:-country_capital}; do
       senses) LR=0.03 ;; lora-backpack) LR=1e-3 ;; full-backpack) LR=1e-5 ;; lora-large) LR=1e-4 ;; full-large) LR=1e-6 ;;
     esac
     n="$SEEDS"; [ "$m" = full-backpack ] && n="${FULL_SEEDS:-1}"  # the slowest on CPU: 1 seed unless FULL_SEEDS
-    $TE protocol --task "$task" --data-dir "$DATA" --backpack backpack-smollm2 --large smollm2-135m-instruct \
+    $TE protocol --task "$task" --data-dir "$DATA" --backpack "$SENSE" --large smollm2-135m-instruct \
       --g "$OUT/corpora/G.jsonl" --r "$OUT/corpora/R.jsonl" --g-limit 32 --r-limit 64 "${LIMITS[@]}" \
       --epochs "$PEPOCHS" -k 8 --no-eval-every-epoch --methods "$m" --lr "$LR" --seeds "$n" \
       --run-dir "$OUT/protocol/$task"
