@@ -23,7 +23,7 @@ if [ "$PROFILE" = "smollm2" ]; then
   # Facts SmolLM2-135M-Instruct gets wrong and the capitals pack fixes (docs/results-smollm2.md has the rates).
   PROMPTS=("The capital of Mauritius is" "The capital of India is" "The capital of Belgium is"
            "The capital of Zambia is")
-  SCORE=("The capital of Mauritius is" " Port Louis" " the capital of the Indian Ocean")
+  SCORE=("The capital of Mauritius is" " Port-Louis" " the capital of the Indian Ocean")  # the statement's spelling
   echo "--- models (cached after the first run): $(.venv/bin/python -c 'from ensemble.zoo import cache_dir; print(cache_dir())')"
   .venv/bin/sensepack models fetch smollm2-135m-instruct sense-smollm2 capitals-smollm2
 else
