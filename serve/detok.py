@@ -13,7 +13,8 @@ Decoding a short window that starts at a token boundary gives the same
 characters as decoding everything (byte-level BPE concatenates bytes), so the
 emitted pieces concatenate to ``decode(ids)``; `flush()` emits whatever is
 held at the end (an unfinished character decodes to U+FFFD, as in a full
-decode).
+decode). With `skip_special_tokens` (the OpenAI front-end's default, as
+vLLM's) special tokens decode to nothing, in every window alike.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = False):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""  # emitted so far (complete characters)
         self._prefix = 0
@@ -34,7 +36,9 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         # transformers types decode() as str | list[str] (the list is for batched input); one list of ids: str
-        return self.tokenizer.decode(ids) if ids else ""  # type: ignore[return-value]
+        if not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # type: ignore[return-value]
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the newly complete text ("" while a character is unfinished)."""

@@ -511,7 +511,7 @@ class Engine:
 
         reason, stop_seq, final_text = None, "", None
         if seq.detok is None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, req.skip_special_tokens)
         seq.detok.add(tok)
         text = seq.detok.text  # complete characters only; an unfinished one is held back
         if tok == self.vocab.eos_id and not req.ignore_eos and n > req.min_new_tokens - 1:

@@ -42,6 +42,12 @@ class PackNotFound(ServeError):
     """Unknown (or unloaded, or not resident) pack, version or alias."""
 
 
+class ModelNotFound(PackNotFound):
+    """The request names a model that is not served (OpenAI's ``model_not_found``)."""
+
+    openai_code = "model_not_found"
+
+
 class PackRefused(ServeError):
     """The pack exists but cannot serve here: incompatible, no β for the served model, refused by the gate."""
 

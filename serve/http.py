@@ -2,9 +2,16 @@
 /v1/models, /health; FastAPI on uvicorn, in the server's process, over the same
 serve.service.GenerationService (engine, pack manager) as gRPC.
 
-Each request body is validated into OpenAI's fields (unknown fields are refused, naming them), mapped
-onto serve.params.GenerateInput and validated by the same `validate_generation` as gRPC, with
-OpenAI's field names in the errors. Packs: `packs` / `base_only` in the body (the openai client's
+Each request body is validated into OpenAI's fields, mapped onto serve.params.GenerateInput and validated
+by the same `validate_generation` as gRPC, with OpenAI's field names in the errors. As vLLM's server,
+fields that do not change generation (``store``, ``metadata``, ``service_tier``, unknown ones) are
+accepted and ignored (logged at debug); fields that would change it and are not supported (``tools``
+with a tool_choice other than "none", ``suffix``, ``guided_*``, ...) are refused, naming them. Defaults
+where the API leaves them to the server are vLLM's: special tokens are skipped in the text, an unset
+``max_tokens`` is 16 on completions and "to EOS or the context" on chat (within limits.max_new_tokens).
+``echo`` and ``prompt_logprobs`` score the prompt under the served distribution (the packs', as Score).
+
+Packs: `packs` / `base_only` in the body (the openai client's
 `extra_body`), or the model-name form `model="capitals@prod"` (several: comma-separated) for clients
 that cannot send extra fields. Responses carry a `sensepack` object: request id, the pinned pack
 versions, βs and A/B arms, and the seed. Errors use OpenAI's shape, with the status from
@@ -21,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,10 +39,18 @@ from starlette.exceptions import HTTPException
 
 from serve import engine as eng
 from serve.auth import check_api_key
-from serve.errors import Cancelled, InternalError, InvalidRequest, PackNotFound, ServeError, status_of
+from serve.errors import (
+    Cancelled,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    PackNotFound,
+    ServeError,
+    status_of,
+)
 from serve.metrics import HTTP, Metrics
 from serve.params import MAX_REQUEST_ID, GenerateInput, parse_pack_ref, validate_generation
-from serve.service import Generation, GenerationService, finish_error
+from serve.service import GenerationService, PromptScores, finish_error
 
 log = logging.getLogger("sensepack.http")
 
@@ -61,6 +77,8 @@ OPENAI_FIELDS = {
     "packs": "packs",
     "ab_key": "ab_key",
 }
+COMPLETION_MAX_TOKENS = 16  # an unset max_tokens on /v1/completions (OpenAI's and vLLM's default)
+MAX_LISTED = 20  # served models named in a model_not_found error
 _FINISH = {eng.MAX_TOKENS: "length", eng.EOS_TOKEN: "stop", eng.STOP_SEQUENCE: "stop", eng.STOP_TOKEN: "stop"}
 
 
@@ -69,7 +87,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class StreamOptions(_Body):
+class _Open(BaseModel):
+    """An OpenAI object: fields sensepack does not know are accepted and ignored (as vLLM does)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Open):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -79,7 +103,28 @@ class PackSpec(_Body):
     beta: float | None = None
 
 
-class _Common(_Body):
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+# Fields that would change generation and are not supported: refused by name (everything else unknown
+# is ignored). `tools` / `functions` only when a tool may be called (see _refuse).
+REFUSED_FIELDS = {
+    "guided_json": "guided decoding",
+    "guided_regex": "guided decoding",
+    "guided_choice": "guided decoding",
+    "guided_grammar": "guided decoding",
+    "structured_outputs": "structured outputs",
+    "allowed_token_ids": "allowed_token_ids",
+    "bad_words": "bad_words",
+    "truncate_prompt_tokens": "prompt truncation",
+    "use_beam_search": "beam search",
+    "audio": "audio output",
+    "prompt_embeds": "prompt embeddings",
+}
+
+
+class _Common(_Open):
     """Fields both endpoints share: OpenAI's, then sensepack's and vLLM's extensions (extra_body)."""
 
     model: str
@@ -95,6 +140,7 @@ class _Common(_Body):
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     user: str | None = None  # also the A/B key when ab_key is not given
+    response_format: ResponseFormat | None = None
     # extensions
     packs: list[str | PackSpec] | None = None
     base_only: bool = False
@@ -107,6 +153,10 @@ class _Common(_Body):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False
+    skip_special_tokens: bool = True
+    # accepted as vLLM does; the served (fast) tokenizers decode without spaces between special tokens
+    # either way, as vLLM's fast detokenizer
+    spaces_between_special_tokens: bool = True
 
 
 class CompletionBody(_Common):
@@ -115,14 +165,15 @@ class CompletionBody(_Common):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=0)  # vLLM's: per prompt token, the token and the top n
 
 
-class TextPart(_Body):
+class TextPart(_Open):
     type: Literal["text"]
     text: str
 
 
-class Message(_Body):
+class Message(_Open):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -153,20 +204,49 @@ def _loc(err: Any) -> str:
     return out
 
 
-def _parse_body(cls: type[_Body], body: Any) -> Any:
+def _parse_body(cls: type[_Common], body: Any) -> Any:
     if not isinstance(body, dict):
         raise InvalidRequest("body", "expected a JSON object")
     try:
-        return cls.model_validate(body)
+        parsed = cls.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
         where = _loc(first)
-        msg = (
-            "not a field of this endpoint (unsupported by sensepack)"
-            if first["type"] == "extra_forbidden"
-            else first["msg"]
-        )
+        msg = "not a field of this object" if first["type"] == "extra_forbidden" else first["msg"]
         raise InvalidRequest(where or "body", msg) from None
+    _refuse(parsed)
+    ignored = sorted(parsed.model_extra or {})
+    if ignored:
+        log.debug("fields ignored", extra={"event": "ignored_fields", "fields": ignored})
+    return parsed
+
+
+def _refuse(body: _Common) -> None:
+    """Refuse, by name, the fields that would change generation in a way sensepack does not serve."""
+    extra = body.model_extra or {}
+    for name, what in REFUSED_FIELDS.items():
+        if extra.get(name) not in (None, False, [], {}):
+            raise InvalidRequest(name, f"{what} is not supported by sensepack")
+    tool_choice = extra.get("tool_choice")
+    if extra.get("tools") and tool_choice not in ("none", None):
+        raise InvalidRequest(
+            "tools", 'tool calling is not supported by sensepack (send tool_choice: "none", or no tools)'
+        )
+    if tool_choice not in (None, "none", "auto"):
+        raise InvalidRequest("tool_choice", 'tool calling is not supported by sensepack (only "none")')
+    if extra.get("functions") and extra.get("function_call") not in ("none", None):
+        raise InvalidRequest("functions", "function calling is not supported by sensepack")
+    modalities = extra.get("modalities")
+    if modalities is not None and (not isinstance(modalities, list) or set(modalities) - {"text"}):
+        raise InvalidRequest("modalities", "only text output is supported by sensepack")
+    if isinstance(body, ChatBody) and extra.get("echo"):
+        raise InvalidRequest("echo", "not supported on chat completions (use /v1/completions)")
+    if isinstance(body, ChatBody) and extra.get("prompt_logprobs") is not None:
+        raise InvalidRequest("prompt_logprobs", "not supported on chat completions (use /v1/completions)")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise InvalidRequest(
+            "response_format.type", f"{body.response_format.type} is not supported by sensepack (only text)"
+        )
 
 
 # ------------------------------------------------------------------ the front-end
@@ -250,7 +330,13 @@ class HttpFrontend:
 
     # ---- app
     def _build_app(self):
-        app = FastAPI(title="sensepack", docs_url=None, redoc_url=None, openapi_url=None)
+        app = FastAPI(
+            title="sensepack",
+            summary="OpenAI-compatible API of a logit-difference ensemble server",
+            docs_url="/docs",
+            redoc_url=None,
+            openapi_url="/openapi.json",
+        )
 
         @app.exception_handler(HTTPException)
         async def _http_error(request: Request, exc: HTTPException):
@@ -289,18 +375,17 @@ class HttpFrontend:
                 if m["id"] == model_id:
                     self._count("models", "OK")
                     return JSONResponse(m)
-            return self._error(
-                PackNotFound("model", f"unknown model {model_id!r} (GET /v1/models lists them)"), "models"
-            )
+            return self._error(self._model_not_found(model_id), "models")
 
-        @app.post("/v1/completions")
+        @app.post("/v1/completions", openapi_extra=_request_body("CompletionBody"))
         async def completions(request: Request):
             return await self._handle(request, "completions")
 
-        @app.post("/v1/chat/completions")
+        @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatBody"))
         async def chat_completions(request: Request):
             return await self._handle(request, "chat.completions")
 
+        app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
         return app
 
     # ---- helpers
@@ -310,8 +395,9 @@ class HttpFrontend:
     def _error(self, err: ServeError, method: str):
         st = status_of(err)
         self._count(method, st.grpc)
+        code = getattr(err, "openai_code", st.grpc)
         return JSONResponse(
-            {"error": {"message": err.message, "type": st.openai_type, "param": err.field or None, "code": st.grpc}},
+            {"error": {"message": err.message, "type": st.openai_type, "param": err.field or None, "code": code}},
             status_code=st.http,
         )
 
@@ -350,11 +436,7 @@ class HttpFrontend:
             try:
                 parse_pack_ref(r, "model")
             except InvalidRequest:
-                raise PackNotFound(
-                    "model",
-                    f"unknown model {body.model!r}: serving {self.model_name!r}, with packs "
-                    f"as model names (`name`, `name@alias`, comma-separated; GET /v1/models)",
-                ) from None
+                raise self._model_not_found(body.model) from None
         if body.packs:
             raise InvalidRequest("packs", f"the model name {body.model!r} already names packs; send one of the two")
         if body.base_only:
@@ -362,9 +444,20 @@ class HttpFrontend:
         names["packs"] = "model"
         return [(r, None) for r in refs], names
 
+    def _model_not_found(self, model: str) -> ModelNotFound:
+        """OpenAI's 404 for a model that is not served, listing what is (packs as model names included)."""
+        ids = [m["id"] for m in self._model_list()]
+        shown = ", ".join(ids[:MAX_LISTED]) + (f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")
+        return ModelNotFound(
+            "model",
+            f"The model `{model}` does not exist. Served: {shown} (GET /v1/models; packs as model names: "
+            f"`name`, `name@alias`, comma-separated)",
+        )
+
     def _inputs(self, body: AnyBody, rid: str) -> tuple[list[GenerateInput], dict[str, str], int]:
         """One GenerateInput per choice (prompts x n), the field names, and the number of prompts."""
         packs, names = self._packs(body)
+        until_context = False
         prompts: list[Any]
         if isinstance(body, ChatBody):
             prompts = [self._chat_prompt(body)]
@@ -376,9 +469,8 @@ class HttpFrontend:
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             if body.max_completion_tokens is not None:
                 names["stopping.max_new_tokens"] = "max_completion_tokens"
+            until_context = max_tokens is None  # OpenAI / vLLM: to EOS or the context
         else:
-            if body.echo:
-                raise InvalidRequest("echo", "not supported by sensepack")
             if body.suffix:
                 raise InvalidRequest("suffix", "not supported by sensepack")
             if body.best_of is not None and body.best_of != body.n:
@@ -393,6 +485,13 @@ class HttpFrontend:
             top_n = body.logprobs or 0
             want_lp = body.logprobs is not None
             max_tokens = body.max_tokens
+            if max_tokens is None:  # the server's default: never above the server's own limit
+                max_tokens = min(COMPLETION_MAX_TOKENS, self.cfg.limits.max_new_tokens)
+            lim = self.cfg.limits.max_top_n_tokens
+            if body.prompt_logprobs is not None and body.prompt_logprobs > lim:
+                raise InvalidRequest("prompt_logprobs", f"must lie in [0, {lim}], got {body.prompt_logprobs}")
+            if max_tokens == 0 and body.echo:
+                max_tokens = 1  # validated as one token; nothing is generated (_admit)
         if len(prompts) * body.n > self.cfg.http.max_choices:
             raise InvalidRequest(
                 "n",
@@ -441,6 +540,8 @@ class HttpFrontend:
                         packs=packs,
                         base_only=body.base_only,
                         ab_key=ab_key,
+                        skip_special_tokens=body.skip_special_tokens,
+                        until_context=until_context,
                     )
                 )
         if max_tokens == 0:
@@ -476,19 +577,24 @@ class HttpFrontend:
             request.headers.get("x-request-id")
             or f"{'chatcmpl' if method == 'chat.completions' else 'cmpl'}-{uuid.uuid4().hex}"
         )
+        body: AnyBody | None = None
         try:
             raw = await self._json(request)
             body = _parse_body(ChatBody if method == "chat.completions" else CompletionBody, raw)
             if len(rid) > MAX_REQUEST_ID:
                 raise InvalidRequest("x-request-id", f"longer than {MAX_REQUEST_ID} characters")
             # admission may wait (a pack load with load_on_request): off the event loop, on our own threads
-            gens = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, rid)
+            gens, prompts = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, rid)
+        except PackNotFound as e:
+            if body is not None and body.model != self.model_name and e.field.startswith("model"):
+                e = self._model_not_found(body.model)  # a model name that names no pack: not a served model
+            return self._error(e, method)
         except ServeError as e:
             return self._error(e, method)
         except Exception as e:  # a server fault: 500, counted, logged
             log.exception("request failed", extra={"event": "internal_error", "method": method})
             return self._error(InternalError("", f"internal error: {type(e).__name__}: {e}"), method)
-        run = _Run(self, body, method, rid, gens, asyncio.get_running_loop())
+        run = _Run(self, body, method, rid, gens, prompts, asyncio.get_running_loop())
         if body.stream:
             return StreamingResponse(
                 run.sse(request),
@@ -518,21 +624,91 @@ class HttpFrontend:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidRequest("body", f"not valid JSON: {e}") from None
 
-    def _admit(self, body: AnyBody, rid: str) -> list[tuple[int, Generation]]:
+    def _admit(self, body: AnyBody, rid: str) -> tuple[list[tuple[int, Any]], dict[int, _Prompt]]:
         """Validate every choice first (nothing is admitted for a bad request), then admit them; a
-        failure releases the ones already admitted."""
+        failure releases the ones already admitted. Completions with echo / prompt_logprobs also get their
+        prompts scored (once per prompt) under the choice's pinned packs; with max_tokens 0 and echo,
+        nothing is generated."""
         inputs, names, _ = self._inputs(body, rid)
         lim = self.cfg.limits
         reqs = [validate_generation(g, self.tokenizer, lim, self.context_len, self.vocab, names) for g in inputs]
-        gens: list[tuple[int, Generation]] = []
+        echo = isinstance(body, CompletionBody) and body.echo
+        top_n = None
+        if isinstance(body, CompletionBody) and (
+            body.prompt_logprobs is not None or (echo and body.logprobs is not None)
+        ):
+            top_n = max(body.logprobs or 0, body.prompt_logprobs or 0)
+        gens: list[tuple[int, Any]] = []
+        prompts: dict[int, _Prompt] = {}
         try:
+            if echo and body.max_tokens == 0:
+                for i, req in enumerate(reqs):
+                    scores, used = self.service.score_prompt(req, None, top_n, score=top_n is not None)
+                    gens.append((i, _PromptOnly(req, used)))
+                    prompts[i] = _Prompt(self._prompt_text(inputs[i], req), req.prompt_ids, scores)
+                return gens, prompts
             for i, req in enumerate(reqs):
                 gens.append((i, self.service.generate(req, None, frontend=HTTP)))
+            if echo or top_n is not None:
+                scored: dict[tuple[int, ...], Any] = {}
+                for i, g in gens:
+                    key = tuple(g.req.prompt_ids)
+                    if top_n is not None and key not in scored:
+                        scored[key] = g.prompt_logprobs(None, top_n)
+                    prompts[i] = _Prompt(self._prompt_text(inputs[i], g.req), g.req.prompt_ids, scored.get(key))
         except BaseException:
             for _, g in gens:
                 g.cancel(eng.CANCELLED)
             raise
-        return gens
+        return gens, prompts
+
+    def _prompt_text(self, g: GenerateInput, req) -> str:
+        if g.text is not None:
+            return g.text
+        return self.tokenizer.decode(req.prompt_ids, skip_special_tokens=req.skip_special_tokens)
+
+
+@dataclass
+class _Prompt:
+    """A completion choice's prompt as echo and prompt_logprobs show it (scores: None when not asked)."""
+
+    text: str
+    ids: list[int]
+    scores: PromptScores | None
+
+
+class _PromptOnly:
+    """A choice that generates nothing (echo with max_tokens 0): it finishes at once, with its prompt."""
+
+    def __init__(self, req, packs: list):
+        self.req, self.packs, self.seed = req, packs, None
+
+    def cancel(self, reason: str | None = None) -> None:
+        pass
+
+    def events(self, is_active=None):
+        yield eng.FinishEvent(eng.MAX_TOKENS, "", "", [])
+
+
+def _request_body(model: str) -> dict:
+    ref = {"$ref": f"#/components/schemas/{model}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema of the routes, with the request bodies (the routes read raw requests, to bound and
+    validate them themselves) added as components. Built once."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        from pydantic.json_schema import models_json_schema
+
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        _, defs = models_json_schema(
+            [(CompletionBody, "validation"), (ChatBody, "validation")], ref_template="#/components/schemas/{model}"
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class _Run:
@@ -544,10 +720,12 @@ class _Run:
         body: AnyBody,
         method: str,
         rid: str,
-        gens: list[tuple[int, Generation]],
+        gens: list[tuple[int, Any]],
+        prompts: dict[int, _Prompt],
         loop: asyncio.AbstractEventLoop,
     ):
         self.fe, self.body, self.method, self.rid, self.gens = fe, body, method, rid, gens
+        self.prompts = prompts  # choice -> its prompt, for echo / prompt_logprobs
         self.chat = method == "chat.completions"
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -557,7 +735,7 @@ class _Run:
         for i, g in gens:
             threading.Thread(target=self._forward, args=(i, g, loop), name="sensepack-http-events", daemon=True).start()
 
-    def _forward(self, i: int, g: Generation, loop) -> None:
+    def _forward(self, i: int, g: Any, loop) -> None:
         for ev in g.events(lambda: not self.gone.is_set()):
             loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
 
@@ -584,9 +762,11 @@ class _Run:
 
     # ---- pieces
     def _token_text(self, tid: int) -> str:
-        return f"token_id:{tid}" if self.body.return_tokens_as_token_ids else self.fe.service.token_text(tid)
+        if self.body.return_tokens_as_token_ids:
+            return f"token_id:{tid}"
+        return self.fe.service.token_text(tid, self.body.skip_special_tokens)
 
-    def _sensepack(self, g: Generation) -> dict:
+    def _sensepack(self, g: Any) -> dict:
         out: dict[str, Any] = {
             "request_id": g.req.request_id,
             "packs": [
@@ -624,6 +804,65 @@ class _Run:
             offs.append(offset)
             offset += len(t)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+    def _echo_logprobs(self, p: _Prompt) -> dict:
+        """The prompt's part of a completion's logprobs (echo): the first token has none, as in OpenAI's API."""
+        tokens: list[str] = []
+        lps: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offs: list[int] = []
+        offset = 0
+        sc = p.scores
+        for k, tid in enumerate(p.ids):
+            t = self._token_text(tid)
+            tokens.append(t)
+            offs.append(offset)
+            offset += len(t)
+            if k == 0 or sc is None:
+                lps.append(None)
+                tops.append(None)
+                continue
+            lp = sc.logprobs[k - 1]
+            lps.append(lp)
+            if not self.body.logprobs or sc.top is None:
+                tops.append(None)
+                continue
+            top = {t: lp}  # the token itself, then the top n (as vLLM)
+            n = self.body.logprobs
+            for j, v in zip(sc.top.ids[k - 1, :n].tolist(), sc.top.logprobs[k - 1, :n].tolist(), strict=True):
+                top.setdefault(self._token_text(j), v if j != tid else lp)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+    def _prompt_logprobs(self, p: _Prompt) -> list | None:
+        """vLLM's prompt_logprobs: None, then per prompt token {id: {logprob, rank, decoded_token}} for the
+        token itself and the top n."""
+        n = getattr(self.body, "prompt_logprobs", None)
+        if n is None or p.scores is None or p.scores.top is None:
+            return None
+        out: list = [None]
+        top = p.scores.top
+        for k, tid in enumerate(p.ids[1:]):
+            lp = p.scores.logprobs[k]
+            entry = {str(tid): {"logprob": lp, "rank": int(top.ranks[k]), "decoded_token": self._token_text(tid)}}
+            ids, vals = top.ids[k, :n].tolist(), top.logprobs[k, :n].tolist()
+            for rank, (j, v) in enumerate(zip(ids, vals, strict=True), start=1):
+                if j != tid:
+                    entry[str(j)] = {"logprob": v, "rank": rank, "decoded_token": self._token_text(j)}
+            out.append(entry)
+        return out
+
+    def _text_and_logprobs(self, i: int, text: str, evs: list[eng.TokenEvent], first: bool) -> tuple[str, Any]:
+        """A completion choice's text and logprobs, the echoed prompt first (`first`: this is its first piece)."""
+        p = self.prompts.get(i) if first and getattr(self.body, "echo", False) else None
+        want = self._want_logprobs
+        if p is None:
+            return text, (self._logprobs(evs) if want and (evs or not first) else None)
+        if not want:
+            return p.text + text, None
+        lp = self._echo_logprobs(p)
+        gen = self._logprobs(evs, offset=len(p.text))
+        return p.text + text, {k: lp[k] + gen[k] for k in lp}
 
     @property
     def _want_logprobs(self) -> bool:
@@ -675,9 +914,11 @@ class _Run:
             }
             if self.chat:
                 c["message"] = {"role": "assistant", "content": ev.text}
+                c["logprobs"] = self._logprobs(tokens[i]) if self._want_logprobs else None
             else:
-                c["text"] = ev.text
-            c["logprobs"] = self._logprobs(tokens[i]) if self._want_logprobs else None
+                c["text"], c["logprobs"] = self._text_and_logprobs(i, ev.text, tokens[i], True)
+                if i in self.prompts and getattr(self.body, "prompt_logprobs", None) is not None:
+                    c["prompt_logprobs"] = self._prompt_logprobs(self.prompts[i])
             choices.append(c)
         g0 = self.gens[0][1]
         return {
@@ -695,9 +936,11 @@ class _Run:
         c: dict[str, Any] = {"index": i, "finish_reason": finish}
         if self.chat:
             c["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+            c["logprobs"] = self._logprobs(evs) if self._want_logprobs and evs else None
         else:
-            c["text"] = text
-        c["logprobs"] = self._logprobs(evs) if self._want_logprobs and evs else None
+            c["text"], c["logprobs"] = self._text_and_logprobs(i, text, evs, first)
+            if first and i in self.prompts and getattr(self.body, "prompt_logprobs", None) is not None:
+                c["prompt_logprobs"] = self._prompt_logprobs(self.prompts[i])
         out = {
             "id": self.rid,
             "object": self._object(True),

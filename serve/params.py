@@ -63,6 +63,7 @@ class GenerationRequest:
     min_p: float = 0.0
     stop_token_ids: frozenset[int] = frozenset()
     want_prompt_logprobs: bool = False
+    skip_special_tokens: bool = False  # the text leaves special tokens out (OpenAI front-end default)
 
     @property
     def penalized(self) -> bool:
@@ -215,6 +216,8 @@ class GenerateInput:
     packs: list[tuple[str, float | None]] = field(default_factory=list)
     base_only: bool = False
     ab_key: str = ""
+    skip_special_tokens: bool = False
+    until_context: bool = False  # max_new_tokens unset means up to the context (OpenAI chat), not the default
 
 
 # Field names in error messages: the proto's paths; a front-end passes its own names for the same fields.
@@ -261,7 +264,17 @@ def validate_generation(
     f_max = n("stopping.max_new_tokens")
     if g.max_new_tokens < 0:
         raise invalid(f_max, f"must be >= 0, got {g.max_new_tokens}")
-    max_new = g.max_new_tokens or limits.default_max_new_tokens
+    budget = limits.max_batched_tokens
+    if g.until_context and not g.max_new_tokens:  # to EOS or the context, within limits.max_new_tokens
+        room = min(context_len, budget if budget is not None else context_len) - len(prompt)
+        if room < 1:
+            raise invalid(
+                n("text") if which == "text" else n("token_ids.ids"),
+                f"prompt ({len(prompt)} tokens) leaves no room to generate in the model context ({context_len})",
+            )
+        max_new = min(limits.max_new_tokens, room)
+    else:
+        max_new = g.max_new_tokens or limits.default_max_new_tokens
     if max_new > limits.max_new_tokens:
         raise invalid(f_max, f"{max_new} above the limit {limits.max_new_tokens}")
     if len(prompt) + max_new > context_len:
@@ -269,7 +282,6 @@ def validate_generation(
             f_max,
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the model context ({context_len})",
         )
-    budget = limits.max_batched_tokens
     if budget is not None and len(prompt) + max_new > budget:
         raise invalid(
             f_max,
@@ -352,6 +364,7 @@ def validate_generation(
         min_p=min_p,
         stop_token_ids=frozenset(int(t) for t in g.stop_token_ids),
         want_prompt_logprobs=g.want_prompt_logprobs,
+        skip_special_tokens=g.skip_special_tokens,
     )
 
 

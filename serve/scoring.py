@@ -28,6 +28,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -40,6 +41,32 @@ WINDOW_STEP = 16  # tokens per step past the Backpack's window (each is a decode
 
 class ScoreAbandoned(Exception):
     """Raised by `should_stop` when the Score was cancelled or its deadline passed."""
+
+
+@dataclass
+class TopLogprobs:
+    """Per continuation position, under the served distribution (packed when packs are scored, else base):
+    the rank of the scored token (1: the argmax) and the `k` most likely tokens with their log-probs
+    (ties broken by token id). For OpenAI's echo / prompt_logprobs."""
+
+    ranks: torch.Tensor  # (L,) int64
+    ids: torch.Tensor  # (L, k) int64
+    logprobs: torch.Tensor  # (L, k) float32
+
+
+def top_of(lp: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ranks, top ids, top log-probs) of log-prob rows `lp` (n, V) at `targets` (n,)."""
+    picked = lp.gather(1, targets[:, None])
+    ranks = (lp > picked).sum(dim=1) + 1
+    if k <= 0:
+        empty = torch.empty(lp.shape[0], 0)
+        return ranks.cpu(), empty.long(), empty.float()
+    vals, ids = torch.topk(lp, min(k, lp.shape[1]), dim=1)
+    return ranks.cpu(), ids.cpu(), vals.float().cpu()
+
+
+def _tops(parts: list) -> TopLogprobs:
+    return TopLogprobs(*(torch.cat([p[i] for p in parts]) for i in range(3)))
 
 
 def _hidden_and_head(large, row: list[int]) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -58,9 +85,11 @@ def score_row(
     want_packed: bool,
     should_stop: Callable[[], None] | None = None,
     chunk: int = SCORE_CHUNK,
+    top_n: int | None = None,
 ):
-    """(base, packed) float32 log-probs of each continuation token (None where not wanted), in one go."""
-    steps = score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk)
+    """(base, packed) float32 log-probs of each continuation token (None where not wanted), in one go;
+    with `top_n` (0 for ranks alone), (base, packed, TopLogprobs)."""
+    steps = score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk, top_n)
     while True:
         done, result = advance(steps)
         if done:
@@ -85,14 +114,17 @@ def score_steps(
     want_packed: bool,
     should_stop: Callable[[], None] | None = None,
     chunk: int = SCORE_CHUNK,
+    top_n: int | None = None,
 ):
     """`score_row` as a generator that yields after the forward pass and after every chunk, so that the
-    engine can run each step as its own job (decode steps in between); returns (base, packed)."""
+    engine can run each step as its own job (decode steps in between); returns what `score_row` does."""
     with torch.no_grad():
-        return (yield from _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk))
+        return (
+            yield from _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk, top_n)
+        )
 
 
-def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk):
+def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk, top_n):
     row = prefix + cont
     large, bp = ensemble.large, ensemble.backpack
     stop = should_stop or (lambda: None)
@@ -112,22 +144,32 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
     yield
     targets = torch.tensor(cont, device=hidden.device)
     n_vocab = ensemble.vocab.size
-    base_parts, packed_parts = [], []
+    base_parts, packed_parts, top_parts = [], [], []
     first = len(prefix) - 1  # position predicting cont[0]
+    # the top tokens of the served distribution: the base's unless a pack changes this row
+    base_tops = top_n is not None and not (want_packed and (delta is not None or long_packed))
     for s in range(first, len(row) - 1, chunk):
         stop()
         e = min(s + chunk, len(row) - 1)
         z = head(hidden[s:e]).float()[:, :n_vocab]
         tgt = targets[s - first : e - first, None]
-        if want_base or (want_packed and delta is None and not long_packed):
-            lp = (z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(1)
+        if want_base or base_tops or (want_packed and delta is None and not long_packed):
+            lp_all = z - torch.logsumexp(z, dim=-1, keepdim=True)
+            lp = lp_all.gather(1, tgt).squeeze(1)
             if want_base:
                 base_parts.append(lp)
             if want_packed and delta is None and not long_packed:
                 packed_parts.append(lp)  # no edited token: exactly the base (exact skip)
+            if base_tops:
+                top_parts.append(top_of(lp_all, tgt[:, 0], top_n or 0))
+            del lp_all
         if delta is not None:
             z = z + logit_delta(delta[s:e], bp.embedding, n_vocab).float().to(z.device)
-            packed_parts.append((z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(1))
+            lp_all = z - torch.logsumexp(z, dim=-1, keepdim=True)
+            packed_parts.append(lp_all.gather(1, tgt).squeeze(1))
+            if top_n is not None:
+                top_parts.append(top_of(lp_all, tgt[:, 0], top_n))
+            del lp_all
         del z
         yield
     base = torch.cat(base_parts) if want_base else None
@@ -140,9 +182,14 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
             if k % WINDOW_STEP == 0:
                 stop()
                 yield
-            out.append(batch.logprobs()[0, t].float())
+            lp_all = batch.logprobs()[:1].float()
+            out.append(lp_all[0, t])
+            if top_n is not None:
+                top_parts.append(top_of(lp_all, torch.tensor([t], device=lp_all.device), top_n))
             batch.append({0: t})
         packed = torch.stack(out)
+    if top_n is not None:
+        return base, packed, _tops(top_parts)
     return base, packed
 
 
@@ -176,9 +223,17 @@ class Scorer(Protocol):
     concurrent: bool  # takes several rows at once without more memory per row (vLLM batches them itself)
 
     def score(
-        self, prefix: list[int], cont: list[int], packs: list, want_base: bool, want_packed: bool, high: bool = True
+        self,
+        prefix: list[int],
+        cont: list[int],
+        packs: list,
+        want_base: bool,
+        want_packed: bool,
+        high: bool = True,
+        top_n: int | None = None,
     ) -> ScoreJob:
-        """Result: (base, packed) float32 tensors of each continuation token's log-prob (None where not wanted)."""
+        """Result: (base, packed) float32 tensors of each continuation token's log-prob (None where not
+        wanted); with `top_n` (0: ranks alone), (base, packed, TopLogprobs) of the served distribution."""
         ...
 
     def paired_nll(self, rows: list[list[int]], pack_ref, high: bool = True) -> ScoreJob:
@@ -217,7 +272,7 @@ class EmbeddedScorer:
     def __init__(self, engine, ensemble):
         self.engine, self.ensemble = engine, ensemble
 
-    def score(self, prefix, cont, packs, want_base, want_packed, high: bool = True) -> ScoreJob:
+    def score(self, prefix, cont, packs, want_base, want_packed, high: bool = True, top_n=None) -> ScoreJob:
         outer: Future = Future()
         outer.set_running_or_notify_cancel()
         stopped = threading.Event()
@@ -226,7 +281,7 @@ class EmbeddedScorer:
             if stopped.is_set():
                 raise ScoreAbandoned()
 
-        steps = score_steps(self.ensemble, prefix, cont, packs, want_base, want_packed, should_stop)
+        steps = score_steps(self.ensemble, prefix, cont, packs, want_base, want_packed, should_stop, top_n=top_n)
 
         def step() -> None:  # one step of serve.scoring per engine job, then queue the next
             if outer.done():

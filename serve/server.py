@@ -179,7 +179,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             head.input_token_ids.extend(req.prompt_ids)
         if req.want_prompt_logprobs and len(req.prompt_ids) > 1:
             try:
-                head.prompt_logprobs.extend(gen.prompt_logprobs(_time_left(context)))
+                head.prompt_logprobs.extend(gen.prompt_logprobs(_time_left(context)).logprobs)
             except ServeError as e:
                 self._fail(context, tracked, e)
         head.packs.extend(self._pack_used(gen.packs))

@@ -21,7 +21,7 @@ from serve.errors import Cancelled, DeadlineExceeded, InternalError, InvalidRequ
 from serve.metrics import GRPC
 from serve.packs import Admission, PackManager
 from serve.params import GenerationRequest, ScoreRequest
-from serve.scoring import ScoreAbandoned, ScoreJob, Scorer
+from serve.scoring import ScoreAbandoned, ScoreJob, Scorer, TopLogprobs
 
 
 class EngineAPI(Protocol):
@@ -110,6 +110,10 @@ def reason_error(reason: str) -> type[ServeError]:
     return DeadlineExceeded if reason == eng.TIME_LIMIT else Cancelled
 
 
+def packs_used(admission: Admission) -> list[PackUsage]:
+    return [PackUsage(p.request.ref, p.name, p.version, p.beta if p.resident else 0.0, p.arm) for p in admission.pins]
+
+
 class Generation:
     """One admitted generation request: its pinned packs and its engine sequence."""
 
@@ -118,10 +122,7 @@ class Generation:
 
     @property
     def packs(self) -> list[PackUsage]:
-        return [
-            PackUsage(p.request.ref, p.name, p.version, p.beta if p.resident else 0.0, p.arm)
-            for p in self.admission.pins
-        ]
+        return packs_used(self.admission)
 
     @property
     def seed(self) -> int | None:
@@ -145,17 +146,22 @@ class Generation:
             if isinstance(ev, eng.FinishEvent):
                 return
 
-    def prompt_logprobs(self, timeout: float | None) -> list[float]:
+    def prompt_logprobs(self, timeout: float | None, top_n: int | None = None) -> PromptScores:
         """log p(prompt[i] | prompt[<i]), i >= 1, under the served distribution (the pinned packs)."""
-        s, req = self.service, self.req
-        refs = self.admission.pack_refs
-        job = s.scorer.score(req.prompt_ids[:1], req.prompt_ids[1:], refs, want_base=not refs, want_packed=bool(refs))
         try:
-            base, packed = wait_for(job, None if timeout is None else time.monotonic() + timeout)
-        except futures.TimeoutError:
+            return self.service.prompt_scores(self.req, self.admission, timeout, top_n)
+        except DeadlineExceeded:
             self.cancel(eng.TIME_LIMIT)
-            raise DeadlineExceeded("response.prompt_logprobs", "deadline exceeded") from None
-        return (packed if refs else base).double().tolist()
+            raise
+
+
+@dataclass
+class PromptScores:
+    """A prompt's token log-probs from its second token on (the served distribution), and with `top_n`
+    each position's rank and top tokens (serve.scoring.TopLogprobs)."""
+
+    logprobs: list[float]
+    top: TopLogprobs | None = None
 
 
 @dataclass
@@ -193,6 +199,37 @@ class GenerationService:
         return Generation(self, req, admission, seq)
 
     # ---- scoring
+    def prompt_scores(
+        self, req: GenerationRequest, admission: Admission, timeout: float | None, top_n: int | None = None
+    ) -> PromptScores:
+        """The prompt's log-probs under `admission`'s pinned packs (Score's numbers for the same rows)."""
+        if len(req.prompt_ids) < 2:
+            return PromptScores([], None)
+        refs = admission.pack_refs
+        job = self.scorer.score(
+            req.prompt_ids[:1], req.prompt_ids[1:], refs, want_base=not refs, want_packed=bool(refs), top_n=top_n
+        )
+        try:
+            out = wait_for(job, None if timeout is None else time.monotonic() + timeout)
+        except futures.TimeoutError:
+            raise DeadlineExceeded("response.prompt_logprobs", "deadline exceeded") from None
+        base, packed = out[0], out[1]
+        return PromptScores((packed if refs else base).double().tolist(), out[2] if top_n is not None else None)
+
+    def score_prompt(
+        self, req: GenerationRequest, deadline: float | None, top_n: int | None = None, score: bool = True
+    ) -> tuple[PromptScores | None, list[PackUsage]]:
+        """Pin the request's packs and score its prompt (`score`), generating nothing (OpenAI's echo with
+        max_tokens 0): (PromptScores or None, the packs used)."""
+        admission = self.packs.admit(req.packs, req.ab_key, deadline=deadline)
+        try:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            scores = self.prompt_scores(req, admission, left, top_n) if score else None
+            used = packs_used(admission)
+        finally:
+            admission.release()
+        return scores, used
+
     def score(
         self, req: ScoreRequest, deadline: float | None, is_active: Callable[[], bool], abandoned: threading.Event
     ) -> ScoreResult:
@@ -257,5 +294,5 @@ class GenerationService:
             raise InvalidRequest("text", "longer than 1000000 characters")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def token_text(self, token_id: int, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)

@@ -306,8 +306,8 @@ def test_many_rows_sparse_index_add(world):
 # ---------------------------------------------------------------- forced scoring
 
 
-def _score_params(packs, rid, cont, prefix_len):
-    extra = build_extra_args(packs, request_id=rid, score=ScoreSpec(tuple(cont), prefix_len))
+def _score_params(packs, rid, cont, prefix_len, top_n=None):
+    extra = build_extra_args(packs, request_id=rid, score=ScoreSpec(tuple(cont), prefix_len, top_n))
     if USING_VLLM:
         from vllm import SamplingParams
 
@@ -380,6 +380,37 @@ def test_forced_scoring_records_base_and_packed_and_forces_the_token(world):
     assert any(abs(b - p) > 1e-3 for b, p in want1)  # the pack changed row 1's numbers
     assert got["s2"]["base"] == got["s2"]["packed"] == pytest.approx([w[0] for w in want2], abs=1e-4)
     assert core.take_scores(["s1"]) == {}  # handed over once
+
+
+def test_forced_scoring_with_top_n_records_ranks_and_top_tokens_of_the_packed_row(world):
+    """score.top_n (OpenAI's echo / prompt_logprobs): each position's rank of the forced token and the top n
+    tokens, from the row after the delta, equal to a hand computation on the same logits."""
+    bp, a, _, source = world
+    core = EnsembleLogitsCore(bp, source, vocab_size=U)
+    prompt, cont, out = [5, 11, 6], [12, 40, 11], []
+    core.update(BatchUpdate(1, [], [(0, _score_params([a], "t", cont, len(prompt), top_n=3), prompt, out)], []), _parse)
+    g = torch.Generator().manual_seed(3)
+    want = []
+    for t in cont:
+        z = torch.randn(1, VOCAB, generator=g)
+        core.sync()
+        edited = core.add_deltas(z.clone())  # forced: the record was taken from the row before the mask
+        _, packed = _expected_logprob(bp, z[0], prompt, out, [a], t)
+        full = z[0, :U].double()
+        edits = combine_packs([a], bp.config.n_embd)
+        ids = torch.tensor([prompt + out])
+        if torch.isin(ids, edits.token_ids).any():
+            full = full + (sequence_deltas(bp.contextualize(ids), ids, edits)[0, -1] @ bp.embedding[:U].T).double()
+        lp = torch.log_softmax(full, -1)
+        want.append((int((lp > lp[t]).sum()) + 1, torch.topk(lp, 3).indices.tolist(), packed))
+        assert edited[0].argmax().item() == t
+        out.append(t)
+    got = core.take_scores(["t"])["t"]
+    assert [r for r, _, _ in got["top"]] == [w[0] for w in want]
+    assert [ids for _, ids, _ in got["top"]] == [w[1] for w in want]
+    assert got["packed"] == pytest.approx([w[2] for w in want], abs=1e-4)
+    for (_, _, lps), p in zip(got["top"], got["packed"], strict=True):
+        assert lps[0] >= p - 1e-6 and lps == sorted(lps, reverse=True)
 
 
 def test_score_records_are_bounded_incomplete_ones_say_so_and_forget_drops_them(world):
@@ -527,6 +558,10 @@ def test_forced_score_records_survive_any_batch_history(world, data):
             "extra_args.sensepack.score.x",
         ),
         ({"sensepack": {"score": {"tokens": [3], "prefix_len": 1}}}, "extra_args.sensepack.request_id"),
+        (
+            {"sensepack": {"score": {"tokens": [3], "prefix_len": 1, "top_n": -1}, "request_id": "s"}},
+            "extra_args.sensepack.score.top_n",
+        ),
         (
             {
                 "sensepack": {

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 KEY = "sensepack"
 _TOP_FIELDS = {"packs", "base_only", "request_id", "score"}
 _PACK_FIELDS = {"name", "version", "beta"}
-_SCORE_FIELDS = {"tokens", "prefix_len"}
+_SCORE_FIELDS = {"tokens", "prefix_len", "top_n"}
 
 
 class ArgsError(ValueError):
@@ -51,6 +52,7 @@ class ScoreSpec:
 
     tokens: tuple[int, ...]
     prefix_len: int
+    top_n: int | None = None  # also record each position's rank and top-n tokens (0: the rank alone)
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,14 @@ def build_extra_args(
             out.append({"name": str(p["name"]), "version": str(p["version"]), "beta": float(p["beta"])})
         else:
             out.append({"name": str(p.name), "version": str(p.version), "beta": float(p.beta)})
-    body = {"packs": out, "base_only": bool(base_only)}
+    body: dict[str, Any] = {"packs": out, "base_only": bool(base_only)}
     if request_id is not None:
         body["request_id"] = str(request_id)
     if score is not None:
-        body["score"] = {"tokens": [int(t) for t in score.tokens], "prefix_len": int(score.prefix_len)}
+        spec: dict[str, Any] = {"tokens": [int(t) for t in score.tokens], "prefix_len": int(score.prefix_len)}
+        if score.top_n is not None:
+            spec["top_n"] = int(score.top_n)
+        body["score"] = spec
     return {KEY: body}
 
 
@@ -106,9 +111,12 @@ def _parse_score(body: dict, rid) -> ScoreSpec | None:
     n = spec.get("prefix_len")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ArgsError(f"{f}.prefix_len", f"must be an int >= 1, got {n!r}", n)
+    top_n = spec.get("top_n")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
+        raise ArgsError(f"{f}.top_n", f"must be an int >= 0, got {top_n!r}", top_n)
     if rid is None:
         raise ArgsError(f"{KEY}.request_id", "required with score (the records are keyed by it)", rid)
-    return ScoreSpec(tuple(tokens), n)
+    return ScoreSpec(tuple(tokens), n, top_n)
 
 
 def parse_extra_args(extra_args) -> RequestPacks | None:

@@ -59,6 +59,7 @@ import torch
 
 from ensemble.delta import DeltaTracker
 from ensemble.edits import PackRef, SenseEdits, combine_packs
+from serve.scoring import top_of
 
 from .args import RequestPacks, ScoreSpec
 
@@ -88,6 +89,7 @@ class _Row:
 class _ScoreRecord:
     base: list  # per continuation position: a 0-dim tensor on the logits' device, None until recorded
     packed: list
+    top: list | None = None  # with score.top_n: per position (rank, top ids, top log-probs) of the packed row
 
 
 @dataclass
@@ -194,7 +196,7 @@ class EnsembleLogitsCore:
             sid = next(self._sids)
             self.tracker.add(sid, list(prompt_ids), edits, key=key)
         if req.score is not None and req.request_id is not None:
-            self._open_record(req.request_id, len(req.score.tokens))
+            self._open_record(req.request_id, len(req.score.tokens), req.score.top_n is not None)
         stop_ids = getattr(params, "all_stop_token_ids", None) or getattr(params, "stop_token_ids", None) or ()
         self.rows[row] = _Row(
             sid,
@@ -212,11 +214,11 @@ class EnsembleLogitsCore:
         self._layout = None
         return True
 
-    def _open_record(self, rid: str, n: int) -> None:
+    def _open_record(self, rid: str, n: int, top: bool = False) -> None:
         """The record a forced-scoring request writes to (kept across its re-adds: written by index)."""
         if rid in self._scores:
             return
-        self._scores[rid] = _ScoreRecord([None] * n, [None] * n)
+        self._scores[rid] = _ScoreRecord([None] * n, [None] * n, [None] * n if top else None)
         while len(self._scores) > self.max_scores:
             self._scores.popitem(last=False)
             self.stats.scores_evicted += 1
@@ -238,6 +240,8 @@ class EnsembleLogitsCore:
                 "base": torch.stack(rec.base).double().tolist(),
                 "packed": torch.stack(rec.packed).double().tolist(),
             }
+            if rec.top is not None:
+                out[rid]["top"] = [(int(r), ids.tolist(), lps.double().tolist()) for r, ids, lps in rec.top]
         return out
 
     @staticmethod
@@ -424,6 +428,10 @@ class EnsembleLogitsCore:
             rec = self._scores.get(r.rid) if r.rid is not None else None
             if rec is not None:
                 rec.base[k], rec.packed[k] = base[m], packed[m]
+                if rec.top is not None:  # the served (packed) row's rank and top tokens, as the embedded scorer
+                    lp = (edited[m] - torch.logsumexp(edited[m], dim=-1))[None]
+                    ranks, ids, lps = top_of(lp, tgt[m : m + 1], r.score.top_n or 0)  # type: ignore[union-attr]
+                    rec.top[k] = (ranks[0], ids[0], lps[0])
                 self.stats.scored_positions += 1
         logits[at] = float("-inf")
         logits[at, tgt] = 0.0

@@ -153,7 +153,7 @@ def sampling_params(seq: Sequence):
     return SamplingParams(**kw)
 
 
-def score_sampling_params(request_id: str, prefix_len: int, cont: list[int], packs):
+def score_sampling_params(request_id: str, prefix_len: int, cont: list[int], packs, top_n: int | None = None):
     """vllm.SamplingParams of a forced-scoring request: greedy over the forced token, exactly len(cont)
     tokens, no EOS or stop handling (the continuation may contain EOS), no detokenisation."""
     from vllm import SamplingParams
@@ -164,7 +164,7 @@ def score_sampling_params(request_id: str, prefix_len: int, cont: list[int], pac
         ignore_eos=True,
         temperature=0.0,
         detokenize=False,
-        extra_args=build_extra_args(packs, request_id=request_id, score=ScoreSpec(tuple(cont), prefix_len)),
+        extra_args=build_extra_args(packs, request_id=request_id, score=ScoreSpec(tuple(cont), prefix_len, top_n)),
     )
 
 
@@ -209,9 +209,11 @@ class VLLMRunner:
     def new_score_id(self) -> str:
         return f"sc-{next(self._score_ids)}"
 
-    def add_score(self, rid: str, prefix: list[int], cont: list[int], packs, done: ScoreDone) -> None:
+    def add_score(
+        self, rid: str, prefix: list[int], cont: list[int], packs, done: ScoreDone, top_n: int | None = None
+    ) -> None:
         """Enter a forced-scoring request; `done` is called from `step` once vLLM finishes it (or on failure)."""
-        self._add_request(rid, prefix, score_sampling_params(rid, len(prefix), cont, packs))
+        self._add_request(rid, prefix, score_sampling_params(rid, len(prefix), cont, packs, top_n))
         self._scores[rid] = done
 
     def cancel_score(self, rid: str) -> None:
@@ -248,7 +250,7 @@ class VLLMRunner:
             elif "error" in rec:
                 done(None, RuntimeError(f"forced scoring: {rec['error']}"))
             else:
-                done((rec["base"], rec["packed"]), None)
+                done((rec["base"], rec["packed"], rec.get("top")), None)
 
     def abandon(self, why: str) -> None:
         """The runner is dead or shutting down: every forced-scoring request fails UNAVAILABLE."""

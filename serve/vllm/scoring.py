@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from serve.scoring import ScoreAbandoned, ScoreJob, settle
+from serve.scoring import ScoreAbandoned, ScoreJob, TopLogprobs, settle
 
 
 class VLLMScorer:
@@ -51,7 +51,7 @@ class VLLMScorer:
             for name, version in staged:
                 unstage(name, version)
 
-    def _row(self, prefix: list[int], cont: list[int], packs, high: bool, done) -> str:
+    def _row(self, prefix: list[int], cont: list[int], packs, high: bool, done, top_n: int | None = None) -> str:
         """Queue one forced-scoring request (added to vLLM on the engine thread); `done(result, error)` is
         called once. Returns its request id."""
         runner = self.engine.runner
@@ -68,7 +68,7 @@ class VLLMScorer:
 
         def add() -> None:
             try:
-                runner.add_score(rid, list(prefix), list(cont), list(packs), finish)
+                runner.add_score(rid, list(prefix), list(cont), list(packs), finish, top_n)
             except BaseException as e:  # noqa: BLE001 - refused or dead: this score fails
                 finish(None, e)
 
@@ -90,7 +90,7 @@ class VLLMScorer:
 
         self.engine.run_job(cancel, True)
 
-    def score(self, prefix, cont, packs, want_base, want_packed, high: bool = True) -> ScoreJob:
+    def score(self, prefix, cont, packs, want_base, want_packed, high: bool = True, top_n=None) -> ScoreJob:
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
 
@@ -98,16 +98,26 @@ class VLLMScorer:
             if error is not None:
                 settle(fut, error=error)
                 return
-            base, packed = result
-            settle(
-                fut,
-                (
-                    torch.tensor(base, dtype=torch.float32) if want_base else None,
-                    torch.tensor(packed, dtype=torch.float32) if want_packed else None,
-                ),
+            base, packed, top = result
+            out: tuple = (
+                torch.tensor(base, dtype=torch.float32) if want_base else None,
+                torch.tensor(packed, dtype=torch.float32) if want_packed else None,
             )
+            if top_n is not None:
+                if top is None:
+                    settle(fut, error=RuntimeError("forced scoring: the processor recorded no top tokens"))
+                    return
+                k = max((len(ids) for _, ids, _ in top), default=0)
+                out += (
+                    TopLogprobs(
+                        torch.tensor([r for r, _, _ in top], dtype=torch.long),
+                        torch.tensor([ids for _, ids, _ in top], dtype=torch.long).reshape(len(top), k),
+                        torch.tensor([lps for _, _, lps in top], dtype=torch.float32).reshape(len(top), k),
+                    ),
+                )
+            settle(fut, out)
 
-        rid = self._row(prefix, cont, packs, high, done)
+        rid = self._row(prefix, cont, packs, high, done, top_n)
         return ScoreJob(fut, lambda: self._cancel([rid]))
 
     def paired_nll(self, rows, pack_ref, high: bool = True) -> ScoreJob:
