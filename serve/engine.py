@@ -63,6 +63,7 @@ from serve.scheduler import (  # noqa: F401 (re-exported)
     Scheduler,
     Sequence,
 )
+from serve.structured import grammars_for
 
 if TYPE_CHECKING:
     from ensemble.ensemble import Ensemble, EnsembleBatch
@@ -141,9 +142,12 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def row_params(seq: Sequence) -> RowParams:
-    """What the sampler needs of a request at this step (its output so far decides the min-token masks)."""
+def row_params(seq: Sequence, tokenizer=None, vocab_size: int = 0) -> RowParams:
+    """What the sampler needs of a request at this step (its output so far decides the min-token masks; a
+    response_format's grammar state is made at the first step, from the served `tokenizer`)."""
     req = seq.req
+    if req.response_format is not None and seq.grammar is None and tokenizer is not None:
+        seq.grammar = grammars_for(tokenizer, vocab_size).start(req.response_format)
     return RowParams(
         greedy=req.greedy,
         temperature=req.temperature,
@@ -162,12 +166,15 @@ def row_params(seq: Sequence) -> RowParams:
         output_ids=seq.output_ids if req.penalized else None,
         stop_token_ids=req.stop_token_ids,
         mask_stop_ids=len(seq.output_ids) < req.min_new_tokens,
+        grammar=seq.grammar,
     )
 
 
-def sample_isolated(lp: torch.Tensor, seqs: list[Sequence], eos_id: int) -> list[RowOutput]:
+def sample_isolated(
+    lp: torch.Tensor, seqs: list[Sequence], eos_id: int, tokenizer=None, vocab_size: int = 0
+) -> list[RowOutput]:
     """Sample every row together; when that fails, row by row, so only the failing rows get an error."""
-    params = [row_params(s) for s in seqs]
+    params = [row_params(s, tokenizer, vocab_size) for s in seqs]
     try:
         return [RowOutput(s.seq_id, [out]) for s, out in zip(seqs, sample(lp, params, eos_id), strict=True)]
     except Exception:  # noqa: BLE001 - find the faulty row(s): the batch must not pay for one request
@@ -222,7 +229,9 @@ class EmbeddedRunner:
         live = [(r, running[sid]) for r, sid in enumerate(self.session.seq_ids) if sid in running]
         if not live:
             return []
-        outs = sample_isolated(lp[[r for r, _ in live]], [s for _, s in live], self.vocab.eos_id)
+        outs = sample_isolated(
+            lp[[r for r, _ in live]], [s for _, s in live], self.vocab.eos_id, self.ensemble.tokenizer, self.vocab.size
+        )
         self.session.append({o.seq_id: o.tokens[0].token for o in outs if o.tokens})
         return outs
 
@@ -514,10 +523,14 @@ class Engine:
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.skip_special_tokens)
         seq.detok.add(tok)
         text = seq.detok.text  # complete characters only; an unfinished one is held back
+        if seq.grammar is not None:
+            seq.grammar.accept(tok)
         if tok == self.vocab.eos_id and not req.ignore_eos and n > req.min_new_tokens - 1:
             reason = EOS_TOKEN
         elif tok in req.stop_token_ids and n >= req.min_new_tokens:
             reason = STOP_TOKEN
+        elif seq.grammar is not None and seq.grammar.finished:  # the response_format is complete
+            reason = EOS_TOKEN
         if req.stop_sequences and n >= req.min_new_tokens:
             best = None
             for s in req.stop_sequences:  # only the text not searched yet (plus a stop's length of overlap)

@@ -51,6 +51,8 @@ from serve.errors import (
 from serve.metrics import HTTP, Metrics
 from serve.params import MAX_REQUEST_ID, GenerateInput, parse_pack_ref, validate_generation
 from serve.service import GenerationService, PromptScores, finish_error
+from serve.structured import ResponseFormat as Format
+from serve.structured import parse_response_format
 
 log = logging.getLogger("sensepack.http")
 
@@ -103,14 +105,21 @@ class PackSpec(_Body):
     beta: float | None = None
 
 
+class JsonSchema(_Open):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
 class ResponseFormat(_Open):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
 
 
 # Fields that would change generation and are not supported: refused by name (everything else unknown
 # is ignored). `tools` / `functions` only when a tool may be called (see _refuse).
 REFUSED_FIELDS = {
-    "guided_json": "guided decoding",
     "guided_regex": "guided decoding",
     "guided_choice": "guided decoding",
     "guided_grammar": "guided decoding",
@@ -243,10 +252,6 @@ def _refuse(body: _Common) -> None:
         raise InvalidRequest("echo", "not supported on chat completions (use /v1/completions)")
     if isinstance(body, ChatBody) and extra.get("prompt_logprobs") is not None:
         raise InvalidRequest("prompt_logprobs", "not supported on chat completions (use /v1/completions)")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise InvalidRequest(
-            "response_format.type", f"{body.response_format.type} is not supported by sensepack (only text)"
-        )
 
 
 # ------------------------------------------------------------------ the front-end
@@ -506,6 +511,7 @@ class HttpFrontend:
             except ValueError:
                 raise InvalidRequest(f"logit_bias[{k}]", "keys must be token ids") from None
         temperature = 1.0 if body.temperature is None else body.temperature
+        fmt = self._response_format(body, names)
         ab_key = body.ab_key or body.user or rid
         if len(ab_key) > MAX_REQUEST_ID:
             raise InvalidRequest("ab_key" if body.ab_key else "user", f"longer than {MAX_REQUEST_ID} characters")
@@ -542,11 +548,35 @@ class HttpFrontend:
                         ab_key=ab_key,
                         skip_special_tokens=body.skip_special_tokens,
                         until_context=until_context,
+                        response_format=fmt,
                     )
                 )
         if max_tokens == 0:
             raise InvalidRequest(names["stopping.max_new_tokens"], "must be >= 1")
         return out, names, len(prompts)
+
+    @staticmethod
+    def _response_format(body: _Common, names: dict[str, str]) -> Format | None:
+        """OpenAI's response_format, or vLLM's guided_json (a schema), as one serve.structured.ResponseFormat."""
+        guided = (body.model_extra or {}).get("guided_json")
+        rf = body.response_format
+        if guided is not None:
+            if rf is not None and rf.type != "text":
+                raise InvalidRequest("guided_json", "response_format already constrains the output; send one")
+            if isinstance(guided, str):
+                try:
+                    guided = json.loads(guided)
+                except json.JSONDecodeError as e:
+                    raise InvalidRequest("guided_json", f"not valid JSON: {e}") from None
+            names["response_format"] = "guided_json"
+            return parse_response_format("json_schema", guided, "guided_json", "guided_json")
+        if rf is None:
+            return None
+        names["response_format"] = "response_format.json_schema.schema"
+        if rf.type == "json_schema" and rf.json_schema is None:
+            raise InvalidRequest("response_format.json_schema", "required with type json_schema")
+        schema = rf.json_schema.schema_ if rf.json_schema is not None else None
+        return parse_response_format(rf.type, schema, "response_format.type", "response_format.json_schema.schema")
 
     def _chat_prompt(self, body: ChatBody) -> str:
         msgs = []

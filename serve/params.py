@@ -16,6 +16,7 @@ from edits_store import InvalidReferenceError, parse_pack_reference
 from ensemble.vocab import Vocabulary
 from sensepack_proto import pb
 from serve.errors import InvalidRequest
+from serve.structured import ResponseFormat, grammars_for
 
 MAX_REQUEST_ID = 256
 MAX_TEXT_CHARS = 1_000_000
@@ -64,6 +65,7 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()
     want_prompt_logprobs: bool = False
     skip_special_tokens: bool = False  # the text leaves special tokens out (OpenAI front-end default)
+    response_format: ResponseFormat | None = None  # the output is held to this JSON grammar (serve.structured)
 
     @property
     def penalized(self) -> bool:
@@ -218,6 +220,7 @@ class GenerateInput:
     ab_key: str = ""
     skip_special_tokens: bool = False
     until_context: bool = False  # max_new_tokens unset means up to the context (OpenAI chat), not the default
+    response_format: ResponseFormat | None = None
 
 
 # Field names in error messages: the proto's paths; a front-end passes its own names for the same fields.
@@ -333,6 +336,8 @@ def validate_generation(
         if not vocab.contains(t):
             raise invalid(f"{f_sti}[{i}]", f"token id {t} outside the shared vocabulary [0, {vocab.size})")
 
+    if g.response_format is not None:
+        grammars_for(tokenizer, vocab.size).check(g.response_format, n("response_format"))
     packs = parse_packs(g.packs, limits, g.base_only, prefix=n("packs"))
     if len(g.ab_key) > MAX_REQUEST_ID:
         raise invalid(n("ab_key"), f"longer than {MAX_REQUEST_ID} characters")
@@ -365,6 +370,7 @@ def validate_generation(
         stop_token_ids=frozenset(int(t) for t in g.stop_token_ids),
         want_prompt_logprobs=g.want_prompt_logprobs,
         skip_special_tokens=g.skip_special_tokens,
+        response_format=g.response_format,
     )
 
 

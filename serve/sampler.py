@@ -8,6 +8,7 @@ First the scores s = lp are adjusted (vLLM's order and semantics, on log-probs):
     s[v]  = s[v] / rep if s[v] > 0 else s[v] * rep     for v in the prompt or the output
     s[v] -= frequency · count_out(v) + presence · [count_out(v) > 0]
     s[v]  = -inf    for EOS and the stop token ids while min_new_tokens is not reached
+    s[v]  = -inf    for the tokens the row's response_format grammar forbids (serve.structured)
 
 then greedy rows take ``argmax s`` and sampled rows
 
@@ -29,8 +30,11 @@ that row, so the engine can end that request alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from serve.structured import mask_rows
 
 
 class RowError(Exception):
@@ -62,6 +66,7 @@ class RowParams:
     output_ids: list[int] | None = None  # for all three penalties
     stop_token_ids: frozenset = frozenset()
     mask_stop_ids: bool = False  # min_new_tokens not reached: stop_token_ids masked too
+    grammar: Any = None  # serve.structured.GrammarState: the tokens it forbids are masked
 
     @property
     def penalized(self) -> bool:
@@ -113,7 +118,8 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
     bias_rows = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
     pen_rows = [i for i, p in enumerate(params) if p.penalized]
     eos_rows = [i for i, p in enumerate(params) if p.mask_eos or (p.mask_stop_ids and p.stop_token_ids)]
-    if bias_rows or pen_rows or eos_rows:
+    gram_rows = [i for i, p in enumerate(params) if p.grammar is not None]
+    if bias_rows or pen_rows or eos_rows or gram_rows:
         scores = lp.clone()
     for i, bias in bias_rows:
         ids = torch.tensor(list(bias), dtype=torch.long)
@@ -123,6 +129,12 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
     for i in eos_rows:
         p = params[i]
         scores[i, [eos_id] * p.mask_eos + list(p.stop_token_ids) * p.mask_stop_ids] = float("-inf")
+    if gram_rows:
+        mask_rows(scores, gram_rows, [params[i].grammar for i in gram_rows])
+        dead = ~torch.isfinite(scores[torch.tensor(gram_rows)].max(dim=-1).values)
+        if bool(dead.any()):
+            r = gram_rows[int(dead.nonzero()[0, 0])]
+            raise RowError(r, f"row {r}: response_format allows no token here (min_tokens or logit_bias exclude it)")
     tokens = scores.argmax(dim=-1)  # greedy rows (and the fallback of every row)
 
     samp = [i for i, p in enumerate(params) if not p.greedy]

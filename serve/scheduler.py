@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -71,6 +71,7 @@ class Sequence:
     cancel_reason: str | None = None
     finished: str | None = None
     frontend: str = "grpc"  # serve.metrics.GRPC or HTTP: the latency histograms' label
+    grammar: Any = None  # serve.structured.GrammarState of a response_format (embedded sampler), made at the first step
 
     def cancel(self, reason: str = CANCELLED) -> None:
         if self.cancel_reason is None:

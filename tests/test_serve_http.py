@@ -330,7 +330,7 @@ def test_stop_sequences(env):
         (dict(presence_penalty=3.0), "presence_penalty"),
         (dict(logit_bias={"-4": 1.0}), "logit_bias[-4]"),
         (dict(stop=[""]), "stop[0]"),
-        (dict(extra_body={"guided_json": {"type": "object"}}), "guided_json"),  # would change generation
+        (dict(extra_body={"guided_regex": "a+"}), "guided_regex"),  # would change generation; not served
         (dict(suffix="!"), "suffix"),
         (dict(extra_body={"packs": ["capitals@@prod"]}), "packs[0].ref"),
         (dict(extra_body={"packs": ["capitals"], "base_only": True}), "base_only"),

@@ -144,6 +144,8 @@ def sampling_params(seq: Sequence):
         min_p=req.min_p,
         logit_bias=req.logit_bias or None,
     )
+    if req.response_format is not None:  # vLLM's own structured outputs, applied after the sensepack processor
+        kw.update(structured_outputs=req.response_format.to_vllm())
     # vLLM raises temperatures in (0, 0.01) to 0.01 (its numerical floor); their T -> 0 limit, which the
     # embedded sampler reaches (temperature 1e-39 samples the argmax), is greedy decoding
     if req.greedy or req.temperature < VLLM_MIN_TEMPERATURE:
