@@ -49,7 +49,14 @@ from serve.errors import (
     status_of,
 )
 from serve.metrics import HTTP, Metrics
-from serve.params import MAX_REQUEST_ID, GenerateInput, parse_pack_ref, validate_generation
+from serve.params import (
+    MAX_REQUEST_ID,
+    MAX_SEED,
+    GenerateInput,
+    check_unicode,
+    parse_pack_ref,
+    validate_generation,
+)
 from serve.service import GenerationService, PromptScores, finish_error
 from serve.structured import ResponseFormat as Format
 from serve.structured import parse_response_format
@@ -197,6 +204,27 @@ class ChatBody(_Common):
 
 
 AnyBody = CompletionBody | ChatBody
+
+
+MAX_JSON_DEPTH = 64
+
+
+def _check_json(obj: Any) -> None:
+    """Every string of a request body is valid Unicode and no value nests deeper than MAX_JSON_DEPTH
+    (InvalidRequest naming the path): a body's mistakes are 400s before any field is read."""
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(path or "body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(v, str):
+            check_unicode(v, path or "body")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                check_unicode(k, f"{path}.{k!a}" if path else "body")
+                stack.append((x, f"{path}.{k}" if path else k, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
 
 
 def _loc(err: Any) -> str:
@@ -518,7 +546,10 @@ class HttpFrontend:
         out = []
         for pi, prompt in enumerate(prompts):
             for j in range(body.n):
-                seed = None if body.seed is None else body.seed + j  # n samples, n streams
+                # n samples, n streams: seed + j, wrapping within the uint64 range (validated below)
+                seed = body.seed
+                if seed is not None and 0 <= seed <= MAX_SEED:
+                    seed = (seed + j) % (MAX_SEED + 1)  # out of range: left for validation to refuse
                 out.append(
                     GenerateInput(
                         request_id=f"{rid}-{pi * body.n + j}" if len(prompts) * body.n > 1 else rid,
@@ -650,9 +681,13 @@ class HttpFrontend:
             if len(data) > cap:
                 raise InvalidRequest("body", f"more than http.max_body_bytes={cap} bytes")
         try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            obj = json.loads(data)
+        except RecursionError:
+            raise InvalidRequest("body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
             raise InvalidRequest("body", f"not valid JSON: {e}") from None
+        _check_json(obj)
+        return obj
 
     def _admit(self, body: AnyBody, rid: str) -> tuple[list[tuple[int, Any]], dict[int, _Prompt]]:
         """Validate every choice first (nothing is admitted for a bad request), then admit them; a

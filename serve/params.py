@@ -20,6 +20,7 @@ from serve.structured import ResponseFormat, grammars_for
 
 MAX_REQUEST_ID = 256
 MAX_TEXT_CHARS = 1_000_000
+MAX_SEED = 2**64 - 1  # a uint64, as the proto's field (torch generators take no more)
 
 
 def invalid(field_name: str, message: str) -> InvalidRequest:
@@ -146,9 +147,18 @@ def max_token_chars(tokenizer) -> int:
     return _MAX_TOKEN_CHARS[key]
 
 
+def check_unicode(text: str, field_name: str) -> None:
+    """A text must be encodable as UTF-8: a lone surrogate (JSON's ``"\\ud800"``) is the client's mistake."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise invalid(field_name, f"not valid Unicode: {e.reason} at character {e.start}") from None
+
+
 def _tokenize_text(tokenizer, text: str, field_name: str, max_len: int, what: str) -> list[int]:
     if not text:
         raise invalid(field_name, f"empty {what}")
+    check_unicode(text, field_name)
     if len(text) > MAX_TEXT_CHARS:
         raise invalid(field_name, f"{what} has {len(text)} characters, limit {MAX_TEXT_CHARS}")
     # refused before tokenizing (which costs the engine's CPU): a text longer than this cannot fit max_len
@@ -260,8 +270,8 @@ def validate_generation(
         raise invalid(n("sampling.top_p"), f"must lie in [0, 1], got {top_p}")
     seed = None
     if g.seed is not None:
-        if g.seed < 0:
-            raise invalid(n("sampling.seed"), f"must be >= 0, got {g.seed}")
+        if not 0 <= g.seed <= MAX_SEED:
+            raise invalid(n("sampling.seed"), f"must lie in [0, 2**64 - 1], got {g.seed}")
         seed = int(g.seed)
 
     f_max = n("stopping.max_new_tokens")

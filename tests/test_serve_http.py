@@ -347,6 +347,38 @@ def test_bad_input_is_400_naming_the_field(env, kwargs, param):
     assert err["type"] == "invalid_request_error" and err["code"] == "INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"model":"demo","prompt":"x","max_tokens":1,"seed":18446744073709551616}', "seed"),
+        (b'{"model":"demo","prompt":"x","max_tokens":1,"seed":-1}', "seed"),
+        (b'{"model":"demo","prompt":"x","max_tokens":1,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "body"),
+        (b'{"model":"demo","prompt":"x","max_tokens":1,"x":' + b"[" * 65 + b"]" * 65 + b"}", "x" + "[0]" * 64),
+        (b'{"model":"demo","max_tokens":1,"prompt":[' + b"1" * 5000 + b"]}", "body"),
+        (b'{"model":"demo","max_tokens":1,"prompt":"a\\ud800b"}', "prompt"),
+        (b'{"model":"demo","max_tokens":1,"prompt":"x","user":"\\udfff"}', "user"),
+        (b'{"model":"demo","max_tokens":1,"prompt":"x","\\ud800":1}', "body"),
+    ],
+)
+def test_inputs_that_were_500s_are_400s_naming_the_field(env, raw, param):
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{env['server'].http_port}/v1/completions",
+        data=raw,
+        headers={"content-type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=60)
+    err = json.loads(ei.value.read())["error"]
+    assert ei.value.code == 400 and err["param"] == param and err["message"].startswith(param + ":"), err
+
+
+def test_seed_plus_i_wraps_within_uint64_for_n_choices(env):
+    r = env["oa"].completions.create(
+        model="demo", prompt=PROMPT, max_tokens=2, n=2, seed=2**64 - 1, temperature=1.0, extra_body={"ignore_eos": True}
+    )
+    assert sorted(c.sensepack["seed"] for c in r.choices) == [0, 2**64 - 1]
+
+
 def test_chat_field_names_in_errors(env):
     with pytest.raises(openai.BadRequestError) as ei:
         env["oa"].chat.completions.create(

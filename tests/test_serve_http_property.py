@@ -67,6 +67,7 @@ PLAUSIBLE = {
     "model": st.sampled_from(["demo", "capitals@prod", "capitals", "nope", "capitals@prod,capitals", "", "a@b@c"]),
     "prompt": st.one_of(
         st.text(max_size=40),
+        st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010), max_size=6),  # lone surrogates too
         st.lists(st.integers(-5, 50300), max_size=20),
         st.lists(st.text(max_size=10), max_size=3),
         st.just([[1, 2], [3]]),
@@ -88,7 +89,7 @@ PLAUSIBLE = {
     "logprobs": st.one_of(st.booleans(), st.integers(-1, 30)),
     "top_logprobs": st.integers(-1, 30),
     "stop": st.one_of(st.text(max_size=4), st.lists(st.text(max_size=4))),
-    "seed": st.integers(-(2**64), 2**64),
+    "seed": st.integers(-(2**65), 2**65),
     "logit_bias": st.dictionaries(st.text(max_size=6), scalars, max_size=3),
     "packs": st.lists(
         st.one_of(
@@ -161,7 +162,7 @@ def _check(path: str, body) -> None:
 
 
 _settings = settings(
-    max_examples=60,
+    max_examples=80,
     deadline=None,
     derandomize=True,
     database=None,
