@@ -83,6 +83,11 @@ class HTTPConfig(_Section):
     chat_template: str | None = None  # Jinja chat template (text or a file); None: the tokenizer's own
     max_choices: int = Field(16, ge=1, le=256)  # prompts x n per request
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies are refused unread
+    # connection hygiene (serve.http_conn): slow or idle clients cannot hold connections
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)  # request line + headers, per request
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)  # the whole body, once the headers are in (408)
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=3600)  # an idle keep-alive connection is closed
+    max_connections: int = Field(1024, ge=1, le=1_000_000)  # open connections; more are closed at once
 
     @model_validator(mode="after")
     def _template(self):

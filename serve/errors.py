@@ -68,6 +68,10 @@ class DeadlineExceeded(ServeError):
     """The request's deadline ended before it finished."""
 
 
+class RequestTimeout(DeadlineExceeded):
+    """The client did not send its request in time (HTTP 408; the connection is closed)."""
+
+
 class Cancelled(ServeError):
     """The client went away (or cancelled) before the request finished."""
 
@@ -100,6 +104,7 @@ STATUS: dict[type[ServeError], Status] = {
     QueueFull: Status("RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     Unavailable: Status("UNAVAILABLE", 503, "service_unavailable_error"),
     DeadlineExceeded: Status("DEADLINE_EXCEEDED", 504, "timeout_error"),
+    RequestTimeout: Status("DEADLINE_EXCEEDED", 408, "timeout_error"),
     Cancelled: Status("CANCELLED", 499, "cancelled_error"),
     Unauthenticated: Status("UNAUTHENTICATED", 401, "authentication_error"),
     PermissionDenied: Status("PERMISSION_DENIED", 403, "permission_error"),

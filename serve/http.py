@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from serve import engine as eng
 from serve.auth import check_api_key
@@ -45,9 +46,11 @@ from serve.errors import (
     InvalidRequest,
     ModelNotFound,
     PackNotFound,
+    RequestTimeout,
     ServeError,
     status_of,
 )
+from serve.http_conn import BODY_TIMEOUT, DISCONNECT, guarded_protocol
 from serve.metrics import HTTP, Metrics
 from serve.params import (
     MAX_REQUEST_ID,
@@ -332,6 +335,7 @@ class HttpFrontend:
             ssl = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
             if tls.client_ca_file:
                 ssl.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=_ssl.CERT_REQUIRED)
+        cuts = self.metrics.http_cuts
         config = uvicorn.Config(
             self.app,
             host=h.host,
@@ -339,6 +343,8 @@ class HttpFrontend:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=2,
+            timeout_keep_alive=h.keep_alive_timeout_s,
+            http=guarded_protocol(h.header_timeout_s, h.max_connections, lambda why: cuts.labels(why).inc()),
             lifespan="off",
             **ssl,
         )
@@ -432,6 +438,7 @@ class HttpFrontend:
         return JSONResponse(
             {"error": {"message": err.message, "type": st.openai_type, "param": err.field or None, "code": code}},
             status_code=st.http,
+            headers={"connection": "close"} if isinstance(err, RequestTimeout) else None,
         )
 
     def _auth(self, request, method: str):
@@ -652,6 +659,10 @@ class HttpFrontend:
             return self._error(e, method)
         except ServeError as e:
             return self._error(e, method)
+        except ClientDisconnect:  # the client hung up mid-body: its doing, not a server fault
+            self.metrics.http_cuts.labels(DISCONNECT).inc()
+            log.info("client disconnected before its body was read", extra={"event": "http_cut", "method": method})
+            return self._error(Cancelled("body", "client disconnected"), method)
         except Exception as e:  # a server fault: 500, counted, logged
             log.exception("request failed", extra={"event": "internal_error", "method": method})
             return self._error(InternalError("", f"internal error: {type(e).__name__}: {e}"), method)
@@ -676,10 +687,17 @@ class HttpFrontend:
         if declared is not None and declared.isdigit() and int(declared) > cap:
             raise InvalidRequest("body", f"{declared} bytes, limit http.max_body_bytes={cap}")
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > cap:
-                raise InvalidRequest("body", f"more than http.max_body_bytes={cap} bytes")
+        limit = self.cfg.http.body_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                async for chunk in request.stream():
+                    data += chunk
+                    if len(data) > cap:
+                        raise InvalidRequest("body", f"more than http.max_body_bytes={cap} bytes")
+        except TimeoutError:
+            self.metrics.http_cuts.labels(BODY_TIMEOUT).inc()
+            log.info("request body too slow", extra={"event": "http_cut"})
+            raise RequestTimeout("body", f"not received within http.body_timeout_s={limit:g} s") from None
         try:
             obj = json.loads(data)
         except RecursionError:

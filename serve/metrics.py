@@ -124,6 +124,13 @@ class Metrics:
         self.auto_disables = Counter(
             "sensepack_pack_auto_disables", "Packs disabled after a breach", ["pack"], registry=r
         )
+        self.http_cuts = Counter(
+            "sensepack_http_connections_cut",
+            "HTTP connections the server closed or refused because of the client: header_timeout, "
+            "body_timeout, over_limit (http.max_connections), disconnect (the client left mid-body)",
+            ["reason"],
+            registry=r,
+        )
         self.gate_runs = Counter(
             "sensepack_gate_runs", "Activation gate measurements (cached per version, target model and G)", registry=r
         )
@@ -138,6 +145,8 @@ class Metrics:
             self.requests.labels(method, "OK", HTTP)
         for result in ("ok", "refused_gate", "incompatible", "invalid", "not_found"):
             self.pack_loads.labels(result)
+        for reason in ("header_timeout", "body_timeout", "over_limit", "disconnect"):
+            self.http_cuts.labels(reason)
 
     def touch_pack(self, pack: str) -> None:
         """Create a resident pack's counters at 0, so that increase() sees its first breach."""
