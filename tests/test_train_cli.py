@@ -190,7 +190,7 @@ def _published(store: Path):
     return [str(p.relative_to(store)) for p in store.glob("*/*") if (p / "manifest.json").is_file()]
 
 
-def test_custom_task_malformed_record_exit_1(tmp_path, corpora):
+def test_custom_task_malformed_record_exit_2_before_models_load(tmp_path, corpora):
     bad = tmp_path / "mine.jsonl"
     bad.write_text('{"prefix": "a", "suffix": " b"}\n{"prefix": "c", "suffix": 7}\n')
     res = CliRunner().invoke(
@@ -214,7 +214,7 @@ def test_custom_task_malformed_record_exit_1(tmp_path, corpora):
             "--no-progress",
         ],
     )
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # found by the preflight (train_edits/preflight.py), a usage error
     assert "mine.jsonl:2" in res.output and "'suffix'" in res.output
 
 

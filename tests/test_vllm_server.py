@@ -9,6 +9,8 @@ Skipped where vLLM is not installed, or before the server wiring for `engine: vl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.vllm_gate import require_vllm
@@ -59,6 +61,8 @@ def env(tmp_path_factory):
         "limits.max_new_tokens": 64,
         "limits.default_max_new_tokens": 16,
         "packs.preload": ["capitals@prod"],
+        "http.enabled": True,
+        "http.port": 0,
     }
     with running_server(store_dir, served, **overrides) as server:
         yield dict(
@@ -151,7 +155,7 @@ def test_model_info_and_score_still_work(env):
     packed = env["served"].ensemble.score([pids], [cids], [[paris]])[0]
     # Score runs through vLLM (forced decoding, serve.vllm.scoring): vLLM's kernels against transformers',
     # float32 rounding apart (tests/test_vllm_score.py checks it in depth)
-    assert list(r.continuations[0].packed.token_logprobs) == pytest.approx(packed.double().tolist(), abs=2e-5)
+    assert list(r.continuations[0].packed.token_logprobs) == pytest.approx(packed.double().tolist(), abs=2e-5, rel=1e-5)
 
 
 def test_one_refused_request_among_streams_hurts_none(env):
@@ -192,3 +196,53 @@ def test_one_refused_request_among_streams_hurts_none(env):
         t.join()
     for msgs in out:
         assert [t.id for m in msgs for t in m.tokens] == ref
+
+
+def _http(env):
+    openai = pytest.importorskip("openai")
+    port = env["server"].http_port
+    return openai, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+
+
+def test_echo_and_prompt_logprobs_come_from_vllms_forced_scoring(env):
+    """OpenAI's echo / vLLM's prompt_logprobs on engine: vllm: the prompt scored through the serving vLLM
+    engine (the forced-scoring processor records ranks and top tokens too) equals the embedded ensemble's
+    teacher-forced numbers and its own ranking."""
+    _, oa = _http(env)
+    paris = _pack_ref(env, env["v_paris"])
+    ids = env["tok"](PROMPTS[0], add_special_tokens=False)["input_ids"]
+    r = oa.completions.create(
+        model="capitals@prod", prompt=ids, max_tokens=1, logprobs=1, echo=True, extra_body={"prompt_logprobs": 2}
+    )
+    c = r.choices[0]
+    want = env["served"].ensemble.score([ids[:1]], [ids[1:]], [[paris]])[0].double().tolist()
+    assert c.logprobs.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=2e-5, rel=1e-5)
+    pl = c.model_extra["prompt_logprobs"]
+    for i in range(1, len(ids)):
+        entry = pl[i]
+        ranks = sorted(v["rank"] for k, v in entry.items() if k != str(ids[i]))
+        assert ranks == [1, 2] and entry[str(ids[i])]["logprob"] == pytest.approx(want[i - 1], abs=2e-5, rel=1e-5)
+        best = max(v["logprob"] for v in entry.values())
+        assert entry[str(ids[i])]["rank"] >= 1 and (entry[str(ids[i])]["rank"] == 1) == (
+            entry[str(ids[i])]["logprob"] >= best
+        )
+
+
+def test_json_schema_through_vllms_structured_outputs(env):
+    jsonschema = pytest.importorskip("jsonschema")
+    _, oa = _http(env)
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 16}, "ok": {"type": "boolean"}},
+        "required": ["capital", "ok"],
+        "additionalProperties": False,
+    }
+    for model in ("tiny-gptj-h32", "capitals@prod"):
+        r = oa.completions.create(
+            model=model,
+            prompt=PROMPTS[0],
+            max_tokens=48,
+            temperature=0,
+            extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}},
+        )
+        jsonschema.validate(json.loads(r.choices[0].text), schema)

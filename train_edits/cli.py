@@ -17,9 +17,12 @@ from pathlib import Path
 
 import click
 
+from ensemble.jsonl import MAX_RECORD_CHARS
+
 from .cli_common import guard
 from .config import ConfigError, load_config_file, set_path, validate
 from .pairings import apply_pairing_defaults
+from .preflight import preflight
 from .tasks import TASKS, LossType
 
 _OVERRIDES = [
@@ -36,6 +39,12 @@ _OVERRIDES = [
     ("--threshold", "task.threshold", float, "failure threshold of a custom task (fail if score > threshold)"),
     ("--max-eval", "task.max_eval", int, "use only the first N eval / hard-negative / unconditional records"),
     ("--max-train", "task.max_train", int, "use only the first N canonical examples"),
+    (
+        "--max-record-chars",
+        "task.max_record_chars",
+        int,
+        "refuse (file, line) any data record longer than this many characters, before reading it whole",
+    ),
     ("--backpack", "models.backpack", str, "Backpack checkpoint folder or hub id; 'tiny[:SEED]' for a random tiny one"),
     ("--large", "models.large", str, "large model for calibration/ensemble eval; 'tiny-gptj[:SEED]'; 'none'"),
     ("--large-dtype", "models.large_dtype", str, "dtype of the large model (float32, bfloat16, float16)"),
@@ -177,7 +186,7 @@ def _resolve(kwargs: dict):
     cfg = validate(data)
     if filled:
         click.echo(f"pairing defaults for {cfg.models.large}: {json.dumps(filled)}", err=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    preflight(cfg, run_dir)  # before any model loads: run dir, store, data (ConfigError: exit 2)
     (run_dir / "config.input.json").write_text(json.dumps(data, indent=1))
     return run_dir, cfg, not kwargs.get("no_progress"), kwargs.get("verbose", False)
 
@@ -220,9 +229,27 @@ def main():
     help="tokenizer folder, hub id or registry name (e.g. smollm2-135m-instruct); default: the packaged "
     "GPT-2 BPE. Runs refuse corpora made with another tokenizer",
 )
+@click.option(
+    "--max-record-chars",
+    type=click.IntRange(min=1),
+    default=MAX_RECORD_CHARS,
+    show_default=True,
+    help="refuse (file, line) a document longer than this, before reading it whole",
+)
 @guard
 def prepare_corpora(
-    inputs, out, chunk_len, g_fraction, seed, text_field, hf_dataset, hf_config, hf_split, hf_limit, tokenizer_spec
+    inputs,
+    out,
+    chunk_len,
+    g_fraction,
+    seed,
+    text_field,
+    hf_dataset,
+    hf_config,
+    hf_split,
+    hf_limit,
+    tokenizer_spec,
+    max_record_chars,
 ):
     """Split documents into disjoint corpora G and R of fixed-length token chunks."""
     from ensemble.tokenizer import load_tokenizer
@@ -236,7 +263,7 @@ def prepare_corpora(
     docs = (
         read_hf_documents(hf_dataset, hf_split, text_field, hf_config, hf_limit)
         if hf_dataset
-        else read_documents(inputs, text_field)
+        else read_documents(inputs, text_field, max_record_chars)
     )
     meta = prepare(tok, docs, out, chunk_len, g_fraction, seed, list(inputs) or [hf_dataset], tokenizer_spec)
     click.echo(json.dumps(meta))

@@ -28,13 +28,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .calibrate import DEFAULT_GRID
-from .tasks import TASKS, LossType
+from .tasks import MAX_EXAMPLE_CHARS, TASKS, LossType
 
 DEFAULT_DATA_DIR = os.environ.get("SENSEPACK_CANONICAL_DATA", "../shared/data/canonical-examples")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number finite (--lr inf: refused)
 
 
 class ResolvedTask(NamedTuple):
@@ -59,6 +59,8 @@ class TaskConfig(_Strict):
     threshold: float | None = None
     max_eval: int | None = Field(default=None, ge=1)
     max_train: int | None = Field(default=None, ge=1)
+    # a longer record is refused (file, line, limit) while streaming, before it is parsed or tokenised
+    max_record_chars: int = Field(default=MAX_EXAMPLE_CHARS, ge=1)
 
     @model_validator(mode="after")
     def _complete(self) -> TaskConfig:

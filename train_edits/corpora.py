@@ -28,22 +28,50 @@ from pathlib import Path
 
 import torch
 
-from ensemble.jsonl import DataError, iter_jsonl, open_text
+from ensemble.jsonl import MAX_RECORD_CHARS, DataError, iter_jsonl, open_text
 from ensemble.vocab import doc_separator_id
 
 from .encoding import EOS, encode_text
 
 
-def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> list[str]:
+def _txt_documents(path: Path, max_chars: int) -> list[str]:
+    """The documents of a .txt file (separated by a literal <|endoftext|>), streamed: no document is held
+    beyond `max_chars` characters (a longer one is a DataError naming the file and the document)."""
+    docs: list[str] = []
+    buf = ""
+    with open_text(path) as fh:
+        while True:
+            try:
+                chunk = fh.read(1 << 20)
+            except UnicodeDecodeError as exc:
+                raise DataError(path, None, None, f"not UTF-8 text ({exc.reason})") from None
+            buf += chunk
+            *done, buf = buf.split(EOS)
+            docs.extend(d for d in done if d.strip())
+            if len(buf) > max_chars:
+                raise DataError(
+                    path, None, None, f"document {len(docs) + 1} longer than {max_chars} characters (the limit)"
+                )
+            if not chunk:
+                break
+    if buf.strip():
+        docs.append(buf)
+    return docs
+
+
+def read_documents(
+    paths: Sequence[str | Path], text_field: str = "text", max_chars: int = MAX_RECORD_CHARS
+) -> list[str]:
     """Documents of .jsonl / .jsonl.gz files (one per line, `text_field`) and .txt / .txt.gz files (one
-    document per file, or several separated by a literal <|endoftext|>)."""
+    document per file, or several separated by a literal <|endoftext|>); a record or document longer than
+    `max_chars` characters is refused while streaming, before it is held or tokenised."""
     docs: list[str] = []
     for p in map(Path, paths):
         if not p.is_file():
             raise DataError(p, None, None, "file not found")
         name = p.name.removesuffix(".gz")
         if name.endswith((".jsonl", ".json")):
-            for lineno, rec in iter_jsonl(p):
+            for lineno, rec in iter_jsonl(p, max_chars):
                 if text_field not in rec:
                     raise DataError(p, lineno, text_field, "missing")
                 if not isinstance(rec[text_field], str):
@@ -51,8 +79,7 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> lis
                     raise DataError(p, lineno, text_field, f"expected a string, got {got}")
                 docs.append(rec[text_field])
         elif name.endswith(".txt"):
-            with open_text(p) as fh:
-                docs.extend(d for d in fh.read().split(EOS) if d.strip())
+            docs.extend(_txt_documents(p, max_chars))
         else:
             raise DataError(p, None, None, "unsupported document file (expected .jsonl, .jsonl.gz, .txt or .txt.gz)")
     return docs

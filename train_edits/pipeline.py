@@ -212,7 +212,9 @@ class Run:
         if self._task is None:
             t = self.cfg.task
             name, loss_type, threshold, train = t.resolved()
-            data = TaskData.load(name, loss_type, threshold, train, t.eval, t.hard_neg, t.unconditional)
+            data = TaskData.load(
+                name, loss_type, threshold, train, t.eval, t.hard_neg, t.unconditional, t.max_record_chars
+            )
             hard_neg_text = self.cfg.eval.hard_neg_scoring == "hard-neg-config" and t.builtin in HARD_NEG_TEXT_TASKS
             self._task = EncodedTask.encode(
                 self.tokenizer, data, self.max_len, t.max_eval, t.max_train, hard_neg_text=hard_neg_text

@@ -91,17 +91,23 @@ def _detect_shape(rec: dict) -> Shape | None:
     return None
 
 
-def read_examples(path: str | Path, shape: Shape | None = None) -> list[Example]:
+# A canonical example is a sentence or a paragraph (the paper's longest val record: 6,473 characters); a
+# longer record is refused while streaming, before it is parsed or tokenised (TaskConfig.max_record_chars).
+MAX_EXAMPLE_CHARS = 100_000
+
+
+def read_examples(path: str | Path, shape: Shape | None = None, max_chars: int = MAX_EXAMPLE_CHARS) -> list[Example]:
     """Read a JSONL file of records of one shape (auto-detected when ``shape`` is None).
 
     Blank lines are skipped. Raises :class:`DataError` naming the line and the
-    field for malformed JSON, missing/non-string fields and mixed shapes.
+    field for malformed JSON, non-UTF-8 bytes, records over `max_chars` characters,
+    missing/non-string fields and mixed shapes.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "file not found")
     out: list[Example] = []
-    for lineno, rec in iter_jsonl(path):  # one reader for every JSONL file
+    for lineno, rec in iter_jsonl(path, max_chars):  # one reader for every JSONL file
         rec_shape = shape or _detect_shape(rec)
         if rec_shape is None:
             raise DataError(path, lineno, "suffix", "record has none of 'suffix', 'suffix1'/'suffix2' or 'text'")
@@ -336,18 +342,23 @@ class TaskData:
         eval: str | Path | None = None,
         hard_neg: str | Path | None = None,
         unconditional: str | Path | None = None,
+        max_chars: int = MAX_EXAMPLE_CHARS,
     ) -> TaskData:
         lt = LossType(loss_type)
-        tr, repaired = repair_split_subjects(read_examples(train, lt.shape))
-        ev = read_examples(eval, lt.shape) if eval else list(tr)
-        hn = read_examples(hard_neg, "single") if hard_neg else []
-        un = read_examples(unconditional, "text") if unconditional else []
+        tr, repaired = repair_split_subjects(read_examples(train, lt.shape, max_chars))
+        ev = read_examples(eval, lt.shape, max_chars) if eval else list(tr)
+        hn = read_examples(hard_neg, "single", max_chars) if hard_neg else []
+        un = read_examples(unconditional, "text", max_chars) if unconditional else []
         return cls(name, lt, float(threshold), tr, ev, hn, un, repaired)
 
     @classmethod
-    def builtin(cls, name: str, data_dir: str | Path, split: str = "val") -> TaskData:
+    def builtin(
+        cls, name: str, data_dir: str | Path, split: str = "val", max_chars: int = MAX_EXAMPLE_CHARS
+    ) -> TaskData:
         if name not in TASKS:
             raise KeyError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
         spec = TASKS[name]
         p = spec.paths(data_dir, split)
-        return cls.load(name, spec.loss_type, spec.threshold, p["train"], p["eval"], p["hard_neg"], p["unconditional"])
+        return cls.load(
+            name, spec.loss_type, spec.threshold, p["train"], p["eval"], p["hard_neg"], p["unconditional"], max_chars
+        )
