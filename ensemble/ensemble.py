@@ -185,8 +185,9 @@ class Ensemble:
 class _Row:
     packs: list[PackRef]
     pending: list[int]  # tokens appended but not yet fed to the large model
-    new: bool  # not yet prefilled
+    new: bool  # not yet (wholly) prefilled
     prompt: list[int]
+    prefill_ids: list[int] | None = None  # what a chunked prefill is feeding (prompt + pending at its start)
 
 
 class EnsembleBatch:
@@ -204,8 +205,14 @@ class EnsembleBatch:
 
     @property
     def seq_ids(self) -> list[Hashable]:
-        """Row order of `logprobs()`: sequences already in the cache, then new ones in join order."""
-        return self._order + [s for s, r in self._rows.items() if r.new]
+        """Row order of the last `logprobs()`: the sequences whose prompt is in (a row still being prefilled
+        in chunks has no next-token distribution yet)."""
+        return list(self._order)
+
+    @property
+    def prefilling(self) -> list[Hashable]:
+        """Sequences whose prompt is not (wholly) in the large model's cache yet, in join order."""
+        return [s for s, r in self._rows.items() if r.new]
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -229,7 +236,9 @@ class EnsembleBatch:
     def remove(self, seq_id: Hashable) -> None:
         row = self._rows.pop(seq_id)
         self.deltas.remove(seq_id)
-        if not row.new:
+        if row.new:
+            self.large.drop_partial(seq_id)
+        else:
             keep = [i for i, s in enumerate(self._order) if s != seq_id]
             self._order = [self._order[i] for i in keep]
             self.large.select(keep)
@@ -244,18 +253,40 @@ class EnsembleBatch:
             self.deltas.append(seq_id, t)
 
     @torch.no_grad()
-    def logprobs(self) -> torch.Tensor:
-        """Next-token log-probs over the shared vocabulary for every row, in `seq_ids` order: (b, |U|) float32."""
+    def logprobs(self, budget: int | None = None) -> torch.Tensor:
+        """Next-token log-probs over the shared vocabulary for every row, in `seq_ids` order: (b, |U|) float32.
+
+        `budget`: the most prompt tokens this call prefills (chunked prefill). Rows already decoding take
+        their step; new rows' prompts go in by chunks, in join order, and a row joins the output once its
+        whole prompt is in. None: every new row whole, at once."""
         self._feed_pending()
         new = [s for s, r in self._rows.items() if r.new]
-        if new:
-            logits = self.large.prefill([self._rows[s].prompt + self._rows[s].pending for s in new])
-            for s, h in zip(new, self.large.prefill_hidden or [], strict=self.deltas.uses_hidden):
-                self.deltas.add_hidden(s, h)
+        if new and (budget is None or budget > 0):
+            work, left = [], budget
             for s in new:
-                self._rows[s].new, self._rows[s].pending = False, []
-            self._order += new
-            self._last_logits = logits if self._last_logits is None else torch.cat([self._last_logits, logits])
+                row = self._rows[s]
+                if row.prefill_ids is None:  # frozen at the first chunk
+                    row.prefill_ids, row.pending = row.prompt + row.pending, []
+                n = len(row.prefill_ids) - self.large.prefilling(s)
+                if left is not None:
+                    n = min(n, left)
+                    left -= n
+                if n > 0:
+                    work.append((s, row.prefill_ids, n))
+            finished = self.large.prefill_chunks(work)
+            ended = {key: (z, h) for key, z, h in finished}
+            if self.deltas.uses_hidden:  # in position order: each row's chunks arrive in sequence
+                for s, _, _ in work:
+                    h = ended[s][1] if s in ended else self.large.chunk_hidden.pop(s, None)
+                    if h is not None:
+                        self.deltas.add_hidden(s, h)
+            done = [key for key, _, _ in finished]
+            for s in done:
+                self._rows[s].new, self._rows[s].prefill_ids = False, None
+            if done:
+                self._order += done
+                logits = torch.stack([ended[s][0] for s in done])
+                self._last_logits = logits if self._last_logits is None else torch.cat([self._last_logits, logits])
         if not self._order or self._last_logits is None:
             return torch.zeros(0, self.ens.vocab.size)
         z = self._last_logits[:, : self.ens.vocab.size]

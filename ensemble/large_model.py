@@ -13,8 +13,8 @@ import json
 import math
 import mmap
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -403,6 +403,14 @@ def _layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
+class _Partial:
+    """A row part-way through a chunked prefill: its own KV cache and the tokens already in it."""
+
+    cache: Any = None  # transformers DynamicCache
+    done: int = 0
+
+
+@dataclass
 class LargeModelBatch:
     """Left-padded KV cache: row b's real tokens are the columns where mask[b] == 1."""
 
@@ -415,6 +423,10 @@ class LargeModelBatch:
     want_hidden: bool = False
     prefill_hidden: list[torch.Tensor] | None = None
     step_hidden: torch.Tensor | None = None
+    # rows being prefilled in chunks (prefill_chunks): key -> their own cache so far; and the final hidden
+    # states of an unfinished row's last chunk (a finished row's come back with its logits)
+    _partial: dict[Hashable, _Partial] = field(default_factory=dict)
+    chunk_hidden: dict[Hashable, torch.Tensor | None] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -426,18 +438,56 @@ class LargeModelBatch:
 
         Returns the new rows' next-token logits (n, V), float32.
         """
+        done = self.prefill_chunks([(i, ids, len(ids)) for i, ids in enumerate(rows)])
+        self.prefill_hidden = [h for _, _, h in done if h is not None] if self.want_hidden else None
+        return torch.stack([z for _, z, _ in done])
+
+    @torch.no_grad()
+    def prefill_chunks(
+        self, work: list[tuple[Hashable, list[int], int]]
+    ) -> list[tuple[Hashable, torch.Tensor, torch.Tensor | None]]:
+        """Chunked prefill: for each (key, row ids, n), feed the row's next n tokens through the model on its
+        own KV cache (kept between calls: a long prompt spans several calls, decode steps in between). Rows
+        whose last token went in are padded into the batch, in `work` order, and returned as (key, next-token
+        logits (V,) float32, final hidden states of the chunk (n, d) or None). Exactly the unchunked forward:
+        each chunk attends to the row's cached keys and values at its true positions."""
         device = self.model.device
-        logits, kvs, hidden = [], [], []
-        for ids in rows:
-            out = self.model(torch.tensor([ids], device=device), use_cache=True, output_hidden_states=self.want_hidden)
-            logits.append(out.logits[0, -1].float())
-            kvs.append([_layer_kv(layer) for layer in out.past_key_values.layers])
-            if self.want_hidden:
-                hidden.append(out.hidden_states[-1][0])
-        self.prefill_hidden = hidden if self.want_hidden else None
-        lengths = [len(r) for r in rows]
-        self._join(kvs, lengths)
-        return torch.stack(logits)
+        finished, kvs, lengths = [], [], []
+        for key, ids, n in work:
+            part = self._partial.setdefault(key, _Partial())
+            chunk = ids[part.done : part.done + n]
+            if not chunk:
+                raise ValueError(f"prefill_chunks: row {key!r} has no tokens left to prefill")
+            pos = torch.arange(part.done, part.done + len(chunk), device=device)[None]
+            out = self.model(
+                torch.tensor([chunk], device=device),
+                position_ids=pos,
+                past_key_values=part.cache,
+                use_cache=True,
+                output_hidden_states=self.want_hidden,
+            )
+            part.cache, part.done = out.past_key_values, part.done + len(chunk)
+            hidden = out.hidden_states[-1][0] if self.want_hidden else None
+            if part.done == len(ids):
+                del self._partial[key]
+                finished.append((key, out.logits[0, -1].float(), hidden))
+                kvs.append([_layer_kv(layer) for layer in part.cache.layers])
+                lengths.append(len(ids))
+            else:
+                self.chunk_hidden[key] = hidden
+        if finished:
+            self._join(kvs, lengths)
+        return finished
+
+    def prefilling(self, key: Hashable) -> int:
+        """Tokens of row `key` already prefilled (0: not started)."""
+        part = self._partial.get(key)
+        return 0 if part is None else part.done
+
+    def drop_partial(self, key: Hashable) -> None:
+        """Forget a row whose prefill had not finished (the request left)."""
+        self._partial.pop(key, None)
+        self.chunk_hidden.pop(key, None)
 
     def _join(self, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> None:
         device = self.model.device

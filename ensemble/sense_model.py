@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 SenseModel = Union[BackpackLM, SenseHeadLM]  # noqa: UP007  (a runtime alias: isinstance checks use it)
 
 
+def uses_hidden(model: object) -> bool:
+    """Whether the sense model's α reads the large model's final hidden states (a sense head)."""
+    return isinstance(model, SenseHeadLM)
+
+
 def sense_model_folder(spec: str | os.PathLike[str]) -> Path:
     """The folder a sense model name, path or hub id resolves to (a registry name is built on first use)."""
     return resolve_checkpoint_folder(str(spec))

@@ -122,6 +122,9 @@ class LimitsConfig(_Section):
     max_continuations: int = Field(64, ge=1)
     max_temperature: float = Field(100.0, gt=0)
     max_batched_tokens: int | None = Field(None, ge=1)  # None: requests are admitted by count only
+    # chunked prefill: prompt tokens an engine step feeds the large model besides one token per decoding row
+    # (new prompts and Score forwards go in by chunks, so running streams get a token every step); null: off
+    prefill_chunk_tokens: int | None = Field(256, ge=1)  # bench/bench_prefill_stall.py: 128 cost 37% throughput
     max_logit_bias: int = Field(300, ge=0)
     max_stop_token_ids: int = Field(64, ge=0)
 

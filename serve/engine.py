@@ -194,9 +194,10 @@ def sample_isolated(
 class EmbeddedRunner:
     """The ensemble core's batch session and the batched sampler, in-process."""
 
-    def __init__(self, ensemble: Ensemble, vocab: Vocabulary):
+    def __init__(self, ensemble: Ensemble, vocab: Vocabulary, prefill_chunk: int | None = None):
         self.ensemble = ensemble
         self.vocab = vocab
+        self.prefill_chunk = prefill_chunk  # prompt tokens per step (chunked prefill); None: whole prompts
         self._session: EnsembleBatch | None = None
         self._totals = CoreCounters()  # the decode steps' share of the core's stats (Score and gate jobs
         #                                 use the same core between steps)
@@ -219,7 +220,7 @@ class EmbeddedRunner:
     def step(self, running: dict[int, Sequence]) -> list[RowOutput]:
         st = self.ensemble.stats
         skip, rep, secs = st.exact_skip_rows, st.window_reprefills, st.backpack_seconds
-        lp = self.session.logprobs()
+        lp = self.session.logprobs(self.prefill_chunk)
         t = self._totals
         t.exact_skip_rows += st.exact_skip_rows - skip
         t.window_reprefills += st.window_reprefills - rep
@@ -284,7 +285,11 @@ class Engine:
         self.limits = limits
         self.metrics = metrics
         self.scheduler = Scheduler(limits, metrics, lane_every_steps)
-        self.runner: Runner = runner if runner is not None else EmbeddedRunner(ensemble, self.vocab)
+        self.runner: Runner = (
+            runner
+            if runner is not None
+            else EmbeddedRunner(ensemble, self.vocab, getattr(limits, "prefill_chunk_tokens", None))
+        )
         self.on_dead: Callable[[str], None] | None = None  # called once (engine thread) when the runner dies
         self.dead: str | None = None
         self.liveness_interval = 1.0  # s: an idle engine still notices a dead runner this often

@@ -34,9 +34,12 @@ from typing import Any, Protocol
 import torch
 
 from ensemble.delta import logit_delta, sequence_deltas
+from ensemble.sense_model import uses_hidden
 
 SCORE_CHUNK = 128
 WINDOW_STEP = 16  # tokens per step past the Backpack's window (each is a decode step of its own)
+FORWARD_CHUNK = 128  # the row's forward pass, in chunks of this many tokens (one engine job each): no stall
+# (the server passes limits.prefill_chunk_tokens; None there: the whole row in one job)
 
 
 class ScoreAbandoned(Exception):
@@ -69,11 +72,22 @@ def _tops(parts: list) -> TopLogprobs:
     return TopLogprobs(*(torch.cat([p[i] for p in parts]) for i in range(3)))
 
 
-def _hidden_and_head(large, row: list[int]) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    ids = torch.tensor([row], device=large.device)
-    pos = torch.arange(len(row), device=large.device)[None]
-    out = large.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos)
-    return out.last_hidden_state[0], large.get_output_embeddings()
+def _hidden_chunks(large, row: list[int], chunk: int):
+    """The row's final hidden states (len, d), computed `chunk` tokens at a time on a KV cache (the same
+    numbers as one forward); yields after each chunk, returns the hidden states."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=large.config)
+    parts = []
+    for s in range(0, len(row), chunk):
+        ids = torch.tensor([row[s : s + chunk]], device=large.device)
+        pos = torch.arange(s, s + ids.shape[1], device=large.device)[None]
+        out = large.base_model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        parts.append(out.last_hidden_state[0])
+        if s + chunk < len(row):
+            yield
+    return torch.cat(parts)
 
 
 def score_row(
@@ -115,19 +129,32 @@ def score_steps(
     should_stop: Callable[[], None] | None = None,
     chunk: int = SCORE_CHUNK,
     top_n: int | None = None,
+    forward_chunk: int | None = FORWARD_CHUNK,
 ):
     """`score_row` as a generator that yields after the forward pass and after every chunk, so that the
     engine can run each step as its own job (decode steps in between); returns what `score_row` does."""
     with torch.no_grad():
         return (
-            yield from _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk, top_n)
+            yield from _score_steps(
+                ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk, top_n, forward_chunk
+            )
         )
 
 
-def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk, top_n):
+def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_stop, chunk, top_n, forward_chunk):
     row = prefix + cont
     large, bp = ensemble.large, ensemble.backpack
     stop = should_stop or (lambda: None)
+    forward = _hidden_chunks(large, row, forward_chunk or len(row))
+    while True:  # the forward pass, a chunk per engine job
+        stop()
+        try:
+            next(forward)
+        except StopIteration as done:
+            hidden = done.value
+            break
+        yield
+    head = large.get_output_embeddings()
     delta = None
     long_packed = False
     if want_packed:
@@ -135,12 +162,13 @@ def _score_steps(ensemble, prefix, cont, packs, want_base, want_packed, should_s
         bids = torch.tensor([row], device=bp.embedding.device)
         if len(edits) and bool(torch.isin(bids, edits.token_ids.to(bids.device)).any()):
             if len(row) <= bp.config.n_positions:
-                alpha = bp.contextualize(bids)
+                # a sense head reads the same hidden states (no second forward of the large model)
+                extra = {"hidden": hidden[None].to(bp.embedding.device)} if uses_hidden(bp) else {}
+                alpha = bp.contextualize(bids, **extra)
                 delta = sequence_deltas(alpha, bids, edits.to(bids.device, alpha.dtype))[0]
             else:
                 long_packed = True
     stop()
-    hidden, head = _hidden_and_head(large, row)
     yield
     targets = torch.tensor(cont, device=hidden.device)
     n_vocab = ensemble.vocab.size
@@ -281,7 +309,17 @@ class EmbeddedScorer:
             if stopped.is_set():
                 raise ScoreAbandoned()
 
-        steps = score_steps(self.ensemble, prefix, cont, packs, want_base, want_packed, should_stop, top_n=top_n)
+        steps = score_steps(
+            self.ensemble,
+            prefix,
+            cont,
+            packs,
+            want_base,
+            want_packed,
+            should_stop,
+            top_n=top_n,
+            forward_chunk=getattr(self.engine.limits, "prefill_chunk_tokens", FORWARD_CHUNK),
+        )
 
         def step() -> None:  # one step of serve.scoring per engine job, then queue the next
             if outer.done():

@@ -62,6 +62,60 @@ def run_and_compare(ens, prompts, packs, steps):
     return seqs
 
 
+@pytest.mark.parametrize("budget", [1, 4, 7])
+def test_chunked_prefill_equals_the_naive_formula(models, tokenizer, budget):
+    """Prompts prefilled `budget` tokens per call beside rows that decode: a row appears once its whole
+    prompt is in, and from then on equals the naive formula (the Backpack and the exact skip unchanged)."""
+    large, backpack = models
+    ens = Ensemble(large, backpack, tokenizer)
+    trig = tokenizer(" Mauritius").input_ids
+    pack = PackRef("p", "v1", make_pack(backpack, trig, "p", 0), 1.0)
+    prompts = {
+        0: tokenizer("The capital of Mauritius is").input_ids,
+        1: tokenizer("A long unrelated sentence about the weather in the mountains near the sea").input_ids,
+        2: tokenizer("In Mauritius, the capital city is called").input_ids,
+    }
+    packs = {0: [pack], 1: [pack], 2: []}
+    batch = ens.new_batch()
+    seqs: dict[int, list[int]] = {}
+    joined_at = {}
+    for step in range(30):
+        if step in (0, 2, 3):  # rows join while others decode
+            sid = {0: 0, 2: 1, 3: 2}[step]
+            batch.add(sid, prompts[sid], packs[sid])
+            seqs[sid] = list(prompts[sid])
+        lp = batch.logprobs(budget)
+        for row, sid in enumerate(batch.seq_ids):
+            joined_at.setdefault(sid, step)
+            torch.testing.assert_close(
+                lp[row], naive_logprobs(large, backpack, seqs[sid], packs[sid]), atol=1e-5, rtol=0
+            )
+        nxt = lp.argmax(-1).tolist()
+        for sid, t in zip(batch.seq_ids, nxt, strict=True):
+            seqs[sid].append(t)
+        batch.append(dict(zip(batch.seq_ids, nxt, strict=True)))
+    assert set(joined_at) == {0, 1, 2}
+    # each prompt needed ceil(len / budget) calls at least (the budget is shared, in join order)
+    assert joined_at[1] >= 2 + -(-len(prompts[1]) // budget) - 1
+    assert ens.stats.exact_skip_rows > 0
+
+
+def test_a_row_removed_mid_prefill_leaves_no_trace(models, tokenizer):
+    large, backpack = models
+    ens = Ensemble(large, backpack, tokenizer)
+    batch = ens.new_batch()
+    batch.add("a", tokenizer("Short prompt").input_ids)
+    batch.add("b", tokenizer("A much longer prompt that will take several calls to prefill").input_ids)
+    batch.logprobs(1)
+    assert batch.seq_ids == [] and batch.prefilling == ["a", "b"]
+    batch.remove("b")
+    lp = batch.logprobs(100)
+    assert batch.seq_ids == ["a"] and batch.prefilling == []
+    ref = naive_logprobs(large, backpack, tokenizer("Short prompt").input_ids, [])
+    torch.testing.assert_close(lp[0], ref, atol=1e-5, rtol=0)
+    assert not batch.large._partial
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_cached_alpha_equals_naive_formula_prompt_tokens(models, tokenizer, beta):
     large, backpack = models

@@ -122,7 +122,7 @@ def naive_logprobs(large, head, tokens, packs, window=None):
     return torch.log_softmax(total, -1)
 
 
-def decode_and_compare(ens, prompts, packs, steps, window_of=None, join_at=None):
+def decode_and_compare(ens, prompts, packs, steps, window_of=None, join_at=None, budget=None):
     large, head = ens.large, ens.backpack
     batch = ens.new_batch()
     seqs = {}
@@ -135,7 +135,7 @@ def decode_and_compare(ens, prompts, packs, steps, window_of=None, join_at=None)
             if at == step:
                 batch.add(i, prompts[i], packs[i])
                 seqs[i] = list(prompts[i])
-        lp = batch.logprobs()
+        lp = batch.logprobs(budget)
         for row, sid in enumerate(batch.seq_ids):
             window = window_of(len(seqs[sid])) if window_of else None
             ref = naive_logprobs(large, head, seqs[sid], packs[sid], window)
@@ -161,6 +161,19 @@ def test_serving_path_equals_naive_formula(pair, tokenizer):
     packs = [[pack], [pack, other], [other]]
     decode_and_compare(ens, prompts, packs, steps=8, join_at={2: 3})
     assert ens.stats.exact_skip_rows > 0  # the unrelated prompt ran without the head until an edited token
+
+
+def test_chunked_prefill_keeps_the_head_exact(pair, tokenizer):
+    """A long prompt prefilled 3 tokens per step beside decoding rows: the hidden states reach the head chunk
+    by chunk, and every row still equals the naive formula once its prompt is in."""
+    large, head = pair
+    ens = Ensemble(large, head, tokenizer)
+    long = tokenizer(" Mauritius is an island nation in the Indian Ocean, and the capital of Mauritius is").input_ids
+    prompts = [tokenizer("The capital of Mauritius is").input_ids, long, tokenizer("Mauritius").input_ids]
+    trig = tokenizer(" Mauritius").input_ids + tokenizer("Mauritius").input_ids
+    pack = PackRef("p", "v1", make_pack(head, trig, 0), 0.7)
+    seqs = decode_and_compare(ens, prompts, [[pack], [pack], []], steps=12, join_at={1: 1, 2: 2}, budget=3)
+    assert len(seqs[1]) > len(long)  # the long row finished its prefill and decoded
 
 
 def test_edited_token_generated_later_activates_the_head(pair, tokenizer):

@@ -1,0 +1,194 @@
+"""Do long prompts stall running streams? Decode inter-token gaps of streams already running while a burst
+of long prompts arrives, with chunked prefill (limits.prefill_chunk_tokens) and without, side by side in
+one run, on a server in its own process (gRPC on loopback).
+
+    .venv/bin/python bench/bench_prefill_stall.py [--profile smollm2] [--chunks none,64,128,256] \
+        [--streams 8] [--burst 16] [--prompt-len 1536] [--json out.json]
+
+Per setting: S streams decode (base model, ignore_eos); once each has produced a few tokens (the quiet
+phase) B requests of `--prompt-len` prompt tokens and 2 new tokens arrive at once. It prints the streams'
+gaps in the quiet phase (p50/p99) and during the burst (p50/p99/max), max burst gap / quiet p99 (goal
+<= 3), the burst's wall time, and the tokens the server processed per second during the burst (prompt +
+generated; throughput relative to the unchunked setting, goal >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import itertools
+
+import grpc
+
+from bench.common import PROMPTS, pct
+from bench.common import machine as bench_machine
+from sensepack_proto import pb_grpc
+from serve.client import build_generate_request
+
+QUIET_TOKENS = 30  # tokens each stream produces before the burst (the quiet phase)
+SETTLE = 5  # the first gaps of each stream are left out of the quiet phase (the other streams still joining)
+
+
+def model_section(profile: str) -> dict[str, Any]:
+    if profile == "demo":
+        return {"profile": "demo"}
+    return {
+        "profile": "pretrained",
+        "large_model": "smollm2-135m-instruct",
+        "backpack": "sense-smollm2",
+        "tokenizer": "smollm2-135m-instruct",
+    }
+
+
+def run_setting(port: int, streams: int, burst: int, prompt_len: int, stream_new: int) -> dict[str, Any]:
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 26)])
+    stub = pb_grpc.GenerationServiceStub(ch)
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
+    stop = threading.Event()
+    calls: list[Any] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def stream(k: int) -> None:
+        req = build_generate_request(
+            PROMPTS[k % len(PROMPTS)], base_only=True, max_new_tokens=stream_new, ignore_eos=True
+        )
+        call = stub.GenerateStream(req)
+        with lock:
+            calls.append(call)
+        n = 0
+        try:
+            for m in call:
+                if m.generated_token_count > n:
+                    n = m.generated_token_count
+                    arrivals[k].append(time.perf_counter())
+                if stop.is_set():
+                    break
+        except grpc.RpcError as e:
+            if not stop.is_set():
+                failures.append(f"stream {k}: {e.code().name}: {e.details()}")
+
+    threads = [threading.Thread(target=stream, args=(k,), daemon=True) for k in range(streams)]
+    for t in threads:
+        t.start()
+    while min(len(a) for a in arrivals) < QUIET_TOKENS:
+        if failures:
+            raise RuntimeError("; ".join(failures))
+        time.sleep(0.01)
+    done_at: list[float] = []
+    t_burst = time.perf_counter()
+
+    def long_prompt(i: int) -> None:
+        req = build_generate_request([464 + i] * prompt_len, base_only=True, max_new_tokens=2, ignore_eos=True)
+        stub.Generate(req, timeout=1800)
+        with lock:
+            done_at.append(time.perf_counter())
+
+    burst_threads = [threading.Thread(target=long_prompt, args=(i,)) for i in range(burst)]
+    for t in burst_threads:
+        t.start()
+    for t in burst_threads:
+        t.join()
+    t_end = time.perf_counter()
+    time.sleep(0.5)
+    stop.set()
+    with lock:
+        for c in calls:
+            c.cancel()
+    for t in threads:
+        t.join(timeout=10)
+    ch.close()
+
+    quiet, during = [], []
+    stream_tokens_in_burst = 0
+    for a in arrivals:
+        for i, (x, y) in enumerate(itertools.pairwise(a)):
+            if y <= t_burst:
+                if i >= SETTLE:
+                    quiet.append(y - x)
+            elif x < t_end:
+                during.append(y - x)
+        stream_tokens_in_burst += sum(1 for y in a if t_burst < y <= t_end)
+    wall = t_end - t_burst
+    processed = burst * (prompt_len + 2) + stream_tokens_in_burst
+    q99 = pct(quiet, 99)
+    return {
+        "quiet_p50_ms": pct(quiet, 50) * 1e3,
+        "quiet_p99_ms": q99 * 1e3,
+        "burst_p50_ms": pct(during, 50) * 1e3,
+        "burst_p99_ms": pct(during, 99) * 1e3,
+        "burst_max_ms": max(during) * 1e3 if during else float("nan"),
+        "max_over_quiet_p99": (max(during) / q99) if during and q99 > 0 else float("nan"),
+        "burst_wall_s": wall,
+        "stream_tokens_in_burst": stream_tokens_in_burst,
+        "processed_tok_per_s": processed / wall,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=["demo", "smollm2"], default="smollm2")
+    ap.add_argument("--chunks", default="none,64,128,256", help="prefill_chunk_tokens settings; none: unchunked")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--burst", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=1536)
+    ap.add_argument("--stream-new", type=int, default=1500, help="tokens each stream may generate (outlasts the burst)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from sensepack_testing.serve import server_process
+
+    rows = []
+    store_dir = tempfile.mkdtemp(prefix="sensepack-bench-store-")  # empty: the streams run the base model
+    for chunk in args.chunks.split(","):
+        value = None if chunk == "none" else int(chunk)
+        cfg = {
+            "model": model_section(args.profile),
+            "server": {"metrics_port": -1, "warmup": True},
+            "admin": {"token": "bench"},
+            "store": {"uri": store_dir},
+            "logging": {"level": "WARNING"},
+            "limits": {
+                "max_running": 64,
+                "max_waiting": 256,
+                "max_prompt_tokens": max(args.prompt_len, 64),
+                "max_new_tokens": args.stream_new,
+                "prefill_chunk_tokens": value,
+            },
+        }
+        with server_process(cfg) as port:
+            r = run_setting(port, args.streams, args.burst, args.prompt_len, args.stream_new)
+        r["prefill_chunk_tokens"] = chunk
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    base = next((r for r in rows if r["prefill_chunk_tokens"] == "none"), rows[0])
+    for r in rows:
+        r["throughput_vs_unchunked"] = r["processed_tok_per_s"] / base["processed_tok_per_s"]
+    out = {"command": " ".join(sys.argv), "machine": bench_machine(), "args": vars(args), "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    print(
+        "\n| prefill_chunk_tokens | quiet ITL p50 / p99 ms | burst ITL p50 / p99 / max ms | max / quiet p99 "
+        "| burst wall s | processed tok/s | vs unchunked |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['prefill_chunk_tokens']} | {r['quiet_p50_ms']:.0f} / {r['quiet_p99_ms']:.0f} | "
+            f"{r['burst_p50_ms']:.0f} / {r['burst_p99_ms']:.0f} / {r['burst_max_ms']:.0f} | "
+            f"{r['max_over_quiet_p99']:.1f} | {r['burst_wall_s']:.1f} | {r['processed_tok_per_s']:.0f} | "
+            f"{r['throughput_vs_unchunked']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
