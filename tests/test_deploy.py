@@ -61,6 +61,7 @@ METRICS = {
     "sensepack_pack_auto_disables_total",
     "sensepack_gate_ball_ratio",
     "sensepack_gate_runs_total",
+    "sensepack_http_connections_cut_total",
 }
 HISTOGRAMS = {
     "sensepack_time_to_first_token_seconds",
