@@ -230,6 +230,18 @@ def _check_json(obj: Any) -> None:
             stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
 
 
+def _parse_json(data: bytes) -> Any:
+    """A request body as JSON, checked by `_check_json` (InvalidRequest naming what is wrong)."""
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise InvalidRequest("body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise InvalidRequest("body", f"not valid JSON: {e}") from None
+    _check_json(obj)
+    return obj
+
+
 def _loc(err: Any) -> str:
     out = ""
     for part in err["loc"]:
@@ -698,14 +710,8 @@ class HttpFrontend:
             self.metrics.http_cuts.labels(BODY_TIMEOUT).inc()
             log.info("request body too slow", extra={"event": "http_cut"})
             raise RequestTimeout("body", f"not received within http.body_timeout_s={limit:g} s") from None
-        try:
-            obj = json.loads(data)
-        except RecursionError:
-            raise InvalidRequest("body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
-            raise InvalidRequest("body", f"not valid JSON: {e}") from None
-        _check_json(obj)
-        return obj
+        # parsing and checking a body of up to max_body_bytes is CPU work: off the event loop
+        return await asyncio.get_running_loop().run_in_executor(self._pool, _parse_json, bytes(data))
 
     def _admit(self, body: AnyBody, rid: str) -> tuple[list[tuple[int, Any]], dict[int, _Prompt]]:
         """Validate every choice first (nothing is admitted for a bad request), then admit them; a
