@@ -147,11 +147,11 @@ def test_run_end_to_end_pack_loads_and_applies(corpora, tmp_path):
     from ensemble.ensemble import Ensemble
     from ensemble.large_model import model_fingerprint, tiny_gptj
     from ensemble.tokenizer import load_tokenizer
-    from train_edits.pipeline import load_backpack
+    from train_edits.run import load_backpack
 
     bp, large, tok = load_backpack("tiny"), tiny_gptj(seed=0), load_tokenizer()
     from train_edits.config import RunConfig
-    from train_edits.pipeline import Run
+    from train_edits.run import Run
 
     cfg = RunConfig.model_validate_json((run_dir / "config.json").read_text())
     first = Run(tmp_path / "reread", cfg).task.eval[0].seqs[0]

@@ -308,7 +308,7 @@ def test_baseline_keeps_g_inside_the_ball_it_was_selected_for(small_task, side, 
     if kind == "lora":
         pytest.importorskip("peft", reason="LoRA baselines need peft (sensepack[train])")
     from train_edits.baselines import BaselineParams, finetune_baseline, g_ratio_naive
-    from train_edits.pipeline import load_backpack, load_large
+    from train_edits.run import load_backpack, load_large
     from train_edits.tasks import LossType
 
     train, g, r = small_task
@@ -449,7 +449,7 @@ def test_hard_negatives_whole_text_per_token_mean_against_naive():
     records of the summed suffix NLL."""
     from ensemble.tokenizer import load_tokenizer
     from train_edits.evaluate import BackpackScorer, EncodedTask, task_metrics
-    from train_edits.pipeline import load_backpack
+    from train_edits.run import load_backpack
     from train_edits.tasks import LossType, SingleExample, TaskData
 
     tok, bp = load_tokenizer(), load_backpack("tiny")

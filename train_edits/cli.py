@@ -192,7 +192,7 @@ def _resolve(kwargs: dict):
 
 
 def _make_run(kwargs):
-    from .pipeline import Run, setup_logging
+    from .run import Run, setup_logging
 
     recompute = kwargs.pop("recompute", False)
     run_dir, cfg, progress, verbose = _resolve(kwargs)

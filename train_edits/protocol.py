@@ -16,7 +16,8 @@ import json
 from tqdm import tqdm
 
 from .config import validate
-from .pipeline import Run, event, run_all
+from .pipeline import run_all
+from .run import Run, event
 from .tables import find_reports, write_tables
 
 

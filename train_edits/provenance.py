@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from .config import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Run
+    from .run import Run
 
 STEPS_FILE = "steps.json"
 # the earlier steps each step consumes: (step, required). A required one that is missing is computed

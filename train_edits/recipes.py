@@ -180,7 +180,8 @@ def build_pack_store(recipe: PackRecipe, out: Path, progress: bool = True) -> Pa
 
     from .config import validate
     from .corpora import prepare_corpora, read_documents
-    from .pipeline import Run, setup_logging, step_calibrate, step_pack, step_select, step_train
+    from .pipeline import step_calibrate, step_pack, step_select, step_train
+    from .run import Run, setup_logging
 
     work = out / "run"
     work.mkdir(parents=True, exist_ok=True)

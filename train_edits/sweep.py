@@ -33,8 +33,9 @@ import random
 from typing import Any, TypedDict
 
 from .config import RunConfig, validate
-from .pipeline import Run, event, run_all, step_select, step_train
+from .pipeline import run_all, step_select, step_train
 from .report import eps_key, write_reports
+from .run import Run, event
 
 # tasks whose upstream sweep draws λ (the others fix it at 1000)
 LAM_SWEPT = ("country_capital",)

@@ -1,0 +1,242 @@
+"""A run: its directory, its validated config and the models and data its steps share, loaded once.
+
+`Run` owns the loaded models (Backpack or sense head, large model, tokenizer, vocabulary), the encoded task,
+the corpora G and R; the steps (`train_edits.pipeline`) read them from it. (The protocol and the sweep
+still share loaded models between runs by setting a new run's private fields.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .corpora import check_corpus_tokenizer, read_chunks
+from .evaluate import EncodedTask
+from .tasks import TaskData
+
+log = logging.getLogger("train_edits")
+# upstream configs/hard_neg/make_hard_neg_config.py:15-16: these two score hard negatives as whole texts
+HARD_NEG_TEXT_TASKS = ("verb_conjugation", "stereoset")
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class JsonLines(logging.Handler):
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        obj = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        obj.update(getattr(record, "fields", {}) or {})
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(obj, default=str) + "\n")
+
+
+class _Console(logging.StreamHandler):
+    """Ours, as JsonLines: a second setup_logging call replaces them instead of adding more."""
+
+
+def setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
+    root = logging.getLogger("train_edits")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if isinstance(h, (JsonLines, _Console)):
+            root.removeHandler(h)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        root.addHandler(JsonLines(run_dir / "log.jsonl"))
+    sh = _Console()
+    sh.setLevel(logging.INFO if verbose else logging.WARNING)
+    sh.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(sh)
+    root.propagate = False
+
+
+def event(name: str, **fields) -> None:
+    log.info(name, extra={"fields": fields})
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_backpack(spec: str, device: str = "cpu", large=None):
+    """The sense model: a Backpack, or a sense head attached to `large` when it is the head's context model
+    (same fingerprint; otherwise the head loads its own)."""
+    from ensemble.backpack import BackpackConfig, BackpackLM
+
+    if spec == "tiny" or spec.startswith("tiny:"):
+        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        torch.manual_seed(seed)
+        tiny = BackpackLM(BackpackConfig.tiny())
+        tiny.name_or_path = spec
+        return tiny.to(device).eval()
+    from ensemble.large_model import model_fingerprint
+    from ensemble.sense_head import SenseHeadConfig, is_sense_head
+    from ensemble.sense_model import load_sense_model, sense_model_folder
+
+    folder = sense_model_folder(spec)
+    shared = None
+    if large is not None and is_sense_head(folder):
+        head_cfg = SenseHeadConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        if head_cfg.context_fingerprint == model_fingerprint(large):
+            shared = large
+    model = load_sense_model(spec, large=shared)
+    model.name_or_path = spec
+    return model.to(device).eval()
+
+
+def default_tokenizer_spec(backpack_spec: str) -> str | None:
+    """The tokenizer saved beside the Backpack, if any; None: the packaged GPT-2 BPE (tiny test Backpacks)."""
+    if backpack_spec == "tiny" or backpack_spec.startswith("tiny:"):
+        return None
+    from ensemble.tokenizer import tokenizer_beside
+
+    return tokenizer_beside(backpack_spec)
+
+
+def load_large(spec: str | None, dtype: str | None = None, device: str = "cpu"):
+    if spec is None or spec == "none":
+        return None
+    from ensemble import large_model as lm
+
+    if spec == "tiny-gptj" or spec.startswith("tiny-gptj:"):
+        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        # transformers types PreTrainedModel.to through a decorator that mypy reads as taking the model
+        return lm.tiny_gptj(seed=seed).to(device)  # type: ignore[arg-type]
+    return lm.load_large_model(spec, dtype=dtype, device=device)
+
+
+class Run:
+    """A run directory with its config, lazily loaded models, data and corpora."""
+
+    def __init__(self, run_dir: str | Path, cfg: RunConfig, progress: bool = True, recompute: bool = False):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.progress = progress
+        self.recompute = recompute  # recompute stale earlier steps instead of refusing them (provenance.py)
+        (self.dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+        self._backpack = self._large = self._tok = self._vocab = None
+        self._task: EncodedTask | None = None
+        self._g: list[torch.Tensor] | None = None
+        self._r: list[torch.Tensor] | None = None
+        # (fingerprint or None,) once provenance read the large checkpoint's (every step's check asks for it)
+        self.large_checkpoint_fingerprint: tuple[str | None] | None = None
+
+    @property
+    def backpack(self):
+        if self._backpack is None:
+            bp = load_backpack(self.cfg.models.backpack, self.cfg.models.device, large=self._head_context())
+            self.vocab.check_covers(f"backpack {self.cfg.models.backpack}", bp.config.vocab_size)
+            self._backpack = bp
+        return self._backpack
+
+    def _head_context(self):
+        """The run's large model when the sense model is a sense head (it shares it), else None (not loaded)."""
+        from ensemble.sense_head import is_sense_head
+        from ensemble.sense_model import sense_model_folder
+
+        spec = self.cfg.models.backpack
+        if spec == "tiny" or spec.startswith("tiny:") or not is_sense_head(sense_model_folder(spec)):
+            return None
+        return self.large
+
+    @property
+    def large(self):
+        if self._large is None and self.cfg.models.large:
+            large = load_large(self.cfg.models.large, self.cfg.models.large_dtype, self.cfg.models.device)
+            self.vocab.check_covers(
+                f"large model {self.cfg.models.large}", large.get_output_embeddings().weight.shape[0]
+            )
+            self._large = large
+        return self._large
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from ensemble.tokenizer import load_tokenizer
+
+            spec = self.cfg.models.tokenizer or default_tokenizer_spec(self.cfg.models.backpack)
+            self._tok = load_tokenizer(spec)
+        return self._tok
+
+    @property
+    def vocab(self):
+        """The shared vocabulary U of the run's tokenizer (ensemble.vocab.Vocabulary)."""
+        if self._vocab is None:
+            from ensemble.vocab import Vocabulary
+
+            self._vocab = Vocabulary.from_tokenizer(self.tokenizer)
+        return self._vocab
+
+    @property
+    def max_len(self) -> int:
+        return int(self.backpack.config.n_positions)
+
+    @property
+    def task(self) -> EncodedTask:
+        if self._task is None:
+            t = self.cfg.task
+            name, loss_type, threshold, train = t.resolved()
+            data = TaskData.load(
+                name, loss_type, threshold, train, t.eval, t.hard_neg, t.unconditional, t.max_record_chars
+            )
+            hard_neg_text = self.cfg.eval.hard_neg_scoring == "hard-neg-config" and t.builtin in HARD_NEG_TEXT_TASKS
+            self._task = EncodedTask.encode(
+                self.tokenizer, data, self.max_len, t.max_eval, t.max_train, hard_neg_text=hard_neg_text
+            )
+            if self._task.truncated:
+                event("truncated", count=self._task.truncated, max_len=self.max_len)
+            if data.repaired:
+                event(
+                    "repaired_examples",
+                    count=data.repaired,
+                    why="subject moved from the suffix to the prefix (tasks.repair_split_subjects)",
+                )
+        return self._task
+
+    def _corpus(self, which: str) -> list[torch.Tensor]:
+        path = getattr(self.cfg.corpora, which)
+        if path is None:
+            raise FileNotFoundError(
+                f"corpora.{which}: no {which.upper()} corpus configured (--{which} FILE); "
+                f"build one with `train_edits prepare-corpora`"
+            )
+        check_corpus_tokenizer(path, self.vocab.fingerprint)
+        return read_chunks(
+            path, self.tokenizer, getattr(self.cfg.corpora, f"{which}_limit"), self.max_len, vocab_size=self.vocab.size
+        )
+
+    @property
+    def g(self) -> list[torch.Tensor]:
+        if self._g is None:
+            self._g = self._corpus("g")
+        return self._g
+
+    @property
+    def r(self) -> list[torch.Tensor]:
+        if self._r is None:
+            self._r = self._corpus("r")
+        return self._r
+
+    def read_json(self, name: str) -> dict:
+        p = self.dir / name
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing; run the earlier step first")
+        return json.loads(p.read_text())
+
+    def write_json(self, name: str, obj) -> Path:
+        p = self.dir / name
+        p.write_text(json.dumps(obj, indent=1, default=str))
+        return p
