@@ -418,10 +418,9 @@ class LargeModelBatch:
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None  # (b, L) long
     n_real: torch.Tensor | None = None  # (b,) tokens processed per row = next position id
-    # Keep the final hidden states (the LM head's input; a sense head's α reads them) of the last call:
-    # prefill_hidden (len, d) per new row, step_hidden (b, d). They come from the same forward as the logits.
+    # Keep the final hidden states (the LM head's input; a sense head's α reads them), from the same forward as
+    # the logits: step_hidden (b, d) of the last step; prefill_chunks returns each chunk's.
     want_hidden: bool = False
-    prefill_hidden: list[torch.Tensor] | None = None
     step_hidden: torch.Tensor | None = None
     # rows being prefilled in chunks (prefill_chunks): key -> their own cache so far; and the final hidden
     # states of an unfinished row's last chunk (a finished row's come back with its logits)
@@ -434,12 +433,11 @@ class LargeModelBatch:
 
     @torch.no_grad()
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
-        """Run each new row alone (no padding inside a prompt), then pad it into the batch.
-
-        Returns the new rows' next-token logits (n, V), float32.
+        """Run each new row alone (no padding inside a prompt), then pad it into the batch: `prefill_chunks`
+        with every row whole. Returns the new rows' next-token logits (n, V), float32.
         """
-        done = self.prefill_chunks([(i, ids, len(ids)) for i, ids in enumerate(rows)])
-        self.prefill_hidden = [h for _, _, h in done if h is not None] if self.want_hidden else None
+        keys = [object() for _ in rows]  # never a key of a row part-way through prefill_chunks
+        done = self.prefill_chunks([(k, ids, len(ids)) for k, ids in zip(keys, rows, strict=True)])
         return torch.stack([z for _, z, _ in done])
 
     @torch.no_grad()

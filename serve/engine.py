@@ -286,9 +286,7 @@ class Engine:
         self.metrics = metrics
         self.scheduler = Scheduler(limits, metrics, lane_every_steps)
         self.runner: Runner = (
-            runner
-            if runner is not None
-            else EmbeddedRunner(ensemble, self.vocab, getattr(limits, "prefill_chunk_tokens", None))
+            runner if runner is not None else EmbeddedRunner(ensemble, self.vocab, limits.prefill_chunk_tokens)
         )
         self.on_dead: Callable[[str], None] | None = None  # called once (engine thread) when the runner dies
         self.dead: str | None = None

@@ -158,7 +158,6 @@ def check_unicode(text: str, field_name: str) -> None:
 def _tokenize_text(tokenizer, text: str, field_name: str, max_len: int, what: str) -> list[int]:
     if not text:
         raise invalid(field_name, f"empty {what}")
-    check_unicode(text, field_name)
     if len(text) > MAX_TEXT_CHARS:
         raise invalid(field_name, f"{what} has {len(text)} characters, limit {MAX_TEXT_CHARS}")
     # refused before tokenizing (which costs the engine's CPU): a text longer than this cannot fit max_len

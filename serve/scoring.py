@@ -318,7 +318,7 @@ class EmbeddedScorer:
             want_packed,
             should_stop,
             top_n=top_n,
-            forward_chunk=getattr(self.engine.limits, "prefill_chunk_tokens", FORWARD_CHUNK),
+            forward_chunk=self.engine.limits.prefill_chunk_tokens,
         )
 
         def step() -> None:  # one step of serve.scoring per engine job, then queue the next
