@@ -13,7 +13,7 @@ import json
 import math
 import mmap
 import os
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,6 +463,7 @@ class LargeModelBatch:
                 past_key_values=part.cache,
                 use_cache=True,
                 output_hidden_states=self.want_hidden,
+                logits_to_keep=1,  # the LM head on the last position only (a fifth of a prefill's work otherwise)
             )
             part.cache, part.done = out.past_key_values, part.done + len(chunk)
             hidden = out.hidden_states[-1][0] if self.want_hidden else None
@@ -491,17 +492,12 @@ class LargeModelBatch:
         device = self.model.device
         old_len = 0 if self.mask is None else self.mask.shape[1]
         width = max([old_len, *lengths])
-        n_layer = len(kvs[0])
         layers = []
-        for i in range(n_layer):
-            ks, vs = [], []
+        for i in range(len(kvs[0])):
+            parts = [kv[i] for kv in kvs]
             if self.cache is not None:
-                k, v = _layer_kv(self.cache.layers[i])
-                ks.append(_left_pad(k, width))
-                vs.append(_left_pad(v, width))
-            ks += [_left_pad(kv[i][0], width) for kv in kvs]
-            vs += [_left_pad(kv[i][1], width) for kv in kvs]
-            layers.append((torch.cat(ks), torch.cat(vs)))
+                parts.insert(0, _layer_kv(self.cache.layers[i]))
+            layers.append((_stack_left(p[0] for p in parts), _stack_left(p[1] for p in parts)))
         new_mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
         for r, n in enumerate(lengths):
             new_mask[r, width - n :] = 1
@@ -509,7 +505,7 @@ class LargeModelBatch:
         self.mask = torch.cat(masks)
         n_new = torch.tensor(lengths, dtype=torch.long, device=device)
         self.n_real = n_new if self.n_real is None else torch.cat([self.n_real, n_new])
-        self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        self.cache = _cache_of(layers, self.model.config)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, advance: torch.Tensor | None = None) -> torch.Tensor:
@@ -549,9 +545,36 @@ class LargeModelBatch:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else mask.shape[1]
         layers = [(k[idx, :, start:], v[idx, :, start:]) for k, v in map(_layer_kv, self.cache.layers)]
-        self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        self.cache = _cache_of(layers, self.model.config)
         self.mask = mask[:, start:]
         self.n_real = self.n_real[idx]
+
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]], config: PretrainedConfig) -> DynamicCache:
+    """A DynamicCache holding these (keys, values) as they are: `DynamicCache(ddp_cache_data=...)` would copy
+    each layer once more (concatenated onto an empty tensor), which for a long row joining the batch doubles
+    the cost of the join."""
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != len(layers):
+        return DynamicCache(ddp_cache_data=layers, config=config)
+    for layer, (k, v) in zip(cache.layers, layers, strict=True):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
+
+
+def _stack_left(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Rows (b_i, h, n_i, d) stacked into one (Σb_i, h, max n_i, d), each right-aligned (left padding with zeros):
+    every value is written once (padding then concatenating writes the old batch twice)."""
+    parts = list(parts)
+    width = max(p.shape[-2] for p in parts)
+    first = parts[0]
+    out = first.new_zeros((sum(p.shape[0] for p in parts), first.shape[1], width, first.shape[-1]))
+    row = 0
+    for p in parts:
+        out[row : row + p.shape[0], :, width - p.shape[-2] :] = p
+        row += p.shape[0]
+    return out
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
