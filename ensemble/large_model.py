@@ -30,6 +30,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.cache_utils import DynamicLayer
 
 DEFAULT_LARGE_MODEL = "EleutherAI/gpt-j-6b"
 
@@ -555,9 +556,10 @@ def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]], config: Pretraine
     each layer once more (concatenated onto an empty tensor), which for a long row joining the batch doubles
     the cost of the join."""
     cache = DynamicCache(config=config)
-    if len(cache.layers) != len(layers):
+    plain = [layer for layer in cache.layers if type(layer) is DynamicLayer]  # sliding layers crop in update()
+    if len(plain) != len(layers) or len(plain) != len(cache.layers):
         return DynamicCache(ddp_cache_data=layers, config=config)
-    for layer, (k, v) in zip(cache.layers, layers, strict=True):
+    for layer, (k, v) in zip(plain, layers, strict=True):
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
     return cache

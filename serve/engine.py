@@ -36,7 +36,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -145,27 +145,16 @@ def _describe(e: BaseException) -> str:
 def row_params(seq: Sequence, tokenizer=None, vocab_size: int = 0) -> RowParams:
     """What the sampler needs of a request at this step (its output so far decides the min-token masks; a
     response_format's grammar state is made at the first step, from the served `tokenizer`)."""
-    req = seq.req
-    if req.response_format is not None and seq.grammar is None and tokenizer is not None:
-        seq.grammar = grammars_for(tokenizer, vocab_size).start(req.response_format)
+    sp = seq.req.sampling
+    if sp.response_format is not None and seq.grammar is None and tokenizer is not None:
+        seq.grammar = grammars_for(tokenizer, vocab_size).start(sp.response_format)
     return RowParams(
-        greedy=req.greedy,
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        mask_eos=len(seq.output_ids) < req.min_new_tokens and not req.ignore_eos,
+        sp,
+        mask_eos=len(seq.output_ids) < sp.min_new_tokens and not sp.ignore_eos,
         generator=seq.generator,
-        want_logprob=req.want_logprobs,
-        top_n=req.top_n,
-        min_p=req.min_p,
-        logit_bias=req.logit_bias,
-        repetition_penalty=req.repetition_penalty,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        prompt_ids=req.prompt_ids if req.penalized else None,
-        output_ids=seq.output_ids if req.penalized else None,
-        stop_token_ids=req.stop_token_ids,
-        mask_stop_ids=len(seq.output_ids) < req.min_new_tokens,
+        prompt_ids=seq.req.prompt_ids if sp.penalized else None,
+        output_ids=seq.output_ids if sp.penalized else None,
+        mask_stop_ids=len(seq.output_ids) < sp.min_new_tokens,
         grammar=seq.grammar,
     )
 
@@ -344,8 +333,8 @@ class Engine:
         on_finish=None,
         frontend: str = GRPC,
     ) -> Sequence:
-        seed, gen = req.seed, None
-        if not req.greedy:
+        seed, gen = req.sampling.seed, None
+        if not req.sampling.greedy:
             if seed is None:
                 seed = int.from_bytes(os.urandom(7), "little")
             gen = torch.Generator().manual_seed(seed)
@@ -480,7 +469,7 @@ class Engine:
                     break
             if out.finished and seq.finished is None:
                 # the runner ended it (vLLM: max_tokens / EOS) without our stop logic firing: finish consistently
-                eos = seq.output_ids and seq.output_ids[-1] == self.vocab.eos_id and not seq.req.ignore_eos
+                eos = seq.output_ids and seq.output_ids[-1] == self.vocab.eos_id and not seq.req.sampling.ignore_eos
                 self._finish(seq, EOS_TOKEN if eos else MAX_TOKENS)
         self._export_counters(self.runner.counters(idle=not running and not self.runner.busy()))
 
@@ -499,7 +488,7 @@ class Engine:
         self._counters = now
 
     @staticmethod
-    def _holdback(text: str, stops: list[str]) -> int:
+    def _holdback(text: str, stops: Iterable[str]) -> int:
         keep = 0
         if text.endswith("\ufffd"):
             keep = len(text) - len(text.rstrip("\ufffd"))
@@ -523,33 +512,33 @@ class Engine:
 
         reason, stop_seq, final_text = None, "", None
         if seq.detok is None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, req.skip_special_tokens)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, req.sampling.skip_special_tokens)
         seq.detok.add(tok)
         text = seq.detok.text  # complete characters only; an unfinished one is held back
         if seq.grammar is not None:
             seq.grammar.accept(tok)
-        if tok == self.vocab.eos_id and not req.ignore_eos and n > req.min_new_tokens - 1:
+        if tok == self.vocab.eos_id and not req.sampling.ignore_eos and n > req.sampling.min_new_tokens - 1:
             reason = EOS_TOKEN
-        elif tok in req.stop_token_ids and n >= req.min_new_tokens:
+        elif tok in req.sampling.stop_token_ids and n >= req.sampling.min_new_tokens:
             reason = STOP_TOKEN
         elif seq.grammar is not None and seq.grammar.finished:  # the response_format is complete
             reason = EOS_TOKEN
-        if req.stop_sequences and n >= req.min_new_tokens:
+        if req.sampling.stop_sequences and n >= req.sampling.min_new_tokens:
             best = None
-            for s in req.stop_sequences:  # only the text not searched yet (plus a stop's length of overlap)
+            for s in req.sampling.stop_sequences:  # only the text not searched yet (plus a stop's length of overlap)
                 p = text.find(s, max(0, seq.stop_scan - len(s) + 1))
                 if p >= 0 and (best is None or p < best[0]):
                     best = (p, s)
             seq.stop_scan = len(text)
             if best is not None:
                 reason, stop_seq = STOP_SEQUENCE, best[1]
-                final_text = text[: best[0] + (len(best[1]) if req.include_stop_sequence else 0)]
-        if reason is None and n >= req.max_new_tokens:
+                final_text = text[: best[0] + (len(best[1]) if req.sampling.include_stop_sequence else 0)]
+        if reason is None and n >= req.sampling.max_new_tokens:
             reason = MAX_TOKENS
         if reason is not None and final_text is None:
             text = seq.detok.flush()
         if reason is None:
-            upto = len(text) - self._holdback(text, req.stop_sequences)
+            upto = len(text) - self._holdback(text, req.sampling.stop_sequences)
             delta = text[seq.sent_chars : upto] if upto > seq.sent_chars else ""
             seq.sent_chars = max(seq.sent_chars, upto)
             seq.events.put(TokenEvent(tok, delta, logprob, top, n))

@@ -54,12 +54,12 @@ from serve.http_conn import BODY_TIMEOUT, DISCONNECT, guarded_protocol
 from serve.metrics import HTTP, Metrics
 from serve.params import (
     MAX_REQUEST_ID,
-    MAX_SEED,
     GenerateInput,
     check_unicode,
     parse_pack_ref,
     validate_generation,
 )
+from serve.sampling_params import MAX_SEED, SamplingParams
 from serve.service import GenerationService, PromptScores, finish_error
 from serve.structured import ResponseFormat as Format
 from serve.structured import parse_response_format
@@ -574,31 +574,33 @@ class HttpFrontend:
                         request_id=f"{rid}-{pi * body.n + j}" if len(prompts) * body.n > 1 else rid,
                         text=prompt if isinstance(prompt, str) else None,
                         prompt_ids=list(prompt) if not isinstance(prompt, str) else None,
-                        greedy=temperature == 0,
-                        temperature=temperature,
-                        top_k=body.top_k,
-                        top_p=1.0 if body.top_p is None else body.top_p,
-                        seed=seed,
-                        max_new_tokens=max_tokens or 0,
-                        min_new_tokens=body.min_tokens,
-                        stop_sequences=stops,
-                        include_stop_sequence=body.include_stop_str_in_output,
-                        ignore_eos=body.ignore_eos,
-                        stop_token_ids=list(body.stop_token_ids or []),
-                        want_tokens=True,
-                        want_logprobs=want_lp,
-                        top_n=top_n,
-                        repetition_penalty=body.repetition_penalty,
-                        presence_penalty=body.presence_penalty,
-                        frequency_penalty=body.frequency_penalty,
-                        min_p=body.min_p,
-                        logit_bias=bias,
+                        sampling=SamplingParams(
+                            greedy=temperature == 0,
+                            temperature=temperature,
+                            top_k=body.top_k,
+                            top_p=1.0 if body.top_p is None else body.top_p,
+                            seed=seed,
+                            max_new_tokens=max_tokens or 0,
+                            until_context=until_context,
+                            min_new_tokens=body.min_tokens,
+                            stop_sequences=stops,
+                            include_stop_sequence=body.include_stop_str_in_output,
+                            ignore_eos=body.ignore_eos,
+                            stop_token_ids=list(body.stop_token_ids or []),
+                            want_tokens=True,
+                            want_logprobs=want_lp,
+                            top_n=top_n,
+                            repetition_penalty=body.repetition_penalty,
+                            presence_penalty=body.presence_penalty,
+                            frequency_penalty=body.frequency_penalty,
+                            min_p=body.min_p,
+                            logit_bias=bias,
+                            skip_special_tokens=body.skip_special_tokens,
+                            response_format=fmt,
+                        ),
                         packs=packs,
                         base_only=body.base_only,
                         ab_key=ab_key,
-                        skip_special_tokens=body.skip_special_tokens,
-                        until_context=until_context,
-                        response_format=fmt,
                     )
                 )
         if max_tokens == 0:
@@ -754,7 +756,7 @@ class HttpFrontend:
     def _prompt_text(self, g: GenerateInput, req) -> str:
         if g.text is not None:
             return g.text
-        return self.tokenizer.decode(req.prompt_ids, skip_special_tokens=req.skip_special_tokens)
+        return self.tokenizer.decode(req.prompt_ids, skip_special_tokens=req.sampling.skip_special_tokens)
 
 
 @dataclass

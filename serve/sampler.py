@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from serve.sampling_params import SamplingParams
 from serve.structured import mask_rows
 
 
@@ -47,30 +48,15 @@ class RowError(Exception):
 
 @dataclass
 class RowParams:
-    """What the sampler needs of one request at this step."""
+    """What the sampler needs of one request at this step: its parameters and where its output stands."""
 
-    greedy: bool
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    sampling: SamplingParams
     mask_eos: bool = False  # min_new_tokens not reached yet
     generator: torch.Generator | None = None
-    want_logprob: bool = False
-    top_n: int = 0
-    min_p: float = 0.0
-    logit_bias: dict | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     prompt_ids: list[int] | None = None  # for the repetition penalty
     output_ids: list[int] | None = None  # for all three penalties
-    stop_token_ids: frozenset = frozenset()
     mask_stop_ids: bool = False  # min_new_tokens not reached: stop_token_ids masked too
     grammar: Any = None  # serve.structured.GrammarState: the tokens it forbids are masked
-
-    @property
-    def penalized(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass
@@ -100,10 +86,10 @@ def _penalize(scores: torch.Tensor, params: list[RowParams], rows: list[int]) ->
     seen = seen.view(n, v) | (counts > 0)
     idx = torch.tensor(rows)
     sub = scores[idx]
-    rep = torch.tensor([params[i].repetition_penalty for i in rows], dtype=sub.dtype)[:, None]
+    rep = torch.tensor([params[i].sampling.repetition_penalty for i in rows], dtype=sub.dtype)[:, None]
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    freq = torch.tensor([params[i].frequency_penalty for i in rows], dtype=sub.dtype)[:, None]
-    pres = torch.tensor([params[i].presence_penalty for i in rows], dtype=sub.dtype)[:, None]
+    freq = torch.tensor([params[i].sampling.frequency_penalty for i in rows], dtype=sub.dtype)[:, None]
+    pres = torch.tensor([params[i].sampling.presence_penalty for i in rows], dtype=sub.dtype)[:, None]
     scores[idx] = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
 
 
@@ -115,9 +101,9 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
     assert b == len(params)
     _check_finite(lp)
     scores = lp
-    bias_rows = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
-    pen_rows = [i for i, p in enumerate(params) if p.penalized]
-    eos_rows = [i for i, p in enumerate(params) if p.mask_eos or (p.mask_stop_ids and p.stop_token_ids)]
+    bias_rows = [(i, p.sampling.logit_bias) for i, p in enumerate(params) if p.sampling.logit_bias]
+    pen_rows = [i for i, p in enumerate(params) if p.sampling.penalized]
+    eos_rows = [i for i, p in enumerate(params) if p.mask_eos or (p.mask_stop_ids and p.sampling.stop_token_ids)]
     gram_rows = [i for i, p in enumerate(params) if p.grammar is not None]
     if bias_rows or pen_rows or eos_rows or gram_rows:
         scores = lp.clone()
@@ -128,7 +114,7 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
         _penalize(scores, params, pen_rows)
     for i in eos_rows:
         p = params[i]
-        scores[i, [eos_id] * p.mask_eos + list(p.stop_token_ids) * p.mask_stop_ids] = float("-inf")
+        scores[i, [eos_id] * p.mask_eos + list(p.sampling.stop_token_ids) * p.mask_stop_ids] = float("-inf")
     if gram_rows:
         mask_rows(scores, gram_rows, [params[i].grammar for i in gram_rows])
         dead = ~torch.isfinite(scores[torch.tensor(gram_rows)].max(dim=-1).values)
@@ -137,20 +123,20 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
             raise RowError(r, f"row {r}: response_format allows no token here (min_tokens or logit_bias exclude it)")
     tokens = scores.argmax(dim=-1)  # greedy rows (and the fallback of every row)
 
-    samp = [i for i, p in enumerate(params) if not p.greedy]
+    samp = [i for i, p in enumerate(params) if not p.sampling.greedy]
     if samp:
         idx_rows = torch.tensor(samp)
         x = scores[idx_rows]
         x = x - x.max(dim=-1, keepdim=True).values  # <= 0, max exactly 0
-        temp = torch.tensor([params[i].temperature for i in samp], dtype=x.dtype)[:, None]
+        temp = torch.tensor([params[i].sampling.temperature for i in samp], dtype=x.dtype)[:, None]
         x = x / temp  # 0 / T = 0; negatives may reach -inf
-        min_p = torch.tensor([params[i].min_p for i in samp], dtype=torch.float64)
+        min_p = torch.tensor([params[i].sampling.min_p for i in samp], dtype=torch.float64)
         x = x.masked_fill(x < torch.log(min_p).to(x.dtype)[:, None], float("-inf"))  # min_p 0: log 0 = -inf
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        k = torch.tensor([params[i].top_k if 0 < params[i].top_k < v else v for i in samp])
+        k = torch.tensor([params[i].sampling.top_k if 0 < params[i].sampling.top_k < v else v for i in samp])
         kth = sorted_x.gather(1, (k - 1)[:, None])
         sorted_x = sorted_x.masked_fill(sorted_x < kth, float("-inf"))
-        top_p = torch.tensor([params[i].top_p for i in samp], dtype=x.dtype)[:, None]
+        top_p = torch.tensor([params[i].sampling.top_p for i in samp], dtype=x.dtype)[:, None]
         probs = torch.softmax(sorted_x, dim=-1)
         cum = probs.cumsum(dim=-1)
         drop = (cum - probs) >= top_p  # keep the smallest prefix reaching top_p (the max always)
@@ -163,13 +149,13 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
         tokens[idx_rows] = order.gather(1, pos[:, None]).squeeze(1)
 
     tok_list = tokens.tolist()
-    max_n = max((p.top_n for p in params), default=0)
+    max_n = max((p.sampling.top_n for p in params), default=0)
     top_v: list[list[float]] = []
     top_i: list[list[int]] = []
     if max_n:  # every row with top_n > 0 is covered
         best = torch.topk(lp, max_n, dim=-1)
         top_v, top_i = best.values.tolist(), best.indices.tolist()
-    want = [i for i, p in enumerate(params) if p.want_logprob]
+    want = [i for i, p in enumerate(params) if p.sampling.want_logprobs]
     chosen_lp = {}
     if want:
         w = torch.tensor(want)
@@ -177,6 +163,7 @@ def sample(lp: torch.Tensor, params: list[RowParams], eos_id: int) -> list[Sampl
         chosen_lp = dict(zip(want, vals, strict=True))
     out = []
     for i, p in enumerate(params):
-        top = list(zip(top_i[i][: p.top_n], top_v[i][: p.top_n], strict=True)) if p.top_n else []
+        n = p.sampling.top_n
+        top = list(zip(top_i[i][:n], top_v[i][:n], strict=True)) if n else []
         out.append(Sampled(tok_list[i], chosen_lp.get(i), top))
     return out

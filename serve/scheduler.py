@@ -80,7 +80,7 @@ class Sequence:
     @property
     def budget(self) -> int:
         """Tokens the request may hold in the batch: its prompt and every token it may generate."""
-        return len(self.req.prompt_ids) + self.req.max_new_tokens
+        return len(self.req.prompt_ids) + self.req.sampling.max_new_tokens
 
 
 class EngineStopped(Unavailable):

@@ -38,6 +38,7 @@ from serve.metrics import GRPC, Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
 from serve.packs import PackManager, ResidentTable
 from serve.params import GenerationRequest, parse_generate, parse_pack_ref, parse_score
+from serve.sampling_params import SamplingParams
 from serve.scoring import EmbeddedScorer, Scorer
 from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason, finish_error, reason_error
 
@@ -175,9 +176,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self._internal(context, tracked, e)
         context.add_callback(gen.cancel)
         head = pb.GenerateResponse(request_id=req.request_id, input_token_count=len(req.prompt_ids))
-        if req.want_input_tokens:
+        if req.sampling.want_input_tokens:
             head.input_token_ids.extend(req.prompt_ids)
-        if req.want_prompt_logprobs and len(req.prompt_ids) > 1:
+        if req.sampling.want_prompt_logprobs and len(req.prompt_ids) > 1:
             try:
                 head.prompt_logprobs.extend(gen.prompt_logprobs(_time_left(context)).logprobs)
             except ServeError as e:
@@ -198,11 +199,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         req, gen, resp = self._start(request, context, tracked)
         for ev in gen.events(context.is_active):
             if isinstance(ev, eng.TokenEvent):
-                if req.want_tokens:
+                if req.sampling.want_tokens:
                     resp.tokens.append(self._token_info(ev))
                 continue
             self._abort_if_failed(context, tracked, ev)
-            if ev.last is not None and req.want_tokens:
+            if ev.last is not None and req.sampling.want_tokens:
                 resp.tokens.append(self._token_info(ev.last))
             resp.text = ev.text
             resp.generated_token_count = len(ev.output_ids)
@@ -222,7 +223,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     msg = pb.GenerateResponse(
                         request_id=req.request_id, text=ev.text_delta, generated_token_count=ev.generated
                     )
-                    if req.want_tokens:
+                    if req.sampling.want_tokens:
                         msg.tokens.append(self._token_info(ev))
                     yield msg
                     continue
@@ -235,7 +236,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     stop_reason=_STOP[ev.reason],
                     stop_sequence=ev.stop_sequence,
                 )
-                if ev.last is not None and req.want_tokens:
+                if ev.last is not None and req.sampling.want_tokens:
                     msg.tokens.append(self._token_info(ev.last))
                 yield msg
         finally:
@@ -728,7 +729,10 @@ class SensepackServer:
 
     def _warmup(self) -> None:
         req = GenerationRequest(
-            request_id="warmup", prompt_ids=[self.vocab.eos_id], packs=[], max_new_tokens=2, ignore_eos=True
+            request_id="warmup",
+            prompt_ids=[self.vocab.eos_id],
+            packs=[],
+            sampling=SamplingParams(max_new_tokens=2, ignore_eos=True),
         )
         seq = self.engine.submit(req, [])
         while not isinstance(seq.events.get(timeout=120), eng.FinishEvent):

@@ -16,6 +16,7 @@ from sensepack_proto import pb, pb_grpc
 from sensepack_testing.serve import channel, demo_served, running_server
 from serve.client import build_generate_request
 from serve.sampler import RowError, RowParams, sample
+from serve.sampling_params import SamplingParams
 
 PROMPT = "The capital of Mauritius is"
 EOS = Vocabulary.gpt2().eos_id  # the sampler masks it only for rows below min_new_tokens
@@ -24,21 +25,21 @@ EOS = Vocabulary.gpt2().eos_id  # the sampler masks it only for rows below min_n
 def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
     """The textbook recipe in float64, one row: softmax(lp/T), top-k, top-p, inverse CDF at u."""
     x = lp.double().tolist()
-    if p.greedy:
+    if p.sampling.greedy:
         return max(range(len(x)), key=lambda i: x[i])
     m = max(x)
-    z = [(v - m) / p.temperature for v in x]
+    z = [(v - m) / p.sampling.temperature for v in x]
     order = sorted(range(len(z)), key=lambda i: -z[i])
-    if p.top_k:
-        kth = z[order[p.top_k - 1]]
+    if p.sampling.top_k:
+        kth = z[order[p.sampling.top_k - 1]]
         order = [i for i in order if z[i] >= kth]
     w = [math.exp(z[i]) for i in order]
     tot = sum(w)
     probs = [v / tot for v in w]
-    if p.top_p < 1.0:
+    if p.sampling.top_p < 1.0:
         keep, acc = [], 0.0
         for i, q in zip(order, probs, strict=True):
-            if acc >= p.top_p:
+            if acc >= p.sampling.top_p:
                 break
             keep.append(i)
             acc += q
@@ -63,10 +64,7 @@ def test_batched_sampler_matches_naive_formula(temperature, top_k, top_p):
     for seed in range(30):
         params = [
             RowParams(
-                greedy=(r == 2),
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
+                SamplingParams(greedy=(r == 2), temperature=temperature, top_k=top_k, top_p=top_p),
                 generator=torch.Generator().manual_seed(seed * 10 + r),
             )
             for r in range(6)
@@ -83,7 +81,8 @@ def test_batched_sampler_matches_naive_formula(temperature, top_k, top_p):
 def test_tiny_temperature_is_the_argmax(temperature):
     lp = torch.log_softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(1)), dim=-1)
     params = [
-        RowParams(greedy=False, temperature=temperature, generator=torch.Generator().manual_seed(r)) for r in range(3)
+        RowParams(SamplingParams(greedy=False, temperature=temperature), generator=torch.Generator().manual_seed(r))
+        for r in range(3)
     ]
     assert [s.token for s in sample(lp, params, EOS)] == lp.argmax(-1).tolist()
 
@@ -92,7 +91,7 @@ def test_non_finite_row_names_its_row():
     lp = torch.log_softmax(torch.randn(3, 20), dim=-1)
     lp[1, 4] = float("nan")
     with pytest.raises(RowError) as ei:
-        sample(lp, [RowParams(greedy=True)] * 3, EOS)
+        sample(lp, [RowParams(SamplingParams(greedy=True))] * 3, EOS)
     assert ei.value.row == 1
 
 

@@ -17,6 +17,7 @@ from sensepack_proto import pb, pb_grpc
 from sensepack_testing.serve import channel, demo_served, demo_variant, publish_edits, running_server
 from serve.client import build_generate_request
 from serve.sampler import RowParams, sample
+from serve.sampling_params import SamplingParams
 
 PROMPT = "The capital of Mauritius is"
 EOS = Vocabulary.gpt2().eos_id  # the sampler masks it only for rows below min_new_tokens
@@ -25,28 +26,28 @@ EOS = Vocabulary.gpt2().eos_id  # the sampler masks it only for rows below min_n
 def _adjust(lp: list[float], p: RowParams) -> list[float]:
     """logit_bias, repetition, frequency and presence penalties, one token at a time (float64)."""
     s = list(lp)
-    for t, b in (p.logit_bias or {}).items():
+    for t, b in (p.sampling.logit_bias or {}).items():
         s[t] += b
     out = p.output_ids or []
     seen = set(p.prompt_ids or []) | set(out)
     for t in range(len(s)):
         if t in seen:
-            s[t] = s[t] / p.repetition_penalty if s[t] > 0 else s[t] * p.repetition_penalty
+            s[t] = s[t] / p.sampling.repetition_penalty if s[t] > 0 else s[t] * p.sampling.repetition_penalty
         c = out.count(t)
-        s[t] -= p.frequency_penalty * c + p.presence_penalty * (c > 0)
+        s[t] -= p.sampling.frequency_penalty * c + p.sampling.presence_penalty * (c > 0)
     return s
 
 
 def _naive(lp: torch.Tensor, p: RowParams, u: float) -> int:
     s = _adjust(lp.double().tolist(), p)
-    if p.greedy:
+    if p.sampling.greedy:
         return max(range(len(s)), key=lambda i: s[i])
     m = max(s)
-    z = [(v - m) / p.temperature for v in s]
-    keep = [i for i in range(len(z)) if math.exp(z[i]) >= p.min_p]  # p(v) / max p >= min_p
+    z = [(v - m) / p.sampling.temperature for v in s]
+    keep = [i for i in range(len(z)) if math.exp(z[i]) >= p.sampling.min_p]  # p(v) / max p >= min_p
     keep.sort(key=lambda i: -z[i])
-    if p.top_k:
-        kth = sorted((z[i] for i in range(len(z))), reverse=True)[p.top_k - 1]
+    if p.sampling.top_k:
+        kth = sorted((z[i] for i in range(len(z))), reverse=True)[p.sampling.top_k - 1]
         keep = [i for i in keep if z[i] >= kth]
     w = [math.exp(z[i]) for i in keep]
     acc = 0.0
@@ -88,11 +89,10 @@ def test_adjusted_sampling_matches_naive_formula(kw, greedy):
         ]
         params = [
             RowParams(
-                greedy=greedy,
+                SamplingParams(greedy=greedy, **kw),
                 generator=torch.Generator().manual_seed(seed * 10 + r),
                 prompt_ids=prompts[r],
                 output_ids=outs[r],
-                **kw,
             )
             for r in range(5)
         ]
@@ -142,7 +142,9 @@ def _reference_greedy(env, n, packs, **kw):
     out = []
     for _ in range(n):
         lp = batch.logprobs()[0].float()
-        s = _adjust(lp.double().tolist(), RowParams(greedy=True, prompt_ids=prompt, output_ids=out, **kw))
+        s = _adjust(
+            lp.double().tolist(), RowParams(SamplingParams(greedy=True, **kw), prompt_ids=prompt, output_ids=out)
+        )
         t = max(range(len(s)), key=lambda i: s[i])
         out.append(t)
         batch.append({0: t})

@@ -13,11 +13,14 @@ from serve.config import LimitsConfig
 from serve.errors import QueueFull, status_of
 from serve.metrics import Metrics
 from serve.params import GenerationRequest
+from serve.sampling_params import SamplingParams
 from serve.scheduler import CANCELLED, TIME_LIMIT, EngineStopped, Scheduler, Sequence
 
 
 def _seq(sched, prompt=4, new=4, deadline=None):
-    req = GenerationRequest(request_id="r", prompt_ids=[1] * prompt, packs=[], max_new_tokens=new)
+    req = GenerationRequest(
+        request_id="r", prompt_ids=[1] * prompt, packs=[], sampling=SamplingParams(max_new_tokens=new)
+    )
     return Sequence(sched.next_id(), req, [], queue.Queue(), deadline=deadline)
 
 

@@ -24,6 +24,7 @@ from serve import engine as eng  # noqa: E402
 from serve.config import LimitsConfig  # noqa: E402
 from serve.metrics import Metrics  # noqa: E402
 from serve.params import GenerationRequest  # noqa: E402
+from serve.sampling_params import SamplingParams  # noqa: E402
 from serve.vllm.engine import VLLMEngine  # noqa: E402
 from serve.vllm.resolver import DictSource  # noqa: E402
 
@@ -62,7 +63,9 @@ def _run(seq, timeout=120):
 
 
 def _req(i, ids, n, **kw):
-    return GenerationRequest(request_id=f"r{i}", prompt_ids=ids, packs=[], max_new_tokens=n, ignore_eos=True, **kw)
+    return GenerationRequest(
+        request_id=f"r{i}", prompt_ids=ids, packs=[], sampling=SamplingParams(max_new_tokens=n, ignore_eos=True, **kw)
+    )
 
 
 PROMPTS = [

@@ -26,6 +26,7 @@ from serve import engine as eng  # noqa: E402
 from serve.config import LimitsConfig  # noqa: E402
 from serve.metrics import Metrics  # noqa: E402
 from serve.params import GenerationRequest  # noqa: E402
+from serve.sampling_params import SamplingParams  # noqa: E402
 from serve.scheduler import Sequence  # noqa: E402
 from serve.vllm.engine import VLLMEngine, sampling_params  # noqa: E402
 from serve.vllm.resolver import REGISTRY, DictSource  # noqa: E402
@@ -84,7 +85,13 @@ def test_readded_requests_resume_without_backpack_prefill(tmp_path, monkeypatch)
         prompts = [tok(p).input_ids for p in PROMPTS]
         seqs = [
             engine.submit(
-                GenerationRequest(request_id=f"r{i}", prompt_ids=p, packs=[], max_new_tokens=N, ignore_eos=True), [pack]
+                GenerationRequest(
+                    request_id=f"r{i}",
+                    prompt_ids=p,
+                    packs=[],
+                    sampling=SamplingParams(max_new_tokens=N, ignore_eos=True),
+                ),
+                [pack],
             )
             for i, p in enumerate(prompts)
         ]
@@ -141,7 +148,9 @@ def test_sampling_params_mapping():
     (it raises them to 0.01) go as greedy, their T -> 0 limit, which the embedded sampler also gives."""
 
     def params(**kw):
-        req = GenerationRequest(request_id="r", prompt_ids=[1, 2], packs=[], max_new_tokens=7, **kw)
+        req = GenerationRequest(
+            request_id="r", prompt_ids=[1, 2], packs=[], sampling=SamplingParams(max_new_tokens=7, **kw)
+        )
         return sampling_params(Sequence(3, req, [], queue.Queue(), seed=11))
 
     p = params(greedy=False, temperature=1e-39)

@@ -231,12 +231,16 @@ def test_decoding_goes_on_while_a_long_score_runs(world, server):
     is still being scored (forced rows are ordinary rows of vLLM's batch; nothing waits for the Score)."""
     from serve import engine as eng
     from serve.params import GenerationRequest
+    from serve.sampling_params import SamplingParams
 
     ids = _ids(world, PROMPT)
     long = (_ids(world, " and the sea is blue") * 50)[:200]
     job = server.components.scorer.score(ids, long, [world["pack"]], True, True)
     seq = server.engine.submit(
-        GenerationRequest(request_id="beside", prompt_ids=ids, packs=[], max_new_tokens=10, ignore_eos=True), []
+        GenerationRequest(
+            request_id="beside", prompt_ids=ids, packs=[], sampling=SamplingParams(max_new_tokens=10, ignore_eos=True)
+        ),
+        [],
     )
     while not isinstance(ev := seq.events.get(timeout=120), eng.FinishEvent):
         pass

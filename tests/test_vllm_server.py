@@ -165,6 +165,7 @@ def test_one_refused_request_among_streams_hurts_none(env):
 
     from serve import engine as eng
     from serve.params import GenerationRequest
+    from serve.sampling_params import SamplingParams
 
     c, n = env["client"], 12
     ref = _ref(env, [PROMPTS[0]], [], n)[0]
@@ -176,7 +177,10 @@ def test_one_refused_request_among_streams_hurts_none(env):
     for t in threads:
         t.start()
     bad = env["server"].engine.submit(
-        GenerationRequest(request_id="too-long", prompt_ids=[11] * 600, packs=[], max_new_tokens=4), []
+        GenerationRequest(
+            request_id="too-long", prompt_ids=[11] * 600, packs=[], sampling=SamplingParams(max_new_tokens=4)
+        ),
+        [],
     )
     ev = bad.events.get(timeout=120)
     assert isinstance(ev, eng.FinishEvent) and ev.reason == eng.REFUSED and ev.error.startswith("text:")

@@ -52,7 +52,6 @@ from .resolver import REGISTRY
 
 log = logging.getLogger("sensepack.vllm.engine")
 
-VLLM_MIN_TEMPERATURE = 0.01  # vllm.sampling_params._MAX_TEMP (0.32): lower temperatures are raised to it
 
 ScoreDone = Callable[[Any, BaseException | None], None]  # (([base...], [packed...]) or None, error or None)
 
@@ -126,33 +125,7 @@ def _engine_dead_errors() -> tuple[type, ...]:
 def sampling_params(seq: Sequence):
     """vllm.SamplingParams of a request: the same sampling / stopping fields as the embedded sampler
     (serve.sampler), and its pinned packs for the sensepack processor."""
-    from vllm import SamplingParams
-
-    req = seq.req
-    n_lp = max(req.top_n, 1) if (req.want_logprobs or req.top_n) else None
-    kw = dict(
-        max_tokens=req.max_new_tokens,
-        min_tokens=req.min_new_tokens,
-        ignore_eos=req.ignore_eos,
-        logprobs=n_lp,
-        extra_args=build_extra_args(seq.packs, request_id=f"sp-{seq.seq_id}"),
-        stop_token_ids=sorted(req.stop_token_ids) or None,
-        detokenize=False,
-        repetition_penalty=req.repetition_penalty,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        min_p=req.min_p,
-        logit_bias=req.logit_bias or None,
-    )
-    if req.response_format is not None:  # vLLM's own structured outputs, applied after the sensepack processor
-        kw.update(structured_outputs=req.response_format.to_vllm())
-    # vLLM raises temperatures in (0, 0.01) to 0.01 (its numerical floor); their T -> 0 limit, which the
-    # embedded sampler reaches (temperature 1e-39 samples the argmax), is greedy decoding
-    if req.greedy or req.temperature < VLLM_MIN_TEMPERATURE:
-        kw.update(temperature=0.0)
-    else:
-        kw.update(temperature=req.temperature, top_k=req.top_k or 0, top_p=req.top_p, seed=seq.seed)
-    return SamplingParams(**kw)
+    return seq.req.sampling.to_vllm(seq.seed, build_extra_args(seq.packs, request_id=f"sp-{seq.seq_id}"))
 
 
 def score_sampling_params(request_id: str, prefix_len: int, cont: list[int], packs, top_n: int | None = None):
@@ -347,11 +320,11 @@ class VLLMRunner:
                 logprob, top = None, []
                 lps = comp.logprobs[k] if comp.logprobs is not None and k < len(comp.logprobs) else None
                 if lps and seq is not None:
-                    if seq.req.want_logprobs and tok in lps:
+                    if seq.req.sampling.want_logprobs and tok in lps:
                         logprob = float(lps[tok].logprob)
-                    if seq.req.top_n:
+                    if seq.req.sampling.top_n:
                         ranked = sorted(((v.rank, t, float(v.logprob)) for t, v in lps.items() if v.rank is not None))
-                        top = [(t, lp) for _, t, lp in ranked[: seq.req.top_n]]
+                        top = [(t, lp) for _, t, lp in ranked[: seq.req.sampling.top_n]]
                 row.tokens.append(Sampled(tok, logprob, top))
             self._seen[sid] = len(ids)
             if out.finished:  # gone from vLLM: nothing to abort
