@@ -498,7 +498,8 @@ class LargeModelBatch:
             parts = [kv[i] for kv in kvs]
             if self.cache is not None:
                 parts.insert(0, _layer_kv(self.cache.layers[i]))
-            layers.append((_stack_left(p[0] for p in parts), _stack_left(p[1] for p in parts)))
+            (k, _), (v, _) = _stack_left(p[0] for p in parts), _stack_left(p[1] for p in parts)
+            layers.append((k, v))
         new_mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
         for r, n in enumerate(lengths):
             new_mask[r, width - n :] = 1
@@ -506,7 +507,7 @@ class LargeModelBatch:
         self.mask = torch.cat(masks)
         n_new = torch.tensor(lengths, dtype=torch.long, device=device)
         self.n_real = n_new if self.n_real is None else torch.cat([self.n_real, n_new])
-        self.cache = _cache_of(layers, self.model.config)
+        self.cache = _cache_of(layers, width, self.model.config)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, advance: torch.Tensor | None = None) -> torch.Tensor:
@@ -545,38 +546,78 @@ class LargeModelBatch:
         mask = self.mask[idx]
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else mask.shape[1]
-        layers = [(k[idx, :, start:], v[idx, :, start:]) for k, v in map(_layer_kv, self.cache.layers)]
-        self.cache = _cache_of(layers, self.model.config)
+        layers = [
+            (_with_room(k[idx, :, start:], k.shape[-2] - start), _with_room(v[idx, :, start:], v.shape[-2] - start))
+            for k, v in map(_layer_kv, self.cache.layers)
+        ]
+        self.cache = _cache_of(layers, mask.shape[1] - start, self.model.config)
         self.mask = mask[:, start:]
         self.n_real = self.n_real[idx]
 
 
-def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]], config: PretrainedConfig) -> DynamicCache:
-    """A DynamicCache holding these (keys, values) as they are: `DynamicCache(ddp_cache_data=...)` would copy
-    each layer once more (concatenated onto an empty tensor), which for a long row joining the batch doubles
-    the cost of the join."""
+class _SlackLayer(DynamicLayer):
+    """A cache layer whose keys and values are views of buffers with spare columns, so a decode step writes its
+    column in place: DynamicLayer.update concatenates, copying the whole batch's cache at every step (two
+    thirds of a decode step once a long row has widened the batch)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, width: int):
+        """`keys`, `values`: (b, h, capacity, d) buffers whose first `width` columns hold the cache."""
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.lazy_initialization(keys, values)
+        self._k, self._v, self._n = keys, values, width
+        self.keys, self.values = keys[..., :width, :], values[..., :width, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, q = self._n, key_states.shape[-2]
+        if n + q > self._k.shape[-2]:
+            self._k, self._v = _with_room(self._k[..., :n, :], n + q), _with_room(self._v[..., :n, :], n + q)
+        self._k[..., n : n + q, :] = key_states
+        self._v[..., n : n + q, :] = value_states
+        self._n = n + q
+        keys, values = self._k[..., : n + q, :], self._v[..., : n + q, :]
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+def _room(width: int) -> int:
+    """Columns to allocate for a cache of `width`: a quarter more (at least 32), so the buffer is copied once
+    every width/4 steps instead of at every step."""
+    return width + max(32, width // 4)
+
+
+def _with_room(t: torch.Tensor, width: int) -> torch.Tensor:
+    """A (b, h, _room(width), d) buffer starting with `t`'s columns."""
+    out = t.new_empty((*t.shape[:2], _room(width), t.shape[-1]))
+    out[..., : t.shape[-2], :] = t
+    return out
+
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]], width: int, config: PretrainedConfig) -> DynamicCache:
+    """A DynamicCache over these (keys, values) buffers, whose first `width` columns hold the cache, used as they
+    are (`DynamicCache(ddp_cache_data=...)` would copy each layer again) and grown in place by decode steps."""
     cache = DynamicCache(config=config)
-    plain = [layer for layer in cache.layers if type(layer) is DynamicLayer]  # sliding layers crop in update()
-    if len(plain) != len(layers) or len(plain) != len(cache.layers):
-        return DynamicCache(ddp_cache_data=layers, config=config)
-    for layer, (k, v) in zip(plain, layers, strict=True):
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
+    if len(cache.layers) != len(layers) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        # sliding-window or linear-attention layers keep their own update rules
+        return DynamicCache(ddp_cache_data=[(k[..., :width, :], v[..., :width, :]) for k, v in layers], config=config)
+    cache.layers = [_SlackLayer(k, v, width) for k, v in layers]
     return cache
 
 
-def _stack_left(parts: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Rows (b_i, h, n_i, d) stacked into one (Σb_i, h, max n_i, d), each right-aligned (left padding with zeros):
-    every value is written once (padding then concatenating writes the old batch twice)."""
+def _stack_left(parts: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Rows (b_i, h, n_i, d) stacked into one buffer (Σb_i, h, _room(w), d) whose first w = max n_i columns hold
+    them, each right-aligned (left padding with zeros); every value is written once. Returns (buffer, w)."""
     parts = list(parts)
     width = max(p.shape[-2] for p in parts)
     first = parts[0]
-    out = first.new_zeros((sum(p.shape[0] for p in parts), first.shape[1], width, first.shape[-1]))
+    out = first.new_empty((sum(p.shape[0] for p in parts), first.shape[1], _room(width), first.shape[-1]))
     row = 0
     for p in parts:
-        out[row : row + p.shape[0], :, width - p.shape[-2] :] = p
+        out[row : row + p.shape[0], :, : width - p.shape[-2]] = 0
+        out[row : row + p.shape[0], :, width - p.shape[-2] : width] = p
         row += p.shape[0]
-    return out
+    return out, width
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -228,3 +228,34 @@ def test_checkpoint_fingerprint_of_the_smollm2_zoo_folder():
     info = large_model_info_from_checkpoint(name, device="cpu")
     assert info == large_model_info(load_large_model(name), name)
     assert info.architecture == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batch_cache_grows_in_place_and_stays_exact(arch):
+    """Decode steps write into spare cache columns and regrow past them; rows join mid-way (a long one
+    widening the batch) and leave: every step's logits equal a full forward of each row's tokens so far."""
+    torch.manual_seed(1)
+    if arch == "llama":
+        model = _tiny_llama(seed=1)
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=512)).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = {"a": [5, 6, 7], "b": [8, 9, 10, 11, 12]}
+    batch = LargeModelBatch(model)
+    batch.prefill([rows["a"], rows["b"]])
+    order = ["a", "b"]
+    for t in range(90):  # _room gives 32 spare columns at these widths: several regrowths
+        if t == 20:  # a long row joins: the batch widens to its length
+            rows["c"] = torch.randint(0, 300, (120,), generator=gen).tolist()
+            batch.prefill([rows["c"]])
+            order.append("c")
+        if t == 50:  # the first row leaves
+            batch.select([1, 2])
+            order.remove("a")
+        toks = torch.randint(0, 300, (len(order),), generator=gen)
+        got = batch.step(toks)
+        for i, key in enumerate(order):
+            rows[key].append(int(toks[i]))
+        ref = full_logits(model, [rows[k] for k in order])
+        for i in range(len(order)):
+            torch.testing.assert_close(got[i], ref[i][-1], atol=1e-4, rtol=0)
