@@ -135,6 +135,64 @@ def run_setting(port: int, streams: int, burst: int, prompt_len: int, stream_new
     }
 
 
+def run_core(
+    ens: Any, tokenizer: Any, budget: int | None, streams: int, burst: int, prompt_len: int, stream_new: int
+) -> dict[str, Any]:
+    """The same workload on the engine core in-process (EnsembleBatch, the embedded engine's session: one
+    `logprobs(budget)` per step, greedy argmax), with no RPC, no client and no other thread on the cores:
+    what chunking costs the model work alone."""
+    batch = ens.new_batch()
+    for k in range(streams):
+        batch.add(("s", k), tokenizer(PROMPTS[k % len(PROMPTS)], add_special_tokens=False)["input_ids"])
+    made: dict[Any, int] = {}
+    gaps: list[float] = []  # step times (every running stream's inter-token gap) while the burst is in
+    quiet: list[float] = []
+    start = last = time.perf_counter()
+    burst_at = QUIET_TOKENS
+    step = 0
+    while len(batch):
+        in_burst = any(s[0] == "b" for s in batch.seq_ids + batch.prefilling)
+        lp = batch.logprobs(budget)
+        now = time.perf_counter()
+        if SETTLE < step < burst_at:
+            quiet.append(now - last)
+        elif in_burst:
+            gaps.append(now - last)
+        last = now
+        nxt = {}
+        for s, t in zip(batch.seq_ids, lp.argmax(-1).tolist(), strict=True):
+            made[s] = made.get(s, 0) + 1
+            if made[s] >= (2 if s[0] == "b" else stream_new):
+                batch.remove(s)
+            else:
+                nxt[s] = t
+        batch.append(nxt)
+        step += 1
+        if step == burst_at:
+            for j in range(burst):
+                batch.add(("b", j), [(464 + j) % ens.vocab.size] * prompt_len)
+        if not any(s[0] == "s" for s in batch.seq_ids + batch.prefilling):
+            break
+    while len(batch):  # the burst's stragglers
+        lp = batch.logprobs(budget)
+        for s in list(batch.seq_ids):
+            made[s] = made.get(s, 0) + 1
+            if made[s] >= 2:
+                batch.remove(s)
+        batch.append({s: 13 for s in batch.seq_ids})
+    workload = time.perf_counter() - start
+    qp99 = pct(quiet, 99) * 1000
+    return {
+        "quiet_p50_ms": pct(quiet, 50) * 1000,
+        "quiet_p99_ms": qp99,
+        "burst_p50_ms": pct(gaps, 50) * 1000,
+        "burst_p99_ms": pct(gaps, 99) * 1000,
+        "burst_max_ms": max(gaps) * 1000,
+        "max_over_quiet_p99": max(gaps) * 1000 / qp99,
+        "workload_s": workload,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=["demo", "smollm2"], default="smollm2")
@@ -144,7 +202,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1536)
     ap.add_argument("--stream-new", type=int, default=160, help="tokens each stream generates")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--core", action="store_true", help="the engine core in-process instead of a server (no RPC, no client)"
+    )
     args = ap.parse_args()
+    if args.core:
+        main_core(args)
+        return
 
     from sensepack_testing.serve import server_process
 
@@ -189,6 +253,46 @@ def main() -> None:
             f"{r['burst_p50_ms']:.0f} / {r['burst_p99_ms']:.0f} / {r['burst_max_ms']:.0f} | "
             f"{r['max_over_quiet_p99']:.1f} | {r['burst_wall_s']:.1f} | {r['processed_tok_per_s']:.0f} | "
             f"{r['throughput_vs_unchunked']:.3f} | {r['workload_s']:.1f} | {r['workload_vs_unchunked']:.3f} |"
+        )
+
+
+def main_core(args: argparse.Namespace) -> None:
+    from serve.config import Config
+    from serve.models import build_served
+
+    served = build_served(
+        Config.model_validate({"model": model_section(args.profile), "store": {"uri": "unused"}}).model
+    )
+    rows = []
+    for chunk in args.chunks.split(","):
+        r = run_core(
+            served.ensemble,
+            served.tokenizer,
+            None if chunk == "none" else int(chunk),
+            args.streams,
+            args.burst,
+            args.prompt_len,
+            args.stream_new,
+        )
+        r["prefill_chunk_tokens"] = chunk
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    base = next((r for r in rows if r["prefill_chunk_tokens"] == "none"), rows[0])
+    for r in rows:
+        r["workload_vs_unchunked"] = base["workload_s"] / r["workload_s"]
+    if args.json:
+        out = {"command": " ".join(sys.argv), "machine": bench_machine(), "args": vars(args), "rows": rows}
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    print(
+        "\n| prefill_chunk_tokens (engine core) | quiet step p50 / p99 ms | burst step p50 / p99 / max ms "
+        "| max / quiet p99 | whole workload s | vs unchunked |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['prefill_chunk_tokens']} | {r['quiet_p50_ms']:.0f} / {r['quiet_p99_ms']:.0f} | "
+            f"{r['burst_p50_ms']:.0f} / {r['burst_p99_ms']:.0f} / {r['burst_max_ms']:.0f} | "
+            f"{r['max_over_quiet_p99']:.1f} | {r['workload_s']:.1f} | {r['workload_vs_unchunked']:.3f} |"
         )
 
 
