@@ -47,11 +47,15 @@ def _generate(engine: Any, prompts: list[list[int]], pack: Any, n_tokens: int) -
     """(seconds, largest inter-token gap in any stream, tokens) for greedy generations run together."""
     from serve import engine as eng
     from serve.params import GenerationRequest
+    from serve.sampling_params import SamplingParams
 
     seqs = [
         engine.submit(
             GenerationRequest(
-                request_id=f"b{i}", prompt_ids=p, packs=[], max_new_tokens=n_tokens, ignore_eos=True, greedy=True
+                request_id=f"b{i}",
+                prompt_ids=p,
+                packs=[],
+                sampling=SamplingParams(max_new_tokens=n_tokens, ignore_eos=True, greedy=True),
             ),
             [pack] if i % 2 == 0 else [],
         )
