@@ -21,7 +21,7 @@ import click
 from .diff import diff_packs
 from .errors import AliasError, InvalidReferenceError, PackError, PackNotFoundError
 from .format import Expectations, describe, read_pack
-from .store import PackStore, check_alias_name, open_store, parse_ref
+from .store import PackStore, check_alias_name, open_store, parse_pack_reference
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -168,7 +168,7 @@ def packs(ctx: click.Context, store: str | None, as_json: bool, verbose: bool) -
 @_command
 def list_cmd(ctx: click.Context, name: str | None) -> None:
     """List packs, or the versions of NAME (oldest first, by publish sequence number) with their aliases."""
-    if name is not None and parse_ref(name)[1] is not None:
+    if name is not None and parse_pack_reference(name).selector is not None:
         raise click.UsageError(f"list takes a bare pack NAME, not {name!r}; use show or alias for a reference", ctx=ctx)
     store = _store(ctx)
     if name is None:
@@ -190,7 +190,7 @@ def list_cmd(ctx: click.Context, name: str | None) -> None:
         )
         _emit(ctx, {"packs": rows}, text)
         return
-    if parse_ref(name)[1] is not None:
+    if parse_pack_reference(name).selector is not None:
         raise click.UsageError(f"list takes a bare pack NAME, not {name!r}; use show or alias for a reference", ctx=ctx)
     infos = store.list_versions(name)
     if not infos and not store.aliases(name):
@@ -205,7 +205,7 @@ def list_cmd(ctx: click.Context, name: str | None) -> None:
 @_command
 def show_cmd(ctx: click.Context, ref: str) -> None:
     """Show the manifest of REF (name, name@version, name@alias); validates it on the way."""
-    parse_ref(ref)  # a usage error before the store is touched
+    parse_pack_reference(ref)  # a usage error before the store is touched
     pack = _store(ctx).load(ref)
     info = describe(pack)
     _emit(ctx, info, json.dumps(info, indent=2, sort_keys=True))
@@ -268,7 +268,7 @@ def verify_cmd(
         raise click.UsageError("give one or more REFs, --dir FOLDER or --all", ctx=ctx)
     targets: list[tuple[str, Callable[[], Any]]] = []
     for ref in refs:
-        parse_ref(ref)
+        parse_pack_reference(ref)
     if refs or verify_all:
         store = _store(ctx)
         for ref in refs:
@@ -363,7 +363,7 @@ def publish_cmd(ctx: click.Context, folder: str, aliases: tuple[str, ...], sign_
 @_command
 def alias_cmd(ctx: click.Context, name: str, alias: str, target: str | None, delete: bool) -> None:
     """Show, set or remove NAME@ALIAS. TARGET is a version, another alias (promote canary to prod) or 'latest'."""
-    parse_ref(name)
+    parse_pack_reference(name)
     if "@" in name:
         raise click.UsageError("NAME must be a bare pack name", ctx=ctx)
     try:
@@ -371,7 +371,7 @@ def alias_cmd(ctx: click.Context, name: str, alias: str, target: str | None, del
     except AliasError as exc:
         raise click.UsageError(exc.detail, ctx=ctx) from None
     if target is not None:
-        parse_ref(f"{name}@{target}")
+        parse_pack_reference(f"{name}@{target}")
     store = _store(ctx)
     if delete:
         if target is not None:
@@ -399,7 +399,7 @@ def alias_cmd(ctx: click.Context, name: str, alias: str, target: str | None, del
 @_command
 def history_cmd(ctx: click.Context, name: str, alias: str | None) -> None:
     """Alias moves of NAME, oldest first: seq, when, who, from → to (append-only)."""
-    if parse_ref(name)[1] is not None:
+    if parse_pack_reference(name).selector is not None:
         raise click.UsageError("history takes a bare pack NAME", ctx=ctx)
     store = _store(ctx)
     rows = store.history(name, alias)
@@ -424,7 +424,8 @@ def history_cmd(ctx: click.Context, name: str, alias: str | None) -> None:
 @_command
 def rm_cmd(ctx: click.Context, ref: str, force: bool, keep: int | None) -> None:
     """Delete one version (NAME@VERSION or NAME@ALIAS), or prune NAME with --keep."""
-    name, selector = parse_ref(ref)
+    parsed = parse_pack_reference(ref)
+    name, selector = parsed.name, parsed.selector
     store = _store(ctx)
     if keep is not None:
         if selector is not None:
@@ -463,7 +464,7 @@ def rm_cmd(ctx: click.Context, ref: str, force: bool, keep: int | None) -> None:
 @_command
 def diff_cmd(ctx: click.Context, ref_a: str, ref_b: str, top: int, atol: float) -> None:
     """Which (token, sense) pairs REF_B adds, removes or changes relative to REF_A, and by how much."""
-    parse_ref(ref_a), parse_ref(ref_b)
+    parse_pack_reference(ref_a), parse_pack_reference(ref_b)
     store = _store(ctx)
     result = diff_packs(store.load(ref_a), store.load(ref_b), atol=atol)
     payload = result.to_dict(top=top)

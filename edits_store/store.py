@@ -146,16 +146,6 @@ def parse_pack_reference(ref: str) -> PackReference:
 
     Whole-string matches: ``demo@prod\n`` or `` demo`` are refused, never trimmed.
     """
-    name, selector = _parse_ref(ref)
-    return PackReference(name, selector)
-
-
-def parse_ref(ref: str) -> tuple[str, str | None]:
-    """``name`` → (name, None); ``name@x`` → (name, x): `parse_pack_reference` as a tuple."""
-    return _parse_ref(ref)
-
-
-def _parse_ref(ref: str) -> tuple[str, str | None]:
     if not isinstance(ref, str) or ref.count("@") > 1:
         raise InvalidReferenceError(
             f"malformed pack reference {ref!r}; use name, name@version or name@alias", pack=str(ref), check="ref_syntax"
@@ -171,7 +161,7 @@ def _parse_ref(ref: str) -> tuple[str, str | None]:
             pack=ref,
             check="ref_syntax",
         )
-    return name, (selector or None)
+    return PackReference(name, selector or None)
 
 
 def check_alias_name(name: str, alias: str) -> None:
@@ -260,7 +250,8 @@ class PackStore:
 
     def resolve(self, ref: str) -> tuple[str, str]:
         """Reference → (name, version) of a committed version; PackNotFoundError if there is none."""
-        name, selector = parse_ref(ref)
+        parsed = parse_pack_reference(ref)
+        name, selector = parsed.name, parsed.selector
         if selector is None:
             if self._read_alias(name, DEFAULT_ALIAS) is not None:
                 selector = DEFAULT_ALIAS
@@ -720,5 +711,4 @@ __all__ = [
     "VersionInfo",
     "open_store",
     "parse_pack_reference",
-    "parse_ref",
 ]

@@ -470,7 +470,8 @@ class PackManager:
 
     def activate(self, ref: str, activate: bool = True) -> tuple[Resident, list[str]]:
         """Load (and gate) `ref`; with activate, route ``name`` (and ``name@alias``) to it."""
-        name, tag = parse_pack_ref(ref, "ref")
+        parsed = parse_pack_ref(ref, "ref")
+        name, tag = parsed.name, parsed.selector
         try:
             _, version, r = self._load_ref(ref)
         except ServeError as e:
@@ -527,7 +528,8 @@ class PackManager:
         return r, routes
 
     def unload(self, ref: str) -> tuple[str, str, bool]:
-        name, tag = parse_pack_ref(ref, "ref")
+        parsed = parse_pack_ref(ref, "ref")
+        name, tag = parsed.name, parsed.selector
         with self._lock:
             if tag is None:
                 r = self._routes.get(name)

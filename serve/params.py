@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from edits_store import InvalidReferenceError, parse_pack_reference
+from edits_store import InvalidReferenceError, PackReference, parse_pack_reference
 from ensemble.vocab import Vocabulary
 from sensepack_proto import pb
 from serve.errors import InvalidRequest
@@ -56,14 +56,16 @@ class ScoreRequest:
     include_base: bool
 
 
-def parse_pack_ref(ref: str, field_name: str = "ref") -> tuple[str, str | None]:
+def parse_pack_ref(ref: str, field_name: str = "ref") -> PackReference:
+    """The store's reference grammar (`edits_store.parse_pack_reference`) at a front-end: its refusal as a
+    client error naming the request's field."""
     if not ref:
         raise invalid(field_name, "empty pack reference (expected name, name@version or name@alias)")
     try:
         parsed = parse_pack_reference(ref)  # the store's grammar: what it would refuse is refused here
     except InvalidReferenceError as exc:
         raise invalid(field_name, f"malformed pack reference {ref!r}: {exc.detail}") from None
-    return parsed.name, parsed.selector
+    return parsed
 
 
 def parse_packs(specs, limits, base_only: bool = False, prefix: str = "packs") -> list[PackRequest]:
@@ -76,7 +78,8 @@ def parse_packs(specs, limits, base_only: bool = False, prefix: str = "packs") -
     out, seen = [], set()
     for i, (ref, beta) in enumerate(specs):
         f = f"{prefix}[{i}]"
-        name, tag = parse_pack_ref(ref, f + ".ref")
+        parsed = parse_pack_ref(ref, f + ".ref")
+        name, tag = parsed.name, parsed.selector
         if name in seen:
             raise invalid(f + ".ref", f"pack {name!r} is named twice")
         seen.add(name)

@@ -5,7 +5,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edits_store import InvalidReferenceError, PackReference, parse_pack_reference
-from edits_store.store import parse_ref
 from serve.errors import InvalidRequest
 from serve.params import parse_pack_ref
 
@@ -25,7 +24,6 @@ VERSION = "0123456789abcdef" * 2
 def test_valid_references(ref, expected):
     parsed = parse_pack_reference(ref)
     assert parsed == expected and str(parsed) == ref
-    assert parse_ref(ref) == (expected.name, expected.selector)
 
 
 def test_selector_kinds():
@@ -65,7 +63,7 @@ def test_malformed_references_are_refused_by_the_store_and_the_server(ref):
 @given(st.one_of(st.text(max_size=24), st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._@:+-]{0,30}\Z")))
 def test_server_accepts_exactly_what_the_store_accepts(ref):
     try:
-        expected = parse_ref(ref)
+        expected = parse_pack_reference(ref)
     except InvalidReferenceError:
         expected = None
     try:

@@ -32,13 +32,13 @@ from edits_store import (
     UnsafeFileError,
     build_pack,
     open_store,
+    parse_pack_reference,
     read_pack,
     write_pack,
 )
 from edits_store.backends import FENCES_DIR, LEASES_DIR, FsspecBackend
 from edits_store.cli import packs
 from edits_store.format import MANIFEST_FILE, TENSOR_FILE, compute_version, pack_files
-from edits_store.store import parse_ref
 from tests.test_store_fixtures import (  # noqa: F401  (fixtures)
     assert_content,
     make_pack,
@@ -420,9 +420,9 @@ def test_names_and_aliases_with_a_trailing_newline_are_refused_and_nothing_is_cr
             epsilon=0.0,
         )
     with pytest.raises(InvalidReferenceError):
-        parse_ref("demo\n")
+        parse_pack_reference("demo\n")
     with pytest.raises(InvalidReferenceError):
-        parse_ref("demo@prod\n")
+        parse_pack_reference("demo@prod\n")
     spec = make_store_spec("local", tmp_path)
     store = spec.open()
     version = store.publish(make_pack(1))
