@@ -28,11 +28,8 @@ def protocol(run: Run, seeds: int = 10, methods: tuple[str, ...] = ("senses",)) 
         data = json.loads(run.cfg.model_dump_json())
         data["method"] = m
         data["train"]["seed"] = s
-        sub = Run(run.dir / m / f"seed-{s}", validate(data), run.progress, recompute=True)
-        sub._backpack, sub._tok, sub._vocab, sub._large = run.backpack, run.tokenizer, run.vocab, run._large
-        if m.endswith("-large") or (m == "senses" and run.cfg.models.large):
-            sub._large = run.large
-        sub._g, sub._r = run.g, run.r
+        needs_large = m.endswith("-large") or (m == "senses" and bool(run.cfg.models.large))
+        sub = run.derive(run.dir / m / f"seed-{s}", validate(data), recompute=True, large=needs_large)
         run_all(sub)
         event("protocol_run", method=m, seed=s, run_dir=str(sub.dir))
     paths = write_tables(find_reports([run.dir / m for m in methods]), run.dir)

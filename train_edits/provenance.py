@@ -147,24 +147,7 @@ def large_fingerprint(run: Run, loaded: bool) -> str | None:
 
     if loaded:
         return lm.model_fingerprint(run.large)
-    if run.large_checkpoint_fingerprint is None:  # read once per run: every step's check asks
-        run.large_checkpoint_fingerprint = (_checkpoint_fingerprint(cfg.models.large, cfg.models.large_dtype),)
-    return run.large_checkpoint_fingerprint[0]
-
-
-def _checkpoint_fingerprint(spec: str, dtype: str | None) -> str | None:
-    from ensemble import large_model as lm
-    from ensemble import zoo
-
-    if zoo.is_named(spec):
-        if not zoo.is_cached(spec):
-            return None
-    elif not Path(spec).is_dir():
-        return None
-    try:
-        return lm.large_model_info_from_checkpoint(spec, dtype=dtype).fingerprint
-    except (ValueError, OSError):  # no safetensors (e.g. .bin only): compared by name and dtype only
-        return None
+    return run.large_checkpoint_fingerprint
 
 
 def read_steps(run_dir: Path) -> dict:

@@ -117,6 +117,21 @@ def load_large(spec: str | None, dtype: str | None = None, device: str = "cpu"):
     return lm.load_large_model(spec, dtype=dtype, device=device)
 
 
+def _checkpoint_fingerprint(spec: str, dtype: str | None) -> str | None:
+    from ensemble import large_model as lm
+    from ensemble import zoo
+
+    if zoo.is_named(spec):
+        if not zoo.is_cached(spec):
+            return None
+    elif not Path(spec).is_dir():
+        return None
+    try:
+        return lm.large_model_info_from_checkpoint(spec, dtype=dtype).fingerprint
+    except (ValueError, OSError):  # no safetensors (e.g. .bin only): compared by name and dtype only
+        return None
+
+
 class Run:
     """A run directory with its config, lazily loaded models, data and corpora."""
 
@@ -131,8 +146,29 @@ class Run:
         self._task: EncodedTask | None = None
         self._g: list[torch.Tensor] | None = None
         self._r: list[torch.Tensor] | None = None
-        # (fingerprint or None,) once provenance read the large checkpoint's (every step's check asks for it)
-        self.large_checkpoint_fingerprint: tuple[str | None] | None = None
+        self._checkpoint_fp: tuple[str | None] | None = None  # (fingerprint or None,) once read
+
+    def derive(self, run_dir: str | Path, cfg: RunConfig, recompute: bool = False, large: bool = False) -> Run:
+        """A run in `run_dir` with `cfg` that shares this run's loaded models and corpora instead of loading its
+        own (protocol seeds, sweep trials and reports change training settings, not the models or the data).
+        The large model is shared if this run has loaded it, or loaded here first with `large`."""
+        sub = Run(run_dir, cfg, self.progress, recompute=recompute)
+        sub._backpack, sub._tok, sub._vocab = self.backpack, self.tokenizer, self.vocab
+        sub._large = self.large if large else self._large
+        sub._g, sub._r = self.g, self.r
+        return sub
+
+    @property
+    def large_checkpoint_fingerprint(self) -> str | None:
+        """The configured large model's fingerprint read from its local safetensors checkpoint without loading
+        it (a folder, or a cached zoo name); None when there is none at hand (a hub id, `tiny-gptj`, .bin only).
+        Read once per run: every step's provenance check asks for it."""
+        spec = self.cfg.models.large
+        if not spec or spec == "none":
+            return None
+        if self._checkpoint_fp is None:
+            self._checkpoint_fp = (_checkpoint_fingerprint(spec, self.cfg.models.large_dtype),)
+        return self._checkpoint_fp[0]
 
     @property
     def backpack(self):

@@ -88,9 +88,7 @@ def sweep(
     for t in range(trials):
         hp = draw(seed, t, cfg.task.builtin, fixed_lam)
         tcfg = _with(cfg, **_hp_changes(hp), **{"train.eval_every_epoch": True, "train.seed": seed * 1000 + t})
-        trun = Run(run.dir / "trials" / f"trial-{t:02d}", tcfg, run.progress)
-        trun._backpack, trun._tok = run.backpack, run.tokenizer  # same models, no reload
-        trun._g, trun._r = run.g, run.r
+        trun = run.derive(run.dir / "trials" / f"trial-{t:02d}", tcfg)
         step_select(trun)
         tr = step_train(trun)
         scores = {}
@@ -126,9 +124,7 @@ def sweep(
         if report_data_dir:
             changes["task.data_dir"] = report_data_dir
         rcfg = _with(cfg, **changes)
-        rrun = Run(run.dir / f"report-eps{e}", rcfg, run.progress)
-        rrun._backpack, rrun._tok, rrun._large = run.backpack, run.tokenizer, run._large
-        rrun._g, rrun._r = run.g, run.r
+        rrun = run.derive(run.dir / f"report-eps{e}", rcfg)
         reports.append(run_all(rrun))
     merged = _merge(reports)
     write_reports([merged], run.dir)
