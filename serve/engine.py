@@ -48,7 +48,7 @@ from serve.detok import IncrementalDetokenizer
 from serve.metrics import GRPC
 from serve.params import GenerationRequest
 from serve.sampler import RowParams, Sampled, sample
-from serve.scheduler import (  # noqa: F401 (re-exported)
+from serve.scheduler import (
     CANCELLED,
     EOS_TOKEN,
     ERROR,
@@ -59,7 +59,6 @@ from serve.scheduler import (  # noqa: F401 (re-exported)
     STOP_TOKEN,
     TIME_LIMIT,
     UNAVAILABLE,
-    EngineStopped,
     Scheduler,
     Sequence,
 )

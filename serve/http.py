@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from serve import engine as eng
+from serve import scheduler as sched
 from serve.auth import check_api_key
 from serve.errors import (
     Cancelled,
@@ -91,7 +92,7 @@ OPENAI_FIELDS = {
 }
 COMPLETION_MAX_TOKENS = 16  # an unset max_tokens on /v1/completions (OpenAI's and vLLM's default)
 MAX_LISTED = 20  # served models named in a model_not_found error
-_FINISH = {eng.MAX_TOKENS: "length", eng.EOS_TOKEN: "stop", eng.STOP_SEQUENCE: "stop", eng.STOP_TOKEN: "stop"}
+_FINISH = {sched.MAX_TOKENS: "length", sched.EOS_TOKEN: "stop", sched.STOP_SEQUENCE: "stop", sched.STOP_TOKEN: "stop"}
 
 
 # ------------------------------------------------------------------ request bodies
@@ -749,7 +750,7 @@ class HttpFrontend:
                     prompts[i] = _Prompt(self._prompt_text(inputs[i], g.req), g.req.prompt_ids, scored.get(key))
         except BaseException:
             for _, g in gens:
-                g.cancel(eng.CANCELLED)
+                g.cancel(sched.CANCELLED)
             raise
         return gens, prompts
 
@@ -778,7 +779,7 @@ class _PromptOnly:
         pass
 
     def events(self, is_active=None):
-        yield eng.FinishEvent(eng.MAX_TOKENS, "", "", [])
+        yield eng.FinishEvent(sched.MAX_TOKENS, "", "", [])
 
 
 def _request_body(model: str) -> dict:
@@ -834,7 +835,7 @@ class _Run:
         self.gone.set()
         for i, g in self.gens:
             if i not in self.finished:
-                g.cancel(eng.CANCELLED)
+                g.cancel(sched.CANCELLED)
 
     async def _next(self, request):
         """The next (choice, event); cancels everything when the client has gone (checked at least every

@@ -30,6 +30,7 @@ from edits_store.errors import PackError
 from ensemble.tokenizer import tokenizer_fingerprint
 from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 from serve import engine as eng
+from serve import scheduler as sched
 from serve.abtest import Gate, LiveMonitor
 from serve.auth import AdminAuthInterceptor, ApiKeyInterceptor
 from serve.config import Config, served_context
@@ -49,16 +50,16 @@ log = logging.getLogger("sensepack.server")
 
 SERVER_VERSION = "0.1.0"
 _STOP = {
-    eng.MAX_TOKENS: pb.MAX_TOKENS,
-    eng.EOS_TOKEN: pb.EOS_TOKEN,
-    eng.STOP_SEQUENCE: pb.STOP_SEQUENCE,
-    eng.CANCELLED: pb.CANCELLED,
-    eng.TIME_LIMIT: pb.TIME_LIMIT,
-    eng.ERROR: pb.ERROR,
-    eng.REFUSED: pb.ERROR,
-    eng.SHUTDOWN: pb.CANCELLED,
-    eng.STOP_TOKEN: pb.STOP_TOKEN,
-    eng.UNAVAILABLE: pb.ERROR,
+    sched.MAX_TOKENS: pb.MAX_TOKENS,
+    sched.EOS_TOKEN: pb.EOS_TOKEN,
+    sched.STOP_SEQUENCE: pb.STOP_SEQUENCE,
+    sched.CANCELLED: pb.CANCELLED,
+    sched.TIME_LIMIT: pb.TIME_LIMIT,
+    sched.ERROR: pb.ERROR,
+    sched.REFUSED: pb.ERROR,
+    sched.SHUTDOWN: pb.CANCELLED,
+    sched.STOP_TOKEN: pb.STOP_TOKEN,
+    sched.UNAVAILABLE: pb.ERROR,
 }
 
 
@@ -466,7 +467,7 @@ class ServerEngine(EngineAPI, Protocol):
     def start(self) -> None: ...
     def stop_accepting(self) -> None: ...
     def drain(self, timeout: float | None) -> bool: ...
-    def cut(self, reason: str = eng.SHUTDOWN) -> None: ...
+    def cut(self, reason: str = sched.SHUTDOWN) -> None: ...
     def stop(self, drain_timeout: float | None = 0.0) -> None: ...
 
 
@@ -761,7 +762,7 @@ class SensepackServer:
             drained = self.engine.drain(grace)
             log.info("shutting down", extra={"event": "shutdown", "drained": drained})
             if not drained:  # cut what is left with its own status (UNAVAILABLE, "retry"), then stop
-                self.engine.cut(eng.SHUTDOWN)
+                self.engine.cut(sched.SHUTDOWN)
                 self.engine.drain(5.0)
             if self._grpc is not None:
                 self._grpc.stop(grace=1.0).wait()

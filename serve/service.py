@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from serve import engine as eng
+from serve import scheduler as sched
 from serve.errors import Cancelled, DeadlineExceeded, InternalError, InvalidRequest, ServeError, Unavailable
 from serve.metrics import GRPC
 from serve.packs import Admission, PackManager
@@ -39,8 +40,8 @@ class EngineAPI(Protocol):
         deadline: float | None = None,
         on_finish=None,
         frontend: str = GRPC,
-    ) -> eng.Sequence: ...
-    def cancel(self, seq: eng.Sequence, reason: str = eng.CANCELLED) -> None: ...
+    ) -> sched.Sequence: ...
+    def cancel(self, seq: sched.Sequence, reason: str = sched.CANCELLED) -> None: ...
     def run_job(self, fn: Callable, high: bool = True) -> futures.Future: ...
     def begin_score(self, tokens: int = 0) -> None: ...
     def end_score(self, tokens: int = 0) -> None: ...
@@ -79,22 +80,22 @@ class PackUsage:
     arm: str
 
 
-def ended_reason(seq: eng.Sequence) -> str:
+def ended_reason(seq: sched.Sequence) -> str:
     """Why a request ended early: its deadline (with a little slack for clock skew) or a cancel."""
     if seq.deadline is not None and time.monotonic() >= seq.deadline - 0.05:
-        return eng.TIME_LIMIT
-    return eng.CANCELLED
+        return sched.TIME_LIMIT
+    return sched.CANCELLED
 
 
 def finish_error(ev: eng.FinishEvent) -> ServeError | None:
     """The error a finish event stands for (None: the request finished normally)."""
-    if ev.reason == eng.REFUSED:  # the error names the refused field
+    if ev.reason == sched.REFUSED:  # the error names the refused field
         return InvalidRequest("", ev.error)
-    if ev.reason == eng.SHUTDOWN:
+    if ev.reason == sched.SHUTDOWN:
         return Unavailable("", f"server shutting down: the request was cut after {len(ev.output_ids)} tokens; retry")
-    if ev.reason == eng.UNAVAILABLE:  # the model runner died (vLLM's engine core): the server restarts
+    if ev.reason == sched.UNAVAILABLE:  # the model runner died (vLLM's engine core): the server restarts
         return Unavailable("", f"{ev.error} after {len(ev.output_ids)} tokens")
-    cls = {eng.CANCELLED: Cancelled, eng.TIME_LIMIT: DeadlineExceeded, eng.ERROR: InternalError}.get(ev.reason)
+    cls = {sched.CANCELLED: Cancelled, sched.TIME_LIMIT: DeadlineExceeded, sched.ERROR: InternalError}.get(ev.reason)
     if cls is None:
         return None
     return cls(
@@ -106,8 +107,8 @@ def finish_error(ev: eng.FinishEvent) -> ServeError | None:
 
 
 def reason_error(reason: str) -> type[ServeError]:
-    """The error class of an early end (eng.CANCELLED / eng.TIME_LIMIT), for counting."""
-    return DeadlineExceeded if reason == eng.TIME_LIMIT else Cancelled
+    """The error class of an early end (sched.CANCELLED / sched.TIME_LIMIT), for counting."""
+    return DeadlineExceeded if reason == sched.TIME_LIMIT else Cancelled
 
 
 def packs_used(admission: Admission) -> list[PackUsage]:
@@ -117,7 +118,7 @@ def packs_used(admission: Admission) -> list[PackUsage]:
 class Generation:
     """One admitted generation request: its pinned packs and its engine sequence."""
 
-    def __init__(self, service: GenerationService, req: GenerationRequest, admission: Admission, seq: eng.Sequence):
+    def __init__(self, service: GenerationService, req: GenerationRequest, admission: Admission, seq: sched.Sequence):
         self.service, self.req, self.admission, self.seq = service, req, admission, seq
 
     @property
@@ -151,7 +152,7 @@ class Generation:
         try:
             return self.service.prompt_scores(self.req, self.admission, timeout, top_n)
         except DeadlineExceeded:
-            self.cancel(eng.TIME_LIMIT)
+            self.cancel(sched.TIME_LIMIT)
             raise
 
 
@@ -188,7 +189,7 @@ class GenerationService:
 
         def on_finish(seq, reason):
             admission.release()
-            if monitor is not None and reason in (eng.MAX_TOKENS, eng.EOS_TOKEN, eng.STOP_SEQUENCE):
+            if monitor is not None and reason in (sched.MAX_TOKENS, sched.EOS_TOKEN, sched.STOP_SEQUENCE):
                 monitor.on_finished(admission.pins, seq.req.prompt_ids, seq.output_ids)
 
         try:

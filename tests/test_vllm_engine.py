@@ -21,6 +21,7 @@ from ensemble.ensemble import Ensemble  # noqa: E402
 from ensemble.tokenizer import load_tokenizer  # noqa: E402
 from sensepack_testing.vllm import save_tiny_gptj  # noqa: E402
 from serve import engine as eng  # noqa: E402
+from serve import scheduler as sched  # noqa: E402
 from serve.config import LimitsConfig  # noqa: E402
 from serve.metrics import Metrics  # noqa: E402
 from serve.params import GenerationRequest  # noqa: E402
@@ -87,7 +88,7 @@ def test_engine_greedy_equals_embedded(world):
     got = [_run(s)[-1] for s in seqs]
     ref = world["ens"].generate_greedy(prompts, packs, 10)
     assert [f.output_ids for f in got] == ref
-    assert all(f.reason == eng.MAX_TOKENS for f in got)
+    assert all(f.reason == sched.MAX_TOKENS for f in got)
     base_ref = world["ens"].generate_greedy(prompts[:2], [[], []], 10)
     assert ref[:2] != base_ref  # the pack changed what was generated
     assert e.running == 0 and e.waiting == 0
@@ -116,12 +117,12 @@ def test_engine_stop_sequence_and_cancel(world):
     full = world["ens"].generate_greedy([ids], [[]], 8)[0]
     stop = tok.decode(full[2:4])
     fin = _run(e.submit(_req(1, ids, 8, stop_sequences=[stop]), []))[-1]
-    assert fin.reason == eng.STOP_SEQUENCE
+    assert fin.reason == sched.STOP_SEQUENCE
     assert fin.output_ids == full[: len(fin.output_ids)] and len(fin.output_ids) <= 4
     seq = e.submit(_req(2, ids, 200), [])
     e.cancel(seq)
     fin = _run(seq)[-1]
-    assert fin.reason == eng.CANCELLED
+    assert fin.reason == sched.CANCELLED
     assert e.running == 0
     with pytest.raises(queue.Empty):
         seq.events.get(timeout=0.2)

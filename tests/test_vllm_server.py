@@ -164,6 +164,7 @@ def test_one_refused_request_among_streams_hurts_none(env):
     import threading
 
     from serve import engine as eng
+    from serve import scheduler as sched
     from serve.params import GenerationRequest
     from serve.sampling_params import SamplingParams
 
@@ -183,7 +184,7 @@ def test_one_refused_request_among_streams_hurts_none(env):
         [],
     )
     ev = bad.events.get(timeout=120)
-    assert isinstance(ev, eng.FinishEvent) and ev.reason == eng.REFUSED and ev.error.startswith("text:")
+    assert isinstance(ev, eng.FinishEvent) and ev.reason == sched.REFUSED and ev.error.startswith("text:")
     tiny = c.generate(
         PROMPTS[0],
         base_only=True,
