@@ -620,11 +620,9 @@ def _stack_left(parts: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
     return out, width
 
 
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad the sequence dimension (-2 for K/V, -1 for masks) on the left with zeros."""
-    if t.dim() == 2:
-        return F.pad(t, (width - t.shape[-1], 0))
-    return F.pad(t, (0, 0, width - t.shape[-2], 0))
+def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A (b, L) mask padded on the left with zeros to `width` columns (K/V are stacked by `_stack_left`)."""
+    return F.pad(mask, (width - mask.shape[-1], 0))
 
 
 @torch.no_grad()
