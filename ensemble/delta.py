@@ -26,18 +26,32 @@ from .sense_head import SenseHeadLM, head_decode_step, head_prefill, head_slide_
 
 
 class EditTable:
-    """A (combined, β-scaled) edit set laid out for lookup: token -> (senses, d) block."""
+    """A (combined, β-scaled) edit set laid out for lookup, sparse: its edited tokens (sorted), for each token a
+    slot per sense pointing into the Δ rows, and the Δ rows after a zero row (slot 0: sense not edited). Memory
+    grows with the edited (token, sense) pairs, not with the vocabulary or tokens × senses."""
 
-    def __init__(self, edits: SenseEdits, num_senses: int, vocab_size: int):
+    def __init__(self, edits: SenseEdits, num_senses: int):
         tokens, row_of = torch.unique(edits.token_ids, return_inverse=True)
-        self.table = torch.zeros(len(tokens), num_senses, edits.d, dtype=edits.deltas.dtype)
-        self.table[row_of, edits.sense_ids] = edits.deltas
-        self.token_row = torch.full((vocab_size,), -1, dtype=torch.long)
-        self.token_row[tokens] = torch.arange(len(tokens))
+        self.tokens = tokens
+        self.slots = torch.zeros(len(tokens), num_senses, dtype=torch.long)
+        self.slots[row_of, edits.sense_ids] = torch.arange(1, len(edits) + 1)
+        self.deltas = torch.cat([edits.deltas.new_zeros(1, edits.d), edits.deltas])
         self.edited_tokens = frozenset(tokens.tolist())
 
     def touches(self, token_ids: Iterable[int]) -> bool:
         return any(t in self.edited_tokens for t in token_ids)
+
+    def rows_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Row of each token in `tokens` (same shape), -1 where the token is not edited."""
+        return _find(self.tokens.to(token_ids.device), token_ids)
+
+
+def _find(sorted_keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Index of each query in the sorted 1-d `sorted_keys`, -1 where absent."""
+    if sorted_keys.numel() == 0:
+        return torch.full_like(queries, -1)
+    pos = torch.searchsorted(sorted_keys, queries).clamp(max=sorted_keys.numel() - 1)
+    return torch.where(sorted_keys[pos] == queries, pos, -1)
 
 
 def logit_delta(delta: torch.Tensor, embedding: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -59,9 +73,8 @@ def sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits: SenseEd
     d = edits.d
     if len(edits) == 0:
         return torch.zeros(b, s, d, dtype=alpha.dtype, device=alpha.device)
-    vocab = max(int(input_ids.max()), int(edits.token_ids.max())) + 1
-    table = EditTable(edits.to("cpu"), k, vocab)
-    rows = table.token_row.to(input_ids.device)[input_ids]  # (b, s), -1 where not edited
+    table = EditTable(edits.to("cpu"), k)
+    rows = table.rows_of(input_ids)  # (b, s), -1 where not edited
     n_edit = (rows >= 0).sum(-1)
     p = int(n_edit.max()) if b else 0
     if p == 0:
@@ -69,8 +82,8 @@ def sequence_deltas(alpha: torch.Tensor, input_ids: torch.Tensor, edits: SenseEd
     # Edited source positions first in each row (stable), then take p of them.
     order = torch.argsort((rows < 0).to(torch.int8), dim=-1, stable=True)[:, :p]  # (b, p)
     valid = torch.gather(rows, 1, order) >= 0  # (b, p)
-    blocks = table.table.to(device=alpha.device, dtype=alpha.dtype)[torch.gather(rows, 1, order).clamp(min=0)]
-    blocks = blocks * valid[..., None, None]  # (b, p, k, d)
+    slots = table.slots.to(alpha.device)[torch.gather(rows, 1, order).clamp(min=0)] * valid[..., None]  # (b, p, k)
+    blocks = table.deltas.to(device=alpha.device, dtype=alpha.dtype)[slots]  # (b, p, k, d); slot 0 is a zero row
     alpha_src = torch.gather(alpha, 3, order[:, None, None, :].expand(b, k, s, p))  # (b, k, s, p)
     return torch.einsum("bktp,bpkd->btd", alpha_src, blocks)
 
@@ -124,8 +137,9 @@ class DeltaTracker:
         self._seqs: dict[Hashable, _Seq] = {}
         self._tables: dict[Hashable, EditTable] = {}
         self._slots: list[Hashable] = []  # cache row -> seq id
+        self._slot_tables: torch.Tensor | None = None  # cache row -> index of its table in _lookup
         self._cache: BackpackCache | None = None
-        self._lookup: tuple[torch.Tensor, torch.Tensor, dict[Hashable, int]] | None = None  # blocks, maps, key->index
+        self._lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[Hashable, int]] | None = None
 
     # ------------------------------------------------------------------ membership
 
@@ -139,8 +153,8 @@ class DeltaTracker:
         if key not in self._tables:
             cfg = self.backpack.config
             edits.validate(cfg.vocab_size, cfg.num_senses, cfg.n_embd)
-            self._tables[key] = EditTable(edits.to("cpu", self.dtype), cfg.num_senses, cfg.vocab_size)
-            self._lookup = None
+            self._tables[key] = EditTable(edits.to("cpu", self.dtype), cfg.num_senses)
+            self._lookup = self._slot_tables = None
         table = self._tables[key]
         self._seqs[seq_id] = _Seq(list(prompt_ids), key, table.touches(prompt_ids))
 
@@ -188,11 +202,12 @@ class DeltaTracker:
             self._drop_slot(seq_id)
         if not any(s.table_key == seq.table_key for s in self._seqs.values()):
             del self._tables[seq.table_key]
-            self._lookup = None
+            self._lookup = self._slot_tables = None
 
     def _drop_slot(self, seq_id: Hashable) -> None:
         keep = [i for i, s in enumerate(self._slots) if s != seq_id]
         self._slots = [self._slots[i] for i in keep]
+        self._slot_tables = None
         cache = self._active_cache()
         self._cache = cache.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
 
@@ -251,6 +266,7 @@ class DeltaTracker:
                 seq = self._seqs[s]
                 seq.active, seq.saved = True, None
                 self._slots.append(s)
+            self._slot_tables = None
             self.stats.resumes += len(saved)
             seq_ids = [s for s in seq_ids if s not in set(saved)]
         if not seq_ids:
@@ -277,6 +293,7 @@ class DeltaTracker:
             seq = self._seqs[s]
             seq.active, seq.consumed = True, end
             self._slots.append(s)
+        self._slot_tables = None
 
     def _active_cache(self) -> BackpackCache:
         """The cache of the active rows; only called when some sequence is active."""
@@ -317,38 +334,50 @@ class DeltaTracker:
                 s.consumed += int(n)
 
     def _deltas_for(self, slots: torch.Tensor) -> torch.Tensor:
-        """δ (n, d) for cache rows `slots`, gathering only the edited window positions."""
-        blocks, maps, index_of = self._lookup_tables()
+        """δ (n, d) for cache rows `slots`, gathering only the edited window positions.
+
+        Rows may carry different edit sets: each looks its window's tokens up in its own table through one
+        sorted key (table, token) over every table, so a batch mixing pack sets is one gather, not a loop."""
+        keys, sense_slots, deltas, index_of = self._lookup_tables()
         cache = self._active_cache()
-        table_idx = torch.tensor(
-            [index_of[self._seqs[self._slots[i]].table_key] for i in slots.tolist()],
-            dtype=torch.long,
-            device=self.device,
-        )
+        if self._slot_tables is None:  # membership changed since the last step
+            self._slot_tables = torch.tensor(
+                [index_of[self._seqs[s].table_key] for s in self._slots], dtype=torch.long, device=self.device
+            )
+        table_idx = self._slot_tables[slots]
         tokens = cache.tokens[slots]  # (n, cap)
-        rows = maps[table_idx[:, None], tokens]  # (n, cap) global block row or -1
+        rows = _find(keys, table_idx[:, None] * self.backpack.config.vocab_size + tokens)  # (n, cap): key or -1
         cap = cache.capacity
         rows = torch.where(torch.arange(cap, device=self.device)[None, :] < cache.lengths[slots, None], rows, -1)
         bi, ji = (rows >= 0).nonzero(as_tuple=True)
         delta = torch.zeros(len(slots), self.backpack.config.n_embd, dtype=self.dtype, device=self.device)
         if bi.numel():
             alpha = cache.last_alpha[slots]  # (n, k, cap)
-            contrib = torch.einsum("nk,nkd->nd", alpha[bi, :, ji], blocks[rows[bi, ji]])
+            contrib = torch.einsum("nk,nkd->nd", alpha[bi, :, ji], deltas[sense_slots[rows[bi, ji]]])
             delta.index_add_(0, bi, contrib)
         return delta
 
-    def _lookup_tables(self) -> tuple[torch.Tensor, torch.Tensor, dict[Hashable, int]]:
+    def _lookup_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[Hashable, int]]:
+        """Every live table merged: sorted keys table·|V| + token, each key's sense slots into the merged Δ rows
+        (a zero row first), and key -> table index. Rebuilt when a table comes or goes; its size is the edited
+        pairs of the live tables, whatever the vocabulary."""
         if self._lookup is None:
-            keys = list(self._tables)
-            offsets, blocks, maps = 0, [], []
-            for k in keys:
-                t = self._tables[k]
-                blocks.append(t.table)
-                maps.append(torch.where(t.token_row >= 0, t.token_row + offsets, -1))
-                offsets += t.table.shape[0]
+            vocab = self.backpack.config.vocab_size
+            keys, slots, deltas, offset = [], [], [torch.zeros(1, self.backpack.config.n_embd, dtype=self.dtype)], 0
+            index_of: dict[Hashable, int] = {}
+            for i, (k, t) in enumerate(self._tables.items()):
+                index_of[k] = i
+                keys.append(t.tokens + i * vocab)
+                slots.append(torch.where(t.slots > 0, t.slots + offset, 0))
+                deltas.append(t.deltas[1:])
+                offset += t.deltas.shape[0] - 1
+            n_senses = self.backpack.config.num_senses
             self._lookup = (
-                torch.cat(blocks).to(self.device, self.dtype),
-                torch.stack(maps).to(self.device),
-                {k: i for i, k in enumerate(keys)},
+                torch.cat(keys).to(self.device) if keys else torch.zeros(0, dtype=torch.long, device=self.device),
+                torch.cat(slots).to(self.device)
+                if slots
+                else torch.zeros(0, n_senses, dtype=torch.long, device=self.device),
+                torch.cat(deltas).to(self.device, self.dtype),
+                index_of,
             )
         return self._lookup

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
@@ -52,12 +53,25 @@ def tokenizer_beside(model: str | Path) -> str | None:
     return str(folder) if folder.is_dir() and has else None
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, str]] = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Stable hash of the vocabulary (token -> id) and the BPE merges.
 
     Two tokenizers with the same fingerprint split every text the same way, so a
-    pack trained under one is valid under the other.
+    pack trained under one is valid under the other. Remembered per tokenizer object (hashing the vocabulary
+    takes ~0.3 s, and every pack written is stamped with it) until its length changes (added tokens).
     """
+    known = _FINGERPRINTS.get(tokenizer)
+    if known is not None and known[0] == len(tokenizer):
+        return known[1]
+    fp = _fingerprint(tokenizer)
+    _FINGERPRINTS[tokenizer] = (len(tokenizer), fp)
+    return fp
+
+
+def _fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     vocab = tokenizer.get_vocab()
     h = hashlib.sha256()
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())

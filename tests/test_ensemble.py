@@ -144,6 +144,29 @@ def test_cached_alpha_equals_naive_formula_generated_tokens_and_two_packs(models
     assert calls_before > 0
 
 
+def test_a_batch_mixing_pack_sets_equals_the_naive_formula_row_by_row(models, tokenizer):
+    """Rows with different pack sets (one, two, three packs, shared and own, different β, and none) in one
+    batch: each row's log-probs equal the paper's formula with its own packs, step after step."""
+    large, backpack = models
+    ens = Ensemble(large, backpack, tokenizer)
+    words = [" Paris", " nurse", " the", " capital", " Mauritius"]
+    k = backpack.config.num_senses
+    packs = [
+        PackRef(f"p{i}", "v1", make_pack(backpack, tokenizer(w).input_ids, w, 10 + i, senses=list(range(i % k + 1))), b)
+        for i, (w, b) in enumerate(zip(words, [1.0, 0.5, 0.8, 1.5, 0.3], strict=True))
+    ]
+    prompts = [
+        tokenizer("The capital of Mauritius is").input_ids,
+        tokenizer("The nurse said that the").input_ids,
+        tokenizer("Paris and the capital").input_ids,
+        tokenizer("Hello world").input_ids,
+        tokenizer("Mauritius, the nurse and Paris").input_ids,
+        tokenizer("The capital of Mauritius is").input_ids,
+    ]
+    sets = [[packs[4]], [packs[1], packs[2]], [packs[0], packs[2], packs[3]], [packs[0]], packs[:3], []]
+    run_and_compare(ens, prompts, sets, steps=6)
+
+
 def test_exact_skip_is_bit_identical_and_never_calls_the_backpack(models, tokenizer):
     large, backpack = models
     prompts = [tokenizer("Hello world, this is a test").input_ids, tokenizer("Another prompt").input_ids]

@@ -187,6 +187,40 @@ def test_concurrent_requests_join_running_batch(env):
     assert env["server"].engine.decode_steps - steps_before < sum(lengths)
 
 
+def test_concurrent_requests_with_different_pack_sets_each_equal_their_own_decode(env):
+    """Heterogeneous batches: requests naming different pack sets (and β) share decode steps, and each equals
+    the core's greedy decode with its own packs alone."""
+    c = env["client"]
+    paris = _pack_ref(env, "capitals", env["v_paris"])
+    tokyo = _pack_ref(env, "tokyo", env["v_tokyo"])
+    half = type(paris)(paris.name, paris.version, paris.edits, 0.5)
+    tokyo_ref = f"tokyo@{env['v_tokyo']}"
+    sets = [
+        (["capitals"], [paris]),
+        ([tokyo_ref], [tokyo]),
+        (["capitals", tokyo_ref], [paris, tokyo]),
+        ([("capitals", 0.5)], [half]),
+        ([], []),
+        ([("capitals", 0.5), tokyo_ref], [half, tokyo]),
+    ]
+    jobs = [(PROMPTS[i % len(PROMPTS)], 10 + i, sets[i % len(sets)]) for i in range(12)]
+    results = [None] * len(jobs)
+    steps_before = env["server"].engine.decode_steps
+
+    def run(i):
+        p, n, (names, _) = jobs[i]
+        results[i] = c.generate(p, packs=names, base_only=not names, max_new_tokens=n, ignore_eos=True, tokens=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (p, n, (_, refs)), r in zip(jobs, results, strict=True):
+        assert [t.id for t in r.tokens] == _reference(env, [p], refs, n)[0]
+    assert env["server"].engine.decode_steps - steps_before < sum(n for _, n, _ in jobs)
+
+
 def test_sampling_seeded_reproducible(env):
     c = env["client"]
     kw = dict(
