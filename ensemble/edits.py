@@ -6,6 +6,9 @@ tensors and a β per pack (`PackRef`).
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,3 +94,51 @@ class PackRef:
 
 def combine_packs(packs: list[PackRef], d: int) -> SenseEdits:
     return SenseEdits.combine([(p.edits, p.beta) for p in packs], d=d)
+
+
+PackKey = tuple[tuple[str, str, float], ...]
+
+
+def pack_key(packs: list[PackRef]) -> PackKey:
+    """Sequences with the same pinned packs and βs share one combined edit set."""
+    return tuple(sorted(p.key for p in packs))
+
+
+class CombinedEditsCache:
+    """Σ_p β_p Δ_p per pack set, shared by the requests naming the same packs and βs, least recently used out
+    past `budget_bytes` (the set just built always stays): thousands of pack mixes cost a bounded memory."""
+
+    def __init__(self, d: int, budget_bytes: int = 256 << 20):
+        if budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
+        self.d = d
+        self.budget_bytes = budget_bytes
+        self.nbytes = 0
+        self.evictions = 0
+        self._sets: OrderedDict[PackKey, SenseEdits] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def get(self, key: PackKey, packs: Callable[[], list[PackRef]]) -> SenseEdits:
+        """The combined set of `key`; `packs()` gives its packs when it has to be built."""
+        with self._lock:
+            hit = self._sets.get(key)
+            if hit is not None:
+                self._sets.move_to_end(key)
+                return hit
+        edits = combine_packs(packs(), self.d)
+        with self._lock:
+            if key not in self._sets:
+                self._sets[key] = edits
+                self.nbytes += _nbytes(edits)
+            while self.nbytes > self.budget_bytes and len(self._sets) > 1:
+                _, old = self._sets.popitem(last=False)
+                self.nbytes -= _nbytes(old)
+                self.evictions += 1
+            return self._sets[key]
+
+
+def _nbytes(e: SenseEdits) -> int:
+    return int(e.token_ids.nbytes + e.sense_ids.nbytes + e.deltas.nbytes)

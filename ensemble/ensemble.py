@@ -19,17 +19,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .backpack import BackpackLM
 from .delta import DeltaStats, DeltaTracker, logit_delta, sequence_deltas
-from .edits import PackRef, SenseEdits, combine_packs
+from .edits import CombinedEditsCache, PackKey, PackRef, SenseEdits, pack_key
 from .large_model import LargeModelBatch, full_logits, model_context_limit, model_fingerprint
 from .sense_head import SenseHeadLM
 from .vocab import Vocabulary
-
-PackKey = tuple[tuple[str, str, float], ...]
-
-
-def pack_key(packs: list[PackRef]) -> PackKey:
-    """Sequences with the same pinned packs and βs share one edit table."""
-    return tuple(sorted(p.key for p in packs))
 
 
 class Ensemble:
@@ -68,7 +61,7 @@ class Ensemble:
         self.tokenizer = tokenizer
         self.window_keep = window_keep
         self.stats = DeltaStats()
-        self._combined: dict[PackKey, SenseEdits] = {}
+        self.combined = CombinedEditsCache(backpack.config.n_embd)  # budget: serve sets packs.max_combined_bytes
 
     @property
     def context_limit(self) -> int:
@@ -82,11 +75,7 @@ class Ensemble:
 
     def combined_edits(self, packs: list[PackRef]) -> tuple[PackKey, SenseEdits]:
         key = pack_key(packs)
-        if key not in self._combined:
-            if len(self._combined) > 256:  # bounded: pack sets come and go with hot swaps
-                self._combined.clear()
-            self._combined[key] = combine_packs(packs, self.backpack.config.n_embd)
-        return key, self._combined[key]
+        return key, self.combined.get(key, lambda: packs)
 
     # ------------------------------------------------------------------ reference paths
 

@@ -145,7 +145,9 @@ class PacksConfig(_Section):
     preload: list[str] = Field(default_factory=list)
     load_on_request: bool = False  # requests may load (and gate) packs; off: only admin / store aliases change packs
     request_load_timeout_s: float = Field(30.0, gt=0)  # bound of a request-triggered load (and gate) without a deadline
-    max_resident: int = Field(16, ge=1)
+    max_resident: int = Field(16, ge=1)  # versions in memory (pinned and admin-routed ones may exceed it)
+    max_resident_bytes: int = Field(1 << 30, ge=1)  # bytes of their edits, bounded the same way
+    max_combined_bytes: int = Field(256 << 20, ge=1)  # β-scaled sums of the pack sets requests name (LRU)
     allow_beta_above_calibrated: bool = False
     max_beta: float | None = Field(None, ge=0)
     # non-empty: serve only packs signed by one of these ed25519 public keys (PEM file or "ed25519:<64 hex>")

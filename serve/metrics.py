@@ -131,6 +131,23 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.packs_resident = Gauge("sensepack_packs_resident", "Pack versions in memory", registry=r)
+        self.packs_resident_bytes = Gauge(
+            "sensepack_packs_resident_bytes",
+            "Bytes of the resident versions' edits (packs.max_resident_bytes)",
+            registry=r,
+        )
+        self.pack_evictions = Counter(
+            "sensepack_pack_evictions",
+            "Versions evicted to stay within packs.max_resident and packs.max_resident_bytes",
+            registry=r,
+        )
+        self.pack_load_seconds = Histogram(
+            "sensepack_pack_load_seconds",
+            "Cold load of a pack version: read, validation and the activation gate",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
         self.gate_runs = Counter(
             "sensepack_gate_runs", "Activation gate measurements (cached per version, target model and G)", registry=r
         )

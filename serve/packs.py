@@ -7,7 +7,14 @@
 * A **route** maps what requests name to a version: ``name`` (the active
   version) and ``name@alias`` (a store alias). Explicit ``name@version`` needs
   no route. Activation (admin LoadPack/SetAlias, or a store notification that
-  an alias moved) swaps routes atomically under one lock.
+  an alias moved) swaps routes atomically under one lock. A request that loads
+  a pack (``packs.load_on_request``) leaves a *request route*: it saves the
+  next request a store lookup, does not hold the version in memory, and goes
+  when the version is evicted or the store changes anything of that name.
+* **Residency** is bounded by count and bytes (``packs.max_resident``,
+  ``packs.max_resident_bytes``): past either, unpinned versions no admin route
+  holds are evicted, least recently used first. Pinned and admin-routed
+  versions are never evicted (the operator and the running requests bound them).
 * Every admitted request **pins** the versions it resolved (a reference count);
   swaps never touch running requests, and an unloaded version is freed only
   when its count drops to 0.
@@ -81,6 +88,12 @@ class Resident:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the version holds: its edit tensors (what packs.max_resident_bytes counts)."""
+        e = self.edits
+        return int(e.token_ids.nbytes + e.sense_ids.nbytes + e.deltas.nbytes)
 
     def pack_ref(self, beta: float | None = None) -> PackRef:
         return PackRef(self.name, self.version, self.edits, self.calibrated_beta if beta is None else beta)
@@ -192,6 +205,7 @@ class PackManager:
         self._lock = threading.RLock()
         self._resident: ResidentTable = residents if residents is not None else ResidentTable()
         self._routes: dict[str, Resident | None] = {}
+        self._request_routes: dict[str, Resident] = {}  # made by request loads; never hold a version in memory
         self._history: dict[str, list[Resident]] = {}
         self._refused: dict[str, tuple[type[ServeError], str]] = {}
         self._loading: dict[tuple[str, str], Future] = {}
@@ -243,7 +257,7 @@ class PackManager:
                 if key in self._disabled:  # a disabled version stays disabled after eviction and reload
                     r.state = "disabled"
                 self._resident[key] = r
-                self._evict()
+                self._evict(keep=key)
             fut.set_result(r)
             return r
         except BaseException as e:
@@ -290,6 +304,7 @@ class PackManager:
                     "refused_gate",
                 )
         self.metrics.pack_loads.labels("ok").inc()
+        self.metrics.pack_load_seconds.observe(time.perf_counter() - t0)
         self.metrics.touch_pack(name)
         log.info(
             "pack loaded",
@@ -332,21 +347,49 @@ class PackManager:
             self._gate_cache[key] = g
         return g
 
-    def _evict(self) -> None:
-        """Keep at most packs.max_resident versions: drop unrouted, unused ones, least recently used first."""
-        routed = {id(r) for r in self._routes.values() if r is not None}
-        over = len(self._resident) - self.cfg.packs.max_resident
-        if over <= 0:
-            return
-        victims = sorted(
-            (r for r in self._resident.values() if id(r) not in routed and r.refcount == 0), key=lambda r: r.last_used
-        )
-        for r in victims[:over]:
-            r.state = "freed"
-            del self._resident[(r.name, r.version)]
-            self.metrics.drop_gate(r.name, r.version)
-            if self.ab is not None and (r.name, r.version) not in self._disabled:
-                self.ab.forget(r.name, r.version)
+    def _evict(self, keep: tuple[str, str] | None = None) -> None:
+        """Stay within packs.max_resident versions and packs.max_resident_bytes: drop unpinned versions no admin
+        route holds, least recently used first; never `keep` (just loaded for a request that has not pinned it
+        yet). Pinned and admin-routed versions may hold the server over budget (bounded by the running requests
+        and the operator)."""
+        limit, budget = self.cfg.packs.max_resident, self.cfg.packs.max_resident_bytes
+        count, size = len(self._resident), sum(r.nbytes for r in self._resident.values())
+        if count > limit or size > budget:
+            routed = {id(r) for r in self._routes.values() if r is not None}
+            victims = sorted(
+                (r for key, r in self._resident.items() if id(r) not in routed and r.refcount == 0 and key != keep),
+                key=lambda r: r.last_used,
+            )
+            for r in victims:
+                if count <= limit and size <= budget:
+                    break
+                count, size = count - 1, size - r.nbytes
+                self._drop(r)
+                self.metrics.pack_evictions.inc()
+                log.info("pack evicted", extra={"event": "pack_evicted", "pack": r.ref, "bytes": r.nbytes})
+            if count > limit or size > budget:
+                log.warning(
+                    "resident packs over budget",
+                    extra={
+                        "event": "packs_over_budget",
+                        "resident": count,
+                        "resident_bytes": size,
+                        "max_resident": limit,
+                        "max_resident_bytes": budget,
+                    },
+                )
+        self.metrics.packs_resident.set(count)
+        self.metrics.packs_resident_bytes.set(size)
+
+    def _drop(self, r: Resident) -> None:
+        """r leaves memory (eviction or a freed unload): its request routes, gate series and live record go."""
+        r.state = "freed"
+        self._resident.pop((r.name, r.version), None)
+        for route in [k for k, v in self._request_routes.items() if v is r]:
+            del self._request_routes[route]
+        self.metrics.drop_gate(r.name, r.version)
+        if self.ab is not None and (r.name, r.version) not in self._disabled:
+            self.ab.forget(r.name, r.version)
 
     # ------------------------------------------------------------ resolving
     def _resolve_route(self, name: str, tag: str | None) -> tuple[bool, Resident | None, str | None]:
@@ -355,6 +398,9 @@ class PackManager:
         with self._lock:
             if route in self._routes:
                 return True, self._routes[route], tag
+            r = self._request_routes.get(route)
+            if r is not None and r.state in ("resident", "disabled"):
+                return True, r, tag
             if tag is not None:
                 r = self._resident.get((name, tag))
                 if r is not None and r.state not in ("freed", "unloading"):  # unloaded: no new pins
@@ -364,11 +410,11 @@ class PackManager:
     def resolve(self, pr: PackRequest, field_name: str | None = None, deadline: float | None = None) -> Resident | None:
         """Resident for a request's pack (None: base takes over); loads on demand when configured.
 
-        On-demand loading routes only what was named and had no route yet:
-        ``name`` gets the store's default version as its route, ``name@alias``
-        its alias route, ``name@version`` stays resident without a route. A
-        disabled version is never routed nor re-enabled this way (the request
-        is served by the base model).
+        On-demand loading makes request routes (they hold nothing in memory)
+        for what was named and had no route yet: ``name`` to the store's
+        default version, ``name@alias`` to its alias's; ``name@version`` needs
+        none. A disabled version is never routed nor re-enabled this way (the
+        request is served by the base model).
         """
         f = (field_name or pr.field) + ".ref"
         found, r, _ = self._resolve_route(pr.name, pr.tag)
@@ -384,10 +430,11 @@ class PackManager:
             raise e.at(f) from None
         if r.state != "resident":
             return r
-        if pr.tag is None:
-            self._set_routes([pr.name], r, only_if_absent=True)
-        elif pr.tag != version:
-            self._set_routes([f"{pr.name}@{pr.tag}"], r, only_if_absent=True)
+        if pr.tag != version:
+            route = pr.name if pr.tag is None else f"{pr.name}@{pr.tag}"
+            with self._lock:
+                if route not in self._routes and r.state == "resident":
+                    self._request_routes.setdefault(route, r)
         found, r2, _ = self._resolve_route(pr.name, pr.tag)
         return r2 if found else r
 
@@ -449,11 +496,9 @@ class PackManager:
                     self._free(r)
 
     def _free(self, r: Resident) -> None:
-        r.state = "freed"
-        self._resident.pop((r.name, r.version), None)
-        self.metrics.drop_gate(r.name, r.version)
-        if self.ab is not None and (r.name, r.version) not in self._disabled:
-            self.ab.forget(r.name, r.version)
+        self._drop(r)
+        self.metrics.packs_resident.set(len(self._resident))
+        self.metrics.packs_resident_bytes.set(sum(x.nbytes for x in self._resident.values()))
         log.info("pack freed", extra={"event": "pack_freed", "pack": r.ref})
 
     # ------------------------------------------------------------ activation / hot swap
@@ -536,9 +581,13 @@ class PackManager:
             else:
                 r = self._routes.get(f"{name}@{tag}") or self._resident.get((name, tag))
             if r is None:
+                r = self._request_routes.get(name if tag is None else f"{name}@{tag}")
+            if r is None:
                 raise PackNotFound("ref", f"pack {ref!r} is not resident")
             for route in [k for k, v in self._routes.items() if v is r]:
                 del self._routes[route]
+            for route in [k for k, v in self._request_routes.items() if v is r]:
+                del self._request_routes[route]
             for hist in self._history.values():
                 hist[:] = [h for h in hist if h is not r]
             r.state = "unloading"
@@ -558,6 +607,8 @@ class PackManager:
             if r is None:
                 return []
             r.state = "disabled"
+            for route in [k for k, v in self._request_routes.items() if v is r]:
+                del self._request_routes[route]  # the next request asks the store again (and gets base)
             moved = []
             for route, target in list(self._routes.items()):
                 if target is not r:
@@ -600,6 +651,10 @@ class PackManager:
         """
         kind = getattr(event, "kind", "alias_moved")
         name, alias = getattr(event, "name", None), getattr(event, "alias", None)
+        if name:  # anything changed under this name: request routes ask the store again
+            with self._lock:
+                for route in [k for k in self._request_routes if k == name or k.startswith(name + "@")]:
+                    del self._request_routes[route]
         if kind not in ("alias_moved", "alias_removed") or not (name and alias):
             return
         route = f"{name}@{alias}"

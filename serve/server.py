@@ -497,6 +497,7 @@ def build_engine(
         return engine, VLLMScorer(engine), "vllm"
     if served.ensemble is None:
         raise ValueError("engine: embedded needs the large model loaded (build_served without large_from_checkpoint)")
+    served.ensemble.combined.budget_bytes = config.packs.max_combined_bytes
     embedded = eng.Engine(
         served.ensemble, served.tokenizer, config.limits, metrics, lane_every_steps=config.ab.lane_every_steps
     )

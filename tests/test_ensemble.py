@@ -320,3 +320,29 @@ def test_never_samples_padding_ids(models, tokenizer):
     ens = Ensemble(large, backpack, tokenizer)
     out = ens.generate_greedy([tokenizer("Hi").input_ids], [[]], 4)[0]
     assert all(t < U for t in out)
+
+
+def test_combined_pack_sets_are_shared_and_bounded_by_bytes(models, tokenizer):
+    """One combined set per (packs, β) mix, equal to Σ β Δ; past the byte budget the least recently used goes
+    and the set just built stays."""
+    from ensemble.edits import CombinedEditsCache, combine_packs, pack_key
+
+    _, backpack = models
+    d = backpack.config.n_embd
+    packs = [PackRef(f"p{i}", "v1", make_pack(backpack, [100 + i, 200 + i], "x", i), 1.0 + i) for i in range(4)]
+    one = sum(t.nbytes for t in (packs[0].edits.token_ids, packs[0].edits.sense_ids, packs[0].edits.deltas))
+    cache = CombinedEditsCache(d, budget_bytes=2 * one)
+    built = []
+
+    def get(*ps):
+        return cache.get(pack_key(list(ps)), lambda: built.append(ps) or list(ps))
+
+    a = get(packs[0])
+    assert get(packs[0]) is a and len(built) == 1  # shared, built once
+    both = get(packs[1], packs[2])  # two packs' rows: the whole budget; the least recent (packs[0]) goes
+    torch.testing.assert_close(both.deltas, combine_packs([packs[1], packs[2]], d).deltas)
+    assert len(cache) == 1 and cache.nbytes == 2 * one and cache.evictions == 1
+    big = get(packs[0], packs[1], packs[3])  # over the budget alone: it stays, alone
+    assert len(cache) == 1 and cache.nbytes == 3 * one and get(packs[0], packs[1], packs[3]) is big
+    get(packs[3])
+    assert len(cache) == 1 and cache.nbytes == one

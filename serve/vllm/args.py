@@ -63,7 +63,7 @@ class RequestPacks:
 
     @property
     def key(self) -> tuple:
-        """== ensemble.ensemble.pack_key: requests with the same pinned packs share one edit table."""
+        """== ensemble.edits.pack_key: requests with the same pinned packs share one edit table."""
         return tuple(sorted(p.key for p in self.packs))
 
     @property

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ensemble.delta import DeltaTracker
-from ensemble.edits import PackRef, SenseEdits, combine_packs
+from ensemble.edits import CombinedEditsCache, PackRef, SenseEdits
 from serve.scoring import top_of
 
 from .args import RequestPacks, ScoreSpec
@@ -115,7 +115,7 @@ class EnsembleLogitsCore:
     vocab_size: int = field(kw_only=True)  # |U| (ensemble.vocab.Vocabulary.size): ids >= it are masked
     window_keep: int | None = None
     mask_padding: bool = True
-    max_combined: int = 256
+    max_combined_bytes: int = 256 << 20  # combined pack sets kept (LRU): packs.max_combined_bytes
     max_parked: int = 64  # Backpack states kept across vLLM's remove / re-add (bounded)
     max_scores: int = 1024  # forced-scoring records not yet taken by the server (bounded)
     stats: CoreStats = field(default_factory=CoreStats)
@@ -125,7 +125,7 @@ class EnsembleLogitsCore:
         self.d = self.backpack.config.n_embd
         self.rows: dict[int, _Row] = {}
         self._sids = itertools.count()
-        self._combined: dict[tuple, SenseEdits] = {}
+        self._combined = CombinedEditsCache(self.d, self.max_combined_bytes)
         self._parked: OrderedDict[str, _Row] = OrderedDict()  # request_id -> suspended row
         # Backpack seconds of each apply where the Backpack ran (drained by serve.vllm.worker; bounded)
         self.step_seconds: deque = deque(maxlen=4096)
@@ -137,12 +137,9 @@ class EnsembleLogitsCore:
     # ------------------------------------------------------------ packs
     def edits_for(self, req: RequestPacks) -> tuple[tuple, SenseEdits]:
         key = req.key
-        if key not in self._combined:
-            if len(self._combined) >= self.max_combined:
-                self._combined.clear()
-            refs = [PackRef(p.name, p.version, self.source.edits(p.name, p.version), p.beta) for p in req.packs]
-            self._combined[key] = combine_packs(refs, self.d)
-        return key, self._combined[key]
+        return key, self._combined.get(
+            key, lambda: [PackRef(p.name, p.version, self.source.edits(p.name, p.version), p.beta) for p in req.packs]
+        )
 
     # ------------------------------------------------------------ bookkeeping
     def add(self, row: int, req: RequestPacks | None, prompt_ids, output_ids: list | None, params=None) -> bool:
