@@ -30,6 +30,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -64,14 +65,14 @@ def model_section(profile: str) -> dict[str, Any]:
     }
 
 
-def served_for(profile: str):
+def served_for(profile: str) -> Any:
     from serve.config import ModelConfig
     from serve.models import build_served
 
     return build_served(ModelConfig(**model_section(profile)))
 
 
-def draw_edits(served, i: int):
+def draw_edits(served: Any, i: int) -> Any:
     """Pack i's SenseEdits: log-uniform 20-2,000 sense rows, always on the trigger's tokens."""
     from ensemble.edits import SenseEdits
 
@@ -194,7 +195,12 @@ def rss_bytes(pid: int) -> int:
 
 
 def run_load(
-    port: int, concurrency: int, requests_per_client: int, new: int, pick, resident: set[str]
+    port: int,
+    concurrency: int,
+    requests_per_client: int,
+    new: int,
+    pick: Callable[[int, int], list[str]],
+    resident: set[str],
 ) -> dict[str, Any]:
     """Closed loop: `concurrency` clients, each sending `requests_per_client` streaming requests one after
     another; `pick(client, i)` names the request's packs."""
@@ -308,7 +314,7 @@ def main() -> None:
         def load(name: str) -> None:
             with Client(f"127.0.0.1:{port}", token=ADMIN) as c:
                 t = time.perf_counter()
-                c.load_pack(name, activate=True)
+                c.load_pack(name, activate=False)  # resident, unrouted: evictable like any cached pack
                 load_s.append(time.perf_counter() - t)
 
         with ThreadPoolExecutor(2) as ex:
@@ -333,7 +339,7 @@ def main() -> None:
         def single(k: int, i: int) -> list[str]:
             return [pack_name(0)]
 
-        def mixed(below: int):
+        def mixed(below: int) -> Callable[[int, int], list[str]]:
             def pick(k: int, i: int) -> list[str]:
                 n = sizes.randint(1, 3)
                 names: list[str] = []

@@ -16,14 +16,20 @@ import logging
 
 import grpc
 
-from serve.errors import PermissionDenied, ServeError, Unauthenticated, status_of
+from serve.errors import status_of
+from serve.tenants import Tenants
 
 log = logging.getLogger("sensepack.auth")
 
 
 def _authorization(handler_call_details) -> str | None:
     """The call's `authorization` metadata value (keys are case-insensitive), or None."""
-    for key, value in handler_call_details.invocation_metadata or ():
+    return caller_header(handler_call_details.invocation_metadata)
+
+
+def caller_header(metadata) -> str | None:
+    """The `authorization` value of gRPC metadata (keys are case-insensitive), or None."""
+    for key, value in metadata or ():
         if key.lower() == "authorization":
             return value
     return None
@@ -69,37 +75,21 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
         return _deny(code, msg)
 
 
-def check_api_key(header: str | None, keys: list[bytes]) -> ServeError | None:
-    """The error for an `Authorization` header value against the accepted generation keys (None: let in).
-    Every key is compared in constant time."""
-    if not keys:
-        return None
-    if header is None:
-        return Unauthenticated("authorization", "missing 'Bearer <api key>' (api.keys is set)")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return Unauthenticated("authorization", "expected 'Bearer <api key>'")
-    given = token.strip().encode()
-    ok = False
-    for k in keys:
-        ok |= hmac.compare_digest(given, k)
-    return None if ok else PermissionDenied("authorization", "api key not accepted")
-
-
 class ApiKeyInterceptor(grpc.ServerInterceptor):
-    """Generation API keys on `service` (GenerationService); no keys: a pass-through."""
+    """Generation API keys (open and tenants', serve.tenants) on `service` (GenerationService); no keys: a
+    pass-through. The servicer identifies the tenant of an accepted key itself (`caller_header`)."""
 
-    def __init__(self, keys: list[str], service: str, on_denied=None):
-        self._keys = [k.encode() for k in keys]
+    def __init__(self, tenants: Tenants, service: str, on_denied=None):
+        self._tenants = tenants
         self._prefix = f"/{service}/"
         self._on_denied = on_denied
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if not self._keys or not method.startswith(self._prefix):
+        if not method.startswith(self._prefix):
             return continuation(handler_call_details)
         header = _authorization(handler_call_details)
-        err = check_api_key(header, self._keys)
+        err = self._tenants.check(header)
         if err is None:
             return continuation(handler_call_details)
         code = getattr(grpc.StatusCode, status_of(err).grpc)

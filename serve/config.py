@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -97,12 +97,39 @@ class HTTPConfig(_Section):
         return self
 
 
+class TenantConfig(_Section):
+    """A tenant: generation keys that name, list and load only packs whose names start with one of `packs`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    keys: list[str] = Field(default_factory=list)
+    keys_env: str | None = None  # comma-separated keys, added to keys
+    # pack-name prefixes ("team-a-"); never empty (that would open every pack: api.keys do that)
+    packs: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    max_concurrent_requests: int | None = Field(None, ge=1)  # running + waiting + scoring at once; None: no bound
+    max_cold_loads: int = Field(1, ge=1)  # pack loads its requests trigger at once (packs.load_on_request)
+
+    def resolved_keys(self) -> list[str]:
+        env = os.environ.get(self.keys_env, "") if self.keys_env else ""
+        return list(self.keys) + [k.strip() for k in env.split(",") if k.strip()]
+
+
 class APIConfig(_Section):
     """Generation API keys, for both front-ends (gRPC GenerationService and HTTP /v1), separate from the
-    admin token. None anywhere: generation is open (as vLLM without --api-key)."""
+    admin token. `keys` open every pack; each of `tenants` has its own keys scoped to pack-name prefixes
+    (serve.tenants). No key anywhere: generation is open (as vLLM without --api-key)."""
 
     keys: list[str] = Field(default_factory=list)
     keys_env: str = "SENSEPACK_API_KEYS"  # comma-separated keys, added to api.keys
+    tenants: list[TenantConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_tenants(self):
+        seen: set[str] = set()
+        for i, t in enumerate(self.tenants):
+            if t.name in seen:
+                raise ValueError(f"tenants[{i}].name: {t.name!r} is used by an earlier tenant")
+            seen.add(t.name)
+        return self
 
     def resolved_keys(self) -> list[str]:
         env = [k.strip() for k in os.environ.get(self.keys_env, "").split(",") if k.strip()]

@@ -40,7 +40,6 @@ from starlette.requests import ClientDisconnect
 
 from serve import engine as eng
 from serve import scheduler as sched
-from serve.auth import check_api_key
 from serve.errors import (
     Cancelled,
     InternalError,
@@ -64,6 +63,7 @@ from serve.sampling_params import MAX_SEED, SamplingParams
 from serve.service import GenerationService, PromptScores, finish_error
 from serve.structured import ResponseFormat as Format
 from serve.structured import parse_response_format
+from serve.tenants import Tenant, Tenants
 
 log = logging.getLogger("sensepack.http")
 
@@ -310,11 +310,12 @@ class HttpFrontend:
         context_len: int,
         metrics: Metrics,
         model_name: str,
+        tenants: Tenants,
     ):
         self.service, self.packs, self.cfg = service, packs, config
+        self.tenants = tenants
         self.tokenizer, self.vocab, self.context_len = tokenizer, vocab, context_len
         self.metrics, self.model_name = metrics, model_name
-        self.keys = [k.encode() for k in config.api.resolved_keys()]
         self.chat_template = self._load_template(config.http.chat_template)
         self.ready = False
         lim = config.limits
@@ -412,22 +413,22 @@ class HttpFrontend:
 
         @app.get("/v1/models")
         async def models(request: Request):
-            denied = self._auth(request, "models")
+            tenant, denied = self._auth(request, "models")
             if denied is not None:
                 return denied
             self._count("models", "OK")
-            return JSONResponse({"object": "list", "data": self._model_list()})
+            return JSONResponse({"object": "list", "data": self._model_list(tenant)})
 
         @app.get("/v1/models/{model_id:path}")
         async def model(model_id: str, request: Request):
-            denied = self._auth(request, "models")
+            tenant, denied = self._auth(request, "models")
             if denied is not None:
                 return denied
-            for m in self._model_list():
+            for m in self._model_list(tenant):
                 if m["id"] == model_id:
                     self._count("models", "OK")
                     return JSONResponse(m)
-            return self._error(self._model_not_found(model_id), "models")
+            return self._error(self._model_not_found(model_id, tenant), "models")
 
         @app.post("/v1/completions", openapi_extra=_request_body("CompletionBody"))
         async def completions(request: Request):
@@ -454,15 +455,20 @@ class HttpFrontend:
             headers={"connection": "close"} if isinstance(err, RequestTimeout) else None,
         )
 
-    def _auth(self, request, method: str):
-        err = check_api_key(request.headers.get("authorization"), self.keys)
-        return None if err is None else self._error(err, method)
+    def _auth(self, request, method: str) -> tuple[Tenant | None, JSONResponse | None]:
+        """(the caller's tenant, None) for an accepted key (tenant None: an open key); (None, the 401/403
+        response) otherwise."""
+        try:
+            return self.tenants.identify(request.headers.get("authorization")), None
+        except ServeError as e:
+            return None, self._error(e, method)
 
-    def _model_list(self) -> list[dict]:
+    def _model_list(self, tenant: Tenant | None) -> list[dict]:
+        """The large model and the routed packs the caller may see (a tenant: its own packs only)."""
         now = int(time.time())
         out = [{"id": self.model_name, "object": "model", "created": now, "owned_by": "sensepack"}]
         for route, r in sorted(self.packs.routes().items()):
-            if r is None:
+            if r is None or (tenant is not None and not tenant.permits(r.name)):
                 continue
             out.append(
                 {
@@ -478,7 +484,7 @@ class HttpFrontend:
         return out
 
     # ---- request -> GenerateInput
-    def _packs(self, body: _Common) -> tuple[list[tuple[str, float | None]], dict[str, str]]:
+    def _packs(self, body: _Common, tenant: Tenant | None) -> tuple[list[tuple[str, float | None]], dict[str, str]]:
         """The request's packs and the name of the field they came from (for error messages)."""
         names = dict(OPENAI_FIELDS)
         if body.model == self.model_name:
@@ -489,7 +495,7 @@ class HttpFrontend:
             try:
                 parse_pack_ref(r, "model")
             except InvalidRequest:
-                raise self._model_not_found(body.model) from None
+                raise self._model_not_found(body.model, tenant) from None
         if body.packs:
             raise InvalidRequest("packs", f"the model name {body.model!r} already names packs; send one of the two")
         if body.base_only:
@@ -497,9 +503,9 @@ class HttpFrontend:
         names["packs"] = "model"
         return [(r, None) for r in refs], names
 
-    def _model_not_found(self, model: str) -> ModelNotFound:
-        """OpenAI's 404 for a model that is not served, listing what is (packs as model names included)."""
-        ids = [m["id"] for m in self._model_list()]
+    def _model_not_found(self, model: str, tenant: Tenant | None) -> ModelNotFound:
+        """OpenAI's 404 for a model that is not served, listing what is (the packs the caller may see)."""
+        ids = [m["id"] for m in self._model_list(tenant)]
         shown = ", ".join(ids[:MAX_LISTED]) + (f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")
         return ModelNotFound(
             "model",
@@ -507,9 +513,11 @@ class HttpFrontend:
             f"`name`, `name@alias`, comma-separated)",
         )
 
-    def _inputs(self, body: AnyBody, rid: str) -> tuple[list[GenerateInput], dict[str, str], int]:
+    def _inputs(
+        self, body: AnyBody, rid: str, tenant: Tenant | None = None
+    ) -> tuple[list[GenerateInput], dict[str, str], int]:
         """One GenerateInput per choice (prompts x n), the field names, and the number of prompts."""
-        packs, names = self._packs(body)
+        packs, names = self._packs(body, tenant)
         until_context = False
         prompts: list[Any]
         if isinstance(body, ChatBody):
@@ -653,7 +661,7 @@ class HttpFrontend:
 
     # ---- the request path
     async def _handle(self, request, method: str):
-        denied = self._auth(request, method)
+        tenant, denied = self._auth(request, method)
         if denied is not None:
             return denied
         rid = (
@@ -667,10 +675,10 @@ class HttpFrontend:
             if len(rid) > MAX_REQUEST_ID:
                 raise InvalidRequest("x-request-id", f"longer than {MAX_REQUEST_ID} characters")
             # admission may wait (a pack load with load_on_request): off the event loop, on our own threads
-            gens, prompts = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, rid)
+            gens, prompts = await asyncio.get_running_loop().run_in_executor(self._pool, self._admit, body, rid, tenant)
         except PackNotFound as e:
             if body is not None and body.model != self.model_name and e.field.startswith("model"):
-                e = self._model_not_found(body.model)  # a model name that names no pack: not a served model
+                e = self._model_not_found(body.model, tenant)  # a model name that names no pack: not served
             return self._error(e, method)
         except ServeError as e:
             return self._error(e, method)
@@ -716,12 +724,14 @@ class HttpFrontend:
         # parsing and checking a body of up to max_body_bytes is CPU work: off the event loop
         return await asyncio.get_running_loop().run_in_executor(self._pool, _parse_json, bytes(data))
 
-    def _admit(self, body: AnyBody, rid: str) -> tuple[list[tuple[int, Any]], dict[int, _Prompt]]:
+    def _admit(
+        self, body: AnyBody, rid: str, tenant: Tenant | None = None
+    ) -> tuple[list[tuple[int, Any]], dict[int, _Prompt]]:
         """Validate every choice first (nothing is admitted for a bad request), then admit them; a
         failure releases the ones already admitted. Completions with echo / prompt_logprobs also get their
         prompts scored (once per prompt) under the choice's pinned packs; with max_tokens 0 and echo,
         nothing is generated."""
-        inputs, names, _ = self._inputs(body, rid)
+        inputs, names, _ = self._inputs(body, rid, tenant)
         lim = self.cfg.limits
         reqs = [validate_generation(g, self.tokenizer, lim, self.context_len, self.vocab, names) for g in inputs]
         echo = isinstance(body, CompletionBody) and body.echo
@@ -735,12 +745,14 @@ class HttpFrontend:
         try:
             if echo and body.max_tokens == 0:
                 for i, req in enumerate(reqs):
-                    scores, used = self.service.score_prompt(req, None, top_n, score=top_n is not None)
+                    scores, used = self.service.score_prompt(
+                        req, None, top_n, score=top_n is not None, frontend=HTTP, tenant=tenant
+                    )
                     gens.append((i, _PromptOnly(req, used)))
                     prompts[i] = _Prompt(self._prompt_text(inputs[i], req), req.prompt_ids, scores)
                 return gens, prompts
             for i, req in enumerate(reqs):
-                gens.append((i, self.service.generate(req, None, frontend=HTTP)))
+                gens.append((i, self.service.generate(req, None, frontend=HTTP, tenant=tenant)))
             if echo or top_n is not None:
                 scored: dict[tuple[int, ...], Any] = {}
                 for i, g in gens:

@@ -131,6 +131,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # tenant label: the configured tenants' names and "" (open keys), bounded by the config (serve.tenants)
+        self.tenant_requests = Counter(
+            "sensepack_tenant_requests", "Requests admitted, by tenant", ["tenant", "frontend"], registry=r
+        )
+        self.tenant_running = Gauge(
+            "sensepack_tenant_requests_running", "Requests in flight, by tenant", ["tenant"], registry=r
+        )
+        self.tenant_limited = Counter(
+            "sensepack_tenant_limited",
+            "Requests refused by a tenant's limit (requests: max_concurrent_requests; cold_loads: max_cold_loads)",
+            ["tenant", "limit"],
+            registry=r,
+        )
         self.packs_resident = Gauge("sensepack_packs_resident", "Pack versions in memory", registry=r)
         self.packs_resident_bytes = Gauge(
             "sensepack_packs_resident_bytes",
@@ -164,6 +177,13 @@ class Metrics:
             self.pack_loads.labels(result)
         for reason in ("header_timeout", "body_timeout", "over_limit", "disconnect"):
             self.http_cuts.labels(reason)
+
+    def touch_tenants(self, names: list[str]) -> None:
+        """Create every tenant's series at 0 (names: the configured tenants)."""
+        for name in names:
+            self.tenant_running.labels(name)
+            for limit in ("requests", "cold_loads"):
+                self.tenant_limited.labels(name, limit)
 
     def touch_pack(self, pack: str) -> None:
         """Create a resident pack's counters at 0, so that increase() sees its first breach."""

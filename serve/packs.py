@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -46,6 +47,7 @@ from edits_store.signing import public_raw
 from ensemble.edits import PackRef, SenseEdits
 from serve.errors import DeadlineExceeded, PackNotFound, PackRefused, ServeError, Unavailable, from_pack_error
 from serve.params import PackRequest, invalid, parse_pack_ref
+from serve.tenants import Tenant
 
 log = logging.getLogger("sensepack.packs")
 
@@ -125,6 +127,11 @@ class Admission:
         self._manager = manager
         self.pins = pins
         self._released = False
+        self._then: list[Callable[[], None]] = []
+
+    def on_release(self, fn: Callable[[], None]) -> None:
+        """Also call `fn` at release (the request's slot among its tenant's)."""
+        self._then.append(fn)
 
     @property
     def pack_refs(self) -> list[PackRef]:
@@ -133,7 +140,11 @@ class Admission:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._manager._release(self.pins)
+            try:
+                self._manager._release(self.pins)
+            finally:
+                for fn in self._then:
+                    fn()
 
 
 class PackSource(Protocol):
@@ -407,7 +418,13 @@ class PackManager:
                     return True, r, None
         return False, None, tag
 
-    def resolve(self, pr: PackRequest, field_name: str | None = None, deadline: float | None = None) -> Resident | None:
+    def resolve(
+        self,
+        pr: PackRequest,
+        field_name: str | None = None,
+        deadline: float | None = None,
+        tenant: Tenant | None = None,
+    ) -> Resident | None:
         """Resident for a request's pack (None: base takes over); loads on demand when configured.
 
         On-demand loading makes request routes (they hold nothing in memory)
@@ -425,7 +442,8 @@ class PackManager:
         bound = time.monotonic() + self.cfg.packs.request_load_timeout_s
         deadline = bound if deadline is None else min(deadline, bound)
         try:
-            _, version, r = self._load_ref(pr.ref, by_request=True, deadline=deadline)
+            with tenant.cold_load(f, self.metrics) if tenant is not None else contextlib.nullcontext():
+                _, version, r = self._load_ref(pr.ref, by_request=True, deadline=deadline)
         except ServeError as e:
             raise e.at(f) from None
         if r.state != "resident":
@@ -438,13 +456,23 @@ class PackManager:
         found, r2, _ = self._resolve_route(pr.name, pr.tag)
         return r2 if found else r
 
-    def admit(self, packs: list[PackRequest], ab_key: str = "", deadline: float | None = None) -> Admission:
-        """Resolve, check β, assign A/B arms and pin; raises a ServeError naming the field."""
+    def admit(
+        self, packs: list[PackRequest], ab_key: str = "", deadline: float | None = None, tenant: Tenant | None = None
+    ) -> Admission:
+        """Resolve, check β, assign A/B arms and pin; raises a ServeError naming the field. A tenant's request
+        sees only the tenant's packs: any other, like a pack that does not exist, is `tenant.hidden`."""
         pins: list[Pin] = []
         try:
             for pr in packs:
+                if tenant is not None and not tenant.permits(pr.name):
+                    raise tenant.hidden(pr.field + ".ref", pr.ref)
                 for _attempt in range(3):
-                    r = self.resolve(pr, deadline=deadline)
+                    try:
+                        r = self.resolve(pr, deadline=deadline, tenant=tenant)
+                    except PackNotFound:
+                        if tenant is None:
+                            raise
+                        raise tenant.hidden(pr.field + ".ref", pr.ref) from None
                     with self._lock:
                         if r is not None and r.state == "freed":
                             continue  # evicted between resolve and pin: resolve again

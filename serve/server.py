@@ -32,7 +32,7 @@ from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_p
 from serve import engine as eng
 from serve import scheduler as sched
 from serve.abtest import Gate, LiveMonitor
-from serve.auth import AdminAuthInterceptor, ApiKeyInterceptor
+from serve.auth import AdminAuthInterceptor, ApiKeyInterceptor, caller_header
 from serve.config import Config, served_context
 from serve.errors import InvalidRequest, ServeError, from_pack_error, status_of
 from serve.metrics import GRPC, Metrics, method_label
@@ -42,6 +42,7 @@ from serve.params import GenerationRequest, parse_generate, parse_pack_ref, pars
 from serve.sampling_params import SamplingParams
 from serve.scoring import EmbeddedScorer, Scorer
 from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason, finish_error, reason_error
+from serve.tenants import Tenant, Tenants
 
 if TYPE_CHECKING:
     from serve.http import HttpFrontend
@@ -164,13 +165,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         tracked.record(grpc.StatusCode.INTERNAL)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
 
+    def _tenant(self, context) -> Tenant | None:
+        """The caller's tenant (None: an open key); the interceptor has already refused a bad key."""
+        return self.srv.tenants.identify(caller_header(context.invocation_metadata()))
+
     # ---- RPCs
     def _start(self, request, context, tracked):
         """Admit the request; the response head every Generate / GenerateStream reply starts with."""
         s = self.srv
         try:
             req = parse_generate(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
-            gen = self.service.generate(req, _deadline(context))
+            gen = self.service.generate(req, _deadline(context), tenant=self._tenant(context))
         except ServeError as e:
             self._fail(context, tracked, e)
         except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
@@ -254,7 +259,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             req = parse_score(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
             context.add_callback(abandoned.set)
-            result = self.service.score(req, _deadline(context), context.is_active, abandoned)
+            result = self.service.score(
+                req, _deadline(context), context.is_active, abandoned, tenant=self._tenant(context)
+            )
         except ServeError as e:
             self._fail(context, tracked, e)
         except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
@@ -574,6 +581,8 @@ class SensepackServer:
         self.ensemble, self.tokenizer, self.vocab = served.ensemble, served.tokenizer, served.vocab
         self.context_len = served_context(config, int(served.large.context_limit))
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.tenants = Tenants(config.api)  # who a generation key is: open, or a tenant scoped to pack prefixes
+        self.metrics.touch_tenants(list(self.tenants.tenants))
         self._grpc: grpc.Server | None = None
         self._http = None
         self._api: HttpFrontend | None = None  # when http.enabled
@@ -651,7 +660,7 @@ class SensepackServer:
             on_denied=lambda m, c: self.metrics.requests.labels(method_label(m.rsplit("/", 1)[-1]), c.name, GRPC).inc(),
         )
         keys = ApiKeyInterceptor(
-            cfg.api.resolved_keys(),
+            self.tenants,
             GENERATION_SERVICE,
             on_denied=lambda m, c: self.metrics.requests.labels(method_label(m.rsplit("/", 1)[-1]), c.name, GRPC).inc(),
         )
@@ -694,6 +703,7 @@ class SensepackServer:
                 self.context_len,
                 self.metrics,
                 cfg.http.served_model_name or self.served.large_name,
+                self.tenants,
             ).start()
             self.http_port = self._api.port
         self._grpc.start()

@@ -23,6 +23,7 @@ from serve.metrics import GRPC
 from serve.packs import Admission, PackManager
 from serve.params import GenerationRequest, ScoreRequest
 from serve.scoring import ScoreAbandoned, ScoreJob, Scorer, TopLogprobs
+from serve.tenants import OPEN, Tenant
 
 
 class EngineAPI(Protocol):
@@ -182,9 +183,12 @@ class GenerationService:
         self.scorer, self.tokenizer = scorer, tokenizer
 
     # ---- generation
-    def generate(self, req: GenerationRequest, deadline: float | None = None, frontend: str = GRPC) -> Generation:
-        """Pin the request's packs and submit it (QueueFull, Unavailable, PackNotFound, ...)."""
-        admission = self.packs.admit(req.packs, req.ab_key, deadline=deadline)
+    def generate(
+        self, req: GenerationRequest, deadline: float | None = None, frontend: str = GRPC, tenant: Tenant | None = None
+    ) -> Generation:
+        """Pin the request's packs (those `tenant` may see) and submit it (QueueFull, Unavailable, PackNotFound,
+        ...)."""
+        admission = self._admit(req.packs, req.ab_key, deadline, frontend, tenant)
         monitor = self.monitor
 
         def on_finish(seq, reason):
@@ -198,6 +202,25 @@ class GenerationService:
             admission.release()
             raise
         return Generation(self, req, admission, seq)
+
+    def _admit(
+        self, packs: list, ab_key: str, deadline: float | None, frontend: str, tenant: Tenant | None
+    ) -> Admission:
+        """The request's packs pinned, and its slot among its tenant's requests taken (both freed by
+        `Admission.release`)."""
+        metrics = self.packs.metrics
+        if tenant is not None:
+            tenant.enter(metrics)
+        try:
+            admission = self.packs.admit(packs, ab_key, deadline=deadline, tenant=tenant)
+        except BaseException:
+            if tenant is not None:
+                tenant.leave(metrics)
+            raise
+        metrics.tenant_requests.labels(OPEN if tenant is None else tenant.name, frontend).inc()
+        if tenant is not None:
+            admission.on_release(lambda: tenant.leave(metrics))
+        return admission
 
     # ---- scoring
     def prompt_scores(
@@ -218,11 +241,17 @@ class GenerationService:
         return PromptScores((packed if refs else base).double().tolist(), out[2] if top_n is not None else None)
 
     def score_prompt(
-        self, req: GenerationRequest, deadline: float | None, top_n: int | None = None, score: bool = True
+        self,
+        req: GenerationRequest,
+        deadline: float | None,
+        top_n: int | None = None,
+        score: bool = True,
+        frontend: str = GRPC,
+        tenant: Tenant | None = None,
     ) -> tuple[PromptScores | None, list[PackUsage]]:
         """Pin the request's packs and score its prompt (`score`), generating nothing (OpenAI's echo with
         max_tokens 0): (PromptScores or None, the packs used)."""
-        admission = self.packs.admit(req.packs, req.ab_key, deadline=deadline)
+        admission = self._admit(req.packs, req.ab_key, deadline, frontend, tenant)
         try:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             scores = self.prompt_scores(req, admission, left, top_n) if score else None
@@ -232,13 +261,18 @@ class GenerationService:
         return scores, used
 
     def score(
-        self, req: ScoreRequest, deadline: float | None, is_active: Callable[[], bool], abandoned: threading.Event
+        self,
+        req: ScoreRequest,
+        deadline: float | None,
+        is_active: Callable[[], bool],
+        abandoned: threading.Event,
+        tenant: Tenant | None = None,
     ) -> ScoreResult:
         """Log-likelihoods of each continuation through the scorer (serve.scoring: embedded, one engine
         job per chunk of positions; vLLM, forced decoding in its batch), in bounded memory, one
         continuation at a time. `abandoned` (set by the front-end when the client goes) or the deadline
         abandons it: Cancelled / DeadlineExceeded. Counted against the request cap."""
-        admission = self.packs.admit(req.packs, ab_key="", deadline=deadline)
+        admission = self._admit(req.packs, "", deadline, GRPC, tenant)
         try:
             base, packed = self._score_rows(req, admission, deadline, is_active, abandoned)
         finally:
