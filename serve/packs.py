@@ -635,25 +635,49 @@ class PackManager:
             if r is None:
                 return []
             r.state = "disabled"
-            for route in [k for k, v in self._request_routes.items() if v is r]:
-                del self._request_routes[route]  # the next request asks the store again (and gets base)
-            moved = []
-            for route, target in list(self._routes.items()):
-                if target is not r:
-                    continue
-                hist = self._history.get(route, [])
-                fallback = BASE
-                while hist:
-                    cand = hist.pop()
-                    if cand is not r and cand.state == "resident":
-                        fallback = cand
-                        break
-                self._routes[route] = fallback
-                moved.append(f"{route}->{fallback.ref if fallback else 'base'}")
-            self._publish_routes()
+            moved = self._fall_back(r)
         log.error(
             "pack disabled",
             extra={"event": "pack_disabled", "pack": f"{name}@{version}", "reason": reason, "routes": moved},
+        )
+        return moved
+
+    def _fall_back(self, r: Resident) -> list[str]:
+        """r leaves service (disabled, or withdrawn from the store): each of its routes falls back to its
+        previous target, or to base; its request routes go (the next request asks the store again)."""
+        for route in [k for k, v in self._request_routes.items() if v is r]:
+            del self._request_routes[route]
+        moved = []
+        for route, target in list(self._routes.items()):
+            if target is not r:
+                continue
+            hist = self._history.get(route, [])
+            fallback = BASE
+            while hist:
+                cand = hist.pop()
+                if cand is not r and cand.state == "resident":
+                    fallback = cand
+                    break
+            self._routes[route] = fallback
+            moved.append(f"{route}->{fallback.ref if fallback else 'base'}")
+        self._publish_routes()
+        return moved
+
+    def withdraw(self, name: str, version: str) -> list[str]:
+        """The store deleted this version: no new request gets it (its routes fall back as for a disabled
+        version, `name@version` is NOT_FOUND); running requests finish with it, and it leaves memory with
+        the last of them."""
+        with self._lock:
+            r = self._resident.get((name, version))
+            if r is None or r.state in ("freed", "unloading"):
+                return []
+            moved = self._fall_back(r)
+            r.state = "unloading"
+            if r.refcount == 0:
+                self._free(r)
+        log.warning(
+            "pack withdrawn",
+            extra={"event": "pack_withdrawn", "pack": f"{name}@{version}", "reason": "deleted from the store"},
         )
         return moved
 
@@ -672,7 +696,8 @@ class PackManager:
 
     # ------------------------------------------------------------ store notifications
     def on_store_event(self, event) -> None:
-        """An alias moved in the store: hot-swap the routes that follow it (gate first).
+        """An alias moved in the store: hot-swap the routes that follow it (gate first); a version deleted
+        from the store is withdrawn (`withdraw`); any change under a name drops its request routes.
 
         The alias is re-read at handling time (events can be stale when admin
         calls move it too); a refused version leaves the routes as they are.
@@ -683,6 +708,9 @@ class PackManager:
             with self._lock:
                 for route in [k for k in self._request_routes if k == name or k.startswith(name + "@")]:
                     del self._request_routes[route]
+        if kind == "version_deleted" and name and getattr(event, "version", None):
+            self.withdraw(name, event.version)
+            return
         if kind not in ("alias_moved", "alias_removed") or not (name and alias):
             return
         route = f"{name}@{alias}"

@@ -21,6 +21,7 @@ from sensepack_testing.serve import (
     publish_edits,
     running_server,
     scrape,
+    wait_until,
 )
 from serve.client import Client
 from serve.errors import DeadlineExceeded
@@ -201,3 +202,27 @@ def test_ab_gauges_per_version_only_while_resident(tmp_path):
         assert c.unload_pack(f"capitals@{versions[-1]}").freed
         assert versions[-1] not in "".join(series())
         assert versions[-1] not in "".join(series("sensepack_gate_ball_ratio"))
+
+
+def test_a_version_deleted_from_the_store_is_withdrawn(tmp_path):
+    """The store deletes the routed version: new requests fall back to the previous one, `name@version` is
+    NOT_FOUND, and a request already running on it finishes on it (the subscription delivers the event)."""
+    store, (v1, v2) = _store(tmp_path, 2)
+    with running_server(
+        tmp_path,
+        demo_served(),
+        **{"packs.preload": ["capitals@prod"], "store.poll_interval_s": 0.05, "packs.load_on_request": False},
+    ) as server:
+        c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
+        c.load_pack(f"capitals@{v2}")  # route "capitals" -> v2, its previous target v1
+        assert c.generate(PROMPT, packs=["capitals"], max_new_tokens=1).packs[0].version == v2
+        stream = c.stream(PROMPT, packs=[f"capitals@{v2}"], max_new_tokens=150, ignore_eos=True)
+        assert next(stream).packs[0].version == v2  # pinned
+        store.delete_version("capitals", v2)
+        assert wait_until(lambda: server.packs.routes()["capitals"].version == v1, timeout=10)
+        assert c.generate(PROMPT, packs=["capitals"], max_new_tokens=1).packs[0].version == v1
+        with pytest.raises(grpc.RpcError) as ei:
+            c.generate(PROMPT, packs=[f"capitals@{v2}"], max_new_tokens=1)
+        assert ei.value.code() == C.NOT_FOUND
+        assert list(stream)[-1].generated_token_count == 150  # the running request finished on v2
+        assert wait_until(lambda: v2 not in {r.version for r in _capitals(server)})
