@@ -48,7 +48,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import ConcurrentUpdateError, MissingFileError, PackNotFoundError, StoreIOError, UnsafeFileError
-from .format import MANIFEST_FILE, NAME_RE, VERSION_RE, PackSource, fsync_dir
+from .format import MANIFEST_FILE, NAME_RE, VERSION_RE, PackFiles, fsync_dir
 
 log = logging.getLogger("edits_store.backends")
 
@@ -65,7 +65,7 @@ FENCE_TTL_S = 60.0  # a fence older than this belongs to a killed gc/deleter and
 LEASE_TTL_S = DEFAULT_GC_AGE_S  # a deleter leaves files to a publisher whose lease is younger than this
 
 # verify(source_with_the_written_files, manifest_bytes): raises PackError unless they load; run before commit.
-Verifier = Callable[[PackSource, bytes], None]
+Verifier = Callable[[PackFiles, bytes], None]
 
 
 @dataclass
@@ -118,7 +118,7 @@ class Backend(ABC):
     def version_committed(self, name: str, version: str) -> bool: ...
 
     @abstractmethod
-    def source(self, name: str, version: str) -> PackSource: ...
+    def source(self, name: str, version: str) -> PackFiles: ...
 
     @abstractmethod
     def commit_version(self, name: str, version: str, files: dict[str, bytes], verify: Verifier) -> bool:
@@ -252,8 +252,8 @@ class LocalBackend(Backend):
         folder = self._dir(name, version)
         return not os.path.islink(folder) and os.path.isfile(os.path.join(folder, MANIFEST_FILE))
 
-    def source(self, name: str, version: str) -> PackSource:
-        return PackSource(self._dir(name, version), label=f"{name}@{version}", root=self.root)
+    def source(self, name: str, version: str) -> PackFiles:
+        return PackFiles(self._dir(name, version), label=f"{name}@{version}", root=self.root)
 
     def commit_version(self, name: str, version: str, files: dict[str, bytes], verify: Verifier) -> bool:
         if self.version_committed(name, version):
@@ -281,7 +281,7 @@ class LocalBackend(Backend):
         self._hook("local_files_written")
         # Read back what is on disk, through the loader, before the version can become visible.
         try:
-            verify(PackSource(staging, label=f"{name}@{version} (staging)"), files[MANIFEST_FILE])
+            verify(PackFiles(staging, label=f"{name}@{version} (staging)"), files[MANIFEST_FILE])
         except (MissingFileError, PackNotFoundError):
             if not os.path.isdir(staging):
                 raise FileNotFoundError(staging) from None  # gc took it: reported as ConcurrentUpdateError
@@ -595,8 +595,8 @@ class FsspecBackend(Backend):
     def version_committed(self, name: str, version: str) -> bool:
         return bool(self.fs.exists(self._path(name, version, MANIFEST_FILE)))
 
-    def source(self, name: str, version: str) -> PackSource:
-        return PackSource(self._path(name, version), fs=self.fs, label=f"{name}@{version}")
+    def source(self, name: str, version: str) -> PackFiles:
+        return PackFiles(self._path(name, version), fs=self.fs, label=f"{name}@{version}")
 
     def _live(self, sub: str, name: str, version: str, max_age_s: float) -> list[str]:
         now = time.time()

@@ -840,7 +840,7 @@ def _read_fd(fd: int, size: int) -> bytearray:
     return buf
 
 
-class PackSource:
+class PackFiles:
     """Where a pack's files come from: a local folder, or a folder on an fsspec filesystem.
 
     ``root`` (local): the store root the folder must lie in; the folder and its parents up to ``root`` may not be
@@ -1090,7 +1090,7 @@ def _effective_limits(manifest: Manifest, expect: Expectations | None) -> tuple[
 
 
 def load_from_source(
-    src: PackSource,
+    src: PackFiles,
     *,
     expect: Expectations | None = None,
     expect_name: str | None = None,
@@ -1189,7 +1189,7 @@ def read_pack(
     folder_or_fs_path: str | os.PathLike[str], *, expect: Expectations | None = None, fs: Any = None
 ) -> PackContents:
     """Read and fully validate the pack in a folder (local, or a path on the fsspec filesystem ``fs``)."""
-    src = PackSource(os.fspath(folder_or_fs_path), fs=fs)
+    src = PackFiles(os.fspath(folder_or_fs_path), fs=fs)
     return load_from_source(src, expect=expect)
 
 
@@ -1218,7 +1218,7 @@ __all__ = [
     "Expectations",
     "Manifest",
     "PackContents",
-    "PackSource",
+    "PackFiles",
     "build_pack",
     "canonical_json",
     "check_expectations",

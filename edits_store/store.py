@@ -50,7 +50,7 @@ from .format import (
     VERSION_RE,
     Expectations,
     PackContents,
-    PackSource,
+    PackFiles,
     compute_version,
     content_digest,
     load_from_source,
@@ -225,7 +225,7 @@ class PackStore:
             files[MANIFEST_FILE] = manifest_bytes  # still last: the commit marker
             trusted = (public_raw_of(signing_key),)
 
-        def verify(src: PackSource, manifest_bytes: bytes) -> None:
+        def verify(src: PackFiles, manifest_bytes: bytes) -> None:
             expect = Expectations(trusted_keys=trusted) if trusted else None
             load_from_source(
                 src, expect=expect, expect_name=m.name, expect_version=m.version, manifest_bytes=manifest_bytes

@@ -147,7 +147,7 @@ class Admission:
                     fn()
 
 
-class PackSource(Protocol):
+class StoreAPI(Protocol):
     """Where versions come from (edits_store.PackStore, or any store with this surface)."""
 
     def load(self, ref: str, expect): ...
@@ -197,7 +197,7 @@ class PackManager:
 
     def __init__(
         self,
-        source: PackSource,
+        source: StoreAPI,
         expectations,
         target_fingerprint: str,
         config,

@@ -66,7 +66,7 @@ from .args import RequestPacks, ScoreSpec
 if TYPE_CHECKING:
     from ensemble.backpack import BackpackLM
 
-    from .resolver import PackSource
+    from .resolver import EditsSource
 
 log = logging.getLogger("sensepack.vllm")
 
@@ -111,7 +111,7 @@ class CoreStats:
 @dataclass
 class EnsembleLogitsCore:
     backpack: BackpackLM
-    source: PackSource
+    source: EditsSource
     vocab_size: int = field(kw_only=True)  # |U| (ensemble.vocab.Vocabulary.size): ids >= it are masked
     window_keep: int | None = None
     mask_padding: bool = True

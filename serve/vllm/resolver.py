@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ensemble.backpack import BackpackLM
 
 
-class PackSource(Protocol):
+class EditsSource(Protocol):
     def edits(self, name: str, version: str) -> SenseEdits: ...
 
 
@@ -123,13 +123,13 @@ class Registry:
 
     def __init__(self) -> None:
         self.backpack: BackpackLM | None = None
-        self.source: PackSource | None = None
+        self.source: EditsSource | None = None
         self.window_keep: int | None = None
         self.vocab_size: int | None = None  # |U| of the served pairing (ensemble.vocab.Vocabulary.size)
         self.processors: list = []  # live shim instances (hot-path stats, tests)
 
     def configure(
-        self, backpack: BackpackLM, source: PackSource, window_keep: int | None = None, vocab_size: int | None = None
+        self, backpack: BackpackLM, source: EditsSource, window_keep: int | None = None, vocab_size: int | None = None
     ) -> None:
         self.backpack, self.source, self.window_keep, self.vocab_size = backpack, source, window_keep, vocab_size
 
@@ -166,7 +166,7 @@ def _tokenizer_vocab_size(vllm_config) -> int:
     return len(load_tokenizer(name))
 
 
-def resolve_components(vllm_config, device) -> tuple[BackpackLM, PackSource, int | None, int]:
+def resolve_components(vllm_config, device) -> tuple[BackpackLM, EditsSource, int | None, int]:
     """(backpack on `device`, pack source, window_keep, |U|) for a processor instance."""
     device = torch.device(device)
     if REGISTRY.backpack is not None and REGISTRY.source is not None:
