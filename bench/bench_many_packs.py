@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
 import random
+import statistics
 import sys
 import threading
 import time
@@ -133,37 +136,38 @@ def store_timings(uri: str, n: int, samples: int = 200) -> dict[str, float]:
     return {"listed": len(names), "list_s": list_s, "resolve_ms": resolve_ms}
 
 
-def s3_timings(local: Path, n: int, samples: int) -> dict[str, float]:
-    """Copy the store into a moto S3 server (once per run) and time listing and resolution there."""
+def s3_timings(profile: str, n: int, samples: int) -> dict[str, float]:
+    """Publish the same n packs into a moto S3 store on loopback (8 writer threads) and time listing and
+    resolution there."""
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from sensepack_testing.serve import free_port
+    from edits_store.store import open_store
+    from sensepack_testing import free_port
+    from serve.models import pack_from_edits
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        import os
-
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
         endpoint = f"http://127.0.0.1:{port}"
-        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="packs")
-        files = [p for p in local.rglob("*") if p.is_file() and p.name != "bench-many-packs.json"]
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="packs")
+        uri = "s3://packs/store"
+        store = open_store(uri, endpoint_url=endpoint)
+        served = served_for(profile)
+        t0 = time.perf_counter()
+
+        def publish(i: int) -> None:
+            store.publish(pack_from_edits(pack_name(i), draw_edits(served, i), served, beta=1.0, epsilon=1.0))
+
         with ThreadPoolExecutor(8) as ex:
-            list(
-                tqdm(
-                    ex.map(lambda p: s3.upload_file(str(p), "packs", str(p.relative_to(local))), files),
-                    total=len(files),
-                    desc="s3: upload",
-                    unit="file",
-                )
-            )
-        return store_timings("s3://packs", n, samples)
+            list(tqdm(ex.map(publish, range(n)), total=n, desc="s3: publish", unit="pack"))
+        out = {"publish_s": time.perf_counter() - t0}
+        os.environ["SENSEPACK_S3_ENDPOINT_URL"] = endpoint
+        out.update(store_timings(uri, n, samples))
+        return out
     finally:
         server.stop()
 
@@ -269,17 +273,20 @@ def main() -> None:
     ap.add_argument("--packs", type=int, default=10_000, help="packs in the store")
     ap.add_argument("--resident", type=int, default=1_000, help="packs.max_resident; this many are preloaded")
     ap.add_argument("--concurrency", default="8,32")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client per workload")
+    ap.add_argument("--requests", type=int, default=8, help="requests per client per workload")
     ap.add_argument("--new", type=int, default=16, help="tokens generated per request")
     ap.add_argument("--zipf", type=float, default=1.1, help="popularity exponent")
+    ap.add_argument("--rounds", type=int, default=3, help="single / mixed alternations per concurrency")
     ap.add_argument("--store", default=None, help="store folder (built once and reused)")
     ap.add_argument("--s3", action="store_true", help="also time listing and resolution on a moto S3 copy")
+    ap.add_argument("--store-only", action="store_true", help="build and time the stores, start no server")
     ap.add_argument("--quick", action="store_true", help="200 packs, 50 resident, batch 8; one JSON line")
     ap.add_argument("--json", default=None, help="write every number to this file")
     ap.add_argument("--server-log", default=None)
     args = ap.parse_args()
     if args.quick:
-        args.packs, args.resident, args.concurrency, args.requests, args.new = 200, 50, "8", 3, 8
+        args.packs, args.resident, args.concurrency, args.requests, args.new, args.rounds = 200, 50, "8", 3, 8, 1
+    concurrency = [int(x) for x in args.concurrency.split(",")]
     if not 0 < args.resident <= args.packs:
         ap.error("--resident must be in [1, --packs]")
 
@@ -291,7 +298,10 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     stores = {"local": store_timings(str(store_dir), args.packs)}
     if args.s3:
-        stores["s3"] = s3_timings(store_dir, args.packs, 50)
+        stores["s3"] = s3_timings(args.profile, args.packs, 50)
+    if args.store_only:
+        print(json.dumps({"packs": args.packs, "store_build_s": build_s, "store": stores}))
+        return
     d = served_for(args.profile).backpack.config.n_embd
     pack_bytes = {name: r * (d * 4 + 16) for name, r in rows.items()}  # deltas (float32) + token and sense ids
 
@@ -352,12 +362,16 @@ def main() -> None:
             return pick
 
         run_load(port, 2, 1, 4, single, seen)  # warm-up
-        for c in [int(x) for x in args.concurrency.split(",")]:
-            for arm, pick in (("single", single), ("mixed", mixed(args.resident)), ("zipf", mixed(args.packs))):
-                r = run_load(port, c, args.requests, args.new, pick, seen if arm == "zipf" else set(seen))
-                r.update(arm=arm, concurrency=c)
-                results.append(r)
-                print(json.dumps(r), flush=True)
+        # single and mixed first at every concurrency: the zipf workload's cold loads evict preloaded packs
+        # single and mixed alternate, `--rounds` times; zipf last (its cold loads evict preloaded packs)
+        plan = [(k, c, arm) for k in range(args.rounds) for c in concurrency for arm in ("single", "mixed")]
+        plan += [(0, c, "zipf") for c in concurrency]
+        picks = {"single": single, "mixed": mixed(args.resident), "zipf": mixed(args.packs)}
+        for k, c, arm in plan:
+            r = run_load(port, c, args.requests, args.new, picks[arm], seen if arm == "zipf" else set(seen))
+            r.update(arm=arm, concurrency=c, round=k)
+            results.append(r)
+            print(json.dumps(r), flush=True)
         with Client(f"127.0.0.1:{port}", token=ADMIN) as cl:
             listed = cl.list_packs(include_store=False)
         out["memory"]["rss_end"] = rss_bytes(pid)
@@ -366,10 +380,13 @@ def main() -> None:
             pack_bytes.get(r.name, 0) for r in listed.resident if r.name in pack_bytes
         )
     out["rows"] = results
-    by = {(r["arm"], r["concurrency"]): r for r in results}
+    by = {(r["arm"], r["concurrency"], r["round"]): r for r in results}
+    # per concurrency: the median over rounds of mixed / single measured side by side
     ratios = {
-        c: by[("mixed", c)]["tok_per_s"] / by[("single", c)]["tok_per_s"]
-        for c in [int(x) for x in args.concurrency.split(",")]
+        c: statistics.median(
+            by[("mixed", c, k)]["tok_per_s"] / by[("single", c, k)]["tok_per_s"] for k in range(args.rounds)
+        )
+        for c in concurrency
     }
     out["ratio_vs_single_pack"] = ratios
     if args.json:
@@ -387,6 +404,7 @@ def main() -> None:
         print(json.dumps(summary))
         return
     m = out["memory"]
+    print("ratio_vs_single_pack (median over rounds): " + ", ".join(f"{c}: {x:.3f}" for c, x in ratios.items()))
     print(
         f"\nstore: {args.packs} packs built/reused in {build_s:.1f} s; "
         + "; ".join(f"{k}: list {v['list_s']:.2f} s, resolve {v['resolve_ms']:.2f} ms" for k, v in stores.items())
@@ -402,14 +420,15 @@ def main() -> None:
         f"({m['resident_pack_bytes_end'] / 2**20:.0f} MiB)"
     )
     print(
-        "\n| clients | workload | req (cold) | tok/s | vs single | TTFT p50 / p99 ms | cold TTFT p50 / p99 ms "
+        "\n| clients | round | workload | req (cold) | tok/s | vs single | TTFT p50 / p99 ms | cold TTFT p50 / p99 ms "
         "| errors |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        base = by[("single", r["concurrency"])]["tok_per_s"]
+        base = by[("single", r["concurrency"], r["round"])]["tok_per_s"]
         print(
-            f"| {r['concurrency']} | {r['arm']} | {r['requests']} ({r['cold_requests']}) | {r['tok_per_s']:.1f} | "
+            f"| {r['concurrency']} | {r['round']} | {r['arm']} | {r['requests']} ({r['cold_requests']}) | "
+            f"{r['tok_per_s']:.1f} | "
             f"{r['tok_per_s'] / base:.3f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
             f"{r['cold_ttft_p50_ms']:.0f} / {r['cold_ttft_p99_ms']:.0f} | {r['errors']} |"
         )
