@@ -143,7 +143,14 @@ def main() -> None:
             target = versions[(i + 1) % 2]
             store.set_alias("capitals", "prod", target)
             took, seen = wait_all(ports, "capitals@prod", target.__eq__, timeout=30)
-            row = {"kind": "alias_flip", "seconds": took, "max_s": max(took), "polls_before": len(seen)}
+            stale = sum(served_version(p, "capitals@prod") != target for p in ports for _ in range(5))
+            row = {
+                "kind": "alias_flip",
+                "seconds": took,
+                "max_s": max(took),
+                "polls_before": len(seen),
+                "stale_after": stale,  # old answers in 5 polls per replica once every replica had flipped
+            }
             flips.append(row)
             print(json.dumps(row), flush=True)
         for j in range(args.withdrawals):
@@ -154,11 +161,13 @@ def main() -> None:
             before = [served_version(p, f"capitals@{doomed}") for p in ports]
             store.delete_version("capitals", doomed)
             took, seen = wait_all(ports, f"capitals@{doomed}", lambda v: v is None, timeout=30)
+            stale = sum(served_version(p, f"capitals@{doomed}") is not None for p in ports for _ in range(5))
             row = {
                 "kind": "withdrawal",
                 "served_before": before == [doomed] * len(ports),
                 "seconds": took,
                 "max_s": max(took),
+                "stale_after": stale,
             }
             withdrawals.append(row)
             print(json.dumps(row), flush=True)
@@ -182,6 +191,7 @@ def main() -> None:
         "flip_max_s": max(flip_s),
         "withdrawal_p50_s": pct(wd_s, 50),
         "withdrawal_max_s": max(wd_s) if wd_s else None,
+        "stale_after_window": sum(r["stale_after"] for r in flips + withdrawals),
         "requests_by_pack_per_replica": counts,
         "requests_by_pack_sum": sum(counts),
         "requests_sent": sent,
@@ -189,10 +199,11 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     print(
-        f"\n| replicas | poll s | alias flip p50 / max s | withdrawal p50 / max s | requests_by_pack sum / sent |\n"
-        f"|---|---|---|---|---|\n| {args.replicas} | {args.poll:g} | "
+        f"\n| replicas | poll s | alias flip p50 / max s | withdrawal p50 / max s | stale answers after | "
+        f"requests_by_pack sum / sent |\n|---|---|---|---|---|---|\n| {args.replicas} | {args.poll:g} | "
         f"{out['flip_p50_s']:.2f} / {out['flip_max_s']:.2f} | "
         f"{out['withdrawal_p50_s']:.2f} / {out['withdrawal_max_s'] or float('nan'):.2f} | "
+        f"{out['stale_after_window']} | "
         f"{out['requests_by_pack_sum']:.0f} / {sent} |"
     )
 
