@@ -62,6 +62,13 @@ METRICS = {
     "sensepack_gate_ball_ratio",
     "sensepack_gate_runs_total",
     "sensepack_http_connections_cut_total",
+    "sensepack_packs_resident",
+    "sensepack_packs_resident_bytes",
+    "sensepack_pack_evictions_total",
+    "sensepack_pack_load_seconds",
+    "sensepack_tenant_requests_total",
+    "sensepack_tenant_requests_running",
+    "sensepack_tenant_limited_total",
 }
 HISTOGRAMS = {
     "sensepack_time_to_first_token_seconds",
@@ -69,6 +76,7 @@ HISTOGRAMS = {
     "sensepack_e2e_request_latency_seconds",
     "sensepack_queue_time_seconds",
     "sensepack_backpack_step_seconds",
+    "sensepack_pack_load_seconds",
 }
 METRIC_RE = re.compile(r"sensepack_[a-zA-Z0-9_]+")
 RECORD_RE = re.compile(r"sensepack:[a-zA-Z0-9_:]+")
