@@ -191,6 +191,23 @@ class Metrics:
         self.ab_breaches.labels(pack)
         self.auto_disables.labels(pack)
 
+    def drop_pack(self, pack: str) -> None:
+        """No version of `pack` is in memory any more: remove its per-pack series, so that the series count
+        follows the resident packs, not every pack a store of thousands ever served (they start again at 0
+        when it comes back). Breach and auto-disable counters that counted something stay (alerts read them)."""
+        for arm in ("pack", "base"):
+            with contextlib.suppress(KeyError):
+                self.requests_by_pack.remove(pack, arm)
+        with contextlib.suppress(KeyError):
+            self.ab_samples.remove(pack)
+        for counter, name in (
+            (self.ab_breaches, "sensepack_ab_breaches_total"),
+            (self.auto_disables, "sensepack_pack_auto_disables_total"),
+        ):
+            if not self.registry.get_sample_value(name, {"pack": pack}):
+                with contextlib.suppress(KeyError):
+                    counter.remove(pack)
+
     def drop_gate(self, pack: str, version: str) -> None:
         """A version left memory: remove its gate series (bounded by the resident versions, as the A/B ones)."""
         with contextlib.suppress(KeyError):  # never gated (gate off) or already gone

@@ -399,6 +399,8 @@ class PackManager:
         for route in [k for k, v in self._request_routes.items() if v is r]:
             del self._request_routes[route]
         self.metrics.drop_gate(r.name, r.version)
+        if not any(x.name == r.name for x in self._resident.values()):
+            self.metrics.drop_pack(r.name)
         if self.ab is not None and (r.name, r.version) not in self._disabled:
             self.ab.forget(r.name, r.version)
 

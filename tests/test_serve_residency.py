@@ -4,6 +4,7 @@ that many requests wait for loads (and is gated) once."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -61,6 +62,10 @@ def test_requests_naming_many_packs_stay_within_the_count(store_dir):
         assert metric(s, "sensepack_packs_resident") == len(server.packs.residents()) <= 3
         assert metric(s, "sensepack_packs_resident_bytes") == _pack_bytes(server)
         assert metric(s, "sensepack_pack_load_seconds_count") == metric(s, "sensepack_pack_loads_total", result="ok")
+        # per-pack series follow the resident packs, not every pack ever named
+        for family in ("sensepack_requests_by_pack_total", "sensepack_ab_samples_total", "sensepack_ab_breaches_total"):
+            labelled = {re.search(r'pack="([^"]*)"', k).group(1) for k in s if k.startswith(family + "{")}
+            assert labelled <= _resident(server), (family, labelled)
 
 
 def test_the_byte_budget_evicts_least_recently_used_and_never_a_pinned_pack(store_dir):
