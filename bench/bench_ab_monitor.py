@@ -22,7 +22,7 @@ from ensemble.edits import SenseEdits
 from serve.abtest import LiveMonitor
 from serve.config import ABConfig
 from serve.metrics import Metrics
-from serve.packs import Resident
+from serve.pack_cache import Resident
 
 
 def main() -> None:

@@ -39,7 +39,8 @@ from pathlib import Path
 from statistics import NormalDist
 
 from ensemble.jsonl import DataError, iter_jsonl
-from serve.packs import GateResult, Resident, sticky_fraction
+from serve.pack_cache import GateResult, Resident
+from serve.packs import sticky_fraction
 from serve.scoring import Scorer
 
 log = logging.getLogger("sensepack.abtest")

@@ -33,7 +33,7 @@ from ensemble.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_finge
 from ensemble.vocab import Vocabulary
 from ensemble.zoo import resolve_path
 from serve.config import CONFIG_DIR, ConfigError, load_config
-from serve.packs import served_edits
+from serve.pack_cache import served_edits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,32 +1,25 @@
-"""Pack manager: resident pack versions, routes, pinning and hot swaps.
+"""Pack manager: what requests name (routes), admission (pin, β, A/B arm), hot swaps and the store's
+notifications, over the resident versions of serve.pack_cache.
 
-* A **resident** version is loaded from the store, validated against the served
-  Backpack / tokenizer / large model (edits_store `Expectations`), and has
-  passed the activation gate (serve.abtest). Refused versions are remembered
-  with the reason; the previously routed version keeps serving.
 * A **route** maps what requests name to a version: ``name`` (the active
   version) and ``name@alias`` (a store alias). Explicit ``name@version`` needs
   no route. Activation (admin LoadPack/SetAlias, or a store notification that
-  an alias moved) swaps routes atomically under one lock. A request that loads
+  an alias moved) swaps routes atomically under one lock. Admin-routed
+  versions stay in memory whatever the residency budget. A request that loads
   a pack (``packs.load_on_request``) leaves a *request route*: it saves the
   next request a store lookup, does not hold the version in memory, and goes
   when the version is evicted or the store changes anything of that name.
-* **Residency** is bounded by count and bytes (``packs.max_resident``,
-  ``packs.max_resident_bytes``): past either, unpinned versions no admin route
-  holds are evicted, least recently used first. Pinned and admin-routed
-  versions are never evicted (the operator and the running requests bound them).
-* Every admitted request **pins** the versions it resolved (a reference count);
-  swaps never touch running requests, and an unloaded version is freed only
-  when its count drops to 0.
-* A disabled version (live A/B breach) leaves its routes; each route falls back
-  to its previous target, or to the base model when there is none.
+* Every admitted request pins the versions it resolved; swaps never touch
+  running requests.
+* A disabled version (live A/B breach) or one deleted from the store leaves
+  its routes; each route falls back to its previous target, or to the base
+  model when there is none.
 * Packs change only through the admin API or the store's aliases. A request
   may load a version only when the operator allows it (``packs.load_on_request``,
   off in the production profiles), and even then it never re-enables a disabled
   version, never brings back an unloaded one (UnloadPack holds until an admin
   LoadPack/SetAlias), never moves an existing route, and its gate run is bounded
-  by the request's deadline. Gate results are cached per (version, target
-  model, G, β, ε): eviction and reloading do not re-gate.
+  by the request's deadline.
 """
 
 from __future__ import annotations
@@ -37,68 +30,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from edits_store.errors import IncompatiblePackError, MissingBetaError, PackError, PackNotFoundError
-from edits_store.format import CalibrationEntry, PackContents
-from edits_store.signing import public_raw
-from ensemble.edits import PackRef, SenseEdits
-from serve.errors import DeadlineExceeded, PackNotFound, PackRefused, ServeError, Unavailable, from_pack_error
+from edits_store.errors import PackError, PackNotFoundError
+from ensemble.edits import PackRef
+from serve.errors import PackNotFound, ServeError, Unavailable, from_pack_error
+from serve.pack_cache import GateFn, PackCache, Resident, ResidentTable, StoreAPI
 from serve.params import PackRequest, invalid, parse_pack_ref
 from serve.tenants import Tenant
 
 log = logging.getLogger("sensepack.packs")
 
 
-def served_edits(contents: PackContents, target_fingerprint: str) -> tuple[SenseEdits, CalibrationEntry]:
-    """A loaded pack as the engine applies it to one large model: its edits (own tensors, not the loaded
-    pack's) and the calibration entry (β, ε) for that model (MissingBetaError when it has none)."""
-    entry = contents.manifest.beta_for(target_fingerprint)
-    edits = SenseEdits(contents.token_ids.clone(), contents.sense_ids.clone(), contents.deltas.clone())
-    return edits, entry
-
-
 BASE = None  # a route target meaning "the base model takes over"
-
-
-@dataclass
-class GateResult:
-    passed: bool
-    ratio: float
-    epsilon: float
-    beta: float
-    tokens: int
-    skipped: bool = False
-
-
-@dataclass
-class Resident:
-    name: str
-    version: str
-    edits: SenseEdits
-    calibrated_beta: float
-    epsilon: float
-    manifest: object = None
-    gate: GateResult | None = None
-    refcount: int = 0
-    state: str = "resident"  # resident | unloading | disabled | freed
-    loaded_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @property
-    def nbytes(self) -> int:
-        """Memory the version holds: its edit tensors (what packs.max_resident_bytes counts)."""
-        e = self.edits
-        return int(e.token_ids.nbytes + e.sense_ids.nbytes + e.deltas.nbytes)
-
-    def pack_ref(self, beta: float | None = None) -> PackRef:
-        return PackRef(self.name, self.version, self.edits, self.calibrated_beta if beta is None else beta)
 
 
 @dataclass
@@ -147,22 +92,6 @@ class Admission:
                     fn()
 
 
-class StoreAPI(Protocol):
-    """Where versions come from (edits_store.PackStore, or any store with this surface)."""
-
-    def load(self, ref: str, expect): ...
-    def resolve(self, ref: str) -> tuple[str, str]: ...
-    def set_alias(self, name: str, alias: str, version: str) -> None: ...
-
-
-class GateFn(Protocol):
-    """The activation gate (serve.abtest.Gate): measures a version's ball ratio."""
-
-    fingerprint: str | None
-
-    def __call__(self, r: Resident, deadline: float | None = None) -> GateResult: ...
-
-
 class ArmPolicy(Protocol):
     """The live A/B monitor as the pack manager sees it (serve.abtest.LiveMonitor)."""
 
@@ -170,25 +99,6 @@ class ArmPolicy(Protocol):
     def reset(self, pack: str, version: str) -> None: ...
     def forget(self, pack: str, version: str) -> None: ...
     def on_breach(self, callback: Callable[[str, str, str], list[str]]) -> None: ...
-
-
-class ResidentTable(dict):
-    """(name, version) -> Resident, owned by one PackManager (mutated under its lock). Built before the
-    manager so that an engine can read resident edits from it (serve.vllm.resolver.PackManagerSource)
-    without depending on the manager."""
-
-    def residents(self) -> list[Resident]:
-        return list(self.values())
-
-
-def _with_trusted_keys(expect, keys):
-    """packs.trusted_keys set: only packs signed by one of these ed25519 keys load (edits_store SignatureError,
-    whose message names the failed check: signature_present, signature_key, signature)."""
-    if not keys:
-        return expect
-    import dataclasses
-
-    return dataclasses.replace(expect, trusted_keys=tuple(public_raw(k) for k in keys))
 
 
 class PackManager:
@@ -206,203 +116,38 @@ class PackManager:
         ab: ArmPolicy | None = None,
         residents: ResidentTable | None = None,
     ):
+        self.cache = PackCache(
+            source,
+            expectations,
+            target_fingerprint,
+            config,
+            metrics,
+            gate=gate,
+            residents=residents,
+            forget=ab.forget if ab is not None else None,
+        )
+        self.cache.held = self._admin_routed
+        self.cache.on_drop = self._drop_request_routes
         self.source = source
-        self.expect = _with_trusted_keys(expectations, config.packs.trusted_keys)
-        self.target_fingerprint = target_fingerprint
         self.cfg = config  # the full Config (packs, gate, ab sections)
         self.metrics = metrics
-        self.gate = gate
         self.ab = ab
-        self._lock = threading.RLock()
-        self._resident: ResidentTable = residents if residents is not None else ResidentTable()
+        self._lock = self.cache.lock  # one lock for routes and residents: swaps see both at once
         self._routes: dict[str, Resident | None] = {}
         self._request_routes: dict[str, Resident] = {}  # made by request loads; never hold a version in memory
         self._history: dict[str, list[Resident]] = {}
-        self._refused: dict[str, tuple[type[ServeError], str]] = {}
-        self._loading: dict[tuple[str, str], Future] = {}
-        self._disabled: dict[tuple[str, str], str] = {}  # version -> reason; survives eviction
-        self._unloaded: set[tuple[str, str]] = set()  # UnloadPack'ed; requests may not reload them
-        self._gate_cache: dict[tuple, GateResult] = {}
         self._activation_lock = threading.Lock()
         self._subscription = None
         self.swaps = 0
         if ab is not None:
             ab.on_breach(self._on_breach)
 
-    # ------------------------------------------------------------ loading
-    def _load(self, name: str, version: str, by_request: bool = False, deadline: float | None = None) -> Resident:
-        """Load + validate + gate one version (deduplicated); raises a ServeError.
+    def _admin_routed(self) -> set[int]:
+        return {id(r) for r in self._routes.values() if r is not None}
 
-        by_request: a request asked (load_on_request): an unloaded version stays unloaded, and the gate
-        runs within `deadline` (time.monotonic()).
-        """
-        key = (name, version)
-        with self._lock:
-            if by_request and key in self._unloaded:
-                raise PackNotFound(
-                    "",
-                    f"pack {name}@{version} was unloaded by an operator (PackAdmin.UnloadPack); "
-                    "an admin LoadPack or SetAlias brings it back",
-                )
-            r = self._resident.get(key)
-            if r is not None and r.state in ("resident", "disabled"):
-                return r
-            if r is not None and r.state == "unloading":  # admin reload before it was freed
-                r.state = "resident"
-                return r
-            refused = self._refused.get(f"{name}@{version}")
-            if refused is not None:
-                raise refused[0]("", refused[1])
-            fut = self._loading.get(key)
-            owner = fut is None
-            if fut is None:
-                fut = self._loading[key] = Future()
-        if not owner:
-            try:
-                return fut.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
-            except TimeoutError:
-                raise DeadlineExceeded("", f"pack {name}@{version}: deadline exceeded while it loads") from None
-        try:
-            r = self._load_uncached(name, version, deadline)
-            with self._lock:
-                if key in self._disabled:  # a disabled version stays disabled after eviction and reload
-                    r.state = "disabled"
-                self._resident[key] = r
-                self._evict(keep=key)
-            fut.set_result(r)
-            return r
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
-        finally:
-            with self._lock:
-                self._loading.pop(key, None)
-
-    def _refuse(self, ref: str, message: str, result: str) -> PackRefused:
-        with self._lock:
-            self._refused[ref] = (PackRefused, message)
-        self.metrics.pack_loads.labels(result).inc()
-        log.warning("pack refused", extra={"event": "pack_refused", "pack": ref, "result": result, "reason": message})
-        return PackRefused("", message)
-
-    def _load_uncached(self, name: str, version: str, deadline: float | None = None) -> Resident:
-
-        ref = f"{name}@{version}"
-        t0 = time.perf_counter()
-        try:
-            contents = self.source.load(ref, self.expect)
-            edits, entry = served_edits(contents, self.target_fingerprint)
-        except PackNotFoundError as e:
-            self.metrics.pack_loads.labels("not_found").inc()
-            raise PackNotFound("", f"pack {ref}: {e}") from None
-        except (IncompatiblePackError, MissingBetaError) as e:
-            raise self._refuse(ref, f"pack {ref} refused: {e}", "incompatible") from None
-        except PackError as e:  # malformed or untrusted contents: this version cannot serve here
-            raise self._refuse(ref, f"pack {ref} refused (invalid): {e}", "invalid") from None
-        eps = self.cfg.gate.epsilon
-        if eps is None:
-            eps = float(getattr(entry, "epsilon", contents.manifest.epsilon))
-        r = Resident(name, version, edits, float(entry.beta), float(eps), manifest=contents.manifest)
-        if self.gate is not None and self.cfg.gate.enabled:
-            g = self._gated(r, deadline)
-            r.gate = g
-            self.metrics.gate_ratio.labels(name, version).set(g.ratio)
-            if not g.passed:
-                raise self._refuse(
-                    ref,
-                    f"pack {ref} refused by the ball gate: ratio {g.ratio:.6f} > 1+epsilon "
-                    f"({1 + g.epsilon:.6f}) at beta {g.beta:g} over {g.tokens} tokens",
-                    "refused_gate",
-                )
-        self.metrics.pack_loads.labels("ok").inc()
-        self.metrics.pack_load_seconds.observe(time.perf_counter() - t0)
-        self.metrics.touch_pack(name)
-        log.info(
-            "pack loaded",
-            extra={
-                "event": "pack_loaded",
-                "pack": ref,
-                "beta": r.calibrated_beta,
-                "gate_ratio": r.gate.ratio if r.gate else None,
-                "seconds": round(time.perf_counter() - t0, 4),
-            },
-        )
-        return r
-
-    def _gated(self, r: Resident, deadline: float | None) -> GateResult:
-        """The gate's verdict on r, measured once per (version, target model, G, β, ε)."""
-        if self.gate is None:
-            raise RuntimeError("PackManager._gated: no gate was configured (the caller checks gate.enabled)")
-        key = (
-            r.name,
-            r.version,
-            self.target_fingerprint,
-            getattr(self.gate, "fingerprint", None),
-            r.calibrated_beta,
-            r.epsilon,
-        )
-        with self._lock:
-            g = self._gate_cache.get(key)
-        if g is not None:
-            return g
-        try:
-            g = self.gate(r, deadline=deadline) if deadline is not None else self.gate(r)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                "",
-                f"pack {r.ref}: the request's deadline ended during the activation gate "
-                "(load it with PackAdmin.LoadPack first)",
-            ) from None
-        self.metrics.gate_runs.inc()
-        with self._lock:
-            self._gate_cache[key] = g
-        return g
-
-    def _evict(self, keep: tuple[str, str] | None = None) -> None:
-        """Stay within packs.max_resident versions and packs.max_resident_bytes: drop unpinned versions no admin
-        route holds, least recently used first; never `keep` (just loaded for a request that has not pinned it
-        yet). Pinned and admin-routed versions may hold the server over budget (bounded by the running requests
-        and the operator)."""
-        limit, budget = self.cfg.packs.max_resident, self.cfg.packs.max_resident_bytes
-        count, size = len(self._resident), sum(r.nbytes for r in self._resident.values())
-        if count > limit or size > budget:
-            routed = {id(r) for r in self._routes.values() if r is not None}
-            victims = sorted(
-                (r for key, r in self._resident.items() if id(r) not in routed and r.refcount == 0 and key != keep),
-                key=lambda r: r.last_used,
-            )
-            for r in victims:
-                if count <= limit and size <= budget:
-                    break
-                count, size = count - 1, size - r.nbytes
-                self._drop(r)
-                self.metrics.pack_evictions.inc()
-                log.info("pack evicted", extra={"event": "pack_evicted", "pack": r.ref, "bytes": r.nbytes})
-            if count > limit or size > budget:
-                log.warning(
-                    "resident packs over budget",
-                    extra={
-                        "event": "packs_over_budget",
-                        "resident": count,
-                        "resident_bytes": size,
-                        "max_resident": limit,
-                        "max_resident_bytes": budget,
-                    },
-                )
-        self.metrics.packs_resident.set(count)
-        self.metrics.packs_resident_bytes.set(size)
-
-    def _drop(self, r: Resident) -> None:
-        """r leaves memory (eviction or a freed unload): its request routes, gate series and live record go."""
-        r.state = "freed"
-        self._resident.pop((r.name, r.version), None)
+    def _drop_request_routes(self, r: Resident) -> None:
         for route in [k for k, v in self._request_routes.items() if v is r]:
             del self._request_routes[route]
-        self.metrics.drop_gate(r.name, r.version)
-        if not any(x.name == r.name for x in self._resident.values()):
-            self.metrics.drop_pack(r.name)
-        if self.ab is not None and (r.name, r.version) not in self._disabled:
-            self.ab.forget(r.name, r.version)
 
     # ------------------------------------------------------------ resolving
     def _resolve_route(self, name: str, tag: str | None) -> tuple[bool, Resident | None, str | None]:
@@ -415,7 +160,7 @@ class PackManager:
             if r is not None and r.state in ("resident", "disabled"):
                 return True, r, tag
             if tag is not None:
-                r = self._resident.get((name, tag))
+                r = self.cache.table.get((name, tag))
                 if r is not None and r.state not in ("freed", "unloading"):  # unloaded: no new pins
                     return True, r, None
         return False, None, tag
@@ -482,8 +227,7 @@ class PackManager:
                             pin = Pin(pr, None, 0.0, "base")
                         else:
                             beta = self._check_beta(pr, r)
-                            r.refcount += 1
-                            r.last_used = time.monotonic()
+                            self.cache.pin(r)
                             pin = Pin(pr, r, beta, "pack")
                     break
                 else:
@@ -516,20 +260,9 @@ class PackManager:
         return float(pr.beta)
 
     def _release(self, pins: list[Pin]) -> None:
-        with self._lock:
-            for p in pins:
-                r = p.resident
-                if r is None:
-                    continue
-                r.refcount -= 1
-                if r.refcount == 0 and r.state == "unloading":
-                    self._free(r)
-
-    def _free(self, r: Resident) -> None:
-        self._drop(r)
-        self.metrics.packs_resident.set(len(self._resident))
-        self.metrics.packs_resident_bytes.set(sum(x.nbytes for x in self._resident.values()))
-        log.info("pack freed", extra={"event": "pack_freed", "pack": r.ref})
+        for p in pins:
+            if p.resident is not None:
+                self.cache.unpin(p.resident)
 
     # ------------------------------------------------------------ activation / hot swap
     def _load_ref(self, ref: str, by_request: bool = False, deadline: float | None = None) -> tuple[str, str, Resident]:
@@ -541,7 +274,7 @@ class PackManager:
             raise PackNotFound("", f"unknown pack {ref!r}: {e}") from None
         except PackError as e:
             raise from_pack_error(e, "", f"pack {ref!r}: {e}") from None
-        return name, version, self._load(name, version, by_request, deadline)
+        return name, version, self.cache.get(name, version, by_request, deadline)
 
     def activate(self, ref: str, activate: bool = True) -> tuple[Resident, list[str]]:
         """Load (and gate) `ref`; with activate, route ``name`` (and ``name@alias``) to it."""
@@ -563,8 +296,8 @@ class PackManager:
         """An admin call names this version: it is no longer unloaded or disabled (fresh live A/B record)."""
         with self._lock:
             key = (r.name, r.version)
-            self._unloaded.discard(key)
-            if (self._disabled.pop(key, None) is not None or r.state == "disabled") and self.ab is not None:
+            self.cache.unloaded.discard(key)
+            if (self.cache.disabled.pop(key, None) is not None or r.state == "disabled") and self.ab is not None:
                 self.ab.reset(r.name, r.version)
             if r.state in ("unloading", "disabled"):
                 r.state = "resident"
@@ -609,7 +342,7 @@ class PackManager:
             if tag is None:
                 r = self._routes.get(name)
             else:
-                r = self._routes.get(f"{name}@{tag}") or self._resident.get((name, tag))
+                r = self._routes.get(f"{name}@{tag}") or self.cache.table.get((name, tag))
             if r is None:
                 r = self._request_routes.get(name if tag is None else f"{name}@{tag}")
             if r is None:
@@ -621,10 +354,10 @@ class PackManager:
             for hist in self._history.values():
                 hist[:] = [h for h in hist if h is not r]
             r.state = "unloading"
-            self._unloaded.add((r.name, r.version))
+            self.cache.unloaded.add((r.name, r.version))
             freed = r.refcount == 0
             if freed:
-                self._free(r)
+                self.cache.free(r)
             self._publish_routes()
         log.info("pack unloaded", extra={"event": "pack_unloaded", "pack": r.ref, "freed": freed})
         return r.name, r.version, freed
@@ -632,8 +365,8 @@ class PackManager:
     def disable(self, name: str, version: str, reason: str) -> list[str]:
         """Take a version out of service: its routes fall back to their previous target or to base."""
         with self._lock:
-            self._disabled[(name, version)] = reason
-            r = self._resident.get((name, version))
+            self.cache.disabled[(name, version)] = reason
+            r = self.cache.table.get((name, version))
             if r is None:
                 return []
             r.state = "disabled"
@@ -670,13 +403,13 @@ class PackManager:
         version, `name@version` is NOT_FOUND); running requests finish with it, and it leaves memory with
         the last of them."""
         with self._lock:
-            r = self._resident.get((name, version))
+            r = self.cache.table.get((name, version))
             if r is None or r.state in ("freed", "unloading"):
                 return []
             moved = self._fall_back(r)
             r.state = "unloading"
             if r.refcount == 0:
-                self._free(r)
+                self.cache.free(r)
         log.warning(
             "pack withdrawn",
             extra={"event": "pack_withdrawn", "pack": f"{name}@{version}", "reason": "deleted from the store"},
@@ -738,7 +471,7 @@ class PackManager:
                 if current is not None and current.version == version:
                     return
             with self._lock:
-                disabled = self._disabled.get((name, version))
+                disabled = self.cache.disabled.get((name, version))
             if disabled is not None:  # the store alias still names a disabled version: it stays out
                 log.warning(
                     "alias move ignored",
@@ -751,7 +484,7 @@ class PackManager:
                 )
                 return
             try:
-                r = self._load(name, version)
+                r = self.cache.get(name, version)
             except ServeError as e:
                 log.warning(
                     "alias move refused",
@@ -759,7 +492,7 @@ class PackManager:
                 )
                 return
             with self._lock:
-                self._unloaded.discard((name, version))  # the store's operator moved the alias to it
+                self.cache.unloaded.discard((name, version))  # the store's operator moved the alias to it
             self._set_routes([name, route], r)
 
     def subscribe(self, interval_s: float) -> None:
@@ -781,12 +514,10 @@ class PackManager:
             return dict(self._routes)
 
     def residents(self) -> list[Resident]:
-        with self._lock:
-            return list(self._resident.values())
+        return self.cache.residents()
 
     def refused(self) -> dict[str, str]:
-        with self._lock:
-            return {k: v[1] for k, v in self._refused.items()}
+        return self.cache.refused()
 
     def state_of(self, r: Resident) -> str:
         with self._lock:

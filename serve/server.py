@@ -37,7 +37,8 @@ from serve.config import Config, served_context
 from serve.errors import InvalidRequest, ServeError, from_pack_error, status_of
 from serve.metrics import GRPC, Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
-from serve.packs import PackManager, ResidentTable
+from serve.pack_cache import ResidentTable
+from serve.packs import PackManager
 from serve.params import GenerationRequest, parse_generate, parse_pack_ref, parse_score
 from serve.sampling_params import SamplingParams
 from serve.scoring import EmbeddedScorer, Scorer

@@ -241,7 +241,7 @@ def test_build_engine_is_the_one_engine_choice(tmp_path):
     pack manager's resident table, built before both (no field patched after construction)."""
     from sensepack_testing.serve import demo_served, demo_variant
     from serve.metrics import Metrics
-    from serve.packs import Resident, ResidentTable
+    from serve.pack_cache import Resident, ResidentTable
     from serve.server import build_engine
     from serve.vllm.resolver import PackUnavailable
 

@@ -87,13 +87,13 @@ def test_cli_keygen_publish_sign_and_verify_trusted_key(tmp_path):
 
 def test_the_server_setting_turns_trusted_keys_into_expectations(keys):
     from serve.config import Config
-    from serve.packs import _with_trusted_keys
+    from serve.pack_cache import with_trusted_keys
 
     _, pub_a, _, _ = keys
     cfg = Config.model_validate({"packs": {"trusted_keys": ["ed25519:" + pub_a.hex()]}})
-    expect = _with_trusted_keys(Expectations(d_model=16), cfg.packs.trusted_keys)
+    expect = with_trusted_keys(Expectations(d_model=16), cfg.packs.trusted_keys)
     assert expect.trusted_keys == (pub_a,) and expect.d_model == 16
-    assert _with_trusted_keys(Expectations(), Config().packs.trusted_keys).trusted_keys is None
+    assert with_trusted_keys(Expectations(), Config().packs.trusted_keys).trusted_keys is None
     with pytest.raises(SignatureError) as err:
-        _with_trusted_keys(Expectations(), ["ed25519:abcd"])
+        with_trusted_keys(Expectations(), ["ed25519:abcd"])
     assert err.value.check == "trusted_key"

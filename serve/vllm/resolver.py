@@ -57,7 +57,7 @@ class DictSource:
 
 class PackManagerSource:
     """Resident versions by (name, version) from anything with `residents()`: the pack manager's
-    serve.packs.ResidentTable (what the server passes, built before the manager) or the manager itself.
+    serve.pack_cache.ResidentTable (what the server passes, built before the manager) or the manager itself.
     A version being scored before it is resident (the activation gate) is `stage`d for that time
     (serve.vllm.scoring), counted per user."""
 
