@@ -169,3 +169,59 @@ class ABReportResponse(_message.Message):
     sample_rate: float
     confidence: float
     def __init__(self, packs: _Optional[_Iterable[_Union[PackABStatus, _Mapping]]] = ..., traffic_share: _Optional[float] = ..., sample_rate: _Optional[float] = ..., confidence: _Optional[float] = ...) -> None: ...
+
+class TenantInfo(_message.Message):
+    __slots__ = ("name", "packs", "max_concurrent_requests", "max_cold_loads", "keys", "running", "loading", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_COLD_LOADS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    LOADING_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    max_concurrent_requests: int
+    max_cold_loads: int
+    keys: int
+    running: int
+    loading: int
+    source: str
+    def __init__(self, name: _Optional[str] = ..., packs: _Optional[_Iterable[str]] = ..., max_concurrent_requests: _Optional[int] = ..., max_cold_loads: _Optional[int] = ..., keys: _Optional[int] = ..., running: _Optional[int] = ..., loading: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ListTenantsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTenantsResponse(_message.Message):
+    __slots__ = ("tenants",)
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantInfo]
+    def __init__(self, tenants: _Optional[_Iterable[_Union[TenantInfo, _Mapping]]] = ...) -> None: ...
+
+class SetTenantRequest(_message.Message):
+    __slots__ = ("name", "packs", "keys", "max_concurrent_requests", "max_cold_loads")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_COLD_LOADS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    max_concurrent_requests: int
+    max_cold_loads: int
+    def __init__(self, name: _Optional[str] = ..., packs: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[str]] = ..., max_concurrent_requests: _Optional[int] = ..., max_cold_loads: _Optional[int] = ...) -> None: ...
+
+class RemoveTenantRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveTenantResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...

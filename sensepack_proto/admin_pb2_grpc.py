@@ -59,6 +59,21 @@ class PackAdminStub:
                 request_serializer=sensepack_dot_v1_dot_admin__pb2.ABReportRequest.SerializeToString,
                 response_deserializer=sensepack_dot_v1_dot_admin__pb2.ABReportResponse.FromString,
                 _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/sensepack.v1.PackAdmin/ListTenants',
+                request_serializer=sensepack_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=sensepack_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.SetTenant = channel.unary_unary(
+                '/sensepack.v1.PackAdmin/SetTenant',
+                request_serializer=sensepack_dot_v1_dot_admin__pb2.SetTenantRequest.SerializeToString,
+                response_deserializer=sensepack_dot_v1_dot_admin__pb2.TenantInfo.FromString,
+                _registered_method=True)
+        self.RemoveTenant = channel.unary_unary(
+                '/sensepack.v1.PackAdmin/RemoveTenant',
+                request_serializer=sensepack_dot_v1_dot_admin__pb2.RemoveTenantRequest.SerializeToString,
+                response_deserializer=sensepack_dot_v1_dot_admin__pb2.RemoveTenantResponse.FromString,
+                _registered_method=True)
 
 
 class PackAdminServicer:
@@ -103,6 +118,29 @@ class PackAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTenants(self, request, context):
+        """Tenants: generation keys scoped to pack-name prefixes (serve/README.md, "Tenants"). Keys are never
+        returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenant(self, request, context):
+        """Add a tenant, or replace one's prefixes, keys and limits (its requests in flight keep counting), on
+        the replica that takes the call, until it restarts: the config is what every replica reads at start.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveTenant(self, request, context):
+        """Remove a tenant (its keys stop working at once; its requests in flight finish).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PackAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +168,21 @@ def add_PackAdminServicer_to_server(servicer, server):
                     servicer.ABReport,
                     request_deserializer=sensepack_dot_v1_dot_admin__pb2.ABReportRequest.FromString,
                     response_serializer=sensepack_dot_v1_dot_admin__pb2.ABReportResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=sensepack_dot_v1_dot_admin__pb2.ListTenantsRequest.FromString,
+                    response_serializer=sensepack_dot_v1_dot_admin__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'SetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenant,
+                    request_deserializer=sensepack_dot_v1_dot_admin__pb2.SetTenantRequest.FromString,
+                    response_serializer=sensepack_dot_v1_dot_admin__pb2.TenantInfo.SerializeToString,
+            ),
+            'RemoveTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveTenant,
+                    request_deserializer=sensepack_dot_v1_dot_admin__pb2.RemoveTenantRequest.FromString,
+                    response_serializer=sensepack_dot_v1_dot_admin__pb2.RemoveTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +320,87 @@ class PackAdmin:
             '/sensepack.v1.PackAdmin/ABReport',
             sensepack_dot_v1_dot_admin__pb2.ABReportRequest.SerializeToString,
             sensepack_dot_v1_dot_admin__pb2.ABReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sensepack.v1.PackAdmin/ListTenants',
+            sensepack_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
+            sensepack_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sensepack.v1.PackAdmin/SetTenant',
+            sensepack_dot_v1_dot_admin__pb2.SetTenantRequest.SerializeToString,
+            sensepack_dot_v1_dot_admin__pb2.TenantInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sensepack.v1.PackAdmin/RemoveTenant',
+            sensepack_dot_v1_dot_admin__pb2.RemoveTenantRequest.SerializeToString,
+            sensepack_dot_v1_dot_admin__pb2.RemoveTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,

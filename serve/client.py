@@ -167,3 +167,26 @@ class Client:
 
     def ab_report(self, name: str = "") -> admin_pb.ABReportResponse:
         return self.admin.ABReport(admin_pb.ABReportRequest(name=name), metadata=self._auth(), timeout=self.timeout)
+
+    def list_tenants(self) -> admin_pb.ListTenantsResponse:
+        return self.admin.ListTenants(admin_pb.ListTenantsRequest(), metadata=self._auth(), timeout=self.timeout)
+
+    def set_tenant(
+        self,
+        name: str,
+        packs: list[str],
+        keys: list[str],
+        max_concurrent_requests: int | None = None,
+        max_cold_loads: int | None = None,
+    ) -> admin_pb.TenantInfo:
+        req = admin_pb.SetTenantRequest(name=name, packs=packs, keys=keys)
+        if max_concurrent_requests is not None:
+            req.max_concurrent_requests = max_concurrent_requests
+        if max_cold_loads is not None:
+            req.max_cold_loads = max_cold_loads
+        return self.admin.SetTenant(req, metadata=self._auth(), timeout=self.timeout)
+
+    def remove_tenant(self, name: str) -> admin_pb.RemoveTenantResponse:
+        return self.admin.RemoveTenant(
+            admin_pb.RemoveTenantRequest(name=name), metadata=self._auth(), timeout=self.timeout
+        )

@@ -15,7 +15,20 @@ _E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.
 # the `method` label's closed set: anything else a client sends (e.g. a made-up admin method) is "unknown"
 GRPC_METHODS = ("Generate", "GenerateStream", "Score", "Tokenize", "ModelInfo")
 HTTP_METHODS = ("completions", "chat.completions", "models")  # /v1/<method>
-METHODS = frozenset(GRPC_METHODS + HTTP_METHODS + ("ListPacks", "LoadPack", "SetAlias", "UnloadPack", "ABReport"))
+METHODS = frozenset(
+    GRPC_METHODS
+    + HTTP_METHODS
+    + (
+        "ListPacks",
+        "LoadPack",
+        "SetAlias",
+        "UnloadPack",
+        "ABReport",
+        "ListTenants",
+        "SetTenant",
+        "RemoveTenant",
+    )
+)
 UNKNOWN_METHOD = "unknown"
 # the `frontend` label's closed set; `status` is the gRPC status name on both (serve.errors.STATUS)
 GRPC, HTTP = "grpc", "http"

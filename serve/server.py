@@ -43,7 +43,7 @@ from serve.params import GenerationRequest, parse_generate, parse_pack_ref, pars
 from serve.sampling_params import SamplingParams
 from serve.scoring import EmbeddedScorer, Scorer
 from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason, finish_error, reason_error
-from serve.tenants import Tenant, Tenants
+from serve.tenants import TENANT_NAME, Tenant, Tenants
 
 if TYPE_CHECKING:
     from serve.http import HttpFrontend
@@ -424,6 +424,58 @@ class AdminServicer(admin_pb_grpc.PackAdminServicer):
             return resp
 
         return self._call("ABReport", request, context, fn)
+
+    def _tenant_info(self, t: Tenant) -> admin_pb.TenantInfo:
+        tenants = self.srv.tenants
+        out = admin_pb.TenantInfo(
+            name=t.name,
+            packs=list(t.prefixes),
+            max_cold_loads=t.max_cold_loads,
+            keys=tenants.keys_of(t.name),
+            running=t.running,
+            loading=t.loading,
+            source=tenants.source.get(t.name, ""),
+        )
+        if t.max_concurrent_requests is not None:
+            out.max_concurrent_requests = t.max_concurrent_requests
+        return out
+
+    def ListTenants(self, request, context):
+        def fn():
+            tenants = self.srv.tenants.tenants
+            return admin_pb.ListTenantsResponse(tenants=[self._tenant_info(t) for _, t in sorted(tenants.items())])
+
+        return self._call("ListTenants", request, context, fn)
+
+    def SetTenant(self, request, context):
+        def fn():
+            if not TENANT_NAME.match(request.name):
+                raise InvalidRequest("name", f"{request.name!r}: letters, digits, '.', '_', '-', at most 64")
+            limit = request.max_concurrent_requests if request.HasField("max_concurrent_requests") else None
+            loads = request.max_cold_loads if request.HasField("max_cold_loads") else 1
+            if limit is not None and limit < 1:
+                raise InvalidRequest("max_concurrent_requests", f"{limit}: must be >= 1 (unset: no bound)")
+            if loads < 1:
+                raise InvalidRequest("max_cold_loads", f"{loads}: must be >= 1")
+            try:
+                t = self.srv.tenants.set(Tenant(request.name, tuple(request.packs), limit, loads), list(request.keys))
+            except ValueError as e:
+                field, _, msg = str(e).partition(": ")
+                raise InvalidRequest(field, msg) from None
+            self.srv.metrics.touch_tenants([t.name])
+            log.warning("tenant set", extra={"event": "tenant_set", "tenant": t.name, "packs": list(t.prefixes)})
+            return self._tenant_info(t)
+
+        return self._call("SetTenant", request, context, fn)
+
+    def RemoveTenant(self, request, context):
+        def fn():
+            removed = self.srv.tenants.remove(request.name)
+            if removed:
+                log.warning("tenant removed", extra={"event": "tenant_removed", "tenant": request.name})
+            return admin_pb.RemoveTenantResponse(removed=removed)
+
+        return self._call("RemoveTenant", request, context, fn)
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

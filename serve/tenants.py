@@ -11,13 +11,16 @@ configured tenants' names (and "" for open keys): bounded by the config, never b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
+import re
 import threading
 from collections.abc import Iterator
 
 from serve.errors import PackNotFound, PermissionDenied, QueueFull, ServeError, Unauthenticated
 
 OPEN = ""  # the tenant label of open keys (and of a server without keys)
+TENANT_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 class Tenant:
@@ -84,45 +87,93 @@ class Tenant:
 
 class Tenants:
     """Keys -> caller. `identify(header)` returns None for an open key (or when no key is configured at all)
-    and the Tenant for a tenant's key; a missing or wrong key is Unauthenticated / PermissionDenied."""
+    and the Tenant for a tenant's key; a missing or wrong key is Unauthenticated / PermissionDenied.
+
+    Keys are kept as sha256 digests only. `set` / `remove` change tenants at runtime (the admin API) on this
+    process; the config is what a restart reads."""
 
     def __init__(self, api_config) -> None:
+        self._lock = threading.Lock()
         self.tenants: dict[str, Tenant] = {}
-        self._keys: list[tuple[bytes, Tenant | None]] = [(k.encode(), None) for k in api_config.resolved_keys()]
-        owner: dict[bytes, str] = {k: "api.keys" for k, _ in self._keys}
+        self.source: dict[str, str] = {}  # name -> "config" | "admin"
+        self._open: set[bytes] = {_digest(k) for k in api_config.resolved_keys()}
+        self._keys: dict[bytes, Tenant] = {}
         for i, t in enumerate(api_config.tenants):
-            tenant = Tenant(t.name, tuple(t.packs), t.max_concurrent_requests, t.max_cold_loads)
-            self.tenants[t.name] = tenant
-            for key in t.resolved_keys():
-                b = key.encode()
-                if b in owner:
-                    raise ValueError(f"api.tenants[{i}].keys: a key of tenant {t.name!r} is also one of {owner[b]}")
-                owner[b] = f"tenant {t.name!r}"
-                self._keys.append((b, tenant))
+            err = self._check_keys(t.resolved_keys(), t.name)
+            if err:
+                raise ValueError(f"api.tenants[{i}].keys: {err}")
+            self._put(
+                Tenant(t.name, tuple(t.packs), t.max_concurrent_requests, t.max_cold_loads), t.resolved_keys(), "config"
+            )
 
-    @property
-    def names(self) -> list[str]:
-        return [OPEN, *self.tenants]
+    def _check_keys(self, keys: list[str], name: str) -> str | None:
+        """Why these keys cannot be tenant `name`'s (None: they can)."""
+        for key in keys:
+            d = _digest(key)
+            if d in self._open:
+                return f"a key of tenant {name!r} is also one of api.keys"
+            owner = self._keys.get(d)
+            if owner is not None and owner.name != name:
+                return f"a key of tenant {name!r} is also one of tenant {owner.name!r}"
+        return None
+
+    def _put(self, tenant: Tenant, keys: list[str], source: str) -> Tenant:
+        old = self.tenants.get(tenant.name)
+        if old is not None:  # in place: its requests in flight keep counting against it
+            old.prefixes, old.max_concurrent_requests, old.max_cold_loads = (
+                tenant.prefixes,
+                tenant.max_concurrent_requests,
+                tenant.max_cold_loads,
+            )
+            tenant = old
+        keys_now = {d: t for d, t in self._keys.items() if t is not tenant}
+        keys_now.update({_digest(k): tenant for k in keys})
+        self._keys = keys_now  # replaced whole: `identify` reads one dict or the other, never half
+        self.tenants[tenant.name] = tenant
+        self.source[tenant.name] = source
+        return tenant
+
+    def set(self, tenant: Tenant, keys: list[str]) -> Tenant:
+        """Add or replace a tenant (the admin API); ValueError naming what is wrong."""
+        if not keys or any(not k for k in keys):
+            raise ValueError("keys: at least one non-empty key")
+        if not tenant.prefixes or any(not p for p in tenant.prefixes):
+            raise ValueError("packs: at least one prefix, none empty (an empty prefix would open every pack)")
+        with self._lock:
+            err = self._check_keys(keys, tenant.name)
+            if err:
+                raise ValueError(f"keys: {err}")
+            return self._put(tenant, keys, "admin")
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            t = self.tenants.pop(name, None)
+            self.source.pop(name, None)
+            if t is None:
+                return False
+            self._keys = {d: x for d, x in self._keys.items() if x is not t}
+            return True
+
+    def keys_of(self, name: str) -> int:
+        t = self.tenants.get(name)
+        return sum(1 for x in self._keys.values() if x is t)
 
     def identify(self, header: str | None) -> Tenant | None:
-        if not self._keys:
+        keys, open_keys = self._keys, self._open  # one consistent view (set/remove replace, never mutate)
+        if not keys and not open_keys:
             return None
         if header is None:
             raise Unauthenticated("authorization", "missing 'Bearer <api key>' (api.keys or api.tenants is set)")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization", "expected 'Bearer <api key>'")
-        given = token.strip().encode()
-        found: Tenant | None = None
-        ok = False
-        for key, tenant in self._keys:  # every key compared, in constant time each: no early exit
-            match = hmac.compare_digest(given, key)
-            ok |= match
-            if match:
-                found = tenant
-        if not ok:
-            raise PermissionDenied("authorization", "api key not accepted")
-        return found
+        given = _digest(token.strip())
+        if any(hmac.compare_digest(given, d) for d in open_keys):
+            return None
+        for d, tenant in keys.items():
+            if hmac.compare_digest(given, d):
+                return tenant
+        raise PermissionDenied("authorization", "api key not accepted")
 
     def check(self, header: str | None) -> ServeError | None:
         """identify's refusal as a value (None: let in)."""
@@ -131,3 +182,7 @@ class Tenants:
         except ServeError as e:
             return e
         return None
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()

@@ -216,3 +216,40 @@ def test_a_key_shared_by_two_tenants_is_refused_at_start(tmp_path):
     )
     with pytest.raises(ValueError, match=r"api.tenants\[1\].keys: a key of tenant 'b' is also one of tenant 'a'"):
         SensepackServer(cfg, served=demo_served())
+
+
+def test_tenants_through_the_admin_api(server):
+    admin = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
+    listed = {t.name: t for t in admin.list_tenants().tenants}
+    assert set(listed) == {"a", "b"}
+    assert (list(listed["b"].packs), listed["b"].keys, listed["b"].source) == (["team-b-"], 2, "config")
+    assert "key-b" not in str(admin.list_tenants())  # keys are never returned
+    info = admin.set_tenant("c", ["team-a-more"], ["key-c"], max_concurrent_requests=3)
+    assert (info.name, list(info.packs), info.keys, info.source, info.max_cold_loads) == (
+        "c",
+        ["team-a-more"],
+        1,
+        "admin",
+        1,
+    )
+    c = Client(f"127.0.0.1:{server.port}", api_key="key-c")
+    assert c.generate(PROMPT, packs=["team-a-more"], max_new_tokens=1).packs[0].arm == "pack"
+    code, details = _grpc_error(server, "key-c", lambda x: x.generate(PROMPT, packs=["team-a-caps"], max_new_tokens=1))
+    assert code == C.NOT_FOUND and details == "packs[0].ref: pack 'team-a-caps' not found"
+    for kwargs, field in (
+        ({"name": "d", "packs": ["x-"], "keys": ["key-a"]}, "keys: a key of tenant 'd' is also one of tenant 'a'"),
+        ({"name": "d", "packs": ["x-"], "keys": ["open-key"]}, "keys: a key of tenant 'd' is also one of api.keys"),
+        ({"name": "d", "packs": [""], "keys": ["k"]}, "packs: "),
+        ({"name": "d", "packs": ["x-"], "keys": []}, "keys: "),
+        ({"name": "bad name", "packs": ["x-"], "keys": ["k"]}, "name: "),
+        ({"name": "d", "packs": ["x-"], "keys": ["k"], "max_concurrent_requests": 0}, "max_concurrent_requests: "),
+    ):
+        with pytest.raises(grpc.RpcError) as ei:
+            admin.set_tenant(**kwargs)
+        assert ei.value.code() == C.INVALID_ARGUMENT and ei.value.details().startswith(field), ei.value.details()
+    assert admin.remove_tenant("c").removed and not admin.remove_tenant("c").removed
+    code, _ = _grpc_error(server, "key-c", lambda x: x.generate(PROMPT, max_new_tokens=1))
+    assert code == C.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as ei:
+        Client(f"127.0.0.1:{server.port}").list_tenants()  # the admin token, not an API key
+    assert ei.value.code() == C.UNAUTHENTICATED
