@@ -83,7 +83,7 @@ class HTTPConfig(_Section):
     chat_template: str | None = None  # Jinja chat template (text or a file); None: the tokenizer's own
     max_choices: int = Field(16, ge=1, le=256)  # prompts x n per request
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies are refused unread
-    # connection hygiene (serve.http_conn): slow or idle clients cannot hold connections
+    # connection hygiene (serve.http.conn): slow or idle clients cannot hold connections
     header_timeout_s: float = Field(10.0, gt=0, le=3600)  # request line + headers, per request
     body_timeout_s: float = Field(30.0, gt=0, le=3600)  # the whole body, once the headers are in (408)
     keep_alive_timeout_s: float = Field(5.0, gt=0, le=3600)  # an idle keep-alive connection is closed

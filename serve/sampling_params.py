@@ -10,7 +10,7 @@ Errors name the field as the front-end spells it (`names` maps the proto's paths
 
 Adding a knob: a field here with its check in `validated` and its vLLM mapping in `to_vllm`, the sampler's use of
 it (serve/sampler.py), and the wire formats that carry it (proto + `serve.params.parse_generate`, the HTTP
-bodies in serve/http.py).
+bodies in serve/http/).
 """
 
 from __future__ import annotations

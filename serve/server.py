@@ -46,7 +46,7 @@ from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason,
 from serve.tenants import TENANT_NAME, Tenant, Tenants
 
 if TYPE_CHECKING:
-    from serve.http import HttpFrontend
+    from serve.http.frontend import HttpFrontend
 
 log = logging.getLogger("sensepack.server")
 
@@ -745,7 +745,7 @@ class SensepackServer:
         if cfg.server.metrics_port >= 0:
             self._http, _, self.metrics_port = self.metrics.serve_http(cfg.server.metrics_host, cfg.server.metrics_port)
         if cfg.http.enabled:
-            from serve.http import HttpFrontend  # FastAPI/uvicorn are imported only when the HTTP port is on
+            from serve.http.frontend import HttpFrontend  # FastAPI/uvicorn are imported only when the HTTP port is on
 
             self._api = HttpFrontend(
                 self.service,

@@ -26,19 +26,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from serve import engine as eng
 from serve import scheduler as sched
 from serve.errors import (
     Cancelled,
@@ -50,252 +46,33 @@ from serve.errors import (
     ServeError,
     status_of,
 )
-from serve.http_conn import BODY_TIMEOUT, DISCONNECT, guarded_protocol
+from serve.http.bodies import (
+    COMPLETION_MAX_TOKENS,
+    MAX_LISTED,
+    OPENAI_FIELDS,
+    AnyBody,
+    ChatBody,
+    CommonBody,
+    CompletionBody,
+    parse_body,
+    parse_json,
+)
+from serve.http.conn import BODY_TIMEOUT, DISCONNECT, guarded_protocol
+from serve.http.responses import Prompt, PromptOnly, Reply
 from serve.metrics import HTTP, Metrics
 from serve.params import (
     MAX_REQUEST_ID,
     GenerateInput,
-    check_unicode,
     parse_pack_ref,
     validate_generation,
 )
 from serve.sampling_params import MAX_SEED, SamplingParams
-from serve.service import GenerationService, PromptScores, finish_error
+from serve.service import GenerationService
 from serve.structured import ResponseFormat as Format
 from serve.structured import parse_response_format
 from serve.tenants import Tenant, Tenants
 
 log = logging.getLogger("sensepack.http")
-
-# proto field paths (serve.params) -> OpenAI's names, for error messages
-OPENAI_FIELDS = {
-    "request_id": "x-request-id",
-    "text": "prompt",
-    "token_ids.ids": "prompt",
-    "input": "prompt",
-    "sampling.temperature": "temperature",
-    "sampling.top_k": "top_k",
-    "sampling.top_p": "top_p",
-    "sampling.seed": "seed",
-    "stopping.max_new_tokens": "max_tokens",
-    "stopping.min_new_tokens": "min_tokens",
-    "stopping.stop_sequences": "stop",
-    "stopping.stop_token_ids": "stop_token_ids",
-    "response.top_n_tokens": "logprobs",
-    "sampling.repetition_penalty": "repetition_penalty",
-    "sampling.presence_penalty": "presence_penalty",
-    "sampling.frequency_penalty": "frequency_penalty",
-    "sampling.min_p": "min_p",
-    "sampling.logit_bias": "logit_bias",
-    "packs": "packs",
-    "ab_key": "ab_key",
-}
-COMPLETION_MAX_TOKENS = 16  # an unset max_tokens on /v1/completions (OpenAI's and vLLM's default)
-MAX_LISTED = 20  # served models named in a model_not_found error
-_FINISH = {sched.MAX_TOKENS: "length", sched.EOS_TOKEN: "stop", sched.STOP_SEQUENCE: "stop", sched.STOP_TOKEN: "stop"}
-
-
-# ------------------------------------------------------------------ request bodies
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Open(BaseModel):
-    """An OpenAI object: fields sensepack does not know are accepted and ignored (as vLLM does)."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-class StreamOptions(_Open):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
-
-
-class PackSpec(_Body):
-    ref: str
-    beta: float | None = None
-
-
-class JsonSchema(_Open):
-    name: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-    description: str | None = None
-
-
-class ResponseFormat(_Open):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchema | None = None
-
-
-# Fields that would change generation and are not supported: refused by name (everything else unknown
-# is ignored). `tools` / `functions` only when a tool may be called (see _refuse).
-REFUSED_FIELDS = {
-    "guided_regex": "guided decoding",
-    "guided_choice": "guided decoding",
-    "guided_grammar": "guided decoding",
-    "structured_outputs": "structured outputs",
-    "allowed_token_ids": "allowed_token_ids",
-    "bad_words": "bad_words",
-    "truncate_prompt_tokens": "prompt truncation",
-    "use_beam_search": "beam search",
-    "audio": "audio output",
-    "prompt_embeds": "prompt embeddings",
-}
-
-
-class _Common(_Open):
-    """Fields both endpoints share: OpenAI's, then sensepack's and vLLM's extensions (extra_body)."""
-
-    model: str
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = None  # None: 1.0 (OpenAI's default); 0: greedy
-    top_p: float | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    user: str | None = None  # also the A/B key when ab_key is not given
-    response_format: ResponseFormat | None = None
-    # extensions
-    packs: list[str | PackSpec] | None = None
-    base_only: bool = False
-    ab_key: str | None = None
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    return_tokens_as_token_ids: bool = False
-    skip_special_tokens: bool = True
-    # accepted as vLLM does; the served (fast) tokenizers decode without spaces between special tokens
-    # either way, as vLLM's fast detokenizer
-    spaces_between_special_tokens: bool = True
-
-
-class CompletionBody(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
-    prompt_logprobs: int | None = Field(None, ge=0)  # vLLM's: per prompt token, the token and the top n
-
-
-class TextPart(_Open):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Open):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-
-class ChatBody(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
-    add_generation_prompt: bool = True
-
-
-AnyBody = CompletionBody | ChatBody
-
-
-MAX_JSON_DEPTH = 64
-
-
-def _check_json(obj: Any) -> None:
-    """Every string of a request body is valid Unicode and no value nests deeper than MAX_JSON_DEPTH
-    (InvalidRequest naming the path): a body's mistakes are 400s before any field is read."""
-    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
-    while stack:
-        v, path, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise InvalidRequest(path or "body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        if isinstance(v, str):
-            check_unicode(v, path or "body")
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                check_unicode(k, f"{path}.{k!a}" if path else "body")
-                stack.append((x, f"{path}.{k}" if path else k, depth + 1))
-        elif isinstance(v, list):
-            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
-
-
-def _parse_json(data: bytes) -> Any:
-    """A request body as JSON, checked by `_check_json` (InvalidRequest naming what is wrong)."""
-    try:
-        obj = json.loads(data)
-    except RecursionError:
-        raise InvalidRequest("body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
-        raise InvalidRequest("body", f"not valid JSON: {e}") from None
-    _check_json(obj)
-    return obj
-
-
-def _loc(err: Any) -> str:
-    out = ""
-    for part in err["loc"]:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not out:
-            out = str(part)
-        elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "PackSpec", "list[TextPart]"):
-            continue  # pydantic's union member names are not fields
-        else:
-            out += f".{part}"
-    return out
-
-
-def _parse_body(cls: type[_Common], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise InvalidRequest("body", "expected a JSON object")
-    try:
-        parsed = cls.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = _loc(first)
-        msg = "not a field of this object" if first["type"] == "extra_forbidden" else first["msg"]
-        raise InvalidRequest(where or "body", msg) from None
-    _refuse(parsed)
-    ignored = sorted(parsed.model_extra or {})
-    if ignored:
-        log.debug("fields ignored", extra={"event": "ignored_fields", "fields": ignored})
-    return parsed
-
-
-def _refuse(body: _Common) -> None:
-    """Refuse, by name, the fields that would change generation in a way sensepack does not serve."""
-    extra = body.model_extra or {}
-    for name, what in REFUSED_FIELDS.items():
-        if extra.get(name) not in (None, False, [], {}):
-            raise InvalidRequest(name, f"{what} is not supported by sensepack")
-    tool_choice = extra.get("tool_choice")
-    if extra.get("tools") and tool_choice not in ("none", None):
-        raise InvalidRequest(
-            "tools", 'tool calling is not supported by sensepack (send tool_choice: "none", or no tools)'
-        )
-    if tool_choice not in (None, "none", "auto"):
-        raise InvalidRequest("tool_choice", 'tool calling is not supported by sensepack (only "none")')
-    if extra.get("functions") and extra.get("function_call") not in ("none", None):
-        raise InvalidRequest("functions", "function calling is not supported by sensepack")
-    modalities = extra.get("modalities")
-    if modalities is not None and (not isinstance(modalities, list) or set(modalities) - {"text"}):
-        raise InvalidRequest("modalities", "only text output is supported by sensepack")
-    if isinstance(body, ChatBody) and extra.get("echo"):
-        raise InvalidRequest("echo", "not supported on chat completions (use /v1/completions)")
-    if isinstance(body, ChatBody) and extra.get("prompt_logprobs") is not None:
-        raise InvalidRequest("prompt_logprobs", "not supported on chat completions (use /v1/completions)")
 
 
 # ------------------------------------------------------------------ the front-end
@@ -484,7 +261,7 @@ class HttpFrontend:
         return out
 
     # ---- request -> GenerateInput
-    def _packs(self, body: _Common, tenant: Tenant | None) -> tuple[list[tuple[str, float | None]], dict[str, str]]:
+    def _packs(self, body: CommonBody, tenant: Tenant | None) -> tuple[list[tuple[str, float | None]], dict[str, str]]:
         """The request's packs and the name of the field they came from (for error messages)."""
         names = dict(OPENAI_FIELDS)
         if body.model == self.model_name:
@@ -617,7 +394,7 @@ class HttpFrontend:
         return out, names, len(prompts)
 
     @staticmethod
-    def _response_format(body: _Common, names: dict[str, str]) -> Format | None:
+    def _response_format(body: CommonBody, names: dict[str, str]) -> Format | None:
         """OpenAI's response_format, or vLLM's guided_json (a schema), as one serve.structured.ResponseFormat."""
         guided = (body.model_extra or {}).get("guided_json")
         rf = body.response_format
@@ -671,7 +448,7 @@ class HttpFrontend:
         body: AnyBody | None = None
         try:
             raw = await self._json(request)
-            body = _parse_body(ChatBody if method == "chat.completions" else CompletionBody, raw)
+            body = parse_body(ChatBody if method == "chat.completions" else CompletionBody, raw)
             if len(rid) > MAX_REQUEST_ID:
                 raise InvalidRequest("x-request-id", f"longer than {MAX_REQUEST_ID} characters")
             # admission may wait (a pack load with load_on_request): off the event loop, on our own threads
@@ -689,7 +466,7 @@ class HttpFrontend:
         except Exception as e:  # a server fault: 500, counted, logged
             log.exception("request failed", extra={"event": "internal_error", "method": method})
             return self._error(InternalError("", f"internal error: {type(e).__name__}: {e}"), method)
-        run = _Run(self, body, method, rid, gens, prompts, asyncio.get_running_loop())
+        run = Reply(self.service, self._count, body, method, rid, gens, prompts, asyncio.get_running_loop())
         if body.stream:
             return StreamingResponse(
                 run.sse(request),
@@ -722,11 +499,11 @@ class HttpFrontend:
             log.info("request body too slow", extra={"event": "http_cut"})
             raise RequestTimeout("body", f"not received within http.body_timeout_s={limit:g} s") from None
         # parsing and checking a body of up to max_body_bytes is CPU work: off the event loop
-        return await asyncio.get_running_loop().run_in_executor(self._pool, _parse_json, bytes(data))
+        return await asyncio.get_running_loop().run_in_executor(self._pool, parse_json, bytes(data))
 
     def _admit(
         self, body: AnyBody, rid: str, tenant: Tenant | None = None
-    ) -> tuple[list[tuple[int, Any]], dict[int, _Prompt]]:
+    ) -> tuple[list[tuple[int, Any]], dict[int, Prompt]]:
         """Validate every choice first (nothing is admitted for a bad request), then admit them; a
         failure releases the ones already admitted. Completions with echo / prompt_logprobs also get their
         prompts scored (once per prompt) under the choice's pinned packs; with max_tokens 0 and echo,
@@ -741,15 +518,15 @@ class HttpFrontend:
         ):
             top_n = max(body.logprobs or 0, body.prompt_logprobs or 0)
         gens: list[tuple[int, Any]] = []
-        prompts: dict[int, _Prompt] = {}
+        prompts: dict[int, Prompt] = {}
         try:
             if echo and body.max_tokens == 0:
                 for i, req in enumerate(reqs):
                     scores, used = self.service.score_prompt(
                         req, None, top_n, score=top_n is not None, frontend=HTTP, tenant=tenant
                     )
-                    gens.append((i, _PromptOnly(req, used)))
-                    prompts[i] = _Prompt(self._prompt_text(inputs[i], req), req.prompt_ids, scores)
+                    gens.append((i, PromptOnly(req, used)))
+                    prompts[i] = Prompt(self._prompt_text(inputs[i], req), req.prompt_ids, scores)
                 return gens, prompts
             for i, req in enumerate(reqs):
                 gens.append((i, self.service.generate(req, None, frontend=HTTP, tenant=tenant)))
@@ -759,7 +536,7 @@ class HttpFrontend:
                     key = tuple(g.req.prompt_ids)
                     if top_n is not None and key not in scored:
                         scored[key] = g.prompt_logprobs(None, top_n)
-                    prompts[i] = _Prompt(self._prompt_text(inputs[i], g.req), g.req.prompt_ids, scored.get(key))
+                    prompts[i] = Prompt(self._prompt_text(inputs[i], g.req), g.req.prompt_ids, scored.get(key))
         except BaseException:
             for _, g in gens:
                 g.cancel(sched.CANCELLED)
@@ -770,28 +547,6 @@ class HttpFrontend:
         if g.text is not None:
             return g.text
         return self.tokenizer.decode(req.prompt_ids, skip_special_tokens=req.sampling.skip_special_tokens)
-
-
-@dataclass
-class _Prompt:
-    """A completion choice's prompt as echo and prompt_logprobs show it (scores: None when not asked)."""
-
-    text: str
-    ids: list[int]
-    scores: PromptScores | None
-
-
-class _PromptOnly:
-    """A choice that generates nothing (echo with max_tokens 0): it finishes at once, with its prompt."""
-
-    def __init__(self, req, packs: list):
-        self.req, self.packs, self.seed = req, packs, None
-
-    def cancel(self, reason: str | None = None) -> None:
-        pass
-
-    def events(self, is_active=None):
-        yield eng.FinishEvent(sched.MAX_TOKENS, "", "", [])
 
 
 def _request_body(model: str) -> dict:
@@ -813,305 +568,3 @@ def _openapi(app: FastAPI) -> dict:
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-class _Run:
-    """One admitted HTTP request: its generations' events, fanned in to the event loop."""
-
-    def __init__(
-        self,
-        fe: HttpFrontend,
-        body: AnyBody,
-        method: str,
-        rid: str,
-        gens: list[tuple[int, Any]],
-        prompts: dict[int, _Prompt],
-        loop: asyncio.AbstractEventLoop,
-    ):
-        self.fe, self.body, self.method, self.rid, self.gens = fe, body, method, rid, gens
-        self.prompts = prompts  # choice -> its prompt, for echo / prompt_logprobs
-        self.chat = method == "chat.completions"
-        self.created = int(time.time())
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished: set[int] = set()
-        self.gone = threading.Event()
-        self._checked = time.monotonic()
-        for i, g in gens:
-            threading.Thread(target=self._forward, args=(i, g, loop), name="sensepack-http-events", daemon=True).start()
-
-    def _forward(self, i: int, g: Any, loop) -> None:
-        for ev in g.events(lambda: not self.gone.is_set()):
-            loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
-
-    def cancel_all(self) -> None:
-        self.gone.set()
-        for i, g in self.gens:
-            if i not in self.finished:
-                g.cancel(sched.CANCELLED)
-
-    async def _next(self, request):
-        """The next (choice, event); cancels everything when the client has gone (checked at least every
-        0.5 s, also while tokens keep coming: a non-streaming request sends nothing until the end)."""
-        while True:
-            now = time.monotonic()
-            if now - self._checked >= 0.5:
-                self._checked = now
-                if await request.is_disconnected():
-                    self.cancel_all()
-                    raise Cancelled("", "client disconnected")
-            try:
-                return await asyncio.wait_for(self.queue.get(), timeout=0.5)
-            except TimeoutError:
-                continue
-
-    # ---- pieces
-    def _token_text(self, tid: int) -> str:
-        if self.body.return_tokens_as_token_ids:
-            return f"token_id:{tid}"
-        return self.fe.service.token_text(tid, self.body.skip_special_tokens)
-
-    def _sensepack(self, g: Any) -> dict:
-        out: dict[str, Any] = {
-            "request_id": g.req.request_id,
-            "packs": [
-                {"ref": p.ref, "name": p.name, "version": p.version, "beta": p.beta, "arm": p.arm} for p in g.packs
-            ],
-        }
-        if g.seed is not None:
-            out["seed"] = g.seed
-        return out
-
-    def _logprobs(self, evs: list[eng.TokenEvent], offset: int = 0):
-        """OpenAI's logprobs object for these tokens (chat: `content` entries; completions: parallel lists)."""
-        if self.chat:
-            content = []
-            for ev in evs:
-                t = self._token_text(ev.token_id)
-                content.append(
-                    {
-                        "token": t,
-                        "logprob": ev.logprob,
-                        "bytes": list(t.encode()),
-                        "top_logprobs": [
-                            {"token": self._token_text(i), "logprob": lp, "bytes": list(self._token_text(i).encode())}
-                            for i, lp in ev.top
-                        ],
-                    }
-                )
-            return {"content": content}
-        tokens, lps, tops, offs = [], [], [], []
-        for ev in evs:
-            t = self._token_text(ev.token_id)
-            tokens.append(t)
-            lps.append(ev.logprob)
-            tops.append({self._token_text(i): lp for i, lp in ev.top} if self.body.logprobs else None)
-            offs.append(offset)
-            offset += len(t)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
-
-    def _echo_logprobs(self, p: _Prompt) -> dict:
-        """The prompt's part of a completion's logprobs (echo): the first token has none, as in OpenAI's API."""
-        tokens: list[str] = []
-        lps: list[float | None] = []
-        tops: list[dict[str, float] | None] = []
-        offs: list[int] = []
-        offset = 0
-        sc = p.scores
-        for k, tid in enumerate(p.ids):
-            t = self._token_text(tid)
-            tokens.append(t)
-            offs.append(offset)
-            offset += len(t)
-            if k == 0 or sc is None:
-                lps.append(None)
-                tops.append(None)
-                continue
-            lp = sc.logprobs[k - 1]
-            lps.append(lp)
-            if not self.body.logprobs or sc.top is None:
-                tops.append(None)
-                continue
-            top = {t: lp}  # the token itself, then the top n (as vLLM)
-            n = self.body.logprobs
-            for j, v in zip(sc.top.ids[k - 1, :n].tolist(), sc.top.logprobs[k - 1, :n].tolist(), strict=True):
-                top.setdefault(self._token_text(j), v if j != tid else lp)
-            tops.append(top)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
-
-    def _prompt_logprobs(self, p: _Prompt) -> list | None:
-        """vLLM's prompt_logprobs: None, then per prompt token {id: {logprob, rank, decoded_token}} for the
-        token itself and the top n."""
-        n = getattr(self.body, "prompt_logprobs", None)
-        if n is None or p.scores is None or p.scores.top is None:
-            return None
-        out: list = [None]
-        top = p.scores.top
-        for k, tid in enumerate(p.ids[1:]):
-            lp = p.scores.logprobs[k]
-            entry = {str(tid): {"logprob": lp, "rank": int(top.ranks[k]), "decoded_token": self._token_text(tid)}}
-            ids, vals = top.ids[k, :n].tolist(), top.logprobs[k, :n].tolist()
-            for rank, (j, v) in enumerate(zip(ids, vals, strict=True), start=1):
-                if j != tid:
-                    entry[str(j)] = {"logprob": v, "rank": rank, "decoded_token": self._token_text(j)}
-            out.append(entry)
-        return out
-
-    def _text_and_logprobs(self, i: int, text: str, evs: list[eng.TokenEvent], first: bool) -> tuple[str, Any]:
-        """A completion choice's text and logprobs, the echoed prompt first (`first`: this is its first piece)."""
-        p = self.prompts.get(i) if first and getattr(self.body, "echo", False) else None
-        want = self._want_logprobs
-        if p is None:
-            return text, (self._logprobs(evs) if want and (evs or not first) else None)
-        if not want:
-            return p.text + text, None
-        lp = self._echo_logprobs(p)
-        gen = self._logprobs(evs, offset=len(p.text))
-        return p.text + text, {k: lp[k] + gen[k] for k in lp}
-
-    @property
-    def _want_logprobs(self) -> bool:
-        return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
-
-    def _usage(self, n_completion: int) -> dict:
-        seen, prompt = set(), 0
-        for _, g in self.gens:  # each prompt counted once, as OpenAI does with n > 1
-            key = tuple(g.req.prompt_ids)
-            if key not in seen:
-                seen.add(key)
-                prompt += len(g.req.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": n_completion, "total_tokens": prompt + n_completion}
-
-    def _object(self, chunk: bool) -> str:
-        if self.chat:
-            return "chat.completion.chunk" if chunk else "chat.completion"
-        return "text_completion"
-
-    # ---- non-streaming
-    async def collect(self, request) -> dict:
-        tokens: dict[int, list[eng.TokenEvent]] = {i: [] for i, _ in self.gens}
-        done: dict[int, eng.FinishEvent] = {}
-        try:
-            while len(done) < len(self.gens):
-                i, ev = await self._next(request)
-                if isinstance(ev, eng.TokenEvent):
-                    tokens[i].append(ev)
-                    continue
-                self.finished.add(i)
-                err = finish_error(ev)
-                if err is not None:
-                    raise err
-                if ev.last is not None:
-                    tokens[i].append(ev.last)
-                done[i] = ev
-        except BaseException:
-            self.cancel_all()
-            raise
-        choices, completion = [], 0
-        for i, g in self.gens:
-            ev = done[i]
-            completion += len(ev.output_ids)
-            c: dict[str, Any] = {
-                "index": i,
-                "finish_reason": _FINISH.get(ev.reason, "stop"),
-                "stop_reason": ev.stop_sequence or None,
-                "sensepack": self._sensepack(g),
-            }
-            if self.chat:
-                c["message"] = {"role": "assistant", "content": ev.text}
-                c["logprobs"] = self._logprobs(tokens[i]) if self._want_logprobs else None
-            else:
-                c["text"], c["logprobs"] = self._text_and_logprobs(i, ev.text, tokens[i], True)
-                if i in self.prompts and getattr(self.body, "prompt_logprobs", None) is not None:
-                    c["prompt_logprobs"] = self._prompt_logprobs(self.prompts[i])
-            choices.append(c)
-        g0 = self.gens[0][1]
-        return {
-            "id": self.rid,
-            "object": self._object(False),
-            "created": self.created,
-            "model": self.body.model,
-            "choices": choices,
-            "usage": self._usage(completion),
-            "sensepack": self._sensepack(g0),
-        }
-
-    # ---- streaming
-    def _chunk(self, i: int, text: str, evs: list[eng.TokenEvent], finish: str | None, first: bool) -> dict:
-        c: dict[str, Any] = {"index": i, "finish_reason": finish}
-        if self.chat:
-            c["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
-            c["logprobs"] = self._logprobs(evs) if self._want_logprobs and evs else None
-        else:
-            c["text"], c["logprobs"] = self._text_and_logprobs(i, text, evs, first)
-            if first and i in self.prompts and getattr(self.body, "prompt_logprobs", None) is not None:
-                c["prompt_logprobs"] = self._prompt_logprobs(self.prompts[i])
-        out = {
-            "id": self.rid,
-            "object": self._object(True),
-            "created": self.created,
-            "model": self.body.model,
-            "choices": [c],
-        }
-        if first:
-            out["sensepack"] = self._sensepack(dict(self.gens)[i])
-        return out
-
-    async def sse(self, request: Request) -> AsyncIterator[str]:
-        fe, method = self.fe, self.method
-        started: set[int] = set()
-        completion = 0
-        opts = self.body.stream_options
-        try:
-            while len(self.finished) < len(self.gens):
-                i, ev = await self._next(request)
-                first = i not in started
-                started.add(i)
-                if isinstance(ev, eng.TokenEvent):
-                    completion += 1
-                    yield _sse(self._chunk(i, ev.text_delta, [ev], None, first))
-                    continue
-                self.finished.add(i)
-                err = finish_error(ev)
-                if err is not None:
-                    self.cancel_all()
-                    st = status_of(err)
-                    fe._count(method, st.grpc)
-                    yield _sse(
-                        {
-                            "error": {
-                                "message": err.message,
-                                "type": st.openai_type,
-                                "param": err.field or None,
-                                "code": st.grpc,
-                            }
-                        }
-                    )
-                    yield "data: [DONE]\n\n"
-                    return
-                evs = [ev.last] if ev.last is not None else []
-                completion += len(evs)
-                yield _sse(self._chunk(i, ev.text_delta, evs, _FINISH.get(ev.reason, "stop"), first))
-            if opts is not None and opts.include_usage:
-                yield _sse(
-                    {
-                        "id": self.rid,
-                        "object": self._object(True),
-                        "created": self.created,
-                        "model": self.body.model,
-                        "choices": [],
-                        "usage": self._usage(completion),
-                    }
-                )
-            yield "data: [DONE]\n\n"
-            fe._count(method, "OK")
-        except Cancelled:
-            fe._count(method, "CANCELLED")
-        finally:
-            if len(self.finished) < len(self.gens):  # the client went away mid-stream: free the slots now
-                if not self.gone.is_set():
-                    fe._count(method, "CANCELLED")
-                self.cancel_all()
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

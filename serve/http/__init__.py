@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front-end (frontend.HttpFrontend), its request bodies and responses."""
