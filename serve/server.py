@@ -1,6 +1,6 @@
 """The server: its components built in one place (`build_components`: store, engine, gate, live
-monitor, pack manager, the front-end-neutral GenerationService), the gRPC front-end (generation and
-admin servicers, health, reflection, TLS), the OpenAI-compatible HTTP front-end when `http.enabled`
+monitor, pack manager, the front-end-neutral GenerationService), the gRPC front-end (the servicers of
+serve.rpc, health, reflection, TLS), the OpenAI-compatible HTTP front-end when `http.enabled`
 (serve.http), /metrics, graceful shutdown.
 
     server = SensepackServer(config).start()    # binds, warms up, SERVING
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -26,458 +25,34 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edits_store.errors import PackError
 from ensemble.tokenizer import tokenizer_fingerprint
-from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
+from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb_grpc, pb, pb_grpc
 from serve import engine as eng
 from serve import scheduler as sched
 from serve.abtest import Gate, LiveMonitor
-from serve.auth import AdminAuthInterceptor, ApiKeyInterceptor, caller_header
 from serve.config import Config, served_context
-from serve.errors import InvalidRequest, ServeError, from_pack_error, status_of
+from serve.errors import ServeError
 from serve.metrics import GRPC, Metrics, method_label
 from serve.models import Served, build_served, expectations, open_pack_store
 from serve.pack_cache import ResidentTable
 from serve.packs import PackManager
-from serve.params import GenerationRequest, parse_generate, parse_pack_ref, parse_score
+from serve.params import GenerationRequest
+from serve.rpc.auth import AdminAuthInterceptor, ApiKeyInterceptor
 from serve.sampling_params import SamplingParams
 from serve.scoring import EmbeddedScorer, Scorer
-from serve.service import EngineAPI, GenerationService, PackUsage, ended_reason, finish_error, reason_error
-from serve.tenants import TENANT_NAME, Tenant, Tenants
+from serve.service import EngineAPI, GenerationService
+from serve.tenants import Tenants
 
 if TYPE_CHECKING:
     from serve.http.frontend import HttpFrontend
 
+from serve.rpc.admin import AdminServicer
+from serve.rpc.common import DecodeGuard
+from serve.rpc.generation import GenerationServicer
+
 log = logging.getLogger("sensepack.server")
 
 SERVER_VERSION = "0.1.0"
-_STOP = {
-    sched.MAX_TOKENS: pb.MAX_TOKENS,
-    sched.EOS_TOKEN: pb.EOS_TOKEN,
-    sched.STOP_SEQUENCE: pb.STOP_SEQUENCE,
-    sched.CANCELLED: pb.CANCELLED,
-    sched.TIME_LIMIT: pb.TIME_LIMIT,
-    sched.ERROR: pb.ERROR,
-    sched.REFUSED: pb.ERROR,
-    sched.SHUTDOWN: pb.CANCELLED,
-    sched.STOP_TOKEN: pb.STOP_TOKEN,
-    sched.UNAVAILABLE: pb.ERROR,
-}
-
-
-def grpc_code(err: BaseException) -> grpc.StatusCode:
-    """The gRPC status of a domain error (serve.errors.STATUS, the one mapping)."""
-    return getattr(grpc.StatusCode, status_of(err).grpc)
-
-
-def _time_left(context) -> float | None:
-    left = context.time_remaining()
-    return None if left is None or left > 1e7 else max(left, 0.0)
-
-
-def _deadline(context) -> float | None:
-    left = _time_left(context)
-    return None if left is None else time.monotonic() + left
-
-
-class _Tracked:
-    """Records sensepack_requests_total{method,status,frontend="grpc"} exactly once per RPC."""
-
-    def __init__(self, metrics: Metrics, method: str):
-        self.metrics, self.method, self.done = metrics, method, False
-
-    def record(self, code: grpc.StatusCode) -> None:
-        if not self.done:
-            self.done = True
-            self.metrics.requests.labels(self.method, code.name, GRPC).inc()
-
-
-class Undecodable:
-    """What the decode guard hands a servicer for request bytes that are not a valid message."""
-
-    def __init__(self, error: str):
-        self.error = error
-
-
-def _check_decoded(request, context, tracked: _Tracked) -> None:
-    if isinstance(request, Undecodable):
-        tracked.record(grpc.StatusCode.INVALID_ARGUMENT)
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({request.error})")
-
-
-class DecodeGuard(grpc.ServerInterceptor):
-    """Undecodable request bytes (e.g. invalid UTF-8 in a string field) reach the servicer as
-    `Undecodable`, which answers INVALID_ARGUMENT and counts it, instead of grpc's uncounted INTERNAL."""
-
-    def __init__(self, services: tuple[str, ...]):
-        self._prefixes = tuple(f"/{s}/" for s in services)
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if (
-            handler is None
-            or not handler_call_details.method.startswith(self._prefixes)
-            or handler.request_deserializer is None
-            or not hasattr(handler, "_replace")
-        ):
-            return handler
-        decode = handler.request_deserializer
-
-        def guarded(data: bytes):
-            try:
-                return decode(data)
-            except Exception as e:  # noqa: BLE001 - any decode failure is the client's
-                return Undecodable(f"{type(e).__name__}: {e}")
-
-        return handler._replace(request_deserializer=guarded)
-
-
-class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    """gRPC wire format over serve.service: proto in, validated request through the service, proto out;
-    domain errors become status codes through serve.errors."""
-
-    def __init__(self, srv: SensepackServer):
-        self.srv = srv
-        self.service: GenerationService = srv.service
-
-    # ---- helpers
-    @staticmethod
-    def _pack_used(packs: list[PackUsage]) -> list:
-        return [pb.PackUsed(ref=p.ref, name=p.name, version=p.version, beta=p.beta, arm=p.arm) for p in packs]
-
-    def _token_info(self, ev: eng.TokenEvent) -> pb.TokenInfo:
-        text = self.service.token_text
-        info = pb.TokenInfo(id=ev.token_id, text=text(ev.token_id))
-        if ev.logprob is not None:
-            info.logprob = ev.logprob
-        for i, lp in ev.top:
-            info.top_tokens.add(id=i, text=text(i), logprob=lp)
-        return info
-
-    @staticmethod
-    def _fail(context, tracked, err: ServeError):
-        code = grpc_code(err)
-        tracked.record(code)
-        context.abort(code, err.message)
-
-    @staticmethod
-    def _internal(context, tracked, err: Exception):
-        log.exception("request failed", extra={"event": "internal_error", "method": tracked.method})
-        tracked.record(grpc.StatusCode.INTERNAL)
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
-
-    def _tenant(self, context) -> Tenant | None:
-        """The caller's tenant (None: an open key); the interceptor has already refused a bad key."""
-        return self.srv.tenants.identify(caller_header(context.invocation_metadata()))
-
-    # ---- RPCs
-    def _start(self, request, context, tracked):
-        """Admit the request; the response head every Generate / GenerateStream reply starts with."""
-        s = self.srv
-        try:
-            req = parse_generate(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
-            gen = self.service.generate(req, _deadline(context), tenant=self._tenant(context))
-        except ServeError as e:
-            self._fail(context, tracked, e)
-        except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
-            self._internal(context, tracked, e)
-        context.add_callback(gen.cancel)
-        head = pb.GenerateResponse(request_id=req.request_id, input_token_count=len(req.prompt_ids))
-        if req.sampling.want_input_tokens:
-            head.input_token_ids.extend(req.prompt_ids)
-        if req.sampling.want_prompt_logprobs and len(req.prompt_ids) > 1:
-            try:
-                head.prompt_logprobs.extend(gen.prompt_logprobs(_time_left(context)).logprobs)
-            except ServeError as e:
-                self._fail(context, tracked, e)
-        head.packs.extend(self._pack_used(gen.packs))
-        if gen.seed is not None:
-            head.seed = gen.seed
-        return req, gen, head
-
-    def _abort_if_failed(self, context, tracked, ev: eng.FinishEvent) -> None:
-        err = finish_error(ev)
-        if err is not None:
-            self._fail(context, tracked, err)
-
-    def Generate(self, request, context):
-        tracked = _Tracked(self.srv.metrics, "Generate")
-        _check_decoded(request, context, tracked)
-        req, gen, resp = self._start(request, context, tracked)
-        for ev in gen.events(context.is_active):
-            if isinstance(ev, eng.TokenEvent):
-                if req.sampling.want_tokens:
-                    resp.tokens.append(self._token_info(ev))
-                continue
-            self._abort_if_failed(context, tracked, ev)
-            if ev.last is not None and req.sampling.want_tokens:
-                resp.tokens.append(self._token_info(ev.last))
-            resp.text = ev.text
-            resp.generated_token_count = len(ev.output_ids)
-            resp.stop_reason = _STOP[ev.reason]
-            resp.stop_sequence = ev.stop_sequence
-        tracked.record(grpc.StatusCode.OK)
-        return resp
-
-    def GenerateStream(self, request, context):
-        tracked = _Tracked(self.srv.metrics, "GenerateStream")
-        _check_decoded(request, context, tracked)
-        req, gen, first = self._start(request, context, tracked)
-        yield first
-        try:
-            for ev in gen.events(context.is_active):
-                if isinstance(ev, eng.TokenEvent):
-                    msg = pb.GenerateResponse(
-                        request_id=req.request_id, text=ev.text_delta, generated_token_count=ev.generated
-                    )
-                    if req.sampling.want_tokens:
-                        msg.tokens.append(self._token_info(ev))
-                    yield msg
-                    continue
-                self._abort_if_failed(context, tracked, ev)
-                tracked.record(grpc.StatusCode.OK)
-                msg = pb.GenerateResponse(
-                    request_id=req.request_id,
-                    text=ev.text_delta,
-                    generated_token_count=len(ev.output_ids),
-                    stop_reason=_STOP[ev.reason],
-                    stop_sequence=ev.stop_sequence,
-                )
-                if ev.last is not None and req.sampling.want_tokens:
-                    msg.tokens.append(self._token_info(ev.last))
-                yield msg
-        finally:
-            if not tracked.done:  # the consumer went away (cancel / deadline): free the slot now
-                reason = ended_reason(gen.seq)
-                gen.cancel(reason)
-                tracked.record(grpc_code(reason_error(reason)("", "")))
-
-    def Score(self, request, context):
-        s = self.srv
-        tracked = _Tracked(s.metrics, "Score")
-        _check_decoded(request, context, tracked)
-        abandoned = threading.Event()
-        try:
-            req = parse_score(request, s.tokenizer, s.cfg.limits, s.context_len, s.vocab)
-            context.add_callback(abandoned.set)
-            result = self.service.score(
-                req, _deadline(context), context.is_active, abandoned, tenant=self._tenant(context)
-            )
-        except ServeError as e:
-            self._fail(context, tracked, e)
-        except Exception as e:  # noqa: BLE001 - reported as INTERNAL, counted, logged
-            self._internal(context, tracked, e)
-        resp = pb.ScoreResponse(request_id=req.request_id, prefix_token_count=len(req.prefix_ids))
-        resp.packs.extend(self._pack_used(result.packs))
-        for i, ids in enumerate(req.continuations):
-            c = resp.continuations.add(token_ids=ids, tokens=[self.service.token_text(t) for t in ids])
-            if req.include_base:
-                v = result.base[i].double()
-                c.base.token_logprobs.extend(v.tolist())
-                c.base.total_logprob = float(v.sum())
-            if req.packs:
-                v = result.packed[i].double()
-                c.packed.token_logprobs.extend(v.tolist())
-                c.packed.total_logprob = float(v.sum())
-        s.metrics.prompt_tokens.inc(len(req.prefix_ids) + sum(map(len, req.continuations)))
-        tracked.record(grpc.StatusCode.OK)
-        return resp
-
-    def Tokenize(self, request, context):
-        tracked = _Tracked(self.srv.metrics, "Tokenize")
-        _check_decoded(request, context, tracked)
-        try:
-            ids = self.service.tokenize(request.text)
-        except ServeError as e:
-            self._fail(context, tracked, e)
-        resp = pb.TokenizeResponse(token_ids=ids, token_count=len(ids))
-        if request.return_tokens:
-            resp.tokens.extend(self.srv.tokenizer.convert_ids_to_tokens(ids))
-        tracked.record(grpc.StatusCode.OK)
-        return resp
-
-    def ModelInfo(self, request, context):
-        s = self.srv
-        tracked = _Tracked(s.metrics, "ModelInfo")
-        _check_decoded(request, context, tracked)
-        resp = s.model_info()
-        tracked.record(grpc.StatusCode.OK)
-        return resp
-
-
-class AdminServicer(admin_pb_grpc.PackAdminServicer):
-    def __init__(self, srv: SensepackServer):
-        self.srv = srv
-
-    def _resident(self, r) -> admin_pb.ResidentPack:
-        m = self.srv.packs
-        out = admin_pb.ResidentPack(
-            name=r.name,
-            version=r.version,
-            calibrated_beta=r.calibrated_beta,
-            epsilon=r.epsilon,
-            state=m.state_of(r),
-            routes=m.routes_of(r),
-            running_requests=r.refcount,
-        )
-        if r.gate is not None:
-            out.gate_ratio = r.gate.ratio
-        return out
-
-    def _gate(self, r) -> admin_pb.GateResult:
-        g = r.gate
-        if g is None:
-            return admin_pb.GateResult(passed=True, skipped=True, beta=r.calibrated_beta, epsilon=r.epsilon)
-        return admin_pb.GateResult(passed=g.passed, ratio=g.ratio, epsilon=g.epsilon, beta=g.beta, tokens=g.tokens)
-
-    def _call(self, method, request, context, fn):
-        tracked = _Tracked(self.srv.metrics, method)
-        _check_decoded(request, context, tracked)
-        try:
-            out = fn()
-        except ServeError as e:
-            code = grpc_code(e)
-            tracked.record(code)
-            context.abort(code, e.message)
-        except Exception as e:
-            if isinstance(e, PackError):
-                err = from_pack_error(e)
-                tracked.record(grpc_code(err))
-                context.abort(grpc_code(err), err.message)
-            raise
-        tracked.record(grpc.StatusCode.OK)
-        return out
-
-    def ListPacks(self, request, context):
-        def fn():
-            m = self.srv.packs
-            resp = admin_pb.ListPacksResponse(resident=[self._resident(r) for r in m.residents()], refused=m.refused())
-            if request.include_store:
-                store = self.srv.store
-                for name in store.list_packs():
-                    resp.store.add(
-                        name=name, versions=[v.version for v in store.list_versions(name)], aliases=store.aliases(name)
-                    )
-            return resp
-
-        return self._call("ListPacks", request, context, fn)
-
-    def LoadPack(self, request, context):
-        def fn():
-            parse_pack_ref(request.ref, "ref")
-            r, routes = self.srv.packs.activate(request.ref, activate=request.activate)
-            return admin_pb.LoadPackResponse(pack=self._resident(r), gate=self._gate(r), routes=routes)
-
-        return self._call("LoadPack", request, context, fn)
-
-    def SetAlias(self, request, context):
-        def fn():
-            parse_pack_ref(request.name, "name")
-            if not request.alias:
-                raise InvalidRequest("alias", "empty alias")
-            if not request.version:
-                raise InvalidRequest("version", "empty version")
-            r, routes = self.srv.packs.set_alias(request.name, request.alias, request.version)
-            return admin_pb.LoadPackResponse(pack=self._resident(r), gate=self._gate(r), routes=routes)
-
-        return self._call("SetAlias", request, context, fn)
-
-    def UnloadPack(self, request, context):
-        def fn():
-            name, version, freed = self.srv.packs.unload(request.ref)
-            return admin_pb.UnloadPackResponse(name=name, version=version, freed=freed)
-
-        return self._call("UnloadPack", request, context, fn)
-
-    def ABReport(self, request, context):
-        def fn():
-            s = self.srv
-            resp = admin_pb.ABReportResponse(
-                traffic_share=s.cfg.ab.traffic_share, sample_rate=s.cfg.ab.sample_rate, confidence=s.cfg.ab.confidence
-            )
-            stats = s.monitor.report() if s.monitor is not None else {}
-            gates = {}
-            for r in s.packs.residents():
-                if r.gate is not None:
-                    gates[(r.name, r.version)] = r.gate.ratio
-            for name, version in sorted(set(stats) | set(gates)):
-                if request.name and name != request.name:
-                    continue
-                st = stats.get((name, version))
-                if st is None:
-                    resp.packs.add(name=name, version=version, gate_ratio=gates[(name, version)])
-                    continue
-                p = resp.packs.add(
-                    name=name,
-                    version=version,
-                    samples=st.samples,
-                    ratio=st.ratio,
-                    ci_lower=st.lower,
-                    ci_upper=st.upper,
-                    epsilon=st.epsilon,
-                    breached=st.breached,
-                    disabled=st.disabled,
-                    tokens=st.tokens,
-                )
-                if (name, version) in gates:
-                    p.gate_ratio = gates[(name, version)]
-            return resp
-
-        return self._call("ABReport", request, context, fn)
-
-    def _tenant_info(self, t: Tenant) -> admin_pb.TenantInfo:
-        tenants = self.srv.tenants
-        out = admin_pb.TenantInfo(
-            name=t.name,
-            packs=list(t.prefixes),
-            max_cold_loads=t.max_cold_loads,
-            keys=tenants.keys_of(t.name),
-            running=t.running,
-            loading=t.loading,
-            source=tenants.source.get(t.name, ""),
-        )
-        if t.max_concurrent_requests is not None:
-            out.max_concurrent_requests = t.max_concurrent_requests
-        return out
-
-    def ListTenants(self, request, context):
-        def fn():
-            tenants = self.srv.tenants.tenants
-            return admin_pb.ListTenantsResponse(tenants=[self._tenant_info(t) for _, t in sorted(tenants.items())])
-
-        return self._call("ListTenants", request, context, fn)
-
-    def SetTenant(self, request, context):
-        def fn():
-            if not TENANT_NAME.match(request.name):
-                raise InvalidRequest("name", f"{request.name!r}: letters, digits, '.', '_', '-', at most 64")
-            limit = request.max_concurrent_requests if request.HasField("max_concurrent_requests") else None
-            loads = request.max_cold_loads if request.HasField("max_cold_loads") else 1
-            if limit is not None and limit < 1:
-                raise InvalidRequest("max_concurrent_requests", f"{limit}: must be >= 1 (unset: no bound)")
-            if loads < 1:
-                raise InvalidRequest("max_cold_loads", f"{loads}: must be >= 1")
-            try:
-                t = self.srv.tenants.set(Tenant(request.name, tuple(request.packs), limit, loads), list(request.keys))
-            except ValueError as e:
-                field, _, msg = str(e).partition(": ")
-                raise InvalidRequest(field, msg) from None
-            self.srv.metrics.touch_tenants([t.name])
-            log.warning("tenant set", extra={"event": "tenant_set", "tenant": t.name, "packs": list(t.prefixes)})
-            return self._tenant_info(t)
-
-        return self._call("SetTenant", request, context, fn)
-
-    def RemoveTenant(self, request, context):
-        def fn():
-            removed = self.srv.tenants.remove(request.name)
-            if removed:
-                log.warning("tenant removed", extra={"event": "tenant_removed", "tenant": request.name})
-            return admin_pb.RemoveTenantResponse(removed=removed)
-
-        return self._call("RemoveTenant", request, context, fn)
-
-
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 DEMO_ADMIN_TOKEN = "demo-admin-token"  # serve/configs/demo.yaml's; valid on loopback binds only
 
