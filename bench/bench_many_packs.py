@@ -279,6 +279,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="single / mixed alternations per concurrency")
     ap.add_argument("--store", default=None, help="store folder (built once and reused)")
     ap.add_argument("--s3", action="store_true", help="also time listing and resolution on a moto S3 copy")
+    ap.add_argument(
+        "--gate-texts",
+        type=int,
+        default=None,
+        help="gate.max_texts (and 64 tokens per text) for the server: a cheaper gate on a real pairing",
+    )
     ap.add_argument("--store-only", action="store_true", help="build and time the stores, start no server")
     ap.add_argument("--quick", action="store_true", help="200 packs, 50 resident, batch 8; one JSON line")
     ap.add_argument("--json", default=None, help="write every number to this file")
@@ -311,6 +317,7 @@ def main() -> None:
         packs={"preload": [], "load_on_request": True, "max_resident": args.resident},
         limits={"max_running": 64, "max_waiting": 512},
         store={"subscribe": False},
+        **({"gate": {"max_texts": args.gate_texts, "max_tokens_per_text": 64}} if args.gate_texts else {}),
     )
     out: dict[str, Any] = {"command": " ".join(sys.argv), "machine": bench_machine(), "store_build_s": build_s}
     out["store"] = stores
