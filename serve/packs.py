@@ -146,8 +146,17 @@ class PackManager:
         return {id(r) for r in self._routes.values() if r is not None}
 
     def _drop_request_routes(self, r: Resident) -> None:
-        for route in [k for k, v in self._request_routes.items() if v is r]:
+        gone = [k for k, v in self._request_routes.items() if v is r]
+        for route in gone:
             del self._request_routes[route]
+        if gone:
+            self._publish_routes()
+
+    def _all_routes(self) -> dict[str, Resident | None]:
+        """Admin routes and request routes (an admin route wins): what each route serves now."""
+        out: dict[str, Resident | None] = dict(self._request_routes)
+        out.update(self._routes)
+        return out
 
     # ------------------------------------------------------------ resolving
     def _resolve_route(self, name: str, tag: str | None) -> tuple[bool, Resident | None, str | None]:
@@ -198,8 +207,9 @@ class PackManager:
         if pr.tag != version:
             route = pr.name if pr.tag is None else f"{pr.name}@{pr.tag}"
             with self._lock:
-                if route not in self._routes and r.state == "resident":
-                    self._request_routes.setdefault(route, r)
+                if route not in self._routes and r.state == "resident" and route not in self._request_routes:
+                    self._request_routes[route] = r
+                    self._publish_routes()
         found, r2, _ = self._resolve_route(pr.name, pr.tag)
         return r2 if found else r
 
@@ -422,7 +432,7 @@ class PackManager:
 
     def _publish_routes(self) -> None:
         labels = []
-        for route, r in self._routes.items():
+        for route, r in self._all_routes().items():
             if r is None:
                 continue
             alias = route.split("@", 1)[1] if "@" in route else ""
@@ -441,8 +451,11 @@ class PackManager:
         name, alias = getattr(event, "name", None), getattr(event, "alias", None)
         if name:  # anything changed under this name: request routes ask the store again
             with self._lock:
-                for route in [k for k in self._request_routes if k == name or k.startswith(name + "@")]:
+                stale = [k for k in self._request_routes if k == name or k.startswith(name + "@")]
+                for route in stale:
                     del self._request_routes[route]
+                if stale:
+                    self._publish_routes()
         if kind == "version_deleted" and name and getattr(event, "version", None):
             self.withdraw(name, event.version)
             return
@@ -511,7 +524,7 @@ class PackManager:
     # ------------------------------------------------------------ views
     def routes(self) -> dict[str, Resident | None]:
         with self._lock:
-            return dict(self._routes)
+            return self._all_routes()
 
     def residents(self) -> list[Resident]:
         return self.cache.residents()
@@ -523,11 +536,11 @@ class PackManager:
         with self._lock:
             if r.state != "resident":
                 return r.state
-            return "active" if any(v is r for v in self._routes.values()) else "resident"
+            return "active" if any(v is r for v in self._all_routes().values()) else "resident"
 
     def routes_of(self, r: Resident) -> list[str]:
         with self._lock:
-            return sorted(k for k, v in self._routes.items() if v is r)
+            return sorted(k for k, v in self._all_routes().items() if v is r)
 
 
 def sticky_fraction(*parts: str) -> float:
