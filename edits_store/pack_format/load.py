@@ -6,6 +6,8 @@ import logging
 import os
 from typing import Any
 
+import torch
+
 from ..errors import (
     HashMismatchError,
     IncompatiblePackError,
@@ -80,19 +82,44 @@ def load_from_source(
     """Read and fully validate a pack from ``src``. ``expect_name``/``expect_version`` pin where it was found.
 
     ``manifest_bytes``: validate these instead of reading manifest.json (a publisher checking its files before
-    the manifest commits them). Every failure is a ``PackError``; no thread or buffer outlives the call.
+    the manifest commits them). Every failure is a ``PackError``; no thread or buffer outlives the call. The
+    stages, in the order of edits_store.format's docstring (the first failure wins): `read_manifest_bytes`,
+    `verified_manifest`, `verified_tensors`, `verified_signature`, `check_expectations`.
     """
-    label = src.label
     src.check_confined()
     if manifest_bytes is None:
-        try:
-            manifest_bytes = src.read(MANIFEST_FILE, MAX_MANIFEST_BYTES)
-        except FileNotFoundError:
-            if not src.folder_exists():
-                raise PackNotFoundError(f"no pack folder at {src.location}", pack=label, check="exists") from None
-            raise MissingFileError(
-                "manifest.json is missing", pack=label, file=MANIFEST_FILE, check="file_present"
-            ) from None
+        manifest_bytes = read_manifest_bytes(src)
+    manifest, digest = verified_manifest(manifest_bytes, src.label, expect_name, expect_version)
+    label = f"{manifest.ref} ({src.location})" if src.label == src.location else src.label
+    tensors = verified_tensors(src, manifest, expect, label)
+    signature = verified_signature(src, manifest, digest, expect, label)
+    check_expectations(manifest, expect, source=label)
+    return PackContents(
+        manifest=manifest,
+        token_ids=tensors["token_ids"],
+        sense_ids=tensors["sense_ids"],
+        deltas=tensors["deltas"],
+        signature=signature,
+    )
+
+
+def read_manifest_bytes(src: PackFiles) -> bytes:
+    """1. manifest.json, a regular file of at most MAX_MANIFEST_BYTES (no folder: PackNotFoundError)."""
+    try:
+        return src.read(MANIFEST_FILE, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        if not src.folder_exists():
+            raise PackNotFoundError(f"no pack folder at {src.location}", pack=src.label, check="exists") from None
+        raise MissingFileError(
+            "manifest.json is missing", pack=src.label, file=MANIFEST_FILE, check="file_present"
+        ) from None
+
+
+def verified_manifest(
+    manifest_bytes: bytes, label: str, expect_name: str | None, expect_version: str | None
+) -> tuple[Manifest, str]:
+    """2. Strict JSON, schema and fields; the version is the content hash; name and version match where the
+    pack was found. Returns the manifest and its full content digest (what a signature signs)."""
     manifest, raw = parse_manifest_raw(manifest_bytes, source=label)
     digest = content_digest(raw)
     computed = digest[:VERSION_LENGTH]
@@ -117,9 +144,15 @@ def load_from_source(
             file=MANIFEST_FILE,
             check="location",
         )
-    label = f"{manifest.ref} ({src.location})" if label == src.location else label
+    return manifest, digest
 
-    # Hash first: nothing in the tensor file is parsed before its bytes are known to be the published ones.
+
+def verified_tensors(
+    src: PackFiles, manifest: Manifest, expect: Expectations | None, label: str
+) -> dict[str, torch.Tensor]:
+    """3. The tensor file, read within the cap its declared n × d implies and hashed while read; only bytes
+    known to be the published ones are parsed (safetensors header, names, dtypes, shapes), then checked
+    (NaN/Inf, id ranges against the pack or the served models, unique pairs)."""
     expected_sha = manifest.files[TENSOR_FILE]
     try:
         data, actual = src.read_hashing(TENSOR_FILE, tensor_file_cap(manifest))
@@ -141,28 +174,29 @@ def load_from_source(
         num_senses=senses,
         pack=label,
     )
-    signature = None
-    if expect is not None and expect.trusted_keys is not None:
-        from ..signing import verify_signature  # cryptography is needed only where signatures are required
+    return tensors
 
-        try:
-            signature = src.read(SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
-        except FileNotFoundError:
-            raise SignatureError(
-                "the version is unsigned and only signed packs are accepted",
-                pack=label,
-                file=SIGNATURE_FILE,
-                check="signature_present",
-            ) from None
-        verify_signature(signature, name=manifest.name, digest=digest, trusted=expect.trusted_keys, pack=label)
-    check_expectations(manifest, expect, source=label)
-    return PackContents(
-        manifest=manifest,
-        token_ids=tensors["token_ids"],
-        sense_ids=tensors["sense_ids"],
-        deltas=tensors["deltas"],
-        signature=signature,
-    )
+
+def verified_signature(
+    src: PackFiles, manifest: Manifest, digest: str, expect: Expectations | None, label: str
+) -> bytes | None:
+    """4. When the caller trusts keys: signature.json present and signed by one of them over the content
+    digest (None when no key is trusted: the signature is not read)."""
+    if expect is None or expect.trusted_keys is None:
+        return None
+    from ..signing import verify_signature  # cryptography is needed only where signatures are required
+
+    try:
+        signature = src.read(SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
+    except FileNotFoundError:
+        raise SignatureError(
+            "the version is unsigned and only signed packs are accepted",
+            pack=label,
+            file=SIGNATURE_FILE,
+            check="signature_present",
+        ) from None
+    verify_signature(signature, name=manifest.name, digest=digest, trusted=expect.trusted_keys, pack=label)
+    return signature
 
 
 def read_pack(
