@@ -32,6 +32,11 @@ class SenseEdits:
         return int(self.token_ids.numel())
 
     @property
+    def nbytes(self) -> int:
+        """Memory its tensors hold."""
+        return int(self.token_ids.nbytes + self.sense_ids.nbytes + self.deltas.nbytes)
+
+    @property
     def d(self) -> int:
         return int(self.deltas.shape[-1])
 
@@ -132,13 +137,9 @@ class CombinedEditsCache:
         with self._lock:
             if key not in self._sets:
                 self._sets[key] = edits
-                self.nbytes += _nbytes(edits)
+                self.nbytes += edits.nbytes
             while self.nbytes > self.budget_bytes and len(self._sets) > 1:
                 _, old = self._sets.popitem(last=False)
-                self.nbytes -= _nbytes(old)
+                self.nbytes -= old.nbytes
                 self.evictions += 1
             return self._sets[key]
-
-
-def _nbytes(e: SenseEdits) -> int:
-    return int(e.token_ids.nbytes + e.sense_ids.nbytes + e.deltas.nbytes)

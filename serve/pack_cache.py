@@ -71,8 +71,7 @@ class Resident:
     @property
     def nbytes(self) -> int:
         """Memory the version holds: its edit tensors (what packs.max_resident_bytes counts)."""
-        e = self.edits
-        return int(e.token_ids.nbytes + e.sense_ids.nbytes + e.deltas.nbytes)
+        return self.edits.nbytes
 
     def pack_ref(self, beta: float | None = None) -> PackRef:
         return PackRef(self.name, self.version, self.edits, self.calibrated_beta if beta is None else beta)

@@ -127,7 +127,7 @@ class PackManager:
             forget=ab.forget if ab is not None else None,
         )
         self.cache.held = self._admin_routed
-        self.cache.on_drop = self._drop_request_routes
+        self.cache.on_drop = self._on_cache_drop
         self.source = source
         self.cfg = config  # the full Config (packs, gate, ab sections)
         self.metrics = metrics
@@ -145,11 +145,15 @@ class PackManager:
     def _admin_routed(self) -> set[int]:
         return {id(r) for r in self._routes.values() if r is not None}
 
-    def _drop_request_routes(self, r: Resident) -> None:
+    def _drop_request_routes(self, r: Resident) -> bool:
+        """Forget the request routes to r (under the lock); True when there were some."""
         gone = [k for k, v in self._request_routes.items() if v is r]
         for route in gone:
             del self._request_routes[route]
-        if gone:
+        return bool(gone)
+
+    def _on_cache_drop(self, r: Resident) -> None:
+        if self._drop_request_routes(r):
             self._publish_routes()
 
     def _all_routes(self) -> dict[str, Resident | None]:
@@ -359,8 +363,7 @@ class PackManager:
                 raise PackNotFound("ref", f"pack {ref!r} is not resident")
             for route in [k for k, v in self._routes.items() if v is r]:
                 del self._routes[route]
-            for route in [k for k, v in self._request_routes.items() if v is r]:
-                del self._request_routes[route]
+            self._drop_request_routes(r)
             for hist in self._history.values():
                 hist[:] = [h for h in hist if h is not r]
             r.state = "unloading"
@@ -390,8 +393,7 @@ class PackManager:
     def _fall_back(self, r: Resident) -> list[str]:
         """r leaves service (disabled, or withdrawn from the store): each of its routes falls back to its
         previous target, or to base; its request routes go (the next request asks the store again)."""
-        for route in [k for k, v in self._request_routes.items() if v is r]:
-            del self._request_routes[route]
+        self._drop_request_routes(r)
         moved = []
         for route, target in list(self._routes.items()):
             if target is not r:
