@@ -341,3 +341,54 @@ def test_lr_by_epsilon_equals_separate_runs(tiny, tok, country, corpora):
         assert both.chosen_epoch[eps] == alone.chosen_epoch[eps]
         assert [h.g_ratio for h in both.history_of[eps]] == [h.g_ratio for h in alone.history]
     assert [h.lr for h in both.history] == [h.lr for h in both.history_of[10.0]]  # `history`: the largest ε's
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tiny, tok, country, corpora, tmp_path):
+    """A run stopped after epoch 2 and started again from its checkpoints ends exactly where a run never stopped
+    ends: deltas of every ε (two trajectories, at two lrs), chosen epochs, history, optimizer step counts."""
+    pairs = pairs_for(country, tok, corpora[0])[:10]
+    g, r, exs = corpora[0][:2], corpora[1][:4], country[:5]
+    p = FinetuneParams(
+        lr=0.3, epochs=4, kl_weight=0.1, grad_accum=2, eval_every_epoch=False, seed=7,
+        epsilons=(10.0, 1e-3), lr_by_epsilon={1e-3: 0.05},
+    )  # fmt: skip
+    whole = finetune(tiny, exs, LossType.GOOD, pairs, g, r, p, progress=False)
+
+    def stop_after_2(rec):
+        if rec.epoch == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        finetune(
+            tiny, exs, LossType.GOOD, pairs, g, r, p, progress=False, on_epoch=stop_after_2, checkpoint_dir=tmp_path
+        )
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["trajectory-lr0.3.pt"]  # the first trajectory, epoch 2
+    seen = []
+    resumed = finetune(
+        tiny, exs, LossType.GOOD, pairs, g, r, p, progress=False, on_epoch=seen.append, checkpoint_dir=tmp_path
+    )
+    assert [h.epoch for h in seen] == [0, 1, 2, 3, 4] * 2  # the restored history is reported too
+    for eps in (10.0, 1e-3):
+        assert torch.equal(resumed.deltas[eps], whole.deltas[eps])
+        assert resumed.chosen_epoch[eps] == whole.chosen_epoch[eps]
+        assert [h.__dict__ for h in resumed.history_of[eps]] == [h.__dict__ for h in whole.history_of[eps]]
+    assert (resumed.optimizer_steps, resumed.examples_counted) == (whole.optimizer_steps, whole.examples_counted)
+
+
+def test_checkpoint_of_other_inputs_is_not_continued(tiny, tok, country, corpora, tmp_path):
+    """A checkpoint left by a run with another seed (or other examples, pairs, corpora) is ignored: the new run
+    equals a fresh one."""
+    pairs = pairs_for(country, tok, corpora[0])[:10]
+    g, r, exs = corpora[0][:2], corpora[1][:4], country[:4]
+    base = dict(lr=0.3, epochs=2, kl_weight=0.1, grad_accum=2, eval_every_epoch=False, epsilons=(10.0,))
+    finetune(tiny, exs, LossType.GOOD, pairs, g, r, FinetuneParams(seed=1, **base), progress=False,
+             checkpoint_dir=tmp_path)  # fmt: skip
+    fresh = finetune(tiny, exs, LossType.GOOD, pairs, g, r, FinetuneParams(seed=2, **base), progress=False)
+    other = finetune(tiny, exs, LossType.GOOD, pairs, g, r, FinetuneParams(seed=2, **base), progress=False,
+                     checkpoint_dir=tmp_path)  # fmt: skip
+    assert torch.equal(other.deltas[10.0], fresh.deltas[10.0])
+    assert len(other.history) == 3

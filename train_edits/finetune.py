@@ -20,11 +20,15 @@ ever reaches the optimizer and the epoch's last ``len % 5`` examples are lost.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +131,54 @@ class _EvalCache:
         return ok / len(self.groups)
 
 
+@dataclass
+class _Checkpoint:
+    """One trajectory's state after an epoch, in `path`; `identity` digests everything the trajectory depends on
+    (its parameters, the selected pairs, the examples, G and R, the model's weights), so a checkpoint of other
+    inputs is never continued."""
+
+    path: Path
+    identity: str
+
+    @classmethod
+    def of(cls, folder, params, index, model, train, g_chunks, r_chunks) -> _Checkpoint | None:
+        if folder is None:
+            return None
+        h = hashlib.sha256(json.dumps(asdict(params), sort_keys=True, default=str).encode())
+        h.update(json.dumps(list(index.pairs)).encode())
+        for ex in train:
+            for s in ex.seqs:
+                h.update(json.dumps([list(map(int, s.ids)), s.start, s.n]).encode())
+        for part in (g_chunks, r_chunks):
+            h.update(f"|{len(part)}|".encode())
+            for t in part:
+                h.update(t.detach().cpu().numpy().tobytes())
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return cls(Path(folder) / f"trajectory-lr{params.lr:g}.pt", h.hexdigest())
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, weights_only=True)
+        if state.get("identity") != self.identity:
+            log.info("checkpoint_ignored", extra={"fields": {"path": str(self.path), "why": "other inputs"}})
+            return None
+        return state
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({**state, "identity": self.identity}, tmp)
+        os.replace(tmp, self.path)  # a stop mid-write leaves the previous epoch's checkpoint
+
+
+def _as_tuple(x):
+    """random.Random.setstate wants the tuples torch.save stored (lists after a round trip in some versions)."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
 def _make_optimizer(params: list[torch.nn.Parameter], p: FinetuneParams) -> torch.optim.Optimizer:
     if p.optimizer == "adam8bit":
         try:
@@ -155,10 +207,15 @@ def finetune(
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     rest: Sequence[Sequence[tuple[torch.Tensor, int, int]]] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> FinetuneResult:
     """`rest`: per training example, (ids, lo, hi) sequences for the rest-of-example KL (params.rest_kl_weight): the
     example's own tokens, then text that does not depend on the edit; every position outside [lo, hi) (those
-    predicting the answer) is kept as before."""
+    predicting the answer) is kept as before.
+
+    `checkpoint_dir`: each trajectory's state is written there after every epoch and a later call with the same
+    inputs continues from it, with the same result as an uninterrupted run (the caller removes the folder when it
+    has what it needs)."""
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -186,7 +243,23 @@ def finetune(
     )
 
     results = [  # one trajectory per distinct lr, over the same cached α
-        _train(p, index, d, E, lt, train_cache, gl, kl, r_chunks, rest_kl, rest_of, ev, progress, on_epoch)
+        _train(
+            p,
+            index,
+            d,
+            E,
+            lt,
+            train_cache,
+            gl,
+            kl,
+            r_chunks,
+            rest_kl,
+            rest_of,
+            ev,
+            progress,
+            on_epoch,
+            _Checkpoint.of(checkpoint_dir, p, index, model, train, g_chunks, r_chunks),
+        )
         for p in params.groups()
     ]
     main = results[0]
@@ -214,32 +287,55 @@ def _train(
     ev: _EvalCache | None,
     progress: bool,
     on_epoch: Callable[[EpochRecord], None] | None,
+    checkpoint: _Checkpoint | None = None,
 ) -> FinetuneResult:
-    """One training trajectory from zero deltas at params.lr, for params.epsilons."""
+    """One training trajectory from zero deltas at params.lr, for params.epsilons (or from `checkpoint`'s epoch)."""
     rng = random.Random(params.seed)
     torch.manual_seed(params.seed)
     deltas = torch.nn.Parameter(torch.zeros(len(index), d, device=E.device))
     opt = _make_optimizer([deltas], params) if len(index) else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(params.epochs, 1)) if opt else None
     caps = params.epoch_cap or {}
-    with torch.no_grad():
-        loss0 = sum(
-            float(training_loss(lt, [c.nll_sum(E, deltas) for c in seqs], [c.scored.n for c in seqs]))
-            for seqs in train_cache
-        ) / max(len(train_cache), 1)
-    history = [EpochRecord(0, loss0, gl.base_mean, 1.0, None, ev.success(E, deltas.detach()) if ev else None)]
-    chosen = {eps: 0 for eps in params.epsilons}
-    kept = {eps: deltas.detach().float().cpu().clone() for eps in params.epsilons}
+    state = checkpoint.load() if checkpoint else None
+    if state is None:
+        with torch.no_grad():
+            loss0 = sum(
+                float(training_loss(lt, [c.nll_sum(E, deltas) for c in seqs], [c.scored.n for c in seqs]))
+                for seqs in train_cache
+            ) / max(len(train_cache), 1)
+        history = [EpochRecord(0, loss0, gl.base_mean, 1.0, None, ev.success(E, deltas.detach()) if ev else None)]
+        chosen = {eps: 0 for eps in params.epsilons}
+        kept = {eps: deltas.detach().float().cpu().clone() for eps in params.epsilons}
+        steps = counted = start = 0
+    else:
+        start, steps, counted = state["epoch"], state["steps"], state["counted"]
+        history = [EpochRecord(**h) for h in state["history"]]
+        chosen = {float(e): c for e, c in state["chosen"].items()}
+        kept = {float(e): t for e, t in state["kept"].items()}
+        with torch.no_grad():
+            deltas.copy_(state["deltas"])
+        if opt is not None and sched is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        rng.setstate(_as_tuple(state["rng"]))
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed", extra={"fields": {"path": str(checkpoint.path), "epoch": start}})
     if on_epoch:
-        on_epoch(history[0])
-    steps = counted = 0
+        for rec in history:
+            on_epoch(rec)
     acc = max(1, params.grad_accum)
     # with a cap for every ε (sweep reports) training stops at the largest cap; the cosine
     # schedule keeps its full length so the capped epochs match the selection run's
     last_epoch = params.epochs
     if caps and all(eps in caps for eps in params.epsilons):
         last_epoch = min(params.epochs, max(caps[eps] for eps in params.epsilons))
-    bar = tqdm(range(1, last_epoch + 1), desc="epochs", disable=not progress or not len(index))
+    bar = tqdm(
+        range(start + 1, last_epoch + 1),
+        desc="epochs",
+        initial=start,
+        total=last_epoch,
+        disable=not progress or not len(index),
+    )
     for epoch in bar:
         if opt is None or sched is None:  # no selected senses: nothing to train
             break
@@ -300,6 +396,22 @@ def _train(
                 kept[eps] = deltas.detach().float().cpu().clone()
         log.info("epoch", extra={"fields": {k: v for k, v in rec.__dict__.items()}})
         bar.set_postfix(loss=f"{rec.train_loss:.4f}", g_ratio=f"{ratio:.6f}")
+        if checkpoint:
+            checkpoint.save(
+                {
+                    "epoch": epoch,
+                    "steps": steps,
+                    "counted": counted,
+                    "history": [asdict(h) for h in history],
+                    "chosen": {str(e): c for e, c in chosen.items()},
+                    "kept": {str(e): t for e, t in kept.items()},
+                    "deltas": deltas.detach().clone(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(),
+                }
+            )
         if on_epoch:
             on_epoch(rec)
     return FinetuneResult(

@@ -10,6 +10,7 @@ run_dir/
   report.json, report.md evaluation before/after, Backpack and ensemble
   packs/<name>-eps<ε>/   edit packs (edits_store format), one per ε
   plots/*.png            g_ratio.png, success.png, calibration.png
+  checkpoints/finetune/  per training trajectory, its state after the last finished epoch (while `train` runs)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -110,6 +112,12 @@ def rest_sequences(run: Run) -> list[list[tuple[torch.Tensor, int, int]]] | None
     return out
 
 
+def finetune_checkpoints(run: Run) -> Path:
+    """Where sense finetuning keeps each trajectory's state after every epoch, so an interrupted `train` step
+    continues where it stopped (gone once the step has written its results)."""
+    return run.dir / "checkpoints" / "finetune"
+
+
 def edits_path(run: Run, eps: float) -> Path:
     return run.dir / "edits" / f"eps-{eps_key(eps)}.safetensors"
 
@@ -134,6 +142,7 @@ def step_train(run: Run) -> dict:
         threshold=task.threshold,
         progress=run.progress,
         rest=rest_sequences(run),
+        checkpoint_dir=finetune_checkpoints(run),
     )
     seconds = time.time() - t0
     (run.dir / "edits").mkdir(exist_ok=True)
@@ -164,6 +173,7 @@ def step_train(run: Run) -> dict:
     }
     written.append(run.write_json("training.json", out))
     record(run, "train", written, earlier)
+    shutil.rmtree(finetune_checkpoints(run), ignore_errors=True)  # training.json and the edits are what is kept
     event("trained", seconds=round(seconds, 2), chosen=out["chosen_epoch"])
     _plot_training(run, out)
     return out
