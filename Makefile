@@ -14,8 +14,8 @@ test-fast: setup
 # ruff (lint + format) over LINT_PATHS, import-linter's contracts (the layering of docs/design.md §2, no cycle
 # inside a room) and mypy over TYPE_PATHS, configured in pyproject.toml; CI runs it
 # before the tests. tests/ is type-checked at mypy's default level, like serve/ and train_edits/ (no vLLM needed).
-LINT_PATHS = ensemble edits_store sensepack_proto sensepack_testing bench scripts serve train_edits tests
-TYPE_PATHS = ensemble edits_store sensepack_proto sensepack_testing bench scripts serve train_edits tests
+LINT_PATHS = ensemble edits_store sensepack_common sensepack_proto sensepack_testing bench scripts serve train_edits tests
+TYPE_PATHS = ensemble edits_store sensepack_common sensepack_proto sensepack_testing bench scripts serve train_edits tests
 lint: setup
 	.venv/bin/ruff check $(LINT_PATHS)
 	.venv/bin/ruff format --check $(LINT_PATHS)

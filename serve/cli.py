@@ -56,7 +56,7 @@ def generate(
 
         result = run_demo(prompt, max_new_tokens=max_new_tokens, seed=seed)
     else:
-        from serve.config import ConfigError
+        from sensepack_common.errors import ConfigError
         from serve.models import ProfileError, generate_side_by_side, profile_config
 
         try:

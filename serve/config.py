@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sensepack_common.errors import ConfigError, describe_validation_error
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -279,23 +281,11 @@ def served_context(config: Config, model_context: int) -> int:
     return min(model_context, int(mml))
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def parse_config(data: dict | None, source: str = "<dict>") -> Config:
     try:
         return Config.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise ConfigError(describe_validation_error(err, source)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:

@@ -32,7 +32,8 @@ from ensemble.sense_model import SenseModel, load_sense_model, sense_model_folde
 from ensemble.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_fingerprint
 from ensemble.vocab import Vocabulary
 from ensemble.zoo import resolve_path
-from serve.config import CONFIG_DIR, ConfigError, load_config
+from sensepack_common.errors import ConfigError
+from serve.config import CONFIG_DIR, load_config
 from serve.pack_cache import served_edits
 
 if TYPE_CHECKING:

@@ -35,7 +35,8 @@ from sensepack_proto import pb
 def serve_cmd(config_path, port, http_port, sets, check):
     """Run the gRPC server, and the OpenAI-compatible HTTP API when http.enabled (demo profile by default:
     offline, tiny models)."""
-    from serve.config import ConfigError, load_config
+    from sensepack_common.errors import ConfigError
+    from serve.config import load_config
 
     overrides = {}
     for item in sets:
@@ -59,7 +60,7 @@ def serve_cmd(config_path, port, http_port, sets, check):
     if check:
         click.echo(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
         return
-    from serve.logs import setup_logging
+    from sensepack_common.logs import setup_logging
     from serve.server import SensepackServer
 
     setup_logging(cfg.logging.level, cfg.logging.json_logs)

@@ -298,7 +298,8 @@ def test_embedded_server_attaches_the_head_to_its_one_large_model(head_folders, 
 
 
 def test_vllm_engine_refuses_a_sense_head_at_startup(head_folders):
-    from serve.config import ConfigError, ModelConfig
+    from sensepack_common.errors import ConfigError
+    from serve.config import ModelConfig
     from serve.models import build_served
 
     large_dir, head_dir = head_folders

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from serve.config import CONFIG_DIR, Config, ConfigError, load_config, parse_config
+from sensepack_common.errors import ConfigError
+from serve.config import CONFIG_DIR, Config, load_config, parse_config
 
 
 def _leaves(model, prefix=""):

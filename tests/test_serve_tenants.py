@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from edits_store.store import open_store
+from sensepack_common.errors import ConfigError
 from sensepack_testing.serve import (
     demo_served,
     demo_variant,
@@ -22,7 +23,7 @@ from sensepack_testing.serve import (
     scrape,
 )
 from serve.client import Client
-from serve.config import ConfigError, load_config
+from serve.config import load_config
 from serve.errors import QueueFull
 from serve.server import SensepackServer
 from serve.tenants import Tenant

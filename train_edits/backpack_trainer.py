@@ -72,8 +72,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ensemble.backpack import BackpackConfig, BackpackLM
 from ensemble.vocab import DOC_SEPARATOR, Vocabulary
+from sensepack_common.errors import ConfigError
 
-from .config import ConfigError
 from .corpora import read_documents
 from .tasks import DataError
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import click
 
 from ensemble.jsonl import MAX_RECORD_CHARS
+from sensepack_common.errors import ConfigError
 
 from .cli_common import guard
-from .config import ConfigError, load_config_file, set_path, validate
+from .config import load_config_file, set_path, validate
 from .pairings import apply_pairing_defaults
 from .preflight import preflight
 from .tasks import TASKS, LossType
@@ -192,11 +193,11 @@ def _resolve(kwargs: dict):
 
 
 def _make_run(kwargs):
-    from .run import Run, setup_logging
+    from .run import Run, log_to_run
 
     recompute = kwargs.pop("recompute", False)
     run_dir, cfg, progress, verbose = _resolve(kwargs)
-    setup_logging(run_dir, verbose)
+    log_to_run(run_dir, verbose)
     return Run(run_dir, cfg, progress, recompute=recompute)
 
 

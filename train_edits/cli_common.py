@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from .config import ConfigError
+from sensepack_common.errors import ConfigError
+
 from .tasks import DataError
 
 

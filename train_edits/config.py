@@ -27,6 +27,8 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sensepack_common.errors import ConfigError, describe_validation_error
+
 from .calibrate import DEFAULT_GRID
 from .tasks import MAX_EXAMPLE_CHARS, TASKS, LossType
 
@@ -211,10 +213,6 @@ class RunConfig(_Strict):
         return (self.name or self.task.name or "pack").replace("_", "-")
 
 
-class ConfigError(ValueError):
-    """A config that fails validation; the message names each bad key."""
-
-
 def load_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -246,8 +244,4 @@ def validate(data: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        msgs = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "<config>"
-            msgs.append(f"{loc}: {err['msg']}")
-        raise ConfigError("invalid config: " + "; ".join(msgs)) from None
+        raise ConfigError(describe_validation_error(exc, "(the options and --config)")) from None

@@ -165,6 +165,7 @@ class _Checkpoint:
         if state.get("identity") != self.identity:
             log.info("checkpoint_ignored", extra={"fields": {"path": str(self.path), "why": "other inputs"}})
             return None
+        log.info("resumed", extra={"fields": {"path": str(self.path), "epoch": state["epoch"]}})
         return state
 
     def save(self, state: dict) -> None:
@@ -319,7 +320,6 @@ def _train(
             sched.load_state_dict(state["scheduler"])
         rng.setstate(_as_tuple(state["rng"]))
         torch.set_rng_state(state["torch_rng"])
-        log.info("resumed", extra={"fields": {"path": str(checkpoint.path), "epoch": start}})
     if on_epoch:
         for rec in history:
             on_epoch(rec)

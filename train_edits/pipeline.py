@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from sensepack_common.errors import ConfigError
+
 from .calibrate import calibrate
 from .compute import chunk_batches
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .corpora import corpus_fingerprint
 from .encoding import EncodedExample
 from .evaluate import BackpackScorer, EnsembleScorer, task_metrics, task_metrics_all

@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 
 from ensemble.jsonl import DataError, iter_jsonl
+from sensepack_common.errors import ConfigError
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .tasks import TaskData
 
 

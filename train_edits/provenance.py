@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError
+from sensepack_common.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run

@@ -181,7 +181,7 @@ def build_pack_store(recipe: PackRecipe, out: Path, progress: bool = True) -> Pa
     from .config import validate
     from .corpora import prepare_corpora, read_documents
     from .pipeline import step_calibrate, step_pack, step_select, step_train
-    from .run import Run, setup_logging
+    from .run import Run, log_to_run
 
     work = out / "run"
     work.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def build_pack_store(recipe: PackRecipe, out: Path, progress: bool = True) -> Pa
             "store": str(out / "store"),
         }
     )
-    setup_logging(work, verbose=False)
+    log_to_run(work)
     run = Run(work, cfg, progress)
     step_select(run)
     step_train(run)

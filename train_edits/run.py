@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from sensepack_common.logs import setup_logging
+
 from .config import RunConfig
 from .corpora import check_corpus_tokenizer, read_chunks
 from .evaluate import EncodedTask
@@ -26,41 +28,13 @@ HARD_NEG_TEXT_TASKS = ("verb_conjugation", "stereoset")
 # --------------------------------------------------------------------------- logging
 
 
-class JsonLines(logging.Handler):
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = path
-
-    def emit(self, record: logging.LogRecord) -> None:
-        obj = {
-            "ts": round(record.created, 3),
-            "level": record.levelname,
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        obj.update(getattr(record, "fields", {}) or {})
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(obj, default=str) + "\n")
-
-
-class _Console(logging.StreamHandler):
-    """Ours, as JsonLines: a second setup_logging call replaces them instead of adding more."""
-
-
-def setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
-    root = logging.getLogger("train_edits")
-    root.setLevel(logging.INFO)
-    for h in list(root.handlers):
-        if isinstance(h, (JsonLines, _Console)):
-            root.removeHandler(h)
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        root.addHandler(JsonLines(run_dir / "log.jsonl"))
-    sh = _Console()
-    sh.setLevel(logging.INFO if verbose else logging.WARNING)
-    sh.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(sh)
-    root.propagate = False
+def log_to_run(run_dir: Path, verbose: bool = False) -> None:
+    """Every train_edits record as a JSON line in run_dir/log.jsonl; warnings (everything with `verbose`) on the
+    console."""
+    setup_logging(
+        "INFO", json_logs=False, logger="train_edits", file=run_dir / "log.jsonl",
+        console_level="INFO" if verbose else "WARNING",
+    )  # fmt: skip
 
 
 def event(name: str, **fields) -> None:
