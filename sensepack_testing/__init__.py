@@ -20,7 +20,7 @@ def free_port() -> int:
 def backpack_train_command(cfg_file: str, nproc: int = 1) -> list[str]:
     """`train_edits backpack train --config cfg_file` as a command line: one process, or `nproc` through
     torchrun on one node (rendezvous on a free loopback port)."""
-    cli = ["-m", "train_edits.backpack_cli", "train", "--config", cfg_file, "--no-progress"]
+    cli = ["-m", "train_edits", "backpack", "train", "--config", cfg_file, "--no-progress"]
     if nproc == 1:
         return [sys.executable, *cli]
     rendezvous = ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]

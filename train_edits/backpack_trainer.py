@@ -1,7 +1,7 @@
 """Train a Backpack LM from scratch for any tokenizer.
 
     train_edits backpack train corpus.jsonl --tokenizer smollm2-135m-instruct --out runs/bp --max-steps 2000
-    torchrun --nproc_per_node 2 -m train_edits.backpack_cli train corpus.jsonl ...   (DDP, same flags)
+    torchrun --nproc_per_node 2 -m train_edits backpack train corpus.jsonl ...   (DDP, same flags)
 
 Python API: ``train_backpack(BackpackTrainConfig(...)) -> Path`` (the output folder).
 

@@ -9,7 +9,7 @@ import click
 
 from sensepack_common.errors import ConfigError
 
-from .tasks import DataError
+from ..tasks import DataError
 
 
 def guard(fn):

@@ -14,8 +14,8 @@ from dataclasses import fields
 
 import click
 
-from .cli_common import guard
-from .sense_head_trainer import SAVE_DTYPES, SenseHeadTrainConfig
+from ..sense_head_trainer import SAVE_DTYPES, SenseHeadTrainConfig
+from .common import guard
 
 # (option, config field, click type, help); every option defaults to the config's value.
 _OPTIONS = [
@@ -77,7 +77,7 @@ def train_cmd(inputs, drop_checkpoints, no_progress, **opts):  # type: ignore[no
     Writes OUT/config.json + model.safetensors (the head's weights only) + the large model's tokenizer files and
     training.json; prints one JSON line with the held-out NLL of the head and of the large model.
     """
-    from .sense_head_trainer import train_sense_head
+    from ..sense_head_trainer import train_sense_head
 
     data = {k: v for k, v in opts.items() if v is not None}
     if inputs:

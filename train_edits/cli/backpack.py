@@ -1,7 +1,7 @@
 """``train_edits backpack``: train a Backpack from scratch for any tokenizer.
 
     train_edits backpack train corpus.jsonl --tokenizer smollm2-135m-instruct --out runs/bp --max-minutes 30
-    torchrun --nproc_per_node 4 -m train_edits.backpack_cli train corpus.jsonl --out runs/bp ...
+    torchrun --nproc_per_node 4 -m train_edits backpack train corpus.jsonl --out runs/bp ...
 
 Exit codes: 0 success, 1 failure (bad data, missing file, runtime error), 2 usage (bad option or config).
 """
@@ -12,8 +12,8 @@ import json
 
 import click
 
-from .backpack_trainer import INIT_CHOICES, BackpackTrainConfig
-from .cli_common import guard
+from ..backpack_trainer import INIT_CHOICES, BackpackTrainConfig
+from .common import guard
 
 # (option, config field, click type, help); every option defaults to the config's value.
 _OPTIONS = [
@@ -86,7 +86,7 @@ def _options(f):
 def config_from_options(inputs, config_file, dropout, amp, resume, **opts) -> BackpackTrainConfig:
     data: dict = {}
     if config_file:
-        from .config import load_config_file
+        from ..config import load_config_file
 
         data = load_config_file(config_file)
     if inputs:
@@ -120,7 +120,7 @@ def train_cmd(inputs, no_progress, **kwargs):
     loads OUT), training.json (the recipe and results), log.jsonl, loss.png and checkpoints/.
     Under torchrun every process runs this same command; only rank 0 writes.
     """
-    from .backpack_trainer import train_backpack
+    from ..backpack_trainer import train_backpack
 
     cfg = config_from_options(inputs, **kwargs)
     out = train_backpack(cfg, progress=not no_progress)
@@ -141,6 +141,3 @@ def train_cmd(inputs, no_progress, **kwargs):
             )
         )
 
-
-if __name__ == "__main__":  # pragma: no cover - `torchrun -m train_edits.backpack_cli train ...`
-    backpack()

@@ -1,4 +1,4 @@
-"""The ``train_edits`` command line.
+"""The commands that make edit packs: corpora, the run's steps, sweeps, the multi-seed protocol, tables.
 
     train_edits prepare-corpora val100-val.jsonl --out runs/corpora --chunk-len 500 [--tokenizer SPEC]
     train_edits run --task country_capital --g runs/corpora/G.jsonl --r runs/corpora/R.jsonl \\
@@ -20,11 +20,11 @@ import click
 from ensemble.jsonl import MAX_RECORD_CHARS
 from sensepack_common.errors import ConfigError
 
-from .cli_common import guard
-from .config import load_config_file, set_path, validate
-from .pairings import apply_pairing_defaults
-from .preflight import preflight
-from .tasks import TASKS, LossType
+from ..config import load_config_file, set_path, validate
+from ..pairings import apply_pairing_defaults
+from ..preflight import preflight
+from ..tasks import TASKS, LossType
+from .common import guard
 
 _OVERRIDES = [
     # (option, dest path, type, help)
@@ -193,7 +193,7 @@ def _resolve(kwargs: dict):
 
 
 def _make_run(kwargs):
-    from .run import Run, log_to_run
+    from ..run import Run, log_to_run
 
     recompute = kwargs.pop("recompute", False)
     run_dir, cfg, progress, verbose = _resolve(kwargs)
@@ -201,12 +201,7 @@ def _make_run(kwargs):
     return Run(run_dir, cfg, progress, recompute=recompute)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
-    """Sense-finetune a Backpack on canonical examples and write calibrated, evaluated edit packs."""
-
-
-@main.command("prepare-corpora")
+@click.command("prepare-corpora")
 @click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="output folder (G.jsonl, R.jsonl)")
 @click.option("--chunk-len", type=click.IntRange(min=2), default=500, show_default=True, help="tokens per chunk")
@@ -255,8 +250,8 @@ def prepare_corpora(
     """Split documents into disjoint corpora G and R of fixed-length token chunks."""
     from ensemble.tokenizer import load_tokenizer
 
-    from .corpora import prepare_corpora as prepare
-    from .corpora import read_documents, read_hf_documents
+    from ..corpora import prepare_corpora as prepare
+    from ..corpora import read_documents, read_hf_documents
 
     if not inputs and not hf_dataset:
         raise click.UsageError("give input files or --hf-dataset")
@@ -270,9 +265,12 @@ def prepare_corpora(
     click.echo(json.dumps(meta))
 
 
+STEPS: list[click.Command] = []  # select, train, calibrate, eval, pack, run
+
+
 def _step(name, doc):
     def decorator(fn):
-        @main.command(name, help=doc)
+        @click.command(name, help=doc)
         @_common
         @guard
         def cmd(**kwargs):
@@ -280,6 +278,7 @@ def _step(name, doc):
             result = fn(run)
             click.echo(json.dumps(result, default=str)[:2000] if result is not None else "{}")
 
+        STEPS.append(cmd)
         return cmd
 
     return decorator
@@ -287,7 +286,7 @@ def _step(name, doc):
 
 @_step("select", "Choose the senses to finetune (Eq. 9): top k per example, union over examples.")
 def _select(run):
-    from .pipeline import step_select
+    from ..pipeline import step_select
 
     s = step_select(run)
     return {"pairs": len(s["pairs"]), "run_dir": str(run.dir)}
@@ -295,7 +294,7 @@ def _select(run):
 
 @_step("train", "Sense-finetune the selected senses; keep the last in-ball epoch per ε.")
 def _train(run):
-    from .pipeline import step_train
+    from ..pipeline import step_train
 
     t = step_train(run)
     return {"chosen_epoch": t["chosen_epoch"], "g_ratio": t["g_ratio"], "seconds_per_epoch": t["seconds_per_epoch"]}
@@ -303,7 +302,7 @@ def _train(run):
 
 @_step("calibrate", "Calibrate β per ε against the large model (one pass over G for the whole grid).")
 def _calibrate(run):
-    from .pipeline import step_calibrate
+    from ..pipeline import step_calibrate
 
     c = step_calibrate(run)
     if c is None:
@@ -313,7 +312,7 @@ def _calibrate(run):
 
 @_step("eval", "Evaluate before/after for the Backpack and the ensemble; write report.json and report.md.")
 def _eval(run):
-    from .pipeline import step_eval
+    from ..pipeline import step_eval
 
     step_eval(run)
     return {"report": str(run.dir / "report.md")}
@@ -321,14 +320,14 @@ def _eval(run):
 
 @_step("pack", "Write one edit pack per ε (and publish to --store).")
 def _pack(run):
-    from .pipeline import step_pack
+    from ..pipeline import step_pack
 
     return {"packs": [str(p) for p in step_pack(run)]}
 
 
 @_step("run", "select → train → calibrate → eval → pack, in one run directory.")
 def _run(run):
-    from .pipeline import run_all
+    from ..pipeline import run_all
 
     run_all(run)
     packs = run.dir / "packs"
@@ -338,7 +337,7 @@ def _run(run):
     }
 
 
-@main.command("sweep")
+@click.command("sweep")
 @_common
 @click.option(
     "--trials",
@@ -370,14 +369,14 @@ def _run(run):
 @guard
 def sweep_cmd(trials, report_split, report_data_dir, cap_epochs, fixed_lam, **kwargs):
     """Random search (appendix C): select hyperparameters on one split, report on another."""
-    from .sweep import sweep
+    from ..sweep import sweep
 
     run = _make_run(kwargs)
     out = sweep(run, trials, report_split, report_data_dir, cap_epochs, fixed_lam)
     click.echo(json.dumps({"best": out["best"], "report": str(run.dir / "report.md")}, default=str))
 
 
-@main.command("protocol")
+@click.command("protocol")
 @_common
 @click.option(
     "--seeds",
@@ -395,8 +394,8 @@ def sweep_cmd(trials, report_split, report_data_dir, cap_epochs, fixed_lam, **kw
 @guard
 def protocol_cmd(seeds, methods, **kwargs):
     """Run every method on every seed into RUN_DIR/<method>/seed-<s>/ and write Tables 3/4 with standard errors."""
-    from .config import METHODS
-    from .protocol import protocol
+    from ..config import METHODS
+    from ..protocol import protocol
 
     ms = tuple(m.strip() for m in methods.split(",") if m.strip())
     bad = [m for m in ms if m not in METHODS]
@@ -406,7 +405,7 @@ def protocol_cmd(seeds, methods, **kwargs):
     click.echo(json.dumps(protocol(run, seeds, ms)))
 
 
-@main.command("table")
+@click.command("table")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for tables.{md,json,png}")
 @click.option("--stem", default="tables", show_default=True, help="file name stem")
@@ -418,25 +417,8 @@ def protocol_cmd(seeds, methods, **kwargs):
 @guard
 def table_cmd(run_dirs, out, stem, sample_sd):
     """Tables 3 and 4 across tasks, methods and seeds (mean ± standard error) from run or protocol folders."""
-    from .tables import find_reports, write_tables
+    from ..tables import find_reports, write_tables
 
     reports = find_reports(run_dirs)
     paths = write_tables(reports, out, stem, ddof=1 if sample_sd else 0)
     click.echo(json.dumps({k: str(v) for k, v in paths.items()} | {"runs": len(reports)}))
-
-
-from .backpack_cli import backpack  # noqa: E402 - the `train_edits backpack` group
-
-main.add_command(backpack)
-
-from .build_cli import build, report  # noqa: E402 - `train_edits build NAME`, `train_edits report DIR...`
-
-main.add_command(build)
-main.add_command(report)
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-from .sense_head_cli import sense_head  # noqa: E402 - the `train_edits sense-head` group
-
-main.add_command(sense_head)

@@ -23,8 +23,8 @@ import click
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def build(name: str, out: str, no_progress: bool) -> None:
     """Build NAME (backpack-smollm2, sense-smollm2, capitals-smollm2) by its recipe into --out."""
-    from .recipes import RECIPES
-    from .recipes import build as build_recipe
+    from ..recipes import RECIPES
+    from ..recipes import build as build_recipe
 
     if name not in RECIPES:
         raise click.BadParameter(f"{name!r}: unknown recipe (known: {', '.join(sorted(RECIPES))})", param_hint="NAME")
@@ -47,7 +47,7 @@ def report(run_dirs: tuple[str, ...], out: str, stem: str) -> None:
     """Merge the report.json of several runs (one per task) into one Table 3 / Table 4."""
     import json
 
-    from .report import write_reports
+    from ..report import write_reports
 
     reports = []
     for d in run_dirs:
