@@ -19,13 +19,9 @@ from safetensors.torch import load_file
 from ensemble.backpack import BackpackLM
 from ensemble.tokenizer import load_tokenizer, tokenizer_fingerprint
 from sensepack_testing import backpack_train_command
-from train_edits.backpack_trainer import (
-    BackpackTrainConfig,
-    TrainConfigError,
-    init_embeddings_from,
-    lm_losses,
-    train_backpack,
-)
+from train_edits.backpack_trainer.config import BackpackTrainConfig, TrainConfigError
+from train_edits.backpack_trainer.distill import init_embeddings_from, lm_losses
+from train_edits.backpack_trainer.trainer import train_backpack
 from train_edits.cli import main as cli_main
 from train_edits.tasks import DataError
 
@@ -199,7 +195,7 @@ def test_output_folder_loads_and_heldout_nll_recomputes(tmp_path):
 def test_documents_split_by_document_and_separated(tmp_path, bpe_dir):
     """Held-out blocks come from documents that never reach the train blocks; documents are joined by the separator."""
     from ensemble.vocab import Vocabulary
-    from train_edits.backpack_trainer import prepare_corpus
+    from train_edits.backpack_trainer.data import prepare_corpus
     from train_edits.corpora import read_documents as read_corpus
 
     cfg = tiny(tmp_path, bpe_dir)

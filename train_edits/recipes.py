@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backpack_trainer import BackpackTrainConfig
+    from .backpack_trainer.config import BackpackTrainConfig
     from .sense_head_trainer import SenseHeadTrainConfig
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -36,7 +36,7 @@ log = logging.getLogger("train_edits.recipes")
 def backpack_smollm2_config(out: str | Path) -> BackpackTrainConfig:
     """The backpack-smollm2 recipe: ~19M parameters (d 256, 4 layers, 16 senses), E started from a PCA
     of SmolLM2's tied embedding, LM loss on the shipped OpenWebText sample; about 6 minutes on 2 CPU cores."""
-    from .backpack_trainer import BackpackTrainConfig
+    from .backpack_trainer.config import BackpackTrainConfig
 
     return BackpackTrainConfig(
         out=str(out),
@@ -150,7 +150,7 @@ def build(name: str, out: str | Path, progress: bool = True) -> Path:
         raise KeyError(f"unknown recipe {name!r} (known: {', '.join(sorted(RECIPES))})")
     t0 = time.time()
     if name == "backpack-smollm2":
-        from .backpack_trainer import train_backpack
+        from .backpack_trainer.trainer import train_backpack
 
         train_backpack(backpack_smollm2_config(out), progress=progress)
     elif name == "sense-smollm2":

@@ -17,7 +17,7 @@ at the first missing shard, and a second run with the same key computes nothing.
 Loss, per scored position (token x_{t+1} from x_{≤t}; block position 0 is never a target):
 
     p_θ   = softmax_U( E_out · Σ_ℓ Σ_{j≤t} α[ℓ,t,j] C(x_j)_ℓ )
-    loss  = (1 − w)·CE(p_θ, x_{t+1}) + w·KD(q_top-k, p_θ)      (train_edits.backpack_trainer.lm_losses)
+    loss  = (1 − w)·CE(p_θ, x_{t+1}) + w·KD(q_top-k, p_θ)      (train_edits.backpack_trainer.distill.lm_losses)
 
 Optimisation: AdamW on the head's weights only (the large model is frozen and not stored), linear
 warmup then cosine to `min_lr_ratio·lr` over `max_steps`. Checkpoints (`out/checkpoints/step-N.pt`:
@@ -43,7 +43,9 @@ import torch
 
 from ensemble.sense_head import SenseHeadConfig, SenseHeadLM
 
-from .backpack_trainer import TrainConfigError, lm_losses, tensor_sha256
+from .backpack_trainer.config import TrainConfigError
+from .backpack_trainer.data import tensor_sha256
+from .backpack_trainer.distill import lm_losses
 
 DEFAULT_CORPUS = str(Path(__file__).resolve().parent / "data" / "owt-val100.jsonl.gz")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

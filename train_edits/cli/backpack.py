@@ -12,7 +12,7 @@ import json
 
 import click
 
-from ..backpack_trainer import INIT_CHOICES, BackpackTrainConfig
+from ..backpack_trainer.config import INIT_CHOICES, BackpackTrainConfig
 from .common import guard
 
 # (option, config field, click type, help); every option defaults to the config's value.
@@ -120,7 +120,7 @@ def train_cmd(inputs, no_progress, **kwargs):
     loads OUT), training.json (the recipe and results), log.jsonl, loss.png and checkpoints/.
     Under torchrun every process runs this same command; only rank 0 writes.
     """
-    from ..backpack_trainer import train_backpack
+    from ..backpack_trainer.trainer import train_backpack
 
     cfg = config_from_options(inputs, **kwargs)
     out = train_backpack(cfg, progress=not no_progress)
@@ -140,4 +140,3 @@ def train_cmd(inputs, no_progress, **kwargs):
                 }
             )
         )
-
