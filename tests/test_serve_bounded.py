@@ -6,32 +6,14 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from edits_store.store import open_store
 from sensepack_proto import ADMIN_SERVICE
 from sensepack_testing.serve import (
     channel,
     demo_served,
-    demo_variant,
     parse_metrics,
-    publish_edits,
     running_server,
     scrape,
 )
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(
-        open_store(str(store_dir)),
-        demo_served(),
-        "capitals",
-        demo_variant(demo_served(), " Paris"),
-        beta=1.0,
-        alias="prod",
-    )
-    with running_server(store_dir, demo_served(), **{"packs.preload": ["capitals@prod"]}) as srv:
-        yield srv
 
 
 def _call(ch, method: str, token: str | None = None):

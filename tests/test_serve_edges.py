@@ -11,17 +11,14 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
-from edits_store.store import open_store
 from sensepack_proto import ADMIN_SERVICE, GENERATION_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 from sensepack_testing.serve import (
     auth,
     channel,
     demo_served,
-    demo_variant,
     make_config,
     metric,
     parse_metrics,
-    publish_edits,
     running_server,
     scrape,
 )
@@ -30,21 +27,7 @@ from serve.client import build_generate_request
 C = grpc.StatusCode
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(
-        open_store(str(store_dir)),
-        demo_served(),
-        "capitals",
-        demo_variant(demo_served(), " Paris"),
-        beta=1.0,
-        alias="prod",
-    )
-    with running_server(
-        store_dir, demo_served(), **{"packs.preload": ["capitals@prod"], "limits.max_prompt_tokens": 64}
-    ) as srv:
-        yield srv
+SERVER_CONFIG = {"limits.max_prompt_tokens": 64}
 
 
 def test_huge_prompt_refused_before_tokenizing(server):

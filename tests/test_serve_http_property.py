@@ -14,42 +14,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edits_store.store import open_store
-from sensepack_testing.serve import demo_served, demo_variant, publish_edits, running_server
-
 _PORT: dict = {}
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
+SERVER_CONFIG = {
+    "http.enabled": True,
+    "http.port": 0,
+    "http.served_model_name": "demo",
+    "http.chat_template": TEMPLATE,
+    "http.max_choices": 4,
+    "limits.max_prompt_tokens": 48,
+    "limits.max_new_tokens": 6,
+    "limits.default_max_new_tokens": 4,
+}
+
+
 @pytest.fixture(scope="module", autouse=True)
-def server(tmp_path_factory):
-    store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(
-        open_store(str(store_dir)),
-        demo_served(),
-        "capitals",
-        demo_variant(demo_served(), " Paris"),
-        beta=1.0,
-        alias="prod",
-    )
-    with running_server(
-        store_dir,
-        demo_served(),
-        **{
-            "packs.preload": ["capitals@prod"],
-            "http.enabled": True,
-            "http.port": 0,
-            "http.served_model_name": "demo",
-            "http.chat_template": TEMPLATE,
-            "http.max_choices": 4,
-            "limits.max_prompt_tokens": 48,
-            "limits.max_new_tokens": 6,
-            "limits.default_max_new_tokens": 4,
-        },
-    ) as srv:
-        _PORT["port"] = srv.http_port
-        yield srv
-        _PORT.clear()
+def _port(server):
+    _PORT["port"] = server.http_port
+    yield
+    _PORT.clear()
 
 
 scalars = st.one_of(

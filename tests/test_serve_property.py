@@ -12,9 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edits_store.store import open_store
 from sensepack_proto import pb, pb_grpc
-from sensepack_testing.serve import channel, demo_served, demo_variant, publish_edits, running_server
+from sensepack_testing.serve import channel
 
 # "sampling.top_p: ...", "packs[0].ref: ...", "token_ids.ids[3]: ...", "request: ..."
 FIELD = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+(\[\d+\])?)*: ")
@@ -23,31 +22,19 @@ NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 _SERVER: dict = {}
 
 
+SERVER_CONFIG = {
+    "limits.max_prompt_tokens": 48,
+    "limits.max_new_tokens": 6,
+    "limits.default_max_new_tokens": 4,
+    "limits.max_continuations": 4,
+}
+
+
 @pytest.fixture(scope="module", autouse=True)
-def server(tmp_path_factory):
-    store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(
-        open_store(str(store_dir)),
-        demo_served(),
-        "capitals",
-        demo_variant(demo_served(), " Paris"),
-        beta=1.0,
-        alias="prod",
-    )
-    with running_server(
-        store_dir,
-        demo_served(),
-        **{
-            "packs.preload": ["capitals@prod"],
-            "limits.max_prompt_tokens": 48,
-            "limits.max_new_tokens": 6,
-            "limits.default_max_new_tokens": 4,
-            "limits.max_continuations": 4,
-        },
-    ) as srv:
-        _SERVER["stub"] = pb_grpc.GenerationServiceStub(channel(srv))
-        yield srv
-        _SERVER.clear()
+def _stub(server):
+    _SERVER["stub"] = pb_grpc.GenerationServiceStub(channel(server))
+    yield
+    _SERVER.clear()
 
 
 floats = st.one_of(

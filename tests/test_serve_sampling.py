@@ -11,10 +11,9 @@ import grpc
 import pytest
 import torch
 
-from edits_store.store import open_store
 from ensemble.vocab import Vocabulary
 from sensepack_proto import pb, pb_grpc
-from sensepack_testing.serve import channel, demo_served, demo_variant, publish_edits, running_server
+from sensepack_testing.serve import channel, demo_served
 from serve.client import build_generate_request
 from serve.sampler import RowParams, sample
 from serve.sampling_params import SamplingParams
@@ -109,14 +108,8 @@ def test_adjusted_sampling_matches_naive_formula(kw, greedy):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    served = demo_served()
-    store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(
-        open_store(str(store_dir)), served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod"
-    )
-    with running_server(store_dir, served, **{"packs.preload": ["capitals@prod"]}) as server:
-        yield {"server": server, "served": served, "stub": pb_grpc.GenerationServiceStub(channel(server))}
+def env(server):
+    return {"server": server, "served": demo_served(), "stub": pb_grpc.GenerationServiceStub(channel(server))}
 
 
 def _request(**kw) -> pb.GenerateRequest:

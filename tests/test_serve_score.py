@@ -8,12 +8,11 @@ import grpc
 import pytest
 import torch
 
-from edits_store.store import open_store
 from ensemble.delta import sequence_deltas
 from ensemble.edits import PackRef
 from ensemble.large_model import full_logits
 from sensepack_proto import pb_grpc
-from sensepack_testing.serve import channel, demo_served, demo_variant, publish_edits, running_server, wait_until
+from sensepack_testing.serve import channel, demo_served, demo_variant, wait_until
 from serve.client import Client, build_generate_request
 from serve.scoring import ScoreAbandoned, score_row
 
@@ -64,30 +63,17 @@ def test_score_stops_between_chunks():
     assert len(calls) == 4  # before the model, then before each chunk: the 3rd chunk never ran
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    served = demo_served()
-    store_dir = tmp_path_factory.mktemp("store")
-    publish_edits(
-        open_store(str(store_dir)), served, "capitals", demo_variant(served, " Paris"), beta=1.0, alias="prod"
-    )
-    with running_server(
-        store_dir,
-        served,
-        **{
-            "packs.preload": ["capitals@prod"],
-            "limits.max_running": 1,
-            "limits.max_waiting": 0,
-            "limits.max_new_tokens": 2000,
-            "limits.max_prompt_tokens": 1024,
-        },
-    ) as server:
-        yield server
+SERVER_CONFIG = {
+    "limits.max_running": 1,
+    "limits.max_waiting": 0,
+    "limits.max_new_tokens": 2000,
+    "limits.max_prompt_tokens": 1024,
+}
 
 
-def test_score_is_counted_by_admission(env):
-    stub = pb_grpc.GenerationServiceStub(channel(env))
-    c = Client(f"127.0.0.1:{env.port}")
+def test_score_is_counted_by_admission(server):
+    stub = pb_grpc.GenerationServiceStub(channel(server))
+    c = Client(f"127.0.0.1:{server.port}")
     long = stub.GenerateStream(build_generate_request("Hello", base_only=True, max_new_tokens=2000, ignore_eos=True))
     next(long)
     next(long)
@@ -96,16 +82,16 @@ def test_score_is_counted_by_admission(env):
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue full: 1 running, 0 waiting, 0 scoring" in ei.value.details()
     long.cancel()
-    assert wait_until(lambda: env.engine.running == 0)
+    assert wait_until(lambda: server.engine.running == 0)
     assert len(c.score("The capital is", [" Paris"]).continuations) == 1
 
 
-def test_score_deadline_frees_the_engine(env):
-    c = Client(f"127.0.0.1:{env.port}")
+def test_score_deadline_frees_the_engine(server):
+    c = Client(f"127.0.0.1:{server.port}")
     conts = [list(range(1000 + i, 2000 + i)) for i in range(64)]
     with pytest.raises(grpc.RpcError) as ei:
         c.score(list(range(100, 124)), conts, packs=["capitals"], include_base=True, timeout=0.3)
     assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # the server gives up between chunks: the Score leaves admission and the engine serves again
-    assert wait_until(lambda: env.engine.scoring == 0, timeout=120)
+    assert wait_until(lambda: server.engine.scoring == 0, timeout=120)
     assert c.generate("Hi", base_only=True, max_new_tokens=2).generated_token_count == 2
