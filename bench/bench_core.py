@@ -1,4 +1,4 @@
-"""Benchmarks of the ensemble core (issue: foundation). Ratios are measured side by side in one run.
+"""Benchmarks of the ensemble core. Ratios are measured side by side in one run.
 
     .venv/bin/python bench/bench_core.py            # all three
     .venv/bin/python bench/bench_core.py --only e2e
