@@ -1,6 +1,7 @@
-"""The store under hostile input: every bad byte is a typed refusal, every published version loads, writers cannot race.
+"""The store under hostile input: every bad byte is a typed refusal, every version published loads, writers
+cannot race.
 
-One section per numbered case of the issue. Races are driven through ``Backend.hook`` (a test seam the
+One section per case. Races are driven through ``Backend.hook`` (a test seam the
 writers call at named points; production code never sets it), never by sleeping in production code.
 """
 
