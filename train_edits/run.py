@@ -1,8 +1,8 @@
 """A run: its directory, its validated config and the models and data its steps share, loaded once.
 
 `Run` owns the loaded models (Backpack or sense head, large model, tokenizer, vocabulary), the encoded task,
-the corpora G and R; the steps (`train_edits.pipeline`) read them from it. (The protocol and the sweep
-still share loaded models between runs by setting a new run's private fields.)
+the corpora G and R; the steps (`train_edits.pipeline`) read them from it. Protocol seeds, sweep trials and
+reports share one run's loaded models and corpora through `Run.derive`.
 """
 
 from __future__ import annotations
