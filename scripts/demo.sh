@@ -76,9 +76,11 @@ print("models :", [m.id for m in client.models.list().data])
 for name in (model, pack):       # the served model alone, then a pack selected by the model name
     r = client.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0)
     print(f"{name:24s}: {r.choices[0].text!r}  packs={[(p['name'], p['version'][:8], p['arm']) for p in r.sensepack['packs']]}")
-r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital of Mauritius?"}],
-                                   max_tokens=n, temperature=0, extra_body={"packs": [pack]})
-print(f"chat + {pack}: {r.choices[0].message.content!r}")
+question = [{"role": "user", "content": "What is the capital of Mauritius?"}]
+for packs in ([], [pack]):  # the chat question, base then with the pack
+    r = client.chat.completions.create(model=model, messages=question, max_tokens=n, temperature=0,
+                                       extra_body={"packs": packs})
+    print(f"chat {'+ ' + pack if packs else '(base)':17s}: {r.choices[0].message.content!r}")
 PY
 echo "--- a few metrics from http://127.0.0.1:$METRICS_PORT/metrics"
 .venv/bin/python -c "
