@@ -20,7 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .backpack import BackpackLM
 from .delta import DeltaStats, DeltaTracker, logit_delta, sequence_deltas
 from .edits import CombinedEditsCache, PackKey, PackRef, SenseEdits, pack_key
-from .large_model import LargeModelBatch, full_logits, model_context_limit, model_fingerprint
+from .large_batch import LargeModelBatch, full_logits
+from .large_model import model_context_limit, model_fingerprint
 from .sense_head import SenseHeadLM
 from .vocab import Vocabulary
 

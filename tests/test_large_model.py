@@ -10,10 +10,9 @@ from ensemble import zoo
 from ensemble.backpack import BackpackLM
 from ensemble.demo import tiny_backpack
 from ensemble.ensemble import Ensemble
+from ensemble.large_batch import LargeModelBatch, full_logits
 from ensemble.large_model import (
-    LargeModelBatch,
     LargeModelInfo,
-    full_logits,
     large_model_info,
     large_model_info_from_checkpoint,
     load_large_model,

@@ -10,7 +10,7 @@ import torch
 
 from ensemble.delta import sequence_deltas
 from ensemble.edits import PackRef
-from ensemble.large_model import full_logits
+from ensemble.large_batch import full_logits
 from sensepack_proto import pb_grpc
 from sensepack_testing.serve import channel, demo_served, demo_variant, wait_until
 from serve.client import Client, build_generate_request
