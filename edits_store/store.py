@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .backends import DEFAULT_GC_AGE_S, Backend, FsspecBackend, LocalBackend, NameScan
+from .backends.base import DEFAULT_GC_AGE_S, Backend, NameScan
+from .backends.local import LocalBackend
+from .backends.object_store import FsspecBackend
 from .errors import (
     AliasError,
     ConcurrentUpdateError,

@@ -21,7 +21,7 @@ import random
 import time
 
 from edits_store import ConcurrentUpdateError, PackNotFoundError, PackStore
-from edits_store.backends import FsspecBackend
+from edits_store.backends.object_store import FsspecBackend
 from edits_store.format import VERSION_RE
 from tests.test_store_fixtures import (  # noqa: F401  (fixture)
     StoreSpec,

@@ -37,7 +37,8 @@ from edits_store import (
     read_pack,
     write_pack,
 )
-from edits_store.backends import FENCES_DIR, LEASES_DIR, FsspecBackend
+from edits_store.backends.base import FENCES_DIR, LEASES_DIR
+from edits_store.backends.object_store import FsspecBackend
 from edits_store.cli import packs
 from edits_store.format import MANIFEST_FILE, TENSOR_FILE, compute_version, pack_files
 from tests.test_store_fixtures import (  # noqa: F401  (fixtures)

@@ -23,7 +23,7 @@ from edits_store import (
     UnsafeFileError,
     open_store,
 )
-from edits_store.backends import FsspecBackend
+from edits_store.backends.object_store import FsspecBackend
 from tests.test_store_fixtures import (  # noqa: F401  (fixtures)
     BACKPACK_FP,
     TARGET_FP,
