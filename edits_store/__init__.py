@@ -38,7 +38,8 @@ from .format import (
     with_calibration,
     write_pack,
 )
-from .store import PackReference, PackStore, StoreEvent, Subscription, VersionInfo, open_store, parse_pack_reference
+from .references import PackReference, parse_pack_reference
+from .store import PackStore, StoreEvent, Subscription, VersionInfo, open_store
 
 __all__ = [
     "SCHEMA_VERSION",

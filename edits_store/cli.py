@@ -21,7 +21,8 @@ import click
 from .diff import diff_packs
 from .errors import AliasError, InvalidReferenceError, PackError, PackNotFoundError
 from .format import Expectations, describe, read_pack
-from .store import PackStore, check_alias_name, open_store, parse_pack_reference
+from .references import check_alias_name, parse_pack_reference
+from .store import PackStore, open_store
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
