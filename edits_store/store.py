@@ -90,7 +90,9 @@ class StoreEvent:
     """A change seen by a subscriber.
 
     kind: ``version_published``, ``version_deleted``, ``alias_moved`` (``previous`` is None when the alias is new)
-    or ``alias_removed`` (``version`` is None, ``previous`` the old target). For alias events ``seq`` is the
+    or ``alias_removed`` (``version`` is None, ``previous`` the old target); with a changing set of names watched,
+    ``watch_started`` when a name joins it (its state then is its baseline: a watcher that looked the name up
+    before the subscription did should look again). For alias events ``seq`` is the
     alias's move counter and ``missed`` how many moves happened between two polls without being seen (an
     A→B→A flip inside one interval arrives as one ``alias_moved`` A→A with ``missed=1``).
     """
@@ -478,21 +480,30 @@ class PackStore:
     # ----------------------------------------------------------------- notifications
 
     def subscribe(
-        self, callback: Callable[[StoreEvent], Any], interval_s: float = 1.0, names: Iterable[str] | None = None
+        self,
+        callback: Callable[[StoreEvent], Any],
+        interval_s: float = 1.0,
+        names: Iterable[str] | Callable[[], Iterable[str]] | None = None,
     ) -> Subscription:
         """Poll the store every ``interval_s`` and call ``callback`` for each change (in a background thread).
 
         The state at subscription time is the baseline (no events for it). Works identically on every backend;
-        callback exceptions are logged and do not stop the subscription.
+        callback exceptions are logged and do not stop the subscription. ``names`` limits it to those packs, and
+        each poll then lists only them (a store of thousands costs what the watched names cost); a callable is
+        asked again at every poll, for a set that changes (a server watches the names it serves).
         """
-        return Subscription(self, callback, interval_s, None if names is None else set(names))
+        return Subscription(self, callback, interval_s, names if names is None or callable(names) else set(names))
 
 
 class Subscription:
     """A polling watcher; ``close()`` stops it. Also usable as a context manager."""
 
     def __init__(
-        self, store: PackStore, callback: Callable[[StoreEvent], Any], interval_s: float, names: set[str] | None
+        self,
+        store: PackStore,
+        callback: Callable[[StoreEvent], Any],
+        interval_s: float,
+        names: set[str] | Callable[[], Iterable[str]] | None,
     ):
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
@@ -502,16 +513,23 @@ class Subscription:
         self.names = names
         self._stop = threading.Event()
         self._alias_cache: dict[tuple[str, str], tuple[Any, tuple[str, int] | None]] = {}
-        self._state = self._snapshot()
+        self._watching = self._watched()
+        self._state = self._snapshot(self._watching)
         self._thread = threading.Thread(target=self._run, name="pack-store-subscription", daemon=True)
         self._thread.start()
 
-    def _snapshot(self) -> dict[str, tuple[set[str], dict[str, tuple[str, int]]]]:
+    def _watched(self) -> set[str] | None:
+        """The names watched now (None: all)."""
+        if callable(self.names):
+            return set(self.names())
+        return self.names
+
+    def _snapshot(self, names: set[str] | None) -> dict[str, tuple[set[str], dict[str, tuple[str, int]]]]:
         """name → (versions, alias → (version, move seq)); alias files are re-read only when their token changed."""
-        scan: dict[str, NameScan] = self.store.backend.scan()
+        scan: dict[str, NameScan] = self.store.backend.scan(names)
         state = {}
         for name, ns in scan.items():
-            if self.names is not None and name not in self.names:
+            if names is not None and name not in names:
                 continue
             aliases = {}
             for alias, token in ns.alias_tokens.items():
@@ -562,15 +580,29 @@ class Subscription:
             events += [StoreEvent("version_deleted", name, version=v) for v in sorted(old_versions - new_versions)]
         return events
 
+    def _poll(self) -> list[StoreEvent]:
+        """One look at the store: the events since the last. A name that joined the watched set starts from its
+        state now (a ``watch_started`` event, no others for what was there); one that left it is forgotten."""
+        watching = self._watched()
+        new_state = self._snapshot(watching)
+        old, started = self._state, []
+        if watching is not None and self._watching is not None:
+            started = sorted(watching - self._watching)
+            old = {n: s for n, s in old.items() if n in watching}
+            for n in started:
+                if n in new_state:
+                    old[n] = new_state[n]
+        events = [StoreEvent("watch_started", n) for n in started] + self.diff(old, new_state)
+        self._watching, self._state = watching, new_state
+        return events
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                new_state = self._snapshot()
+                events = self._poll()
             except Exception:  # storage hiccup: keep the old baseline and try again
                 log.exception("event=subscription_poll_failed store=%s", self.store.url)
                 continue
-            events = self.diff(self._state, new_state)
-            self._state = new_state
             for event in events:
                 if self._stop.is_set():
                     return

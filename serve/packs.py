@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from edits_store.errors import PackError, PackNotFoundError
+from edits_store.format import VERSION_RE
 from ensemble.edits import PackRef
 from serve.errors import PackNotFound, ServeError, Unavailable, from_pack_error
 from serve.pack_cache import GateFn, PackCache, Resident, ResidentTable, StoreAPI
@@ -442,9 +443,19 @@ class PackManager:
         self.metrics.set_active_packs(labels)
 
     # ------------------------------------------------------------ store notifications
+    def watched_names(self) -> set[str]:
+        """The pack names whose store changes matter here: those routed (by an admin, a request or a route's
+        history) or with a version in memory. The subscription lists only these at each poll."""
+        with self._lock:
+            routes = [*self._routes, *self._request_routes, *self._history]
+            names = {route.partition("@")[0] for route in routes}
+            names.update(name for name, _ in self.cache.table)
+        return names
+
     def on_store_event(self, event) -> None:
         """An alias moved in the store: hot-swap the routes that follow it (gate first); a version deleted
-        from the store is withdrawn (`withdraw`); any change under a name drops its request routes.
+        from the store is withdrawn (`withdraw`); any change under a name drops its request routes; a name the
+        subscription starts watching has its alias routes looked up again (they were resolved before it did).
 
         The alias is re-read at handling time (events can be stale when admin
         calls move it too); a refused version leaves the routes as they are.
@@ -461,6 +472,13 @@ class PackManager:
         if kind == "version_deleted" and name and getattr(event, "version", None):
             self.withdraw(name, event.version)
             return
+        if kind == "watch_started" and name:
+            with self._lock:
+                aliases = [r.partition("@")[2] for r in self._routes if r.startswith(name + "@")]
+            for a in aliases:
+                if a != "latest" and not VERSION_RE.match(a):
+                    self._follow_alias(name, a)
+            return
         if kind not in ("alias_moved", "alias_removed") or not (name and alias):
             return
         route = f"{name}@{alias}"
@@ -471,6 +489,11 @@ class PackManager:
                     self._publish_routes()
                     log.info("route removed", extra={"event": "route_removed", "route": route})
             return
+        self._follow_alias(name, alias)
+
+    def _follow_alias(self, name: str, alias: str) -> None:
+        """Point the routes that follow name@alias at the version the store's alias names now (gate first)."""
+        route = f"{name}@{alias}"
         with self._lock:
             if route not in self._routes:
                 return
@@ -511,9 +534,10 @@ class PackManager:
             self._set_routes([name, route], r)
 
     def subscribe(self, interval_s: float) -> None:
+        """Watch the store for changes under `watched_names` (asked again at every poll)."""
         sub = getattr(self.source, "subscribe", None)
         if sub is not None:
-            self._subscription = sub(self.on_store_event, interval_s)
+            self._subscription = sub(self.on_store_event, interval_s, names=self.watched_names)
 
     def close(self) -> None:
         if self._subscription is not None:

@@ -115,6 +115,26 @@ def test_alias_notification_after_auto_disable_keeps_the_fallback(tmp_path):
         assert server.packs.routes()["capitals"].version == good
 
 
+def test_the_subscription_watches_only_served_names_and_a_late_watch_catches_up(tmp_path):
+    """The store subscription lists only the names this server routes or holds (a store of thousands costs
+    what its served names cost); a name it starts watching after its routes were resolved has them looked up
+    again: an alias moved in that gap is followed once the watch starts."""
+    store, (v1, v2) = _store(tmp_path, 2)
+    publish_edits(store, demo_served(), "elsewhere", demo_variant(demo_served(), " Lima"), beta=1.0, alias="prod")
+    with running_server(
+        tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"], "store.subscribe": False}
+    ) as server:
+        assert server.packs.watched_names() == {"capitals"}  # "elsewhere" is in the store, not served
+        c = Client(f"127.0.0.1:{server.port}", token="test-admin-token")
+        c.generate(PROMPT, packs=["elsewhere"], max_new_tokens=2)  # a request route: watched from now on
+        assert server.packs.watched_names() == {"capitals", "elsewhere"}
+        store.set_alias("capitals", "prod", v2)  # the gap: moved before the subscription looked
+        assert server.packs.routes()["capitals@prod"].version == v1
+        server.packs.on_store_event(StoreEvent("watch_started", "capitals"))
+        assert server.packs.routes()["capitals@prod"].version == v2
+        assert c.generate(PROMPT, packs=["capitals@prod"], max_new_tokens=2).packs[0].version == v2
+
+
 def test_unload_holds(tmp_path):
     _, (v,) = _store(tmp_path)
     with running_server(tmp_path, demo_served(), **{"packs.preload": ["capitals@prod"]}) as server:

@@ -353,6 +353,45 @@ def test_subscription_filtered_by_name_and_resilient_to_callback_errors(store):
     assert [(e.name, e.version) for e in calls] == [("wanted", first.version), ("wanted", second.version)]
 
 
+def test_scan_of_named_packs_is_the_full_scan_restricted_to_them(store):
+    for i, name in enumerate(["a", "b", "c"]):
+        v = store.publish(make_pack(i, name=name))
+        store.set_alias(name, "prod", v)
+    store.publish(make_pack(9, name="c"))
+    full = store.backend.scan()
+    assert set(full) == {"a", "b", "c"}
+    assert store.backend.scan(["c", "a", "missing", "not a name!"]) == {"a": full["a"], "c": full["c"]}
+    assert store.backend.scan([]) == {}
+
+
+def test_a_changing_set_of_watched_names(store):
+    """names as a callable: a name joining the set starts from its state then (watch_started, no events for its
+    existing versions or aliases), changes under it are heard from then on; a name leaving it is forgotten (no
+    deletion events) and its changes go unheard."""
+    watched = {"a"}
+    store.publish(make_pack(1, name="a"))
+    b1 = store.publish(make_pack(2, name="b"))
+    store.set_alias("b", "prod", b1)
+    sub, events = collect(store, interval_s=0.05, names=lambda: set(watched))
+    try:
+        store.publish(make_pack(3, name="b"))  # unwatched: unheard
+        a2 = store.publish(make_pack(4, name="a"))
+        assert next_event(events) == StoreEvent("version_published", "a", version=a2)
+        watched.add("b")
+        assert next_event(events) == StoreEvent("watch_started", "b")
+        b3 = store.publish(make_pack(5, name="b"))
+        assert next_event(events) == StoreEvent("version_published", "b", version=b3)
+        store.set_alias("b", "prod", b3)
+        assert next_event(events) == StoreEvent("alias_moved", "b", alias="prod", version=b3, previous=b1, seq=2)
+        watched.discard("a")
+        store.publish(make_pack(6, name="a"))  # no longer watched: unheard, and leaving made no events
+        b4 = store.publish(make_pack(7, name="b"))
+        assert next_event(events) == StoreEvent("version_published", "b", version=b4)
+    finally:
+        sub.close()
+    assert events.empty()
+
+
 # --------------------------------------------------------------------------- housekeeping
 
 

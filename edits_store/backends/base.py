@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +62,9 @@ class Backend(ABC):
             self.hook(point)
 
     @abstractmethod
-    def scan(self) -> dict[str, NameScan]:
-        """Every pack name with its committed versions and alias tokens (a token changes when the alias file does)."""
+    def scan(self, names: Iterable[str] | None = None) -> dict[str, NameScan]:
+        """Every pack name (or only `names`: a listing per name instead of the whole store) with its committed
+        versions and alias tokens (a token changes when the alias file does); names with neither are left out."""
 
     @abstractmethod
     def list_versions(self, name: str) -> dict[str, float]:

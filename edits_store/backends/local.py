@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from ..errors import ConcurrentUpdateError, MissingFileError, PackNotFoundError, StoreIOError, UnsafeFileError
 from ..format import MANIFEST_FILE, NAME_RE, VERSION_RE, PackFiles, fsync_dir
@@ -86,9 +86,9 @@ class LocalBackend(Backend):
                     fsync_dir(parent)
         return path
 
-    def scan(self) -> dict[str, NameScan]:
+    def scan(self, names: Iterable[str] | None = None) -> dict[str, NameScan]:
         out: dict[str, NameScan] = {}
-        for name in self._names():
+        for name in self._names() if names is None else sorted(n for n in set(names) if NAME_RE.match(n)):
             scan = NameScan(versions=self.list_versions(name))
             alias_dir = self._dir(name, ALIASES_DIR)
             for entry in _scandir(alias_dir):

@@ -8,7 +8,7 @@ import errno
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -123,11 +123,18 @@ class FsspecBackend(Backend):
                 ) from None
             raise
 
-    def scan(self) -> dict[str, NameScan]:
+    def scan(self, names: Iterable[str] | None = None) -> dict[str, NameScan]:
         out: dict[str, NameScan] = {}
-        for path, info in self._find().items():
+        wanted = None if names is None else {n for n in names if NAME_RE.match(n)}
+        if wanted is None:
+            found = self._find()
+        else:  # one listing under each name's prefix: the cost follows the names watched, not the store's size
+            found = {}
+            for name in sorted(wanted):
+                found.update(self._find(name))
+        for path, info in found.items():
             rel = self._relative(path)
-            if len(rel) != 3 or not NAME_RE.match(rel[0]):
+            if len(rel) != 3 or not NAME_RE.match(rel[0]) or (wanted is not None and rel[0] not in wanted):
                 continue
             name, middle, leaf = rel
             if VERSION_RE.match(middle) and leaf == MANIFEST_FILE:
