@@ -133,7 +133,17 @@ def store_timings(uri: str, n: int, samples: int = 200) -> dict[str, float]:
     for name in picks:
         store.resolve(name)
     resolve_ms = (time.perf_counter() - t0) / samples * 1e3
-    return {"listed": len(names), "list_s": list_s, "resolve_ms": resolve_ms}
+    out = {"listed": len(names), "list_s": list_s, "resolve_ms": resolve_ms}
+    # One subscription poll: the whole store (a watcher of every name) against the names a server serves.
+    t0 = time.perf_counter()
+    store.backend.scan()
+    out["poll_all_s"] = time.perf_counter() - t0
+    for served in (100, 1000):
+        watched = sorted(set(rng.sample(names, min(served, len(names)))))
+        t0 = time.perf_counter()
+        store.backend.scan(watched)
+        out[f"poll_{served}_s"] = time.perf_counter() - t0
+    return out
 
 
 def s3_timings(profile: str, n: int, samples: int) -> dict[str, float]:
@@ -414,7 +424,11 @@ def main() -> None:
     print("ratio_vs_single_pack (median over rounds): " + ", ".join(f"{c}: {x:.3f}" for c, x in ratios.items()))
     print(
         f"\nstore: {args.packs} packs built/reused in {build_s:.1f} s; "
-        + "; ".join(f"{k}: list {v['list_s']:.2f} s, resolve {v['resolve_ms']:.2f} ms" for k, v in stores.items())
+        + "; ".join(
+            f"{k}: list {v['list_s']:.2f} s, resolve {v['resolve_ms']:.2f} ms, subscription poll of every name "
+            f"{v['poll_all_s']:.2f} s / of 1,000 served {v['poll_1000_s']:.2f} s / of 100 {v['poll_100_s']:.3f} s"
+            for k, v in stores.items()
+        )
     )
     print(
         f"preload: {out['preload']['packs']} packs in {out['preload']['wall_s']:.1f} s "

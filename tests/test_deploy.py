@@ -276,6 +276,8 @@ def _alert_exprs() -> str:
         "histogram_quantile(0.99, sum by (le) (rate(sensepack_e2e_request_latency_seconds_bucket[5m])))",
         "histogram_quantile(0.99, sum by (le) (rate(sensepack_time_to_first_token_seconds_bucket[5m])))",
         "sensepack_requests_waiting",
+        "rate(sensepack_pack_evictions_total[10m])",
+        "rate(sensepack_tenant_limited_total[5m])",
     ],
 )
 def test_required_alerts_present(needle):
