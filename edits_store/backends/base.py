@@ -63,8 +63,9 @@ class Backend(ABC):
 
     @abstractmethod
     def scan(self, names: Iterable[str] | None = None) -> dict[str, NameScan]:
-        """Every pack name (or only `names`: a listing per name instead of the whole store) with its committed
-        versions and alias tokens (a token changes when the alias file does); names with neither are left out."""
+        """Every pack name (or only `names`: where it is cheaper, a listing per name instead of the whole store)
+        with its committed versions and alias tokens (a token changes when the alias file does); names with
+        neither are left out."""
 
     @abstractmethod
     def list_versions(self, name: str) -> dict[str, float]:

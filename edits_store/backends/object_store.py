@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -62,11 +63,17 @@ class FsspecBackend(Backend):
     lease_ttl_s = 60.0
     fence_ttl_s = FENCE_TTL_S
 
+    # A listing per watched name costs a request each, a whole listing about a tenth of one per name (moto:
+    # 28 ms per name listed alone, 2.8 ms per name in a 10,000-name listing): watch by name below this share.
+    per_name_scan_share = 0.1
+    scan_threads = 8  # concurrent per-name listings (each is a round trip)
+
     def __init__(self, fs: Any, root: str, url: str):
         self.fs = fs
         self.root = root.rstrip("/")
         self.url = url
         self.conditional = hasattr(fs, "call_s3")  # s3fs: If-None-Match / If-Match on PUT
+        self._names_listed: int | None = None  # names in the last whole listing
 
     def _path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
@@ -126,12 +133,20 @@ class FsspecBackend(Backend):
     def scan(self, names: Iterable[str] | None = None) -> dict[str, NameScan]:
         out: dict[str, NameScan] = {}
         wanted = None if names is None else {n for n in names if NAME_RE.match(n)}
-        if wanted is None:
+        by_name = (
+            wanted is not None
+            and self._names_listed is not None
+            and len(wanted) <= self.per_name_scan_share * self._names_listed
+        )
+        found: dict[str, dict[str, Any]] = {}
+        if by_name:  # a listing under each watched name: the cost follows the names watched, not the store's size
+            assert wanted is not None
+            with ThreadPoolExecutor(self.scan_threads) as ex:
+                for part in ex.map(self._find, sorted(wanted)):
+                    found.update(part)
+        else:
             found = self._find()
-        else:  # one listing under each name's prefix: the cost follows the names watched, not the store's size
-            found = {}
-            for name in sorted(wanted):
-                found.update(self._find(name))
+            self._names_listed = len({rel[0] for rel in map(self._relative, found) if rel and NAME_RE.match(rel[0])})
         for path, info in found.items():
             rel = self._relative(path)
             if len(rel) != 3 or not NAME_RE.match(rel[0]) or (wanted is not None and rel[0] not in wanted):
