@@ -10,6 +10,7 @@ import json
 import math
 import mmap
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,11 @@ def _hash_fingerprint(
     return "sha256:" + h.hexdigest()
 
 
-def model_fingerprint(model: PreTrainedModel, sample: int = FINGERPRINT_SAMPLE) -> str:
+# model -> its fingerprint, computed once per model object (a served model's weights do not change)
+_FINGERPRINTS: weakref.WeakKeyDictionary[PreTrainedModel, str] = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: PreTrainedModel, sample: int = FINGERPRINT_SAMPLE, fresh: bool = False) -> str:
     """Identity of the large model a β was calibrated for: class, config, every weight's name,
     shape and dtype, and an evenly strided sample of each weight's values.
 
@@ -136,9 +141,10 @@ def model_fingerprint(model: PreTrainedModel, sample: int = FINGERPRINT_SAMPLE) 
     tens of seconds at every start); any retrain or different checkpoint changes the
     sampled values. A different dtype is a different target: calibrate β for the dtype served.
     `large_model_info_from_checkpoint` computes the same value from the checkpoint files alone.
+    Remembered per model object; `fresh` computes it again (after changing the weights in place).
     """
-    cached = getattr(model, "_sensepack_fingerprint", None)
-    if isinstance(cached, str):
+    cached = None if fresh or sample != FINGERPRINT_SAMPLE else _FINGERPRINTS.get(model)
+    if cached is not None:
         return cached
     state = model.state_dict()
 
@@ -147,7 +153,8 @@ def model_fingerprint(model: PreTrainedModel, sample: int = FINGERPRINT_SAMPLE) 
 
     entries = {key: (tuple(t.shape), t.dtype) for key, t in state.items()}
     fingerprint = _hash_fingerprint(type(model).__name__, model.config, entries, read_sample, sample)
-    model._sensepack_fingerprint = fingerprint  # type: ignore[assignment]  # memo on the model object
+    if sample == FINGERPRINT_SAMPLE:
+        _FINGERPRINTS[model] = fingerprint
     return fingerprint
 
 
