@@ -580,9 +580,10 @@ class Subscription:
             events += [StoreEvent("version_deleted", name, version=v) for v in sorted(old_versions - new_versions)]
         return events
 
-    def _poll(self) -> list[StoreEvent]:
-        """One look at the store: the events since the last. A name that joined the watched set starts from its
-        state now (a ``watch_started`` event, no others for what was there); one that left it is forgotten."""
+    def poll(self) -> list[StoreEvent]:
+        """One look at the store: the events since the last (the thread calls it every ``interval_s``). A name
+        that joined the watched set starts from its state now (a ``watch_started`` event, no others for what
+        was there); one that left it is forgotten."""
         watching = self._watched()
         new_state = self._snapshot(watching)
         old, started = self._state, []
@@ -599,7 +600,7 @@ class Subscription:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                events = self._poll()
+                events = self.poll()
             except Exception:  # storage hiccup: keep the old baseline and try again
                 log.exception("event=subscription_poll_failed store=%s", self.store.url)
                 continue
