@@ -323,6 +323,11 @@ class PackStore:
             return 0
         return seq if type(seq) is int and seq >= 0 else 0
 
+    @classmethod
+    def alias_target(cls, name: str, alias: str, data: bytes) -> tuple[str, int]:
+        """An alias document's (version, move counter); AliasError when the document is malformed."""
+        return cls._parse_alias(name, alias, data), cls._alias_seq(name, alias, data)
+
     # ----------------------------------------------------------------- aliases
 
     def set_alias(self, name: str, alias: str, version: str) -> dict[str, Any]:
@@ -537,11 +542,7 @@ class Subscription:
                 if cached is None or cached[0] != token:
                     data = self.store.backend.read_alias(name, alias)
                     try:
-                        target = (
-                            None
-                            if data is None
-                            else (self.store._parse_alias(name, alias, data), self.store._alias_seq(name, alias, data))
-                        )
+                        target = None if data is None else self.store.alias_target(name, alias, data)
                     except AliasError:
                         target = None
                     cached = (token, target)
