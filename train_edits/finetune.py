@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .compute import CachedSeq, EditIndex, GLoss, KLRegularizer, cache_sequences
+from .corpora import corpus_fingerprint
 from .encoding import EncodedExample
 from .losses import training_loss
 from .tasks import LossType, example_score, is_failure
@@ -134,28 +135,18 @@ class _EvalCache:
 @dataclass
 class _Checkpoint:
     """One trajectory's state after an epoch, in `path`; `identity` digests everything the trajectory depends on
-    (its parameters, the selected pairs, the examples, G and R, the model's weights), so a checkpoint of other
-    inputs is never continued."""
+    (its parameters and `_inputs_digest`), so a checkpoint of other inputs is never continued."""
 
     path: Path
     identity: str
 
     @classmethod
-    def of(cls, folder, params, index, model, train, g_chunks, r_chunks) -> _Checkpoint | None:
+    def of(cls, folder: Path | None, params: FinetuneParams, inputs: str) -> _Checkpoint | None:
+        """The checkpoint of the trajectory at params.lr over `inputs` (`_inputs_digest`), kept in `folder`."""
         if folder is None:
             return None
-        h = hashlib.sha256(json.dumps(asdict(params), sort_keys=True, default=str).encode())
-        h.update(json.dumps(list(index.pairs)).encode())
-        for ex in train:
-            for s in ex.seqs:
-                h.update(json.dumps([list(map(int, s.ids)), s.start, s.n]).encode())
-        for part in (g_chunks, r_chunks):
-            h.update(f"|{len(part)}|".encode())
-            for t in part:
-                h.update(t.detach().cpu().numpy().tobytes())
-        for name, t in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
+        h = hashlib.sha256(inputs.encode())
+        h.update(json.dumps(asdict(params), sort_keys=True, default=str).encode())
         return cls(Path(folder) / f"trajectory-lr{params.lr:g}.pt", h.hexdigest())
 
     def load(self) -> dict | None:
@@ -173,6 +164,19 @@ class _Checkpoint:
         tmp = self.path.with_suffix(".tmp")
         torch.save({**state, "identity": self.identity}, tmp)
         os.replace(tmp, self.path)  # a stop mid-write leaves the previous epoch's checkpoint
+
+
+def _inputs_digest(model, index: EditIndex, train, g_chunks, r_chunks) -> str:
+    """What every trajectory of one finetune call depends on besides its parameters: the sense model (its own
+    fingerprint, the one packs carry), the selected pairs, the examples, G and R."""
+    h = hashlib.sha256(model.fingerprint().encode())
+    h.update(json.dumps(list(index.pairs)).encode())
+    for ex in train:
+        for s in ex.seqs:
+            h.update(json.dumps([list(map(int, s.ids)), s.start, s.n]).encode())
+    h.update(corpus_fingerprint(g_chunks).encode())
+    h.update(corpus_fingerprint(r_chunks).encode())
+    return h.hexdigest()
 
 
 def _as_tuple(x):
@@ -243,6 +247,7 @@ def finetune(
         else None
     )
 
+    inputs = _inputs_digest(model, index, train, g_chunks, r_chunks) if checkpoint_dir is not None else ""
     results = [  # one trajectory per distinct lr, over the same cached α
         _train(
             p,
@@ -259,7 +264,7 @@ def finetune(
             ev,
             progress,
             on_epoch,
-            _Checkpoint.of(checkpoint_dir, p, index, model, train, g_chunks, r_chunks),
+            _Checkpoint.of(checkpoint_dir, p, inputs),
         )
         for p in params.groups()
     ]
