@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from edits_store.errors import PackError, PackNotFoundError
-from edits_store.format import VERSION_RE
+from edits_store.references import parse_pack_reference
 from ensemble.edits import PackRef
 from serve.errors import PackNotFound, ServeError, Unavailable, from_pack_error
 from serve.pack_cache import GateFn, PackCache, Resident, ResidentTable, StoreAPI
@@ -474,10 +474,11 @@ class PackManager:
             return
         if kind == "watch_started" and name:
             with self._lock:
-                aliases = [r.partition("@")[2] for r in self._routes if r.startswith(name + "@")]
-            for a in aliases:
-                if a != "latest" and not VERSION_RE.match(a):
-                    self._follow_alias(name, a)
+                refs = [parse_pack_reference(r) for r in self._routes if r.startswith(name + "@")]
+            for ref in refs:
+                if ref.is_alias:
+                    assert ref.selector is not None  # is_alias says so
+                    self._follow_alias(name, ref.selector)
             return
         if kind not in ("alias_moved", "alias_removed") or not (name and alias):
             return
